@@ -1,0 +1,24 @@
+//! ringlb's pure logic: the model of what is served, the builder that turns Kubernetes objects into an
+//! immutable [`Snapshot`], and backend selection.
+//!
+//! This crate never does I/O, never spawns threads and never reads a clock: time, objects and events
+//! are arguments, decisions are return values. `.ci/run` checks that `cargo tree -p lb-core` holds no
+//! tokio, io-uring, libc or kube, and clippy's `disallowed-methods` bans clocks and thread RNGs here.
+//!
+//! Data flow: sources (lb-sync) hand Service and EndpointSlice objects to [`build`]; the resulting
+//! [`Snapshot`] is published to the datapath workers, which only read it and keep their own mutable
+//! per-worker [`PickState`] keyed by [`VipKey`].
+
+pub mod annotations;
+pub mod builder;
+pub mod error;
+pub mod model;
+pub mod scheduler;
+
+pub use builder::{BuildOptions, BuildReport, Skipped, build};
+pub use error::BuildError;
+pub use model::{
+    Backend, BackendId, BackendIdx, EndpointConditions, EntryPolicy, ObjectRef, Protocol, ServiceEntry,
+    Snapshot, VipKey,
+};
+pub use scheduler::{PickRequest, PickState, Scheduler, SchedulerKind};

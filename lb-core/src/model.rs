@@ -1,0 +1,238 @@
+//! The served model: VIP keys, backends and the immutable [`Snapshot`] that maps one to the other.
+//!
+//! Invariants a reader can rely on:
+//! - a `Snapshot` is never mutated after [`crate::build`] returns it; workers share it through `Arc`;
+//! - every [`ServiceEntry::eligible`] index points into that entry's own [`ServiceEntry::backends`], and
+//!   every eligible backend was `ready` (not terminating) in the objects the snapshot was built from;
+//! - a backend's identity ([`BackendId`]) is its socket address, so per-worker state keyed by it stays
+//!   valid across snapshot swaps.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::scheduler::Scheduler;
+
+/// Transport protocol of a service port, as in `Service.spec.ports[].protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling; `None` (unset) means TCP as in Kubernetes.
+    pub fn from_k8s(value: Option<&str>) -> Option<Protocol> {
+        match value {
+            None | Some("TCP") => Some(Protocol::Tcp),
+            Some("UDP") => Some(Protocol::Udp),
+            Some("SCTP") => Some(Protocol::Sctp),
+            Some(_) => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a client addresses: a VIP, a port and a protocol. One [`ServiceEntry`] per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct VipKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl VipKey {
+    pub fn new(addr: IpAddr, port: u16, protocol: Protocol) -> Self {
+        VipKey { addr, port, protocol }
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr, self.port)
+    }
+}
+
+impl fmt::Display for VipKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.socket_addr(), self.protocol)
+    }
+}
+
+/// Names a Kubernetes object in errors and logs: `Service default/web`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn service(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef { kind: "Service", namespace: namespace.into(), name: name.into() }
+    }
+
+    pub fn endpoint_slice(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef { kind: "EndpointSlice", namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// A backend's stable identity across snapshots: the address new connections are sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct BackendId(pub SocketAddr);
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Index of a backend inside one [`ServiceEntry::backends`]; only meaningful with that entry.
+pub type BackendIdx = u32;
+
+/// An EndpointSlice endpoint's conditions with Kubernetes' defaults applied
+/// (`ready` and `serving` unset mean true, `terminating` unset means false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct EndpointConditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Default for EndpointConditions {
+    fn default() -> Self {
+        EndpointConditions { ready: true, serving: true, terminating: false }
+    }
+}
+
+/// One resolved endpoint of one service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backend {
+    pub id: BackendId,
+    pub conditions: EndpointConditions,
+    /// Relative weight for weighted schedulers; at least 1.
+    pub weight: u32,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// `targetRef` of the endpoint (usually a Pod), for display.
+    pub target: Option<String>,
+}
+
+impl Backend {
+    pub fn addr(&self) -> SocketAddr {
+        self.id.0
+    }
+}
+
+/// Per-entry datapath policy, from annotations with global defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EntryPolicy {
+    /// How long one backend connect may take before the next backend is tried.
+    pub connect_timeout: Duration,
+    /// How many backends one client connection may try in all (first try included).
+    pub connect_attempts: u32,
+    /// A connection with no bytes in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long established connections of a removed VIP or backend may continue.
+    pub drain_timeout: Duration,
+}
+
+impl Default for EntryPolicy {
+    fn default() -> Self {
+        EntryPolicy {
+            connect_timeout: Duration::from_secs(5),
+            connect_attempts: 3,
+            idle_timeout: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Everything the datapath needs to serve one [`VipKey`].
+#[derive(Debug, Serialize)]
+pub struct ServiceEntry {
+    pub key: VipKey,
+    pub service: ObjectRef,
+    /// `spec.ports[].name` of the service port, if any.
+    pub port_name: Option<String>,
+    /// All endpoints of the Service resolved for this port, sorted by [`BackendId`], eligible or not
+    /// (kept for display and for draining decisions).
+    pub backends: Vec<Backend>,
+    /// Indices into `backends` of those that may receive new connections, ascending.
+    pub eligible: Vec<BackendIdx>,
+    pub scheduler: Scheduler,
+    pub policy: EntryPolicy,
+}
+
+impl ServiceEntry {
+    pub fn backend(&self, idx: BackendIdx) -> Option<&Backend> {
+        self.backends.get(idx as usize)
+    }
+}
+
+/// The immutable table the datapath serves: one [`ServiceEntry`] per [`VipKey`].
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Increases with every snapshot a source publishes; 0 is the empty start-up snapshot.
+    pub version: u64,
+    entries: BTreeMap<VipKey, Arc<ServiceEntry>>,
+}
+
+impl Snapshot {
+    pub fn empty() -> Self {
+        Snapshot::default()
+    }
+
+    pub fn from_entries(version: u64, entries: impl IntoIterator<Item = ServiceEntry>) -> Self {
+        let entries = entries.into_iter().map(|e| (e.key, Arc::new(e))).collect();
+        Snapshot { version, entries }
+    }
+
+    pub(crate) fn from_shared(version: u64, entries: BTreeMap<VipKey, Arc<ServiceEntry>>) -> Self {
+        Snapshot { version, entries }
+    }
+
+    pub fn get(&self, key: &VipKey) -> Option<&Arc<ServiceEntry>> {
+        self.entries.get(key)
+    }
+
+    /// Entries in `VipKey` order.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.entries.values()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &VipKey> {
+        self.entries.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}

@@ -1,0 +1,7 @@
+//! Test support shared by ringlb's crates (dev-dependency only; never part of a release binary).
+//!
+//! - [`objects`]: terse builders for Service and EndpointSlice objects;
+//! - [`backends`]: real loopback TCP backends (echo, sink, named) that tests send bytes through.
+
+pub mod backends;
+pub mod objects;

@@ -1,0 +1,1 @@
+//! Kubernetes object builders for tests.
