@@ -1,0 +1,97 @@
+//! Joins one service port with its Service's EndpointSlices into a sorted backend set.
+//!
+//! Port resolution, per slice (so per endpoint: slices may map one name to different numbers), as
+//! kube-proxy does it: the EndpointSlice controller names each slice port after the *service* port
+//! (`spec.ports[].name`, `""` when unnamed) and sets its `port` to the resolved target port, so
+//! 1. a slice port with the service port's name and protocol gives the backend port (an unset `port`
+//!    there means "unrestricted": the integer targetPort is used);
+//! 2. else, for a named `targetPort`, a slice port carrying that name (hand-written manifests);
+//! 3. else, when the slice lists no ports at all (hand-written manifests), the integer targetPort;
+//! 4. else the slice's endpoints are not backends of this port.
+//!
+//! An endpoint address+port in several slices counts once; if its conditions differ, the most
+//! serviceable copy wins (eligible, then ready, then serving), ties going to the first slice by name.
+//! Eligible = ready and not terminating. Weight: `ringlb.io/backend-weights` of the Service by IP, else
+//! the slice's `ringlb.io/weight`, else 1.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::net::SocketAddr;
+
+use super::policy::ServicePolicy;
+use super::service::{PortSpec, TargetSpec};
+use super::slices::ParsedSlice;
+use crate::model::{Backend, BackendId, BackendIdx, EndpointConditions};
+use crate::scheduler::Scheduler;
+
+/// Everything the entries of one (service, port) share, whatever their VIP.
+#[derive(Debug)]
+pub(super) struct ResolvedPort {
+    pub port_name: Option<String>,
+    pub backends: Vec<Backend>,
+    pub eligible: Vec<BackendIdx>,
+    pub scheduler: Scheduler,
+}
+
+pub(super) fn resolve_port(port: &PortSpec, slices: &[ParsedSlice], policy: &ServicePolicy) -> ResolvedPort {
+    let mut backends: BTreeMap<BackendId, Backend> = BTreeMap::new();
+    for slice in slices {
+        let Some(target) = target_port(port, slice) else { continue };
+        for endpoint in &slice.endpoints {
+            let id = BackendId(SocketAddr::new(endpoint.addr, target));
+            let candidate = Backend {
+                id,
+                conditions: endpoint.conditions,
+                weight: policy.backend_weights.get(&endpoint.addr).copied().unwrap_or(slice.weight).max(1),
+                node_name: endpoint.node_name.clone(),
+                zone: endpoint.zone.clone(),
+                target: endpoint.target.clone(),
+            };
+            match backends.entry(id) {
+                Entry::Vacant(slot) => {
+                    slot.insert(candidate);
+                }
+                Entry::Occupied(mut slot) => {
+                    if rank(&candidate.conditions) > rank(&slot.get().conditions) {
+                        slot.insert(candidate);
+                    }
+                }
+            }
+        }
+    }
+    let backends: Vec<Backend> = backends.into_values().collect();
+    let eligible: Vec<BackendIdx> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| is_eligible(&b.conditions))
+        .filter_map(|(i, _)| BackendIdx::try_from(i).ok())
+        .collect();
+    let scheduler = Scheduler::build(policy.scheduler, &backends, &eligible);
+    let port_name = (!port.name.is_empty()).then(|| port.name.clone());
+    ResolvedPort { port_name, backends, eligible, scheduler }
+}
+
+/// May receive new connections: ready and not terminating.
+pub(crate) fn is_eligible(conditions: &EndpointConditions) -> bool {
+    conditions.ready && !conditions.terminating
+}
+
+fn rank(c: &EndpointConditions) -> (bool, bool, bool) {
+    (is_eligible(c), c.ready, c.serving)
+}
+
+/// The backend port of `port` on the endpoints of `slice`; see the module doc for the rules.
+fn target_port(port: &PortSpec, slice: &ParsedSlice) -> Option<u16> {
+    let number = match &port.target {
+        TargetSpec::Number(n) => Some(*n),
+        TargetSpec::Name(_) => None,
+    };
+    let named = |name: &str| slice.ports.iter().find(|p| p.name == name && p.protocol == port.protocol);
+    if let Some(slice_port) = named(&port.name) {
+        return slice_port.port.or(number);
+    }
+    if let TargetSpec::Name(target_name) = &port.target {
+        return named(target_name).and_then(|p| p.port);
+    }
+    if slice.declares_ports { None } else { number }
+}

@@ -1,0 +1,197 @@
+//! Parses the ringlb annotations (declared in [`crate::annotations`]) into per-Service policy and
+//! per-slice weights. Parsing happens here only, once per build.
+//!
+//! Never falls back silently: an invalid value is an error (which rejects the Service; for a slice's
+//! weight the slice keeps weight 1, see the annotations module). Values are trimmed of whitespace.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::{BuildOptions, parse_ip};
+use crate::annotations::{
+    BACKEND_WEIGHTS, CONNECT_ATTEMPTS, CONNECT_TIMEOUT, DRAIN_TIMEOUT, IDLE_TIMEOUT, MAX_DURATION_SECS,
+    SCHEDULER, WEIGHT,
+};
+use crate::error::BuildError;
+use crate::model::{EntryPolicy, ObjectRef};
+use crate::scheduler::SchedulerKind;
+
+/// Backend weights accepted by [`WEIGHT`] and [`BACKEND_WEIGHTS`].
+pub(crate) const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
+const ATTEMPTS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
+
+/// Everything the annotations of one Service decide.
+#[derive(Debug, Clone)]
+pub(super) struct ServicePolicy {
+    pub scheduler: SchedulerKind,
+    pub entry: EntryPolicy,
+    /// From [`BACKEND_WEIGHTS`]: weight by endpoint IP, overriding the slice's weight.
+    pub backend_weights: BTreeMap<IpAddr, u32>,
+}
+
+type Annotations = BTreeMap<String, String>;
+
+pub(super) fn parse_service_policy(
+    annotations: Option<&Annotations>,
+    object: &ObjectRef,
+    options: &BuildOptions,
+    errors: &mut Vec<BuildError>,
+) -> ServicePolicy {
+    let mut policy = ServicePolicy {
+        scheduler: options.default_scheduler,
+        entry: options.default_policy,
+        backend_weights: BTreeMap::new(),
+    };
+    let Some(annotations) = annotations else { return policy };
+    let mut field = |annotation: &'static str, apply: &mut dyn FnMut(&str) -> Result<(), String>| {
+        let Some(value) = annotations.get(annotation) else { return };
+        if let Err(reason) = apply(value.trim()) {
+            errors.push(BuildError::InvalidAnnotation {
+                object: object.clone(),
+                annotation,
+                value: value.clone(),
+                reason,
+            });
+        }
+    };
+    field(SCHEDULER, &mut |v| {
+        policy.scheduler = v.parse().map_err(|e: crate::scheduler::UnknownScheduler| e.to_string())?;
+        Ok(())
+    });
+    field(CONNECT_TIMEOUT, &mut |v| {
+        policy.entry.connect_timeout = positive(parse_duration(v)?)?;
+        Ok(())
+    });
+    field(IDLE_TIMEOUT, &mut |v| {
+        policy.entry.idle_timeout = positive(parse_duration(v)?)?;
+        Ok(())
+    });
+    field(DRAIN_TIMEOUT, &mut |v| {
+        policy.entry.drain_timeout = parse_duration(v)?;
+        Ok(())
+    });
+    field(CONNECT_ATTEMPTS, &mut |v| {
+        policy.entry.connect_attempts = parse_in_range(v, ATTEMPTS_RANGE)?;
+        Ok(())
+    });
+    field(BACKEND_WEIGHTS, &mut |v| {
+        policy.backend_weights = parse_backend_weights(v, object)?;
+        Ok(())
+    });
+    policy
+}
+
+/// The [`WEIGHT`] of an EndpointSlice; 1 when unset.
+pub(super) fn parse_slice_weight(
+    annotations: Option<&Annotations>,
+    object: &ObjectRef,
+) -> Result<u32, BuildError> {
+    let Some(value) = annotations.and_then(|a| a.get(WEIGHT)) else { return Ok(1) };
+    parse_in_range(value.trim(), WEIGHT_RANGE).map_err(|reason| BuildError::InvalidAnnotation {
+        object: object.clone(),
+        annotation: WEIGHT,
+        value: value.clone(),
+        reason,
+    })
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`: a decimal integer and one unit, at most 30 days.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let digits_end = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits_end);
+    if number.is_empty() {
+        return Err("expected a number and a unit (ms, s, m, h), e.g. 5s".to_owned());
+    }
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "" => return Err("missing unit (ms, s, m, h)".to_owned()),
+        other => return Err(format!("unknown unit {other:?} (ms, s, m, h)")),
+    };
+    let too_long = || format!("longer than the maximum of {}h", MAX_DURATION_SECS / 3600);
+    let number: u64 = number.parse().map_err(|_| too_long())?;
+    let millis = number.checked_mul(millis_per_unit).ok_or_else(too_long)?;
+    if millis > MAX_DURATION_SECS * 1000 {
+        return Err(too_long());
+    }
+    Ok(Duration::from_millis(millis))
+}
+
+fn positive(duration: Duration) -> Result<Duration, String> {
+    if duration.is_zero() { Err("must be longer than 0".to_owned()) } else { Ok(duration) }
+}
+
+fn parse_in_range(value: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, String> {
+    let out_of_range = || format!("expected an integer in {}..={}", range.start(), range.end());
+    let number: u32 = value.parse().map_err(|_| out_of_range())?;
+    if range.contains(&number) { Ok(number) } else { Err(out_of_range()) }
+}
+
+/// `10.0.0.1=3, 10.0.0.2=1`; an IP may appear once.
+fn parse_backend_weights(value: &str, object: &ObjectRef) -> Result<BTreeMap<IpAddr, u32>, String> {
+    let mut weights = BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+        let Some((ip, weight)) = item.split_once('=') else {
+            return Err(format!("item {item:?} is not IP=WEIGHT"));
+        };
+        let ip =
+            parse_ip(ip.trim(), object, String::new).map_err(|_| format!("{ip:?} is not an IP address"))?;
+        let weight =
+            parse_in_range(weight.trim(), WEIGHT_RANGE).map_err(|e| format!("weight of {ip}: {e}"))?;
+        if weights.insert(ip, weight).is_some() {
+            return Err(format!("{ip} appears more than once"));
+        }
+    }
+    Ok(weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_each_unit_and_refuse_garbage() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "5", "s", "-5s", "5 s", "1.5s", "5d", "99999999999999999999h", "721h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert_eq!(parse_duration("720h"), Ok(Duration::from_secs(MAX_DURATION_SECS)));
+    }
+
+    #[test]
+    fn backend_weights_parse_and_refuse_duplicates_and_range() {
+        let object = ObjectRef::service("default", "web");
+        let parsed = parse_backend_weights(" 10.0.0.1=3 , ::1=1,", &object);
+        let expected = BTreeMap::from([("10.0.0.1".parse().unwrap(), 3), ("::1".parse().unwrap(), 1)]);
+        assert_eq!(parsed, Ok(expected));
+        for bad in ["10.0.0.1", "10.0.0.1=0", "10.0.0.1=10001", "x=1", "10.0.0.1=1,10.0.0.1=2"] {
+            assert!(parse_backend_weights(bad, &object).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn invalid_annotations_are_reported_with_their_name() {
+        let object = ObjectRef::service("default", "web");
+        let annotations = Annotations::from([
+            (CONNECT_ATTEMPTS.to_owned(), "17".to_owned()),
+            (SCHEDULER.to_owned(), "maglev?".to_owned()),
+            (IDLE_TIMEOUT.to_owned(), "0s".to_owned()),
+            (DRAIN_TIMEOUT.to_owned(), "0s".to_owned()),
+        ]);
+        let mut errors = Vec::new();
+        let policy = parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), &mut errors);
+        let named: Vec<_> = errors.iter().map(|e| e.field()).collect();
+        assert_eq!(errors.len(), 3, "{named:?}");
+        assert!(named.iter().any(|f| f.contains(CONNECT_ATTEMPTS)));
+        assert!(named.iter().any(|f| f.contains(SCHEDULER)));
+        assert!(named.iter().any(|f| f.contains(IDLE_TIMEOUT)));
+        assert_eq!(policy.entry.drain_timeout, Duration::ZERO);
+    }
+}

@@ -1,0 +1,186 @@
+//! Validates one Service into what the builder serves: its VIPs, its ports and their target ports,
+//! and its policy.
+//!
+//! Any bad field rejects the whole Service (it is listed in `ParsedServices::rejected` so the builder
+//! can keep its previous entries). Services that are valid but not served (ExternalName, headless, no
+//! VIP, no port) become a [`Skipped`] and are not validated further: nothing of them is used.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::policy::{self, ServicePolicy};
+use super::{BuildOptions, Skipped, object_ref, parse_port, unique_by_name, vips};
+use crate::error::BuildError;
+use crate::model::{ObjectRef, Protocol};
+
+/// Where a service port's traffic goes on an endpoint, before the EndpointSlices are consulted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum TargetSpec {
+    /// An integer `targetPort` (or `port` when `targetPort` is unset).
+    Number(u16),
+    /// A named `targetPort`: a container port name, resolved per endpoint through the slices.
+    Name(String),
+}
+
+/// One validated `spec.ports[]` entry.
+#[derive(Debug, Clone)]
+pub(super) struct PortSpec {
+    /// `name`, `""` when unset (Kubernetes allows that only for single-port Services).
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target: TargetSpec,
+}
+
+/// A valid, served Service.
+#[derive(Debug)]
+pub(super) struct ParsedService {
+    pub object: ObjectRef,
+    pub created: Option<Time>,
+    /// Deduplicated and sorted; never empty.
+    pub vips: Vec<std::net::IpAddr>,
+    /// Never empty; (port, protocol) and names unique.
+    pub ports: Vec<PortSpec>,
+    pub policy: ServicePolicy,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ParsedServices {
+    /// Sorted by object.
+    pub served: Vec<ParsedService>,
+    /// Named Services rejected by a bad field; their previous entries may be kept.
+    pub rejected: BTreeSet<ObjectRef>,
+}
+
+pub(super) fn parse_all(
+    services: &[Service],
+    options: &BuildOptions,
+    errors: &mut Vec<BuildError>,
+    skipped: &mut Vec<Skipped>,
+) -> ParsedServices {
+    let named = services.iter().filter_map(|svc| match object_ref("Service", &svc.metadata) {
+        Ok(object) => Some((object, svc)),
+        Err(error) => {
+            errors.push(error);
+            None
+        }
+    });
+    let (unique, mut rejected) = unique_by_name(named.collect::<Vec<_>>(), errors);
+    let mut served = Vec::new();
+    for (object, svc) in unique {
+        match parse_one(object.clone(), svc, options) {
+            Outcome::Served(parsed) => served.push(parsed),
+            Outcome::Skipped(reason) => skipped.push(Skipped { service: object, reason: reason.to_owned() }),
+            Outcome::Rejected(mut errs) => {
+                errors.append(&mut errs);
+                rejected.insert(object);
+            }
+        }
+    }
+    ParsedServices { served, rejected }
+}
+
+enum Outcome {
+    Served(ParsedService),
+    Skipped(&'static str),
+    Rejected(Vec<BuildError>),
+}
+
+fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcome {
+    let default_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+    let mut errors = Vec::new();
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    match service_type {
+        "ExternalName" => return Outcome::Skipped("type ExternalName has no endpoints to balance"),
+        "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+        other => {
+            return Outcome::Rejected(vec![BuildError::InvalidField {
+                object,
+                field: "spec.type".to_owned(),
+                value: other.to_owned(),
+                reason: "must be ClusterIP, NodePort, LoadBalancer or ExternalName".to_owned(),
+            }]);
+        }
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Outcome::Skipped("headless (clusterIP: None): clients reach the endpoints directly");
+    }
+    let vips = vips::service_vips(svc, service_type == "LoadBalancer", &object, &mut errors);
+    let ports = parse_ports(spec.ports.as_deref().unwrap_or_default(), &object, &mut errors);
+    let policy =
+        policy::parse_service_policy(svc.metadata.annotations.as_ref(), &object, options, &mut errors);
+    if !errors.is_empty() {
+        return Outcome::Rejected(errors);
+    }
+    if vips.is_empty() {
+        return Outcome::Skipped(
+            "no VIP: no spec.externalIPs, and not a LoadBalancer with an ingress IP, \
+             metallb.universe.tf/loadBalancerIPs or spec.loadBalancerIP",
+        );
+    }
+    if ports.is_empty() {
+        return Outcome::Skipped("no ports in spec.ports");
+    }
+    let created = svc.metadata.creation_timestamp.clone();
+    Outcome::Served(ParsedService { object, created, vips, ports, policy })
+}
+
+fn parse_ports(ports: &[ServicePort], object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<PortSpec> {
+    let mut parsed = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let field = |name: &str| format!("spec.ports[{i}].{name}");
+        let invalid = |name: &str, value: &str, reason: &str| BuildError::InvalidField {
+            object: object.clone(),
+            field: field(name),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let port = parse_port(p.port.into(), object, || field("port"));
+        let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| BuildError::UnknownProtocol {
+            object: object.clone(),
+            field: field("protocol"),
+            value: p.protocol.clone().unwrap_or_default(),
+        });
+        let name = p.name.clone().unwrap_or_default();
+        if name.is_empty() && ports.len() > 1 {
+            errors.push(invalid("name", "", "required when the Service has more than one port"));
+        } else if !names.insert(name.clone()) {
+            errors.push(invalid("name", &name, "duplicate port name"));
+        }
+        let (port, protocol) = match (port, protocol) {
+            (Ok(port), Ok(protocol)) => (port, protocol),
+            (port, protocol) => {
+                errors.extend(port.err());
+                errors.extend(protocol.err());
+                continue;
+            }
+        };
+        if !keys.insert((port, protocol)) {
+            errors.push(invalid("port", &port.to_string(), "the same port and protocol appear twice"));
+        }
+        let target = match &p.target_port {
+            None => Ok(TargetSpec::Number(port)),
+            Some(IntOrString::Int(n)) => {
+                parse_port((*n).into(), object, || field("targetPort")).map(TargetSpec::Number)
+            }
+            Some(IntOrString::String(s)) if s.is_empty() => Err(invalid("targetPort", s, "empty port name")),
+            // YAML writers sometimes quote numbers; a name always contains a letter in Kubernetes.
+            Some(IntOrString::String(s)) if s.bytes().all(|b| b.is_ascii_digit()) => {
+                let value = s.parse::<i64>().unwrap_or(i64::MAX);
+                parse_port(value, object, || field("targetPort")).map(TargetSpec::Number)
+            }
+            Some(IntOrString::String(s)) => Ok(TargetSpec::Name(s.clone())),
+        };
+        match target {
+            Ok(target) => parsed.push(PortSpec { name, port, protocol, target }),
+            Err(error) => errors.push(error),
+        }
+    }
+    parsed
+}

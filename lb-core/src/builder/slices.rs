@@ -1,0 +1,187 @@
+//! Validates EndpointSlices and groups them by the Service they belong to.
+//!
+//! A slice belongs to the Service named by its `kubernetes.io/service-name` label in its own
+//! namespace. Only `addressType` IPv4 and IPv6 are used (FQDN slices are skipped). A bad endpoint or
+//! slice port is rejected on its own and the rest of the slice still counts; a bad `ringlb.io/weight`
+//! leaves the slice at weight 1. Only an endpoint's first address is used: Kubernetes defines no
+//! meaning for further ones and kube-proxy ignores them too.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+
+use super::policy::parse_slice_weight;
+use super::{Skipped, object_ref, parse_ip, parse_port, unique_by_name};
+use crate::annotations::SERVICE_NAME_LABEL;
+use crate::error::BuildError;
+use crate::model::{EndpointConditions, ObjectRef, Protocol};
+
+/// One valid `ports[]` entry of a slice.
+#[derive(Debug, Clone)]
+pub(super) struct SlicePort {
+    /// `""` when unset, as for an unnamed service port.
+    pub name: String,
+    pub protocol: Protocol,
+    /// `None`: the slice does not restrict the port (use the Service's integer targetPort).
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct ParsedEndpoint {
+    pub addr: IpAddr,
+    pub conditions: EndpointConditions,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub target: Option<String>,
+}
+
+#[derive(Debug)]
+pub(super) struct ParsedSlice {
+    /// Whether the slice lists any port at all (even invalid ones): only a slice that lists none falls
+    /// back to the Service's targetPort.
+    pub declares_ports: bool,
+    pub ports: Vec<SlicePort>,
+    pub weight: u32,
+    pub endpoints: Vec<ParsedEndpoint>,
+}
+
+/// Slices keyed by (namespace, service name), each list sorted by slice name.
+pub(super) type SlicesByService = BTreeMap<(String, String), Vec<ParsedSlice>>;
+
+pub(super) fn parse_all(
+    slices: &[EndpointSlice],
+    errors: &mut Vec<BuildError>,
+    skipped: &mut Vec<Skipped>,
+) -> SlicesByService {
+    let named = slices.iter().filter_map(|slice| match object_ref("EndpointSlice", &slice.metadata) {
+        Ok(object) => Some((object, slice)),
+        Err(error) => {
+            errors.push(error);
+            None
+        }
+    });
+    let (unique, _) = unique_by_name(named.collect::<Vec<_>>(), errors);
+    let mut by_service = SlicesByService::new();
+    for (object, slice) in unique {
+        let labels = slice.metadata.labels.as_ref();
+        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).filter(|s| !s.is_empty()) else {
+            let reason = format!("no {SERVICE_NAME_LABEL} label: belongs to no Service");
+            skipped.push(Skipped { service: object, reason });
+            continue;
+        };
+        let ipv6 = match slice.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            "FQDN" => {
+                let reason = "addressType FQDN: only IP endpoints can be balanced".to_owned();
+                skipped.push(Skipped { service: object, reason });
+                continue;
+            }
+            other => {
+                errors.push(BuildError::InvalidField {
+                    object,
+                    field: "addressType".to_owned(),
+                    value: other.to_owned(),
+                    reason: "must be IPv4, IPv6 or FQDN".to_owned(),
+                });
+                continue;
+            }
+        };
+        let weight =
+            parse_slice_weight(slice.metadata.annotations.as_ref(), &object).unwrap_or_else(|error| {
+                errors.push(error);
+                1
+            });
+        let ports = parse_ports(slice, &object, errors);
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, endpoint)| match parse_endpoint(i, endpoint, ipv6, &object) {
+                Ok(parsed) => Some(parsed),
+                Err(error) => {
+                    errors.push(error);
+                    None
+                }
+            })
+            .collect();
+        let declares_ports = slice.ports.as_ref().is_some_and(|p| !p.is_empty());
+        let key = (object.namespace.clone(), service.clone());
+        let parsed = ParsedSlice { declares_ports, ports, weight, endpoints };
+        // `unique` is sorted by object, so each list stays sorted by slice name.
+        by_service.entry(key).or_default().push(parsed);
+    }
+    by_service
+}
+
+fn parse_ports(slice: &EndpointSlice, object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<SlicePort> {
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
+            errors.push(BuildError::UnknownProtocol {
+                object: object.clone(),
+                field: format!("ports[{i}].protocol"),
+                value: p.protocol.clone().unwrap_or_default(),
+            });
+            continue;
+        };
+        let port = match p.port.map(|n| parse_port(n.into(), object, || format!("ports[{i}].port"))) {
+            None => None,
+            Some(Ok(port)) => Some(port),
+            Some(Err(error)) => {
+                errors.push(error);
+                continue;
+            }
+        };
+        ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), protocol, port });
+    }
+    ports
+}
+
+fn parse_endpoint(
+    i: usize,
+    endpoint: &Endpoint,
+    ipv6: bool,
+    object: &ObjectRef,
+) -> Result<ParsedEndpoint, BuildError> {
+    let Some(address) = endpoint.addresses.first() else {
+        return Err(BuildError::InvalidField {
+            object: object.clone(),
+            field: format!("endpoints[{i}].addresses"),
+            value: String::new(),
+            reason: "an endpoint needs at least one address".to_owned(),
+        });
+    };
+    let field = || format!("endpoints[{i}].addresses[0]");
+    let addr = parse_ip(address, object, field)?;
+    if addr.is_ipv6() != ipv6 {
+        let reason = if ipv6 { "IPv4 address in an IPv6 slice" } else { "IPv6 address in an IPv4 slice" };
+        return Err(BuildError::InvalidIp {
+            object: object.clone(),
+            field: field(),
+            value: address.clone(),
+            reason,
+        });
+    }
+    let conditions = endpoint.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let conditions = EndpointConditions {
+        ready,
+        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+    };
+    let target = endpoint.target_ref.as_ref().map(|t| {
+        let kind = t.kind.as_deref().unwrap_or("Object");
+        let namespace = t.namespace.as_deref().unwrap_or(&object.namespace);
+        format!("{kind} {namespace}/{}", t.name.as_deref().unwrap_or("?"))
+    });
+    Ok(ParsedEndpoint {
+        addr,
+        conditions,
+        node_name: endpoint.node_name.clone(),
+        zone: endpoint.zone.clone(),
+        target,
+    })
+}

@@ -1,0 +1,374 @@
+//! Builder behaviour on hand-written objects (property tests live in `lb-core/tests/`).
+
+use std::net::{IpAddr, SocketAddr};
+
+use testkit::objects::{Cond, ServiceBuilder, SliceBuilder, TargetPort, ready_slice, simple_service};
+
+use super::*;
+use crate::model::Protocol;
+
+fn key(addr: &str, port: u16, protocol: Protocol) -> VipKey {
+    VipKey::new(addr.parse().expect("test address"), port, protocol)
+}
+
+fn tcp(addr: &str, port: u16) -> VipKey {
+    key(addr, port, Protocol::Tcp)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("test socket address")
+}
+
+fn run(services: &[Service], slices: &[EndpointSlice]) -> BuildReport {
+    build(services, slices, &BuildOptions::default(), None, 7)
+}
+
+/// The eligible backends' addresses of one entry.
+fn eligible(report: &BuildReport, key: &VipKey) -> Vec<SocketAddr> {
+    let entry = report.snapshot.get(key).unwrap_or_else(|| panic!("no entry {key}: {report}"));
+    entry.eligible.iter().filter_map(|&i| entry.backend(i)).map(|b| b.addr()).collect()
+}
+
+#[test]
+fn external_ip_service_serves_only_ready_endpoints() {
+    let service = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let slice = SliceBuilder::new("default", "web-abc", "web")
+        .port("", 8080, "TCP")
+        .endpoint("127.0.0.3", Cond::not_ready())
+        .endpoint("127.0.0.2", Cond::unset())
+        .endpoint("127.0.0.1", Cond::ready())
+        .endpoint("127.0.0.4", Cond::terminating())
+        .build();
+    let report = run(&[service], &[slice]);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.snapshot.version, 7);
+    let entry = report.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry");
+    let all: Vec<_> = entry.backends.iter().map(|b| b.addr()).collect();
+    let expected: Vec<_> = (1..=4).map(|i| addr(&format!("127.0.0.{i}:8080"))).collect();
+    assert_eq!(all, expected, "backends sorted by id, not-ready ones kept for display");
+    assert_eq!(entry.eligible, vec![0, 1]);
+    assert_eq!(entry.service, ObjectRef::service("default", "web"));
+}
+
+#[test]
+fn slices_of_other_services_or_namespaces_are_not_joined() {
+    let services = [
+        simple_service("default", "web", "127.0.0.10", 80, 8080),
+        simple_service("other", "web", "127.0.0.11", 80, 8080),
+    ];
+    let slices = [
+        ready_slice("default", "web-1", "web", 8080, &["127.0.0.1"]),
+        ready_slice("other", "web-1", "web", 8080, &["127.0.0.2"]),
+        ready_slice("default", "api-1", "api", 8080, &["127.0.0.3"]),
+    ];
+    let report = run(&services, &slices);
+    assert_eq!(eligible(&report, &tcp("127.0.0.10", 80)), [addr("127.0.0.1:8080")]);
+    assert_eq!(eligible(&report, &tcp("127.0.0.11", 80)), [addr("127.0.0.2:8080")]);
+}
+
+#[test]
+fn named_target_port_resolves_per_slice() {
+    let service = ServiceBuilder::new("default", "web")
+        .external_ips(["127.0.0.10"])
+        .port("http", 80, "TCP", TargetPort::String("web".into()))
+        .build();
+    let slices = [
+        SliceBuilder::new("default", "web-a", "web")
+            .port("http", 8080, "TCP")
+            .endpoint("127.0.0.1", Cond::ready()),
+        SliceBuilder::new("default", "web-b", "web")
+            .port("http", 9090, "TCP")
+            .endpoint("127.0.0.2", Cond::ready()),
+        // Hand-written: named after the container port instead of the service port.
+        SliceBuilder::new("default", "web-c", "web")
+            .port("web", 7070, "TCP")
+            .endpoint("127.0.0.3", Cond::ready()),
+        // Lists ports, none of them ours: not a backend of this port.
+        SliceBuilder::new("default", "web-d", "web")
+            .port("metrics", 9100, "TCP")
+            .endpoint("127.0.0.4", Cond::ready()),
+    ]
+    .map(SliceBuilder::build);
+    let report = run(&[service], &slices);
+    assert!(report.is_clean(), "{report}");
+    let expected = ["127.0.0.1:8080", "127.0.0.2:9090", "127.0.0.3:7070"].map(addr);
+    assert_eq!(eligible(&report, &tcp("127.0.0.10", 80)), expected);
+}
+
+#[test]
+fn slice_without_ports_falls_back_to_integer_target_port_but_not_named() {
+    let services = [
+        simple_service("default", "web", "127.0.0.10", 80, 8080),
+        ServiceBuilder::new("default", "named")
+            .external_ips(["127.0.0.11"])
+            .port("", 80, "", TargetPort::String("web".into()))
+            .build(),
+        ServiceBuilder::new("default", "bare").external_ips(["127.0.0.12"]).bare_port(81).build(),
+    ];
+    let slices = ["web", "named", "bare"].map(|s| {
+        SliceBuilder::new("default", &format!("{s}-1"), s).endpoint("127.0.0.1", Cond::ready()).build()
+    });
+    let report = run(&services, &slices);
+    assert_eq!(eligible(&report, &tcp("127.0.0.10", 80)), [addr("127.0.0.1:8080")]);
+    assert_eq!(eligible(&report, &tcp("127.0.0.11", 80)), []);
+    assert_eq!(
+        eligible(&report, &tcp("127.0.0.12", 81)),
+        [addr("127.0.0.1:81")],
+        "targetPort defaults to port"
+    );
+}
+
+#[test]
+fn multi_port_service_with_udp_and_sctp_yields_one_entry_per_port() {
+    let service = ServiceBuilder::new("default", "dns")
+        .external_ips(["127.0.0.10", "::1", "127.0.0.10"])
+        .port("dns-udp", 53, "UDP", TargetPort::Int(5353))
+        .port("dns-tcp", 53, "TCP", TargetPort::Int(5353))
+        .port("sig", 3868, "SCTP", TargetPort::Int(3868))
+        .build();
+    let v4 = SliceBuilder::new("default", "dns-v4", "dns")
+        .port("dns-udp", 5353, "UDP")
+        .port("dns-tcp", 5354, "TCP")
+        .port("sig", 3868, "SCTP")
+        .endpoint("127.0.0.1", Cond::ready())
+        .build();
+    let v6 = SliceBuilder::new("default", "dns-v6", "dns")
+        .port("dns-udp", 5353, "UDP")
+        .endpoint("::1", Cond::ready())
+        .build();
+    let report = run(&[service], &[v4, v6]);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.snapshot.len(), 6, "2 VIPs x 3 ports");
+    let udp = key("::1", 53, Protocol::Udp);
+    assert_eq!(eligible(&report, &udp), [addr("127.0.0.1:5353"), addr("[::1]:5353")]);
+    assert_eq!(eligible(&report, &tcp("127.0.0.10", 53)), [addr("127.0.0.1:5354")]);
+    assert_eq!(eligible(&report, &key("127.0.0.10", 3868, Protocol::Sctp)), [addr("127.0.0.1:3868")]);
+    assert_eq!(report.snapshot.get(&udp).and_then(|e| e.port_name.clone()).as_deref(), Some("dns-udp"));
+}
+
+#[test]
+fn load_balancer_vips_prefer_status_then_annotation_then_spec() {
+    let lb = |name: &str| {
+        ServiceBuilder::new("default", name)
+            .service_type("LoadBalancer")
+            .port("", 80, "", TargetPort::Int(80))
+            .load_balancer_ip("127.0.0.30")
+    };
+    let services = [
+        lb("status")
+            .ingress_ips(["127.0.0.10"])
+            .annotation(crate::annotations::METALLB_LOAD_BALANCER_IPS, "127.0.0.20"),
+        lb("annotation").annotation(crate::annotations::METALLB_LOAD_BALANCER_IPS, "127.0.0.21, ::21"),
+        lb("spec"),
+        ServiceBuilder::new("default", "cluster").load_balancer_ip("127.0.0.40").bare_port(80),
+    ]
+    .map(ServiceBuilder::build);
+    let report = run(&services, &[]);
+    assert!(report.is_clean(), "{report}");
+    let served: Vec<(String, IpAddr)> =
+        report.snapshot.entries().map(|e| (e.service.name.clone(), e.key.addr)).collect();
+    let expected = [
+        ("status", "127.0.0.10"),
+        ("annotation", "127.0.0.21"),
+        ("spec", "127.0.0.30"),
+        ("annotation", "::21"),
+    ]
+    .map(|(n, a)| (n.to_owned(), a.parse().expect("ip")));
+    assert_eq!(served, expected);
+    assert_eq!(report.skipped.len(), 1, "a ClusterIP service's loadBalancerIP is no VIP: {report}");
+}
+
+#[test]
+fn headless_external_name_and_vip_less_services_are_skipped_with_reasons() {
+    let services = [
+        ServiceBuilder::new("default", "headless")
+            .cluster_ip("None")
+            .external_ips(["127.0.0.1"])
+            .bare_port(80),
+        ServiceBuilder::new("default", "ext").external_name("example.org").bare_port(80),
+        ServiceBuilder::new("default", "plain").bare_port(80),
+        ServiceBuilder::new("default", "nodeport").service_type("NodePort").bare_port(80),
+        ServiceBuilder::new("default", "lb-pending").service_type("LoadBalancer").bare_port(80),
+    ]
+    .map(ServiceBuilder::build);
+    let report = run(&services, &[]);
+    assert!(report.is_clean() && report.snapshot.is_empty(), "{report}");
+    let reasons: BTreeMap<_, _> =
+        report.skipped.iter().map(|s| (s.service.name.as_str(), s.reason.as_str())).collect();
+    assert!(reasons["headless"].contains("headless"));
+    assert!(reasons["ext"].contains("ExternalName"));
+    for name in ["plain", "nodeport", "lb-pending"] {
+        assert!(reasons[name].contains("no VIP"), "{name}: {}", reasons[name]);
+    }
+    assert!(report.skipped[0].to_string().contains("not served"));
+}
+
+#[test]
+fn endpoint_in_two_slices_counts_once_and_ready_copy_wins() {
+    let service = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let slices = [
+        ready_slice("default", "web-a", "web", 8080, &["127.0.0.1", "127.0.0.2"]),
+        SliceBuilder::new("default", "web-b", "web")
+            .port("", 8080, "TCP")
+            .endpoint("127.0.0.1", Cond::not_ready())
+            .endpoint("127.0.0.2", Cond::ready())
+            .build(),
+    ];
+    for order in [[0, 1], [1, 0]] {
+        let report = run(std::slice::from_ref(&service), &order.map(|i| slices[i].clone()));
+        let entry = report.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry");
+        assert_eq!(entry.backends.len(), 2);
+        assert_eq!(entry.eligible, [0, 1], "the ready copy of 127.0.0.1 wins");
+    }
+}
+
+#[test]
+fn bad_fields_reject_the_service_and_name_the_field() {
+    let cases: [(Service, &str); 6] = [
+        (
+            ServiceBuilder::new("default", "a").external_ips(["127.0.0.300"]).bare_port(80).build(),
+            "spec.externalIPs[0]",
+        ),
+        (
+            ServiceBuilder::new("default", "b").external_ips(["127.0.0.1"]).bare_port(0).build(),
+            "spec.ports[0].port",
+        ),
+        (
+            ServiceBuilder::new("default", "c")
+                .external_ips(["127.0.0.1"])
+                .port("", 80, "QUIC", TargetPort::Int(1))
+                .build(),
+            "spec.ports[0].protocol",
+        ),
+        (
+            ServiceBuilder::new("default", "d")
+                .external_ips(["127.0.0.1"])
+                .port("", 80, "", TargetPort::Int(70000))
+                .build(),
+            "spec.ports[0].targetPort",
+        ),
+        (
+            ServiceBuilder::new("default", "e")
+                .external_ips(["127.0.0.1"])
+                .bare_port(80)
+                .annotation(crate::annotations::CONNECT_TIMEOUT, "soon")
+                .build(),
+            "ringlb.io/connect-timeout",
+        ),
+        (
+            ServiceBuilder::new("default", "").external_ips(["127.0.0.1"]).bare_port(80).build(),
+            "metadata.name",
+        ),
+    ];
+    for (service, field) in cases {
+        let report = run(std::slice::from_ref(&service), &[]);
+        assert!(report.snapshot.is_empty(), "{report}");
+        assert_eq!(report.errors.len(), 1, "{report}");
+        assert!(report.errors[0].field().contains(field), "{} should name {field}", report.errors[0]);
+    }
+}
+
+#[test]
+fn conflicting_vip_goes_to_the_older_service_then_to_name_order() {
+    let service = |name: &str, created: Option<i64>| {
+        let b = ServiceBuilder::new("default", name).external_ips(["127.0.0.10"]).bare_port(80);
+        match created {
+            Some(t) => b.created_at(t),
+            None => b,
+        }
+        .build()
+    };
+    let report = run(&[service("b", Some(100)), service("a", Some(200)), service("0", None)], &[]);
+    let owner = &report.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry").service;
+    assert_eq!(owner.name, "b");
+    assert_eq!(report.errors.len(), 2, "{report}");
+    for error in &report.errors {
+        assert!(matches!(error, BuildError::ConflictingVip { owner, .. } if owner.name == "b"), "{error}");
+    }
+    let report = run(&[service("b", None), service("a", None)], &[]);
+    assert_eq!(report.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry").service.name, "a");
+}
+
+#[test]
+fn previous_owner_keeps_a_conflicting_vip() {
+    let young =
+        ServiceBuilder::new("default", "young").external_ips(["127.0.0.10"]).bare_port(80).created_at(200);
+    let old =
+        ServiceBuilder::new("default", "old").external_ips(["127.0.0.10"]).bare_port(80).created_at(100);
+    let first = run(&[young.clone().build()], &[]);
+    let second =
+        build(&[old.build(), young.build()], &[], &BuildOptions::default(), Some(&first.snapshot), 2);
+    assert_eq!(second.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry").service.name, "young");
+    assert!(
+        matches!(&second.errors[..], [BuildError::ConflictingVip { object, .. }] if object.name == "old")
+    );
+}
+
+#[test]
+fn rejected_service_keeps_its_previous_entries() {
+    let good = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let slices = [ready_slice("default", "web-1", "web", 8080, &["127.0.0.1"])];
+    let first = run(std::slice::from_ref(&good), &slices);
+    let broken = ServiceBuilder::new("default", "web").external_ips(["127.0.0.10"]).bare_port(99999).build();
+    let second = build(&[broken], &slices, &BuildOptions::default(), Some(&first.snapshot), 2);
+    assert_eq!(second.kept_previous, [ObjectRef::service("default", "web")]);
+    let kept = second.snapshot.get(&tcp("127.0.0.10", 80)).expect("kept entry");
+    assert!(Arc::ptr_eq(kept, first.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry")));
+    assert_eq!(second.snapshot.version, 2);
+    assert!(second.to_string().contains("kept last known good"), "{second}");
+}
+
+#[test]
+fn bad_endpoint_is_rejected_and_the_rest_of_the_slice_counts() {
+    let service = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let slice = SliceBuilder::new("default", "web-1", "web")
+        .port("", 8080, "TCP")
+        .endpoint("127.0.0.1", Cond::ready())
+        .endpoint("not-an-ip", Cond::ready())
+        .endpoint("::1", Cond::ready())
+        .address_type("IPv4")
+        .build();
+    let report = run(&[service], &[slice]);
+    assert_eq!(eligible(&report, &tcp("127.0.0.10", 80)), [addr("127.0.0.1:8080")]);
+    let fields: Vec<_> = report.errors.iter().map(|e| (e.object().name.clone(), e.field())).collect();
+    assert_eq!(
+        fields,
+        [
+            ("web-1".to_owned(), "endpoints[1].addresses[0]".to_owned()),
+            ("web-1".into(), "endpoints[2].addresses[0]".into())
+        ]
+    );
+}
+
+#[test]
+fn fqdn_slices_are_skipped() {
+    let service = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let slice = SliceBuilder::new("default", "web-1", "web")
+        .address_type("FQDN")
+        .endpoint("example.org", Cond::ready());
+    let report = run(&[service], &[slice.build()]);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(report.skipped[0].service, ObjectRef::endpoint_slice("default", "web-1"));
+}
+
+#[test]
+fn weights_come_from_the_service_annotation_then_the_slice() {
+    let service = ServiceBuilder::new("default", "web")
+        .external_ips(["127.0.0.10"])
+        .bare_port(80)
+        .annotation(crate::annotations::SCHEDULER, "wrr")
+        .annotation(crate::annotations::BACKEND_WEIGHTS, "127.0.0.1=5")
+        .annotation(crate::annotations::CONNECT_ATTEMPTS, "2")
+        .build();
+    let slice = SliceBuilder::new("default", "web-1", "web")
+        .annotation(crate::annotations::WEIGHT, "3")
+        .endpoint("127.0.0.1", Cond::ready())
+        .endpoint("127.0.0.2", Cond::ready())
+        .build();
+    let report = run(&[service], &[slice]);
+    let entry = report.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry");
+    assert_eq!(entry.backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [5, 3]);
+    assert_eq!(entry.scheduler.kind(), SchedulerKind::WeightedRoundRobin);
+    assert_eq!(entry.policy.connect_attempts, 2);
+}

@@ -1,0 +1,83 @@
+//! Which addresses a Service is served on (its VIPs).
+//!
+//! Every `spec.externalIPs` entry, for any Service type. For `type: LoadBalancer` also the addresses
+//! the load-balancer controller assigned, `status.loadBalancer.ingress[].ip`; when that status holds
+//! no IP (standalone use, nothing assigns one), the requested ones: MetalLB's
+//! `metallb.universe.tf/loadBalancerIPs` annotation, else the deprecated `spec.loadBalancerIP`. Only
+//! the source in use is validated. The result is sorted and deduplicated.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::parse_ip;
+use crate::annotations::METALLB_LOAD_BALANCER_IPS;
+use crate::error::BuildError;
+use crate::model::ObjectRef;
+
+pub(super) fn service_vips(
+    svc: &Service,
+    load_balancer: bool,
+    object: &ObjectRef,
+    errors: &mut Vec<BuildError>,
+) -> Vec<IpAddr> {
+    let mut vips = BTreeSet::new();
+    let spec = svc.spec.as_ref();
+    for (i, value) in spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten().enumerate() {
+        push(&mut vips, errors, parse_ip(value, object, || format!("spec.externalIPs[{i}]")));
+    }
+    if load_balancer {
+        load_balancer_vips(svc, object, &mut vips, errors);
+    }
+    vips.into_iter().collect()
+}
+
+fn load_balancer_vips(
+    svc: &Service,
+    object: &ObjectRef,
+    vips: &mut BTreeSet<IpAddr>,
+    errors: &mut Vec<BuildError>,
+) {
+    let ingress =
+        svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    let mut from_status = false;
+    for (i, entry) in ingress.into_iter().flatten().enumerate() {
+        // A hostname-only ingress (cloud load balancers) names no address we could serve.
+        if let Some(ip) = entry.ip.as_deref() {
+            from_status = true;
+            push(vips, errors, parse_ip(ip, object, || format!("status.loadBalancer.ingress[{i}].ip")));
+        }
+    }
+    if from_status {
+        return;
+    }
+    let annotation = svc.metadata.annotations.as_ref().and_then(|a| a.get(METALLB_LOAD_BALANCER_IPS));
+    let requested: Vec<&str> =
+        annotation.into_iter().flat_map(|v| v.split(',')).map(str::trim).filter(|s| !s.is_empty()).collect();
+    if !requested.is_empty() {
+        for item in requested {
+            let parsed = parse_ip(item, object, String::new).map_err(|_| BuildError::InvalidAnnotation {
+                object: object.clone(),
+                annotation: METALLB_LOAD_BALANCER_IPS,
+                value: item.to_owned(),
+                reason: "not a usable IPv4 or IPv6 address".to_owned(),
+            });
+            push(vips, errors, parsed);
+        }
+        return;
+    }
+    if let Some(ip) = svc.spec.as_ref().and_then(|s| s.load_balancer_ip.as_deref()).filter(|s| !s.is_empty())
+    {
+        push(vips, errors, parse_ip(ip, object, || "spec.loadBalancerIP".to_owned()));
+    }
+}
+
+fn push(vips: &mut BTreeSet<IpAddr>, errors: &mut Vec<BuildError>, parsed: Result<IpAddr, BuildError>) {
+    match parsed {
+        Ok(ip) => {
+            vips.insert(ip);
+        }
+        Err(error) => errors.push(error),
+    }
+}
