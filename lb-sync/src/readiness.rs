@@ -1,0 +1,66 @@
+//! A cheap, cloneable view of a source's progress for the admin endpoint (`/readyz`) and logs.
+//!
+//! Written only by the source's run loop, read from anywhere without locks. "Ready" means the initial
+//! snapshot has been handed to the sink; it never goes back to false, because after that a bad edit
+//! keeps the previous snapshot serving (see [`Readiness::inputs_rejected`] for that condition).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Shared progress of one source; clones observe the same state.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<State>);
+
+#[derive(Debug, Default)]
+struct State {
+    ready: AtomicBool,
+    /// Version of the last published snapshot (meaningful once `ready`).
+    version: AtomicU64,
+    rejected: AtomicBool,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Readiness::default()
+    }
+
+    /// Whether the initial snapshot has been published.
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::Acquire)
+    }
+
+    /// Version of the snapshot published last, if any.
+    pub fn published_version(&self) -> Option<u64> {
+        self.is_ready().then(|| self.0.version.load(Ordering::Acquire))
+    }
+
+    /// Whether the inputs as they are now were rejected (a bad edit), so an older snapshot serves.
+    pub fn inputs_rejected(&self) -> bool {
+        self.0.rejected.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_published(&self, version: u64) {
+        self.0.version.store(version, Ordering::Release);
+        self.0.ready.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn set_inputs_rejected(&self, rejected: bool) {
+        self.0.rejected.store(rejected, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_is_shared_between_clones_and_starts_unready() {
+        let readiness = Readiness::new();
+        let view = readiness.clone();
+        assert!(!view.is_ready());
+        assert_eq!(view.published_version(), None);
+        readiness.mark_published(3);
+        assert!(view.is_ready());
+        assert_eq!(view.published_version(), Some(3));
+    }
+}

@@ -1,0 +1,284 @@
+//! [`ManifestSource`]: follows a manifest PATH and publishes a new snapshot whenever what it
+//! describes changes.
+//!
+//! Invariants: a load that fails (unreadable file, bad YAML, invalid object, duplicate) never replaces
+//! the served snapshot; it is logged with file and object and the previous snapshot keeps serving.
+//! A snapshot is published only when its entries differ from the served ones, with the next version.
+//! Reading, parsing and building run on tokio's blocking pool, never on the control thread itself.
+//! Changes are noticed through file events (debounced) and, in case those are missed, by re-reading
+//! the files every poll interval and comparing their content; both paths converge on one reload.
+
+mod publish;
+mod watch;
+
+use std::future::{Future, pending};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_core::{BuildOptions, BuildReport, Snapshot};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::manifest::{ErrorList, ManifestError, ManifestFile, ManifestSet, ReadError, read_manifest_files};
+use crate::readiness::Readiness;
+use crate::sink::SnapshotSink;
+use publish::Publisher;
+use watch::FileWatch;
+
+/// How long file events must pause before a reload (editors and `kubectl` write in bursts).
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(150);
+/// The longest a burst of events may delay a reload.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_millis(500);
+/// How often the files are re-read in case a file event was missed.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why [`ManifestSource::run`] stopped before shutdown was requested.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The manifests could not be loaded at start-up; there is no previous snapshot to keep.
+    #[error("initial load of manifests from {} failed: {}", path.display(), ErrorList(errors))]
+    InitialLoad { path: PathBuf, errors: Vec<ManifestError> },
+    /// The start-up load did not complete (the blocking task was lost, e.g. it panicked).
+    #[error("initial load of manifests from {} did not complete: {reason}", path.display())]
+    LoaderFailed { path: PathBuf, reason: String },
+}
+
+/// Serves the Service and EndpointSlice objects found in manifest files.
+#[derive(Debug, Clone)]
+pub struct ManifestSource {
+    path: PathBuf,
+    options: BuildOptions,
+    readiness: Readiness,
+    debounce: Duration,
+    max_delay: Duration,
+    poll_interval: Duration,
+    file_events: bool,
+}
+
+/// What the last reload saw, so an unchanged input is neither rebuilt nor re-logged.
+#[derive(PartialEq)]
+enum Seen {
+    Files(Arc<Vec<ManifestFile>>),
+    Unreadable(String),
+}
+
+impl ManifestSource {
+    /// A source for `path` (a file or a directory, see [`crate::manifest`]) built with `options`.
+    pub fn new(path: impl Into<PathBuf>, options: BuildOptions) -> Self {
+        ManifestSource {
+            path: path.into(),
+            options,
+            readiness: Readiness::new(),
+            debounce: DEFAULT_DEBOUNCE,
+            max_delay: DEFAULT_MAX_DELAY,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            file_events: true,
+        }
+    }
+
+    /// Sets how long file events must pause before a reload, and the longest a burst may delay one.
+    pub fn with_debounce(mut self, quiet: Duration, max_delay: Duration) -> Self {
+        self.debounce = quiet;
+        self.max_delay = max_delay.max(quiet);
+        self
+    }
+
+    /// Sets how often the files are re-read regardless of file events (the safety net).
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Turns file events off, leaving only the periodic re-read (for file systems without inotify,
+    /// and to test that safety net on its own).
+    pub fn with_file_events(mut self, enabled: bool) -> Self {
+        self.file_events = enabled;
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A handle that tells whether the initial snapshot was published (for `/readyz`).
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Loads the manifests once (no snapshot is built).
+    pub fn load(&self) -> Result<ManifestSet, Vec<ManifestError>> {
+        ManifestSet::load(&self.path)
+    }
+
+    /// Loads the manifests once and builds snapshot `version` from them (what `ringlb check` shows).
+    pub fn load_and_build(
+        &self,
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Result<BuildReport, Vec<ManifestError>> {
+        let set = self.load()?;
+        Ok(lb_core::build(&set.services, &set.slices, &self.options, previous, version))
+    }
+
+    /// Publishes the initial snapshot to `sink`, then follows the files and publishes every change
+    /// until `shutdown` resolves. Fails only when the initial load fails (the caller decides whether
+    /// that is fatal); later bad edits are logged and the previous snapshot keeps serving.
+    pub async fn run(self, sink: impl SnapshotSink, shutdown: impl Future) -> Result<(), SyncError> {
+        let mut shutdown = pin!(shutdown);
+        // Started before the first read, so a change made during the initial load is not missed.
+        let watch = self.start_watch();
+        let mut publisher = Publisher::default();
+
+        let loader_failed = |reason| SyncError::LoaderFailed { path: self.path.clone(), reason };
+        let initial_load = |errors| SyncError::InitialLoad { path: self.path.clone(), errors };
+        let files = self
+            .read_files()
+            .await
+            .map_err(loader_failed)?
+            .map_err(|error| initial_load(vec![error.into()]))?;
+        let files = Arc::new(files);
+        let mut seen = Seen::Files(Arc::clone(&files));
+        let report = self.build(files, None, publisher.next_version()).await;
+        let report = report.map_err(loader_failed)?.map_err(initial_load)?;
+        if let Some(snapshot) = publisher.accept(report) {
+            self.publish(&sink, snapshot);
+        }
+
+        let mut poll = tokio::time::interval_at(Instant::now() + self.poll_interval, self.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return Ok(()),
+                () = next_change(watch.as_ref()) => {
+                    if let Some(watch) = &watch {
+                        tokio::select! {
+                            _ = &mut shutdown => return Ok(()),
+                            () = watch.settle(self.debounce, self.max_delay) => {}
+                        }
+                    }
+                    self.reload(&mut seen, &mut publisher, &sink).await;
+                }
+                _ = poll.tick() => self.reload(&mut seen, &mut publisher, &sink).await,
+            }
+        }
+    }
+
+    fn start_watch(&self) -> Option<FileWatch> {
+        if !self.file_events {
+            return None;
+        }
+        match FileWatch::start(&self.path) {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    %error,
+                    poll_interval = ?self.poll_interval,
+                    "cannot watch manifests for changes; re-reading them periodically only"
+                );
+                None
+            }
+        }
+    }
+
+    /// Re-reads the files and, if they changed, rebuilds and publishes a changed snapshot.
+    async fn reload(&self, seen: &mut Seen, publisher: &mut Publisher, sink: &impl SnapshotSink) {
+        let files = match self.read_files().await {
+            Ok(files) => files,
+            Err(reason) => {
+                tracing::warn!(path = %self.path.display(), reason, "manifest reload did not complete");
+                return;
+            }
+        };
+        let now = match files {
+            Ok(files) => Seen::Files(Arc::new(files)),
+            Err(error) => Seen::Unreadable(error.to_string()),
+        };
+        if now == *seen {
+            return;
+        }
+        *seen = now;
+        let files = match &*seen {
+            Seen::Files(files) => Arc::clone(files),
+            Seen::Unreadable(error) => {
+                tracing::warn!(
+                    error = error.as_str(),
+                    "manifests unreadable; the previous snapshot keeps serving"
+                );
+                self.readiness.set_inputs_rejected(true);
+                return;
+            }
+        };
+        let previous = publisher.current().cloned();
+        let report = match self.build(files, previous, publisher.next_version()).await {
+            Ok(report) => report,
+            Err(reason) => {
+                tracing::warn!(path = %self.path.display(), reason, "manifest reload did not complete");
+                return;
+            }
+        };
+        match report {
+            Ok(report) => {
+                if self.readiness.inputs_rejected() {
+                    tracing::info!(path = %self.path.display(), "manifests valid again");
+                }
+                self.readiness.set_inputs_rejected(false);
+                if let Some(snapshot) = publisher.accept(report) {
+                    self.publish(sink, snapshot);
+                }
+            }
+            Err(errors) => {
+                for error in &errors {
+                    tracing::warn!(
+                        file = %error.file().display(),
+                        object = error.object().map(ToString::to_string),
+                        %error,
+                        "manifest edit rejected; the previous snapshot keeps serving"
+                    );
+                }
+                self.readiness.set_inputs_rejected(true);
+            }
+        }
+    }
+
+    fn publish(&self, sink: &impl SnapshotSink, snapshot: Arc<Snapshot>) {
+        let version = snapshot.version;
+        sink.publish(snapshot);
+        self.readiness.mark_published(version);
+    }
+
+    /// Reads the files on the blocking pool. The outer error means the task itself was lost.
+    async fn read_files(&self) -> Result<Result<Vec<ManifestFile>, ReadError>, String> {
+        let path = self.path.clone();
+        blocking(move || read_manifest_files(&path)).await
+    }
+
+    /// Parses `files` and builds snapshot `version` on the blocking pool.
+    async fn build(
+        &self,
+        files: Arc<Vec<ManifestFile>>,
+        previous: Option<Arc<Snapshot>>,
+        version: u64,
+    ) -> Result<Result<BuildReport, Vec<ManifestError>>, String> {
+        let options = self.options.clone();
+        blocking(move || {
+            let set = ManifestSet::from_files(&files)?;
+            Ok(lb_core::build(&set.services, &set.slices, &options, previous.as_deref(), version))
+        })
+        .await
+    }
+}
+
+/// Resolves on the next file event; never, when there are no file events.
+async fn next_change(watch: Option<&FileWatch>) {
+    match watch {
+        Some(watch) => watch.changed().await,
+        None => pending().await,
+    }
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work).await.map_err(|error| error.to_string())
+}

@@ -1,0 +1,154 @@
+//! Decides which builds become published snapshots, and logs each build's outcome once.
+//!
+//! A build whose entries equal the served ones is dropped (a touched file, a reformatted manifest or
+//! a metadata-only edit must not make every worker reconcile listeners). Versions increase by one per
+//! published snapshot and never repeat. Skipped Services are logged once per Service and reason while
+//! they stay skipped, not on every reload; rejected objects are logged per build (builds only happen
+//! when the files changed).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use lb_core::{BuildReport, ObjectRef, Skipped, Snapshot};
+
+/// The served snapshot and what is needed to compare the next build with it.
+#[derive(Default)]
+pub(crate) struct Publisher {
+    current: Option<Arc<Snapshot>>,
+    /// `current`'s entries serialized; `None` also when they could not be serialized (then every
+    /// build counts as a change, which is safe, just not quiet).
+    current_entries: Option<Vec<u8>>,
+    logged_skips: HashSet<(ObjectRef, String)>,
+}
+
+impl Publisher {
+    pub(crate) fn current(&self) -> Option<&Arc<Snapshot>> {
+        self.current.as_ref()
+    }
+
+    /// The version the next published snapshot carries: 1 first, since 0 is the empty start-up one.
+    pub(crate) fn next_version(&self) -> u64 {
+        self.current.as_ref().map_or(1, |snapshot| snapshot.version + 1)
+    }
+
+    /// Logs `report`'s rejections and skips; returns its snapshot when it must be published.
+    pub(crate) fn accept(&mut self, report: BuildReport) -> Option<Arc<Snapshot>> {
+        for error in &report.errors {
+            tracing::warn!(%error, "object rejected; it keeps its previous entries, if any");
+        }
+        self.log_new_skips(&report.skipped);
+        self.offer(report.snapshot)
+    }
+
+    /// Returns `snapshot` when its entries differ from the served ones, and makes it the served one.
+    fn offer(&mut self, snapshot: Snapshot) -> Option<Arc<Snapshot>> {
+        let entries = entries_bytes(&snapshot);
+        if self.current.is_some() && entries.is_some() && entries == self.current_entries {
+            tracing::debug!("manifests changed but the served table did not; nothing to publish");
+            return None;
+        }
+        let snapshot = Arc::new(snapshot);
+        let (eligible, backends) = snapshot.entries().fold((0, 0), |(eligible, total), entry| {
+            (eligible + entry.eligible.len(), total + entry.backends.len())
+        });
+        tracing::info!(
+            version = snapshot.version,
+            entries = snapshot.len(),
+            eligible,
+            backends,
+            "publishing snapshot"
+        );
+        self.current = Some(Arc::clone(&snapshot));
+        self.current_entries = entries;
+        Some(snapshot)
+    }
+
+    fn log_new_skips(&mut self, skipped: &[Skipped]) {
+        let skips: HashSet<(ObjectRef, String)> =
+            skipped.iter().map(|skip| (skip.service.clone(), skip.reason.clone())).collect();
+        for (service, reason) in skips.difference(&self.logged_skips) {
+            tracing::info!(%service, reason = reason.as_str(), "service not served");
+        }
+        // Forget skips that ended, so a Service that is skipped again later is logged again.
+        self.logged_skips = skips;
+    }
+}
+
+/// The entries (everything but the version) in a comparable form.
+fn entries_bytes(snapshot: &Snapshot) -> Option<Vec<u8>> {
+    let entries: Vec<_> = snapshot.entries().map(|entry| &**entry).collect();
+    match serde_json::to_vec(&entries) {
+        Ok(bytes) => Some(bytes),
+        Err(error) => {
+            tracing::debug!(%error, "cannot serialize snapshot entries; treating the build as a change");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use lb_core::{
+        Backend, BackendId, EndpointConditions, EntryPolicy, Protocol, Scheduler, SchedulerKind,
+        ServiceEntry, VipKey,
+    };
+
+    use super::*;
+
+    fn entry(ready: bool) -> ServiceEntry {
+        let backend = Backend {
+            id: BackendId(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080))),
+            conditions: EndpointConditions { ready, ..EndpointConditions::default() },
+            weight: 1,
+            node_name: None,
+            zone: None,
+            target: None,
+        };
+        let eligible = if ready { vec![0] } else { vec![] };
+        let backends = vec![backend];
+        ServiceEntry {
+            key: VipKey::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10)), 80, Protocol::Tcp),
+            service: ObjectRef::service("default", "web"),
+            port_name: None,
+            scheduler: Scheduler::build(SchedulerKind::RoundRobin, &backends, &eligible),
+            backends,
+            eligible,
+            policy: EntryPolicy::default(),
+        }
+    }
+
+    fn snapshot(version: u64, entries: Vec<ServiceEntry>) -> Snapshot {
+        Snapshot::from_entries(version, entries)
+    }
+
+    #[test]
+    fn first_build_is_published_as_version_one_even_when_empty() {
+        let mut publisher = Publisher::default();
+        assert_eq!(publisher.next_version(), 1);
+        let published = publisher.offer(snapshot(1, vec![])).map(|s| s.version);
+        assert_eq!(published, Some(1));
+        assert_eq!(publisher.next_version(), 2);
+    }
+
+    #[test]
+    fn a_build_with_equal_entries_is_not_published() {
+        let mut publisher = Publisher::default();
+        assert!(publisher.offer(snapshot(1, vec![entry(true)])).is_some());
+        assert!(publisher.offer(snapshot(2, vec![entry(true)])).is_none());
+        assert_eq!(publisher.current().map(|s| s.version), Some(1));
+        assert_eq!(publisher.next_version(), 2);
+    }
+
+    #[test]
+    fn a_readiness_flip_is_published_with_the_next_version() {
+        let mut publisher = Publisher::default();
+        assert!(publisher.offer(snapshot(1, vec![entry(true)])).is_some());
+        let flipped = publisher.offer(snapshot(2, vec![entry(false)]));
+        assert_eq!(
+            flipped.map(|s| (s.version, s.entries().map(|e| e.eligible.len()).sum::<usize>())),
+            Some((2, 0))
+        );
+    }
+}
