@@ -1,4 +1,7 @@
 //! `rr`: every eligible backend in turn, starting where this worker left off.
+//!
+//! The sequence is the eligible indices in ascending (backend identity) order; each worker walks it
+//! with its own cursor, so workers spread independently and never share state.
 
 use serde::Serialize;
 
@@ -17,5 +20,36 @@ impl RoundRobin {
 
     pub fn pick(&self, request: &PickRequest<'_>, state: &mut PickState) -> Option<BackendIdx> {
         next_in_sequence(&self.sequence, request, state)
+    }
+
+    /// One full pass of picks.
+    pub fn sequence(&self) -> &[BackendIdx] {
+        &self.sequence
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycles_through_every_eligible_backend_in_order() {
+        let rr = RoundRobin::build(&[1, 4, 6]);
+        let request = PickRequest { client: ([127, 0, 0, 1], 5000).into(), exclude: &[] };
+        let mut state = PickState::default();
+        let picks: Vec<_> = (0..7).filter_map(|_| rr.pick(&request, &mut state)).collect();
+        assert_eq!(picks, [1, 4, 6, 1, 4, 6, 1]);
+    }
+
+    #[test]
+    fn skips_excluded_and_gives_none_when_all_are_excluded() {
+        let rr = RoundRobin::build(&[1, 4, 6]);
+        let mut state = PickState::default();
+        let client = ([127, 0, 0, 1], 5000).into();
+        for _ in 0..5 {
+            assert_eq!(rr.pick(&PickRequest { client, exclude: &[1, 6] }, &mut state), Some(4));
+        }
+        assert_eq!(rr.pick(&PickRequest { client, exclude: &[6, 4, 1] }, &mut state), None);
+        assert_eq!(RoundRobin::build(&[]).pick(&PickRequest { client, exclude: &[] }, &mut state), None);
     }
 }
