@@ -198,7 +198,16 @@ impl ServiceEntry {
 pub struct Snapshot {
     /// Increases with every snapshot a source publishes; 0 is the empty start-up snapshot.
     pub version: u64,
+    /// Serialised as a list in key order: JSON map keys must be strings and a `VipKey` is a struct.
+    #[serde(serialize_with = "serialize_entries")]
     entries: BTreeMap<VipKey, Arc<ServiceEntry>>,
+}
+
+fn serialize_entries<S: serde::Serializer>(
+    entries: &BTreeMap<VipKey, Arc<ServiceEntry>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(entries.values())
 }
 
 impl Snapshot {

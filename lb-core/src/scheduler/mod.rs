@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::model::{Backend, BackendIdx};
 
 pub use round_robin::RoundRobin;
-pub use weighted_round_robin::WeightedRoundRobin;
+pub use weighted_round_robin::{MAX_SEQUENCE_LEN, WeightedRoundRobin};
 
 /// Which scheduler a service uses, as named in the `ringlb.io/scheduler` annotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
