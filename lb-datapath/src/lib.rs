@@ -1,17 +1,36 @@
 //! ringlb's datapath: one worker thread per core, each with its own io_uring ring, its own
-//! `SO_REUSEPORT` listeners and its own connection slab. (TODO: helper fills in the engine.)
+//! `SO_REUSEPORT` listeners and its own connection slab.
 //!
 //! The only input from the control plane is a [`Snapshot`] published through [`Engine::publish`]
-//! (an `arc-swap` store plus a wake-up of every worker); workers never talk to Kubernetes.
+//! (an `arc-swap` store plus a wake-up of every worker); workers never talk to Kubernetes and never
+//! decide policy (timeouts, attempts and backends come from the snapshot's entries).
+//!
+//! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
+//! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
+//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `stats`.
+//! `unsafe` lives only where io_uring and libc need it, each block with a `// SAFETY:` note.
 
-use std::sync::Arc;
+mod connection;
+mod engine;
+mod listener;
+mod pool;
+mod proxy;
+mod relay;
+mod ring;
+mod stats;
+mod worker;
 
-use lb_core::Snapshot;
+use std::time::Duration;
+
+pub use engine::Engine;
+pub use lb_core::Snapshot;
+pub use ring::RingFeatures;
+pub use stats::{EngineStats, WorkerStats};
 
 /// How a worker moves bytes between client and backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RelayMode {
-    /// Choose per kernel and measurement (see the relay module).
+    /// Chosen by measurement: currently [`RelayMode::Copy`] (see the relay module doc).
     #[default]
     Auto,
     /// recv/send through per-worker buffers.
@@ -30,6 +49,12 @@ pub struct EngineConfig {
     pub relay: RelayMode,
     /// Upper bound of simultaneously open client connections per worker.
     pub max_connections_per_worker: usize,
+    /// Bytes per relay buffer (copy relay); two per connection.
+    pub buffer_size: usize,
+    /// Requested pipe size (splice relay, `F_SETPIPE_SZ`); two pipes per connection.
+    pub pipe_size: usize,
+    /// Period of the housekeeping timer that enforces idle and drain timeouts and retries binds.
+    pub housekeeping_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +64,9 @@ impl Default for EngineConfig {
             pin_workers: true,
             relay: RelayMode::Auto,
             max_connections_per_worker: 65_536,
+            buffer_size: 64 * 1024,
+            pipe_size: 256 * 1024,
+            housekeeping_interval: Duration::from_millis(250),
         }
     }
 }
@@ -50,26 +78,4 @@ pub enum DatapathError {
     RingSetup(#[source] std::io::Error),
     #[error("spawning worker {worker}: {source}")]
     Spawn { worker: usize, source: std::io::Error },
-}
-
-/// The running datapath.
-pub struct Engine {
-    _config: EngineConfig,
-    _current: Arc<Snapshot>,
-}
-
-impl Engine {
-    pub fn start(config: EngineConfig, initial: Arc<Snapshot>) -> Result<Engine, DatapathError> {
-        Ok(Engine { _config: config, _current: initial })
-    }
-
-    /// Makes `snapshot` current for every new connection and reconciles listeners on every worker.
-    pub fn publish(&self, snapshot: Arc<Snapshot>) {
-        let _ = snapshot;
-    }
-
-    /// True once every worker runs and has reconciled its listeners with the current snapshot.
-    pub fn is_ready(&self) -> bool {
-        false
-    }
 }

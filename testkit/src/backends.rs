@@ -1,1 +1,306 @@
-//! Loopback test backends.
+//! Loopback test backends: real TCP servers on 127.0.0.1 ephemeral ports that tests send bytes
+//! through (echo, stream/sink with verification, named, reset), and a refusing address.
+//!
+//! Std only (no lb-core, no async). Every server stops when its handle drops: the accept loop is
+//! woken by a connect to itself, and connection threads end when their peer closes. Every socket a
+//! server creates has read/write timeouts so a broken test fails instead of hanging.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Socket timeout of server-side connections: generous, but bounded.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running loopback server; stops on drop.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds 127.0.0.1:0 and runs `handle` on a thread per accepted connection.
+    pub fn spawn<F>(handle: F) -> io::Result<Server>
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        Server::spawn_on("127.0.0.1:0".parse().expect("literal address"), handle)
+    }
+
+    /// Binds `addr` and runs `handle` on a thread per accepted connection.
+    pub fn spawn_on<F>(addr: SocketAddr, handle: F) -> io::Result<Server>
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let handle = Arc::new(handle);
+        let thread = {
+            let stop = stop.clone();
+            let accepted = accepted.clone();
+            std::thread::Builder::new().name(format!("backend-{}", addr.port())).spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    accepted.fetch_add(1, Ordering::AcqRel);
+                    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+                    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+                    let handle = handle.clone();
+                    let _ =
+                        std::thread::Builder::new().name("backend-conn".into()).spawn(move || handle(stream));
+                }
+            })?
+        };
+        Ok(Server { addr, stop, accepted, thread: Some(thread) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept so the thread sees the stop flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Echoes every byte back; answers EOF with EOF.
+pub fn echo_server() -> io::Result<Server> {
+    Server::spawn(echo)
+}
+
+fn echo(mut stream: TcpStream) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&buffer[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Writes `name` and a newline on connect, then echoes.
+pub fn named_server(name: &str) -> io::Result<Server> {
+    let greeting = format!("{name}\n").into_bytes();
+    Server::spawn(move |mut stream| {
+        if stream.write_all(&greeting).is_ok() {
+            echo(stream);
+        }
+    })
+}
+
+/// Reads the client's first byte, waits until more has arrived, then closes with those bytes unread,
+/// which makes Linux answer with a reset (std has no `SO_LINGER`). Clients must send at least 2 bytes.
+pub fn reset_server() -> io::Result<Server> {
+    Server::spawn(|mut stream| {
+        let mut byte = [0u8; 1];
+        // Wait for the client's first bytes and leave some of them unread: closing a socket with
+        // unread received data makes Linux answer with RST instead of FIN.
+        if stream.read(&mut byte).is_ok() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut probe = [0u8; 1];
+            let _ = stream.set_nonblocking(true);
+            while std::time::Instant::now() < deadline {
+                match stream.peek(&mut probe) {
+                    Ok(n) if n > 0 => break,
+                    _ => std::thread::yield_now(),
+                }
+            }
+        }
+        drop(stream);
+    })
+}
+
+/// What a [`stream_server`] connection saw from its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamReport {
+    /// Bytes received after the header.
+    pub received: u64,
+    /// Every received byte matched the client's pattern.
+    pub intact: bool,
+}
+
+/// Header a [`stream_server`] client sends first: `(upload seed, download seed, download length)`.
+pub fn stream_header(upload_seed: u64, download_seed: u64, download_len: u64) -> [u8; 24] {
+    let mut header = [0u8; 24];
+    header[..8].copy_from_slice(&upload_seed.to_le_bytes());
+    header[8..16].copy_from_slice(&download_seed.to_le_bytes());
+    header[16..].copy_from_slice(&download_len.to_le_bytes());
+    header
+}
+
+/// Reads a [`stream_header`], then concurrently sends `download length` pattern bytes of the
+/// download seed (then EOF) and verifies the incoming pattern of the upload seed until EOF; reports
+/// each connection on the returned channel.
+pub fn stream_server() -> io::Result<(Server, mpsc::Receiver<StreamReport>)> {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = Server::spawn(move |mut stream| {
+        let mut header = [0u8; 24];
+        if stream.read_exact(&mut header).is_err() {
+            return;
+        }
+        let field = |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let (upload_seed, download_seed, download_len) = (field(0), field(1), field(2));
+        let Ok(mut writer) = stream.try_clone() else { return };
+        let sender = std::thread::spawn(move || {
+            let _ = write_pattern(&mut writer, download_seed, download_len);
+            let _ = writer.shutdown(Shutdown::Write);
+        });
+        let report = match read_pattern(&mut stream, upload_seed) {
+            Ok((received, intact)) => StreamReport { received, intact },
+            Err(_) => StreamReport { received: 0, intact: false },
+        };
+        let _ = sender.join();
+        if let Ok(tx) = tx.lock() {
+            let _ = tx.send(report);
+        }
+    })?;
+    Ok((server, rx))
+}
+
+/// Fills `buffer` with the pattern of `seed` starting at stream offset `offset` (a multiple of 8
+/// keeps it fast; any offset works).
+pub fn fill_pattern(seed: u64, offset: u64, buffer: &mut [u8]) {
+    let head = (((8 - offset % 8) % 8) as usize).min(buffer.len());
+    for (i, byte) in buffer[..head].iter_mut().enumerate() {
+        let position = offset + i as u64;
+        *byte = pattern_word(seed, position / 8).to_le_bytes()[(position % 8) as usize];
+    }
+    let mut word_index = (offset + head as u64) / 8;
+    let mut chunks = buffer[head..].chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        chunk.copy_from_slice(&pattern_word(seed, word_index).to_le_bytes());
+        word_index += 1;
+    }
+    let tail = chunks.into_remainder();
+    let tail_len = tail.len();
+    if tail_len > 0 {
+        tail.copy_from_slice(&pattern_word(seed, word_index).to_le_bytes()[..tail_len]);
+    }
+}
+
+fn pattern_word(seed: u64, index: u64) -> u64 {
+    // splitmix64 of (seed, index): cheap, and any misplaced or altered byte changes the stream.
+    let mut z = seed.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Writes `len` pattern bytes of `seed`.
+pub fn write_pattern(stream: &mut impl Write, seed: u64, len: u64) -> io::Result<()> {
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        let n = (len - sent).min(buffer.len() as u64) as usize;
+        fill_pattern(seed, sent, &mut buffer[..n]);
+        stream.write_all(&buffer[..n])?;
+        sent += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads until EOF and checks every byte against the pattern of `seed`; returns (bytes, intact).
+pub fn read_pattern(stream: &mut impl Read, seed: u64) -> io::Result<(u64, bool)> {
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut expected = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    let mut intact = true;
+    loop {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Ok((received, intact));
+        }
+        if intact {
+            fill_pattern(seed, received, &mut expected[..n]);
+            intact = buffer[..n] == expected[..n];
+        }
+        received += n as u64;
+    }
+}
+
+/// An address on 127.0.0.1 where nothing listens but the port is held (by a connected socket), so
+/// connects are refused and no other test can start listening there. Released on drop.
+pub struct RefusingAddr {
+    addr: SocketAddr,
+    _held: (TcpStream, TcpStream),
+}
+
+impl RefusingAddr {
+    pub fn new() -> io::Result<RefusingAddr> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let client = TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        // The client's local port is bound but not listening: a SYN to it gets RST.
+        let addr = client.local_addr()?;
+        Ok(RefusingAddr { addr, _held: (client, server) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_offset_consistent() {
+        let mut whole = vec![0u8; 1000];
+        fill_pattern(7, 0, &mut whole);
+        for offset in [0usize, 1, 5, 8, 13, 999] {
+            let mut part = vec![0u8; 1000 - offset];
+            fill_pattern(7, offset as u64, &mut part);
+            assert_eq!(part[..], whole[offset..], "offset {offset}");
+        }
+        let mut other = vec![0u8; 1000];
+        fill_pattern(8, 0, &mut other);
+        assert_ne!(other, whole);
+    }
+
+    #[test]
+    fn refusing_addr_refuses() {
+        let refusing = RefusingAddr::new().expect("loopback");
+        let err = TcpStream::connect_timeout(&refusing.addr(), Duration::from_secs(2))
+            .expect_err("nothing listens");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn echo_server_echoes() {
+        let server = echo_server().expect("bind");
+        let mut stream = TcpStream::connect(server.addr()).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        stream.write_all(b"hello").expect("write");
+        let mut reply = [0u8; 5];
+        stream.read_exact(&mut reply).expect("read");
+        assert_eq!(&reply, b"hello");
+    }
+}

@@ -1,0 +1,211 @@
+//! Per-connection state and the worker's connection slab.
+//!
+//! A [`Conn`] lives in a boxed slot of the [`ConnTable`] that is never moved or freed while the worker
+//! runs (slots are reused through a free list), so the addresses and buffers the kernel reads or
+//! writes stay put. A slot is released only when no operation of the connection is in flight
+//! (`in_flight == 0`); its generation then advances so late completions for the old connection are
+//! ignored. Releasing returns every buffer and pipe to the pools and closes both sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::types::Timespec;
+use lb_core::{BackendId, BackendIdx, EntryPolicy, ServiceEntry, VipKey};
+use socket2::{SockAddr, Socket};
+
+use crate::pool::Pipe;
+use crate::ring::GENERATION_MASK;
+
+/// Backends one connection may try at most, whatever `policy.connect_attempts` says.
+pub(crate) const MAX_ATTEMPTS: usize = 16;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// A backend connect (with its link timeout) is in flight.
+    Connecting,
+    /// Bytes flow; each direction has at most one operation in flight.
+    Relaying,
+    /// Being torn down: outstanding operations were cancelled; released when the last completes.
+    Closing,
+}
+
+/// One relay direction: reads from one socket and writes to the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Which {
+    ClientToBackend,
+    BackendToClient,
+}
+
+/// The single operation a direction has in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pending {
+    None,
+    Recv,
+    Send,
+    PollIn,
+    PollOut,
+    SpliceIn,
+    SpliceOut,
+}
+
+/// State of one relay direction.
+pub(crate) struct Direction {
+    pub pending: Pending,
+    /// Copy relay: `buffer[start..end]` is received but not yet sent.
+    pub buffer: Option<Box<[u8]>>,
+    pub start: usize,
+    pub end: usize,
+    /// Splice relay: bytes wait in `pipe.buffered`.
+    pub pipe: Option<Pipe>,
+    /// The source sent EOF; once the pending bytes are written the destination gets `SHUT_WR`.
+    pub eof: bool,
+    /// EOF was propagated; nothing more flows this way.
+    pub done: bool,
+}
+
+impl Direction {
+    fn new() -> Self {
+        Direction {
+            pending: Pending::None,
+            buffer: None,
+            start: 0,
+            end: 0,
+            pipe: None,
+            eof: false,
+            done: false,
+        }
+    }
+}
+
+/// One proxied client connection.
+pub(crate) struct Conn {
+    pub key: VipKey,
+    pub client: Socket,
+    pub client_addr: SocketAddr,
+    pub backend: Option<Socket>,
+    /// The entry current at accept time; kept while connecting so retries pick from the same set.
+    pub entry: Option<Arc<ServiceEntry>>,
+    pub backend_id: Option<BackendId>,
+    pub tried: [BackendIdx; MAX_ATTEMPTS],
+    pub tried_len: usize,
+    /// Read by the kernel when the connect is submitted.
+    pub connect_addr: SockAddr,
+    pub connect_timeout: Timespec,
+    pub policy: EntryPolicy,
+    pub phase: Phase,
+    pub connect_pending: bool,
+    /// Operations of this connection whose completion has not been reaped yet.
+    pub in_flight: u32,
+    pub client_to_backend: Direction,
+    pub backend_to_client: Direction,
+    pub last_activity: Instant,
+    /// Set when the VIP or backend left the snapshot: the connection is closed at this instant.
+    pub drain_deadline: Option<Instant>,
+    /// Close with `SO_LINGER {on, 0}` (a reset) rather than a FIN.
+    pub reset: bool,
+}
+
+impl Conn {
+    pub fn new(
+        key: VipKey,
+        client: Socket,
+        client_addr: SocketAddr,
+        entry: Arc<ServiceEntry>,
+        now: Instant,
+    ) -> Conn {
+        let policy = entry.policy;
+        Conn {
+            key,
+            client,
+            client_addr,
+            backend: None,
+            entry: Some(entry),
+            backend_id: None,
+            tried: [0; MAX_ATTEMPTS],
+            tried_len: 0,
+            connect_addr: SockAddr::from(client_addr),
+            connect_timeout: Timespec::new(),
+            policy,
+            phase: Phase::Connecting,
+            connect_pending: false,
+            in_flight: 0,
+            client_to_backend: Direction::new(),
+            backend_to_client: Direction::new(),
+            last_activity: now,
+            drain_deadline: None,
+            reset: false,
+        }
+    }
+
+    pub fn direction(&mut self, which: Which) -> &mut Direction {
+        match which {
+            Which::ClientToBackend => &mut self.client_to_backend,
+            Which::BackendToClient => &mut self.backend_to_client,
+        }
+    }
+}
+
+struct Slot {
+    generation: u32,
+    conn: Option<Conn>,
+}
+
+/// The worker's connections; slot index + generation name a connection in `user_data`.
+#[derive(Default)]
+pub(crate) struct ConnTable {
+    // Boxed on purpose: the kernel reads connect addresses and timespecs inside a slot, so a slot must
+    // not move when the Vec grows.
+    #[allow(clippy::vec_box)]
+    slots: Vec<Box<Slot>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl ConnTable {
+    pub fn insert(&mut self, conn: Conn) -> (u32, u32) {
+        self.len += 1;
+        if let Some(index) = self.free.pop() {
+            let slot = &mut self.slots[index as usize];
+            slot.conn = Some(conn);
+            return (index, slot.generation);
+        }
+        self.slots.push(Box::new(Slot { generation: 0, conn: Some(conn) }));
+        ((self.slots.len() - 1) as u32, 0)
+    }
+
+    pub fn get_mut(&mut self, index: u32, generation: u32) -> Option<&mut Conn> {
+        let slot = self.slots.get_mut(index as usize)?;
+        if slot.generation != generation {
+            return None;
+        }
+        slot.conn.as_mut()
+    }
+
+    /// Takes the connection out and retires the slot's generation.
+    pub fn remove(&mut self, index: u32) -> Option<Conn> {
+        let slot = self.slots.get_mut(index as usize)?;
+        let conn = slot.conn.take()?;
+        slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
+        self.free.push(index);
+        self.len -= 1;
+        Some(conn)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `(index, generation)` of every live connection (allocates; housekeeping only).
+    pub fn live(&self, out: &mut Vec<(u32, u32)>) {
+        out.clear();
+        out.extend(
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.conn.is_some())
+                .map(|(i, s)| (i as u32, s.generation)),
+        );
+    }
+}

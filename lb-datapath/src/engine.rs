@@ -1,0 +1,259 @@
+//! The engine: spawns the workers, publishes snapshots to them and reports their state.
+//!
+//! The current snapshot lives in one `ArcSwap`; `publish` stores it, bumps a generation counter and
+//! writes each worker's eventfd, on which the worker keeps a read armed in its ring. Workers load the
+//! snapshot per accepted connection (lock-free) and reconcile listeners per generation.
+//! Never blocks a worker; `shutdown` (also run on drop) stops and joins them.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use lb_core::Snapshot;
+
+use crate::relay::Path;
+use crate::ring::{Ring, RingFeatures};
+use crate::stats::{EngineStats, WorkerCounters};
+use crate::worker::{Worker, WorkerSettings};
+use crate::{DatapathError, EngineConfig, RelayMode};
+
+/// Ring submission queue size per worker.
+const RING_ENTRIES: u32 = 4096;
+/// How long `start` waits for a worker to report its ring set up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared between the engine handle and its workers.
+pub(crate) struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Bumped by every publish; workers report the generation they reconciled with.
+    pub generation: AtomicU64,
+    pub stop: AtomicBool,
+}
+
+struct WorkerHandle {
+    wake: OwnedFd,
+    counters: Arc<WorkerCounters>,
+    reconciled: Arc<AtomicU64>,
+}
+
+/// The running datapath.
+pub struct Engine {
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    workers: Vec<WorkerHandle>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    features: RingFeatures,
+    relay: RelayMode,
+}
+
+impl Engine {
+    /// Spawns `config.workers` workers serving `initial`. Fails if any worker cannot set up its ring
+    /// (io_uring refused or too old), so a misconfigured host fails loudly at start.
+    pub fn start(config: EngineConfig, initial: Arc<Snapshot>) -> Result<Engine, DatapathError> {
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::new(initial),
+            generation: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+        });
+        let cores = allowed_cores();
+        let mut engine = Engine {
+            shared: shared.clone(),
+            workers: Vec::new(),
+            threads: Mutex::new(Vec::new()),
+            features: RingFeatures { multishot_accept: false, splice: false, send_zc: false },
+            relay: config.relay,
+            config: config.clone(),
+        };
+        let (started_tx, started_rx) = mpsc::channel::<(usize, Result<RingFeatures, std::io::Error>)>();
+        for index in 0..config.workers.max(1) {
+            // SAFETY: eventfd(2) with constant flags; the result is checked before use. The fd is
+            // blocking on purpose: io_uring returns EAGAIN for reads on O_NONBLOCK files instead of
+            // waiting.
+            let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            if raw < 0 {
+                engine.shutdown();
+                return Err(DatapathError::RingSetup(std::io::Error::last_os_error()));
+            }
+            // SAFETY: eventfd succeeded; we are the only owner of the new fd.
+            let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+            let counters = Arc::new(WorkerCounters::default());
+            let reconciled = Arc::new(AtomicU64::new(0));
+            let settings = WorkerSettings {
+                index,
+                path: Path::Copy,
+                max_connections: config.max_connections_per_worker.max(1),
+                buffer_size: config.buffer_size,
+                pipe_size: config.pipe_size,
+                housekeeping_interval: config.housekeeping_interval,
+            };
+            let core =
+                if config.pin_workers && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };
+            let thread = {
+                let shared = shared.clone();
+                let counters = counters.clone();
+                let reconciled = reconciled.clone();
+                let started = started_tx.clone();
+                let wake_fd = wake.as_raw_fd();
+                let relay = config.relay;
+                std::thread::Builder::new().name(format!("ringlb-w{index}")).spawn(move || {
+                    if let Some(core) = core {
+                        pin_to_core(index, core);
+                    }
+                    let ring = match Ring::new(RING_ENTRIES) {
+                        Ok(ring) => ring,
+                        Err(err) => {
+                            let _ = started.send((index, Err(err)));
+                            return;
+                        }
+                    };
+                    let mut settings = settings;
+                    settings.path = choose_path(relay, ring.features, index);
+                    let _ = started.send((index, Ok(ring.features)));
+                    Worker::new(ring, settings, shared, counters, reconciled, wake_fd).run();
+                })
+            };
+            match thread {
+                Ok(thread) => {
+                    engine.threads.lock().unwrap_or_else(|e| e.into_inner()).push(thread);
+                    engine.workers.push(WorkerHandle { wake, counters, reconciled });
+                }
+                Err(source) => {
+                    engine.shutdown();
+                    return Err(DatapathError::Spawn { worker: index, source });
+                }
+            }
+        }
+        drop(started_tx);
+        for _ in 0..engine.workers.len() {
+            match started_rx.recv_timeout(START_TIMEOUT) {
+                Ok((_, Ok(features))) => engine.features = features,
+                Ok((index, Err(err))) => {
+                    engine.shutdown();
+                    return Err(DatapathError::RingSetup(std::io::Error::new(
+                        err.kind(),
+                        format!("worker {index}: {err}"),
+                    )));
+                }
+                Err(_) => {
+                    engine.shutdown();
+                    return Err(DatapathError::RingSetup(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "a worker did not report its ring set up",
+                    )));
+                }
+            }
+        }
+        engine.relay = match choose_path(config.relay, engine.features, usize::MAX) {
+            Path::Copy => RelayMode::Copy,
+            Path::Splice => RelayMode::Splice,
+        };
+        Ok(engine)
+    }
+
+    /// Makes `snapshot` current for every new connection and reconciles listeners on every worker.
+    pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.shared.snapshot.store(snapshot);
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.wake_all();
+    }
+
+    /// True once every worker runs and has reconciled its listeners with the current snapshot.
+    pub fn is_ready(&self) -> bool {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        let running = self.threads.lock().map(|t| t.iter().all(|t| !t.is_finished())).unwrap_or(false);
+        running
+            && !self.shared.stop.load(Ordering::Acquire)
+            && self.workers.iter().all(|w| w.reconciled.load(Ordering::Acquire) == generation)
+    }
+
+    /// The snapshot new connections are served from.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Per-worker counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats { workers: self.workers.iter().map(|w| w.counters.read()).collect() }
+    }
+
+    /// The kernel features the workers probed.
+    pub fn features(&self) -> RingFeatures {
+        self.features
+    }
+
+    /// The relay path in use (`Auto` resolved).
+    pub fn relay_mode(&self) -> RelayMode {
+        self.relay
+    }
+
+    /// The configuration the engine was started with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Stops accepting, resets open connections and joins the workers. Idempotent; also run on drop.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.wake_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+
+    fn wake_all(&self) {
+        let one: u64 = 1;
+        for worker in &self.workers {
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A full counter (EAGAIN
+            // cannot happen on a blocking eventfd before 2^64-2 pending wake-ups) is harmless.
+            unsafe { libc::write(worker.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// `Auto` is copy (see the relay module doc for the measurement); splice falls back to copy on a
+/// kernel without `IORING_OP_SPLICE`.
+fn choose_path(mode: RelayMode, features: RingFeatures, worker: usize) -> Path {
+    match mode {
+        RelayMode::Auto | RelayMode::Copy => Path::Copy,
+        RelayMode::Splice if features.splice => Path::Splice,
+        RelayMode::Splice => {
+            if worker == 0 {
+                tracing::warn!("kernel lacks IORING_OP_SPLICE; using the copy relay");
+            }
+            Path::Copy
+        }
+    }
+}
+
+/// CPUs this process may run on (cgroup/cpuset aware), ascending.
+fn allowed_cores() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set, filled by sched_getaffinity.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 = this thread; the size matches the set passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads the set within CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect()
+}
+
+fn pin_to_core(worker: usize, core: usize) {
+    // SAFETY: as in `allowed_cores`: a zeroed set is valid and CPU_SET stays within CPU_SETSIZE.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `core` came from `allowed_cores`, so it is below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: pid 0 = the calling (worker) thread; the size matches the set.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        tracing::warn!(worker, core, error = %std::io::Error::last_os_error(), "cannot pin worker");
+    }
+}

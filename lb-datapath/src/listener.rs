@@ -1,0 +1,123 @@
+//! Listening sockets: setup of one `SO_REUSEPORT` socket per worker and VIP key, and the worker's
+//! table of them.
+//!
+//! Every worker binds its own socket for every TCP key, so the kernel spreads new connections over
+//! workers. A socket is bound with `IP_FREEBIND`/`IPV6_FREEBIND` so VIPs that are not (yet) local
+//! addresses bind in appliance mode, and with `TCP_NODELAY`, which accepted sockets inherit.
+//! Never panics on a bind failure: the caller logs it and retries at the next housekeeping tick.
+//! Invariant: a listener slot is freed only once its accept operation has completed for the last
+//! time (no `IORING_CQE_F_MORE`), so the kernel never accepts on a closed fd number.
+
+use std::io;
+use std::net::SocketAddr;
+
+use lb_core::VipKey;
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+
+/// Pending-connection queue length asked for (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+/// Opens a non-blocking listening socket for `addr` that shares the port with the other workers.
+pub(crate) fn bind_listener(addr: SocketAddr) -> io::Result<Socket> {
+    let domain = Domain::for_address(addr);
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(SockProtocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket)
+}
+
+/// One worker's listening socket for one key.
+pub(crate) struct Listener {
+    pub key: VipKey,
+    pub socket: Socket,
+    /// An accept operation is in the kernel for this listener.
+    pub armed: bool,
+    /// The armed accept is multishot (keeps producing completions).
+    pub multishot: bool,
+    /// The key left the snapshot: no new accept is armed; the slot is freed once `armed` is false.
+    pub closing: bool,
+    /// The last accept failed with a resource error (e.g. `EMFILE`); re-arm at the next tick.
+    pub rearm_at_tick: bool,
+}
+
+struct Slot {
+    generation: u32,
+    listener: Option<Listener>,
+}
+
+/// The worker's listeners, addressed by slot index + generation in `user_data`.
+#[derive(Default)]
+pub(crate) struct ListenerTable {
+    slots: Vec<Slot>,
+}
+
+impl ListenerTable {
+    pub fn insert(&mut self, listener: Listener) -> (u32, u32) {
+        if let Some(index) = self.slots.iter().position(|s| s.listener.is_none()) {
+            let slot = &mut self.slots[index];
+            slot.generation = slot.generation.wrapping_add(1) & crate::ring::GENERATION_MASK;
+            slot.listener = Some(listener);
+            return (index as u32, slot.generation);
+        }
+        self.slots.push(Slot { generation: 0, listener: Some(listener) });
+        ((self.slots.len() - 1) as u32, 0)
+    }
+
+    pub fn get_mut(&mut self, index: u32, generation: u32) -> Option<&mut Listener> {
+        let slot = self.slots.get_mut(index as usize)?;
+        if slot.generation != generation {
+            return None;
+        }
+        slot.listener.as_mut()
+    }
+
+    pub fn remove(&mut self, index: u32) -> Option<Listener> {
+        self.slots.get_mut(index as usize)?.listener.take()
+    }
+
+    pub fn generation(&self, index: u32) -> u32 {
+        self.slots.get(index as usize).map_or(0, |s| s.generation)
+    }
+
+    /// `(index, listener)` of every open (also closing) listener.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Listener)> {
+        self.slots.iter_mut().enumerate().filter_map(|(i, s)| s.listener.as_mut().map(|l| (i as u32, l)))
+    }
+
+    pub fn find(&self, key: &VipKey) -> Option<u32> {
+        self.slots
+            .iter()
+            .position(|s| s.listener.as_ref().is_some_and(|l| l.key == *key && !l.closing))
+            .map(|i| i as u32)
+    }
+
+    pub fn count(&self) -> usize {
+        self.slots.iter().filter(|s| s.listener.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_listeners_share_a_port_and_a_non_local_vip_binds() {
+        let first = bind_listener("127.0.0.1:0".parse().expect("literal")).expect("bind");
+        let addr = first.local_addr().expect("bound").as_socket().expect("inet");
+        let second = bind_listener(addr);
+        assert!(second.is_ok(), "SO_REUSEPORT must let a second worker bind {addr}: {second:?}");
+        // 192.0.2.0/24 (TEST-NET-1) is never local; IP_FREEBIND makes the bind succeed anyway.
+        let foreign = bind_listener("192.0.2.77:0".parse().expect("literal"));
+        assert!(foreign.is_ok(), "IP_FREEBIND bind failed: {foreign:?}");
+    }
+}

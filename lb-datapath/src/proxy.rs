@@ -1,0 +1,331 @@
+//! The life of one proxied connection inside a worker: accept → pick → connect (with timeout and
+//! bounded retries on other backends) → relay both directions → half-close / reset / idle → release.
+//!
+//! Never blocks, never logs per connection above debug, never allocates in steady state (slots,
+//! buffers and pipes come from the worker's slab and pools).
+//! Invariants: a client that cannot be served is reset at once (`SO_LINGER {on, 0}`), never left
+//! hanging; a connection is released only when `in_flight == 0`, and releasing returns every buffer
+//! and pipe and closes both sockets; a reset on one side is propagated as a reset to the other.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::opcode;
+use io_uring::squeue::Flags;
+use io_uring::types::{Fd, Timespec};
+use lb_core::{PickRequest, VipKey};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase, Which};
+use crate::relay::{self, Advanced, Next, Path};
+use crate::ring::{OpKind, UserData};
+use crate::stats;
+use crate::worker::Worker;
+
+fn direction_kind(which: Which) -> OpKind {
+    match which {
+        Which::ClientToBackend => OpKind::ClientToBackend,
+        Which::BackendToClient => OpKind::BackendToClient,
+    }
+}
+
+/// Closes a client with a reset so it learns at once that it will not be served.
+fn reset_socket(socket: Socket) {
+    let _ = socket.set_linger(Some(Duration::ZERO));
+    drop(socket);
+}
+
+impl Worker {
+    /// Takes a freshly accepted client: picks a backend from the current snapshot and connects.
+    pub(crate) fn new_connection(&mut self, key: VipKey, client: Socket) {
+        stats::add(&self.counters.accepted, 1);
+        let entry = self.shared.snapshot.load().get(&key).cloned();
+        let Some(entry) = entry else {
+            // The key left the snapshot between the accept and now.
+            stats::add(&self.counters.resets, 1);
+            reset_socket(client);
+            return;
+        };
+        if self.conns.len() >= self.settings.max_connections {
+            stats::add(&self.counters.resets, 1);
+            reset_socket(client);
+            return;
+        }
+        let client_addr = client
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+        let conn = Conn::new(key, client, client_addr, entry, self.now);
+        let (index, generation) = self.conns.insert(conn);
+        stats::set(&self.counters.active, self.conns.len() as u64);
+        self.try_connect(index, generation);
+    }
+
+    /// Starts a connect to the next eligible backend not tried yet, or resets the client when the
+    /// attempts are used up or no eligible backend is left.
+    fn try_connect(&mut self, index: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(index, generation) else { return };
+        let Some(entry) = conn.entry.clone() else { return };
+        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
+        while conn.tried_len < attempts {
+            let state = self.pick_states.entry(conn.key).or_default();
+            let request = PickRequest { client: conn.client_addr, exclude: &conn.tried[..conn.tried_len] };
+            let Some(picked) = entry.scheduler.pick(&request, state) else {
+                if conn.tried_len == 0 {
+                    stats::add(&self.counters.no_backend, 1);
+                }
+                break;
+            };
+            let Some(backend) = entry.backend(picked) else { break };
+            conn.tried[conn.tried_len] = picked;
+            conn.tried_len += 1;
+            if conn.tried_len > 1 {
+                stats::add(&self.counters.retries, 1);
+            }
+            let addr = backend.addr();
+            let socket =
+                match Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None) {
+                    Ok(socket) => socket,
+                    Err(_) => {
+                        stats::add(&self.counters.connect_failures, 1);
+                        continue;
+                    }
+                };
+            let _ = socket.set_tcp_nodelay(true);
+            conn.connect_addr = SockAddr::from(addr);
+            conn.backend_id = Some(backend.id);
+            let timeout = entry.policy.connect_timeout;
+            conn.connect_timeout = Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
+            let connect = opcode::Connect::new(
+                Fd(socket.as_raw_fd()),
+                conn.connect_addr.as_ptr().cast(),
+                conn.connect_addr.len(),
+            )
+            .build()
+            .flags(Flags::IO_LINK)
+            .user_data(UserData::new(OpKind::Connect, index, generation).encode());
+            let link_timeout = opcode::LinkTimeout::new(&conn.connect_timeout)
+                .build()
+                .user_data(UserData::new(OpKind::ConnectTimeout, index, generation).encode());
+            conn.backend = Some(socket);
+            // SAFETY: the address and timespec live in the connection's boxed slot, which is not
+            // released before both completions are reaped; the kernel copies them at submission.
+            // The socket is owned by the connection for as long.
+            let pushed =
+                unsafe { self.ring.push(&connect) }.and_then(|()| unsafe { self.ring.push(&link_timeout) });
+            match pushed {
+                Ok(()) => {
+                    conn.in_flight += 2;
+                    conn.connect_pending = true;
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot submit a backend connect");
+                    break;
+                }
+            }
+        }
+        // Nothing (more) to try: reset the client.
+        self.begin_close(index, generation, true);
+    }
+
+    pub(crate) fn on_connect(&mut self, data: UserData, result: i32) {
+        let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
+        conn.in_flight -= 1;
+        conn.connect_pending = false;
+        if conn.phase == Phase::Closing {
+            self.release_if_idle(data.slot, data.generation);
+            return;
+        }
+        if result < 0 {
+            // Refused, unreachable, or -ECANCELED when the link timeout fired.
+            stats::add(&self.counters.connect_failures, 1);
+            conn.backend = None;
+            self.try_connect(data.slot, data.generation);
+            return;
+        }
+        self.start_relay(data.slot, data.generation);
+    }
+
+    pub(crate) fn on_connect_timeout(&mut self, data: UserData) {
+        let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
+        conn.in_flight -= 1;
+        if conn.phase == Phase::Closing {
+            self.release_if_idle(data.slot, data.generation);
+        }
+    }
+
+    fn start_relay(&mut self, index: u32, generation: u32) {
+        let path = self.settings.path;
+        let Some(conn) = self.conns.get_mut(index, generation) else { return };
+        conn.phase = Phase::Relaying;
+        conn.entry = None;
+        conn.last_activity = self.now;
+        for which in [Which::ClientToBackend, Which::BackendToClient] {
+            let direction = conn.direction(which);
+            match path {
+                Path::Copy => direction.buffer = Some(self.buffers.take()),
+                Path::Splice => match self.pipes.take() {
+                    Ok(pipe) => direction.pipe = Some(pipe),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot create a relay pipe");
+                        self.update_pool_gauges();
+                        self.begin_close(index, generation, true);
+                        return;
+                    }
+                },
+            }
+        }
+        self.update_pool_gauges();
+        for which in [Which::ClientToBackend, Which::BackendToClient] {
+            if !self.step(index, generation, which, Next::Advance) {
+                return;
+            }
+        }
+    }
+
+    /// Issues the operation `next` asks for on one direction. Returns false if the connection was
+    /// closed as a consequence.
+    fn step(&mut self, index: u32, generation: u32, which: Which, next: Next) -> bool {
+        let path = self.settings.path;
+        let Some(conn) = self.conns.get_mut(index, generation) else { return false };
+        let Some(backend) = conn.backend.as_ref() else { return false };
+        let (client_fd, backend_fd) = (conn.client.as_raw_fd(), backend.as_raw_fd());
+        let (source, destination) = match which {
+            Which::ClientToBackend => (client_fd, backend_fd),
+            Which::BackendToClient => (backend_fd, client_fd),
+        };
+        let user_data = UserData::new(direction_kind(which), index, generation).encode();
+        let direction = conn.direction(which);
+        let issued = match next {
+            Next::Advance => relay::advance(&mut self.ring, path, direction, source, destination, user_data),
+            Next::ReadNow => {
+                relay::read_now(&mut self.ring, path, direction, source, user_data).map(|()| Advanced::Issued)
+            }
+            Next::PollIn => {
+                relay::poll(&mut self.ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)
+                    .map(|()| Advanced::Issued)
+            }
+            Next::PollOut => relay::poll(
+                &mut self.ring,
+                direction,
+                destination,
+                libc::POLLOUT,
+                Pending::PollOut,
+                user_data,
+            )
+            .map(|()| Advanced::Issued),
+            Next::Reset | Next::Cancelled => {
+                self.begin_close(index, generation, true);
+                return false;
+            }
+        };
+        match issued {
+            Ok(Advanced::Issued) => {
+                conn.in_flight += 1;
+                true
+            }
+            Ok(Advanced::Finished) => {
+                if conn.client_to_backend.done && conn.backend_to_client.done {
+                    self.begin_close(index, generation, false);
+                    return false;
+                }
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot submit a relay operation");
+                self.begin_close(index, generation, true);
+                false
+            }
+        }
+    }
+
+    pub(crate) fn on_direction(&mut self, data: UserData, which: Which, result: i32) {
+        let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
+        conn.in_flight -= 1;
+        let completed = relay::complete(conn.direction(which), result);
+        if completed.active {
+            conn.last_activity = self.now;
+        }
+        if completed.written > 0 {
+            let counter = match which {
+                Which::ClientToBackend => &self.counters.bytes_client_to_backend,
+                Which::BackendToClient => &self.counters.bytes_backend_to_client,
+            };
+            stats::add(counter, completed.written);
+        }
+        if conn.phase == Phase::Closing {
+            self.release_if_idle(data.slot, data.generation);
+            return;
+        }
+        self.step(data.slot, data.generation, which, completed.next);
+    }
+
+    /// Starts tearing a connection down: cancels what is in flight and releases it once nothing is.
+    /// With `reset`, both sockets are closed with `SO_LINGER {on, 0}` so the peers see a reset.
+    pub(crate) fn begin_close(&mut self, index: u32, generation: u32, reset: bool) {
+        let Some(conn) = self.conns.get_mut(index, generation) else { return };
+        if conn.phase == Phase::Closing {
+            conn.reset |= reset;
+            return;
+        }
+        conn.phase = Phase::Closing;
+        conn.reset = reset;
+        let mut targets = [None; 3];
+        if conn.connect_pending {
+            targets[0] = Some(OpKind::Connect);
+        }
+        if conn.client_to_backend.pending != Pending::None {
+            targets[1] = Some(OpKind::ClientToBackend);
+        }
+        if conn.backend_to_client.pending != Pending::None {
+            targets[2] = Some(OpKind::BackendToClient);
+        }
+        for kind in targets.into_iter().flatten() {
+            let target = UserData::new(kind, index, generation).encode();
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
+            // SAFETY: a cancel request references no memory.
+            if let Err(err) = unsafe { self.ring.push(&entry) } {
+                tracing::warn!(error = %err, "cannot submit a cancel");
+            }
+        }
+        self.release_if_idle(index, generation);
+    }
+
+    /// Releases a closing connection once none of its operations is in flight.
+    fn release_if_idle(&mut self, index: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(index, generation) else { return };
+        if conn.in_flight > 0 {
+            return;
+        }
+        let Some(mut conn) = self.conns.remove(index) else { return };
+        for which in [Which::ClientToBackend, Which::BackendToClient] {
+            let direction = conn.direction(which);
+            if let Some(buffer) = direction.buffer.take() {
+                self.buffers.give(buffer);
+            }
+            if let Some(pipe) = direction.pipe.take() {
+                self.pipes.give(pipe);
+            }
+        }
+        if conn.reset {
+            stats::add(&self.counters.resets, 1);
+            let _ = conn.client.set_linger(Some(Duration::ZERO));
+            if let Some(backend) = conn.backend.as_ref() {
+                let _ = backend.set_linger(Some(Duration::ZERO));
+            }
+        }
+        drop(conn);
+        stats::set(&self.counters.active, self.conns.len() as u64);
+        self.update_pool_gauges();
+    }
+
+    fn update_pool_gauges(&self) {
+        stats::set(&self.counters.buffers_in_use, self.buffers.in_use as u64);
+        stats::set(&self.counters.pipes_in_use, self.pipes.in_use as u64);
+    }
+}

@@ -1,0 +1,120 @@
+//! Per-worker counters, written only by their worker and read by anyone through [`EngineStats`].
+//!
+//! Counters are relaxed atomics on a cache-line-aligned block per worker, so the hot path never
+//! shares a line with another worker and never takes a lock. Readers get a consistent-enough view
+//! (each counter is exact; different counters may be a few events apart).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of one worker.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct WorkerCounters {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub retries: AtomicU64,
+    pub no_backend: AtomicU64,
+    pub resets: AtomicU64,
+    pub idle_timeouts: AtomicU64,
+    pub drain_closes: AtomicU64,
+    pub bytes_client_to_backend: AtomicU64,
+    pub bytes_backend_to_client: AtomicU64,
+    pub listeners: AtomicU64,
+    pub bind_failures: AtomicU64,
+    pub buffers_in_use: AtomicU64,
+    pub pipes_in_use: AtomicU64,
+}
+
+/// Adds `n` to a counter owned by the calling worker.
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Sets a gauge owned by the calling worker.
+pub(crate) fn set(counter: &AtomicU64, n: u64) {
+    counter.store(n, Ordering::Relaxed);
+}
+
+impl WorkerCounters {
+    pub fn read(&self) -> WorkerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerStats {
+            accepted: get(&self.accepted),
+            active: get(&self.active),
+            connect_failures: get(&self.connect_failures),
+            retries: get(&self.retries),
+            no_backend: get(&self.no_backend),
+            resets: get(&self.resets),
+            idle_timeouts: get(&self.idle_timeouts),
+            drain_closes: get(&self.drain_closes),
+            bytes_client_to_backend: get(&self.bytes_client_to_backend),
+            bytes_backend_to_client: get(&self.bytes_backend_to_client),
+            listeners: get(&self.listeners),
+            bind_failures: get(&self.bind_failures),
+            buffers_in_use: get(&self.buffers_in_use),
+            pipes_in_use: get(&self.pipes_in_use),
+        }
+    }
+}
+
+/// A point-in-time copy of one worker's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Client connections accepted (including those then refused for lack of a backend).
+    pub accepted: u64,
+    /// Client connections currently held (connecting, relaying or closing).
+    pub active: u64,
+    /// Backend connect attempts that failed (refused, unreachable, timed out).
+    pub connect_failures: u64,
+    /// Connect attempts made on another backend after a failure.
+    pub retries: u64,
+    /// Client connections reset because no eligible backend was left.
+    pub no_backend: u64,
+    /// Connections ended by a reset (propagated, no backend, connect exhausted, drained).
+    pub resets: u64,
+    /// Connections closed by the idle timeout.
+    pub idle_timeouts: u64,
+    /// Connections closed because their VIP or backend was removed and the drain timeout passed.
+    pub drain_closes: u64,
+    /// Bytes written to backends.
+    pub bytes_client_to_backend: u64,
+    /// Bytes written to clients.
+    pub bytes_backend_to_client: u64,
+    /// Listening sockets currently open.
+    pub listeners: u64,
+    /// Listener bind attempts that failed (retried at every housekeeping tick).
+    pub bind_failures: u64,
+    /// Relay buffers currently taken from the worker's pool.
+    pub buffers_in_use: u64,
+    /// Pipes currently taken from the worker's pool.
+    pub pipes_in_use: u64,
+}
+
+/// Counters of every worker, index = worker number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub workers: Vec<WorkerStats>,
+}
+
+impl EngineStats {
+    /// The sum over all workers.
+    pub fn total(&self) -> WorkerStats {
+        self.workers.iter().fold(WorkerStats::default(), |a, w| WorkerStats {
+            accepted: a.accepted + w.accepted,
+            active: a.active + w.active,
+            connect_failures: a.connect_failures + w.connect_failures,
+            retries: a.retries + w.retries,
+            no_backend: a.no_backend + w.no_backend,
+            resets: a.resets + w.resets,
+            idle_timeouts: a.idle_timeouts + w.idle_timeouts,
+            drain_closes: a.drain_closes + w.drain_closes,
+            bytes_client_to_backend: a.bytes_client_to_backend + w.bytes_client_to_backend,
+            bytes_backend_to_client: a.bytes_backend_to_client + w.bytes_backend_to_client,
+            listeners: a.listeners + w.listeners,
+            bind_failures: a.bind_failures + w.bind_failures,
+            buffers_in_use: a.buffers_in_use + w.buffers_in_use,
+            pipes_in_use: a.pipes_in_use + w.pipes_in_use,
+        })
+    }
+}

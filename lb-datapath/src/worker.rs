@@ -1,0 +1,432 @@
+//! One worker: its ring, event loop, listeners and housekeeping.
+//!
+//! The loop submits, waits for completions and dispatches them by [`OpKind`]. Wake-ups (eventfd)
+//! bring a new snapshot to reconcile listeners against, or the stop request; a coarse timer drives
+//! idle and drain checks and bind retries. Per-connection handling lives in [`crate::proxy`].
+//! Never blocks except in `submit_and_wait`; never locks; logs nothing per connection at info level.
+//! Invariant: after reconciling generation `g`, every TCP key of that snapshot has a listener or is
+//! in `unbound` (retried every tick), and no listener exists for a key outside it.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::types::{Fd, Timespec};
+use io_uring::{cqueue, opcode};
+use lb_core::{PickState, Protocol, Snapshot, VipKey};
+use socket2::Socket;
+
+use crate::connection::ConnTable;
+use crate::engine::Shared;
+use crate::listener::{Listener, ListenerTable, bind_listener};
+use crate::pool::{BufferPool, PipePool};
+use crate::relay::Path;
+use crate::ring::{OpKind, Ring, UserData};
+use crate::stats::{self, WorkerCounters};
+
+/// How long a stopping worker waits for cancelled operations before giving up on them.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Settings a worker needs from the engine configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerSettings {
+    pub index: usize,
+    pub path: Path,
+    pub max_connections: usize,
+    pub buffer_size: usize,
+    pub pipe_size: usize,
+    pub housekeeping_interval: Duration,
+}
+
+pub(crate) struct Worker {
+    pub ring: Ring,
+    pub settings: WorkerSettings,
+    pub shared: Arc<Shared>,
+    pub counters: Arc<WorkerCounters>,
+    pub reconciled: Arc<AtomicU64>,
+    pub wake_fd: RawFd,
+    /// Leaked on purpose: the kernel may still own a read into it when the ring is torn down.
+    wake_buffer: &'static mut u64,
+    tick: Box<Timespec>,
+    pub listeners: ListenerTable,
+    /// TCP keys of the current snapshot whose bind failed; retried every tick.
+    unbound: Vec<VipKey>,
+    /// Non-TCP keys already logged as not served.
+    logged_unsupported: HashSet<VipKey>,
+    pub conns: ConnTable,
+    pub pick_states: HashMap<VipKey, PickState>,
+    pub buffers: BufferPool,
+    pub pipes: PipePool,
+    pub multishot_accept: bool,
+    pub now: Instant,
+    stopping: bool,
+    scratch: Vec<(u32, u32)>,
+}
+
+impl Worker {
+    pub fn new(
+        ring: Ring,
+        settings: WorkerSettings,
+        shared: Arc<Shared>,
+        counters: Arc<WorkerCounters>,
+        reconciled: Arc<AtomicU64>,
+        wake_fd: RawFd,
+    ) -> Worker {
+        let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
+        let multishot_accept = ring.features.multishot_accept;
+        Worker {
+            ring,
+            buffers: BufferPool::new(settings.buffer_size),
+            pipes: PipePool::new(settings.pipe_size),
+            settings,
+            shared,
+            counters,
+            reconciled,
+            wake_fd,
+            wake_buffer: Box::leak(Box::new(0u64)),
+            tick: Box::new(Timespec::new().sec(interval.as_secs()).nsec(interval.subsec_nanos())),
+            listeners: ListenerTable::default(),
+            unbound: Vec::new(),
+            logged_unsupported: HashSet::new(),
+            conns: ConnTable::default(),
+            pick_states: HashMap::new(),
+            multishot_accept,
+            now: Instant::now(),
+            stopping: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Runs until the engine asks to stop and every connection and listener is gone.
+    pub fn run(mut self) {
+        if let Err(err) = self.arm_wake().and_then(|()| self.arm_tick()) {
+            tracing::error!(worker = self.settings.index, error = %err, "cannot arm worker ring");
+            return;
+        }
+        self.sync_with_engine();
+        let mut completions = Vec::with_capacity(1024);
+        let mut stop_deadline = None;
+        loop {
+            if let Err(err) = self.ring.submit_and_wait(1) {
+                tracing::error!(worker = self.settings.index, error = %err, "io_uring submit failed; worker stops");
+                return;
+            }
+            self.now = Instant::now();
+            self.ring.reap(&mut completions);
+            for &(user_data, result, flags) in &completions {
+                self.dispatch(user_data, result, flags);
+            }
+            if self.stopping {
+                let deadline = *stop_deadline.get_or_insert(self.now + STOP_GRACE);
+                if (self.conns.len() == 0 && self.listeners.count() == 0) || self.now >= deadline {
+                    self.finish_stop();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, user_data: u64, result: i32, flags: u32) {
+        let Some(data) = UserData::decode(user_data) else { return };
+        match data.kind {
+            OpKind::Wake => {
+                if let Err(err) = self.arm_wake() {
+                    tracing::error!(worker = self.settings.index, error = %err, "cannot re-arm wake-up read");
+                }
+                self.sync_with_engine();
+            }
+            OpKind::Tick => {
+                if let Err(err) = self.arm_tick() {
+                    tracing::error!(worker = self.settings.index, error = %err, "cannot re-arm housekeeping");
+                }
+                self.housekeeping();
+            }
+            OpKind::Accept => self.on_accept(data, result, flags),
+            OpKind::Connect => self.on_connect(data, result),
+            OpKind::ConnectTimeout => self.on_connect_timeout(data),
+            OpKind::ClientToBackend => {
+                self.on_direction(data, crate::connection::Which::ClientToBackend, result)
+            }
+            OpKind::BackendToClient => {
+                self.on_direction(data, crate::connection::Which::BackendToClient, result)
+            }
+            OpKind::Cancel => {}
+        }
+    }
+
+    fn arm_wake(&mut self) -> std::io::Result<()> {
+        let buffer: *mut u64 = &mut *self.wake_buffer;
+        let entry = opcode::Read::new(Fd(self.wake_fd), buffer.cast::<u8>(), 8)
+            .build()
+            .user_data(UserData::new(OpKind::Wake, 0, 0).encode());
+        // SAFETY: the buffer is leaked ('static) and the eventfd is owned by the engine, which joins
+        // this thread before closing it.
+        unsafe { self.ring.push(&entry) }
+    }
+
+    fn arm_tick(&mut self) -> std::io::Result<()> {
+        let entry =
+            opcode::Timeout::new(&*self.tick).build().user_data(UserData::new(OpKind::Tick, 0, 0).encode());
+        // SAFETY: the timespec is boxed in the worker and read by the kernel at submission.
+        unsafe { self.ring.push(&entry) }
+    }
+
+    /// Applies a newly published snapshot (if any) or the stop request.
+    fn sync_with_engine(&mut self) {
+        if self.shared.stop.load(Ordering::Acquire) {
+            self.begin_stop();
+            return;
+        }
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation == self.reconciled.load(Ordering::Relaxed) {
+            return;
+        }
+        let snapshot = self.shared.snapshot.load_full();
+        self.reconcile(&snapshot);
+        self.reconciled.store(generation, Ordering::Release);
+    }
+
+    /// Opens listeners for new TCP keys, closes those of removed keys, and sets drain deadlines.
+    fn reconcile(&mut self, snapshot: &Snapshot) {
+        let mut removed = Vec::new();
+        for (index, listener) in self.listeners.iter_mut() {
+            if !listener.closing && snapshot.get(&listener.key).is_none() {
+                removed.push(index);
+            }
+        }
+        for index in removed {
+            self.close_listener(index);
+        }
+        self.unbound.clear();
+        for key in snapshot.keys() {
+            if key.protocol != Protocol::Tcp {
+                if self.logged_unsupported.insert(*key) {
+                    tracing::debug!(worker = self.settings.index, %key, "only TCP is served for now; key ignored");
+                }
+                continue;
+            }
+            if self.listeners.find(key).is_none() {
+                self.unbound.push(*key);
+            }
+        }
+        self.bind_unbound(true);
+        self.mark_draining(snapshot);
+    }
+
+    fn bind_unbound(&mut self, first_try: bool) {
+        let keys = std::mem::take(&mut self.unbound);
+        for key in keys {
+            match bind_listener(key.socket_addr()) {
+                Ok(socket) => {
+                    let listener = Listener {
+                        key,
+                        socket,
+                        armed: false,
+                        multishot: false,
+                        closing: false,
+                        rearm_at_tick: false,
+                    };
+                    let (index, _) = self.listeners.insert(listener);
+                    self.arm_accept(index);
+                }
+                Err(err) => {
+                    stats::add(&self.counters.bind_failures, 1);
+                    if first_try {
+                        tracing::warn!(worker = self.settings.index, %key, error = %err, "cannot listen; retrying every housekeeping tick");
+                    } else {
+                        tracing::debug!(worker = self.settings.index, %key, error = %err, "listen retry failed");
+                    }
+                    self.unbound.push(key);
+                }
+            }
+        }
+        stats::set(&self.counters.listeners, self.listeners.count() as u64);
+    }
+
+    pub fn arm_accept(&mut self, index: u32) {
+        let generation = self.listeners.generation(index);
+        let multishot = self.multishot_accept;
+        let Some(listener) = self.listeners.get_mut(index, generation) else { return };
+        let fd = Fd(listener.socket.as_raw_fd());
+        let accept_flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let user_data = UserData::new(OpKind::Accept, index, generation).encode();
+        let entry = if multishot {
+            opcode::AcceptMulti::new(fd).flags(accept_flags).build().user_data(user_data)
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(accept_flags)
+                .build()
+                .user_data(user_data)
+        };
+        listener.armed = true;
+        listener.multishot = multishot;
+        listener.rearm_at_tick = false;
+        // SAFETY: no user memory is passed (null address pointers); the listening socket is only
+        // dropped once the accept's final completion (no IORING_CQE_F_MORE) was reaped.
+        if let Err(err) = unsafe { self.ring.push(&entry) } {
+            listener.armed = false;
+            listener.rearm_at_tick = true;
+            tracing::warn!(worker = self.settings.index, key = %listener.key, error = %err, "cannot arm accept");
+        }
+    }
+
+    /// Stops accepting on a listener: the kernel stops listening at once (`shutdown(SHUT_RD)` on a
+    /// listening socket leaves the listen state, so new SYNs are refused), the armed accept is cancelled,
+    /// and the slot is freed when its last completion arrives.
+    fn close_listener(&mut self, index: u32) {
+        let generation = self.listeners.generation(index);
+        let Some(listener) = self.listeners.get_mut(index, generation) else { return };
+        listener.closing = true;
+        let _ = listener.socket.shutdown(std::net::Shutdown::Read);
+        if listener.armed {
+            let target = UserData::new(OpKind::Accept, index, generation).encode();
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
+            // SAFETY: a cancel request references no memory.
+            let _ = unsafe { self.ring.push(&entry) };
+        } else {
+            self.listeners.remove(index);
+        }
+        stats::set(&self.counters.listeners, self.listeners.count() as u64);
+    }
+
+    fn on_accept(&mut self, data: UserData, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let Some(listener) = self.listeners.get_mut(data.slot, data.generation) else {
+            close_raw(result);
+            return;
+        };
+        if !more {
+            listener.armed = false;
+        }
+        let key = listener.key;
+        let closing = listener.closing;
+        if result >= 0 {
+            // SAFETY: a non-negative accept result is a new fd that nothing else owns.
+            let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(result) };
+            if closing || self.stopping {
+                drop(socket);
+            } else {
+                self.new_connection(key, socket);
+            }
+        } else {
+            let errno = -result;
+            if errno == libc::EINVAL && listener.multishot && !closing {
+                // Kernels before 5.19 reject IORING_ACCEPT_MULTISHOT; fall back to re-armed accepts.
+                self.multishot_accept = false;
+            } else if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+                listener.rearm_at_tick = true;
+            }
+        }
+        let Some(listener) = self.listeners.get_mut(data.slot, data.generation) else { return };
+        if !listener.armed {
+            if listener.closing {
+                self.listeners.remove(data.slot);
+                stats::set(&self.counters.listeners, self.listeners.count() as u64);
+            } else if !listener.rearm_at_tick {
+                self.arm_accept(data.slot);
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if !self.unbound.is_empty() && !self.stopping {
+            self.bind_unbound(false);
+        }
+        let mut rearm = Vec::new();
+        for (index, listener) in self.listeners.iter_mut() {
+            if listener.rearm_at_tick && !listener.armed && !listener.closing {
+                rearm.push(index);
+            }
+        }
+        for index in rearm {
+            self.arm_accept(index);
+        }
+        self.expire_connections();
+    }
+
+    /// Closes idle connections and those whose drain deadline passed.
+    fn expire_connections(&mut self) {
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        let now = self.now;
+        for &(index, generation) in &live {
+            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
+            if conn.phase == crate::connection::Phase::Closing {
+                continue;
+            }
+            if conn.drain_deadline.is_some_and(|deadline| now >= deadline) {
+                stats::add(&self.counters.drain_closes, 1);
+                self.begin_close(index, generation, true);
+            } else if conn.phase == crate::connection::Phase::Relaying
+                && now.saturating_duration_since(conn.last_activity) >= conn.policy.idle_timeout
+            {
+                stats::add(&self.counters.idle_timeouts, 1);
+                self.begin_close(index, generation, false);
+            }
+        }
+        self.scratch = live;
+    }
+
+    /// Gives connections whose VIP or backend left the snapshot a drain deadline (and takes it back
+    /// if they reappear).
+    fn mark_draining(&mut self, snapshot: &Snapshot) {
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        for &(index, generation) in &live {
+            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
+            let kept = snapshot.get(&conn.key).is_some_and(|entry| match conn.backend_id {
+                Some(id) => entry.backends.iter().any(|b| b.id == id),
+                None => true,
+            });
+            if kept {
+                conn.drain_deadline = None;
+            } else if conn.drain_deadline.is_none() {
+                conn.drain_deadline = Some(self.now + conn.policy.drain_timeout);
+            }
+        }
+        self.scratch = live;
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        self.unbound.clear();
+        let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
+        for index in open {
+            self.close_listener(index);
+        }
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        for &(index, generation) in &live {
+            self.begin_close(index, generation, true);
+        }
+        self.scratch = live;
+    }
+
+    /// Leaves the loop. Connections whose cancelled operations never completed are leaked on
+    /// purpose: their buffers may still be owned by the kernel.
+    fn finish_stop(self) {
+        stats::set(&self.counters.listeners, 0);
+        if self.conns.len() > 0 {
+            tracing::warn!(
+                worker = self.settings.index,
+                left = self.conns.len(),
+                "operations outlived the stop grace; leaking their buffers"
+            );
+            std::mem::forget(self.conns);
+        }
+    }
+}
+
+fn close_raw(fd: i32) {
+    if fd >= 0 {
+        // SAFETY: an accepted fd for a listener we no longer track; nothing else owns it.
+        unsafe { libc::close(fd) };
+    }
+}
