@@ -15,7 +15,7 @@ pub mod error;
 pub mod model;
 pub mod scheduler;
 
-pub use builder::{BuildOptions, BuildReport, Skipped, build};
+pub use builder::{BuildOptions, BuildReport, Skipped, build, parse_duration};
 pub use error::BuildError;
 pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryPolicy, ObjectRef, Protocol, ServiceEntry,

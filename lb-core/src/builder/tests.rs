@@ -372,3 +372,36 @@ fn weights_come_from_the_service_annotation_then_the_slice() {
     assert_eq!(entry.scheduler.kind(), SchedulerKind::WeightedRoundRobin);
     assert_eq!(entry.policy.connect_attempts, 2);
 }
+
+#[test]
+fn invalid_slice_weight_is_reported_and_the_slice_keeps_weight_one() {
+    let service = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let slice = SliceBuilder::new("default", "web-1", "web")
+        .annotation(crate::annotations::WEIGHT, "heavy")
+        .endpoint("127.0.0.1", Cond::ready())
+        .build();
+    let report = run(&[service], &[slice]);
+    assert!(
+        matches!(&report.errors[..], [BuildError::InvalidAnnotation { annotation, .. }] if *annotation == crate::annotations::WEIGHT)
+    );
+    let entry = report.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry");
+    assert_eq!(entry.backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [1]);
+}
+
+#[test]
+fn invalid_metallb_annotation_rejects_the_service_and_mapped_ipv6_vips_collapse() {
+    let lb = |name: &str, ips: &str| {
+        ServiceBuilder::new("default", name)
+            .service_type("LoadBalancer")
+            .annotation(crate::annotations::METALLB_LOAD_BALANCER_IPS, ips)
+            .bare_port(80)
+            .build()
+    };
+    let report = run(&[lb("bad", "127.0.0.1,nope"), lb("mapped", "127.0.0.2, ::ffff:127.0.0.2")], &[]);
+    let keys: Vec<_> = report.snapshot.keys().copied().collect();
+    assert_eq!(keys, [tcp("127.0.0.2", 80)]);
+    assert!(
+        matches!(&report.errors[..], [BuildError::InvalidAnnotation { object, value, .. }] if object.name == "bad" && value == "nope"),
+        "{report}"
+    );
+}

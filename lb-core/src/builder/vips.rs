@@ -76,7 +76,8 @@ fn load_balancer_vips(
 fn push(vips: &mut BTreeSet<IpAddr>, errors: &mut Vec<BuildError>, parsed: Result<IpAddr, BuildError>) {
     match parsed {
         Ok(ip) => {
-            vips.insert(ip);
+            // `::ffff:a.b.c.d` and `a.b.c.d` are one address to the kernel: one VIP, not two.
+            vips.insert(ip.to_canonical());
         }
         Err(error) => errors.push(error),
     }
