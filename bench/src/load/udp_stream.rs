@@ -1,0 +1,215 @@
+//! udp-stream: blast datagrams at a `serve udp-sink` and learn from the sink how many arrived.
+//!
+//! Phases: warm-up blast → all senders pause → the sink's counters are read once they settle → measured
+//! blast until the deadline → counters read again once settled. Received = the difference, so
+//! datagrams still queued when blasting stops are counted and warm-up traffic is not. Sending uses
+//! `sendmmsg` batches on connected sockets, paced per thread when `--rate` is given.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::{Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::cli::UdpStreamArgs;
+use crate::load::payload;
+use crate::report::{DatagramSummary, Report, per_sec};
+use crate::run::{Clock, LiveCounters, Progress, Tally, client_threads};
+use crate::sockets::transfer_failure;
+use crate::udp_stats::settled_query;
+
+pub fn run(args: &UdpStreamArgs) -> anyhow::Result<Report> {
+    let target = args.run.target;
+    let flows = args.flows as usize;
+    let threads = client_threads(args.run.threads, flows);
+    let mut nonce = std::process::id() as u64 * 1_000_000;
+    // Fail before loading anything if the target cannot report what it received.
+    settled_query(target, &mut nonce).with_context(|| {
+        format!("{target} did not answer the stats query; udp-stream needs `serve udp-sink`")
+    })?;
+    let live: Vec<LiveCounters> = (0..threads).map(|_| LiveCounters::default()).collect();
+    let paused = Barrier::new(threads + 1);
+    let resumed = Barrier::new(threads + 1);
+    let measured = OnceLock::<Clock>::new();
+    let warmup_clock = Clock::starting_now(args.run.warmup, Duration::ZERO);
+    let (tallies, before) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let handles: Vec<_> = (0..threads)
+            .map(|thread| {
+                let units: Vec<usize> = (thread..flows).step_by(threads).collect();
+                let (paused, resumed, measured, live) = (&paused, &resumed, &measured, &live[thread]);
+                scope.spawn(move || -> io::Result<Tally> {
+                    let mut sender = Sender::new(args, units.len(), threads)?;
+                    let mut tally = Tally::default();
+                    sender.blast(&mut tally, &warmup_clock, warmup_clock.measure_from, live);
+                    paused.wait();
+                    resumed.wait();
+                    let clock = *measured.get().expect("the main thread sets the clock before resuming");
+                    let mut tally = Tally::default();
+                    sender.blast(&mut tally, &clock, clock.end, live);
+                    Ok(tally)
+                })
+            })
+            .collect();
+        paused.wait();
+        let before = settled_query(target, &mut nonce);
+        let clock = Clock::starting_now(Duration::ZERO, args.run.duration);
+        measured.set(clock).expect("the measured clock is set once");
+        resumed.wait();
+        let mut progress = Progress::new(&live, args.run.show_progress());
+        let mut tick = clock.start + Duration::from_secs(1);
+        while tick < clock.end {
+            std::thread::sleep(tick.saturating_duration_since(Instant::now()));
+            progress.tick(&clock);
+            tick += Duration::from_secs(1);
+        }
+        let tallies = handles
+            .into_iter()
+            .map(|handle| {
+                handle.join().map_err(|_| anyhow::anyhow!("a sender thread panicked"))?.map_err(Into::into)
+            })
+            .collect::<anyhow::Result<Vec<Tally>>>()?;
+        Ok((tallies, before))
+    })?;
+    let before = before.with_context(|| format!("{target} stopped answering the stats query"))?;
+    let after = settled_query(target, &mut nonce)
+        .with_context(|| format!("{target} stopped answering the stats query after the run"))?;
+    let mut totals = Tally::default();
+    for tally in &tallies {
+        totals.merge(tally);
+    }
+    let seconds = args.run.duration.as_secs_f64();
+    let sent = totals.ops;
+    let received = after.datagrams.saturating_sub(before.datagrams);
+    totals.bytes_received = after.bytes.saturating_sub(before.bytes);
+    let datagrams = DatagramSummary {
+        sent,
+        received,
+        lost: sent.saturating_sub(received),
+        late: 0,
+        sent_per_sec: per_sec(sent, seconds),
+        received_per_sec: per_sec(received, seconds),
+        loss_percent: if sent > 0 { sent.saturating_sub(received) as f64 * 100.0 / sent as f64 } else { 0.0 },
+    };
+    let params = json!({
+        "flows": args.flows,
+        "message_size": args.message_size,
+        "rate": args.rate,
+        "batch": args.batch,
+    });
+    let mut report = Report::new(
+        "udp-stream",
+        target.to_string(),
+        params,
+        threads,
+        args.run.warmup.as_secs_f64(),
+        seconds,
+        &totals,
+    );
+    report.datagrams = Some(datagrams);
+    Ok(report)
+}
+
+/// One thread's flows and its reusable `sendmmsg` batch (all entries point at the same payload).
+struct Sender {
+    sockets: Vec<UdpSocket>,
+    payload: Vec<u8>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+    /// Datagrams per second for this thread, if paced.
+    rate: Option<f64>,
+}
+
+// SAFETY: the raw pointers in `iovecs`/`headers` point into `payload` and `iovecs`, which the Sender
+// owns and never reallocates after construction; the Sender is used by one thread at a time.
+unsafe impl Send for Sender {}
+
+impl Sender {
+    fn new(args: &UdpStreamArgs, flows: usize, threads: usize) -> io::Result<Self> {
+        let target = args.run.target;
+        let bind: SocketAddr =
+            if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let sockets = (0..flows)
+            .map(|_| {
+                let socket = UdpSocket::bind(bind)?;
+                socket.connect(target)?;
+                Ok(socket)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let batch = args.batch as usize;
+        let mut payload = payload(args.message_size as usize);
+        let iovecs: Vec<libc::iovec> = (0..batch)
+            .map(|_| libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() })
+            .collect();
+        let mut sender = Self {
+            sockets,
+            payload,
+            iovecs,
+            headers: Vec::with_capacity(batch),
+            rate: args.rate.map(|rate| rate as f64 / threads as f64),
+        };
+        for index in 0..batch {
+            // SAFETY: mmsghdr is a plain C struct for which all-zero is a valid (empty) value.
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            header.msg_hdr.msg_iov = &mut sender.iovecs[index];
+            header.msg_hdr.msg_iovlen = 1;
+            sender.headers.push(header);
+        }
+        Ok(sender)
+    }
+
+    /// Sends until `until`, counting datagrams sent inside the clock's window as ops.
+    fn blast(&mut self, tally: &mut Tally, clock: &Clock, until: Instant, live: &LiveCounters) {
+        if self.sockets.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut sent_here: u64 = 0;
+        // Paced runs send smaller batches so that one batch spans about 100 us.
+        let batch = match self.rate {
+            Some(rate) => ((rate * 100e-6) as usize).clamp(1, self.headers.len()),
+            None => self.headers.len(),
+        };
+        let mut flow = 0;
+        let mut next_publish = started;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            if let Some(rate) = self.rate {
+                let due = started + Duration::from_secs_f64(sent_here as f64 / rate);
+                if due > now {
+                    std::thread::sleep((due - now).min(until - now));
+                    continue;
+                }
+            }
+            if now >= next_publish {
+                tally.publish(live);
+                next_publish = now + crate::load::TICK;
+            }
+            let socket = &self.sockets[flow];
+            flow = (flow + 1) % self.sockets.len();
+            // SAFETY: `headers[..batch]` point at live iovecs over `payload`; the kernel only reads them.
+            let result =
+                unsafe { libc::sendmmsg(socket.as_raw_fd(), self.headers.as_mut_ptr(), batch as u32, 0) };
+            if result < 0 {
+                let error = io::Error::last_os_error();
+                match error.kind() {
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => {}
+                    _ => tally.fail(transfer_failure(&error)),
+                }
+                continue;
+            }
+            // Stamped with the time before the call: every datagram sent before `until` is counted.
+            for _ in 0..result {
+                tally.count_op(clock, now);
+                tally.sent(clock, now, self.payload.len());
+            }
+            sent_here += result as u64;
+        }
+        tally.publish(live);
+    }
+}
