@@ -17,6 +17,8 @@ struct State {
     /// Version of the last published snapshot (meaningful once `ready`).
     version: AtomicU64,
     rejected: AtomicBool,
+    rejected_reloads: AtomicU64,
+    loads: AtomicU64,
 }
 
 impl Readiness {
@@ -39,13 +41,35 @@ impl Readiness {
         self.0.rejected.load(Ordering::Acquire)
     }
 
+    /// How many reloads were rejected since start (each changed-but-bad input counts once).
+    pub fn rejected_reloads(&self) -> u64 {
+        self.0.rejected_reloads.load(Ordering::Acquire)
+    }
+
+    /// How many times changed inputs were loaded since start, whatever the outcome (published,
+    /// unchanged table, or rejected); unchanged files are not loaded again and do not count.
+    pub fn loads(&self) -> u64 {
+        self.0.loads.load(Ordering::Acquire)
+    }
+
+    /// Counts a finished load; called after its outcome is visible (published or marked rejected).
+    pub(crate) fn count_load(&self) {
+        self.0.loads.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub(crate) fn mark_published(&self, version: u64) {
         self.0.version.store(version, Ordering::Release);
         self.0.ready.store(true, Ordering::Release);
     }
 
-    pub(crate) fn set_inputs_rejected(&self, rejected: bool) {
-        self.0.rejected.store(rejected, Ordering::Release);
+    pub(crate) fn mark_inputs_valid(&self) {
+        self.0.rejected.store(false, Ordering::Release);
+    }
+
+    /// Sets the rejected condition before counting, so whoever sees the count change also sees it.
+    pub(crate) fn mark_inputs_rejected(&self) {
+        self.0.rejected.store(true, Ordering::Release);
+        self.0.rejected_reloads.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -46,6 +46,12 @@ pub enum ManifestError {
     #[error(transparent)]
     Io(#[from] ReadError),
 
+    /// A file with nothing in it. Truncating a file is how an in-place write starts, so an empty file
+    /// is taken for a write in progress rather than for "serve nothing" (a comment or `items: []` says
+    /// that explicitly).
+    #[error("{}: file is empty (a write in progress?); to serve nothing, put a comment or `kind: List` with `items: []` in it", path.display())]
+    EmptyFile { path: PathBuf },
+
     /// The text is not valid YAML (or JSON for `*.json` files).
     #[error("{at}: invalid {format}: {reason}")]
     Syntax {
@@ -79,6 +85,7 @@ impl ManifestError {
     pub fn file(&self) -> &std::path::Path {
         match self {
             ManifestError::Io(error) => &error.path,
+            ManifestError::EmptyFile { path } => path,
             ManifestError::Syntax { at, .. }
             | ManifestError::NotAnObject { at, .. }
             | ManifestError::UnsupportedApiVersion { at, .. }
@@ -93,7 +100,10 @@ impl ManifestError {
             ManifestError::UnsupportedApiVersion { object, .. }
             | ManifestError::InvalidObject { object, .. }
             | ManifestError::Duplicate { object, .. } => Some(object),
-            ManifestError::Io(_) | ManifestError::Syntax { .. } | ManifestError::NotAnObject { .. } => None,
+            ManifestError::Io(_)
+            | ManifestError::EmptyFile { .. }
+            | ManifestError::Syntax { .. }
+            | ManifestError::NotAnObject { .. } => None,
         }
     }
 }

@@ -4,7 +4,8 @@
 //! `*.json` files, sorted by name, NOT recursive (like `kubectl apply -f DIR` without `-R`). Hidden
 //! files (`.x.swp`, `.#x`, a ConfigMap mount's `..data`) and backups (`x~`) are skipped, so editors'
 //! temporary files never get loaded half-written. A load is all or nothing: any error (in any file)
-//! rejects the whole set, so a half-parsed edit is never applied. Objects without a namespace get
+//! rejects the whole set, so a half-parsed edit is never applied; an empty file counts as a write in
+//! progress (an error), not as "no objects". Objects without a namespace get
 //! `default`; the same kind/namespace/name defined twice is an error.
 
 mod error;
@@ -48,6 +49,10 @@ impl ManifestSet {
         let mut parsed = parse::Parsed::default();
         let mut errors = Vec::new();
         for file in files {
+            if file.text.trim().is_empty() {
+                errors.push(ManifestError::EmptyFile { path: file.path.clone() });
+                continue;
+            }
             parse::parse_file(&file.path, &file.text, &mut parsed, &mut errors);
         }
         let mut seen: HashMap<ObjectRef, Location> = HashMap::new();

@@ -144,6 +144,7 @@ impl ManifestSource {
         if let Some(snapshot) = publisher.accept(report) {
             self.publish(&sink, snapshot);
         }
+        self.readiness.count_load();
 
         let mut poll = tokio::time::interval_at(Instant::now() + self.poll_interval, self.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -199,15 +200,16 @@ impl ManifestSource {
         if now == *seen {
             return;
         }
-        *seen = now;
-        let files = match &*seen {
+        let files = match &now {
             Seen::Files(files) => Arc::clone(files),
             Seen::Unreadable(error) => {
                 tracing::warn!(
                     error = error.as_str(),
                     "manifests unreadable; the previous snapshot keeps serving"
                 );
-                self.readiness.set_inputs_rejected(true);
+                self.readiness.mark_inputs_rejected();
+                *seen = now;
+                self.readiness.count_load();
                 return;
             }
         };
@@ -215,16 +217,18 @@ impl ManifestSource {
         let report = match self.build(files, previous, publisher.next_version()).await {
             Ok(report) => report,
             Err(reason) => {
+                // `seen` stays as it was, so the next poll tries these files again.
                 tracing::warn!(path = %self.path.display(), reason, "manifest reload did not complete");
                 return;
             }
         };
+        *seen = now;
         match report {
             Ok(report) => {
                 if self.readiness.inputs_rejected() {
                     tracing::info!(path = %self.path.display(), "manifests valid again");
                 }
-                self.readiness.set_inputs_rejected(false);
+                self.readiness.mark_inputs_valid();
                 if let Some(snapshot) = publisher.accept(report) {
                     self.publish(sink, snapshot);
                 }
@@ -238,9 +242,10 @@ impl ManifestSource {
                         "manifest edit rejected; the previous snapshot keeps serving"
                     );
                 }
-                self.readiness.set_inputs_rejected(true);
+                self.readiness.mark_inputs_rejected();
             }
         }
+        self.readiness.count_load();
     }
 
     fn publish(&self, sink: &impl SnapshotSink, snapshot: Arc<Snapshot>) {
