@@ -118,77 +118,96 @@ pub fn build(
     let parsed = service::parse_all(services, options, &mut errors, &mut skipped);
     let slices_by_service = slices::parse_all(slices, &mut errors, &mut skipped);
 
-    let mut table: BTreeMap<VipKey, Arc<ServiceEntry>> = BTreeMap::new();
-    let mut kept_previous = Vec::new();
-    if let Some(previous) = previous {
-        for object in &parsed.rejected {
-            let mut kept = false;
-            for entry in previous.entries().filter(|e| &e.service == object) {
-                table.insert(entry.key, Arc::clone(entry));
-                kept = true;
-            }
-            if kept {
-                kept_previous.push(object.clone());
-            }
-        }
-    }
-
-    // Every (service, port) pair's backends, computed once and shared by all of its VIPs.
-    let no_slices = Vec::new();
-    let resolved: Vec<Vec<endpoints::ResolvedPort>> = parsed
-        .served
-        .iter()
-        .map(|svc| {
-            let own = slices_by_service
-                .get(&(svc.object.namespace.clone(), svc.object.name.clone()))
-                .unwrap_or(&no_slices);
-            svc.ports.iter().map(|port| endpoints::resolve_port(port, own, &svc.policy)).collect()
-        })
-        .collect();
-
-    let mut claims: BTreeMap<VipKey, Vec<(usize, usize)>> = BTreeMap::new();
-    for (s, svc) in parsed.served.iter().enumerate() {
-        for &addr in &svc.vips {
-            for (p, port) in svc.ports.iter().enumerate() {
-                claims.entry(VipKey::new(addr, port.port, port.protocol)).or_default().push((s, p));
-            }
-        }
-    }
-
-    for (key, claimants) in claims {
-        let owner = match table.get(&key) {
-            Some(carried) => carried.service.clone(),
-            None => {
-                let previous_owner = previous.and_then(|p| p.get(&key)).map(|e| &e.service);
-                let Some(&(s, p)) = claimants.iter().min_by(|a, b| {
-                    let (x, y) = (&parsed.served[a.0], &parsed.served[b.0]);
-                    (previous_owner != Some(&x.object))
-                        .cmp(&(previous_owner != Some(&y.object)))
-                        .then(x.created.is_none().cmp(&y.created.is_none()))
-                        .then(x.created.cmp(&y.created))
-                        .then(x.object.cmp(&y.object))
-                }) else {
-                    continue;
-                };
-                let svc = &parsed.served[s];
-                let port = &resolved[s][p];
-                table.insert(key, Arc::new(port.entry(key, svc)));
-                svc.object.clone()
-            }
-        };
-        for &(s, _) in &claimants {
-            let object = &parsed.served[s].object;
-            if *object != owner {
-                errors.push(BuildError::ConflictingVip { object: object.clone(), owner: owner.clone(), key });
-            }
-        }
-    }
+    let (mut table, kept_previous) = keep_last_known_good(&parsed.rejected, previous);
+    let resolved = resolve_ports(&parsed.served, &slices_by_service);
+    assign_keys(&parsed.served, &resolved, previous, &mut table, &mut errors);
 
     errors.sort_by_cached_key(|e| (e.object().clone(), e.to_string()));
     errors.dedup();
     skipped.sort_by(|a, b| (&a.service, &a.reason).cmp(&(&b.service, &b.reason)));
     skipped.dedup();
     BuildReport { snapshot: Snapshot::from_shared(version, table), errors, skipped, kept_previous }
+}
+
+/// The previous entries of every Service rejected now, and which Services kept some.
+fn keep_last_known_good(
+    rejected: &BTreeSet<ObjectRef>,
+    previous: Option<&Snapshot>,
+) -> (BTreeMap<VipKey, Arc<ServiceEntry>>, Vec<ObjectRef>) {
+    let mut table = BTreeMap::new();
+    let mut kept_previous = Vec::new();
+    let Some(previous) = previous else { return (table, kept_previous) };
+    for object in rejected {
+        let mut kept = false;
+        for entry in previous.entries().filter(|e| &e.service == object) {
+            table.insert(entry.key, Arc::clone(entry));
+            kept = true;
+        }
+        if kept {
+            kept_previous.push(object.clone());
+        }
+    }
+    (table, kept_previous)
+}
+
+/// Every (service, port) pair's backends, computed once and shared by all of its VIPs;
+/// `result[s][p]` belongs to `served[s].ports[p]`.
+fn resolve_ports(
+    served: &[service::ParsedService],
+    slices_by_service: &slices::SlicesByService,
+) -> Vec<Vec<endpoints::ResolvedPort>> {
+    served
+        .iter()
+        .map(|svc| {
+            let own = slices_by_service
+                .get(&(svc.object.namespace.clone(), svc.object.name.clone()))
+                .map_or(&[][..], Vec::as_slice);
+            svc.ports.iter().map(|port| endpoints::resolve_port(port, own, &svc.policy)).collect()
+        })
+        .collect()
+}
+
+/// Gives each claimed [`VipKey`] one owner: a carried-over entry keeps its key; otherwise the
+/// Service that owned the key in `previous`, then the oldest `creationTimestamp` (a Service without
+/// one counts as newest), then namespace/name order. Every other claimant gets a `ConflictingVip`.
+fn assign_keys(
+    served: &[service::ParsedService],
+    resolved: &[Vec<endpoints::ResolvedPort>],
+    previous: Option<&Snapshot>,
+    table: &mut BTreeMap<VipKey, Arc<ServiceEntry>>,
+    errors: &mut Vec<BuildError>,
+) {
+    let mut claims: BTreeMap<VipKey, Vec<(usize, usize)>> = BTreeMap::new();
+    for (s, svc) in served.iter().enumerate() {
+        for &addr in &svc.vips {
+            for (p, port) in svc.ports.iter().enumerate() {
+                claims.entry(VipKey::new(addr, port.port, port.protocol)).or_default().push((s, p));
+            }
+        }
+    }
+    for (key, claimants) in claims {
+        let owner = match table.get(&key) {
+            Some(carried) => carried.service.clone(),
+            None => {
+                let previous_owner = previous.and_then(|p| p.get(&key)).map(|e| &e.service);
+                let rank = |s: usize| {
+                    let svc = &served[s];
+                    (previous_owner != Some(&svc.object), svc.created.is_none(), &svc.created, &svc.object)
+                };
+                let Some(&(s, p)) = claimants.iter().min_by(|a, b| rank(a.0).cmp(&rank(b.0))) else {
+                    continue;
+                };
+                table.insert(key, Arc::new(resolved[s][p].entry(key, &served[s])));
+                served[s].object.clone()
+            }
+        };
+        for &(s, _) in &claimants {
+            let object = &served[s].object;
+            if *object != owner {
+                errors.push(BuildError::ConflictingVip { object: object.clone(), owner: owner.clone(), key });
+            }
+        }
+    }
 }
 
 /// The namespace Kubernetes assumes when a manifest leaves it out.
