@@ -269,6 +269,29 @@ fn bad_fields_reject_the_service_and_name_the_field() {
 }
 
 #[test]
+fn errors_and_skips_read_well_in_a_log() {
+    let services = [
+        ServiceBuilder::new("shop", "web").external_ips(["127.0.0.1"]).bare_port(80).bare_port(0).build(),
+        ServiceBuilder::new("shop", "db").external_name("db.example.org").build(),
+    ];
+    let report = run(&services, &[]);
+    let lines: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+    assert!(
+        lines.contains(
+            &"Service shop/web: field spec.ports[1].port: invalid port 0 (must be 1..=65535)".to_owned()
+        ),
+        "{lines:?}"
+    );
+    assert_eq!(
+        report.skipped[0].to_string(),
+        "Service shop/db: not served: type ExternalName has no endpoints to balance"
+    );
+    let json = serde_json::to_value(&report).expect("report serialises");
+    assert_eq!(json["errors"][0]["object"]["name"], "web");
+    assert_eq!(json["errors"][0]["kind"], "invalid-field", "unnamed ports in a multi-port Service: {json}");
+}
+
+#[test]
 fn conflicting_vip_goes_to_the_older_service_then_to_name_order() {
     let service = |name: &str, created: Option<i64>| {
         let b = ServiceBuilder::new("default", name).external_ips(["127.0.0.10"]).bare_port(80);

@@ -10,6 +10,8 @@ use crate::model::BackendIdx;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundRobin {
+    // Derived from the entry's eligible set, so output for people (`ringlb check --json`) omits it.
+    #[serde(skip)]
     sequence: Vec<BackendIdx>,
 }
 

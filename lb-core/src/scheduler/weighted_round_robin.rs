@@ -19,6 +19,8 @@ pub const MAX_SEQUENCE_LEN: usize = 4096;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct WeightedRoundRobin {
+    // Derived from the entry's weights and eligible set, so output for people omits its 4096 slots.
+    #[serde(skip)]
     sequence: Vec<BackendIdx>,
 }
 
