@@ -189,3 +189,26 @@ impl Blackhole {
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("procfs").count()
 }
+
+/// Test-only policy tweaks.
+pub trait EntryPolicyExt {
+    fn with_drain(self, drain: Duration) -> Self;
+}
+
+impl EntryPolicyExt for EntryPolicy {
+    fn with_drain(self, drain: Duration) -> Self {
+        EntryPolicy { drain_timeout: drain, ..self }
+    }
+}
+
+/// Connects and reads until the proxy closes; returns how the connection ended. A reset that
+/// arrives before the connect call returns counts as a reset.
+pub fn connect_and_read_to_close(addr: SocketAddr) -> Result<Vec<u8>, std::io::ErrorKind> {
+    match TcpStream::connect_timeout(&addr, IO_TIMEOUT) {
+        Ok(mut stream) => {
+            stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.kind())?;
+            read_to_close(&mut stream)
+        }
+        Err(e) => Err(e.kind()),
+    }
+}

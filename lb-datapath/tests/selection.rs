@@ -1,0 +1,162 @@
+//! Backend selection and snapshot changes over real loopback sockets: retries after refused and
+//! timed-out connects, readiness flips, removed VIPs draining, spreading over workers, and clients
+//! that cannot be served being reset at once.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use lb_datapath::RelayMode;
+use support::*;
+use testkit::backends::{RefusingAddr, echo_server, named_server};
+
+#[test]
+fn refused_connect_is_retried_on_another_backend() {
+    let refusing = RefusingAddr::new().expect("refusing address");
+    let good = named_server("good").expect("backend");
+    let key = tcp_key(20);
+    let backends = [(refusing.addr(), true), (good.addr(), true)];
+    let engine = start_engine(1, RelayMode::Copy, snapshot(1, vec![entry(key, &backends, test_policy())]));
+    // Round robin reaches the refusing backend first for one of two consecutive connections.
+    for _ in 0..4 {
+        let mut client = connect(key.socket_addr());
+        assert_eq!(read_name(&mut client), "good");
+        assert_eq!(round_trip(&mut client, b"ping"), b"ping");
+    }
+    let total = engine.stats().total();
+    assert!(total.connect_failures >= 2, "refused connects are counted: {total:?}");
+    assert!(total.retries >= 2, "and retried: {total:?}");
+}
+
+#[test]
+fn not_ready_endpoint_gets_no_new_connections_while_its_established_ones_keep_working() {
+    let a = named_server("a").expect("backend a");
+    let b = named_server("b").expect("backend b");
+    let key = tcp_key(21);
+    let policy = test_policy();
+    let engine = start_engine(
+        2,
+        RelayMode::Copy,
+        snapshot(1, vec![entry(key, &[(a.addr(), true), (b.addr(), true)], policy)]),
+    );
+    let mut established: Vec<(String, TcpStream)> = (0..4)
+        .map(|_| {
+            let mut client = connect(key.socket_addr());
+            (read_name(&mut client), client)
+        })
+        .collect();
+    assert!(established.iter().any(|(name, _)| name == "a"), "a got connections before the flip");
+    publish(&engine, snapshot(2, vec![entry(key, &[(a.addr(), false), (b.addr(), true)], policy)]));
+    for _ in 0..8 {
+        let mut client = connect(key.socket_addr());
+        assert_eq!(read_name(&mut client), "b", "a not-ready endpoint got a new connection");
+    }
+    for (name, client) in &mut established {
+        let message = format!("still talking to {name}");
+        assert_eq!(round_trip(client, message.as_bytes()), message.as_bytes());
+    }
+}
+
+#[test]
+fn removed_vip_stops_accepting_while_established_connections_finish_then_drain() {
+    let backend = echo_server().expect("backend");
+    let removed = tcp_key(22);
+    let kept = tcp_key(23);
+    let policy = support::test_policy();
+    let drain = Duration::from_millis(800);
+    let both = vec![
+        entry(removed, &[(backend.addr(), true)], support::EntryPolicyExt::with_drain(policy, drain)),
+        entry(kept, &[(backend.addr(), true)], policy),
+    ];
+    let engine = start_engine(2, RelayMode::Copy, snapshot(1, both));
+    let mut established = connect(removed.socket_addr());
+    assert_eq!(round_trip(&mut established, b"before"), b"before");
+
+    let removed_at = Instant::now();
+    publish(&engine, snapshot(2, vec![entry(kept, &[(backend.addr(), true)], policy)]));
+    let refused = TcpStream::connect_timeout(&removed.socket_addr(), Duration::from_secs(2));
+    assert_eq!(refused.map(|_| ()).map_err(|e| e.kind()), Err(ErrorKind::ConnectionRefused));
+    assert_eq!(round_trip(&mut established, b"after"), b"after", "established connection keeps working");
+    let mut other = connect(kept.socket_addr());
+    assert_eq!(round_trip(&mut other, b"kept"), b"kept");
+
+    // After the drain timeout the proxy closes the established connection.
+    let closed = read_to_close(&mut established);
+    assert!(closed.is_ok() || closed == Err(ErrorKind::ConnectionReset), "closed, not timed out: {closed:?}");
+    assert!(removed_at.elapsed() >= drain, "closed before the drain timeout");
+    assert_eq!(engine.stats().total().drain_closes, 1);
+    assert_eq!(round_trip(&mut other, b"kept"), b"kept", "the other VIP's connection is not drained");
+}
+
+#[test]
+fn many_concurrent_connections_spread_across_workers_and_echo_correctly() {
+    let backends: Vec<_> = (0..3).map(|_| echo_server().expect("backend")).collect();
+    let key = tcp_key(24);
+    let list: Vec<_> = backends.iter().map(|b| (b.addr(), true)).collect();
+    let engine = start_engine(2, RelayMode::Copy, snapshot(1, vec![entry(key, &list, test_policy())]));
+    let clients: Vec<_> = (0..200).map(|_| connect(key.socket_addr())).collect();
+    let threads: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            std::thread::spawn(move || {
+                let message = format!("client {i} says hello").repeat(50);
+                round_trip(&mut client, message.as_bytes()) == message.as_bytes()
+            })
+        })
+        .collect();
+    let correct = threads.into_iter().map(|t| t.join().expect("client thread")).filter(|ok| *ok).count();
+    assert_eq!(correct, 200);
+    let stats = engine.stats();
+    assert_eq!(stats.total().accepted, 200);
+    for (index, worker) in stats.workers.iter().enumerate() {
+        assert!(worker.accepted > 0, "worker {index} accepted nothing: {stats:?}");
+    }
+    let per_backend: HashMap<_, _> = backends.iter().map(|b| (b.addr(), b.accepted())).collect();
+    assert!(per_backend.values().all(|&n| n > 0), "every backend served: {per_backend:?}");
+}
+
+#[test]
+fn client_without_eligible_backend_is_reset_quickly() {
+    let a = named_server("a").expect("backend");
+    let key = tcp_key(25);
+    let engine =
+        start_engine(1, RelayMode::Copy, snapshot(1, vec![entry(key, &[(a.addr(), false)], test_policy())]));
+    let started = Instant::now();
+    let outcome = connect_and_read_to_close(key.socket_addr());
+    assert_eq!(outcome, Err(ErrorKind::ConnectionReset));
+    assert!(started.elapsed() < IO_TIMEOUT, "not hung");
+    assert_eq!(engine.stats().total().no_backend, 1);
+}
+
+#[test]
+fn exhausted_connect_attempts_reset_the_client() {
+    let refusing = [RefusingAddr::new().expect("a"), RefusingAddr::new().expect("b")];
+    let key = tcp_key(26);
+    let list: Vec<_> = refusing.iter().map(|r| (r.addr(), true)).collect();
+    let engine = start_engine(1, RelayMode::Copy, snapshot(1, vec![entry(key, &list, test_policy())]));
+    assert_eq!(connect_and_read_to_close(key.socket_addr()), Err(ErrorKind::ConnectionReset));
+    let total = engine.stats().total();
+    assert_eq!(total.connect_failures, 2, "each backend tried once: {total:?}");
+}
+
+#[test]
+fn connect_timeout_to_a_blackhole_backend_is_retried_on_another() {
+    let blackhole = Blackhole::new();
+    let good = named_server("good").expect("backend");
+    let key = tcp_key(27);
+    let policy = lb_core::EntryPolicy { connect_timeout: Duration::from_millis(300), ..test_policy() };
+    let backends = [(blackhole.addr(), true), (good.addr(), true)];
+    let engine = start_engine(1, RelayMode::Copy, snapshot(1, vec![entry(key, &backends, policy)]));
+    for _ in 0..2 {
+        let mut client = connect(key.socket_addr());
+        assert_eq!(read_name(&mut client), "good");
+    }
+    let total = engine.stats().total();
+    // Round robin sends one or both first attempts to the blackhole, depending on address order.
+    assert!(total.connect_failures >= 1, "a connect went to the blackhole and timed out: {total:?}");
+    assert_eq!(total.retries, total.connect_failures, "every timed-out connect was retried: {total:?}");
+}
