@@ -270,3 +270,21 @@ fn an_empty_file_is_taken_for_a_write_in_progress() {
     let empty_list = "apiVersion: v1\nkind: List\nitems: []\n";
     assert!(parse_manifest_str(empty_list, "l.yaml").expect("an empty List loads").is_empty());
 }
+
+#[test]
+fn load_and_build_reports_a_bad_object_without_failing_the_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad_vip = service_yaml("shop", "bad", "not-an-ip");
+    fs::write(dir.path().join("all.yaml"), format!("{}---\n{bad_vip}", web_manifest([true; 4])))
+        .expect("write");
+    let source = lb_sync::ManifestSource::new(dir.path(), BuildOptions::default());
+
+    let report = source.load_and_build(None, 7).expect("the files load; only the build rejects");
+    assert_eq!(report.snapshot.version, 7);
+    assert_eq!(eligible(&report.snapshot, WEB_VIP), addrs(&WEB_BACKENDS));
+    assert!(
+        report.errors.iter().any(|e| e.to_string().contains("shop/bad")),
+        "the bad Service is named: {:?}",
+        report.errors
+    );
+}

@@ -141,6 +141,21 @@ async fn a_file_added_to_a_watched_directory_is_served() {
 }
 
 #[tokio::test]
+async fn a_manifest_symlinked_from_another_directory_is_followed() {
+    let elsewhere = ManifestDir::with_file(&web_manifest(FOURTH_NOT_READY));
+    let served = tempfile::tempdir().expect("tempdir");
+    let link = served.path().join("web.yaml");
+    std::os::unix::fs::symlink(elsewhere.file(), &link).expect("symlink");
+    let mut running = Running::start(events_only_source(&link));
+    running.next_snapshot().await;
+
+    fs::write(elsewhere.file(), web_manifest([true; 4])).expect("edit the symlink's target");
+    let edited = running.next_snapshot().await;
+    assert_eq!(eligible(&edited, WEB_VIP), addrs(&WEB_BACKENDS));
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn without_file_events_the_periodic_recheck_still_picks_up_edits() {
     let manifests = ManifestDir::with_file(&web_manifest(FOURTH_NOT_READY));
     let source = ManifestSource::new(manifests.file(), BuildOptions::default())

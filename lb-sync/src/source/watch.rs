@@ -34,6 +34,13 @@ impl FileWatch {
             }
         })?;
         watcher.watch(&watched_dir(path), RecursiveMode::NonRecursive)?;
+        // A file that is a symlink into another directory changes there; watch that too. (A ConfigMap
+        // mount needs no extra watch: its updates swap a symlink in the parent directory.)
+        if let Some(target_dir) = symlink_target_dir(path) {
+            if let Err(error) = watcher.watch(&target_dir, RecursiveMode::NonRecursive) {
+                tracing::debug!(dir = %target_dir.display(), %error, "cannot watch the manifest's symlink target");
+            }
+        }
         Ok(FileWatch { _watcher: watcher, changed })
     }
 
@@ -70,6 +77,21 @@ pub(crate) fn watched_dir(path: &Path) -> PathBuf {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     }
+}
+
+/// For a `path` that is a symlink to a file, the directory of its target when that is not the directory
+/// watched anyway.
+fn symlink_target_dir(path: &Path) -> Option<PathBuf> {
+    if !std::fs::symlink_metadata(path).ok()?.file_type().is_symlink() {
+        return None;
+    }
+    let target = std::fs::canonicalize(path).ok()?;
+    if target.is_dir() {
+        return None;
+    }
+    let target_dir = target.parent()?.to_path_buf();
+    let watched = std::fs::canonicalize(watched_dir(path)).ok()?;
+    (target_dir != watched).then_some(target_dir)
 }
 
 /// Whether an event may mean changed content; opens and read-closes (including our own reads) do not.
