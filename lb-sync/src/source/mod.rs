@@ -45,7 +45,19 @@ pub enum SyncError {
 }
 
 /// Serves the Service and EndpointSlice objects found in manifest files.
-#[derive(Debug, Clone)]
+///
+/// ```no_run
+/// # async fn example(table: std::sync::Arc<arc_swap::ArcSwap<lb_core::Snapshot>>) {
+/// let source = lb_sync::ManifestSource::new("/etc/ringlb/manifests", lb_core::BuildOptions::default());
+/// let readiness = source.readiness(); // hand this to /readyz
+/// let shutdown = std::future::pending::<()>(); // e.g. a signal
+/// if let Err(error) = source.run(table, shutdown).await {
+///     eprintln!("{error}"); // only the initial load can fail
+/// }
+/// # let _ = readiness;
+/// # }
+/// ```
+#[derive(Debug)]
 pub struct ManifestSource {
     path: PathBuf,
     options: BuildOptions,

@@ -34,7 +34,10 @@ impl Publisher {
     /// Logs `report`'s rejections and skips; returns its snapshot when it must be published.
     pub(crate) fn accept(&mut self, report: BuildReport) -> Option<Arc<Snapshot>> {
         for error in &report.errors {
-            tracing::warn!(%error, "object rejected; it keeps its previous entries, if any");
+            tracing::warn!(%error, "object rejected");
+        }
+        for service in &report.kept_previous {
+            tracing::warn!(%service, "serving this Service's entries from before the rejected edit");
         }
         self.log_new_skips(&report.skipped);
         self.offer(report.snapshot)
