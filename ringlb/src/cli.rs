@@ -1,0 +1,167 @@
+//! The command line: every flag of every subcommand, declared once with `clap`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_core::SchedulerKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringlb",
+    version,
+    about = "A thread-per-core io_uring L4 load balancer for Kubernetes Services"
+)]
+pub struct Cli {
+    /// Log format: `human` for terminals, `json` for log collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` syntax (overridden by RUST_LOG when set), e.g. `info,lb_datapath=debug`.
+    #[arg(long, default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Services found in Kubernetes manifests (a file or a directory), following edits.
+    Run(RunArgs),
+    /// Validate manifests and print the table that `run` would serve.
+    Check(CheckArgs),
+    /// Start built-in backends on loopback and balance a VIP on 127.0.0.1 across them.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Manifest file or directory (multi-document YAML as `kubectl get -o yaml` writes it).
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    #[command(flatten)]
+    pub defaults: DefaultsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Manifest file or directory.
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// Print the table as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub defaults: DefaultsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Port of the demo VIP on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// First port of the built-in backends (three consecutive ports; a fourth, not ready, follows).
+    #[arg(long, default_value_t = 18081)]
+    pub backend_port: u16,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Datapath worker threads, each with its own io_uring ring [default: one per available core].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// How TCP bytes are relayed.
+    #[arg(long, value_enum, default_value_t = RelayArg::Auto)]
+    pub relay: RelayArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RelayArg {
+    Auto,
+    Copy,
+    Splice,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Admin HTTP listener (`/healthz`, `/readyz`); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:9901", value_parser = parse_admin)]
+    pub admin: AdminAddr,
+    /// Allow the admin listener on a non-loopback address.
+    #[arg(long)]
+    pub admin_allow_remote: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAddr {
+    Off,
+    Listen(SocketAddr),
+}
+
+fn parse_admin(value: &str) -> Result<AdminAddr, String> {
+    if value == "off" {
+        return Ok(AdminAddr::Off);
+    }
+    value.parse().map(AdminAddr::Listen).map_err(|e| format!("{value:?} is not `off` or an IP:port ({e})"))
+}
+
+/// Global defaults that Service annotations override.
+#[derive(Debug, Args)]
+pub struct DefaultsArgs {
+    /// Scheduler for Services without a `ringlb.io/scheduler` annotation.
+    #[arg(long, default_value = "rr", value_parser = parse_scheduler)]
+    pub scheduler: SchedulerKind,
+    /// Time one backend connect may take before the next backend is tried (e.g. `2s`, `500ms`).
+    #[arg(long, value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Close connections idle for this long.
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// How long established connections of removed VIPs and backends may continue.
+    #[arg(long, value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+}
+
+fn parse_scheduler(value: &str) -> Result<SchedulerKind, String> {
+    value.parse().map_err(|e: lb_core::scheduler::UnknownScheduler| e.to_string())
+}
+
+/// Durations as annotations spell them (`250ms`, `5s`, `2m`, `1h`), parsed by lb-core's one parser.
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    lb_core::parse_duration(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_address_accepts_off_and_socket_addresses() {
+        assert_eq!(parse_admin("off"), Ok(AdminAddr::Off));
+        assert_eq!(parse_admin("127.0.0.1:9901"), Ok(AdminAddr::Listen("127.0.0.1:9901".parse().unwrap())));
+        assert!(parse_admin("localhost").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

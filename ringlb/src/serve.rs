@@ -1,0 +1,129 @@
+//! `ringlb run` and the serving half of `ringlb demo`: start the datapath engine, run the control
+//! thread (a current-thread tokio runtime: the source, the admin listener, signals) until SIGINT or
+//! SIGTERM, then stop the engine.
+//!
+//! The main thread becomes the control thread; datapath workers are the engine's own pinned threads.
+//! The only thing handed from control to datapath is a `Snapshot`, through `Engine::publish`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use lb_core::{BuildOptions, EntryPolicy, Snapshot};
+use lb_datapath::{Engine, EngineConfig, RelayMode};
+use lb_sync::{ManifestSource, SnapshotSink};
+
+use crate::admin;
+use crate::cli::{AdminAddr, AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs};
+
+/// Where the served snapshots come from.
+pub enum Source {
+    /// Manifest files, followed as they change.
+    Manifests(ManifestSource),
+    /// One snapshot built up front (the demo).
+    Fixed(Snapshot),
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let source = ManifestSource::new(args.manifests, build_options(&args.defaults));
+    serve(Source::Manifests(source), &args.engine, &args.admin)
+}
+
+pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
+    let fallback = EntryPolicy::default();
+    BuildOptions {
+        default_scheduler: defaults.scheduler,
+        default_policy: EntryPolicy {
+            connect_timeout: defaults.connect_timeout.unwrap_or(fallback.connect_timeout),
+            idle_timeout: defaults.idle_timeout.unwrap_or(fallback.idle_timeout),
+            drain_timeout: defaults.drain_timeout.unwrap_or(fallback.drain_timeout),
+            ..fallback
+        },
+        ..BuildOptions::default()
+    }
+}
+
+pub fn engine_config(args: &EngineArgs) -> EngineConfig {
+    let defaults = EngineConfig::default();
+    EngineConfig {
+        workers: args.workers.unwrap_or(defaults.workers).max(1),
+        pin_workers: !args.no_pin,
+        relay: match args.relay {
+            RelayArg::Auto => RelayMode::Auto,
+            RelayArg::Copy => RelayMode::Copy,
+            RelayArg::Splice => RelayMode::Splice,
+        },
+        ..defaults
+    }
+}
+
+/// Publishes every snapshot the source produces to the engine, and remembers that one arrived.
+struct EngineSink {
+    engine: Arc<Engine>,
+    published: Arc<AtomicBool>,
+}
+
+impl SnapshotSink for EngineSink {
+    fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.engine.publish(snapshot);
+        self.published.store(true, Ordering::Release);
+    }
+}
+
+pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("ringlb-control")
+        .build()
+        .context("starting the control runtime")?;
+    let config = engine_config(engine_args);
+    let engine = Arc::new(
+        Engine::start(config.clone(), Arc::new(Snapshot::empty())).context("starting the datapath")?,
+    );
+    tracing::info!(workers = config.workers, relay = ?config.relay, "datapath started");
+    let published = Arc::new(AtomicBool::new(false));
+    let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published) };
+
+    let outcome = runtime.block_on(async {
+        if let AdminAddr::Listen(addr) = admin_args.admin {
+            let listener = admin::bind(addr, admin_args.admin_allow_remote).await?;
+            let engine = Arc::clone(&engine);
+            let published = Arc::clone(&published);
+            let readiness = move || published.load(Ordering::Acquire) && engine.is_ready();
+            tracing::info!(%addr, "admin listening (/healthz, /readyz)");
+            tokio::spawn(admin::serve(listener, Arc::new(readiness)));
+        }
+        match source {
+            Source::Manifests(source) => {
+                source.run(sink, shutdown_signal()).await.map_err(anyhow::Error::from)
+            }
+            Source::Fixed(snapshot) => {
+                sink.publish(Arc::new(snapshot));
+                shutdown_signal().await;
+                Ok(())
+            }
+        }
+    });
+    tracing::info!("shutting down");
+    drop(runtime);
+    engine.shutdown();
+    outcome.map(|()| ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops ringlb");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Renders a build report as the text table `ringlb check` prints (and the demo shows at start).
+
+use std::fmt::Write;
+
+use lb_core::{Backend, BuildReport, ServiceEntry};
+
+/// One line per VIP entry, one indented line per backend, then rejections and skipped Services.
+pub fn render(report: &BuildReport) -> String {
+    let mut out = String::new();
+    let snapshot = &report.snapshot;
+    let _ = writeln!(
+        out,
+        "{:<28} {:<5} {:<32} {:<10} {:<5} {:>9}",
+        "VIP", "PROTO", "SERVICE", "PORT", "SCHED", "ELIGIBLE"
+    );
+    for entry in snapshot.entries() {
+        render_entry(&mut out, entry);
+    }
+    if snapshot.is_empty() {
+        let _ = writeln!(out, "(no VIPs to serve)");
+    }
+    for skipped in &report.skipped {
+        let _ = writeln!(out, "skipped: {}: {}", skipped.service, skipped.reason);
+    }
+    for error in &report.errors {
+        let _ = writeln!(out, "rejected: {error}");
+    }
+    out
+}
+
+fn render_entry(out: &mut String, entry: &ServiceEntry) {
+    let service = format!("{}/{}", entry.service.namespace, entry.service.name);
+    let _ = writeln!(
+        out,
+        "{:<28} {:<5} {:<32} {:<10} {:<5} {:>9}",
+        entry.key.socket_addr().to_string(),
+        entry.key.protocol.as_str(),
+        service,
+        entry.port_name.as_deref().unwrap_or("-"),
+        entry.scheduler.kind().name(),
+        format!("{}/{}", entry.eligible.len(), entry.backends.len()),
+    );
+    for (idx, backend) in entry.backends.iter().enumerate() {
+        let eligible = entry.eligible.contains(&(idx as u32));
+        let _ = writeln!(out, "    {}", backend_line(backend, eligible));
+    }
+}
+
+fn backend_line(backend: &Backend, eligible: bool) -> String {
+    let conditions = backend.conditions;
+    let state = if eligible {
+        "eligible"
+    } else if conditions.terminating {
+        "terminating"
+    } else {
+        "not-ready"
+    };
+    let mut line = format!("{:<45} {:<11} weight={}", backend.addr().to_string(), state, backend.weight);
+    if let Some(node) = &backend.node_name {
+        let _ = write!(line, " node={node}");
+    }
+    if let Some(target) = &backend.target {
+        let _ = write!(line, " target={target}");
+    }
+    line
+}
