@@ -40,7 +40,6 @@ pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
             drain_timeout: defaults.drain_timeout.unwrap_or(fallback.drain_timeout),
             ..fallback
         },
-        ..BuildOptions::default()
     }
 }
 
