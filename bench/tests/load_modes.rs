@@ -144,6 +144,23 @@ fn tcp_crr_against_a_closed_port_reports_connect_errors_and_stops_at_the_deadlin
 }
 
 #[test]
+fn tcp_crr_and_rr_against_a_listener_that_never_accepts_report_timeouts_and_stop_at_the_deadline() {
+    // Backlog 0: once the accept queue is full the kernel drops further SYNs, so connects hang.
+    let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any_port: std::net::SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    listener.bind(&any_port.into()).expect("bind");
+    listener.listen(0).expect("listen");
+    let target = listener.local_addr().ok().and_then(|a| a.as_socket()).expect("listener address");
+    for mode in ["tcp-crr", "tcp-rr"] {
+        let args =
+            ["--connections", "8", "--connect-timeout", "100ms", "--timeout", "100ms", "--duration", SHORT];
+        let report = run_json(mode, target, &args);
+        assert_eq!(u64_at(&report, "/ops"), 0, "{mode}: {report}");
+        assert!(u64_at(&report, "/errors/connect_timeout") > 0, "{mode}: {report}");
+    }
+}
+
+#[test]
 fn tcp_rr_against_a_closed_port_reports_connect_errors() {
     let closed = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("reserve a port");
     let report = run_json("tcp-rr", closed, &["--connections", "2", "--duration", "300ms"]);

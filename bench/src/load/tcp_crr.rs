@@ -80,6 +80,8 @@ struct CrrThread<'a> {
     slots: Vec<Slot>,
     /// Slots waiting to start their next transaction.
     idle: Vec<usize>,
+    /// The slots being started in this round (kept to reuse its allocation).
+    starting: Vec<usize>,
     request: Vec<u8>,
     read_buffer: Vec<u8>,
     tally: Tally,
@@ -110,6 +112,7 @@ impl<'a> CrrThread<'a> {
             poller: Poller::new(count * 2)?,
             slots,
             idle: (0..count).collect(),
+            starting: Vec::with_capacity(count),
             request: payload(args.message_size as usize),
             read_buffer: vec![0; (args.message_size as usize).clamp(4096, 256 * 1024)],
             tally: Tally::default(),
@@ -126,9 +129,13 @@ impl<'a> CrrThread<'a> {
             if now >= clock.end {
                 break;
             }
-            while let Some(index) = self.idle.pop() {
-                self.start(index);
+            // Slots whose start fails at once go back to `idle`; they are retried next round, so a
+            // synchronous connect error can never keep this loop from looking at the clock.
+            std::mem::swap(&mut self.idle, &mut self.starting);
+            for position in 0..self.starting.len() {
+                self.start(self.starting[position]);
             }
+            self.starting.clear();
             if now >= next_scan {
                 self.expire(now);
                 self.tally.publish(live);

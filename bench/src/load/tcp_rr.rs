@@ -146,7 +146,12 @@ impl<'a> RrThread<'a> {
     }
 
     fn open(&mut self, clock: &Clock, index: usize) {
-        let socket = match connect_blocking(self.args.run.target, self.args.connect_timeout, &self.options) {
+        // A blocking connect must not carry the thread past the end of the run.
+        let timeout = self.args.connect_timeout.min(clock.end.saturating_duration_since(Instant::now()));
+        if timeout.is_zero() {
+            return;
+        }
+        let socket = match connect_blocking(self.args.run.target, timeout, &self.options) {
             Ok(socket) => socket,
             Err(error) => {
                 self.tally.fail(connect_failure(&error));

@@ -85,7 +85,13 @@ fn run_streams(
     let mut streams: Vec<Stream> = Vec::with_capacity(units.len());
     for (slot, index) in units.into_iter().enumerate() {
         let mut stream = Stream { index, socket: None, sent: 0, received: 0 };
-        match connect_blocking(args.run.target, args.connect_timeout, &ConnectOptions::default()) {
+        // A blocking connect must not carry the thread past the end of the run.
+        let timeout = args.connect_timeout.min(clock.end.saturating_duration_since(Instant::now()));
+        if timeout.is_zero() {
+            streams.push(stream);
+            continue;
+        }
+        match connect_blocking(args.run.target, timeout, &ConnectOptions::default()) {
             Ok(socket) => match poller.add(socket.as_raw_fd(), slot as u64, interest) {
                 Ok(()) => stream.socket = Some(socket),
                 Err(error) => tally.fail(transfer_failure(&error)),
