@@ -15,14 +15,18 @@ mod sockets;
 mod udp_stats;
 
 use std::io::Write as _;
+use std::time::Instant;
 
 use clap::Parser as _;
 
 use cli::{Cli, Command};
+use report::ClientCpu;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (report, json) = match cli.command {
+    let started = Instant::now();
+    let (user_before, system_before) = run::process_cpu_seconds();
+    let (mut report, json) = match cli.command {
         Command::Serve(args) => return serve::run(&args),
         Command::TcpStream(args) => (load::tcp_stream::run(&args)?, args.run.json),
         Command::TcpRr(args) => (load::tcp_rr::run(&args)?, args.run.json),
@@ -30,6 +34,11 @@ fn main() -> anyhow::Result<()> {
         Command::UdpRr(args) => (load::udp_rr::run(&args)?, args.run.json),
         Command::UdpStream(args) => (load::udp_stream::run(&args)?, args.run.json),
     };
+    let (user_after, system_after) = run::process_cpu_seconds();
+    let wall_s = started.elapsed().as_secs_f64();
+    let (user_s, system_s) = (user_after - user_before, system_after - system_before);
+    report.client_cpu =
+        Some(ClientCpu { user_s, system_s, wall_s, cores_busy: (user_s + system_s) / wall_s.max(1e-9) });
     let mut stdout = std::io::stdout().lock();
     if json {
         serde_json::to_writer(&mut stdout, &report)?;

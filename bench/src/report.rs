@@ -179,6 +179,27 @@ pub struct Report {
     pub latency_us: Option<LatencySummary>,
     pub streams: Option<Vec<StreamSummary>>,
     pub datagrams: Option<DatagramSummary>,
+    /// The generator's own CPU use over the whole run (filled in by `main`).
+    pub client_cpu: Option<ClientCpu>,
+}
+
+/// CPU time the generator process used (getrusage) over the whole run, warm-up and setup included.
+/// `cores_busy` close to `client_threads` means the generator itself may be the bottleneck.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientCpu {
+    pub user_s: f64,
+    pub system_s: f64,
+    pub wall_s: f64,
+    pub cores_busy: f64,
+}
+
+impl ClientCpu {
+    /// Share of the client threads' capacity above which the table warns that the generator is busy.
+    const SATURATED: f64 = 0.9;
+
+    pub fn saturated(&self, client_threads: usize) -> bool {
+        self.cores_busy >= Self::SATURATED * client_threads as f64
+    }
 }
 
 pub fn gbit_per_sec(bytes: u64, seconds: f64) -> f64 {
@@ -220,6 +241,7 @@ impl Report {
             latency_us: LatencySummary::from_histogram(&totals.latency),
             streams: None,
             datagrams: None,
+            client_cpu: None,
         }
     }
 
@@ -281,6 +303,21 @@ impl Report {
                 let _ = writeln!(out, "  latency    no completed operations");
             }
             None => {}
+        }
+        if let Some(cpu) = &self.client_cpu {
+            let _ = writeln!(
+                out,
+                "  client cpu {:.2} cores busy (user {:.2} s, system {:.2} s over {:.2} s){}",
+                cpu.cores_busy,
+                cpu.user_s,
+                cpu.system_s,
+                cpu.wall_s,
+                if cpu.saturated(self.client_threads) {
+                    "  <- saturated: the generator may be the bottleneck"
+                } else {
+                    ""
+                }
+            );
         }
         if let Some(streams) = &self.streams {
             for s in streams {

@@ -228,3 +228,15 @@ pub fn client_threads(requested: Option<usize>, units: usize) -> usize {
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
     requested.unwrap_or(cores).clamp(1, units.max(1))
 }
+
+/// User and system CPU seconds used so far by this process (all threads).
+pub fn process_cpu_seconds() -> (f64, f64) {
+    // SAFETY: all-zero is a valid rusage; getrusage only writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a live, writable rusage for the duration of the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return (0.0, 0.0);
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (seconds(usage.ru_utime), seconds(usage.ru_stime))
+}

@@ -127,6 +127,7 @@ pub fn assert_common_fields(report: &serde_json::Value, mode: &str, target: Sock
     assert!(report["params"].is_object(), "params: {report}");
     assert!(f64_at(report, "/duration_s") > 0.0);
     assert!(u64_at(report, "/client_threads") >= 1);
+    assert!(f64_at(report, "/client_cpu/wall_s") > 0.0);
     let errors = report["errors"].as_object().expect("errors is an object");
     let sum: u64 = errors.values().map(|v| v.as_u64().expect("error counts are integers")).sum();
     assert_eq!(sum, u64_at(report, "/errors_total"), "errors_total is the sum of the kinds");
