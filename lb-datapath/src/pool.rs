@@ -65,6 +65,11 @@ impl PipePool {
         Ok(pipe)
     }
 
+    /// Pipes kept open for reuse.
+    pub fn idle(&self) -> usize {
+        self.free.len()
+    }
+
     pub fn give(&mut self, pipe: Pipe) {
         self.in_use -= 1;
         if pipe.buffered == 0 && self.free.len() < MAX_IDLE {

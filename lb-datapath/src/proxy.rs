@@ -245,7 +245,20 @@ impl Worker {
     pub(crate) fn on_direction(&mut self, data: UserData, which: Which, result: i32) {
         let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
         conn.in_flight -= 1;
-        let completed = relay::complete(conn.direction(which), result);
+        let mut completed = relay::complete(conn.direction(which), result);
+        if completed.eof {
+            // The state tells a reset apart only while we have not sent our own FIN on the source:
+            // after it, the peer's FIN moves the socket to TIME_WAIT, which leaves it in TCP_CLOSE too.
+            let (source, fin_sent) = match which {
+                Which::ClientToBackend => (Some(conn.client.as_raw_fd()), conn.backend_to_client.done),
+                Which::BackendToClient => {
+                    (conn.backend.as_ref().map(|b| b.as_raw_fd()), conn.client_to_backend.done)
+                }
+            };
+            if !fin_sent && source.is_some_and(relay::source_was_reset) {
+                completed.next = Next::Reset;
+            }
+        }
         if completed.active {
             conn.last_activity = self.now;
         }
@@ -327,5 +340,6 @@ impl Worker {
     fn update_pool_gauges(&self) {
         stats::set(&self.counters.buffers_in_use, self.buffers.in_use as u64);
         stats::set(&self.counters.pipes_in_use, self.pipes.in_use as u64);
+        stats::set(&self.counters.pipes_idle, self.pipes.idle() as u64);
     }
 }

@@ -24,6 +24,7 @@ pub(crate) struct WorkerCounters {
     pub bind_failures: AtomicU64,
     pub buffers_in_use: AtomicU64,
     pub pipes_in_use: AtomicU64,
+    pub pipes_idle: AtomicU64,
 }
 
 /// Adds `n` to a counter owned by the calling worker.
@@ -54,6 +55,7 @@ impl WorkerCounters {
             bind_failures: get(&self.bind_failures),
             buffers_in_use: get(&self.buffers_in_use),
             pipes_in_use: get(&self.pipes_in_use),
+            pipes_idle: get(&self.pipes_idle),
         }
     }
 }
@@ -89,6 +91,8 @@ pub struct WorkerStats {
     pub buffers_in_use: u64,
     /// Pipes currently taken from the worker's pool.
     pub pipes_in_use: u64,
+    /// Pipes kept open in the pool for reuse (two fds each).
+    pub pipes_idle: u64,
 }
 
 /// Counters of every worker, index = worker number.
@@ -115,6 +119,7 @@ impl EngineStats {
             bind_failures: a.bind_failures + w.bind_failures,
             buffers_in_use: a.buffers_in_use + w.buffers_in_use,
             pipes_in_use: a.pipes_in_use + w.pipes_in_use,
+            pipes_idle: a.pipes_idle + w.pipes_idle,
         })
     }
 }

@@ -121,3 +121,18 @@ fn backend_reset_reaches_the_client_as_a_reset() {
 fn backend_reset_reaches_the_client_as_a_reset_with_splice() {
     check_backend_reset(RelayMode::Splice, 16);
 }
+
+#[test]
+fn auto_relay_resolves_to_splice_on_a_kernel_with_splice() {
+    let backend = echo_server().expect("echo backend");
+    let key = tcp_key(17);
+    let engine = start_engine(
+        1,
+        RelayMode::Auto,
+        snapshot(1, vec![entry(key, &[(backend.addr(), true)], test_policy())]),
+    );
+    assert!(engine.features().splice, "this kernel has IORING_OP_SPLICE");
+    assert_eq!(engine.relay_mode(), RelayMode::Splice);
+    let mut client = connect(key.socket_addr());
+    assert_eq!(round_trip(&mut client, b"auto"), b"auto");
+}
