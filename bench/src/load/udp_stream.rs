@@ -35,13 +35,19 @@ pub fn run(args: &UdpStreamArgs) -> anyhow::Result<Report> {
     let resumed = Barrier::new(threads + 1);
     let measured = OnceLock::<Clock>::new();
     let warmup_clock = Clock::starting_now(args.run.warmup, Duration::ZERO);
+    // Sockets are made here, not in the threads: a thread that failed before the barriers would
+    // leave the others waiting forever.
+    let senders = (0..threads)
+        .map(|thread| Sender::new(args, (thread..flows).step_by(threads).count(), threads))
+        .collect::<io::Result<Vec<_>>>()
+        .context("cannot create the sending sockets")?;
     let (tallies, before) = std::thread::scope(|scope| -> anyhow::Result<_> {
-        let handles: Vec<_> = (0..threads)
-            .map(|thread| {
-                let units: Vec<usize> = (thread..flows).step_by(threads).collect();
-                let (paused, resumed, measured, live) = (&paused, &resumed, &measured, &live[thread]);
-                scope.spawn(move || -> io::Result<Tally> {
-                    let mut sender = Sender::new(args, units.len(), threads)?;
+        let handles: Vec<_> = senders
+            .into_iter()
+            .zip(&live)
+            .map(|(mut sender, live)| {
+                let (paused, resumed, measured) = (&paused, &resumed, &measured);
+                scope.spawn(move || -> Tally {
                     let mut tally = Tally::default();
                     sender.blast(&mut tally, &warmup_clock, warmup_clock.measure_from, live);
                     paused.wait();
@@ -49,7 +55,7 @@ pub fn run(args: &UdpStreamArgs) -> anyhow::Result<Report> {
                     let clock = *measured.get().expect("the main thread sets the clock before resuming");
                     let mut tally = Tally::default();
                     sender.blast(&mut tally, &clock, clock.end, live);
-                    Ok(tally)
+                    tally
                 })
             })
             .collect();
@@ -67,9 +73,7 @@ pub fn run(args: &UdpStreamArgs) -> anyhow::Result<Report> {
         }
         let tallies = handles
             .into_iter()
-            .map(|handle| {
-                handle.join().map_err(|_| anyhow::anyhow!("a sender thread panicked"))?.map_err(Into::into)
-            })
+            .map(|handle| handle.join().map_err(|_| anyhow::anyhow!("a sender thread panicked")))
             .collect::<anyhow::Result<Vec<Tally>>>()?;
         Ok((tallies, before))
     })?;
