@@ -18,6 +18,7 @@ struct State {
     version: AtomicU64,
     rejected: AtomicBool,
     rejected_reloads: AtomicU64,
+    rejected_objects: AtomicU64,
     loads: AtomicU64,
 }
 
@@ -50,6 +51,16 @@ impl Readiness {
     /// unchanged table, or rejected); unchanged files are not loaded again and do not count.
     pub fn loads(&self) -> u64 {
         self.0.loads.load(Ordering::Acquire)
+    }
+
+    /// Objects the builder rejected in the last load that parsed (their Services keep serving what
+    /// they served before, see `lb_core::build`); 0 when everything was accepted.
+    pub fn rejected_objects(&self) -> u64 {
+        self.0.rejected_objects.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_rejected_objects(&self, count: usize) {
+        self.0.rejected_objects.store(count as u64, Ordering::Release);
     }
 
     /// Counts a finished load; called after its outcome is visible (published or marked rejected).

@@ -1,5 +1,6 @@
-//! The admin HTTP listener: `/healthz` (the process runs) and `/readyz` (the datapath serves the
-//! first snapshot). Runs on the control thread's tokio runtime; never on a datapath worker.
+//! The admin HTTP listener: `/healthz` (the process runs), `/readyz` (the datapath serves the first
+//! snapshot) and `/status` (JSON: snapshot version, source state, per-worker counters). Runs on the
+//! control thread's tokio runtime; never on a datapath worker.
 //!
 //! It listens on loopback unless the operator explicitly allows another address, because it will
 //! expose internals (metrics, tables) that should not be reachable from the VIP side.
@@ -17,15 +18,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-/// Answers whether ringlb is ready to serve; implemented by the `run` wiring.
-pub trait Readiness: Send + Sync + 'static {
+/// What the admin endpoints report; implemented by the serving wiring.
+pub trait AdminState: Send + Sync + 'static {
+    /// Whether the datapath serves the first snapshot.
     fn is_ready(&self) -> bool;
-}
-
-impl<F: Fn() -> bool + Send + Sync + 'static> Readiness for F {
-    fn is_ready(&self) -> bool {
-        self()
-    }
+    /// The `/status` document.
+    fn status(&self) -> serde_json::Value;
 }
 
 /// Binds the admin listener, refusing a non-loopback address unless `allow_remote`.
@@ -37,7 +35,7 @@ pub async fn bind(addr: SocketAddr, allow_remote: bool) -> anyhow::Result<TcpLis
 }
 
 /// Serves admin requests on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, readiness: Arc<dyn Readiness>) {
+pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -46,11 +44,11 @@ pub async fn serve(listener: TcpListener, readiness: Arc<dyn Readiness>) {
                 continue;
             }
         };
-        let readiness = Arc::clone(&readiness);
+        let state = Arc::clone(&state);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let readiness = Arc::clone(&readiness);
-                async move { Ok::<_, Infallible>(route(&request, readiness.as_ref())) }
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(route(&request, state.as_ref())) }
             });
             if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%error, "admin connection ended with an error");
@@ -59,23 +57,32 @@ pub async fn serve(listener: TcpListener, readiness: Arc<dyn Readiness>) {
     }
 }
 
-fn route(request: &Request<Incoming>, readiness: &dyn Readiness) -> Response<Full<Bytes>> {
+fn route(request: &Request<Incoming>, state: &dyn AdminState) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if state.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found; try /healthz or /readyz\n"),
+        "/status" => {
+            let mut body = serde_json::to_vec_pretty(&state.status()).unwrap_or_default();
+            body.push(b'\n');
+            respond(StatusCode::OK, "application/json", Bytes::from(body))
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz or /status\n"),
     }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    respond(status, "text/plain", Bytes::from_static(body.as_bytes()))
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
         .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
     response
 }

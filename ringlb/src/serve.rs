@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use lb_core::{BuildOptions, EntryPolicy, Snapshot};
-use lb_datapath::{Engine, EngineConfig, RelayMode};
-use lb_sync::{ManifestSource, SnapshotSink};
+use lb_datapath::{Engine, EngineConfig, RelayMode, WorkerStats};
+use lb_sync::{ManifestSource, Readiness, SnapshotSink};
+use serde_json::json;
 
-use crate::admin;
+use crate::admin::{self, AdminState};
 use crate::cli::{AdminAddr, AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs};
 
 /// Where the served snapshots come from.
@@ -70,6 +71,56 @@ impl SnapshotSink for EngineSink {
     }
 }
 
+/// What the admin endpoints see of a serving ringlb.
+struct ServeState {
+    engine: Arc<Engine>,
+    published: Arc<AtomicBool>,
+    /// Progress of the manifest source; `None` for a fixed snapshot.
+    source: Option<Readiness>,
+}
+
+impl AdminState for ServeState {
+    fn is_ready(&self) -> bool {
+        self.published.load(Ordering::Acquire) && self.engine.is_ready()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let snapshot = self.engine.current();
+        let source = self.source.as_ref().map(|source| {
+            json!({
+                "loads": source.loads(),
+                "inputs_rejected": source.inputs_rejected(),
+                "rejected_reloads": source.rejected_reloads(),
+                "rejected_objects": source.rejected_objects(),
+            })
+        });
+        let workers: Vec<_> = self.engine.stats().workers.iter().map(worker_status).collect();
+        json!({
+            "ready": self.is_ready(),
+            "snapshot": { "version": snapshot.version, "entries": snapshot.len() },
+            "source": source,
+            "workers": workers,
+        })
+    }
+}
+
+fn worker_status(stats: &WorkerStats) -> serde_json::Value {
+    json!({
+        "accepted": stats.accepted,
+        "active": stats.active,
+        "connect_failures": stats.connect_failures,
+        "retries": stats.retries,
+        "no_backend": stats.no_backend,
+        "resets": stats.resets,
+        "idle_timeouts": stats.idle_timeouts,
+        "drain_closes": stats.drain_closes,
+        "bytes_client_to_backend": stats.bytes_client_to_backend,
+        "bytes_backend_to_client": stats.bytes_backend_to_client,
+        "listeners": stats.listeners,
+        "bind_failures": stats.bind_failures,
+    })
+}
+
 pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -87,11 +138,16 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
     let outcome = runtime.block_on(async {
         if let AdminAddr::Listen(addr) = admin_args.admin {
             let listener = admin::bind(addr, admin_args.admin_allow_remote).await?;
-            let engine = Arc::clone(&engine);
-            let published = Arc::clone(&published);
-            let readiness = move || published.load(Ordering::Acquire) && engine.is_ready();
-            tracing::info!(%addr, "admin listening (/healthz, /readyz)");
-            tokio::spawn(admin::serve(listener, Arc::new(readiness)));
+            let state = ServeState {
+                engine: Arc::clone(&engine),
+                published: Arc::clone(&published),
+                source: match &source {
+                    Source::Manifests(source) => Some(source.readiness()),
+                    Source::Fixed(_) => None,
+                },
+            };
+            tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
+            tokio::spawn(admin::serve(listener, Arc::new(state)));
         }
         match source {
             Source::Manifests(source) => {

@@ -106,8 +106,14 @@ fn echo(mut stream: TcpStream) {
 
 /// Writes `name` and a newline on connect, then echoes.
 pub fn named_server(name: &str) -> io::Result<Server> {
+    named_server_on("127.0.0.1:0".parse().expect("literal address"), name)
+}
+
+/// A [`named_server`] on `addr` (e.g. several backends on 127.0.0.x sharing one port, as pods behind
+/// one EndpointSlice port do).
+pub fn named_server_on(addr: SocketAddr, name: &str) -> io::Result<Server> {
     let greeting = format!("{name}\n").into_bytes();
-    Server::spawn(move |mut stream| {
+    Server::spawn_on(addr, move |mut stream| {
         if stream.write_all(&greeting).is_ok() {
             echo(stream);
         }

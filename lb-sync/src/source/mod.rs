@@ -153,6 +153,7 @@ impl ManifestSource {
         let mut seen = Seen::Files(Arc::clone(&files));
         let report = self.build(files, None, publisher.next_version()).await;
         let report = report.map_err(loader_failed)?.map_err(initial_load)?;
+        self.readiness.set_rejected_objects(report.errors.len());
         if let Some(snapshot) = publisher.accept(report) {
             self.publish(&sink, snapshot);
         }
@@ -241,6 +242,7 @@ impl ManifestSource {
                     tracing::info!(path = %self.path.display(), "manifests valid again");
                 }
                 self.readiness.mark_inputs_valid();
+                self.readiness.set_rejected_objects(report.errors.len());
                 if let Some(snapshot) = publisher.accept(report) {
                     self.publish(sink, snapshot);
                 }

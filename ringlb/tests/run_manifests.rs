@@ -1,0 +1,164 @@
+//! End-to-end: the `ringlb` binary serving manifests over real loopback sockets, the way the
+//! foundation issue is checked by hand: a Service with an external IP on 127.0.0.x, an EndpointSlice
+//! with three ready endpoints and one not ready, live edits, and large transfers.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+
+use support::{Ringlb, greeting, loopback, poll_until, port_free_on, save};
+use testkit::backends::{named_server_on, read_pattern, stream_header, stream_server, write_pattern};
+
+/// A Service `web` with external IP `vip` and one slice of `(ip, ready)` endpoints on `backend_port`.
+fn manifest(vip: SocketAddr, backend_port: u16, endpoints: &[(std::net::IpAddr, bool)]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  \
+         clusterIP: 10.96.0.20\n  externalIPs: [\"{}\"]\n  ports:\n  - name: http\n    port: {}\n    \
+         targetPort: http\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+         name: web-abc12\n  namespace: shop\n  labels:\n    kubernetes.io/service-name: web\n\
+         addressType: IPv4\nports:\n- name: http\n  port: {backend_port}\n  protocol: TCP\nendpoints:\n",
+        vip.ip(),
+        vip.port()
+    );
+    for (ip, ready) in endpoints {
+        text.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}\n"));
+    }
+    text
+}
+
+/// Opens `count` connections through `vip` and counts the greetings per backend name.
+fn spread(vip: SocketAddr, count: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..count {
+        let (name, _) = greeting(vip).expect("connect through ringlb and read the greeting");
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn run_balances_over_ready_endpoints_and_follows_readiness_edits() {
+    let backend_ips: Vec<_> = (41..=44).map(loopback).collect();
+    let backend_port = port_free_on(&backend_ips);
+    let names = ["web-1", "web-2", "web-3", "web-4"];
+    let _backends: Vec<_> = backend_ips
+        .iter()
+        .zip(names)
+        .map(|(ip, name)| named_server_on(SocketAddr::new(*ip, backend_port), name).expect("backend"))
+        .collect();
+    let vip = SocketAddr::new(loopback(40), port_free_on(&[loopback(40)]));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("web.yaml");
+    let readiness = |ready: [bool; 4]| -> Vec<_> { backend_ips.iter().copied().zip(ready).collect() };
+    save(&file, &manifest(vip, backend_port, &readiness([true, true, true, false])));
+
+    let mut ringlb = Ringlb::start(&["run", "--manifests", dir.path().to_str().expect("utf-8 path")]);
+    ringlb.wait_ready();
+
+    let seen = spread(vip, 30);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2", "web-3"],
+        "only ready endpoints: {seen:?}"
+    );
+    assert!(seen.values().all(|&n| n >= 5), "round robin spreads evenly enough: {seen:?}");
+
+    // An established connection to web-1 must survive web-1 turning not ready.
+    let mut on_web1 = poll_until("a connection that lands on web-1", || {
+        let (name, stream) = greeting(vip).expect("connect");
+        (name == "web-1").then_some(stream)
+    });
+
+    save(&file, &manifest(vip, backend_port, &readiness([false, true, true, true])));
+    poll_until("the readiness edit to take effect", || {
+        let seen = spread(vip, 9);
+        (seen.keys().collect::<Vec<_>>() == ["web-2", "web-3", "web-4"]).then_some(())
+    });
+    let seen = spread(vip, 30);
+    assert!(!seen.contains_key("web-1"), "a not-ready endpoint gets no new connections: {seen:?}");
+    assert!(seen.contains_key("web-4"), "the newly ready endpoint gets connections: {seen:?}");
+
+    let mut reply = [0u8; 5];
+    on_web1.write_all(b"still").expect("write on the established connection");
+    on_web1.read_exact(&mut reply).expect("echo on the established connection");
+    assert_eq!(&reply, b"still");
+
+    let status = ringlb.terminate();
+    assert!(status.success(), "ringlb exits cleanly on SIGTERM: {status}");
+}
+
+#[test]
+fn bad_edit_keeps_the_previous_table_serving() {
+    let backend_ip = loopback(46);
+    let backend_port = port_free_on(&[backend_ip]);
+    let _backend = named_server_on(SocketAddr::new(backend_ip, backend_port), "only").expect("backend");
+    let vip = SocketAddr::new(loopback(45), port_free_on(&[loopback(45)]));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("web.yaml");
+    let good = manifest(vip, backend_port, &[(backend_ip, true)]);
+    save(&file, &good);
+    let mut ringlb = Ringlb::start(&["run", "--manifests", file.to_str().expect("utf-8 path")]);
+    ringlb.wait_ready();
+    assert_eq!(greeting(vip).expect("served").0, "only");
+
+    // Unparsable YAML, then an invalid port: each rejected while the previous table keeps serving.
+    let service_port = format!("port: {}\n    targetPort", vip.port());
+    let invalid_port = good.replace(&service_port, "port: 70000\n    targetPort");
+    assert_ne!(invalid_port, good);
+    // (edit, how /status shows its rejection): a load that fails, or an object the builder rejects.
+    let broken = [
+        (format!("{good}\n  - {{ this is: [not yaml"), ("inputs_rejected", serde_json::json!(true))),
+        (invalid_port, ("rejected_objects", serde_json::json!(1))),
+    ];
+    for (text, (field, rejected)) in &broken {
+        let loads_before = ringlb.status()["source"]["loads"].as_u64().expect("loads");
+        save(&file, text);
+        let status = poll_until("ringlb to load the bad edit", || {
+            let status = ringlb.status();
+            (status["source"]["loads"].as_u64() > Some(loads_before)).then_some(status)
+        });
+        assert_eq!(&status["source"][field], rejected, "the bad edit is rejected: {status}");
+        assert_eq!(status["snapshot"]["version"], 1, "a rejected edit publishes nothing: {status}");
+        assert_eq!(greeting(vip).expect("still served after a bad edit").0, "only");
+    }
+
+    // A good edit after the bad ones is applied: the watch loop survived them.
+    let second_ip = loopback(48);
+    let _second = named_server_on(SocketAddr::new(second_ip, backend_port), "second").expect("backend");
+    save(&file, &manifest(vip, backend_port, &[(backend_ip, false), (second_ip, true)]));
+    poll_until("the good edit to be published", || {
+        (ringlb.status()["snapshot"]["version"] == 2).then_some(())
+    });
+    assert_eq!(greeting(vip).expect("served by the new table").0, "second");
+    let status = ringlb.terminate();
+    assert!(status.success(), "ringlb exits cleanly on SIGTERM: {status}");
+}
+
+#[test]
+fn large_transfers_through_run_arrive_intact_both_ways() {
+    let (backend, reports) = stream_server().expect("stream backend");
+    let vip = SocketAddr::new(loopback(47), port_free_on(&[loopback(47)]));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("bulk.yaml");
+    save(&file, &manifest(vip, backend.addr().port(), &[(backend.addr().ip(), true)]));
+    let mut ringlb = Ringlb::start(&["run", "--manifests", file.to_str().expect("utf-8 path")]);
+    ringlb.wait_ready();
+
+    const LEN: u64 = 256 << 20;
+    let mut client = std::net::TcpStream::connect(vip).expect("connect through ringlb");
+    client.set_read_timeout(Some(support::IO_TIMEOUT)).expect("timeout");
+    client.write_all(&stream_header(11, 22, LEN)).expect("header");
+    let mut writer = client.try_clone().expect("clone");
+    let upload = std::thread::spawn(move || {
+        write_pattern(&mut writer, 11, LEN).expect("upload");
+        writer.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let (downloaded, intact) = read_pattern(&mut client, 22).expect("download");
+    upload.join().expect("upload thread");
+    assert_eq!((downloaded, intact), (LEN, true), "download arrives whole and intact");
+    let report = reports.recv_timeout(support::DEADLINE).expect("backend report");
+    assert_eq!((report.received, report.intact), (LEN, true), "upload arrives whole and intact");
+    ringlb.terminate();
+}

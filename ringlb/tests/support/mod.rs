@@ -1,0 +1,138 @@
+//! Shared helpers of the binary's end-to-end tests: a `ringlb` child process that is stopped on drop,
+//! bounded polling of its admin endpoint, and loopback ports and clients.
+//!
+//! Every wait is bounded by a deadline and polls a real condition; nothing sleeps as synchronisation.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for anything the tests wait for; generous because CI machines are shared and noisy.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn loopback(last_octet: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet))
+}
+
+/// A port that is free on every one of `ips` right now (bound on all of them, then released).
+pub fn port_free_on(ips: &[IpAddr]) -> u16 {
+    for _ in 0..100 {
+        let first = TcpListener::bind(SocketAddr::new(ips[0], 0)).expect("bind an ephemeral port");
+        let port = first.local_addr().expect("bound").port();
+        if ips[1..].iter().all(|ip| TcpListener::bind(SocketAddr::new(*ip, port)).is_ok()) {
+            return port;
+        }
+    }
+    panic!("no port free on all of {ips:?} after 100 tries");
+}
+
+/// A `ringlb` process; killed (and reaped) on drop unless stopped first.
+pub struct Ringlb {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+}
+
+impl Ringlb {
+    /// Starts `ringlb <args> --admin <free loopback port>` with logs to stderr of the test.
+    pub fn start(args: &[&str]) -> Ringlb {
+        let admin = SocketAddr::new(loopback(1), port_free_on(&[loopback(1)]));
+        let child = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .args(args)
+            .args(["--admin", &admin.to_string(), "--workers", "2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn ringlb");
+        Ringlb { child: Some(child), admin }
+    }
+
+    /// Waits until `/readyz` answers 200, failing if the process exits first.
+    pub fn wait_ready(&mut self) {
+        let admin = self.admin;
+        let child = self.child.as_mut().expect("running");
+        poll_until("ringlb to answer /readyz with 200", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("ringlb exited before it was ready: {status}");
+            }
+            http_get(admin, "/readyz").ok().filter(|(status, _)| *status == 200)
+        });
+    }
+
+    /// The admin `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.admin, "/status").expect("GET /status");
+        assert_eq!(code, 200, "/status answers: {body}");
+        serde_json::from_str(&body).expect("/status is JSON")
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = i32::try_from(child.id()).expect("pid fits");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        wait_exit(&mut child)
+    }
+}
+
+impl Drop for Ringlb {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child) -> ExitStatus {
+    poll_until("ringlb to exit after SIGTERM", || child.try_wait().expect("wait for ringlb"))
+}
+
+/// Polls `condition` every 10 ms until it yields a value; panics naming `what` after [`DEADLINE`].
+pub fn poll_until<T>(what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {DEADLINE:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10)); // the polling interval, not synchronisation
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Connects to `vip` and reads the one-line greeting of a `testkit` named server.
+pub fn greeting(vip: SocketAddr) -> std::io::Result<(String, TcpStream)> {
+    let stream = TcpStream::connect_timeout(&vip, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    Ok((line.trim_end().to_owned(), stream))
+}
+
+/// Writes `text` to `path` the way editors save: a temporary file renamed over the target.
+pub fn save(path: &Path, text: &str) {
+    let temporary = path.with_extension("tmp~");
+    std::fs::write(&temporary, text).expect("write manifest");
+    std::fs::rename(&temporary, path).expect("rename manifest into place");
+}
