@@ -88,6 +88,7 @@ impl Engine {
                 buffer_size: config.buffer_size,
                 pipe_size: config.pipe_size,
                 housekeeping_interval: config.housekeeping_interval,
+                multishot_accept: config.multishot_accept,
             };
             let core =
                 if config.pin_workers && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };

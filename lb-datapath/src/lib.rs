@@ -56,6 +56,9 @@ pub struct EngineConfig {
     pub pipe_size: usize,
     /// Period of the housekeeping timer that enforces idle and drain timeouts and retries binds.
     pub housekeeping_interval: Duration,
+    /// Use multishot accept where the kernel supports it (5.19+); `false` forces the re-armed
+    /// single-shot accept older kernels get (useful to exercise that path on a new kernel).
+    pub multishot_accept: bool,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +71,7 @@ impl Default for EngineConfig {
             buffer_size: 64 * 1024,
             pipe_size: 256 * 1024,
             housekeeping_interval: Duration::from_millis(250),
+            multishot_accept: true,
         }
     }
 }

@@ -113,8 +113,11 @@ impl Worker {
             // SAFETY: the address and timespec live in the connection's boxed slot, which is not
             // released before both completions are reaped; the kernel copies them at submission.
             // The socket is owned by the connection for as long.
-            let pushed =
-                unsafe { self.ring.push(&connect) }.and_then(|()| unsafe { self.ring.push(&link_timeout) });
+            let pushed = self
+                .ring
+                .reserve(2)
+                .and_then(|()| unsafe { self.ring.push(&connect) })
+                .and_then(|()| unsafe { self.ring.push(&link_timeout) });
             match pushed {
                 Ok(()) => {
                     conn.in_flight += 2;

@@ -147,6 +147,19 @@ impl Ring {
         }
     }
 
+    /// Makes room for `n` entries that must reach the kernel in the same submission (a linked
+    /// chain: a chain cut at a submission boundary loses its link, e.g. a connect its timeout).
+    pub fn reserve(&mut self, n: usize) -> io::Result<()> {
+        let free = {
+            let queue = self.uring.submission();
+            queue.capacity() - queue.len()
+        };
+        if free < n {
+            self.uring.submit()?;
+        }
+        Ok(())
+    }
+
     /// Submits queued entries and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
         match self.uring.submit_and_wait(want) {

@@ -38,6 +38,8 @@ pub(crate) struct WorkerSettings {
     pub buffer_size: usize,
     pub pipe_size: usize,
     pub housekeeping_interval: Duration,
+    /// Multishot accept allowed by configuration (the kernel must support it too).
+    pub multishot_accept: bool,
 }
 
 pub(crate) struct Worker {
@@ -75,7 +77,7 @@ impl Worker {
         wake_fd: RawFd,
     ) -> Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
-        let multishot_accept = ring.features.multishot_accept;
+        let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
         Worker {
             ring,
             buffers: BufferPool::new(settings.buffer_size),

@@ -160,3 +160,19 @@ fn connect_timeout_to_a_blackhole_backend_is_retried_on_another() {
     assert!(total.connect_failures >= 1, "a connect went to the blackhole and timed out: {total:?}");
     assert_eq!(total.retries, total.connect_failures, "every timed-out connect was retried: {total:?}");
 }
+
+#[test]
+fn single_shot_accept_fallback_serves_many_connections() {
+    // The path kernels without multishot accept (before 5.19) take: one accept re-armed per client.
+    let backend = echo_server().expect("backend");
+    let key = tcp_key(28);
+    let config = lb_datapath::EngineConfig { multishot_accept: false, ..test_config(2, RelayMode::Copy) };
+    let engine =
+        start_engine_with(config, snapshot(1, vec![entry(key, &[(backend.addr(), true)], test_policy())]));
+    let mut clients: Vec<_> = (0..40).map(|_| connect(key.socket_addr())).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let message = format!("single-shot {i}");
+        assert_eq!(round_trip(client, message.as_bytes()), message.as_bytes());
+    }
+    assert_eq!(engine.stats().total().accepted, 40);
+}

@@ -80,13 +80,22 @@ pub fn snapshot(version: u64, entries: Vec<ServiceEntry>) -> Arc<Snapshot> {
 /// Starts an engine and waits until it is ready. Panics if io_uring is refused: datapath tests must
 /// fail loudly, never skip.
 pub fn start_engine(workers: usize, relay: RelayMode, initial: Arc<Snapshot>) -> Engine {
-    let config = EngineConfig {
+    start_engine_with(test_config(workers, relay), initial)
+}
+
+/// The engine configuration tests use: unpinned workers and a fast housekeeping tick.
+pub fn test_config(workers: usize, relay: RelayMode) -> EngineConfig {
+    EngineConfig {
         workers,
         pin_workers: false,
         relay,
         housekeeping_interval: Duration::from_millis(50),
         ..EngineConfig::default()
-    };
+    }
+}
+
+/// Starts an engine with `config` and waits until it is ready; panics loudly if it cannot start.
+pub fn start_engine_with(config: EngineConfig, initial: Arc<Snapshot>) -> Engine {
     let engine = match Engine::start(config, initial) {
         Ok(engine) => engine,
         Err(err) => panic!("the datapath engine must start (io_uring refused?): {err}"),
