@@ -18,6 +18,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::cli::{AdminAddr, AdminArgs};
+
 /// What the admin endpoints report; implemented by the serving wiring.
 pub trait AdminState: Send + Sync + 'static {
     /// Whether the datapath serves the first snapshot.
@@ -26,11 +28,19 @@ pub trait AdminState: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value;
 }
 
-/// Binds the admin listener, refusing a non-loopback address unless `allow_remote`.
-pub async fn bind(addr: SocketAddr, allow_remote: bool) -> anyhow::Result<TcpListener> {
-    if !addr.ip().is_loopback() && !allow_remote {
-        bail!("admin address {addr} is not a loopback address; pass --admin-allow-remote to allow it");
+/// The address to listen on, if any, refusing a non-loopback one unless explicitly allowed.
+/// Called before anything starts, so a refused address costs nothing.
+pub fn listen_addr(args: &AdminArgs) -> anyhow::Result<Option<SocketAddr>> {
+    match args.admin {
+        AdminAddr::Off => Ok(None),
+        AdminAddr::Listen(addr) if addr.ip().is_loopback() || args.admin_allow_remote => Ok(Some(addr)),
+        AdminAddr::Listen(addr) => {
+            bail!("admin address {addr} is not a loopback address; pass --admin-allow-remote to allow it")
+        }
     }
+}
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the admin listener on {addr}"))
 }
 

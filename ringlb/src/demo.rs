@@ -22,6 +22,7 @@ const BACKENDS: [(&str, u8, bool); 4] =
     [("backend-1", 2, true), ("backend-2", 3, true), ("backend-3", 4, true), ("backend-4", 5, false)];
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    crate::admin::listen_addr(&args.admin)?;
     for (name, octet, _) in BACKENDS {
         let addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, octet), args.backend_port));
         start_backend(name, addr)?;

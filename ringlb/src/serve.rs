@@ -16,7 +16,7 @@ use lb_sync::{ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
 use crate::admin::{self, AdminState};
-use crate::cli::{AdminAddr, AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs};
+use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs};
 
 /// Where the served snapshots come from.
 pub enum Source {
@@ -122,6 +122,7 @@ fn worker_status(stats: &WorkerStats) -> serde_json::Value {
 }
 
 pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let admin_addr = admin::listen_addr(admin_args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("ringlb-control")
@@ -136,8 +137,8 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
     let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published) };
 
     let outcome = runtime.block_on(async {
-        if let AdminAddr::Listen(addr) = admin_args.admin {
-            let listener = admin::bind(addr, admin_args.admin_allow_remote).await?;
+        if let Some(addr) = admin_addr {
+            let listener = admin::bind(addr).await?;
             let state = ServeState {
                 engine: Arc::clone(&engine),
                 published: Arc::clone(&published),
