@@ -176,3 +176,24 @@ fn single_shot_accept_fallback_serves_many_connections() {
     }
     assert_eq!(engine.stats().total().accepted, 40);
 }
+
+#[test]
+fn connection_to_a_removed_backend_is_closed_after_the_drain_timeout() {
+    let old = named_server("old").expect("backend old");
+    let new = named_server("new").expect("backend new");
+    let key = tcp_key(29);
+    let policy = support::EntryPolicyExt::with_drain(test_policy(), Duration::from_millis(500));
+    let engine =
+        start_engine(1, RelayMode::Splice, snapshot(1, vec![entry(key, &[(old.addr(), true)], policy)]));
+    let mut to_old = connect(key.socket_addr());
+    assert_eq!(read_name(&mut to_old), "old");
+    let removed_at = Instant::now();
+    publish(&engine, snapshot(2, vec![entry(key, &[(new.addr(), true)], policy)]));
+    let mut to_new = connect(key.socket_addr());
+    assert_eq!(read_name(&mut to_new), "new");
+    assert_eq!(round_trip(&mut to_old, b"draining"), b"draining", "works until the drain timeout");
+    let closed = read_to_close(&mut to_old);
+    assert!(closed.is_ok() || closed == Err(ErrorKind::ConnectionReset), "closed, not timed out: {closed:?}");
+    assert!(removed_at.elapsed() >= Duration::from_millis(500), "closed before the drain timeout");
+    assert_eq!(round_trip(&mut to_new, b"unaffected"), b"unaffected");
+}

@@ -1,0 +1,81 @@
+//! Listener reconciliation over real loopback sockets: IPv6 VIPs, bind failures retried until they
+//! succeed, and non-TCP keys ignored without disturbing TCP service.
+
+mod support;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener};
+use std::time::Duration;
+
+use lb_core::{Protocol, VipKey};
+use lb_datapath::RelayMode;
+use support::*;
+use testkit::backends::echo_server;
+
+#[test]
+fn ipv6_vip_relays_to_an_ipv4_backend() {
+    let backend = echo_server().expect("backend");
+    let ip = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let key = VipKey::new(ip, free_port(ip), Protocol::Tcp);
+    let _engine = start_engine(
+        1,
+        RelayMode::Splice,
+        snapshot(1, vec![entry(key, &[(backend.addr(), true)], test_policy())]),
+    );
+    let mut client = connect(key.socket_addr());
+    assert_eq!(round_trip(&mut client, b"over v6"), b"over v6");
+}
+
+#[test]
+fn failed_bind_is_retried_until_the_address_is_free() {
+    let backend = echo_server().expect("backend");
+    let key = tcp_key(50);
+    // A socket without SO_REUSEPORT holds the VIP:port, so the workers' binds fail.
+    let blocker = TcpListener::bind(key.socket_addr()).expect("hold the VIP port");
+    let engine = start_engine(
+        1,
+        RelayMode::Copy,
+        snapshot(1, vec![entry(key, &[(backend.addr(), true)], test_policy())]),
+    );
+    wait_until("a bind failure is counted", Duration::from_secs(5), || {
+        engine.stats().total().bind_failures > 0
+    });
+    assert_eq!(engine.stats().total().listeners, 0);
+    drop(blocker);
+    wait_until("the listener is bound at a later tick", Duration::from_secs(5), || {
+        engine.stats().total().listeners == 1
+    });
+    let mut client = connect(key.socket_addr());
+    assert_eq!(round_trip(&mut client, b"bound at last"), b"bound at last");
+}
+
+#[test]
+fn udp_keys_are_ignored_and_tcp_keys_still_served() {
+    let backend = echo_server().expect("backend");
+    let tcp = tcp_key(51);
+    let udp = VipKey::new(tcp.addr, tcp.port, Protocol::Udp);
+    let entries = vec![
+        entry(tcp, &[(backend.addr(), true)], test_policy()),
+        entry(udp, &[(SocketAddr::new(backend.addr().ip(), backend.addr().port()), true)], test_policy()),
+    ];
+    let engine = start_engine(2, RelayMode::Copy, snapshot(1, entries));
+    assert_eq!(engine.stats().total().listeners, 2, "one TCP listener per worker, none for UDP");
+    let mut client = connect(tcp.socket_addr());
+    assert_eq!(round_trip(&mut client, b"tcp"), b"tcp");
+}
+
+#[test]
+fn republishing_the_same_keys_keeps_listeners_and_connections() {
+    let backend = echo_server().expect("backend");
+    let key = tcp_key(52);
+    let make = |version| snapshot(version, vec![entry(key, &[(backend.addr(), true)], test_policy())]);
+    let engine = start_engine(2, RelayMode::Splice, make(1));
+    let mut client = connect(key.socket_addr());
+    assert_eq!(round_trip(&mut client, b"one"), b"one");
+    for version in 2..20 {
+        publish(&engine, make(version));
+    }
+    assert_eq!(engine.current().version, 19);
+    assert_eq!(round_trip(&mut client, b"two"), b"two", "publishing never disturbs a connection");
+    assert_eq!(engine.stats().total().listeners, 2);
+    assert_eq!(engine.stats().total().resets, 0);
+}
