@@ -33,11 +33,12 @@ out=$1
 # sctp and its dependencies are found through the modules' own metadata; crc32c_generic is named
 # because libcrc32c only asks for "crc32c" through the crypto API (a softdep), which nothing in the
 # guest would resolve.
-root_modules=(sctp crc32c_generic ${RINGLB_VM_MODULES:-})
+read -r -a extra_modules <<<"${RINGLB_VM_MODULES:-}"
+root_modules=(sctp crc32c_generic "${extra_modules[@]}")
 # Soft dependencies name crypto algorithms rather than modules; map the ones we meet.
 declare -A softdep_alias=([crc32c]=crc32c_generic)
 
-for tool in dpkg-deb:dpkg tar:tar xz:xz-utils cpio:cpio busybox:busybox-static apt-get:apt sha256sum:coreutils; do
+for tool in dpkg-deb:dpkg tar:tar xz:xz-utils cpio:cpio busybox:busybox-static apt-get:apt flock:util-linux; do
   vm_need "${tool%%:*}" "${tool#*:}"
 done
 busybox_path=$(command -v busybox)
@@ -47,6 +48,9 @@ fi
 
 deb_dir=$VM_CACHE_DIR/debs
 mkdir -p "$deb_dir" "$out"
+# Parallel run.sh calls (e.g. two CI steps) must not build into the same directory at once.
+exec 9>"$out/.lock"
+flock -w 600 9 || vm_die "timed out waiting for another build of $out"
 
 # --- up to date? --------------------------------------------------------------------------------
 # Without --refresh an existing build keeps its kernel (no apt query, ~10 ms): the kernel under test
@@ -94,30 +98,35 @@ apt_download() {
   return 1
 }
 
-package=$(resolve_package)
-deb=""
-if [[ -n $package ]]; then
-  version=$(apt-cache policy "$package" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')
-  if [[ -n $version && $version != "(none)" ]]; then
-    deb="${package}_${version//:/%3a}_amd64.deb"
-    if [[ ! -f $deb_dir/$deb ]]; then
-      vm_log "downloading $package $version"
-      if ! apt_download "$package"; then
-        # Stale package lists point at a version the archive no longer has; refresh them once.
-        if ((EUID == 0)); then
-          vm_log "download failed; running apt-get update and retrying"
-          apt-get update -qq >&2 || true
-          apt_download "$package" || true
-        fi
-      fi
-      [[ -f $deb_dir/$deb ]] || deb=""
-    fi
+# fetch_deb: prints the cached .deb file name for the current candidate, downloading it if needed;
+# prints nothing when apt cannot resolve or download it.
+fetch_deb() {
+  local package version deb
+  package=$(resolve_package || true)
+  [[ -n $package ]] || return 0
+  version=$(apt-cache policy "$package" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }' || true)
+  [[ -n $version && $version != "(none)" ]] || return 0
+  deb="${package}_${version//:/%3a}_amd64.deb"
+  if [[ ! -f $deb_dir/$deb ]]; then
+    vm_log "downloading $package $version"
+    apt_download "$package" || return 0
   fi
+  if [[ -f $deb_dir/$deb ]]; then
+    echo "$deb"
+  fi
+}
+
+deb=$(fetch_deb)
+if [[ -z $deb ]] && ((EUID == 0)); then
+  # Missing or stale package lists (a version the archive no longer has): refresh them once.
+  vm_log "apt could not provide the kernel package; running apt-get update and retrying"
+  timeout 180 apt-get update -qq >&2 || true
+  deb=$(fetch_deb)
 fi
 if [[ -z $deb ]]; then
   deb=$(newest_cached_deb "${RINGLB_VM_KERNEL_PACKAGE:-}")
   [[ -n $deb ]] || vm_die "cannot resolve or download a Debian kernel package (run apt-get update?) and none is cached in $deb_dir"
-  vm_log "apt could not provide ${package:-the kernel of linux-image-amd64}; using cached $deb"
+  vm_log "apt could not provide ${RINGLB_VM_KERNEL_PACKAGE:-the kernel of linux-image-amd64}; using cached $deb"
 fi
 
 if up_to_date "$deb"; then
@@ -130,7 +139,12 @@ vm_log "building $out from $deb"
 rm -f "$out/stamp"
 work=$(mktemp -d "$out/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-dpkg-deb --fsys-tarfile "$deb_dir/$deb" | tar -x -C "$work" --wildcards './boot/vmlinuz-*' './lib/modules/*'
+# SCTP's closure lives under net/, lib/ and crypto/; skipping drivers/ and the rest saves writing
+# ~350 MB. Extra modules may live anywhere, so asking for them extracts the whole tree.
+module_globs=('./lib/modules/*/modules.*' './lib/modules/*/kernel/net/*' './lib/modules/*/kernel/lib/*'
+  './lib/modules/*/kernel/crypto/*' './lib/modules/*/kernel/arch/*')
+[[ -z ${RINGLB_VM_MODULES:-} ]] || module_globs=('./lib/modules/*')
+dpkg-deb --fsys-tarfile "$deb_dir/$deb" | tar -x -C "$work" --wildcards './boot/vmlinuz-*' "${module_globs[@]}"
 kernel_release=$(basename "$(find "$work/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n 1)")
 module_dir=$work/lib/modules/$kernel_release
 [[ -f $module_dir/modules.order ]] || vm_die "$deb has no modules.order"

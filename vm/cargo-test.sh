@@ -7,7 +7,8 @@
 #
 # The binaries come from `cargo test --no-run --message-format=json CARGO_TEST_ARGS`. Every other
 # executable that build reports (the package's [[bin]]s, which integration tests reach through
-# CARGO_BIN_EXE_<name> at their absolute host paths) is copied into the guest too. Exits non-zero if
+# CARGO_BIN_EXE_<name> at their absolute host paths) is copied into the guest too, and so is the test's
+# package directory, which becomes the working directory as under `cargo test`. Exits non-zero if
 # the build or any binary fails; --timeout applies to each binary's VM separately.
 set -euo pipefail
 # shellcheck source=vm/lib.sh
@@ -31,6 +32,7 @@ done
 vm_need cargo "rustup"
 messages=$(cd "$VM_REPO_DIR" && cargo test --no-run --message-format=json "${cargo_args[@]}")
 tests=()
+test_packages=()
 extras=()
 while IFS= read -r line; do
   executable=$(sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' <<<"$line")
@@ -38,6 +40,7 @@ while IFS= read -r line; do
   # Only the profile object says whether this is a test harness ("test":true appears in targets too).
   if grep -o '"profile":{[^}]*}' <<<"$line" | grep -q '"test":true'; then
     tests+=("$executable")
+    test_packages+=("$(dirname "$(sed -n 's/.*"manifest_path":"\([^"]*\)".*/\1/p' <<<"$line")")")
   else
     extras+=("$executable")
   fi
@@ -49,9 +52,13 @@ for extra in "${extras[@]}"; do
   add_args+=(--add "$extra")
 done
 failed=()
-for test in "${tests[@]}"; do
+for index in "${!tests[@]}"; do
+  test=${tests[index]}
+  package_dir=${test_packages[index]}
   vm_log "running $(basename "$test") in the VM"
-  "$VM_SCRIPTS_DIR/run.sh" "${run_args[@]}" "${add_args[@]}" -- "$test" "$@" || failed+=("$(basename "$test")")
+  # Like `cargo test`: the package directory (fixtures) is there and current, CARGO_MANIFEST_DIR set.
+  "$VM_SCRIPTS_DIR/run.sh" "${run_args[@]}" "${add_args[@]}" --add "$package_dir" --cwd "$package_dir" \
+    --env "CARGO_MANIFEST_DIR=$package_dir" -- "$test" "$@" || failed+=("$(basename "$test")")
 done
 if ((${#failed[@]})); then
   vm_die "failed inside the VM: ${failed[*]}"

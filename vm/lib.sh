@@ -1,7 +1,7 @@
 # Shared by vm/build.sh and vm/run.sh (sourced, never executed): messages, default locations, and
 # copying an ELF file into a staging root together with the shared libraries it needs.
 # Must never touch anything outside the staging, output and cache directories it is given.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables below are used by the scripts sourcing this
 
 VM_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VM_REPO_DIR=$(cd "$VM_SCRIPTS_DIR/.." && pwd)

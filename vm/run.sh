@@ -116,6 +116,13 @@ initrd=$work/initrd.cpio
 vm_pack_cpio "$overlay" "$work/overlay.cpio"
 cat "$vm_dir/base.cpio" "$work/overlay.cpio" >"$initrd"
 
+# The guest holds the initrd and its unpacked copy in RAM; leave room for the tests themselves.
+initrd_mb=$(($(stat -c %s "$initrd") / 1048576 + 1))
+if ((mem_mb < 2 * initrd_mb + 512)); then
+  vm_log "raising --mem from $mem_mb to $((2 * initrd_mb + 512)) MB for a ${initrd_mb} MB initramfs"
+  mem_mb=$((2 * initrd_mb + 512))
+fi
+
 # --- boot -------------------------------------------------------------------------------------
 # q35 rather than microvm: microvm's guest sometimes hangs calibrating the TSC (no PIT/HPET
 # reference). -nodefaults: no NIC, no VGA; the serial port is the only device the guest talks to.
