@@ -2,6 +2,8 @@
 //! the engine with each relay path, and prints Gbit/s. Used to choose `RelayMode::Auto`.
 //!
 //! `cargo run --release -p lb-datapath --example relay_throughput -- [streams] [seconds] [copy buffer KiB]`
+//! `... --example relay_throughput -- serve BACKEND VIP:PORT copy|splice` proxies until killed (for
+//! measuring with an external tool such as `iperf3 -c VIP -p PORT`).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -45,7 +47,18 @@ fn blast(addr: SocketAddr, streams: usize, seconds: u64) -> f64 {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("serve") {
+        let mut arg = |what: &str| args.nth(if what == "backend" { 1 } else { 0 }).expect(what);
+        let backend: SocketAddr = arg("backend").parse().expect("BACKEND address");
+        let vip: SocketAddr = arg("vip").parse().expect("VIP:PORT");
+        let relay = if arg("relay") == "copy" { RelayMode::Copy } else { RelayMode::Splice };
+        let _engine = proxy(VipKey::new(vip.ip(), vip.port(), Protocol::Tcp), backend, relay, 64);
+        println!("proxying {vip} -> {backend} with {relay:?}; Ctrl-C to stop");
+        loop {
+            std::thread::park();
+        }
+    }
     let streams: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let buffer_kib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
@@ -58,8 +71,17 @@ fn main() {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 200));
         let port = TcpListener::bind((ip, 0)).expect("port").local_addr().expect("addr").port();
         let key = VipKey::new(ip, port, Protocol::Tcp);
+        let engine = proxy(key, backend.addr(), relay, buffer_kib);
+        let gbps = blast(key.socket_addr(), streams, seconds);
+        println!("proxy {relay:?}: {gbps:6.2} Gbit/s");
+        drop(engine);
+    }
+}
+
+fn proxy(key: VipKey, backend: SocketAddr, relay: RelayMode, buffer_kib: usize) -> Engine {
+    {
         let backends = vec![Backend {
-            id: BackendId(backend.addr()),
+            id: BackendId(backend),
             conditions: EndpointConditions::default(),
             weight: 1,
             node_name: None,
@@ -81,7 +103,6 @@ fn main() {
         while !engine.is_ready() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let gbps = blast(key.socket_addr(), streams, seconds);
-        println!("proxy {relay:?}: {gbps:6.2} Gbit/s");
+        engine
     }
 }

@@ -30,6 +30,13 @@ fn direction_kind(which: Which) -> OpKind {
     }
 }
 
+/// A connect to a local port nobody listens on can pick that same port as its source and "succeed"
+/// by TCP simultaneous open, connecting the socket to itself; that backend is in fact down.
+fn connected_to_itself(socket: &Socket, backend: Option<lb_core::BackendId>) -> bool {
+    let Some(backend) = backend else { return false };
+    backend.0.ip().is_loopback() && socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(backend.0)
+}
+
 /// Closes a client with a reset so it learns at once that it will not be served.
 fn reset_socket(socket: Socket) {
     let _ = socket.set_linger(Some(Duration::ZERO));
@@ -142,8 +149,8 @@ impl Worker {
             self.release_if_idle(data.slot, data.generation);
             return;
         }
-        if result < 0 {
-            // Refused, unreachable, or -ECANCELED when the link timeout fired.
+        if result < 0 || conn.backend.as_ref().is_some_and(|b| connected_to_itself(b, conn.backend_id)) {
+            // Refused, unreachable, -ECANCELED when the link timeout fired, or a TCP self-connect.
             stats::add(&self.counters.connect_failures, 1);
             conn.backend = None;
             self.try_connect(data.slot, data.generation);

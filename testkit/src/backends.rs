@@ -251,21 +251,23 @@ pub fn read_pattern(stream: &mut impl Read, seed: u64) -> io::Result<(u64, bool)
     }
 }
 
-/// An address on 127.0.0.1 where nothing listens but the port is held (by a connected socket), so
-/// connects are refused and no other test can start listening there. Released on drop.
+/// The loopback address [`RefusingAddr`]s live on. Nothing may ever listen on it (tests use other
+/// 127/8 addresses), and it is never a source address of outgoing connects (those use 127.0.0.1), so
+/// a connect to it is refused and can never turn into a TCP self-connect.
+pub const REFUSING_IP: [u8; 4] = [127, 0, 0, 2];
+
+/// An address where nothing listens, so connects are refused (RST).
+///
+/// The port was free when taken (bound, then released); only refusing addresses use [`REFUSING_IP`],
+/// so nothing will start listening there.
 pub struct RefusingAddr {
     addr: SocketAddr,
-    _held: (TcpStream, TcpStream),
 }
 
 impl RefusingAddr {
     pub fn new() -> io::Result<RefusingAddr> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let client = TcpStream::connect(listener.local_addr()?)?;
-        let (server, _) = listener.accept()?;
-        // The client's local port is bound but not listening: a SYN to it gets RST.
-        let addr = client.local_addr()?;
-        Ok(RefusingAddr { addr, _held: (client, server) })
+        let addr = TcpListener::bind(SocketAddr::from((REFUSING_IP, 0)))?.local_addr()?;
+        Ok(RefusingAddr { addr })
     }
 
     pub fn addr(&self) -> SocketAddr {
