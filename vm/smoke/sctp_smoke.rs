@@ -129,9 +129,8 @@ fn check(ok: bool, what: &str) -> Result<(), String> {
 
 fn set_option<T>(fd: &OwnedFd, level: c_int, name: c_int, value: &T, what: &str) -> Result<(), String> {
     // SAFETY: value points to a live T and the length passed is exactly its size.
-    let rc = unsafe {
-        setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), size_of::<T>() as u32)
-    };
+    let rc =
+        unsafe { setsockopt(fd.as_raw_fd(), level, name, (value as *const T).cast(), size_of::<T>() as u32) };
     check(rc == 0, what)
 }
 
@@ -141,7 +140,9 @@ fn sctp_socket() -> Result<OwnedFd, String> {
     if fd < 0 {
         let error = Error::last_os_error();
         if error.raw_os_error() == Some(EPROTONOSUPPORT) {
-            eprintln!("sctp_smoke: this kernel has no SCTP (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {error})");
+            eprintln!(
+                "sctp_smoke: this kernel has no SCTP (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {error})"
+            );
             exit(2);
         }
         return Err(format!("socket: {error}"));
@@ -157,7 +158,12 @@ fn sctp_socket() -> Result<OwnedFd, String> {
 }
 
 fn loopback(port: u16) -> SockaddrIn {
-    SockaddrIn { family: AF_INET as u16, port_be: port.to_be(), addr_be: 0x7f00_0001u32.to_be(), zero: [0; 8] }
+    SockaddrIn {
+        family: AF_INET as u16,
+        port_be: port.to_be(),
+        addr_be: 0x7f00_0001u32.to_be(),
+        zero: [0; 8],
+    }
 }
 
 fn send(fd: &OwnedFd, message: &Message) -> Result<(), String> {
@@ -170,11 +176,8 @@ fn send(fd: &OwnedFd, message: &Message) -> Result<(), String> {
     };
     // u64 elements keep the buffer aligned for cmsghdr.
     let mut control = [0u64; 8];
-    let header = Cmsghdr {
-        len: size_of::<Cmsghdr>() + size_of::<SctpSndinfo>(),
-        level: SOL_SCTP,
-        kind: SCTP_SNDINFO,
-    };
+    let header =
+        Cmsghdr { len: size_of::<Cmsghdr>() + size_of::<SctpSndinfo>(), level: SOL_SCTP, kind: SCTP_SNDINFO };
     let control_len = size_of::<Cmsghdr>() + size_of::<SctpSndinfo>().next_multiple_of(8);
     // SAFETY: the control buffer is 64 bytes, aligned to 8, and header plus info take 32 of them.
     unsafe {
@@ -235,7 +238,9 @@ fn receive(fd: &OwnedFd) -> Result<Option<Message>, String> {
             && header.len >= size_of::<Cmsghdr>() + size_of::<SctpRcvinfo>()
         {
             // SAFETY: the length check above guarantees a whole sctp_rcvinfo follows the header.
-            info = Some(unsafe { base.add(offset + size_of::<Cmsghdr>()).cast::<SctpRcvinfo>().read_unaligned() });
+            info = Some(unsafe {
+                base.add(offset + size_of::<Cmsghdr>()).cast::<SctpRcvinfo>().read_unaligned()
+            });
         }
         offset += header.len.next_multiple_of(8);
     }
@@ -252,12 +257,18 @@ fn expect_messages(fd: &OwnedFd, expected: &[&Message], side: &str) -> Result<()
     // Messages on different streams may overtake each other, so match by stream id.
     let mut pending: Vec<&Message> = expected.to_vec();
     while !pending.is_empty() {
-        let got = receive(fd)?.ok_or_else(|| format!("{side}: EOF while {} messages pending", pending.len()))?;
+        let got =
+            receive(fd)?.ok_or_else(|| format!("{side}: EOF while {} messages pending", pending.len()))?;
         let index = pending
             .iter()
             .position(|want| **want == got)
             .ok_or_else(|| format!("{side}: unexpected message {got:?}; still expecting {pending:?}"))?;
-        println!("sctp_smoke: {side} received stream {} ppid {} unordered {}", got.stream, u32::from_be(got.ppid), got.unordered);
+        println!(
+            "sctp_smoke: {side} received stream {} ppid {} unordered {}",
+            got.stream,
+            u32::from_be(got.ppid),
+            got.unordered
+        );
         pending.remove(index);
     }
     Ok(())
@@ -291,13 +302,20 @@ fn run() -> Result<(), String> {
     println!("sctp_smoke: association up on 127.0.0.1:{port}");
 
     // PPIDs travel in network byte order by convention; the kernel must pass them through untouched.
-    let ordered = Message { payload: b"hello on stream 3".to_vec(), stream: 3, ppid: 42u32.to_be(), unordered: false };
-    let unordered = Message { payload: b"unordered on stream 5".to_vec(), stream: 5, ppid: 7u32.to_be(), unordered: true };
+    let ordered =
+        Message { payload: b"hello on stream 3".to_vec(), stream: 3, ppid: 42u32.to_be(), unordered: false };
+    let unordered = Message {
+        payload: b"unordered on stream 5".to_vec(),
+        stream: 5,
+        ppid: 7u32.to_be(),
+        unordered: true,
+    };
     send(&client, &ordered)?;
     send(&client, &unordered)?;
     expect_messages(&server, &[&ordered, &unordered], "server")?;
 
-    let reply = Message { payload: b"reply on stream 3".to_vec(), stream: 3, ppid: 42u32.to_be(), unordered: false };
+    let reply =
+        Message { payload: b"reply on stream 3".to_vec(), stream: 3, ppid: 42u32.to_be(), unordered: false };
     send(&server, &reply)?;
     expect_messages(&client, &[&reply], "client")?;
 
