@@ -79,3 +79,52 @@ fn republishing_the_same_keys_keeps_listeners_and_connections() {
     assert_eq!(engine.stats().total().listeners, 2);
     assert_eq!(engine.stats().total().resets, 0);
 }
+
+#[test]
+fn publishing_during_a_transfer_never_disturbs_it() {
+    use std::io::Write;
+    use testkit::backends::{read_pattern, stream_header, stream_server, write_pattern};
+
+    let (backend, reports) = stream_server().expect("stream backend");
+    let other = echo_server().expect("other backend");
+    let key = tcp_key(53);
+    let extra = tcp_key(54);
+    let engine = start_engine(
+        1,
+        RelayMode::Auto,
+        snapshot(1, vec![entry(key, &[(backend.addr(), true)], test_policy())]),
+    );
+    let mut client = connect(key.socket_addr());
+    let len = 128 * 1024 * 1024;
+    client.write_all(&stream_header(3, 4, len)).expect("header");
+    let mut writer = client.try_clone().expect("clone");
+    let uploader = std::thread::spawn(move || {
+        write_pattern(&mut writer, 3, len).expect("upload");
+        writer.shutdown(std::net::Shutdown::Write).expect("half-close");
+    });
+    let publisher = {
+        let (backend, other) = (backend.addr(), other.addr());
+        let engine = &engine;
+        move || {
+            for version in 2..40u64 {
+                // Alternate: the backend becomes not-ready, another VIP comes and goes.
+                let ready = version % 2 == 0;
+                let mut entries = vec![entry(key, &[(backend, ready), (other, true)], test_policy())];
+                if version % 3 == 0 {
+                    entries.push(entry(extra, &[(other, true)], test_policy()));
+                }
+                publish(engine, snapshot(version, entries));
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        let publishing = scope.spawn(publisher);
+        let (received, intact) = read_pattern(&mut client, 4).expect("download during publishes");
+        assert_eq!((received, intact), (len, true));
+        publishing.join().expect("publisher");
+    });
+    uploader.join().expect("uploader");
+    let report = reports.recv_timeout(Duration::from_secs(30)).expect("backend report");
+    assert_eq!((report.received, report.intact), (len, true));
+    assert_eq!(engine.stats().total().resets, 0);
+}
