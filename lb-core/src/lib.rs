@@ -12,6 +12,7 @@
 pub mod annotations;
 pub mod builder;
 pub mod error;
+pub mod hash;
 pub mod model;
 pub mod scheduler;
 
@@ -21,4 +22,6 @@ pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryPolicy, ObjectRef, Protocol, ServiceEntry,
     Snapshot, VipKey,
 };
-pub use scheduler::{PickRequest, PickState, Scheduler, SchedulerKind};
+pub use scheduler::{
+    HashKey, LoadTable, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig, SchedulerKind,
+};

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::{PickRequest, PickState, next_in_sequence};
+use super::{PickContext, PickState, next_in_sequence};
 use crate::model::BackendIdx;
 
 #[derive(Debug, Clone, Serialize)]
@@ -20,8 +20,8 @@ impl RoundRobin {
         RoundRobin { sequence: eligible.to_vec() }
     }
 
-    pub fn pick(&self, request: &PickRequest<'_>, state: &mut PickState) -> Option<BackendIdx> {
-        next_in_sequence(&self.sequence, request, state)
+    pub fn pick(&self, context: &PickContext<'_>, state: &mut PickState) -> Option<BackendIdx> {
+        next_in_sequence(&self.sequence, context, state)
     }
 
     /// One full pass of picks.
@@ -37,7 +37,7 @@ mod tests {
     #[test]
     fn cycles_through_every_eligible_backend_in_order() {
         let rr = RoundRobin::build(&[1, 4, 6]);
-        let request = PickRequest { client: ([127, 0, 0, 1], 5000).into(), exclude: &[] };
+        let request = PickContext::new(([127, 0, 0, 1], 5000).into(), &[]);
         let mut state = PickState::default();
         let picks: Vec<_> = (0..7).filter_map(|_| rr.pick(&request, &mut state)).collect();
         assert_eq!(picks, [1, 4, 6, 1, 4, 6, 1]);
@@ -49,9 +49,9 @@ mod tests {
         let mut state = PickState::default();
         let client = ([127, 0, 0, 1], 5000).into();
         for _ in 0..5 {
-            assert_eq!(rr.pick(&PickRequest { client, exclude: &[1, 6] }, &mut state), Some(4));
+            assert_eq!(rr.pick(&PickContext::new(client, &[1, 6]), &mut state), Some(4));
         }
-        assert_eq!(rr.pick(&PickRequest { client, exclude: &[6, 4, 1] }, &mut state), None);
-        assert_eq!(RoundRobin::build(&[]).pick(&PickRequest { client, exclude: &[] }, &mut state), None);
+        assert_eq!(rr.pick(&PickContext::new(client, &[6, 4, 1]), &mut state), None);
+        assert_eq!(RoundRobin::build(&[]).pick(&PickContext::new(client, &[]), &mut state), None);
     }
 }

@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use super::{PickRequest, PickState, next_in_sequence};
+use super::{PickContext, PickState, next_in_sequence};
 use crate::model::{Backend, BackendIdx};
 
 /// Longest precomputed sequence, unless there are more eligible backends than this (each backend then
@@ -39,8 +39,8 @@ impl WeightedRoundRobin {
         WeightedRoundRobin { sequence: smooth_sequence(eligible, &weights) }
     }
 
-    pub fn pick(&self, request: &PickRequest<'_>, state: &mut PickState) -> Option<BackendIdx> {
-        next_in_sequence(&self.sequence, request, state)
+    pub fn pick(&self, context: &PickContext<'_>, state: &mut PickState) -> Option<BackendIdx> {
+        next_in_sequence(&self.sequence, context, state)
     }
 
     /// One full pass of picks, as precomputed.
