@@ -102,6 +102,9 @@ fn publishing_during_a_transfer_never_disturbs_it() {
         write_pattern(&mut writer, 3, len).expect("upload");
         writer.shutdown(std::net::Shutdown::Write).expect("half-close");
     });
+    // The kernel completes the handshake before the worker accepts; publish only once the
+    // connection reached its backend, or it may legitimately be sent to `other`.
+    wait_until("connection reached the stream backend", Duration::from_secs(5), || backend.accepted() == 1);
     let publisher = {
         let (backend, other) = (backend.addr(), other.addr());
         let engine = &engine;
