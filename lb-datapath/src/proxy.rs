@@ -34,7 +34,9 @@ fn direction_kind(which: Which) -> OpKind {
 /// by TCP simultaneous open, connecting the socket to itself; that backend is in fact down.
 fn connected_to_itself(socket: &Socket, backend: Option<lb_core::BackendId>) -> bool {
     let Some(backend) = backend else { return false };
-    backend.0.ip().is_loopback() && socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(backend.0)
+    // Checked for every backend (one getsockname per connection): any local address, not only
+    // loopback, can be a backend in appliance mode.
+    socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(backend.0)
 }
 
 /// Closes a client with a reset so it learns at once that it will not be served.
