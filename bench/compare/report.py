@@ -1,0 +1,515 @@
+"""Aggregation and reporting of the comparison: medians, ratios, issue-3 targets, markdown, plots.
+
+Purpose: turn per-run results into the RESULTS.md tables and the PNG/SVG plots.
+Never: invent a figure: a peer/workload not measured shows why (not applicable, failed) instead.
+Invariants: every figure is a median over the rounds that succeeded; ratios use medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import BACKEND_CPU, BACKEND_IP, GEN_CPU, NFT_TABLE, PEER_IPS, REPO, SVC, WL, WORKERS
+from peers import Lab, ensure_matplotlib
+
+
+def brief(res: dict) -> dict:
+    return {
+        k: res.get(k)
+        for k in ("rate", "unit", "p99", "errors", "proxy_cores", "machine_cores", "error")
+        if res.get(k) is not None
+    }
+
+
+def fmt_num(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and report
+# ---------------------------------------------------------------------------------------------
+
+METRICS = [
+    "rate",
+    "p50",
+    "p90",
+    "p99",
+    "p999",
+    "max",
+    "errors",
+    "loss",
+    "proxy_cores",
+    "cpu_per_gb",
+    "cpu_per_10k_conn",
+    "machine_cores",
+    "machine_cpu_per_gb",
+    "machine_cpu_per_10k_conn",
+    "client_cores",
+    "listen_drops",
+    "udp_rcvbuf_drops",
+]
+
+
+def aggregate(results: list[dict]) -> dict:
+    agg: dict = {}
+    for r in results:
+        key = (r["workload"], r["peer"])
+        a = agg.setdefault(key, {"runs": 0, "failed": [], "vals": {}, "unit": r.get("unit")})
+        if "error" in r:
+            a["failed"].append(r["error"])
+            continue
+        a["runs"] += 1
+        a["unit"] = r.get("unit")
+        for m in METRICS:
+            if r.get(m) is not None:
+                a["vals"].setdefault(m, []).append(r[m])
+    for a in agg.values():
+        a["med"] = {m: statistics.median(v) for m, v in a["vals"].items()}
+    return agg
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def fmt_rate(x, unit):
+    if x is None:
+        return "n/a"
+    if unit == "Gbit/s":
+        return f"{x:.2f}"
+    return f"{x:,.0f}"
+
+
+def fmt_ratio(x):
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def machine_info() -> dict:
+    def sh(c):
+        try:
+            return subprocess.run(c, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+        except subprocess.SubprocessError:
+            return "?"
+
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "nproc": sh("nproc"),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "mem": sh("free -h | awk '/Mem:/{print $2}'"),
+        "os": sh(". /etc/os-release && echo $PRETTY_NAME"),
+        "tcp_tw_reuse": sh("sysctl -n net.ipv4.tcp_tw_reuse"),
+        "rmem_max": sh("sysctl -n net.core.rmem_max"),
+    }
+
+
+def tool_versions(envoy_bin: str | None) -> dict:
+    def sh(c):
+        try:
+            r = subprocess.run(c, shell=True, capture_output=True, text=True, timeout=30)
+            return (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr).strip() else "?"
+        except subprocess.SubprocessError:
+            return "?"
+
+    return {
+        "ringlb": sh(f"cd {REPO} && git rev-parse --short HEAD")
+        + " ("
+        + sh(f"cd {REPO} && git log -1 --format=%s")
+        + ")",
+        "rustc": sh("rustc --version"),
+        "haproxy": sh("haproxy -v"),
+        "nginx": sh("nginx -v"),
+        "envoy": sh(f"{envoy_bin} --version | grep -o 'version: .*'") if envoy_bin else "missing",
+        "wrk": sh("wrk -v"),
+        "nft": sh("nft --version"),
+        "python": sys.version.split()[0],
+    }
+
+
+TARGETS = [
+    # (label, workload, kind, threshold, reference): reference "best" = best non-direct peer except ringlb
+    ("TCP bulk, 1 stream: ≥ 1.3x best peer", "tcp-stream-1", "rate", 1.3, "best"),
+    ("TCP bulk, 8 streams: ≥ 1.2x best peer", "tcp-stream-8", "rate", 1.2, "best"),
+    ("TCP 64 B rr, 1 conn: added p99 ≤ 0.6x best peer's", "tcp-rr-1", "added_p99", 0.6, "best"),
+    ("TCP 64 B rr, 32 conns: added p99 ≤ 0.6x best peer's", "tcp-rr-32", "added_p99", 0.6, "best"),
+    ("HTTP keep-alive req/s: ≥ 1.2x best peer", "http-keepalive", "rate", 1.2, "best"),
+    ("HTTP new connections/s (Connection: close): ≥ 1.4x best peer", "http-close", "rate", 1.4, "best"),
+    ("New TCP connections/s (tcp-crr): ≥ 1.4x best peer", "tcp-crr", "rate", 1.4, "best"),
+    ("UDP 64 B datagrams received: ≥ 2.5x NGINX, loss < 5 %", "udp-stream", "rate", 2.5, "nginx"),
+    ("UDP ping-pong: added p99 ≤ 0.6x best peer's", "udp-rr-1", "added_p99", 0.6, "best"),
+    (
+        "Proxy CPU-s per GB (tcp-stream-8): ≤ 0.6x best proxy's",
+        "tcp-stream-8",
+        "cpu_per_gb",
+        0.6,
+        "best-proc",
+    ),
+    (
+        "Proxy CPU-s per GB (tcp-stream-1): ≤ 0.6x best proxy's",
+        "tcp-stream-1",
+        "cpu_per_gb",
+        0.6,
+        "best-proc",
+    ),
+    (
+        "Proxy CPU-s per 10k connections (tcp-crr): ≤ 0.6x best proxy's",
+        "tcp-crr",
+        "cpu_per_10k_conn",
+        0.6,
+        "best-proc",
+    ),
+    (
+        "Proxy CPU-s per 10k connections (http-close): ≤ 0.6x best proxy's",
+        "http-close",
+        "cpu_per_10k_conn",
+        0.6,
+        "best-proc",
+    ),
+]
+
+
+def evaluate_targets(agg: dict, peers: list[str]) -> list[dict]:
+    out = []
+    others = [p for p in peers if p not in ("direct", "ringlb")]
+    for label, wl, kind, thr, ref in TARGETS:
+        row = {"label": label, "workload": wl, "status": "n/a", "detail": ""}
+        rl = agg.get((wl, "ringlb"), {}).get("med", {})
+        d = agg.get((wl, "direct"), {}).get("med", {})
+        cands = {}
+        for p in (["nginx"] if ref == "nginx" else others):
+            if ref == "best-proc" and p == "nftnat":
+                continue
+            m = agg.get((wl, p), {}).get("med", {})
+            if kind == "added_p99":
+                if m.get("p99") is not None and d.get("p99") is not None:
+                    cands[p] = m["p99"] - d["p99"]
+            elif m.get(kind) is not None:
+                cands[p] = m[kind]
+        if kind == "added_p99":
+            mine = None if rl.get("p99") is None or d.get("p99") is None else rl["p99"] - d["p99"]
+        else:
+            mine = rl.get(kind)
+        if not cands or mine is None:
+            row["detail"] = "ringlb not measured" if mine is None else "no peer measured"
+            out.append(row)
+            continue
+        higher_better = kind == "rate"
+        best = max(cands, key=cands.get) if higher_better else min(cands, key=cands.get)
+        bv = cands[best]
+        if higher_better:
+            r = ratio(mine, bv)
+            ok = r is not None and r >= thr
+            if wl == "udp-stream":
+                loss = rl.get("loss")
+                ok = ok and loss is not None and loss < 5.0
+                row["detail"] = f"ringlb {mine:,.0f} vs {best} {bv:,.0f}; ringlb loss {fmt_num(loss, 1)} %"
+            else:
+                row["detail"] = (
+                    f"ringlb {fmt_rate(mine, agg[(wl, 'ringlb')]['unit'])} vs {best} "
+                    f"{fmt_rate(bv, agg[(wl, best)]['unit'])}"
+                )
+        else:
+            # lower is better: the ratio is ringlb's over the best peer's (target: at most thr)
+            if bv <= 0:
+                # the best peer added nothing measurable (noise): only "no worse than it" can be judged
+                r = None
+                ok = mine <= bv
+            else:
+                r = mine / bv
+                ok = r <= thr
+            unit = " us" if kind == "added_p99" else ""
+            row["detail"] = f"ringlb {mine:.3g}{unit} vs {best} {bv:.3g}{unit}"
+        row.update(status="met" if ok else "missed", ratio=r, best=best)
+        user = {p: v for p, v in cands.items() if p != "nftnat"}
+        if user and best == "nftnat":
+            ub = max(user, key=user.get) if higher_better else min(user, key=user.get)
+            uv = user[ub]
+            row["user"] = (ratio(mine, uv) if higher_better else (mine / uv if uv > 0 else None), ub)
+        out.append(row)
+    return out
+
+
+def write_report(
+    args, lab: Lab, results, agg, targets, started: str, elapsed: float, plot_files, profiles: list[dict]
+) -> str:
+    mi, tv = machine_info(), tool_versions(lab.envoy_bin)
+    peers = [p for p in args.peers if p in lab.peers]
+    L = []
+    title = "Comparison results" + (" (QUICK / NOISY smoke run)" if args.quick else "")
+    L.append(f"# {title}\n")
+    L.append(
+        f"Generated by `bench/compare/run.sh` on {started} UTC in {elapsed / 60:.1f} min. "
+        f"{args.rounds} round(s) per peer and workload, peers interleaved, medians reported; "
+        f"each run: {args.warmup:g} s warm-up + {args.duration:g} s measured.\n"
+    )
+    if args.label:
+        L.append(f"> {args.label}\n")
+    L.append("Command:\n")
+    L.append("```sh\n" + args.command_line + "\n```\n")
+    L.append("## Machine and tools\n")
+    L.append(
+        f"- machine: {mi['nproc']} CPUs, {mi['cpu']}, {mi['mem']} RAM; {mi['os']}; kernel {mi['kernel']}; "
+        f"net.ipv4.tcp_tw_reuse={mi['tcp_tw_reuse']}, net.core.rmem_max={mi['rmem_max']}"
+    )
+    L.append(f"- load before the run (uptime): {args.load_before}")
+    for k, v in tv.items():
+        L.append(f"- {k}: {v}")
+    L.append("")
+    L.append("## Set-up\n")
+    L.append(
+        f"- Everything on loopback. Backends on {BACKEND_IP} pinned with `taskset -c {BACKEND_CPU}` "
+        f"(`ringlb-bench serve ... --threads 1`; the HTTP backend is NGINX, `worker_processes 1`, a 1 KiB "
+        f"file). The load generator (`ringlb-bench ... --threads 1`, or `wrk -t1`) is pinned with "
+        f"`taskset -c {GEN_CPU}`. Proxies are not pinned and run {WORKERS} workers/threads each "
+        f"(ringlb `--workers {WORKERS}`{'' if args.ringlb_pin else ' --no-pin'}, HAProxy `nbthread {WORKERS}`, "
+        f"NGINX `worker_processes {WORKERS}` with `reuseport`, Envoy `--concurrency {WORKERS}`), so "
+        "they share both cores with the generator and the backend."
+    )
+    L.append(
+        "- Peers: "
+        + ", ".join(f"`{p}` on {PEER_IPS[p]}" for p in peers)
+        + ". All peers run for the whole session (an idle proxy costs nothing measurable); the nftables "
+        f"table `{NFT_TABLE}` exists only during the `nftnat` runs, so conntrack does not tax the others."
+    )
+    L.append(
+        "- Kernel NAT on loopback: packets a local process sends to a local address never pass "
+        "`prerouting`, so the DNAT rule sits in a `nat` chain on the **output** hook; TCP and UDP both "
+        "work (replies are un-NATed by conntrack, no SNAT needed)."
+    )
+    L.append(
+        "- Proxy CPU: utime+stime from `/proc/PID/stat` of the proxy process and all its descendants "
+        "(threads are included in a process's counters), sampled inside the measured window (minus a "
+        "short margin at both ends) and divided by its length: `proxy cores` = cores busy in the proxy. "
+        "CPU-s per GB = proxy cores / GB/s of payload moved (sent + received by the client); per 10k "
+        "connections = proxy cores / connections/s × 10⁴. `machine cores` is all CPUs' busy time from "
+        "`/proc/stat` over the same window (includes generator, backend and kernel NAT softirq work)."
+    )
+    L.append(
+        "- Latency: tcp-rr/tcp-crr/udp-rr from `ringlb-bench` (hdrhistogram, closed loop), HTTP from wrk "
+        "(closed loop). Added latency = peer p99 − direct p99 (medians)."
+    )
+    for p in peers:
+        if lab.peers[p].note:
+            L.append(f"- `{p}`: {lab.peers[p].note}")
+    L.append("")
+
+    L.append("## Targets of issue 3\n")
+    L.append(
+        '"best peer" = the best of HAProxy, NGINX, Envoy and nftables DNAT that was measured '
+        "(for CPU: the best proxy process).\n"
+    )
+    L.append(
+        "| target | ratio to best peer | status | detail | ratio to best userspace proxy (when the best is "
+        "nftnat) |"
+    )
+    L.append("|---|---|---|---|---|")
+    for t in targets:
+        u = t.get("user")
+        ucell = f"{fmt_ratio(u[0])} ({u[1]})" if u else ""
+        L.append(
+            f"| {t['label']} | {fmt_ratio(t.get('ratio'))} | **{t['status']}** | {t['detail']} | {ucell} |"
+        )
+    L.append("")
+
+    L.append("## Results (medians)\n")
+    for wname in args.workloads:
+        w = WL[wname]
+        d = agg.get((wname, "direct"), {}).get("med", {})
+        r = agg.get((wname, "ringlb"), {}).get("med", {})
+        unit = next(
+            (agg[(wname, p)]["unit"] for p in peers if (wname, p) in agg and agg[(wname, p)]["unit"]), ""
+        )
+        L.append(f"### {wname}: {w.desc}\n")
+        has_lat = w.kind not in ("bulk", "dgram")
+        hdr = f"| peer | {unit} | vs direct | vs ringlb |" + (
+            " p50 us | p99 us | p99.9 us | added p99 us |" if has_lat else ""
+        )
+        sep = "|---|---|---|---|" + ("---|---|---|---|" if has_lat else "")
+        ncols = (8 if has_lat else 4) - 1
+        extra = []
+        if w.kind in ("dgram",) or w.svc == "uecho":
+            extra.append(("loss %", "loss", 2))
+        extra += [("errors", "errors", 0)]
+        extra.append(
+            ("UDP rcvbuf drops", "udp_rcvbuf_drops", 0)
+            if SVC[w.svc].proto == "udp"
+            else ("listen drops", "listen_drops", 0)
+        )
+        extra.append(("proxy cores", "proxy_cores", 2))
+        if w.kind == "bulk":
+            extra += [("proxy CPU-s/GB", "cpu_per_gb", 3), ("machine CPU-s/GB", "machine_cpu_per_gb", 3)]
+        if w.kind == "crr" or (w.kind == "http" and w.args[0] == "close"):
+            extra += [
+                ("proxy CPU-s/10k conn", "cpu_per_10k_conn", 3),
+                ("machine CPU-s/10k conn", "machine_cpu_per_10k_conn", 3),
+            ]
+        hdr += "".join(f" {e[0]} |" for e in extra) + " runs |"
+        sep += "---|" * (len(extra) + 1)
+        L.append(hdr)
+        L.append(sep)
+        for p in peers:
+            a = agg.get((wname, p))
+            if a is None:
+                why = lab.peers[p].udp_bad.get(w.svc) or (
+                    "did not start" if lab.peers[p].note.startswith("did not") else "not run"
+                )
+                L.append(f"| {p} | {why} |" + " |" * (ncols + len(extra)))
+                continue
+            m = a["med"]
+            if not a["runs"]:
+                L.append(f"| {p} | failed: {a['failed'][0][:80]} |" + " |" * (ncols + len(extra)))
+                continue
+            added = (
+                None if m.get("p99") is None or d.get("p99") is None or p == "direct" else m["p99"] - d["p99"]
+            )
+            cells = [
+                p,
+                fmt_rate(m.get("rate"), a["unit"]),
+                fmt_ratio(ratio(m.get("rate"), d.get("rate"))),
+                fmt_ratio(ratio(m.get("rate"), r.get("rate"))),
+            ]
+            if has_lat:
+                cells += [
+                    fmt_num(m.get("p50"), 1),
+                    fmt_num(m.get("p99"), 1),
+                    fmt_num(m.get("p999"), 1),
+                    fmt_num(added, 1),
+                ]
+            cells += [fmt_num(m.get(e[1]), e[2]) for e in extra]
+            cells.append(str(a["runs"]) + (f" ({len(a['failed'])} failed)" if a["failed"] else ""))
+            L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+    if profiles:
+        L.append("## Where the time goes (ringlb under `perf record -a -g`)\n")
+        L.append(
+            "One extra run per workload, not part of the medians (perf costs CPU). Full reports: "
+            "`bench/results/profile-ringlb-*.txt`.\n"
+        )
+        for pr in profiles:
+            L.append(f"### {pr['workload']}: {json.dumps(brief(pr['res']))}\n")
+            L.append("CPU by command (whole machine):\n\n```\n" + "\n".join(pr["by_comm"][:10]) + "\n```\n")
+            L.append("ringlb, hottest symbols:\n\n```\n" + "\n".join(pr["by_sym"][:15]) + "\n```\n")
+    if plot_files:
+        L.append("## Plots\n")
+        for f in plot_files:
+            L.append(f"![{f.stem}]({os.path.relpath(f, args.md.parent)})\n")
+    L.append("## Exact command lines\n")
+    L.append(
+        "Peers and backends (configs generated by the runner; copies in "
+        f"`{os.path.relpath(args.out / 'configs', REPO)}/`):\n"
+    )
+    L.append("```sh")
+    for k, v in lab.commands.items():
+        L.append(f"# {k}\n{lab.show(v)}")
+    for p in peers:
+        L.append(f"# peer {p}\n{lab.show(lab.peers[p].cmd)}")
+    L.append("```\n")
+    shown = "ringlb" if "ringlb" in peers else (peers[0] if peers else "")
+    L.append(
+        f"Load (one line per workload, shown against `{shown}`; other peers differ only in the target):\n"
+    )
+    L.append("```sh")
+    seen = set()
+    for res in results:
+        if res["peer"] == shown and res["workload"] not in seen and "cmd" in res:
+            seen.add(res["workload"])
+            L.append(lab.show(shlex.split(res["cmd"])))
+    L.append("```\n")
+    L.append("Raw per-run results: `" + os.path.relpath(args.out / "raw.json", REPO) + "`.\n")
+    return "\n".join(L)
+
+
+def plot(args, agg, peers: list[str]) -> list[Path]:
+    if not ensure_matplotlib():
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    colors = {
+        "direct": "#555555",
+        "ringlb": "#d62728",
+        "haproxy": "#1f77b4",
+        "nginx": "#2ca02c",
+        "envoy": "#9467bd",
+        "nftnat": "#ff7f0e",
+    }
+    # throughput bars, as a ratio to direct
+    wls = [w for w in args.workloads]
+    fig, ax = plt.subplots(figsize=(12, 4.8))
+    width = 0.8 / max(1, len(peers))
+    for i, p in enumerate(peers):
+        xs, ys = [], []
+        for j, w in enumerate(wls):
+            d = agg.get((w, "direct"), {}).get("med", {}).get("rate")
+            v = agg.get((w, p), {}).get("med", {}).get("rate")
+            if d and v is not None:
+                xs.append(j + (i - (len(peers) - 1) / 2) * width)
+                ys.append(v / d)
+        ax.bar(xs, ys, width, label=p, color=colors.get(p))
+    ax.set_xticks(range(len(wls)))
+    ax.set_xticklabels(wls, rotation=20, ha="right")
+    ax.axhline(1.0, color="black", lw=0.6, ls="--")
+    ax.set_ylabel("throughput / direct (median)")
+    ax.set_title(
+        "Throughput relative to direct (udp-stream: datagrams received)"
+        + (" — QUICK/NOISY" if args.quick else "")
+    )
+    ax.legend(ncol=len(peers), fontsize=8, loc="upper right")
+    fig.tight_layout()
+    f = args.out / "throughput.png"
+    fig.savefig(f, dpi=110)
+    fig.savefig(f.with_suffix(".svg"))
+    plt.close(fig)
+    files.append(f)
+
+    # latency distributions (percentile curves) for the latency workloads
+    lat_wls = [w for w in wls if WL[w].kind in ("rr", "crr", "http")]
+    if lat_wls:
+        cols = min(3, len(lat_wls))
+        rows = (len(lat_wls) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+        qs = [("p50", 50), ("p90", 90), ("p99", 99), ("p999", 99.9), ("max", 99.99)]
+        for k, w in enumerate(lat_wls):
+            ax = axes[k // cols][k % cols]
+            for p in peers:
+                m = agg.get((w, p), {}).get("med", {})
+                pts = [(q, m[key]) for key, q in qs if m.get(key) is not None]
+                if pts:
+                    ax.plot(
+                        [i for i, _ in enumerate(pts)],
+                        [v for _, v in pts],
+                        marker="o",
+                        label=p,
+                        color=colors.get(p),
+                    )
+            ax.set_xticks(range(len(qs)))
+            ax.set_xticklabels(["p50", "p90", "p99", "p99.9", "max"])
+            ax.set_yscale("log")
+            ax.set_title(w, fontsize=10)
+            ax.set_ylabel("latency us (median of rounds)", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+        for k in range(len(lat_wls), rows * cols):
+            axes[k // cols][k % cols].axis("off")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("Latency distribution per peer" + (" — QUICK/NOISY" if args.quick else ""))
+        fig.tight_layout()
+        f = args.out / "latency.png"
+        fig.savefig(f, dpi=110)
+        fig.savefig(f.with_suffix(".svg"))
+        plt.close(fig)
+        files.append(f)
+    return files
