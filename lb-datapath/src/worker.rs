@@ -381,7 +381,8 @@ impl Worker {
         for &(index, generation) in &live {
             let Some(conn) = self.conns.get_mut(index, generation) else { continue };
             let kept = snapshot.get(&conn.key).is_some_and(|entry| match conn.backend_id {
-                Some(id) => entry.backends.iter().any(|b| b.id == id),
+                // `backends` is sorted by id (model invariant).
+                Some(id) => entry.backends.binary_search_by_key(&id, |b| b.id).is_ok(),
                 None => true,
             });
             if kept {
