@@ -49,7 +49,7 @@ from common import (
 )
 from configs import nft_add, nft_delete, nft_ruleset
 from peers import Lab, Peer, build, install, kernel_counters, machine_busy
-from report import aggregate, brief, evaluate_targets, fmt_num, fmt_ratio, plot, write_report
+from report import aggregate, brief, collect_meta, evaluate_targets, fmt_num, fmt_ratio, plot, write_report
 
 # ---------------------------------------------------------------------------------------------
 # One measured run
@@ -365,6 +365,10 @@ def parse_args(argv: list[str]):
         help="comma-separated workloads to run once more through ringlb "
         "under `perf record -a -g` after the rounds (e.g. tcp-stream-1,tcp-crr)",
     )
+    ap.add_argument("--notes", default="", help="markdown file included as the report's Analysis section")
+    ap.add_argument(
+        "--rerender", default="", help="only render the report again from this raw.json (no install, no runs)"
+    )
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and logs")
     a = ap.parse_args(argv)
     if a.quick:
@@ -385,8 +389,50 @@ def parse_args(argv: list[str]):
     return a
 
 
+def save_configs(lab: Lab) -> None:
+    tmp = lab.tmp
+    cfgdir = lab.args.out / "configs"
+    cfgdir.mkdir(parents=True, exist_ok=True)
+    for f in (
+        list(tmp.glob("*.yaml"))
+        + list(tmp.glob("*.cfg"))
+        + list(tmp.glob("*.json"))
+        + list(tmp.glob("nginx-*/nginx.conf"))
+    ):
+        text = f.read_text().replace(str(tmp), "$TMP")
+        name = f.name if f.parent == tmp else f"{f.parent.name}.conf"
+        (cfgdir / name).write_text(text)
+    (cfgdir / "nftables.nft").write_text(nft_ruleset(lab.ports))
+    (cfgdir / "wrk-json.lua").write_text(WRK_LUA)
+
+
+def render(args, meta: dict, results: list[dict], profiles: list[dict]) -> None:
+    agg = aggregate(results)
+    peers = [p for p in args.peers if p in meta["peers"]]
+    targets = evaluate_targets(agg, peers)
+    files = plot(args, agg, peers)
+    args.md.write_text(write_report(args, meta, results, agg, targets, files, profiles))
+    log(f"wrote {args.md} and {args.out}/ (run took {meta['elapsed'] / 60:.1f} min)")
+    for t in targets:
+        log(f"target {t['status']:6s} {fmt_ratio(t.get('ratio')):>7s}  {t['label']}  ({t['detail']})")
+
+
+def rerender(args) -> int:
+    """Render the report and plots again from a saved raw.json (e.g. after writing --notes)."""
+    raw = json.loads(Path(args.rerender).read_text())
+    saved = argparse.Namespace(**raw["args"])
+    for k in ("md", "out", "notes"):
+        setattr(saved, k, getattr(args, k))
+    saved.md, saved.out = Path(saved.md), Path(saved.out)
+    saved.out.mkdir(parents=True, exist_ok=True)
+    render(saved, raw["meta"], raw["results"], raw.get("profiles") or [])
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.rerender:
+        return rerender(args)
     args.command_line = "bench/compare/run.sh " + shlex.join(argv) if argv else "bench/compare/run.sh"
     if os.geteuid() != 0:
         print("run as root (apt installs, nftables, raising file limits)", file=sys.stderr)
@@ -418,33 +464,16 @@ def main(argv: list[str]) -> int:
     finally:
         lab.stop_all()
     elapsed = time.monotonic() - t_start
-    agg = aggregate(results)
-    peers = [p for p in args.peers if p in lab.peers]
-    targets = evaluate_targets(agg, peers)
-    cfgdir = args.out / "configs"
-    cfgdir.mkdir(exist_ok=True)
-    for f in (
-        list(tmp.glob("*.yaml"))
-        + list(tmp.glob("*.cfg"))
-        + list(tmp.glob("*.json"))
-        + list(tmp.glob("nginx-*/nginx.conf"))
-    ):
-        text = f.read_text().replace(str(tmp), "$TMP")
-        name = f.name if f.parent == tmp else f"{f.parent.name}.conf"
-        (cfgdir / name).write_text(text)
-    (cfgdir / "nftables.nft").write_text(nft_ruleset(lab.ports))
-    (tmp / "json.lua").exists() and (cfgdir / "wrk-json.lua").write_text(WRK_LUA)
+    save_configs(lab)
+    meta = collect_meta(lab, started, elapsed, results)
     raw = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": [{k: v for k, v in r.items()} for r in results],
+        "meta": meta,
+        "results": results,
+        "profiles": profiles,
     }
     (args.out / "raw.json").write_text(json.dumps(raw, indent=1, default=str).replace(str(tmp), "$TMP"))
-    files = plot(args, agg, peers)
-    md = write_report(args, lab, results, agg, targets, started, elapsed, files, profiles)
-    args.md.write_text(md)
-    log(f"wrote {args.md} and {args.out}/ ({elapsed / 60:.1f} min)")
-    for t in targets:
-        log(f"target {t['status']:6s} {fmt_ratio(t.get('ratio')):>7s}  {t['label']}  ({t['detail']})")
+    render(args, meta, results, profiles)
     if args.keep_tmp:
         log(f"kept {tmp}")
     else:

@@ -299,10 +299,11 @@ impl Report {
                     l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
                 );
             }
-            None if self.streams.is_none() => {
+            // The stream modes measure throughput only; say so rather than print nothing.
+            None if self.streams.is_some() || self.mode == "udp-stream" => {}
+            None => {
                 let _ = writeln!(out, "  latency    no completed operations");
             }
-            None => {}
         }
         if let Some(cpu) = &self.client_cpu {
             let _ = writeln!(
