@@ -299,7 +299,7 @@ impl Report {
                     l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
                 );
             }
-            // The stream modes measure throughput only; say so rather than print nothing.
+            // The stream modes measure throughput only: no latency line, rather than a misleading one.
             None if self.streams.is_some() || self.mode == "udp-stream" => {}
             None => {
                 let _ = writeln!(out, "  latency    no completed operations");
