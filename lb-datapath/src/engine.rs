@@ -63,7 +63,12 @@ impl Engine {
             shared: shared.clone(),
             workers: Vec::new(),
             threads: Mutex::new(Vec::new()),
-            features: RingFeatures { multishot_accept: false, splice: false, send_zc: false },
+            features: RingFeatures {
+                multishot_accept: false,
+                splice: false,
+                send_zc: false,
+                multishot_recvmsg: false,
+            },
             relay: config.relay,
             config: config.clone(),
         };
@@ -89,6 +94,7 @@ impl Engine {
                 pipe_size: config.pipe_size,
                 housekeeping_interval: config.housekeeping_interval,
                 multishot_accept: config.multishot_accept,
+                udp: config.udp.clone(),
             };
             let core =
                 if config.pin_workers && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };

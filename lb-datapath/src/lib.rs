@@ -1,5 +1,5 @@
 //! ringlb's datapath: one worker thread per core, each with its own io_uring ring, its own
-//! `SO_REUSEPORT` listeners and its own connection slab.
+//! `SO_REUSEPORT` listeners (TCP) and VIP sockets (UDP), its own connection slab and UDP flow table.
 //!
 //! The only input from the control plane is a [`Snapshot`] published through [`Engine::publish`]
 //! (an `arc-swap` store plus a wake-up of every worker); workers never talk to Kubernetes and never
@@ -7,7 +7,8 @@
 //!
 //! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
 //! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
-//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `stats`.
+//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `stats`,
+//! `udp` (VIP sockets, flow table, upstream sockets, buffer ring).
 //! `unsafe` lives only where io_uring and libc need it, each block with a `// SAFETY:` note.
 
 mod connection;
@@ -18,6 +19,7 @@ mod proxy;
 mod relay;
 mod ring;
 mod stats;
+mod udp;
 mod worker;
 
 use std::time::Duration;
@@ -26,6 +28,7 @@ pub use engine::Engine;
 pub use lb_core::Snapshot;
 pub use ring::RingFeatures;
 pub use stats::{EngineStats, WorkerStats};
+pub use udp::{StaleFlowPolicy, UdpConfig};
 
 /// How a worker moves bytes between client and backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,6 +62,8 @@ pub struct EngineConfig {
     /// Use multishot accept where the kernel supports it (5.19+); `false` forces the re-armed
     /// single-shot accept older kernels get (useful to exercise that path on a new kernel).
     pub multishot_accept: bool,
+    /// UDP flow table, timeouts and receive settings.
+    pub udp: UdpConfig,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +77,7 @@ impl Default for EngineConfig {
             pipe_size: 256 * 1024,
             housekeeping_interval: Duration::from_millis(250),
             multishot_accept: true,
+            udp: UdpConfig::default(),
         }
     }
 }

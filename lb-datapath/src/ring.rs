@@ -32,6 +32,10 @@ pub(crate) enum OpKind {
     BackendToClient = 7,
     /// An `AsyncCancel` request; its completion carries no state.
     Cancel = 8,
+    /// The receive armed on a UDP VIP socket (slot = the worker's UDP VIP slot).
+    UdpVip = 9,
+    /// The receive armed on a UDP flow's upstream socket (slot = flow table slot).
+    UdpFlow = 10,
 }
 
 impl OpKind {
@@ -45,6 +49,8 @@ impl OpKind {
             6 => OpKind::ClientToBackend,
             7 => OpKind::BackendToClient,
             8 => OpKind::Cancel,
+            9 => OpKind::UdpVip,
+            10 => OpKind::UdpFlow,
             _ => return None,
         })
     }
@@ -87,6 +93,9 @@ pub struct RingFeatures {
     pub splice: bool,
     /// `IORING_OP_SEND_ZC` (6.0); probed for reporting, not used yet.
     pub send_zc: bool,
+    /// Multishot `recvmsg` (`IORING_RECV_MULTISHOT`, 6.0). Not probeable as an opcode; inferred from
+    /// `IORING_OP_SEND_ZC` (same release) and turned off at run time if a receive fails with `EINVAL`.
+    pub multishot_recvmsg: bool,
 }
 
 /// Opcodes the worker cannot run without.
@@ -127,6 +136,7 @@ impl Ring {
             multishot_accept: probe.is_supported(opcode::Socket::CODE),
             splice: probe.is_supported(opcode::Splice::CODE),
             send_zc: probe.is_supported(opcode::SendZc::CODE),
+            multishot_recvmsg: probe.is_supported(opcode::SendZc::CODE),
         };
         Ok(Ring { uring, features })
     }
@@ -158,6 +168,16 @@ impl Ring {
             self.uring.submit()?;
         }
         Ok(())
+    }
+
+    /// Registers a provided-buffer ring (5.19+) as buffer group `group`.
+    ///
+    /// # Safety
+    /// `entries_addr` must point to a page-aligned array of `entries` `io_uring_buf` entries that stays
+    /// mapped (with the buffers it names) for as long as this ring exists.
+    pub unsafe fn register_buf_ring(&self, entries_addr: u64, entries: u16, group: u16) -> io::Result<()> {
+        // SAFETY: forwarded to the caller (see this function's contract).
+        unsafe { self.uring.submitter().register_buf_ring_with_flags(entries_addr, entries, group, 0) }
     }
 
     /// Submits queued entries and waits for at least `want` completions.

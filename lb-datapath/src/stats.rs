@@ -25,6 +25,21 @@ pub(crate) struct WorkerCounters {
     pub buffers_in_use: AtomicU64,
     pub pipes_in_use: AtomicU64,
     pub pipes_idle: AtomicU64,
+    pub udp_listeners: AtomicU64,
+    pub flows_active: AtomicU64,
+    pub flows_created: AtomicU64,
+    pub flows_expired: AtomicU64,
+    pub flows_evicted: AtomicU64,
+    pub flows_moved: AtomicU64,
+    pub flows_failed: AtomicU64,
+    pub udp_datagrams_client_to_backend: AtomicU64,
+    pub udp_bytes_client_to_backend: AtomicU64,
+    pub udp_datagrams_backend_to_client: AtomicU64,
+    pub udp_bytes_backend_to_client: AtomicU64,
+    pub udp_drops_truncated: AtomicU64,
+    pub udp_drops_no_backend: AtomicU64,
+    pub udp_drops_send: AtomicU64,
+    pub udp_recv_rearms: AtomicU64,
 }
 
 /// Adds `n` to a counter owned by the calling worker.
@@ -56,6 +71,21 @@ impl WorkerCounters {
             buffers_in_use: get(&self.buffers_in_use),
             pipes_in_use: get(&self.pipes_in_use),
             pipes_idle: get(&self.pipes_idle),
+            udp_listeners: get(&self.udp_listeners),
+            flows_active: get(&self.flows_active),
+            flows_created: get(&self.flows_created),
+            flows_expired: get(&self.flows_expired),
+            flows_evicted: get(&self.flows_evicted),
+            flows_moved: get(&self.flows_moved),
+            flows_failed: get(&self.flows_failed),
+            udp_datagrams_client_to_backend: get(&self.udp_datagrams_client_to_backend),
+            udp_bytes_client_to_backend: get(&self.udp_bytes_client_to_backend),
+            udp_datagrams_backend_to_client: get(&self.udp_datagrams_backend_to_client),
+            udp_bytes_backend_to_client: get(&self.udp_bytes_backend_to_client),
+            udp_drops_truncated: get(&self.udp_drops_truncated),
+            udp_drops_no_backend: get(&self.udp_drops_no_backend),
+            udp_drops_send: get(&self.udp_drops_send),
+            udp_recv_rearms: get(&self.udp_recv_rearms),
         }
     }
 }
@@ -93,6 +123,36 @@ pub struct WorkerStats {
     pub pipes_in_use: u64,
     /// Pipes kept open in the pool for reuse (two fds each).
     pub pipes_idle: u64,
+    /// UDP VIP sockets currently open (one per worker and UDP key).
+    pub udp_listeners: u64,
+    /// UDP flows currently in the flow tables.
+    pub flows_active: u64,
+    /// UDP flows created (first datagram of a client, or a flow moved to a new backend).
+    pub flows_created: u64,
+    /// UDP flows ended by their idle timeout (unreplied or replied).
+    pub flows_expired: u64,
+    /// UDP flows evicted (least recently used) because the table was full.
+    pub flows_evicted: u64,
+    /// UDP flows ended because their backend was no longer eligible (a new flow replaces each).
+    pub flows_moved: u64,
+    /// UDP flows ended by an error on their upstream socket (e.g. ICMP port unreachable).
+    pub flows_failed: u64,
+    /// Datagrams sent to backends.
+    pub udp_datagrams_client_to_backend: u64,
+    /// Payload bytes sent to backends.
+    pub udp_bytes_client_to_backend: u64,
+    /// Datagrams sent to clients.
+    pub udp_datagrams_backend_to_client: u64,
+    /// Payload bytes sent to clients.
+    pub udp_bytes_backend_to_client: u64,
+    /// Datagrams dropped because they did not fit a receive buffer (cannot happen below 65 527 bytes).
+    pub udp_drops_truncated: u64,
+    /// Client datagrams dropped: no eligible backend, source not allowed, or no upstream socket.
+    pub udp_drops_no_backend: u64,
+    /// Datagrams dropped because a send failed (socket buffer full, or an error).
+    pub udp_drops_send: u64,
+    /// UDP receives re-armed after the kernel ended them (no free buffer, single-shot mode, errors).
+    pub udp_recv_rearms: u64,
 }
 
 /// Counters of every worker, index = worker number.
@@ -120,6 +180,23 @@ impl EngineStats {
             buffers_in_use: a.buffers_in_use + w.buffers_in_use,
             pipes_in_use: a.pipes_in_use + w.pipes_in_use,
             pipes_idle: a.pipes_idle + w.pipes_idle,
+            udp_listeners: a.udp_listeners + w.udp_listeners,
+            flows_active: a.flows_active + w.flows_active,
+            flows_created: a.flows_created + w.flows_created,
+            flows_expired: a.flows_expired + w.flows_expired,
+            flows_evicted: a.flows_evicted + w.flows_evicted,
+            flows_moved: a.flows_moved + w.flows_moved,
+            flows_failed: a.flows_failed + w.flows_failed,
+            udp_datagrams_client_to_backend: a.udp_datagrams_client_to_backend
+                + w.udp_datagrams_client_to_backend,
+            udp_bytes_client_to_backend: a.udp_bytes_client_to_backend + w.udp_bytes_client_to_backend,
+            udp_datagrams_backend_to_client: a.udp_datagrams_backend_to_client
+                + w.udp_datagrams_backend_to_client,
+            udp_bytes_backend_to_client: a.udp_bytes_backend_to_client + w.udp_bytes_backend_to_client,
+            udp_drops_truncated: a.udp_drops_truncated + w.udp_drops_truncated,
+            udp_drops_no_backend: a.udp_drops_no_backend + w.udp_drops_no_backend,
+            udp_drops_send: a.udp_drops_send + w.udp_drops_send,
+            udp_recv_rearms: a.udp_recv_rearms + w.udp_recv_rearms,
         })
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! The loop submits, waits for completions and dispatches them by [`OpKind`]. Wake-ups (eventfd)
 //! bring a new snapshot to reconcile listeners against, or the stop request; a coarse timer drives
-//! idle and drain checks and bind retries. Per-connection handling lives in [`crate::proxy`].
+//! idle and drain checks and bind retries. Per-connection handling lives in [`crate::proxy`], UDP
+//! sockets and flows in [`crate::udp`].
 //! Never blocks except in `submit_and_wait`; never locks; logs nothing per connection at info level.
-//! Invariant: after reconciling generation `g`, every TCP key of that snapshot has a listener or is
-//! in `unbound` (retried every tick), and no listener exists for a key outside it.
+//! Invariant: after reconciling generation `g`, every TCP (UDP) key of that snapshot has a listener
+//! (VIP socket) or is in `unbound` (retried every tick), and none exists for a key outside it.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,6 +26,7 @@ use crate::pool::{BufferPool, PipePool};
 use crate::relay::Path;
 use crate::ring::{OpKind, Ring, UserData};
 use crate::stats::{self, WorkerCounters};
+use crate::udp::UdpState;
 
 /// How long a stopping worker waits for cancelled operations before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -40,6 +42,7 @@ pub(crate) struct WorkerSettings {
     pub housekeeping_interval: Duration,
     /// Multishot accept allowed by configuration (the kernel must support it too).
     pub multishot_accept: bool,
+    pub udp: crate::udp::UdpConfig,
 }
 
 pub(crate) struct Worker {
@@ -63,6 +66,7 @@ pub(crate) struct Worker {
     pub pipes: PipePool,
     pub multishot_accept: bool,
     pub now: Instant,
+    pub udp: UdpState,
     stopping: bool,
     scratch: Vec<(u32, u32)>,
 }
@@ -78,6 +82,7 @@ impl Worker {
     ) -> Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
+        let udp = UdpState::new(&ring, settings.udp.clone(), settings.index);
         Worker {
             ring,
             buffers: BufferPool::new(settings.buffer_size),
@@ -96,6 +101,7 @@ impl Worker {
             pick_states: HashMap::new(),
             multishot_accept,
             now: Instant::now(),
+            udp,
             stopping: false,
             scratch: Vec::new(),
         }
@@ -122,7 +128,8 @@ impl Worker {
             }
             if self.stopping {
                 let deadline = *stop_deadline.get_or_insert(self.now + STOP_GRACE);
-                if (self.conns.len() == 0 && self.listeners.count() == 0) || self.now >= deadline {
+                let idle = self.conns.len() == 0 && self.listeners.count() == 0 && self.udp.is_idle();
+                if idle || self.now >= deadline {
                     self.finish_stop();
                     return;
                 }
@@ -154,6 +161,8 @@ impl Worker {
             OpKind::BackendToClient => {
                 self.on_direction(data, crate::connection::Which::BackendToClient, result)
             }
+            OpKind::UdpVip => self.on_udp_vip(data, result, flags),
+            OpKind::UdpFlow => self.on_udp_flow(data, result, flags),
             OpKind::Cancel => {}
         }
     }
@@ -190,7 +199,8 @@ impl Worker {
         self.reconciled.store(generation, Ordering::Release);
     }
 
-    /// Opens listeners for new TCP keys, closes those of removed keys, and sets drain deadlines.
+    /// Opens listeners for new TCP keys, closes those of removed keys, and sets drain deadlines; then
+    /// does the same for UDP keys (their sockets and flows).
     fn reconcile(&mut self, snapshot: &Snapshot) {
         let mut removed = Vec::new();
         for (index, listener) in self.listeners.iter_mut() {
@@ -203,9 +213,12 @@ impl Worker {
         }
         self.unbound.clear();
         for key in snapshot.keys() {
+            if key.protocol == Protocol::Udp {
+                continue;
+            }
             if key.protocol != Protocol::Tcp {
                 if self.logged_unsupported.insert(*key) {
-                    tracing::debug!(worker = self.settings.index, %key, "only TCP is served for now; key ignored");
+                    tracing::debug!(worker = self.settings.index, %key, "protocol not served yet; key ignored");
                 }
                 continue;
             }
@@ -215,6 +228,7 @@ impl Worker {
         }
         self.bind_unbound(true);
         self.mark_draining(snapshot);
+        self.reconcile_udp(snapshot);
     }
 
     fn bind_unbound(&mut self, first_try: bool) {
@@ -334,6 +348,10 @@ impl Worker {
         }
     }
 
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping
+    }
+
     fn housekeeping(&mut self) {
         if !self.unbound.is_empty() && !self.stopping {
             self.bind_unbound(false);
@@ -348,6 +366,9 @@ impl Worker {
             self.arm_accept(index);
         }
         self.expire_connections();
+        if !self.stopping {
+            self.udp_housekeeping();
+        }
     }
 
     /// Closes idle connections and those whose drain deadline passed.
@@ -404,6 +425,7 @@ impl Worker {
         for index in open {
             self.close_listener(index);
         }
+        self.stop_udp();
         let mut live = std::mem::take(&mut self.scratch);
         self.conns.live(&mut live);
         for &(index, generation) in &live {
@@ -414,8 +436,9 @@ impl Worker {
 
     /// Leaves the loop. Connections whose cancelled operations never completed are leaked on
     /// purpose: their buffers may still be owned by the kernel.
-    fn finish_stop(self) {
+    fn finish_stop(mut self) {
         stats::set(&self.counters.listeners, 0);
+        self.udp.leak_if_busy();
         if self.conns.len() > 0 {
             tracing::warn!(
                 worker = self.settings.index,

@@ -1,5 +1,5 @@
 //! Listener reconciliation over real loopback sockets: IPv6 VIPs, bind failures retried until they
-//! succeed, and non-TCP keys ignored without disturbing TCP service.
+//! succeed, and UDP keys on the same address as TCP ones served side by side (UDP: tests/udp.rs).
 
 mod support;
 
@@ -49,7 +49,7 @@ fn failed_bind_is_retried_until_the_address_is_free() {
 }
 
 #[test]
-fn udp_keys_are_ignored_and_tcp_keys_still_served() {
+fn udp_keys_get_their_own_sockets_and_tcp_keys_still_served() {
     let backend = echo_server().expect("backend");
     let tcp = tcp_key(51);
     let udp = VipKey::new(tcp.addr, tcp.port, Protocol::Udp);
@@ -58,7 +58,9 @@ fn udp_keys_are_ignored_and_tcp_keys_still_served() {
         entry(udp, &[(SocketAddr::new(backend.addr().ip(), backend.addr().port()), true)], test_policy()),
     ];
     let engine = start_engine(2, RelayMode::Copy, snapshot(1, entries));
-    assert_eq!(engine.stats().total().listeners, 2, "one TCP listener per worker, none for UDP");
+    let total = engine.stats().total();
+    assert_eq!(total.listeners, 2, "one TCP listener per worker");
+    assert_eq!(total.udp_listeners, 2, "one UDP VIP socket per worker, counted apart");
     let mut client = connect(tcp.socket_addr());
     assert_eq!(round_trip(&mut client, b"tcp"), b"tcp");
 }

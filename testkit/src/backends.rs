@@ -1,12 +1,13 @@
 //! Loopback test backends: real TCP servers on 127.0.0.1 ephemeral ports that tests send bytes
-//! through (echo, stream/sink with verification, named, reset), and a refusing address.
+//! through (echo, stream/sink with verification, named, reset), UDP servers (echo, named echo) that
+//! count what they receive, and a refusing address.
 //!
 //! Std only (no lb-core, no async). Every server stops when its handle drops: the accept loop is
 //! woken by a connect to itself, and connection threads end when their peer closes. Every socket a
 //! server creates has read/write timeouts so a broken test fails instead of hanging.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
@@ -249,6 +250,102 @@ pub fn read_pattern(stream: &mut impl Read, seed: u64) -> io::Result<(u64, bool)
         }
         received += n as u64;
     }
+}
+
+/// Largest UDP payload over IPv4.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
+/// A running loopback UDP server that answers each datagram from the address it came from, and
+/// counts datagrams and distinct peers; stops (and closes its port, so later datagrams draw ICMP
+/// port unreachable) on drop.
+pub struct UdpServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    peers: Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    /// Binds `addr` and answers every datagram with `reply(payload)` (`None`: no answer).
+    pub fn spawn_on<F>(addr: SocketAddr, reply: F) -> io::Result<UdpServer>
+    where
+        F: Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static,
+    {
+        let socket = UdpSocket::bind(addr)?;
+        let addr = socket.local_addr()?;
+        // Bounds how long a stop can go unnoticed if the wake-up datagram of `drop` is lost.
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let peers = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let thread = {
+            let (stop, received, peers) = (stop.clone(), received.clone(), peers.clone());
+            std::thread::Builder::new().name(format!("udp-backend-{}", addr.port())).spawn(move || {
+                let mut buffer = vec![0u8; 65_536];
+                while !stop.load(Ordering::Acquire) {
+                    let Ok((n, peer)) = socket.recv_from(&mut buffer) else { continue };
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    received.fetch_add(1, Ordering::AcqRel);
+                    if let Ok(mut peers) = peers.lock() {
+                        peers.insert(peer);
+                    }
+                    if let Some(answer) = reply(&buffer[..n]) {
+                        let _ = socket.send_to(&answer, peer);
+                    }
+                }
+            })?
+        };
+        Ok(UdpServer { addr, stop, received, peers, thread: Some(thread) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// Distinct source addresses seen so far (with a proxy in between: one per flow).
+    pub fn peers(&self) -> usize {
+        self.peers.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Ok(waker) = UdpSocket::bind(SocketAddr::new(self.addr.ip(), 0)) {
+            let _ = waker.send_to(b"stop", self.addr);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A UDP server on 127.0.0.1 that echoes every datagram unchanged (empty ones included).
+pub fn udp_echo_server() -> io::Result<UdpServer> {
+    UdpServer::spawn_on("127.0.0.1:0".parse().expect("literal address"), |payload| Some(payload.to_vec()))
+}
+
+/// A UDP server on 127.0.0.1 that answers `name:` followed by the datagram.
+pub fn udp_named_server(name: &str) -> io::Result<UdpServer> {
+    let prefix = format!("{name}:").into_bytes();
+    UdpServer::spawn_on("127.0.0.1:0".parse().expect("literal address"), move |payload| {
+        let mut answer = prefix.clone();
+        answer.extend_from_slice(payload);
+        Some(answer)
+    })
+}
+
+/// A UDP server on 127.0.0.1 that never answers (a flow to it stays unreplied).
+pub fn udp_silent_server() -> io::Result<UdpServer> {
+    UdpServer::spawn_on("127.0.0.1:0".parse().expect("literal address"), |_| None)
 }
 
 /// The loopback address [`RefusingAddr`]s live on. Nothing may ever listen on it (tests use other

@@ -221,3 +221,42 @@ pub fn connect_and_read_to_close(addr: SocketAddr) -> Result<Vec<u8>, std::io::E
         Err(e) => Err(e.kind()),
     }
 }
+
+/// A UDP key on `127.0.0.<last_octet>` with a port currently free for UDP there.
+pub fn udp_key(last_octet: u8) -> VipKey {
+    let ip = vip(last_octet);
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).expect("bind an ephemeral UDP port");
+    VipKey::new(ip, socket.local_addr().expect("bound").port(), Protocol::Udp)
+}
+
+/// How long a UDP client waits for one reply before the test fails (or, where no reply is the
+/// expected outcome, concludes that none came).
+pub const UDP_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A loopback UDP client (one flow) with bounded receives.
+pub fn udp_client() -> std::net::UdpSocket {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP client");
+    socket.set_read_timeout(Some(UDP_REPLY_TIMEOUT)).expect("set read timeout");
+    socket
+}
+
+/// Sends `payload` to `target` and returns the reply and where it came from.
+pub fn udp_exchange(
+    socket: &std::net::UdpSocket,
+    target: SocketAddr,
+    payload: &[u8],
+) -> (Vec<u8>, SocketAddr) {
+    socket.send_to(payload, target).expect("send a datagram to the VIP");
+    let mut buffer = vec![0u8; 65_536];
+    let (n, from) = socket.recv_from(&mut buffer).unwrap_or_else(|e| panic!("reply from {target}: {e}"));
+    buffer.truncate(n);
+    (buffer, from)
+}
+
+/// An engine configuration for UDP tests with the given flow timeouts.
+pub fn udp_config(workers: usize, unreplied: Duration, replied: Duration) -> EngineConfig {
+    let mut config = test_config(workers, RelayMode::Copy);
+    config.udp.unreplied_timeout = unreplied;
+    config.udp.replied_timeout = replied;
+    config
+}

@@ -1,0 +1,209 @@
+//! UDP sockets and receive memory: the per-worker VIP sockets (`SO_REUSEPORT`, `IP_FREEBIND`), the
+//! connected upstream socket of each flow, and the provided-buffer ring every UDP receive of a worker
+//! draws from.
+//!
+//! The buffer ring is registered with the worker's io_uring (5.19+); the kernel picks a free buffer
+//! per datagram, so memory does not grow with the number of flows (65 536 idle flows cost no receive
+//! memory). A buffer is handed back ([`BufRing::recycle`]) as soon as its completion is handled,
+//! whether or not its flow still exists. Never frees buffer memory the kernel might still write: the
+//! worker leaks the ring when receives outlive its stop grace.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+
+use crate::ring::Ring;
+
+/// Largest UDP payload (IPv6 without jumbograms: 65 535 − 8; IPv4 allows 65 507).
+pub(crate) const MAX_DATAGRAM: usize = 65_527;
+/// Bytes the kernel puts before the payload of a multishot `recvmsg`: `io_uring_recvmsg_out` and a
+/// name field sized like the template's `msg_namelen` (no control data is asked for).
+pub(crate) const MULTISHOT_HEADER: usize = 16 + std::mem::size_of::<libc::sockaddr_storage>();
+/// One receive buffer: header plus the largest datagram, rounded up to whole pages.
+pub(crate) const BUFFER_SIZE: usize = (MULTISHOT_HEADER + MAX_DATAGRAM).next_multiple_of(4096);
+/// Buffer group id of the worker's UDP buffer ring (one group per ring).
+pub(crate) const BUFFER_GROUP: u16 = 0;
+
+// A buffer holds the largest datagram after its header, and its length fits an `io_uring_buf`.
+const _: () = assert!(BUFFER_SIZE - MULTISHOT_HEADER >= MAX_DATAGRAM && BUFFER_SIZE <= u32::MAX as usize);
+
+/// Opens a non-blocking UDP socket bound to a VIP that shares the port with the other workers.
+/// Bound to the exact VIP, so replies sent from it carry the VIP as source address.
+pub(crate) fn bind_vip(addr: SocketAddr) -> io::Result<Socket> {
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), Some(SockProtocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// A non-blocking UDP socket connected to `backend`: only that backend's datagrams reach it, and an
+/// ICMP error about it (port unreachable) is reported on it alone.
+pub(crate) fn connect_upstream(backend: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(SockProtocol::UDP),
+    )?;
+    socket.connect(&backend.into())?;
+    Ok(socket)
+}
+
+/// Reads the `sockaddr_in`/`sockaddr_in6` the kernel wrote in a receive buffer's name field.
+pub(crate) fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
+    let family = i32::from(u16::from_ne_bytes(name.get(0..2)?.try_into().ok()?));
+    let port = u16::from_be_bytes(name.get(2..4)?.try_into().ok()?);
+    match family {
+        libc::AF_INET => {
+            let octets: [u8; 4] = name.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(octets)), port))
+        }
+        libc::AF_INET6 => {
+            let flow = u32::from_be_bytes(name.get(4..8)?.try_into().ok()?);
+            let octets: [u8; 16] = name.get(8..24)?.try_into().ok()?;
+            let scope = u32::from_ne_bytes(name.get(24..28)?.try_into().ok()?);
+            Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(octets), port, flow, scope)))
+        }
+        _ => None,
+    }
+}
+
+/// The `msghdr` every multishot `recvmsg` of a worker points to: only its name and control lengths
+/// are read (they fix the layout of each buffer), so one template serves every socket.
+pub(crate) fn recvmsg_template() -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    header
+}
+
+/// Anonymous private memory, unmapped on drop.
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> io::Result<Mapping> {
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { base: base.cast(), len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region `new` mapped, once.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// A registered ring of `count` provided buffers of [`BUFFER_SIZE`] bytes. See the module doc.
+pub(crate) struct BufRing {
+    entries: Mapping,
+    buffers: Mapping,
+    count: u16,
+    tail: u16,
+}
+
+impl BufRing {
+    /// Maps and registers a ring of `count` buffers (rounded to a power of two, 1..=32768).
+    pub fn register(ring: &Ring, count: u16) -> io::Result<BufRing> {
+        let count = count.clamp(1, 1 << 15).next_power_of_two();
+        let entries = Mapping::new(usize::from(count) * std::mem::size_of::<BufRingEntry>())?;
+        let buffers = Mapping::new(usize::from(count) * BUFFER_SIZE)?;
+        let mut ring_buffers = BufRing { entries, buffers, count, tail: 0 };
+        // SAFETY: the entry array is page-aligned (mmap), sized for `count` entries, and owned by the
+        // returned value, which the worker keeps (or leaks) for as long as the io_uring exists.
+        unsafe { ring.register_buf_ring(ring_buffers.entries.base as u64, count, BUFFER_GROUP)? };
+        for bid in 0..count {
+            ring_buffers.push(bid);
+        }
+        ring_buffers.publish_tail();
+        Ok(ring_buffers)
+    }
+
+    /// The first `len` bytes the kernel wrote into buffer `bid`.
+    pub fn filled(&self, bid: u16, len: usize) -> &[u8] {
+        let bid = usize::from(bid % self.count);
+        // SAFETY: `bid` is within the mapping; the kernel finished writing this buffer (its completion
+        // was reaped) and will not touch it again before it is recycled.
+        unsafe { std::slice::from_raw_parts(self.buffers.base.add(bid * BUFFER_SIZE), len.min(BUFFER_SIZE)) }
+    }
+
+    /// Hands buffer `bid` back to the kernel.
+    pub fn recycle(&mut self, bid: u16) {
+        self.push(bid % self.count);
+        self.publish_tail();
+    }
+
+    fn push(&mut self, bid: u16) {
+        let slot = usize::from(self.tail & (self.count - 1));
+        // SAFETY: `slot` < count, inside the entry mapping; the kernel only reads entries below the
+        // published tail, and this one is past it until `publish_tail`.
+        let entry = unsafe { &mut *self.entries.base.cast::<BufRingEntry>().add(slot) };
+        // SAFETY: `bid` < count, so the address is inside the buffer mapping.
+        entry.set_addr(unsafe { self.buffers.base.add(usize::from(bid) * BUFFER_SIZE) } as u64);
+        entry.set_len(BUFFER_SIZE as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish_tail(&self) {
+        // SAFETY: the ring base is page-aligned and mapped; the tail is a u16 inside its first entry
+        // that the kernel reads concurrently, hence the atomic release store.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries.base.cast::<BufRingEntry>()).cast_mut();
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_sockets_share_a_port_and_bind_a_non_local_vip() {
+        let first = bind_vip("127.0.0.1:0".parse().expect("literal")).expect("bind");
+        let addr = first.local_addr().expect("bound").as_socket().expect("inet");
+        assert!(bind_vip(addr).is_ok(), "SO_REUSEPORT lets a second worker bind {addr}");
+        assert!(bind_vip("192.0.2.77:0".parse().expect("literal")).is_ok(), "IP_FREEBIND");
+        assert!(bind_vip("[::1]:0".parse().expect("literal")).is_ok());
+    }
+
+    #[test]
+    fn kernel_socket_addresses_parse_back() {
+        for text in ["127.0.0.9:4242", "[::1]:53", "[fe80::1%3]:8080"] {
+            let addr: SocketAddr = text.parse().expect("literal");
+            let raw = socket2::SockAddr::from(addr);
+            // SAFETY: `as_ptr` points to `len` initialised bytes of the socket address.
+            let bytes = unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), raw.len() as usize) };
+            assert_eq!(parse_sockaddr(bytes), Some(addr));
+        }
+        assert_eq!(parse_sockaddr(&[0u8; 3]), None);
+    }
+}
