@@ -211,23 +211,22 @@ pub fn per_sec(count: u64, seconds: f64) -> f64 {
 }
 
 impl Report {
-    /// A report with the rates derived from the counters; the mode fills in the optional sections.
-    #[allow(clippy::too_many_arguments)]
+    /// A report with the rates derived from the counters over the measured window of `run`; the
+    /// mode fills in the optional sections.
     pub fn new(
         mode: &'static str,
-        target: String,
+        run: &crate::cli::RunArgs,
         params: serde_json::Value,
         client_threads: usize,
-        warmup_s: f64,
-        duration_s: f64,
         totals: &crate::run::Totals,
     ) -> Self {
+        let duration_s = run.duration.as_secs_f64();
         Self {
             mode,
-            target,
+            target: run.target.to_string(),
             params,
             client_threads,
-            warmup_s,
+            warmup_s: run.warmup.as_secs_f64(),
             duration_s,
             ops: totals.ops,
             ops_per_sec: per_sec(totals.ops, duration_s),

@@ -5,7 +5,7 @@
 //! Sockets are close-on-exec; client TCP sockets for request/response get `TCP_NODELAY`.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -115,6 +115,13 @@ pub fn reuseport_group(listen: SocketAddr, udp: bool, count: usize) -> io::Resul
         sockets.push(socket);
     }
     Ok(sockets)
+}
+
+/// The wildcard address with port 0 in the family of `target`, for binding a client UDP socket.
+pub fn any_port_like(target: SocketAddr) -> SocketAddr {
+    let any: IpAddr =
+        if target.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    SocketAddr::new(any, 0)
 }
 
 /// Classifies an error of a connect attempt.

@@ -48,7 +48,7 @@ fn parse_answer(datagram: &[u8], nonce: u64) -> Option<SinkCounts> {
 
 /// Asks the sink at `target` for its counters; retries a few times, each attempt bounded.
 pub fn query(target: SocketAddr, nonce: u64) -> io::Result<SinkCounts> {
-    let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let bind = crate::sockets::any_port_like(target);
     let socket = UdpSocket::bind(bind)?;
     socket.connect(target)?;
     let mut request = [0u8; QUERY_LEN];

@@ -14,7 +14,7 @@ use serde_json::json;
 use socket2::Socket;
 
 use crate::cli::{CloseStyle, TcpCrrArgs};
-use crate::load::{payload, wait_budget};
+use crate::load::{ClientLoop, TICK, drive, payload};
 use crate::poller::{self, Event, Poller};
 use crate::report::{Failure, Report};
 use crate::run::{Clock, LiveCounters, Tally, client_threads, run_threads};
@@ -43,15 +43,7 @@ pub fn run(args: &TcpCrrArgs) -> anyhow::Result<Report> {
         "timeout_ms": args.timeout.as_millis() as u64,
         "connect_timeout_ms": args.connect_timeout.as_millis() as u64,
     });
-    Ok(Report::new(
-        "tcp-crr",
-        args.run.target.to_string(),
-        params,
-        threads,
-        args.run.warmup.as_secs_f64(),
-        args.run.duration.as_secs_f64(),
-        &totals,
-    ))
+    Ok(Report::new("tcp-crr", &args.run, params, threads, &totals))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -122,42 +114,19 @@ impl<'a> CrrThread<'a> {
     }
 
     fn run(mut self, clock: &Clock, live: &LiveCounters) -> Tally {
-        let mut ready: Vec<Event> = Vec::with_capacity(self.slots.len().max(16));
-        let mut next_scan = Instant::now();
-        loop {
-            let now = Instant::now();
-            if now >= clock.end {
-                break;
-            }
-            // Slots whose start fails at once go back to `idle`; they are retried next round, so a
-            // synchronous connect error can never keep this loop from looking at the clock.
-            std::mem::swap(&mut self.idle, &mut self.starting);
-            for position in 0..self.starting.len() {
-                self.start(self.starting[position]);
-            }
-            self.starting.clear();
-            if now >= next_scan {
-                self.expire(now);
-                self.tally.publish(live);
-                next_scan = now + crate::load::TICK;
-            }
-            ready.clear();
-            let budget = if self.idle.is_empty() {
-                wait_budget(now, clock.end.min(next_scan))
-            } else {
-                Default::default()
-            };
-            if let Err(error) = self.poller.wait(budget, |e| ready.push(e)) {
-                eprintln!("tcp-crr: epoll_wait failed: {error}");
-                self.tally.fail(Failure::OtherIo);
-                break;
-            }
-            for event in &ready {
-                self.on_event(clock, *event);
-            }
-        }
-        self.tally.publish(live);
+        drive(&mut self, clock, live, TICK);
         self.tally
+    }
+
+    /// Starts the slots that are idle. Slots whose start fails at once go back to `idle` and are
+    /// retried next round, so a synchronous connect error never keeps the loop from the clock.
+    fn start_idle(&mut self) -> bool {
+        std::mem::swap(&mut self.idle, &mut self.starting);
+        for position in 0..self.starting.len() {
+            self.start(self.starting[position]);
+        }
+        self.starting.clear();
+        !self.idle.is_empty()
     }
 
     fn options(&mut self) -> ConnectOptions {
@@ -217,7 +186,7 @@ impl<'a> CrrThread<'a> {
         }
     }
 
-    fn on_event(&mut self, clock: &Clock, event: Event) {
+    fn handle_event(&mut self, clock: &Clock, event: Event) {
         let index = (event.token & u64::from(u32::MAX)) as usize;
         let generation = (event.token >> 32) as u32;
         let Some(slot) = self.slots.get(index) else { return };
@@ -283,5 +252,27 @@ impl<'a> CrrThread<'a> {
                 Err(error) => return self.finish(index, Some(transfer_failure(&error))),
             }
         }
+    }
+}
+
+impl ClientLoop for CrrThread<'_> {
+    fn poller(&mut self) -> &mut Poller {
+        &mut self.poller
+    }
+
+    fn tally(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+
+    fn scan(&mut self, _clock: &Clock, now: Instant) {
+        self.expire(now);
+    }
+
+    fn on_event(&mut self, clock: &Clock, event: Event) {
+        self.handle_event(clock, event);
+    }
+
+    fn before_wait(&mut self) -> bool {
+        self.start_idle()
     }
 }

@@ -14,7 +14,7 @@ use serde_json::json;
 use socket2::Socket;
 
 use crate::cli::TcpRrArgs;
-use crate::load::{payload, wait_budget};
+use crate::load::{ClientLoop, TICK, drive, payload};
 use crate::poller::{self, Event, Poller};
 use crate::report::{Failure, Report};
 use crate::run::{Clock, LiveCounters, Tally, client_threads, run_threads};
@@ -37,15 +37,7 @@ pub fn run(args: &TcpRrArgs) -> anyhow::Result<Report> {
         "pipeline": args.pipeline,
         "timeout_ms": args.timeout.as_millis() as u64,
     });
-    Ok(Report::new(
-        "tcp-rr",
-        args.run.target.to_string(),
-        params,
-        threads,
-        args.run.warmup.as_secs_f64(),
-        args.run.duration.as_secs_f64(),
-        &totals,
-    ))
+    Ok(Report::new("tcp-rr", &args.run, params, threads, &totals))
 }
 
 struct Connection {
@@ -96,37 +88,12 @@ impl<'a> RrThread<'a> {
     }
 
     fn run(mut self, clock: &Clock, live: &LiveCounters) -> Tally {
-        let mut ready: Vec<Event> = Vec::with_capacity(self.connections.len().max(16));
-        let mut next_scan = Instant::now();
-        loop {
-            let now = Instant::now();
-            if now >= clock.end {
-                break;
-            }
-            if now >= next_scan {
-                self.scan(clock, now);
-                self.tally.publish(live);
-                next_scan = now + crate::load::TICK;
-            }
-            ready.clear();
-            if let Err(error) =
-                self.poller.wait(wait_budget(now, clock.end.min(next_scan)), |e| ready.push(e))
-            {
-                // epoll itself failing is not a property of the target; stop rather than spin.
-                eprintln!("tcp-rr: epoll_wait failed: {error}");
-                self.tally.fail(Failure::OtherIo);
-                break;
-            }
-            for event in &ready {
-                self.on_event(clock, *event);
-            }
-        }
-        self.tally.publish(live);
+        drive(&mut self, clock, live, TICK);
         self.tally
     }
 
     /// Reconnects what is due and fails responses that exceeded the timeout.
-    fn scan(&mut self, clock: &Clock, now: Instant) {
+    fn scan_connections(&mut self, clock: &Clock, now: Instant) {
         for index in 0..self.connections.len() {
             let connection = &self.connections[index];
             match &connection.socket {
@@ -187,7 +154,7 @@ impl<'a> RrThread<'a> {
         connection.reconnect_at = now;
     }
 
-    fn on_event(&mut self, clock: &Clock, event: Event) {
+    fn handle_event(&mut self, clock: &Clock, event: Event) {
         let index = event.token as usize;
         if self.connections.get(index).is_none_or(|c| c.socket.is_none()) {
             return;
@@ -256,5 +223,23 @@ impl<'a> RrThread<'a> {
                 self.fail(index, transfer_failure(&error), now);
             }
         }
+    }
+}
+
+impl ClientLoop for RrThread<'_> {
+    fn poller(&mut self) -> &mut Poller {
+        &mut self.poller
+    }
+
+    fn tally(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+
+    fn scan(&mut self, clock: &Clock, now: Instant) {
+        self.scan_connections(clock, now);
+    }
+
+    fn on_event(&mut self, clock: &Clock, event: Event) {
+        self.handle_event(clock, event);
     }
 }

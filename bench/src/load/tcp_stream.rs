@@ -45,15 +45,7 @@ pub fn run(args: &TcpStreamArgs) -> anyhow::Result<Report> {
         "size": args.size,
         "direction": format!("{:?}", args.direction).to_lowercase(),
     });
-    let mut report = Report::new(
-        "tcp-stream",
-        args.run.target.to_string(),
-        params,
-        threads,
-        args.run.warmup.as_secs_f64(),
-        seconds,
-        &totals,
-    );
+    let mut report = Report::new("tcp-stream", &args.run, params, threads, &totals);
     report.streams = Some(summaries);
     Ok(report)
 }

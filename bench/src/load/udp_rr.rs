@@ -6,16 +6,16 @@
 //! `refused` (ICMP port unreachable) is an error: the flow pauses until the next scan, then resumes.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use serde_json::json;
 
 use crate::cli::UdpRrArgs;
-use crate::load::{payload, wait_budget};
+use crate::load::{ClientLoop, TICK, drive, payload};
 use crate::poller::{self, Event, Poller};
-use crate::report::{DatagramSummary, Failure, Report, per_sec};
+use crate::report::{DatagramSummary, Report, per_sec};
 use crate::run::{Clock, LiveCounters, Tally, client_threads, run_threads};
 use crate::sockets::{transfer_failure, would_block};
 
@@ -55,15 +55,7 @@ pub fn run(args: &UdpRrArgs) -> anyhow::Result<Report> {
         "message_size": args.message_size,
         "timeout_ms": args.timeout.as_millis() as u64,
     });
-    let mut report = Report::new(
-        "udp-rr",
-        args.run.target.to_string(),
-        params,
-        threads,
-        args.run.warmup.as_secs_f64(),
-        seconds,
-        &totals,
-    );
+    let mut report = Report::new("udp-rr", &args.run, params, threads, &totals);
     report.datagrams = Some(datagrams);
     Ok(report)
 }
@@ -89,8 +81,7 @@ impl<'a> RrThread<'a> {
     fn new(args: &'a UdpRrArgs, count: usize) -> io::Result<Self> {
         let poller = Poller::new(count * 2)?;
         let target = args.run.target;
-        let bind: SocketAddr =
-            if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let bind = crate::sockets::any_port_like(target);
         let mut flows = Vec::with_capacity(count);
         let now = Instant::now();
         for index in 0..count {
@@ -112,36 +103,14 @@ impl<'a> RrThread<'a> {
     }
 
     fn run(mut self, clock: &Clock, live: &LiveCounters) -> (Tally, Counts) {
-        let mut ready: Vec<Event> = Vec::with_capacity(self.flows.len().max(16));
-        let mut next_scan = Instant::now();
-        loop {
-            let now = Instant::now();
-            if now >= clock.end {
-                break;
-            }
-            if now >= next_scan {
-                self.scan(clock, now);
-                self.tally.publish(live);
-                next_scan = now + crate::load::TICK.min(self.args.timeout / 4);
-            }
-            ready.clear();
-            if let Err(error) =
-                self.poller.wait(wait_budget(now, clock.end.min(next_scan)), |e| ready.push(e))
-            {
-                eprintln!("udp-rr: epoll_wait failed: {error}");
-                self.tally.fail(Failure::OtherIo);
-                break;
-            }
-            for event in &ready {
-                self.receive(clock, event.token as usize);
-            }
-        }
-        self.tally.publish(live);
+        // Scan often enough that a loss is declared within a quarter timeout of its deadline.
+        let scan_every = TICK.min(self.args.timeout / 4);
+        drive(&mut self, clock, live, scan_every);
         (self.tally, self.counts)
     }
 
     /// Declares overdue datagrams lost and (re)starts idle flows.
-    fn scan(&mut self, clock: &Clock, now: Instant) {
+    fn scan_flows(&mut self, clock: &Clock, now: Instant) {
         for index in 0..self.flows.len() {
             let flow = &mut self.flows[index];
             if flow.outstanding && now.duration_since(flow.sent_at) > self.args.timeout {
@@ -202,5 +171,23 @@ impl<'a> RrThread<'a> {
                 }
             }
         }
+    }
+}
+
+impl ClientLoop for RrThread<'_> {
+    fn poller(&mut self) -> &mut Poller {
+        &mut self.poller
+    }
+
+    fn tally(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+
+    fn scan(&mut self, clock: &Clock, now: Instant) {
+        self.scan_flows(clock, now);
+    }
+
+    fn on_event(&mut self, clock: &Clock, event: Event) {
+        self.receive(clock, event.token as usize);
     }
 }

@@ -6,7 +6,7 @@
 //! `sendmmsg` batches on connected sockets, paced per thread when `--rate` is given.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::sync::{Barrier, OnceLock};
 use std::time::{Duration, Instant};
@@ -103,15 +103,7 @@ pub fn run(args: &UdpStreamArgs) -> anyhow::Result<Report> {
         "rate": args.rate,
         "batch": args.batch,
     });
-    let mut report = Report::new(
-        "udp-stream",
-        target.to_string(),
-        params,
-        threads,
-        args.run.warmup.as_secs_f64(),
-        seconds,
-        &totals,
-    );
+    let mut report = Report::new("udp-stream", &args.run, params, threads, &totals);
     report.datagrams = Some(datagrams);
     Ok(report)
 }
@@ -133,8 +125,7 @@ unsafe impl Send for Sender {}
 impl Sender {
     fn new(args: &UdpStreamArgs, flows: usize, threads: usize) -> io::Result<Self> {
         let target = args.run.target;
-        let bind: SocketAddr =
-            if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let bind = crate::sockets::any_port_like(target);
         let sockets = (0..flows)
             .map(|_| {
                 let socket = UdpSocket::bind(bind)?;
