@@ -34,11 +34,11 @@ class Ports:
         return f"{PEER_IPS[peer]}:{self.front(svc, peer)}"
 
 
-def gen_ringlb(tmp: Path, ports: Ports) -> Path:
-    ip = PEER_IPS["ringlb"]
+def gen_ringlb(tmp: Path, ports: Ports, name: str = "ringlb") -> Path:
+    """Manifests for the ringlb peer `name` (`ringlb` or a variant `ringlb-X`, each on its own VIP)."""
+    ip = PEER_IPS[name]
     svc_ports = "\n".join(
-        f"  - {{name: {s.name}, port: {ports.front(s, 'ringlb')}, protocol: {s.proto.upper()}}}"
-        for s in SERVICES
+        f"  - {{name: {s.name}, port: {ports.front(s, name)}, protocol: {s.proto.upper()}}}" for s in SERVICES
     )
     slice_ports = "\n".join(
         f"- {{name: {s.name}, port: {ports.back(s)}, protocol: {s.proto.upper()}}}" for s in SERVICES
@@ -67,7 +67,7 @@ endpoints:
 - addresses: ["{BACKEND_IP}"]
   conditions: {{ready: true}}
 """
-    path = tmp / "ringlb.yaml"
+    path = tmp / f"{name}.yaml"
     path.write_text(text)
     return path
 

@@ -346,11 +346,15 @@ class Lab:
                 ],
                 note="kernel DNAT: no proxy process; its cost lands in softirq of the sender",
             )
-        if name == "ringlb":
-            manifests = gen_ringlb(t, self.ports)
+        if name == "ringlb" or name.startswith("ringlb-"):
+            manifests = gen_ringlb(t, self.ports, name)
+            variant = self.args.variants.get(name, [])
+            binary = str(RINGLB)
+            if variant and variant[0].startswith("@"):
+                binary, variant = variant[0][1:], variant[1:]
             admin = f"127.0.0.1:{free_port()}"
             cmd = [
-                str(RINGLB),
+                binary,
                 "run",
                 "--manifests",
                 str(manifests),
@@ -363,10 +367,10 @@ class Lab:
             ]
             if not self.args.ringlb_pin:
                 cmd.append("--no-pin")
-            cmd += self.args.ringlb_arg
-            p = PROCS.spawn(cmd, t / "ringlb.log")
+            cmd += self.args.ringlb_arg + variant
+            p = PROCS.spawn(cmd, t / f"{name}.log")
             if not wait_http(f"http://{admin}/readyz", deadline):
-                raise RuntimeError(f"/readyz on {admin} never answered 200; see {t}/ringlb.log")
+                raise RuntimeError(f"/readyz on {admin} never answered 200; see {t}/{name}.log")
         elif name == "haproxy":
             cfg = gen_haproxy(t, self.ports)
             run_cmd(["haproxy", "-c", "-f", str(cfg)], 30)

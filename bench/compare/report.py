@@ -182,7 +182,7 @@ TARGETS = [
 
 def evaluate_targets(agg: dict, peers: list[str]) -> list[dict]:
     out = []
-    others = [p for p in peers if p not in ("direct", "ringlb")]
+    others = [p for p in peers if p != "direct" and not p.startswith("ringlb")]
     for label, wl, kind, thr, ref in TARGETS:
         row = {"label": label, "workload": wl, "status": "n/a", "detail": ""}
         rl = agg.get((wl, "ringlb"), {}).get("med", {})
@@ -251,7 +251,7 @@ def collect_meta(lab: Lab, started: str, elapsed: float, results: list[dict]) ->
         "machine": machine_info(),
         "tools": tool_versions(lab.envoy_bin),
         "peers": {
-            name: {"cmd": lab.show(p.cmd), "note": p.note, "udp_bad": p.udp_bad}
+            name: {"cmd": lab.show(p.cmd), "note": p.note, "udp_bad": p.udp_bad, "ip": PEER_IPS[name]}
             for name, p in lab.peers.items()
         },
         "commands": {k: lab.show(v) for k, v in lab.commands.items()},
@@ -300,7 +300,7 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
     )
     L.append(
         "- Peers: "
-        + ", ".join(f"`{p}` on {PEER_IPS[p]}" for p in peers)
+        + ", ".join(f"`{p}` on {mpeers[p].get('ip', PEER_IPS.get(p))}" for p in peers)
         + ". All peers run for the whole session (an idle proxy costs nothing measurable); the nftables "
         f"table `{NFT_TABLE}` exists only during the `nftnat` runs, so conntrack does not tax the others."
     )

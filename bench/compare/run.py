@@ -56,6 +56,11 @@ from report import aggregate, brief, collect_meta, evaluate_targets, fmt_num, fm
 # ---------------------------------------------------------------------------------------------
 
 
+def wrk_seconds(x: float) -> int:
+    """wrk takes whole seconds only (`-d2.5s` makes it exit 1 without a word)."""
+    return max(1, round(x))
+
+
 def gen_cmd(lab: Lab, w: Workload, peer: str, warmup: float, duration: float) -> list[str]:
     svc = SVC[w.svc]
     target = lab.ports.target(svc, peer)
@@ -67,7 +72,7 @@ def gen_cmd(lab: Lab, w: Workload, peer: str, warmup: float, duration: float) ->
             "wrk",
             "-t1",
             f"-c{lab.args.wrk_connections}",
-            f"-d{duration:g}s",
+            f"-d{wrk_seconds(duration)}s",
             "--timeout",
             "2s",
             "-s",
@@ -99,7 +104,7 @@ def run_one(lab: Lab, w: Workload, peer: Peer, warmup: float, duration: float) -
     cmd = gen_cmd(lab, w, peer.name, warmup, duration)
     res: dict = {"workload": w.name, "peer": peer.name, "cmd": shlex.join(cmd)}
     if w.kind == "http" and warmup > 0:
-        wcmd = [c if not c.startswith("-d") else f"-d{warmup:g}s" for c in cmd]
+        wcmd = [c if not c.startswith("-d") else f"-d{wrk_seconds(warmup)}s" for c in cmd]
         subprocess.run(wcmd, capture_output=True, timeout=warmup + 20)
         gen_warm = 0.0
     else:
@@ -139,7 +144,7 @@ def run_one(lab: Lab, w: Workload, peer: Peer, warmup: float, duration: float) -
             res["proxy_cores"] = (c_b - c_a) / span
         res["machine_cores"] = (m_b[0] - m_a[0]) / span
     if p.returncode != 0:
-        res["error"] = f"exit {p.returncode}: {err.strip()[-300:]}"
+        res["error"] = f"exit {p.returncode}: {(err.strip() or out.strip())[-300:]}"
         return res
     try:
         if w.kind == "http":
@@ -369,6 +374,14 @@ def parse_args(argv: list[str]):
     ap.add_argument(
         "--rerender", default="", help="only render the report again from this raw.json (no install, no runs)"
     )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="an extra ringlb peer `ringlb-NAME` (own VIP, interleaved right after ringlb) run with extra "
+        "ARGS, e.g. copy='--relay copy'; ARGS starting with @PATH use another ringlb binary (A/B two builds)",
+    )
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and logs")
     a = ap.parse_args(argv)
     if a.quick:
@@ -376,6 +389,16 @@ def parse_args(argv: list[str]):
         if a.pause == 0.3:
             a.pause = 0.2
     a.peers = [p.strip() for p in a.peers.split(",") if p.strip()]
+    a.variants = {}
+    for i, v in enumerate(a.variant):
+        name, _, rest = v.partition("=")
+        if not re.fullmatch(r"[a-z0-9_]+", name) or i >= 20:
+            ap.error(f"--variant {v!r}: NAME must be [a-z0-9_]+ (at most 20 variants)")
+        peer = f"ringlb-{name}"
+        PEER_IPS[peer] = f"127.0.0.{20 + i}"
+        a.variants[peer] = shlex.split(rest)
+        pos = a.peers.index("ringlb") + 1 + i if "ringlb" in a.peers else len(a.peers)
+        a.peers.insert(pos, peer)
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
     for p in a.peers:
         if p not in PEER_IPS:
