@@ -1,0 +1,50 @@
+//! UDP settings of the engine: flow table bound, conntrack-like timeouts, what happens to flows whose
+//! backend left, and receive buffers. Plain data; the worker reads it once at start.
+
+use std::time::Duration;
+
+/// What happens to a flow whose backend is no longer eligible (not ready, or removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StaleFlowPolicy {
+    /// The flow's next client datagram ends it and opens a new flow to a freshly picked backend
+    /// (counted in `flows_moved`). No flow keeps feeding a backend that left — the kube-proxy
+    /// complaint where stale conntrack entries pin UDP clients (e.g. DNS) to a deleted pod. A
+    /// backend that is merely not ready loses its flows too, which is what readiness asks for.
+    #[default]
+    Move,
+    /// The flow keeps its backend for at most the entry's `drain_timeout` after its first datagram
+    /// that found the backend ineligible (as TCP connections drain), then moves as above; a quiet
+    /// flow ends at its idle timeout first. For protocols that keep state per client in the backend.
+    Drain,
+}
+
+/// UDP settings of the engine (per worker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// Flows one worker tracks at most; the least recently used is evicted beyond.
+    pub max_flows_per_worker: usize,
+    /// Idle timeout of a flow whose backend never replied (conntrack's `nf_conntrack_udp_timeout`).
+    pub unreplied_timeout: Duration,
+    /// Idle timeout of a flow that saw a reply (conntrack's `nf_conntrack_udp_timeout_stream`).
+    pub replied_timeout: Duration,
+    pub stale_flows: StaleFlowPolicy,
+    /// Receive buffers per worker (rounded up to a power of two); each holds a 65 527-byte datagram.
+    /// Memory is mapped lazily, so only buffers the kernel ever filled cost resident memory.
+    pub recv_buffers: u16,
+    /// Use multishot `recvmsg` where the kernel supports it (6.0+); `false` forces the re-armed
+    /// single-shot receive (useful to exercise that path on a new kernel).
+    pub multishot_recv: bool,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            max_flows_per_worker: 65_536,
+            unreplied_timeout: Duration::from_secs(30),
+            replied_timeout: Duration::from_secs(120),
+            stale_flows: StaleFlowPolicy::Move,
+            recv_buffers: 128,
+            multishot_recv: true,
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The per-datagram path of the UDP datapath: a client datagram finds (or creates, or moves) its
+//! flow and goes to the flow's backend; a backend datagram goes back to its client from the VIP socket.
+//!
+//! Runs once per completion; never allocates (payloads are read in place from the provided buffer and
+//! sent before the buffer is recycled), never blocks (non-blocking sends; a full socket buffer drops
+//! the datagram and counts it). Invariant: every completion's buffer is recycled, whatever happens to
+//! the flow or VIP it was for.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use io_uring::cqueue;
+use io_uring::types::RecvMsgOut;
+use lb_core::{PickRequest, ServiceEntry};
+use socket2::SockAddr;
+
+use super::flow_table::{FlowHandle, FlowKey, FlowTable};
+use super::socket::{self, BUFFER_SIZE, BufRing};
+use super::{FlowEnd, StaleFlowPolicy, UdpFlow, count_end, release_flow};
+use crate::ring::UserData;
+use crate::stats;
+use crate::worker::Worker;
+
+/// A datagram as received: its source (VIP sockets) and payload, or why it cannot be used.
+struct Received<'a> {
+    source: Option<SocketAddr>,
+    payload: &'a [u8],
+    truncated: bool,
+}
+
+fn received<'a>(
+    buffers: &'a BufRing,
+    multishot_header: &libc::msghdr,
+    single_shot_name: Option<&libc::sockaddr_storage>,
+    multishot: bool,
+    bid: Option<u16>,
+    result: usize,
+) -> Option<Received<'a>> {
+    if multishot {
+        let bid = bid?;
+        let filled = buffers.filled(bid, result);
+        let out = RecvMsgOut::parse(filled, multishot_header).ok()?;
+        // `RecvMsgOut` lends its parts for its own lifetime; slice the payload from the buffer
+        // itself (it follows the header and the fixed-size name field; no control data is asked for).
+        let start = socket::MULTISHOT_HEADER;
+        let payload = filled.get(start..start + out.payload_data().len())?;
+        Some(Received {
+            source: socket::parse_sockaddr(out.name_data()),
+            payload,
+            truncated: out.is_payload_truncated(),
+        })
+    } else {
+        // MSG_TRUNC makes the result the datagram's real length, larger than the buffer if cut.
+        let source = single_shot_name.and_then(|name| {
+            // SAFETY: a sockaddr_storage is `size_of` initialised bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (name as *const libc::sockaddr_storage).cast::<u8>(),
+                    std::mem::size_of::<libc::sockaddr_storage>(),
+                )
+            };
+            socket::parse_sockaddr(bytes)
+        });
+        // A zero-length datagram consumes no provided buffer: the completion names none.
+        let payload = match bid {
+            Some(bid) => buffers.filled(bid, result),
+            None if result == 0 => &[],
+            None => return None,
+        };
+        Some(Received { source, payload, truncated: result > BUFFER_SIZE })
+    }
+}
+
+impl Worker {
+    /// A completion of a VIP socket's receive: a client datagram (or the receive's end).
+    pub(crate) fn on_udp_vip(&mut self, data: UserData, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        if !more {
+            self.udp.in_flight = self.udp.in_flight.saturating_sub(1);
+        }
+        let stopping = self.is_stopping();
+        let closing = self.udp.vip_mut(data.slot, data.generation).map(|vip| {
+            if !more {
+                vip.armed = false;
+            }
+            vip.closing
+        });
+        let mut rearm = Rearm::Now;
+        if let Some(closing) = closing {
+            match (result, bid) {
+                (len, _) if len >= 0 && (bid.is_some() || !self.udp.multishot) => {
+                    if !closing && !stopping {
+                        self.client_datagram(data.slot, bid, len as usize);
+                    }
+                }
+                _ => rearm = self.receive_failed(result),
+            }
+        }
+        if let (Some(bid), Some(buffers)) = (bid, self.udp.buffers.as_mut()) {
+            buffers.recycle(bid);
+        }
+        let Some(vip) = self.udp.vip_mut(data.slot, data.generation) else { return };
+        if vip.armed {
+            return;
+        }
+        if vip.closing {
+            self.udp.vips[data.slot as usize].vip = None;
+            self.update_udp_gauges();
+            return;
+        }
+        match rearm {
+            Rearm::Now => {
+                stats::add(&self.counters.udp_recv_rearms, 1);
+                self.arm_udp_vip(data.slot);
+            }
+            Rearm::AtTick => vip.rearm_at_tick = true,
+        }
+    }
+
+    /// A receive ended without a datagram: decides when it is re-armed.
+    fn receive_failed(&mut self, result: i32) -> Rearm {
+        let errno = -result;
+        if errno == libc::EINVAL && self.udp.multishot {
+            // Kernels before 6.0 reject IORING_RECV_MULTISHOT: fall back to single-shot receives.
+            tracing::info!(
+                worker = self.settings.index,
+                "multishot recvmsg refused; using single-shot receives"
+            );
+            self.udp.multishot = false;
+            Rearm::Now
+        } else if errno == libc::ENOBUFS || result >= 0 {
+            // Every buffer was in use and the datagram waits in the socket: the buffers of the
+            // completions handled in this batch are back by the time the kernel runs the new receive.
+            Rearm::Now
+        } else {
+            // Anything else might repeat at once; retry at the next tick rather than spin.
+            Rearm::AtTick
+        }
+    }
+
+    /// Forwards a client datagram to its flow's backend, creating (or moving) the flow if needed.
+    fn client_datagram(&mut self, vip_slot: u32, bid: Option<u16>, len: usize) {
+        let (key, handle) = {
+            let Some(buffers) = self.udp.buffers.as_ref() else { return };
+            let Some(vip) = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref()) else { return };
+            let multishot_header = self.udp.multishot_header;
+            let name = Some(&vip.header.name);
+            let Some(datagram) = received(buffers, multishot_header, name, self.udp.multishot, bid, len)
+            else {
+                return;
+            };
+            if datagram.truncated {
+                stats::add(&self.counters.udp_drops_truncated, 1);
+                return;
+            }
+            let Some(client) = datagram.source else { return };
+            let key = FlowKey { vip: vip.key, client };
+            let mut handle = self.udp.flows.find(&key);
+            if let Some(existing) = handle {
+                let policy = self.udp.config.stale_flows;
+                if flow_must_move(&mut self.udp.flows, policy, self.now, existing, &vip.entry) {
+                    if let Some((_, flow)) = self.udp.flows.remove(existing) {
+                        count_end(&self.counters, FlowEnd::Moved);
+                        release_flow(&mut self.ring, existing, flow);
+                    }
+                    handle = None;
+                }
+            }
+            if let Some(handle) = handle {
+                // Steady state: the flow exists, send while the buffer is in hand.
+                let sent = self.udp.flows.get(handle).map(|flow| flow.upstream.send(datagram.payload));
+                if let Some(sent) = sent {
+                    self.sent_to_backend(handle, sent);
+                }
+                return;
+            }
+            (key, handle)
+        };
+        debug_assert!(handle.is_none());
+        let Some(handle) = self.create_flow(vip_slot, key) else { return };
+        let sent = {
+            let Some(buffers) = self.udp.buffers.as_ref() else { return };
+            let Some(vip) = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref()) else { return };
+            let name = Some(&vip.header.name);
+            let datagram = received(buffers, self.udp.multishot_header, name, self.udp.multishot, bid, len);
+            let flow = self.udp.flows.get(handle);
+            match (datagram, flow) {
+                (Some(datagram), Some(flow)) => flow.upstream.send(datagram.payload),
+                _ => return,
+            }
+        };
+        self.sent_to_backend(handle, sent);
+    }
+
+    /// Picks a backend for a new flow and opens its upstream socket (evicting the least recently
+    /// used flow if the table is full).
+    fn create_flow(&mut self, vip_slot: u32, key: FlowKey) -> Option<FlowHandle> {
+        let vip = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref())?;
+        let entry = &vip.entry;
+        let state = self.pick_states.entry(key.vip).or_default();
+        let request = PickRequest { client: key.client, exclude: &[] };
+        let backend = entry.scheduler.pick(&request, state).and_then(|idx| entry.backend(idx));
+        let Some(upstream) = backend.and_then(|b| socket::connect_upstream(b.addr()).ok()) else {
+            stats::add(&self.counters.udp_drops_no_backend, 1);
+            return None;
+        };
+        let flow = UdpFlow {
+            upstream,
+            backend: backend?.id,
+            vip_slot,
+            client: SockAddr::from(key.client),
+            armed: false,
+            rearm_at_tick: false,
+            stale_since: None,
+        };
+        let (handle, evicted) = self.udp.flows.insert(key, flow, self.now);
+        stats::add(&self.counters.flows_created, 1);
+        if let Some(evicted) = evicted {
+            count_end(&self.counters, FlowEnd::Evicted);
+            release_flow(&mut self.ring, evicted.handle, evicted.value);
+        }
+        self.arm_udp_flow(handle);
+        self.update_udp_gauges();
+        Some(handle)
+    }
+
+    fn sent_to_backend(&mut self, handle: FlowHandle, sent: std::io::Result<usize>) {
+        match sent {
+            Ok(bytes) => {
+                stats::add(&self.counters.udp_datagrams_client_to_backend, 1);
+                stats::add(&self.counters.udp_bytes_client_to_backend, bytes as u64);
+                self.udp.flows.touch(handle, self.now, false);
+            }
+            Err(err) => {
+                stats::add(&self.counters.udp_drops_send, 1);
+                if err.raw_os_error() == Some(libc::ECONNREFUSED) {
+                    // An ICMP error answered an earlier datagram: this backend's port is closed.
+                    self.end_flow(handle, FlowEnd::Failed);
+                    self.update_udp_gauges();
+                }
+            }
+        }
+    }
+
+    /// A completion of a flow's upstream receive: a backend reply (or the receive's end).
+    pub(crate) fn on_udp_flow(&mut self, data: UserData, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        if !more {
+            self.udp.in_flight = self.udp.in_flight.saturating_sub(1);
+        }
+        let handle = FlowHandle { index: data.slot, generation: data.generation };
+        let live = self.udp.flows.get_mut(handle).map(|flow| {
+            if !more {
+                flow.armed = false;
+            }
+        });
+        let mut rearm = Rearm::Now;
+        if live.is_some() {
+            match (result, bid) {
+                (len, _) if len >= 0 && (bid.is_some() || !self.udp.multishot) => {
+                    self.backend_datagram(handle, bid, len as usize)
+                }
+                _ if result == -libc::ECONNREFUSED => {
+                    // ICMP port unreachable from this flow's backend: only this flow ends.
+                    self.end_flow(handle, FlowEnd::Failed);
+                    self.update_udp_gauges();
+                }
+                _ => rearm = self.receive_failed(result),
+            }
+        }
+        if let (Some(bid), Some(buffers)) = (bid, self.udp.buffers.as_mut()) {
+            buffers.recycle(bid);
+        }
+        if self.is_stopping() {
+            return;
+        }
+        let Some(flow) = self.udp.flows.get_mut(handle) else { return };
+        if flow.armed {
+            return;
+        }
+        match rearm {
+            Rearm::Now => {
+                stats::add(&self.counters.udp_recv_rearms, 1);
+                self.arm_udp_flow(handle);
+            }
+            Rearm::AtTick => flow.rearm_at_tick = true,
+        }
+    }
+
+    fn backend_datagram(&mut self, handle: FlowHandle, bid: Option<u16>, len: usize) {
+        let sent = {
+            let Some(buffers) = self.udp.buffers.as_ref() else { return };
+            let multishot = self.udp.multishot;
+            let Some(datagram) = received(buffers, self.udp.multishot_header, None, multishot, bid, len)
+            else {
+                return;
+            };
+            if datagram.truncated {
+                stats::add(&self.counters.udp_drops_truncated, 1);
+                return;
+            }
+            let Some(flow) = self.udp.flows.get(handle) else { return };
+            let Some(vip) = self.udp.vips.get(flow.vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
+                return;
+            };
+            vip.socket.send_to(datagram.payload, &flow.client)
+        };
+        match sent {
+            Ok(bytes) => {
+                stats::add(&self.counters.udp_datagrams_backend_to_client, 1);
+                stats::add(&self.counters.udp_bytes_backend_to_client, bytes as u64);
+                self.udp.flows.touch(handle, self.now, true);
+            }
+            Err(_) => stats::add(&self.counters.udp_drops_send, 1),
+        }
+    }
+}
+
+/// When a receive that ended is armed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rearm {
+    Now,
+    AtTick,
+}
+
+/// Whether an existing flow must leave its backend (see [`StaleFlowPolicy`]).
+fn flow_must_move(
+    flows: &mut FlowTable<UdpFlow>,
+    policy: StaleFlowPolicy,
+    now: Instant,
+    handle: FlowHandle,
+    entry: &ServiceEntry,
+) -> bool {
+    let Some(flow) = flows.get_mut(handle) else { return false };
+    // `backends` is sorted by id and `eligible` ascending (model invariants).
+    let eligible = entry
+        .backends
+        .binary_search_by_key(&flow.backend, |b| b.id)
+        .is_ok_and(|position| entry.eligible.binary_search(&(position as u32)).is_ok());
+    if eligible {
+        flow.stale_since = None;
+        return false;
+    }
+    match policy {
+        StaleFlowPolicy::Move => true,
+        StaleFlowPolicy::Drain => {
+            let since = *flow.stale_since.get_or_insert(now);
+            now.saturating_duration_since(since) >= entry.policy.drain_timeout
+        }
+    }
+}
