@@ -1,6 +1,6 @@
 """Aggregation and reporting of the comparison: medians, ratios, issue-3 targets, markdown, plots.
 
-Purpose: turn per-run results into the RESULTS.md tables and the PNG/SVG plots.
+Purpose: turn per-run results into the RESULTS.md tables and the PNG plots.
 Never: invent a figure: a peer/workload not measured shows why (not applicable, failed) instead.
 Invariants: every figure is a median over the rounds that succeeded; ratios use medians.
 """
@@ -329,23 +329,24 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
         L.append("## Analysis\n")
         L.append(Path(args.notes).read_text().strip() + "\n")
 
-    L.append("## Targets of issue 3\n")
-    L.append(
-        '"best peer" = the best of HAProxy, NGINX, Envoy and nftables DNAT that was measured '
-        "(for CPU: the best proxy process).\n"
-    )
-    L.append(
-        "| target | ratio to best peer | status | detail | ratio to best userspace proxy (when the best is "
-        "nftnat) |"
-    )
-    L.append("|---|---|---|---|---|")
-    for t in targets:
-        u = t.get("user")
-        ucell = f"{fmt_ratio(u[0])} ({u[1]})" if u else ""
+    if any(t["status"] != "n/a" for t in targets):
+        L.append("## Targets of issue 3\n")
         L.append(
-            f"| {t['label']} | {fmt_ratio(t.get('ratio'))} | **{t['status']}** | {t['detail']} | {ucell} |"
+            '"best peer" = the best of HAProxy, NGINX, Envoy and nftables DNAT that was measured '
+            "(for CPU: the best proxy process).\n"
         )
-    L.append("")
+        L.append(
+            "| target | ratio to best peer | status | detail | ratio to best userspace proxy (when the best is "
+            "nftnat) |"
+        )
+        L.append("|---|---|---|---|---|")
+        for t in targets:
+            u = t.get("user")
+            ucell = f"{fmt_ratio(u[0])} ({u[1]})" if u else ""
+            L.append(
+                f"| {t['label']} | {fmt_ratio(t.get('ratio'))} | **{t['status']}** | {t['detail']} | {ucell} |"
+            )
+        L.append("")
 
     L.append("## Results (medians)\n")
     for wname in args.workloads:
@@ -495,7 +496,6 @@ def plot(args, agg, peers: list[str]) -> list[Path]:
     fig.tight_layout()
     f = args.out / "throughput.png"
     fig.savefig(f, dpi=110)
-    fig.savefig(f.with_suffix(".svg"))
     plt.close(fig)
     files.append(f)
 
@@ -532,7 +532,6 @@ def plot(args, agg, peers: list[str]) -> list[Path]:
         fig.tight_layout()
         f = args.out / "latency.png"
         fig.savefig(f, dpi=110)
-        fig.savefig(f.with_suffix(".svg"))
         plt.close(fig)
         files.append(f)
     return files
