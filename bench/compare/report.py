@@ -187,6 +187,10 @@ def evaluate_targets(agg: dict, peers: list[str]) -> list[dict]:
         row = {"label": label, "workload": wl, "status": "n/a", "detail": ""}
         rl = agg.get((wl, "ringlb"), {}).get("med", {})
         d = agg.get((wl, "direct"), {}).get("med", {})
+        if kind == "rate":
+            row["vs_direct"] = fmt_ratio(ratio(rl.get("rate"), d.get("rate")))
+        elif kind == "added_p99" and rl.get("p99") is not None and d.get("p99") is not None:
+            row["vs_direct"] = f"p99 {rl['p99']:.0f} vs {d['p99']:.0f} us"
         cands = {}
         for p in (["nginx"] if ref == "nginx" else others):
             if ref == "best-proc" and p == "nftnat":
@@ -337,14 +341,15 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
         )
         L.append(
             "| target | ratio to best peer | status | detail | ratio to best userspace proxy (when the best is "
-            "nftnat) |"
+            "nftnat) | ringlb vs direct |"
         )
-        L.append("|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|")
         for t in targets:
             u = t.get("user")
             ucell = f"{fmt_ratio(u[0])} ({u[1]})" if u else ""
             L.append(
-                f"| {t['label']} | {fmt_ratio(t.get('ratio'))} | **{t['status']}** | {t['detail']} | {ucell} |"
+                f"| {t['label']} | {fmt_ratio(t.get('ratio'))} | **{t['status']}** | {t['detail']} | {ucell} | "
+                f"{t.get('vs_direct', '')} |"
             )
         L.append("")
 
