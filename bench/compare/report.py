@@ -481,18 +481,31 @@ def plot(args, agg, peers: list[str]) -> list[Path]:
     fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / max(1, len(peers))
     for i, p in enumerate(peers):
-        xs, ys = [], []
+        xs, ys, lo, hi = [], [], [], []
         for j, w in enumerate(wls):
             d = agg.get((w, "direct"), {}).get("med", {}).get("rate")
             v = agg.get((w, p), {}).get("med", {}).get("rate")
             if d and v is not None:
+                runs = agg[(w, p)]["vals"]["rate"]
                 xs.append(j + (i - (len(peers) - 1) / 2) * width)
                 ys.append(v / d)
-        ax.bar(xs, ys, width, label=p, color=colors.get(p))
+                lo.append((v - min(runs)) / d)
+                hi.append((max(runs) - v) / d)
+        # the whiskers span the rounds' min..max: the spread says how far to trust the median
+        ax.bar(
+            xs,
+            ys,
+            width,
+            label=p,
+            color=colors.get(p),
+            yerr=[lo, hi],
+            capsize=1.5,
+            error_kw={"elinewidth": 0.6, "ecolor": "#333333"},
+        )
     ax.set_xticks(range(len(wls)))
     ax.set_xticklabels(wls, rotation=20, ha="right")
     ax.axhline(1.0, color="black", lw=0.6, ls="--")
-    ax.set_ylabel("throughput / direct (median)")
+    ax.set_ylabel("throughput / direct (median; whiskers: min..max of rounds)")
     ax.set_title(
         "Throughput relative to direct (udp-stream: datagrams received)"
         + (" — QUICK/NOISY" if args.quick else "")
@@ -503,6 +516,35 @@ def plot(args, agg, peers: list[str]) -> list[Path]:
     fig.savefig(f, dpi=110)
     plt.close(fig)
     files.append(f)
+
+    # CPU cost per unit of work (proxy cores / rate), relative to ringlb's: lower is cheaper
+    procs = [p for p in peers if p not in ("direct", "nftnat")]
+    if "ringlb" in procs:
+        fig, ax = plt.subplots(figsize=(12, 4.2))
+        width = 0.8 / max(1, len(procs))
+        for i, p in enumerate(procs):
+            xs, ys = [], []
+            for j, w in enumerate(wls):
+                base = agg.get((w, "ringlb"), {}).get("med", {})
+                m = agg.get((w, p), {}).get("med", {})
+                if base.get("proxy_cores") and base.get("rate") and m.get("proxy_cores") and m.get("rate"):
+                    xs.append(j + (i - (len(procs) - 1) / 2) * width)
+                    ys.append((m["proxy_cores"] / m["rate"]) / (base["proxy_cores"] / base["rate"]))
+            ax.bar(xs, ys, width, label=p, color=colors.get(p))
+        ax.set_xticks(range(len(wls)))
+        ax.set_xticklabels(wls, rotation=20, ha="right")
+        ax.axhline(1.0, color="black", lw=0.6, ls="--")
+        ax.set_ylabel("proxy CPU per unit of work / ringlb's")
+        ax.set_title(
+            "Proxy CPU cost per byte, request or connection, relative to ringlb (lower is cheaper)"
+            + (" — QUICK/NOISY" if args.quick else "")
+        )
+        ax.legend(ncol=len(procs), fontsize=8, loc="upper right")
+        fig.tight_layout()
+        f = args.out / "cpu.png"
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        files.append(f)
 
     # latency distributions (percentile curves) for the latency workloads
     lat_wls = [w for w in wls if WL[w].kind in ("rr", "crr", "http")]
