@@ -53,12 +53,15 @@ fn many_clients_echo_through_the_vip_with_replies_from_the_vip_address() {
             assert_eq!(from, key.socket_addr(), "replies carry the VIP as source address");
         }
     }
+    // A worker counts a reply just after sending it, so the client may read the counters first:
+    // give them a bounded moment to settle.
+    wait_until("the worker counted 150 replies", Duration::from_secs(5), || {
+        engine.stats().total().udp_datagrams_backend_to_client == 150
+    });
     let total = engine.stats().total();
     assert_eq!(total.flows_created, 50, "{total:?}");
     assert_eq!(total.flows_active, 50);
     assert_eq!(total.udp_datagrams_client_to_backend, 150);
-    assert_eq!(total.udp_datagrams_backend_to_client, 150);
-    // The backends count on their own threads; give the count a bounded moment to settle.
     wait_until("the backends counted 150 datagrams", Duration::from_secs(5), || {
         backends[0].received() + backends[1].received() == 150
     });
@@ -373,9 +376,28 @@ fn udp_flows_return_every_fd_and_buffer() {
         assert_eq!(total.flows_expired + total.flows_failed, 80 * (round + 1));
     }
     wait_until("fds back to the engine's own", Duration::from_secs(10), || open_fds() <= with_engine);
+    // Removing the VIP ends its live flows and closes its sockets.
+    let live: Vec<_> = (0..10).map(|_| udp_client()).collect();
+    for client in &live {
+        assert_eq!(udp_exchange(client, served.socket_addr(), b"live").0, b"live");
+    }
     publish(&engine, snapshot(2, Vec::new()));
-    assert_eq!(engine.stats().total().udp_listeners, 0);
+    let total = engine.stats().total();
+    assert_eq!((total.udp_listeners, total.flows_active), (0, 0));
+    drop(live);
     drop(engine);
+    // Stopping an engine with live flows returns everything too.
+    let engine = start_engine_with(
+        test_config(2, RelayMode::Copy),
+        snapshot(1, vec![entry(served, &[(echo.addr(), true)], test_policy())]),
+    );
+    let live: Vec<_> = (0..10).map(|_| udp_client()).collect();
+    for client in &live {
+        assert_eq!(udp_exchange(client, served.socket_addr(), b"live").0, b"live");
+    }
+    assert_eq!(engine.stats().total().flows_active, 10);
+    drop(engine);
+    drop(live);
     drop(echo);
     wait_until("fds back to baseline", Duration::from_secs(10), || open_fds() <= baseline);
 }

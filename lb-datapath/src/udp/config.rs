@@ -21,7 +21,10 @@ pub enum StaleFlowPolicy {
 /// UDP settings of the engine (per worker).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpConfig {
-    /// Flows one worker tracks at most; the least recently used is evicted beyond.
+    /// Flows one worker tracks at most; the least recently used is evicted beyond. Each flow's
+    /// upstream socket takes an ephemeral port, so all workers together hold at most about
+    /// `net.ipv4.ip_local_port_range` (28 232 by default) flows per backend-facing source address;
+    /// beyond that, new flows fail (`udp_drops_no_backend`) until others end.
     pub max_flows_per_worker: usize,
     /// Idle timeout of a flow whose backend never replied (conntrack's `nf_conntrack_udp_timeout`).
     pub unreplied_timeout: Duration,

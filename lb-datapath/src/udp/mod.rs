@@ -101,9 +101,12 @@ pub(crate) struct UdpState {
     /// `None` when the kernel refused the buffer ring (before 5.19): UDP keys are then not served.
     buffers: Option<BufRing>,
     /// Leaked on purpose (like the wake-up buffer): receives in flight may read it after the worker.
+    /// Multishot receives only read it (they write name and flags into the buffer instead).
     multishot_header: &'static libc::msghdr,
-    /// Single-shot receives of connected upstream sockets: no name wanted, one shared header.
-    upstream_header: &'static libc::msghdr,
+    /// Single-shot receives of connected upstream sockets: no name wanted, one shared header. Leaked,
+    /// and a raw pointer because the kernel writes `msg_flags`/`msg_namelen` back into it (nothing here
+    /// reads them).
+    upstream_header: *mut libc::msghdr,
     multishot: bool,
     vips: Vec<VipSlot>,
     unbound: Vec<VipKey>,
@@ -129,7 +132,7 @@ impl UdpState {
             header.msg_namelen = 0;
             header.msg_iov = iov;
             header.msg_iovlen = 1;
-            &*Box::leak(Box::new(header))
+            Box::into_raw(Box::new(header))
         };
         UdpState {
             multishot: ring.features.multishot_recvmsg && config.multishot_recv,
