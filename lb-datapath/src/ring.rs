@@ -36,6 +36,8 @@ pub(crate) enum OpKind {
     UdpVip = 9,
     /// The receive armed on a UDP flow's upstream socket (slot = flow table slot).
     UdpFlow = 10,
+    /// A UDP send from a receive buffer (slot = buffer id, generation = direction).
+    UdpSend = 11,
 }
 
 impl OpKind {
@@ -51,6 +53,7 @@ impl OpKind {
             8 => OpKind::Cancel,
             9 => OpKind::UdpVip,
             10 => OpKind::UdpFlow,
+            11 => OpKind::UdpSend,
             _ => return None,
         })
     }

@@ -163,6 +163,7 @@ impl Worker {
             }
             OpKind::UdpVip => self.on_udp_vip(data, result, flags),
             OpKind::UdpFlow => self.on_udp_flow(data, result, flags),
+            OpKind::UdpSend => self.on_udp_send(data, result),
             OpKind::Cancel => {}
         }
     }

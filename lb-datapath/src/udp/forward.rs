@@ -1,10 +1,9 @@
 //! The per-datagram path of the UDP datapath: a client datagram finds (or creates, or moves) its
 //! flow and goes to the flow's backend; a backend datagram goes back to its client from the VIP socket.
 //!
-//! Runs once per completion; never allocates (payloads are read in place from the provided buffer and
-//! sent before the buffer is recycled), never blocks (non-blocking sends; a full socket buffer drops
-//! the datagram and counts it). Invariant: every completion's buffer is recycled, whatever happens to
-//! the flow or VIP it was for.
+//! Runs once per completion; never allocates (payloads stay in the provided buffer they arrived in and
+//! are sent from there, see `send`), never blocks. Invariant: every completion's buffer is recycled —
+//! at once, or by the completion of the send that took it — whatever happens to its flow or VIP.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -87,17 +86,18 @@ impl Worker {
             vip.closing
         });
         let mut rearm = Rearm::Now;
+        let mut sending = false;
         if let Some(closing) = closing {
             match (result, bid) {
                 (len, _) if len >= 0 && (bid.is_some() || !self.udp.multishot) => {
                     if !closing && !stopping {
-                        self.client_datagram(data.slot, bid, len as usize);
+                        sending = self.client_datagram(data.slot, bid, len as usize);
                     }
                 }
                 _ => rearm = self.receive_failed(result),
             }
         }
-        if let (Some(bid), Some(buffers)) = (bid, self.udp.buffers.as_mut()) {
+        if let (Some(bid), Some(buffers), false) = (bid, self.udp.buffers.as_mut(), sending) {
             buffers.recycle(bid);
         }
         let Some(vip) = self.udp.vip_mut(data.slot, data.generation) else { return };
@@ -140,21 +140,24 @@ impl Worker {
     }
 
     /// Forwards a client datagram to its flow's backend, creating (or moving) the flow if needed.
-    fn client_datagram(&mut self, vip_slot: u32, bid: Option<u16>, len: usize) {
-        let (key, handle) = {
-            let Some(buffers) = self.udp.buffers.as_ref() else { return };
-            let Some(vip) = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref()) else { return };
+    /// Returns true if a send now owns the receive buffer.
+    fn client_datagram(&mut self, vip_slot: u32, bid: Option<u16>, len: usize) -> bool {
+        let (key, handle, payload) = {
+            let Some(buffers) = self.udp.buffers.as_ref() else { return false };
+            let Some(vip) = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
+                return false;
+            };
             let multishot_header = self.udp.multishot_header;
             let name = Some(&vip.header.name);
             let Some(datagram) = received(buffers, multishot_header, name, self.udp.multishot, bid, len)
             else {
-                return;
+                return false;
             };
             if datagram.truncated {
                 stats::add(&self.counters.udp_drops_truncated, 1);
-                return;
+                return false;
             }
-            let Some(client) = datagram.source else { return };
+            let Some(client) = datagram.source else { return false };
             let key = FlowKey { vip: vip.key, client };
             let mut handle = self.udp.flows.find(&key);
             if let Some(existing) = handle {
@@ -167,30 +170,26 @@ impl Worker {
                     handle = None;
                 }
             }
-            if let Some(handle) = handle {
-                // Steady state: the flow exists, send while the buffer is in hand.
-                let sent = self.udp.flows.get(handle).map(|flow| flow.upstream.send(datagram.payload));
+            (key, handle, (datagram.payload.as_ptr(), datagram.payload.len()))
+        };
+        let handle = match handle {
+            Some(handle) => handle,
+            None => match self.create_flow(vip_slot, key) {
+                Some(handle) => handle,
+                None => return false,
+            },
+        };
+        match bid {
+            Some(bid) => self.send_to_backend(handle, bid, payload.0, payload.1),
+            None => {
+                // A zero-length datagram of a single-shot receive has no buffer to send from.
+                let sent = self.udp.flows.get(handle).map(|flow| flow.upstream.send(&[]));
                 if let Some(sent) = sent {
                     self.sent_to_backend(handle, sent);
                 }
-                return;
+                false
             }
-            (key, handle)
-        };
-        debug_assert!(handle.is_none());
-        let Some(handle) = self.create_flow(vip_slot, key) else { return };
-        let sent = {
-            let Some(buffers) = self.udp.buffers.as_ref() else { return };
-            let Some(vip) = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref()) else { return };
-            let name = Some(&vip.header.name);
-            let datagram = received(buffers, self.udp.multishot_header, name, self.udp.multishot, bid, len);
-            let flow = self.udp.flows.get(handle);
-            match (datagram, flow) {
-                (Some(datagram), Some(flow)) => flow.upstream.send(datagram.payload),
-                _ => return,
-            }
-        };
-        self.sent_to_backend(handle, sent);
+        }
     }
 
     /// Picks a backend for a new flow and opens its upstream socket (evicting the least recently
@@ -257,10 +256,11 @@ impl Worker {
             }
         });
         let mut rearm = Rearm::Now;
+        let mut sending = false;
         if live.is_some() {
             match (result, bid) {
                 (len, _) if len >= 0 && (bid.is_some() || !self.udp.multishot) => {
-                    self.backend_datagram(handle, bid, len as usize)
+                    sending = self.backend_datagram(handle, bid, len as usize)
                 }
                 _ if result == -libc::ECONNREFUSED => {
                     // ICMP port unreachable from this flow's backend: only this flow ends.
@@ -270,7 +270,7 @@ impl Worker {
                 _ => rearm = self.receive_failed(result),
             }
         }
-        if let (Some(bid), Some(buffers)) = (bid, self.udp.buffers.as_mut()) {
+        if let (Some(bid), Some(buffers), false) = (bid, self.udp.buffers.as_mut(), sending) {
             buffers.recycle(bid);
         }
         if self.is_stopping() {
@@ -289,32 +289,40 @@ impl Worker {
         }
     }
 
-    fn backend_datagram(&mut self, handle: FlowHandle, bid: Option<u16>, len: usize) {
-        let sent = {
-            let Some(buffers) = self.udp.buffers.as_ref() else { return };
+    /// Sends a backend datagram to its flow's client. Returns true if a send now owns the buffer.
+    fn backend_datagram(&mut self, handle: FlowHandle, bid: Option<u16>, len: usize) -> bool {
+        let payload = {
+            let Some(buffers) = self.udp.buffers.as_ref() else { return false };
             let multishot = self.udp.multishot;
             let Some(datagram) = received(buffers, self.udp.multishot_header, None, multishot, bid, len)
             else {
-                return;
+                return false;
             };
             if datagram.truncated {
                 stats::add(&self.counters.udp_drops_truncated, 1);
-                return;
+                return false;
             }
-            let Some(flow) = self.udp.flows.get(handle) else { return };
+            (datagram.payload.as_ptr(), datagram.payload.len())
+        };
+        if let Some(bid) = bid {
+            return self.send_to_client(handle, bid, payload.0, payload.1);
+        }
+        // A zero-length datagram of a single-shot receive has no buffer to send from.
+        let sent = {
+            let Some(flow) = self.udp.flows.get(handle) else { return false };
             let Some(vip) = self.udp.vips.get(flow.vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
-                return;
+                return false;
             };
-            vip.socket.send_to(datagram.payload, &flow.client)
+            vip.socket.send_to(&[], &flow.client)
         };
         match sent {
-            Ok(bytes) => {
+            Ok(_) => {
                 stats::add(&self.counters.udp_datagrams_backend_to_client, 1);
-                stats::add(&self.counters.udp_bytes_backend_to_client, bytes as u64);
                 self.udp.flows.touch(handle, self.now, true);
             }
             Err(_) => stats::add(&self.counters.udp_drops_send, 1),
         }
+        false
     }
 }
 

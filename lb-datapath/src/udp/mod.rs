@@ -3,9 +3,11 @@
 //!
 //! Receives go through io_uring: a multishot `recvmsg` per socket drawing from the worker's provided
 //! buffer ring (6.0+), or single-shot `recvmsg` re-armed after each datagram (5.19, or
-//! [`UdpConfig::multishot_recv`] off). Sends are plain non-blocking `send`/`sendto` calls made while
-//! the received buffer is in hand, so the buffer goes straight back to the kernel: a UDP send never
-//! waits, and a full socket buffer drops the datagram as a router would (counted in `udp_drops_send`).
+//! [`UdpConfig::multishot_recv`] off). Sends go through io_uring too (`send` on the upstream socket,
+//! `sendmsg` with the client's address from the VIP socket), straight from the receive buffer, which
+//! returns to the kernel when the send completes; a batch of completions is answered by one batch of
+//! sends. A failed send (full socket buffer, error) drops the datagram as a router would (counted in
+//! `udp_drops_send`).
 //! With `SO_REUSEPORT` the kernel hashes each client 4-tuple to one worker, so a flow lives in one
 //! worker's table only. The VIP socket is bound to the exact VIP, so replies leave with the VIP as
 //! source address (no `IP_PKTINFO` needed).
@@ -14,12 +16,13 @@
 //! socket is closed when the flow leaves the table (its cancelled receive holds the file until done);
 //! `in_flight` counts armed receives, and buffers are only freed once it is zero.
 //! This file: UDP state, VIP sockets' life (reconcile, bind retry, close), arming receives, flow
-//! expiry; `forward` is the per-datagram path, `flow_table` the pure table, `socket` sockets and the
-//! buffer ring, `config` the settings.
+//! expiry; `forward` is the per-datagram path, `send` the sends and their slots, `flow_table` the
+//! pure table, `socket` sockets and the buffer ring, `config` the settings.
 
 mod config;
 pub(crate) mod flow_table;
 mod forward;
+mod send;
 pub(crate) mod socket;
 
 pub use config::{StaleFlowPolicy, UdpConfig};
@@ -111,8 +114,10 @@ pub(crate) struct UdpState {
     vips: Vec<VipSlot>,
     unbound: Vec<VipKey>,
     flows: FlowTable<UdpFlow>,
-    /// Armed receives whose final completion has not been reaped (freed flows' included).
+    /// Armed receives and submitted sends whose final completion has not been reaped (freed flows'
+    /// included).
     in_flight: u32,
+    sends: send::SendSlots,
     scratch: Vec<FlowHandle>,
 }
 
@@ -125,6 +130,7 @@ impl UdpState {
                 None
             }
         };
+        let buffer_count = buffers.as_ref().map_or(0, BufRing::count);
         let upstream = {
             let iov: &'static mut libc::iovec =
                 Box::leak(Box::new(libc::iovec { iov_base: std::ptr::null_mut(), iov_len: BUFFER_SIZE }));
@@ -144,6 +150,7 @@ impl UdpState {
             vips: Vec::new(),
             unbound: Vec::new(),
             in_flight: 0,
+            sends: send::SendSlots::new(buffer_count),
             scratch: Vec::new(),
         }
     }

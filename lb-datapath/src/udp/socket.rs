@@ -146,6 +146,11 @@ impl BufRing {
         Ok(ring_buffers)
     }
 
+    /// Number of buffers (buffer ids are `0..count`).
+    pub fn count(&self) -> usize {
+        usize::from(self.count)
+    }
+
     /// The first `len` bytes the kernel wrote into buffer `bid`.
     pub fn filled(&self, bid: u16, len: usize) -> &[u8] {
         let bid = usize::from(bid % self.count);
