@@ -1,6 +1,8 @@
 //! Every annotation ringlb reads, declared once with its meaning and accepted values.
 //!
-//! Parsing lives in `builder::policy` (once per build); the README lists the same table. An invalid
+//! Parsing lives in `builder::policy` and `builder::health_policy` (once per build); the README lists
+//! the same table. Kubernetes fields ringlb reads besides these (`spec.loadBalancerSourceRanges`,
+//! `spec.sessionAffinity`, `spec.externalTrafficPolicy`) are parsed in `builder::traffic`. An invalid
 //! value rejects the object it is on (see [`crate::BuildError::InvalidAnnotation`]), never silently
 //! falls back, except [`WEIGHT`] on an EndpointSlice (the slice's endpoints keep weight 1, and an error
 //! is reported) because dropping a slice would take healthy backends out of service.
@@ -9,8 +11,62 @@
 /// `status.loadBalancer`. Takes precedence over the deprecated `spec.loadBalancerIP`.
 pub const METALLB_LOAD_BALANCER_IPS: &str = "metallb.universe.tf/loadBalancerIPs";
 
-/// On a Service: the scheduler of all its ports, `rr` or `wrr`. Default: `BuildOptions::default_scheduler`.
+/// On a Service: the scheduler of all its ports: `rr`, `wrr`, `lc`, `wlc`, `sed`, `nq`, `dh`, `sh`,
+/// `maglev`, `p2c` or `ring-hash` (see [`crate::SchedulerKind`]). Default:
+/// `BuildOptions::default_scheduler` (`rr`).
 pub const SCHEDULER: &str = "ringlb.io/scheduler";
+
+/// On a Service: what the hashing schedulers (`sh`, `dh`, `maglev`, `ring-hash`) hash: `ip` (the
+/// client IP, or for `dh` the VIP) or `ip-port` (IP and port). Default `ip`.
+pub const HASH_KEY: &str = "ringlb.io/hash-key";
+
+/// On a Service with `maglev`: the lookup table size, one of the primes 251, 1021, 4093, 16381,
+/// 65537, 131071, 262139 (see [`crate::scheduler::TABLE_SIZES`]). Default 65537. Each slot costs 4
+/// bytes per VIP key; keep it above 100 times the backend count for an even spread.
+pub const MAGLEV_TABLE_SIZE: &str = "ringlb.io/maglev-table-size";
+
+/// On a Service: active health checks of its backends: `tcp` (a connect) or `http:/path` (a GET of
+/// `/path` expecting [`HEALTH_CHECK_STATUS`]). Unset: no active checks (Kubernetes readiness only).
+/// The other `health-*` annotations are refused without this one.
+pub const HEALTH_CHECK: &str = "ringlb.io/health-check";
+
+/// On a Service with an `http:` health check: the expected status code, 100..=599. Default 200.
+pub const HEALTH_CHECK_STATUS: &str = "ringlb.io/health-check-status";
+
+/// On a Service with a health check: time between probes of one backend (each moved randomly by up
+/// to 10% so probes do not synchronise). Duration as [`CONNECT_TIMEOUT`], > 0. Default `10s`.
+pub const HEALTH_INTERVAL: &str = "ringlb.io/health-interval";
+
+/// On a Service with a health check: how long one probe may take before it counts as failed.
+/// Duration as [`CONNECT_TIMEOUT`], > 0. Default `2s`.
+pub const HEALTH_TIMEOUT: &str = "ringlb.io/health-timeout";
+
+/// On a Service with a health check: consecutive successful probes that make an unhealthy backend
+/// healthy again, 1..=100. Default 2.
+pub const HEALTH_RISE: &str = "ringlb.io/health-rise";
+
+/// On a Service with a health check: consecutive failed probes that make a backend unhealthy,
+/// 1..=100. Default 3.
+pub const HEALTH_FALL: &str = "ringlb.io/health-fall";
+
+/// On a Service: consecutive connect failures or resets that eject a backend (passive outlier
+/// detection), 1..=1000. Default 5.
+pub const OUTLIER_FAILURES: &str = "ringlb.io/outlier-consecutive-failures";
+
+/// On a Service: length of a backend's first ejection; each repeat doubles it up to
+/// [`OUTLIER_MAX_EJECTION`]. Duration as [`CONNECT_TIMEOUT`], > 0. Default `30s`.
+pub const OUTLIER_BASE_EJECTION: &str = "ringlb.io/outlier-base-ejection";
+
+/// On a Service: the longest ejection. Duration as [`CONNECT_TIMEOUT`], > 0. Default `5m`.
+pub const OUTLIER_MAX_EJECTION: &str = "ringlb.io/outlier-max-ejection";
+
+/// On a Service: most of its backends ejected at once, in percent, 0..=100 (rounded down: at 50, one
+/// of two or three backends, none of one). Default 50.
+pub const MAX_EJECTION_PERCENT: &str = "ringlb.io/max-ejection-percent";
+
+/// Kubernetes' older spelling of `spec.loadBalancerSourceRanges` (comma-separated CIDRs), used only
+/// when the field is empty, as kube-proxy does.
+pub const LOAD_BALANCER_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// On a Service: how long one backend connect may take before the next backend is tried.
 /// A duration: an integer and a unit `ms`, `s`, `m` or `h` (`250ms`, `5s`, `2m`, `1h`); must be > 0.

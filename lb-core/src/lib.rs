@@ -7,20 +7,30 @@
 //!
 //! Data flow: sources (lb-sync) hand Service and EndpointSlice objects to [`build`]; the resulting
 //! [`Snapshot`] is published to the datapath workers, which only read it and keep their own mutable
-//! per-worker [`PickState`] keyed by [`VipKey`].
+//! per-worker state: a [`PickState`] per [`VipKey`], one [`LoadTable`] and one [`AffinityTable`].
+//! Health verdicts come back through the sans-IO machines of [`health`] and enter the next build as
+//! a [`HealthOverlay`] in [`BuildOptions`].
 
+pub mod affinity;
 pub mod annotations;
 pub mod builder;
+pub mod cidr;
 pub mod error;
 pub mod hash;
+pub mod health;
 pub mod model;
 pub mod scheduler;
+#[cfg(test)]
+mod testing;
 
+pub use affinity::AffinityTable;
 pub use builder::{BuildOptions, BuildReport, Skipped, build, parse_duration};
+pub use cidr::Cidr;
 pub use error::BuildError;
+pub use health::HealthOverlay;
 pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryPolicy, ObjectRef, Protocol, ServiceEntry,
-    Snapshot, VipKey,
+    Snapshot, TrafficPolicy, VipKey,
 };
 pub use scheduler::{
     HashKey, LoadTable, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig, SchedulerKind,

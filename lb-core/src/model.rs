@@ -2,8 +2,11 @@
 //!
 //! Invariants a reader can rely on:
 //! - a `Snapshot` is never mutated after [`crate::build`] returns it; workers share it through `Arc`;
-//! - every [`ServiceEntry::eligible`] index points into that entry's own [`ServiceEntry::backends`], and
-//!   every eligible backend was `ready` (not terminating) in the objects the snapshot was built from;
+//! - every [`ServiceEntry::eligible`] index points into that entry's own [`ServiceEntry::backends`];
+//!   the eligible backends are the `ready` (not terminating) ones, or, when the entry has no ready
+//!   backend, the `serving` and `terminating` ones (kube-proxy's fallback), in both cases narrowed to
+//!   this node's endpoints under `externalTrafficPolicy: Local` (see [`crate::BuildOptions::node_name`])
+//!   and to the healthy ones of a [`crate::health::HealthOverlay`] unless none is healthy;
 //! - a backend's identity ([`BackendId`]) is its socket address, so per-worker state keyed by it stays
 //!   valid across snapshot swaps.
 
@@ -15,6 +18,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::cidr::Cidr;
+use crate::health::{HealthCheckConfig, OutlierConfig};
 use crate::scheduler::Scheduler;
 
 /// Transport protocol of a service port, as in `Service.spec.ports[].protocol`.
@@ -171,6 +176,31 @@ impl Default for EntryPolicy {
     }
 }
 
+/// Per-entry policy that is not `Copy` (unlike [`EntryPolicy`], which each connection copies): who
+/// may connect, affinity, and how backends' health is watched.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TrafficPolicy {
+    /// `spec.loadBalancerSourceRanges`: clients outside every range are refused (TCP) or dropped
+    /// (UDP) before anything else. Empty: every client is allowed.
+    pub source_ranges: Vec<Cidr>,
+    /// `sessionAffinity: ClientIP`: how long a client keeps its backend after its last new
+    /// connection (`sessionAffinityConfig.clientIP.timeoutSeconds`). `None`: no affinity.
+    pub session_affinity: Option<Duration>,
+    /// Whether `externalTrafficPolicy: Local` narrowed the backends to this node's endpoints.
+    pub node_local: bool,
+    /// Active health checks (`ringlb.io/health-check`); `None`: Kubernetes readiness only.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive outlier detection parameters (always on; see [`crate::health::OutlierDetector`]).
+    pub outlier: OutlierConfig,
+}
+
+impl TrafficPolicy {
+    /// Whether `client` may connect: inside one of the source ranges, or there are none.
+    pub fn allows(&self, client: IpAddr) -> bool {
+        self.source_ranges.is_empty() || self.source_ranges.iter().any(|range| range.contains(client))
+    }
+}
+
 /// Everything the datapath needs to serve one [`VipKey`].
 #[derive(Debug, Serialize)]
 pub struct ServiceEntry {
@@ -185,11 +215,28 @@ pub struct ServiceEntry {
     pub eligible: Vec<BackendIdx>,
     pub scheduler: Scheduler,
     pub policy: EntryPolicy,
+    pub traffic: TrafficPolicy,
 }
 
 impl ServiceEntry {
     pub fn backend(&self, idx: BackendIdx) -> Option<&Backend> {
         self.backends.get(idx as usize)
+    }
+
+    /// The index of backend `id` in this entry, if it is one of its backends.
+    pub fn index_of(&self, id: BackendId) -> Option<BackendIdx> {
+        let position = self.backends.binary_search_by_key(&id, |b| b.id).ok()?;
+        BackendIdx::try_from(position).ok()
+    }
+
+    /// Whether `idx` may receive new connections.
+    pub fn is_eligible(&self, idx: BackendIdx) -> bool {
+        self.eligible.binary_search(&idx).is_ok()
+    }
+
+    /// Whether `client` may connect at all (see [`TrafficPolicy::allows`]).
+    pub fn allows(&self, client: IpAddr) -> bool {
+        self.traffic.allows(client)
     }
 }
 

@@ -218,12 +218,15 @@ fn run(services: &[Service], slices: &[EndpointSlice], previous: Option<&Snapsho
     build(services, slices, &BuildOptions::default(), previous, 1)
 }
 
-/// An endpoint's conditions with Kubernetes' defaults: (ready, terminating).
-fn eligible_in(slice: &EndpointSlice, ip: std::net::IpAddr) -> bool {
+/// Whether `slice` lists `ip` as ready (or, for the `fallback` tier, as serving and terminating),
+/// with Kubernetes' defaults for unset conditions.
+fn eligible_in(slice: &EndpointSlice, ip: std::net::IpAddr, fallback: bool) -> bool {
     slice.endpoints.iter().flatten().any(|e| {
         let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let serving = e.conditions.as_ref().and_then(|c| c.serving).unwrap_or(ready);
         let terminating = e.conditions.as_ref().and_then(|c| c.terminating).unwrap_or(false);
-        e.addresses.first().and_then(|a| a.parse().ok()) == Some(ip) && ready && !terminating
+        let wanted = if fallback { serving && terminating } else { ready && !terminating };
+        e.addresses.first().and_then(|a| a.parse().ok()) == Some(ip) && wanted
     })
 }
 
@@ -243,11 +246,23 @@ proptest! {
             let ids: Vec<_> = entry.backends.iter().map(|b| b.id).collect();
             prop_assert!(ids.windows(2).all(|w| w[0] < w[1]), "backends sorted and unique: {:?}", ids);
             prop_assert!(entry.eligible.windows(2).all(|w| w[0] < w[1]));
+            // Ready backends if there are any, else kube-proxy's serving+terminating fallback.
+            let fallback = !entry.backends.iter().any(|b| b.conditions.ready && !b.conditions.terminating);
             for &idx in &entry.eligible {
                 let backend = entry.backend(idx).expect("eligible index points into backends");
-                prop_assert!(backend.conditions.ready && !backend.conditions.terminating);
-                prop_assert!(own.iter().any(|s| eligible_in(s, backend.addr().ip())), "{} not eligible in {}", backend.id, entry.service);
+                let c = backend.conditions;
+                if fallback {
+                    prop_assert!(c.serving && c.terminating, "{:?}", c);
+                } else {
+                    prop_assert!(c.ready && !c.terminating, "{:?}", c);
+                }
+                prop_assert!(own.iter().any(|s| eligible_in(s, backend.addr().ip(), fallback)), "{} not eligible in {}", backend.id, entry.service);
             }
+            let expected = entry.backends.iter().filter(|b| {
+                let c = b.conditions;
+                if fallback { c.serving && c.terminating } else { c.ready && !c.terminating }
+            });
+            prop_assert_eq!(expected.count(), entry.eligible.len(), "every backend of the tier is eligible");
         }
     }
 

@@ -96,6 +96,7 @@ fn proxy(key: VipKey, backend: SocketAddr, relay: RelayMode, buffer_kib: usize) 
             backends,
             eligible: vec![0],
             policy: EntryPolicy::default(),
+            traffic: Default::default(),
         };
         let config =
             EngineConfig { workers: 1, relay, buffer_size: buffer_kib * 1024, ..EngineConfig::default() };

@@ -41,6 +41,7 @@ pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
             drain_timeout: defaults.drain_timeout.unwrap_or(fallback.drain_timeout),
             ..fallback
         },
+        ..BuildOptions::default()
     }
 }
 

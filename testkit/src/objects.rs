@@ -21,8 +21,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    LoadBalancerIngress, LoadBalancerStatus, ObjectReference, Service, ServicePort, ServiceSpec,
-    ServiceStatus,
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ObjectReference, Service, ServicePort,
+    ServiceSpec, ServiceStatus, SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -132,6 +132,32 @@ impl ServiceBuilder {
     /// Appends a port exactly as given (for tests of unusual or invalid input).
     pub fn raw_port(mut self, port: ServicePort) -> Self {
         self.spec().ports.get_or_insert_with(Vec::new).push(port);
+        self
+    }
+
+    /// Appends to `spec.loadBalancerSourceRanges`.
+    pub fn source_ranges<I: IntoIterator<Item = S>, S: Into<String>>(mut self, ranges: I) -> Self {
+        let list = self.spec().load_balancer_source_ranges.get_or_insert_with(Vec::new);
+        list.extend(ranges.into_iter().map(Into::into));
+        self
+    }
+
+    /// `spec.sessionAffinity` (`ClientIP`, `None` or anything, for bad input) and, when given,
+    /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub fn session_affinity(mut self, affinity: &str, timeout_seconds: Option<i32>) -> Self {
+        let spec = self.spec();
+        spec.session_affinity = Some(affinity.to_owned());
+        if let Some(seconds) = timeout_seconds {
+            spec.session_affinity_config = Some(SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig { timeout_seconds: Some(seconds) }),
+            });
+        }
+        self
+    }
+
+    /// `spec.externalTrafficPolicy`: `Cluster`, `Local` (or anything, for bad input).
+    pub fn external_traffic_policy(mut self, policy: &str) -> Self {
+        self.spec().external_traffic_policy = Some(policy.to_owned());
         self
     }
 

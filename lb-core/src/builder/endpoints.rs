@@ -11,15 +11,20 @@
 //!
 //! An endpoint address+port in several slices counts once; if its conditions differ, the most
 //! serviceable copy wins (eligible, then ready, then serving), ties going to the first slice by name.
-//! Eligible = ready and not terminating. Weight: `ringlb.io/backend-weights` of the Service by IP, else
-//! the slice's `ringlb.io/weight`, else 1.
+//! Eligible (kube-proxy's rules, then ringlb's health): of the candidates (every backend, or under
+//! `externalTrafficPolicy: Local` with a known node, those whose `nodeName` is that node), the ready
+//! ones (ready and not terminating); if there is none, the `serving` and `terminating` ones, so a
+//! rolling update with long drains keeps serving; else none. Backends the health overlay marks
+//! unhealthy are then left out, unless that leaves nothing at all: then the same rule runs without
+//! the overlay (panic mode, see `crate::health`). Weight: `ringlb.io/backend-weights` of the Service
+//! by IP, else the slice's `ringlb.io/weight`, else 1.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::net::SocketAddr;
 
-use super::policy::ServicePolicy;
-use super::service::{PortSpec, TargetSpec};
+use super::BuildOptions;
+use super::service::{ParsedService, PortSpec, TargetSpec};
 use super::slices::ParsedSlice;
 use crate::model::{Backend, BackendId, BackendIdx, EndpointConditions};
 use crate::scheduler::Scheduler;
@@ -33,7 +38,13 @@ pub(super) struct ResolvedPort {
     pub scheduler: Scheduler,
 }
 
-pub(super) fn resolve_port(port: &PortSpec, slices: &[ParsedSlice], policy: &ServicePolicy) -> ResolvedPort {
+pub(super) fn resolve_port(
+    port: &PortSpec,
+    slices: &[ParsedSlice],
+    svc: &ParsedService,
+    options: &BuildOptions,
+) -> ResolvedPort {
+    let policy = &svc.policy;
     let mut backends: BTreeMap<BackendId, Backend> = BTreeMap::new();
     for slice in slices {
         let Some(target) = target_port(port, slice) else { continue };
@@ -60,24 +71,50 @@ pub(super) fn resolve_port(port: &PortSpec, slices: &[ParsedSlice], policy: &Ser
         }
     }
     let backends: Vec<Backend> = backends.into_values().collect();
-    let eligible: Vec<BackendIdx> = backends
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| is_eligible(&b.conditions))
-        .filter_map(|(i, _)| BackendIdx::try_from(i).ok())
-        .collect();
-    let scheduler = Scheduler::build(policy.scheduler, &backends, &eligible);
+    let node = options.node_name.as_deref().filter(|_| policy.traffic.node_local);
+    let tier = |wanted: fn(&EndpointConditions) -> bool| -> Vec<BackendIdx> {
+        backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| node.is_none_or(|node| b.node_name.as_deref() == Some(node)))
+            .filter(|(_, b)| wanted(&b.conditions))
+            .filter_map(|(i, _)| BackendIdx::try_from(i).ok())
+            .collect()
+    };
+    let tiers = [tier(is_ready), tier(is_serving_terminating)];
+    let unhealthy = |idx: &BackendIdx| {
+        backends.get(*idx as usize).is_some_and(|b| options.health.is_unhealthy(&svc.object, b.id))
+    };
+    let eligible = choose_eligible(tiers, unhealthy);
+    let scheduler = Scheduler::build_with(&policy.scheduler, &backends, &eligible);
     let port_name = (!port.name.is_empty()).then(|| port.name.clone());
     ResolvedPort { port_name, backends, eligible, scheduler }
 }
 
-/// May receive new connections: ready and not terminating.
-pub(crate) fn is_eligible(conditions: &EndpointConditions) -> bool {
+/// The first tier with a healthy backend, its healthy backends; else (panic mode) the first
+/// non-empty tier whole; else nothing.
+fn choose_eligible(tiers: [Vec<BackendIdx>; 2], unhealthy: impl Fn(&BackendIdx) -> bool) -> Vec<BackendIdx> {
+    for tier in &tiers {
+        let healthy: Vec<BackendIdx> = tier.iter().copied().filter(|idx| !unhealthy(idx)).collect();
+        if !healthy.is_empty() {
+            return healthy;
+        }
+    }
+    tiers.into_iter().find(|tier| !tier.is_empty()).unwrap_or_default()
+}
+
+/// First choice for new connections: ready and not terminating.
+pub(crate) fn is_ready(conditions: &EndpointConditions) -> bool {
     conditions.ready && !conditions.terminating
 }
 
+/// Fallback when no endpoint is ready: still serving while terminating (kube-proxy's rule).
+pub(crate) fn is_serving_terminating(conditions: &EndpointConditions) -> bool {
+    conditions.serving && conditions.terminating
+}
+
 fn rank(c: &EndpointConditions) -> (bool, bool, bool) {
-    (is_eligible(c), c.ready, c.serving)
+    (is_ready(c), c.ready, c.serving)
 }
 
 /// The backend port of `port` on the endpoints of `slice`; see the module doc for the rules.

@@ -14,11 +14,15 @@
 #![allow(clippy::result_large_err, reason = "cold path; errors carry the object and field by value")]
 
 mod endpoints;
+mod health_policy;
 mod policy;
 mod service;
 mod slices;
+mod traffic;
 mod vips;
 
+#[cfg(test)]
+mod selection_tests;
 #[cfg(test)]
 mod tests;
 
@@ -33,16 +37,27 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use crate::error::BuildError;
+use crate::health::HealthOverlay;
 use crate::model::{EntryPolicy, ObjectRef, ServiceEntry, Snapshot, VipKey};
 use crate::scheduler::{Scheduler, SchedulerKind};
 
 pub use policy::parse_duration;
 
-/// Global defaults that annotations override per Service.
+/// Global defaults that annotations override per Service, and what the builder must know about
+/// where it runs and what health checks found.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
     pub default_scheduler: SchedulerKind,
     pub default_policy: EntryPolicy,
+    /// The Kubernetes node this ringlb runs on (e.g. from the `NODE_NAME` environment variable set
+    /// through the downward API). When set, a Service with `externalTrafficPolicy: Local` gets only
+    /// the endpoints whose `nodeName` is this node. `None` (appliance mode: ringlb runs outside the
+    /// cluster's nodes) ignores the policy: every endpoint is remote anyway, and dropping them all
+    /// would serve nothing.
+    pub node_name: Option<String>,
+    /// Backends found unhealthy by active checks or outlier detection; they get no new connections
+    /// unless every candidate of an entry is unhealthy (panic mode, see [`crate::health`]).
+    pub health: HealthOverlay,
 }
 
 /// An object that is valid but not served, and why (logged once by the source). `service` is usually
@@ -119,7 +134,7 @@ pub fn build(
     let slices_by_service = slices::parse_all(slices, &mut errors, &mut skipped);
 
     let (mut table, kept_previous) = keep_last_known_good(&parsed.rejected, previous);
-    let resolved = resolve_ports(&parsed.served, &slices_by_service);
+    let resolved = resolve_ports(&parsed.served, &slices_by_service, options);
     assign_keys(&parsed.served, &resolved, previous, &mut table, &mut errors);
 
     errors.sort_by_cached_key(|e| (e.object().clone(), e.to_string()));
@@ -155,6 +170,7 @@ fn keep_last_known_good(
 fn resolve_ports(
     served: &[service::ParsedService],
     slices_by_service: &slices::SlicesByService,
+    options: &BuildOptions,
 ) -> Vec<Vec<endpoints::ResolvedPort>> {
     served
         .iter()
@@ -162,7 +178,7 @@ fn resolve_ports(
             let own = slices_by_service
                 .get(&(svc.object.namespace.clone(), svc.object.name.clone()))
                 .map_or(&[][..], Vec::as_slice);
-            svc.ports.iter().map(|port| endpoints::resolve_port(port, own, &svc.policy)).collect()
+            svc.ports.iter().map(|port| endpoints::resolve_port(port, own, svc, options)).collect()
         })
         .collect()
 }
@@ -281,6 +297,7 @@ impl endpoints::ResolvedPort {
             eligible: self.eligible.clone(),
             scheduler: Scheduler::clone(&self.scheduler),
             policy: svc.policy.entry,
+            traffic: svc.policy.traffic.clone(),
         }
     }
 }

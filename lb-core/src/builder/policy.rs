@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use super::{BuildOptions, parse_ip};
 use crate::annotations::{
-    BACKEND_WEIGHTS, CONNECT_ATTEMPTS, CONNECT_TIMEOUT, DRAIN_TIMEOUT, IDLE_TIMEOUT, MAX_DURATION_SECS,
-    SCHEDULER, WEIGHT,
+    BACKEND_WEIGHTS, CONNECT_ATTEMPTS, CONNECT_TIMEOUT, DRAIN_TIMEOUT, HASH_KEY, IDLE_TIMEOUT,
+    MAGLEV_TABLE_SIZE, MAX_DURATION_SECS, SCHEDULER, WEIGHT,
 };
 use crate::error::BuildError;
-use crate::model::{EntryPolicy, ObjectRef};
-use crate::scheduler::SchedulerKind;
+use crate::model::{EntryPolicy, ObjectRef, TrafficPolicy};
+use crate::scheduler::{SchedulerConfig, TABLE_SIZES};
 
 /// Backend weights accepted by [`WEIGHT`] and [`BACKEND_WEIGHTS`].
 pub(crate) const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
@@ -24,8 +24,11 @@ const ATTEMPTS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
 /// Everything the annotations of one Service decide.
 #[derive(Debug, Clone)]
 pub(super) struct ServicePolicy {
-    pub scheduler: SchedulerKind,
+    pub scheduler: SchedulerConfig,
     pub entry: EntryPolicy,
+    /// Health and outlier settings from annotations; the spec's parts (source ranges, affinity,
+    /// node-local) are filled in by `service`.
+    pub traffic: TrafficPolicy,
     /// From [`BACKEND_WEIGHTS`]: weight by endpoint IP, overriding the slice's weight.
     pub backend_weights: BTreeMap<IpAddr, u32>,
 }
@@ -38,9 +41,11 @@ pub(super) fn parse_service_policy(
     options: &BuildOptions,
     errors: &mut Vec<BuildError>,
 ) -> ServicePolicy {
+    let (health_check, outlier) = super::health_policy::parse_health(annotations, object, errors);
     let mut policy = ServicePolicy {
-        scheduler: options.default_scheduler,
+        scheduler: SchedulerConfig::new(options.default_scheduler),
         entry: options.default_policy,
+        traffic: TrafficPolicy { health_check, outlier, ..TrafficPolicy::default() },
         backend_weights: BTreeMap::new(),
     };
     let Some(annotations) = annotations else { return policy };
@@ -56,7 +61,17 @@ pub(super) fn parse_service_policy(
         }
     };
     field(SCHEDULER, &mut |v| {
-        policy.scheduler = v.parse().map_err(|e: crate::scheduler::UnknownScheduler| e.to_string())?;
+        policy.scheduler.kind = v.parse().map_err(|e: crate::scheduler::UnknownScheduler| e.to_string())?;
+        Ok(())
+    });
+    field(HASH_KEY, &mut |v| {
+        policy.scheduler.hash_key = v.parse()?;
+        Ok(())
+    });
+    field(MAGLEV_TABLE_SIZE, &mut |v| {
+        let sizes = || TABLE_SIZES.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        let size = v.parse::<u32>().ok().filter(|n| TABLE_SIZES.contains(n));
+        policy.scheduler.maglev_table_size = size.ok_or_else(|| format!("expected one of {}", sizes()))?;
         Ok(())
     });
     field(CONNECT_TIMEOUT, &mut |v| {
@@ -120,11 +135,11 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(millis))
 }
 
-fn positive(duration: Duration) -> Result<Duration, String> {
+pub(super) fn positive(duration: Duration) -> Result<Duration, String> {
     if duration.is_zero() { Err("must be longer than 0".to_owned()) } else { Ok(duration) }
 }
 
-fn parse_in_range(value: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, String> {
+pub(super) fn parse_in_range(value: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, String> {
     let out_of_range = || format!("expected an integer in {}..={}", range.start(), range.end());
     let number: u32 = value.parse().map_err(|_| out_of_range())?;
     if range.contains(&number) { Ok(number) } else { Err(out_of_range()) }
@@ -182,13 +197,17 @@ mod tests {
         let annotations = Annotations::from([
             (CONNECT_ATTEMPTS.to_owned(), "17".to_owned()),
             (SCHEDULER.to_owned(), "maglev?".to_owned()),
+            (MAGLEV_TABLE_SIZE.to_owned(), "65536".to_owned()),
+            (HASH_KEY.to_owned(), "port".to_owned()),
             (IDLE_TIMEOUT.to_owned(), "0s".to_owned()),
             (DRAIN_TIMEOUT.to_owned(), "0s".to_owned()),
         ]);
         let mut errors = Vec::new();
         let policy = parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), &mut errors);
         let named: Vec<_> = errors.iter().map(|e| e.field()).collect();
-        assert_eq!(errors.len(), 3, "{named:?}");
+        assert_eq!(errors.len(), 5, "{named:?}");
+        assert!(named.iter().any(|f| f.contains(MAGLEV_TABLE_SIZE)));
+        assert!(named.iter().any(|f| f.contains(HASH_KEY)));
         assert!(named.iter().any(|f| f.contains(CONNECT_ATTEMPTS)));
         assert!(named.iter().any(|f| f.contains(SCHEDULER)));
         assert!(named.iter().any(|f| f.contains(IDLE_TIMEOUT)));

@@ -1,5 +1,5 @@
 //! Validates one Service into what the builder serves: its VIPs, its ports and their target ports,
-//! and its policy.
+//! and its policy (annotations, source ranges, session affinity, traffic policy).
 //!
 //! Any bad field rejects the whole Service (it is listed in `ParsedServices::rejected` so the builder
 //! can keep its previous entries). Services that are valid but not served (ExternalName, headless, no
@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, ServicePolicy};
-use super::{BuildOptions, Skipped, object_ref, parse_port, unique_by_name, vips};
+use super::{BuildOptions, Skipped, object_ref, parse_port, traffic, unique_by_name, vips};
 use crate::error::BuildError;
 use crate::model::{ObjectRef, Protocol};
 
@@ -72,7 +72,7 @@ pub(super) fn parse_all(
     let mut served = Vec::new();
     for (object, svc) in unique {
         match parse_one(object.clone(), svc, options) {
-            Outcome::Served(parsed) => served.push(parsed),
+            Outcome::Served(parsed) => served.push(*parsed),
             Outcome::Skipped(reason) => skipped.push(Skipped { service: object, reason: reason.to_owned() }),
             Outcome::Rejected(mut errs) => {
                 errors.append(&mut errs);
@@ -84,7 +84,8 @@ pub(super) fn parse_all(
 }
 
 enum Outcome {
-    Served(ParsedService),
+    // Boxed: a parsed Service is large and the other outcomes are small.
+    Served(Box<ParsedService>),
     Skipped(&'static str),
     Rejected(Vec<BuildError>),
 }
@@ -111,8 +112,12 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
     }
     let vips = vips::service_vips(svc, service_type == "LoadBalancer", &object, &mut errors);
     let ports = parse_ports(spec.ports.as_deref().unwrap_or_default(), &object, &mut errors);
-    let policy =
+    let mut policy =
         policy::parse_service_policy(svc.metadata.annotations.as_ref(), &object, options, &mut errors);
+    let traffic = traffic::parse_traffic(svc, &object, &mut errors);
+    policy.traffic.source_ranges = traffic.source_ranges;
+    policy.traffic.session_affinity = traffic.session_affinity;
+    policy.traffic.node_local = traffic.external_local && options.node_name.is_some();
     if !errors.is_empty() {
         return Outcome::Rejected(errors);
     }
@@ -126,7 +131,7 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
         return Outcome::Skipped("no ports in spec.ports");
     }
     let created = svc.metadata.creation_timestamp.clone();
-    Outcome::Served(ParsedService { object, created, vips, ports, policy })
+    Outcome::Served(Box::new(ParsedService { object, created, vips, ports, policy }))
 }
 
 fn parse_ports(ports: &[ServicePort], object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<PortSpec> {

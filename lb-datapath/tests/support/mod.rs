@@ -70,6 +70,7 @@ pub fn entry(key: VipKey, backends: &[(SocketAddr, bool)], policy: EntryPolicy) 
         eligible,
         scheduler,
         policy,
+        traffic: Default::default(),
     }
 }
 

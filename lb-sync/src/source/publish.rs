@@ -119,6 +119,7 @@ mod tests {
             backends,
             eligible,
             policy: EntryPolicy::default(),
+            traffic: Default::default(),
         }
     }
 
