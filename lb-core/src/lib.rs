@@ -24,7 +24,7 @@ pub mod scheduler;
 mod testing;
 
 pub use affinity::AffinityTable;
-pub use builder::{BuildOptions, BuildReport, Skipped, build, parse_duration};
+pub use builder::{BuildOptions, BuildReport, Skipped, apply_health, build, parse_duration};
 pub use cidr::Cidr;
 pub use error::BuildError;
 pub use health::HealthOverlay;

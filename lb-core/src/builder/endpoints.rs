@@ -72,6 +72,20 @@ pub(super) fn resolve_port(
     }
     let backends: Vec<Backend> = backends.into_values().collect();
     let node = options.node_name.as_deref().filter(|_| policy.traffic.node_local);
+    let eligible = eligible_of(&backends, node, |b| options.health.is_unhealthy(&svc.object, b.id));
+    let scheduler = Scheduler::build_with(&policy.scheduler, &backends, &eligible);
+    let port_name = (!port.name.is_empty()).then(|| port.name.clone());
+    ResolvedPort { port_name, backends, eligible, scheduler }
+}
+
+/// The eligible indices of `backends` (see the module doc): on `node` only when given; the ready
+/// tier, else the serving+terminating tier; the first tier with a healthy backend gives its healthy
+/// backends, else (panic mode) the first non-empty tier whole; else nothing.
+pub(super) fn eligible_of(
+    backends: &[Backend],
+    node: Option<&str>,
+    unhealthy: impl Fn(&Backend) -> bool,
+) -> Vec<BackendIdx> {
     let tier = |wanted: fn(&EndpointConditions) -> bool| -> Vec<BackendIdx> {
         backends
             .iter()
@@ -82,20 +96,9 @@ pub(super) fn resolve_port(
             .collect()
     };
     let tiers = [tier(is_ready), tier(is_serving_terminating)];
-    let unhealthy = |idx: &BackendIdx| {
-        backends.get(*idx as usize).is_some_and(|b| options.health.is_unhealthy(&svc.object, b.id))
-    };
-    let eligible = choose_eligible(tiers, unhealthy);
-    let scheduler = Scheduler::build_with(&policy.scheduler, &backends, &eligible);
-    let port_name = (!port.name.is_empty()).then(|| port.name.clone());
-    ResolvedPort { port_name, backends, eligible, scheduler }
-}
-
-/// The first tier with a healthy backend, its healthy backends; else (panic mode) the first
-/// non-empty tier whole; else nothing.
-fn choose_eligible(tiers: [Vec<BackendIdx>; 2], unhealthy: impl Fn(&BackendIdx) -> bool) -> Vec<BackendIdx> {
     for tier in &tiers {
-        let healthy: Vec<BackendIdx> = tier.iter().copied().filter(|idx| !unhealthy(idx)).collect();
+        let healthy: Vec<BackendIdx> =
+            tier.iter().copied().filter(|&idx| !unhealthy(&backends[idx as usize])).collect();
         if !healthy.is_empty() {
             return healthy;
         }

@@ -14,6 +14,7 @@
 #![allow(clippy::result_large_err, reason = "cold path; errors carry the object and field by value")]
 
 mod endpoints;
+mod health_overlay;
 mod health_policy;
 mod policy;
 mod service;
@@ -41,6 +42,7 @@ use crate::health::HealthOverlay;
 use crate::model::{EntryPolicy, ObjectRef, ServiceEntry, Snapshot, VipKey};
 use crate::scheduler::{Scheduler, SchedulerKind};
 
+pub use health_overlay::apply_health;
 pub use policy::parse_duration;
 
 /// Global defaults that annotations override per Service, and what the builder must know about

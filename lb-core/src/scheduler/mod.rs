@@ -323,6 +323,22 @@ impl Scheduler {
         }
     }
 
+    /// The configuration this scheduler was built from (to rebuild it over other backends).
+    pub fn config(&self) -> SchedulerConfig {
+        let mut config = SchedulerConfig::new(self.kind());
+        match self {
+            Scheduler::Maglev(s) => {
+                config.hash_key = s.hash_key;
+                config.maglev_table_size = s.table_size;
+            }
+            Scheduler::SourceHash(s) => config.hash_key = s.hash_key,
+            Scheduler::DestinationHash(s) => config.hash_key = s.hash_key,
+            Scheduler::RingHash(s) => config.hash_key = s.hash_key,
+            _ => {}
+        }
+        config
+    }
+
     /// Picks a backend for a new connection with everything the datapath knows; see the module doc.
     pub fn pick_with(&self, context: &PickContext<'_>, state: &mut PickState) -> Option<BackendIdx> {
         match self {
