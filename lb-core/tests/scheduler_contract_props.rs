@@ -246,12 +246,27 @@ proptest! {
         let after = Scheduler::build_with(&config, &rest, &(0..n as u32 - 1).collect::<Vec<_>>());
         // Indices of `after` shift down past the leaving backend; map them back to compare.
         let map = |i: BackendIdx| if i as usize >= gone { i + 1 } else { i };
-        let fraction = moved(&before, &after, 20_000, &map);
+        let keys = 20_000;
+        let fraction = moved(&before, &after, keys, &map);
         let ideal = 1.0 / n as f64;
-        // Maglev trades a little disruption for balance (the paper's Figure 12): allow 6 points.
-        let slack = if ring { 0.01 } else { 0.06 };
-        prop_assert!(fraction <= ideal + slack, "{} moved {} of keys, ideal {}", kind, fraction, ideal);
         prop_assert!(fraction >= ideal * 0.5, "{} moved only {}: the leaving backend held its share", kind, fraction);
+        if ring {
+            // A ring moves exactly the leaving backend's keys; its share of the ring varies with the
+            // points' positions (about 8% of 1/N at 160 points), hence the loose "about 1/N".
+            let share = (0..keys)
+                .filter(|&key| {
+                    let context = PickContext::new(client(key.wrapping_mul(0x9E37_79B9_7F4A_7C15)), &[]);
+                    before.pick_with(&context, &mut PickState::default()) == Some(gone as BackendIdx)
+                })
+                .count() as f64
+                / keys as f64;
+            prop_assert!((fraction - share).abs() < 1e-9, "ring moved {} but the leaving backend held {}", fraction, share);
+            prop_assert!(fraction <= ideal * 1.5 + 0.01, "ring moved {} of keys, ideal {}", fraction, ideal);
+        } else {
+            // Maglev trades a little disruption for balance (the paper's section 5.3): about 1% above
+            // ideal at 16381 slots; allow 4 points.
+            prop_assert!(fraction <= ideal + 0.04, "maglev moved {} of keys, ideal {}", fraction, ideal);
+        }
     }
 
     #[test]
