@@ -39,6 +39,7 @@ pub(crate) struct WorkerCounters {
     pub udp_drops_truncated: AtomicU64,
     pub udp_drops_no_backend: AtomicU64,
     pub udp_drops_send: AtomicU64,
+    pub udp_drops_source_range: AtomicU64,
     pub udp_recv_rearms: AtomicU64,
 }
 
@@ -85,6 +86,7 @@ impl WorkerCounters {
             udp_drops_truncated: get(&self.udp_drops_truncated),
             udp_drops_no_backend: get(&self.udp_drops_no_backend),
             udp_drops_send: get(&self.udp_drops_send),
+            udp_drops_source_range: get(&self.udp_drops_source_range),
             udp_recv_rearms: get(&self.udp_recv_rearms),
         }
     }
@@ -151,6 +153,8 @@ pub struct WorkerStats {
     pub udp_drops_no_backend: u64,
     /// Datagrams dropped because a send failed (socket buffer full, or an error).
     pub udp_drops_send: u64,
+    /// Client datagrams dropped because the client is outside the Service's `loadBalancerSourceRanges`.
+    pub udp_drops_source_range: u64,
     /// UDP receives re-armed after the kernel ended them (no free buffer, single-shot mode, errors).
     pub udp_recv_rearms: u64,
 }
@@ -196,6 +200,7 @@ impl EngineStats {
             udp_drops_truncated: a.udp_drops_truncated + w.udp_drops_truncated,
             udp_drops_no_backend: a.udp_drops_no_backend + w.udp_drops_no_backend,
             udp_drops_send: a.udp_drops_send + w.udp_drops_send,
+            udp_drops_source_range: a.udp_drops_source_range + w.udp_drops_source_range,
             udp_recv_rearms: a.udp_recv_rearms + w.udp_recv_rearms,
         })
     }

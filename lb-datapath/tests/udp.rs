@@ -1,7 +1,8 @@
 //! The UDP datapath over real loopback sockets: many clients echo through a VIP with replies from
 //! the VIP address, flows stick to their backend, idle flows expire, not-ready backends get no new
 //! flows (and existing ones move), an ICMP error ends only its own flow, the largest and empty
-//! datagrams pass intact, removed VIPs stop receiving, and every fd and buffer comes back.
+//! datagrams pass intact, removed VIPs stop receiving, source ranges are enforced, and every fd and
+//! buffer comes back.
 //!
 //! The fd accounting is process-wide, so the leak test takes the write side of `FDS` while every
 //! other test here holds its read side.
@@ -300,6 +301,28 @@ fn removed_vip_stops_receiving_and_ends_its_flows() {
     // Nothing listens on the VIP any more: the kernel answers with port unreachable.
     client.send(b"two").expect("send");
     assert_eq!(client.recv(&mut buffer).map_err(|e| e.kind()), Err(ErrorKind::ConnectionRefused));
+}
+
+#[test]
+fn clients_outside_the_source_ranges_are_dropped() {
+    let _fds = shared();
+    let echo = udp_echo_server().expect("echo");
+    let fenced = udp_key(75);
+    let open = udp_key(76);
+    let range = |text: &str| text.parse::<lb_core::Cidr>().expect("literal CIDR");
+    let mut outside = entry(fenced, &[(echo.addr(), true)], test_policy());
+    outside.traffic.source_ranges = vec![range("10.0.0.0/8")];
+    let mut inside = entry(open, &[(echo.addr(), true)], test_policy());
+    inside.traffic.source_ranges = vec![range("10.0.0.0/8"), range("127.0.0.0/8")];
+    let engine = udp_engine(1, vec![outside, inside]);
+    let client = udp_client();
+    client.send_to(b"let me in", fenced.socket_addr()).expect("send");
+    wait_until("the datagram is dropped", Duration::from_secs(5), || {
+        engine.stats().total().udp_drops_source_range == 1
+    });
+    assert_eq!(echo.received(), 0, "nothing from outside the ranges reaches a backend");
+    assert_eq!(udp_exchange(&client, open.socket_addr(), b"allowed").0, b"allowed");
+    assert_eq!(engine.stats().total().flows_created, 1);
 }
 
 #[test]

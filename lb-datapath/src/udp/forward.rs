@@ -197,6 +197,10 @@ impl Worker {
     fn create_flow(&mut self, vip_slot: u32, key: FlowKey) -> Option<FlowHandle> {
         let vip = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref())?;
         let entry = &vip.entry;
+        if !entry.allows(key.client.ip()) {
+            stats::add(&self.counters.udp_drops_source_range, 1);
+            return None;
+        }
         let state = self.pick_states.entry(key.vip).or_default();
         let request = PickRequest { client: key.client, exclude: &[] };
         let backend = entry.scheduler.pick(&request, state).and_then(|idx| entry.backend(idx));
@@ -342,11 +346,7 @@ fn flow_must_move(
     entry: &ServiceEntry,
 ) -> bool {
     let Some(flow) = flows.get_mut(handle) else { return false };
-    // `backends` is sorted by id and `eligible` ascending (model invariants).
-    let eligible = entry
-        .backends
-        .binary_search_by_key(&flow.backend, |b| b.id)
-        .is_ok_and(|position| entry.eligible.binary_search(&(position as u32)).is_ok());
+    let eligible = entry.index_of(flow.backend).is_some_and(|idx| entry.is_eligible(idx));
     if eligible {
         flow.stale_since = None;
         return false;
