@@ -106,7 +106,31 @@ impl Serialize for Cidr {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn contains_agrees_with_comparing_the_top_prefix_bits(net in any::<u128>(), ip in any::<u128>(), prefix in 0u8..=128, v4 in any::<bool>()) {
+            let (range, ip, same) = if v4 {
+                let prefix = prefix % 33;
+                let (net, ip) = (net as u32, ip as u32);
+                let shift = 32 - u32::from(prefix);
+                let same = net.checked_shr(shift).unwrap_or(0) == ip.checked_shr(shift).unwrap_or(0);
+                (Cidr::new(IpAddr::V4(net.into()), prefix), IpAddr::V4(ip.into()), same)
+            } else {
+                let shift = 128 - u32::from(prefix);
+                let same = net.checked_shr(shift).unwrap_or(0) == ip.checked_shr(shift).unwrap_or(0);
+                (Cidr::new(IpAddr::V6(net.into()), prefix), IpAddr::V6(ip.into()), same)
+            };
+            let range = range.expect("prefix in range");
+            // Mapped IPv6 addresses and ranges are canonicalised to IPv4: compare like with like.
+            prop_assume!(range.network().is_ipv4() == v4 && ip.to_canonical().is_ipv4() == v4);
+            prop_assert_eq!(range.contains(ip), same, "{} contains {}?", range, ip);
+            prop_assert_eq!(range.to_string().parse::<Cidr>(), Ok(range));
+        }
+    }
 
     fn cidr(s: &str) -> Cidr {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))

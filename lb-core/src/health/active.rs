@@ -141,13 +141,14 @@ impl ActiveChecker {
         Some(ProbeRequest { backend, kind: self.config.probe.clone(), deadline })
     }
 
-    /// Feeds a probe's outcome; returns the new verdict when it changed. Results for a backend with
-    /// no probe in flight (late, after a timeout; or forgotten) are ignored.
+    /// Feeds a probe's outcome; returns the new verdict when it changed. A success reported after
+    /// the probe's deadline counts as a failure (too slow is unhealthy, whether or not
+    /// `handle_timeout` ran first). Results for a backend with no probe in flight (after a timeout
+    /// was counted, or forgotten by `set_backends`) are ignored.
     pub fn handle_result(&mut self, now: Instant, backend: BackendId, ok: bool) -> Option<Health> {
-        let _ = now;
         let target = self.targets.get_mut(&backend)?;
-        target.in_flight.take()?;
-        record(target, ok, &self.config)
+        let deadline = target.in_flight.take()?;
+        record(target, ok && now <= deadline, &self.config)
     }
 
     /// Counts every probe whose deadline passed at `now` as a failure; returns the backends whose

@@ -101,6 +101,16 @@ fn a_probe_past_its_deadline_counts_as_a_failure_and_late_results_are_ignored() 
 }
 
 #[test]
+fn a_success_reported_after_the_deadline_counts_as_a_failure() {
+    let t0 = origin();
+    let mut checker = ActiveChecker::new(tcp_config(1, 1), 9);
+    checker.set_backends(t0, [backend_id(1)]);
+    let request = checker.poll_probe(at(t0, 10)).expect("due within the first interval");
+    let late = request.deadline + Duration::from_millis(1);
+    assert_eq!(checker.handle_result(late, backend_id(1), true), Some(Health::Unhealthy));
+}
+
+#[test]
 fn removed_backends_are_forgotten_and_new_ones_start_healthy() {
     let t0 = origin();
     let mut checker = ActiveChecker::new(tcp_config(1, 1), 5);
