@@ -3,7 +3,7 @@
 //! A [`Scheduler`] is built once per snapshot from an entry's backends (everything that can be
 //! precomputed is: the weighted round-robin sequence, the Maglev table, the hash ring) and then only
 //! read. Mutable selection state lives in the datapath worker: a [`PickState`] per entry (cursor,
-//! default random stream) and one [`LoadTable`] per worker (active connections by [`BackendId`]), so
+//! default random stream) and one [`LoadTable`] per worker (active connections by [`BackendId`](crate::BackendId)), so
 //! workers never share a cache line on the hot path and a snapshot swap never invalidates either.
 //!
 //! Contract of [`Scheduler::pick_with`] (and of the thin [`Scheduler::pick`]): it returns an index
@@ -40,7 +40,7 @@ pub use load::{LoadTable, Member};
 pub use maglev::{DEFAULT_TABLE_SIZE, MAGLEV_VERSION, Maglev, TABLE_SIZES};
 pub use never_queue::NeverQueue;
 pub use power_of_two::{PowerOfTwoChoices, two_choices};
-pub use ring_hash::{POINTS_PER_WEIGHT, RingHash};
+pub use ring_hash::{MAX_POINTS, POINTS_PER_WEIGHT, RingHash};
 pub use round_robin::RoundRobin;
 pub use shortest_expected_delay::ShortestExpectedDelay;
 pub use source_hash::SourceHash;
