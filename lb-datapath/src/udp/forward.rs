@@ -85,6 +85,9 @@ impl Worker {
             }
             vip.closing
         });
+        // A receive that ended after a datagram is re-armed at once: single-shot ones always end, and a
+        // multishot recvmsg ends after a zero-length datagram (the kernel takes 0 bytes for end of
+        // stream).
         let mut rearm = Rearm::Now;
         let mut sending = false;
         if let Some(closing) = closing {
