@@ -70,6 +70,39 @@ fn many_clients_echo_through_the_vip_with_replies_from_the_vip_address() {
 }
 
 #[test]
+fn concurrent_clients_each_get_their_own_replies() {
+    let _fds = shared();
+    let backends = [udp_echo_server().expect("echo"), udp_echo_server().expect("echo")];
+    let key = udp_key(77);
+    let list: Vec<_> = backends.iter().map(|b| (b.addr(), true)).collect();
+    let engine = udp_engine(2, vec![entry(key, &list, test_policy())]);
+    // Many datagrams in flight at once, so completions and sends arrive in batches (80 at most, well
+    // within the default socket buffers, so loopback never drops one).
+    std::thread::scope(|scope| {
+        for thread in 0..8 {
+            scope.spawn(move || {
+                let clients: Vec<_> = (0..10).map(|_| udp_client()).collect();
+                for round in 0..30 {
+                    for (i, client) in clients.iter().enumerate() {
+                        let message = format!("t{thread} c{i} r{round}");
+                        client.send_to(message.as_bytes(), key.socket_addr()).expect("send");
+                    }
+                    for (i, client) in clients.iter().enumerate() {
+                        let mut buffer = [0u8; 64];
+                        let (n, from) = client.recv_from(&mut buffer).expect("a reply for every datagram");
+                        assert_eq!(&buffer[..n], format!("t{thread} c{i} r{round}").as_bytes());
+                        assert_eq!(from, key.socket_addr());
+                    }
+                }
+            });
+        }
+    });
+    let total = engine.stats().total();
+    assert_eq!(total.flows_created, 80, "{total:?}");
+    assert_eq!(total.udp_drops_send + total.udp_drops_truncated + total.udp_drops_no_backend, 0);
+}
+
+#[test]
 fn a_clients_datagrams_all_reach_the_same_backend() {
     let _fds = shared();
     let backends: Vec<UdpServer> =
