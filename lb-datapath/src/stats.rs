@@ -92,8 +92,8 @@ impl WorkerCounters {
     }
 }
 
-/// A point-in-time copy of one worker's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A point-in-time copy of one worker's counters (serialised as-is by the admin `/status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct WorkerStats {
     /// Client connections accepted (including those then refused for lack of a backend).
     pub accepted: u64,

@@ -137,6 +137,11 @@ pub struct DefaultsArgs {
     /// How long established connections of removed VIPs and backends may continue.
     #[arg(long, value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// The Kubernetes node ringlb runs on (set it from the downward API when ringlb runs on cluster
+    /// nodes). With it, Services with `externalTrafficPolicy: Local` use only this node's endpoints;
+    /// without it (appliance mode) that policy is ignored.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 fn parse_scheduler(value: &str) -> Result<SchedulerKind, String> {

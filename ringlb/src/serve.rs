@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use lb_core::{BuildOptions, EntryPolicy, Snapshot};
-use lb_datapath::{Engine, EngineConfig, RelayMode, WorkerStats};
+use lb_datapath::{Engine, EngineConfig, RelayMode};
 use lb_sync::{ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
@@ -41,6 +41,7 @@ pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
             drain_timeout: defaults.drain_timeout.unwrap_or(fallback.drain_timeout),
             ..fallback
         },
+        node_name: defaults.node_name.clone(),
         ..BuildOptions::default()
     }
 }
@@ -95,7 +96,7 @@ impl AdminState for ServeState {
                 "rejected_objects": source.rejected_objects(),
             })
         });
-        let workers: Vec<_> = self.engine.stats().workers.iter().map(worker_status).collect();
+        let workers = self.engine.stats().workers;
         json!({
             "ready": self.is_ready(),
             "snapshot": { "version": snapshot.version, "entries": snapshot.len() },
@@ -103,23 +104,6 @@ impl AdminState for ServeState {
             "workers": workers,
         })
     }
-}
-
-fn worker_status(stats: &WorkerStats) -> serde_json::Value {
-    json!({
-        "accepted": stats.accepted,
-        "active": stats.active,
-        "connect_failures": stats.connect_failures,
-        "retries": stats.retries,
-        "no_backend": stats.no_backend,
-        "resets": stats.resets,
-        "idle_timeouts": stats.idle_timeouts,
-        "drain_closes": stats.drain_closes,
-        "bytes_client_to_backend": stats.bytes_client_to_backend,
-        "bytes_backend_to_client": stats.bytes_backend_to_client,
-        "listeners": stats.listeners,
-        "bind_failures": stats.bind_failures,
-    })
 }
 
 pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -> anyhow::Result<ExitCode> {

@@ -92,3 +92,33 @@ fn admin_on_a_non_loopback_address_needs_explicit_permission() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--admin-allow-remote"), "{stderr}");
 }
+
+#[test]
+fn check_with_a_node_name_honours_external_traffic_policy_local() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = std::fs::read_to_string(example("web.yaml")).expect("example");
+    let local = text.replace("  type: ClusterIP\n", "  type: ClusterIP\n  externalTrafficPolicy: Local\n");
+    assert_ne!(local, text);
+    // web-1 runs on node-a, the other ready endpoints elsewhere.
+    let placed = local
+        .replacen("- addresses: [\"127.0.0.21\"]\n", "- addresses: [\"127.0.0.21\"]\n  nodeName: node-a\n", 1)
+        .replace("- addresses: [\"127.0.0.22\"]\n", "- addresses: [\"127.0.0.22\"]\n  nodeName: node-b\n");
+    let file = dir.path().join("local.yaml");
+    std::fs::write(&file, placed).expect("write");
+    let manifests = file.to_str().expect("utf-8");
+
+    let eligible = |extra: &[&str]| -> usize {
+        let mut args = vec!["check", "--manifests", manifests, "--json"];
+        args.extend_from_slice(extra);
+        let output = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+            .args(&args)
+            .env_remove("NODE_NAME")
+            .output()
+            .expect("run ringlb");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        json["entries"][0]["eligible"].as_array().expect("eligible").len()
+    };
+    assert_eq!(eligible(&[]), 3, "appliance mode (no node name) ignores the Local policy");
+    assert_eq!(eligible(&["--node-name", "node-a"]), 1, "only node-a's endpoint is eligible");
+}

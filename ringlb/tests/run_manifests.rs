@@ -162,3 +162,47 @@ fn large_transfers_through_run_arrive_intact_both_ways() {
     assert_eq!((report.received, report.intact), (LEN, true), "upload arrives whole and intact");
     ringlb.terminate();
 }
+
+#[test]
+fn run_serves_udp_services_with_replies_from_the_vip() {
+    let backend = testkit::backends::udp_named_server("dns-1").expect("udp backend");
+    let vip = SocketAddr::new(loopback(49), port_free_on(&[loopback(49)]));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("dns.yaml");
+    let text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: kube-system}}\nspec:\n  \
+         externalIPs: [\"{}\"]\n  ports:\n  - {{name: dns, port: {}, protocol: UDP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-x1\n  \
+         namespace: kube-system\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\n\
+         ports: [{{name: dns, port: {}, protocol: UDP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        vip.ip(),
+        vip.port(),
+        backend.addr().port(),
+        backend.addr().ip()
+    );
+    save(&file, &text);
+    let mut ringlb = Ringlb::start(&["run", "--manifests", file.to_str().expect("utf-8 path")]);
+    ringlb.wait_ready();
+
+    for client in 0..3 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+        socket.set_read_timeout(Some(support::IO_TIMEOUT)).expect("timeout");
+        for query in 0..5 {
+            let payload = format!("client {client} query {query}");
+            socket.send_to(payload.as_bytes(), vip).expect("send to the VIP");
+            let mut reply = [0u8; 256];
+            let (len, from) = socket.recv_from(&mut reply).expect("a reply through ringlb");
+            assert_eq!(from, vip, "the reply comes from the VIP");
+            assert_eq!(std::str::from_utf8(&reply[..len]), Ok(format!("dns-1:{payload}").as_str()));
+        }
+    }
+    let status = ringlb.status();
+    let created: u64 = status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["flows_created"].as_u64().expect("flows_created"))
+        .sum();
+    assert_eq!(created, 3, "one flow per client: {status}");
+    assert!(ringlb.terminate().success());
+}

@@ -42,7 +42,7 @@ impl Ringlb {
         let admin = SocketAddr::new(loopback(1), port_free_on(&[loopback(1)]));
         let child = Command::new(env!("CARGO_BIN_EXE_ringlb"))
             .args(args)
-            .args(["--admin", &admin.to_string(), "--workers", "2"])
+            .args(["--admin", &admin.to_string(), "--workers", "2", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
