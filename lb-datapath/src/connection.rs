@@ -88,6 +88,9 @@ pub(crate) struct Conn {
     /// The entry current at accept time; kept while connecting so retries pick from the same set.
     pub entry: Option<Arc<ServiceEntry>>,
     pub backend_id: Option<BackendId>,
+    /// The backend this connection is counted against in the worker's load table, from its connect
+    /// submission until the connect fails or the connection is released (closed exactly once).
+    pub counted: Option<BackendId>,
     pub tried: [BackendIdx; MAX_ATTEMPTS],
     pub tried_len: usize,
     /// Read by the kernel when the connect is submitted.
@@ -123,6 +126,7 @@ impl Conn {
             backend: None,
             entry: Some(entry),
             backend_id: None,
+            counted: None,
             tried: [0; MAX_ATTEMPTS],
             tried_len: 0,
             connect_addr: SockAddr::from(client_addr),

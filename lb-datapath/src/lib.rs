@@ -7,7 +7,8 @@
 //!
 //! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
 //! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
-//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `stats`,
+//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection` (per-worker pick state,
+//! load and affinity), `stats`,
 //! `udp` (VIP sockets, flow table, upstream sockets, buffer ring).
 //! `unsafe` lives only where io_uring and libc need it, each block with a `// SAFETY:` note.
 
@@ -18,6 +19,7 @@ mod pool;
 mod proxy;
 mod relay;
 mod ring;
+mod selection;
 mod stats;
 mod udp;
 mod worker;

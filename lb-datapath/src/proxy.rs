@@ -14,7 +14,7 @@ use std::time::Duration;
 use io_uring::opcode;
 use io_uring::squeue::Flags;
 use io_uring::types::{Fd, Timespec};
-use lb_core::{PickRequest, VipKey};
+use lb_core::VipKey;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase, Which};
@@ -56,16 +56,24 @@ impl Worker {
             reset_socket(client);
             return;
         };
-        if self.conns.len() >= self.settings.max_connections {
-            stats::add(&self.counters.resets, 1);
-            reset_socket(client);
-            return;
-        }
         let client_addr = client
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+        // `loadBalancerSourceRanges` comes before anything else: no slot, no pick, no backend connect.
+        // (A client whose address cannot be read is refused when ranges are set: it is gone anyway.)
+        if !entry.allows(client_addr.ip()) {
+            stats::add(&self.counters.tcp_refused_source_range, 1);
+            stats::add(&self.counters.resets, 1);
+            reset_socket(client);
+            return;
+        }
+        if self.conns.len() >= self.settings.max_connections {
+            stats::add(&self.counters.resets, 1);
+            reset_socket(client);
+            return;
+        }
         let conn = Conn::new(key, client, client_addr, entry, self.now);
         let (index, generation) = self.conns.insert(conn);
         stats::set(&self.counters.active, self.conns.len() as u64);
@@ -79,9 +87,8 @@ impl Worker {
         let Some(entry) = conn.entry.clone() else { return };
         let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
         while conn.tried_len < attempts {
-            let state = self.pick_states.entry(conn.key).or_default();
-            let request = PickRequest { client: conn.client_addr, exclude: &conn.tried[..conn.tried_len] };
-            let Some(picked) = entry.scheduler.pick(&request, state) else {
+            let exclude = &conn.tried[..conn.tried_len];
+            let Some(picked) = self.selection.pick(self.now, &entry, conn.client_addr, exclude) else {
                 if conn.tried_len == 0 {
                     stats::add(&self.counters.no_backend, 1);
                 }
@@ -131,6 +138,10 @@ impl Worker {
                 Ok(()) => {
                     conn.in_flight += 2;
                     conn.connect_pending = true;
+                    // Counted from the submission (not the completion) so that a burst of accepts
+                    // handled in one batch already sees each other's load.
+                    conn.counted = Some(backend.id);
+                    self.selection.open(backend.id, &self.counters);
                     return;
                 }
                 Err(err) => {
@@ -155,6 +166,9 @@ impl Worker {
             // Refused, unreachable, -ECANCELED when the link timeout fired, or a TCP self-connect.
             stats::add(&self.counters.connect_failures, 1);
             conn.backend = None;
+            if let Some(backend) = conn.counted.take() {
+                self.selection.close(backend, &self.counters);
+            }
             self.try_connect(data.slot, data.generation);
             return;
         }
@@ -328,6 +342,9 @@ impl Worker {
             return;
         }
         let Some(mut conn) = self.conns.remove(index) else { return };
+        if let Some(backend) = conn.counted.take() {
+            self.selection.close(backend, &self.counters);
+        }
         for which in [Which::ClientToBackend, Which::BackendToClient] {
             let direction = conn.direction(which);
             if let Some(buffer) = direction.buffer.take() {

@@ -41,6 +41,8 @@ pub(crate) struct WorkerCounters {
     pub udp_drops_send: AtomicU64,
     pub udp_drops_source_range: AtomicU64,
     pub udp_recv_rearms: AtomicU64,
+    pub tcp_refused_source_range: AtomicU64,
+    pub backend_load: AtomicU64,
 }
 
 /// Adds `n` to a counter owned by the calling worker.
@@ -88,6 +90,8 @@ impl WorkerCounters {
             udp_drops_send: get(&self.udp_drops_send),
             udp_drops_source_range: get(&self.udp_drops_source_range),
             udp_recv_rearms: get(&self.udp_recv_rearms),
+            tcp_refused_source_range: get(&self.tcp_refused_source_range),
+            backend_load: get(&self.backend_load),
         }
     }
 }
@@ -157,6 +161,12 @@ pub struct WorkerStats {
     pub udp_drops_source_range: u64,
     /// UDP receives re-armed after the kernel ended them (no free buffer, single-shot mode, errors).
     pub udp_recv_rearms: u64,
+    /// TCP clients reset at accept because they are outside the Service's `loadBalancerSourceRanges`
+    /// (no backend was contacted; also counted in `resets`).
+    pub tcp_refused_source_range: u64,
+    /// TCP connections (from their backend connect on) and UDP flows this worker currently counts in
+    /// its least-connection load table; 0 when none is open.
+    pub backend_load: u64,
 }
 
 /// Counters of every worker, index = worker number.
@@ -202,6 +212,8 @@ impl EngineStats {
             udp_drops_send: a.udp_drops_send + w.udp_drops_send,
             udp_drops_source_range: a.udp_drops_source_range + w.udp_drops_source_range,
             udp_recv_rearms: a.udp_recv_rearms + w.udp_recv_rearms,
+            tcp_refused_source_range: a.tcp_refused_source_range + w.tcp_refused_source_range,
+            backend_load: a.backend_load + w.backend_load,
         })
     }
 }

@@ -8,7 +8,7 @@
 //! Invariant: after reconciling generation `g`, every TCP (UDP) key of that snapshot has a listener
 //! (VIP socket) or is in `unbound` (retried every tick), and none exists for a key outside it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, Timespec};
 use io_uring::{cqueue, opcode};
-use lb_core::{PickState, Protocol, Snapshot, VipKey};
+use lb_core::{Protocol, Snapshot, VipKey};
 use socket2::Socket;
 
 use crate::connection::ConnTable;
@@ -25,6 +25,7 @@ use crate::listener::{Listener, ListenerTable, bind_listener};
 use crate::pool::{BufferPool, PipePool};
 use crate::relay::Path;
 use crate::ring::{OpKind, Ring, UserData};
+use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::udp::UdpState;
 
@@ -61,7 +62,8 @@ pub(crate) struct Worker {
     /// Non-TCP keys already logged as not served.
     logged_unsupported: HashSet<VipKey>,
     pub conns: ConnTable,
-    pub pick_states: HashMap<VipKey, PickState>,
+    /// Pick states, load counts and affinity of this worker (TCP and UDP alike).
+    pub selection: Selection,
     pub buffers: BufferPool,
     pub pipes: PipePool,
     pub multishot_accept: bool,
@@ -83,6 +85,7 @@ impl Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
         let udp = UdpState::new(&ring, settings.udp.clone(), settings.index);
+        let settings_index = settings.index;
         Worker {
             ring,
             buffers: BufferPool::new(settings.buffer_size),
@@ -98,7 +101,7 @@ impl Worker {
             unbound: Vec::new(),
             logged_unsupported: HashSet::new(),
             conns: ConnTable::default(),
-            pick_states: HashMap::new(),
+            selection: Selection::new(settings_index, worker_seed(settings_index)),
             multishot_accept,
             now: Instant::now(),
             udp,
@@ -227,6 +230,7 @@ impl Worker {
                 self.unbound.push(*key);
             }
         }
+        self.selection.retain_keys(|key| snapshot.get(key).is_some());
         self.bind_unbound(true);
         self.mark_draining(snapshot);
         self.reconcile_udp(snapshot);
@@ -367,6 +371,7 @@ impl Worker {
             self.arm_accept(index);
         }
         self.expire_connections();
+        self.selection.expire(self.now);
         if !self.stopping {
             self.udp_housekeeping();
         }
@@ -449,6 +454,14 @@ impl Worker {
             std::mem::forget(self.conns);
         }
     }
+}
+
+/// A seed for a worker's random stream (`p2c`); differs between workers and between runs. Not for
+/// secrets.
+fn worker_seed(index: usize) -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ index as u64
 }
 
 fn close_raw(fd: i32) {

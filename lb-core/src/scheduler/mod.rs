@@ -246,6 +246,15 @@ pub struct PickState {
     pub(crate) random: SplitMix64,
 }
 
+impl PickState {
+    /// A state whose cursor starts at `cursor` (taken modulo each sequence's length) and whose default
+    /// random stream starts from `seed`. Workers start at different cursors (their index) so that W
+    /// workers do not all send their first connection of a Service to the same backend.
+    pub fn seeded(cursor: u64, seed: u64) -> Self {
+        PickState { cursor, random: SplitMix64(seed) }
+    }
+}
+
 /// A scheduler with its per-snapshot precomputed data. Cloning shares the large tables (`Arc`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]

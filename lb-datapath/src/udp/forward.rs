@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use io_uring::cqueue;
 use io_uring::types::RecvMsgOut;
-use lb_core::{PickRequest, ServiceEntry};
+use lb_core::ServiceEntry;
 use socket2::SockAddr;
 
 use super::flow_table::{FlowHandle, FlowKey, FlowTable};
@@ -168,7 +168,7 @@ impl Worker {
                 if flow_must_move(&mut self.udp.flows, policy, self.now, existing, &vip.entry) {
                     if let Some((_, flow)) = self.udp.flows.remove(existing) {
                         count_end(&self.counters, FlowEnd::Moved);
-                        release_flow(&mut self.ring, existing, flow);
+                        release_flow(&mut self.ring, &mut self.selection, &self.counters, existing, flow);
                     }
                     handle = None;
                 }
@@ -204,9 +204,8 @@ impl Worker {
             stats::add(&self.counters.udp_drops_source_range, 1);
             return None;
         }
-        let state = self.pick_states.entry(key.vip).or_default();
-        let request = PickRequest { client: key.client, exclude: &[] };
-        let backend = entry.scheduler.pick(&request, state).and_then(|idx| entry.backend(idx));
+        let backend =
+            self.selection.pick(self.now, entry, key.client, &[]).and_then(|idx| entry.backend(idx));
         let Some(upstream) = backend.and_then(|b| socket::connect_upstream(b.addr()).ok()) else {
             stats::add(&self.counters.udp_drops_no_backend, 1);
             return None;
@@ -220,11 +219,13 @@ impl Worker {
             rearm_at_tick: false,
             stale_since: None,
         };
+        let counted = flow.backend;
         let (handle, evicted) = self.udp.flows.insert(key, flow, self.now);
         stats::add(&self.counters.flows_created, 1);
+        self.selection.open(counted, &self.counters);
         if let Some(evicted) = evicted {
             count_end(&self.counters, FlowEnd::Evicted);
-            release_flow(&mut self.ring, evicted.handle, evicted.value);
+            release_flow(&mut self.ring, &mut self.selection, &self.counters, evicted.handle, evicted.value);
         }
         self.arm_udp_flow(handle);
         self.update_udp_gauges();

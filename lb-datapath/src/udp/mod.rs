@@ -40,6 +40,7 @@ use socket2::{SockAddr, Socket};
 use self::flow_table::{FlowHandle, FlowTable, FlowTimeouts};
 use self::socket::{BUFFER_GROUP, BUFFER_SIZE, BufRing};
 use crate::ring::{GENERATION_MASK, OpKind, Ring, UserData};
+use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::worker::Worker;
 
@@ -236,8 +237,16 @@ fn count_end(counters: &WorkerCounters, end: FlowEnd) {
     stats::add(counter, 1);
 }
 
-/// Cancels a removed flow's receive (if armed) and closes its socket.
-fn release_flow(ring: &mut Ring, handle: FlowHandle, flow: UdpFlow) {
+/// Cancels a removed flow's receive (if armed), closes its socket and ends its load count (every flow
+/// that leaves the table passes here exactly once).
+fn release_flow(
+    ring: &mut Ring,
+    selection: &mut Selection,
+    counters: &WorkerCounters,
+    handle: FlowHandle,
+    flow: UdpFlow,
+) {
+    selection.close(flow.backend, counters);
     if flow.armed {
         let target = UserData::new(OpKind::UdpFlow, handle.index, handle.generation).encode();
         let cancel =
@@ -400,7 +409,7 @@ impl Worker {
     fn end_flow(&mut self, handle: FlowHandle, end: FlowEnd) {
         if let Some((_, flow)) = self.udp.flows.remove(handle) {
             count_end(&self.counters, end);
-            release_flow(&mut self.ring, handle, flow);
+            release_flow(&mut self.ring, &mut self.selection, &self.counters, handle, flow);
         }
     }
 
