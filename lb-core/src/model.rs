@@ -147,6 +147,26 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// A ready backend of weight 1 at `addr`, placed nowhere in particular.
+    pub fn ready(addr: SocketAddr) -> Backend {
+        Backend {
+            id: BackendId(addr),
+            conditions: EndpointConditions::default(),
+            weight: 1,
+            node_name: None,
+            zone: None,
+            target: None,
+        }
+    }
+
+    pub fn with_weight(self, weight: u32) -> Backend {
+        Backend { weight, ..self }
+    }
+
+    pub fn with_conditions(self, conditions: EndpointConditions) -> Backend {
+        Backend { conditions, ..self }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.id.0
     }

@@ -30,13 +30,9 @@ pub fn backend_id(i: u8) -> BackendId {
 /// An entry on `192.0.2.1:80/TCP` with backends `1..=ready.len()` (ready or not) and `traffic`.
 pub fn entry(ready: &[bool], traffic: TrafficPolicy) -> ServiceEntry {
     let backends: Vec<Backend> = (1..=ready.len() as u8)
-        .map(|i| Backend {
-            id: backend_id(i),
-            conditions: EndpointConditions { ready: ready[usize::from(i) - 1], ..Default::default() },
-            weight: 1,
-            node_name: None,
-            zone: None,
-            target: None,
+        .map(|i| {
+            let conditions = EndpointConditions { ready: ready[usize::from(i) - 1], ..Default::default() };
+            Backend::ready(backend_id(i).0).with_conditions(conditions)
         })
         .collect();
     let eligible: Vec<BackendIdx> = (0..ready.len() as BackendIdx).filter(|&i| ready[i as usize]).collect();

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 
 use lb_core::scheduler::{Maglev, two_choices};
 use lb_core::{
-    Backend, BackendId, BackendIdx, EndpointConditions, HashKey, LoadTable, PickContext, PickState,
-    Scheduler, SchedulerConfig, SchedulerKind,
+    Backend, BackendIdx, HashKey, LoadTable, PickContext, PickState, Scheduler, SchedulerConfig,
+    SchedulerKind,
 };
 use proptest::prelude::*;
 
@@ -17,13 +17,9 @@ fn backends(weights: &[u32]) -> Vec<Backend> {
     weights
         .iter()
         .enumerate()
-        .map(|(i, &weight)| Backend {
-            id: BackendId(SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080))),
-            conditions: EndpointConditions::default(),
-            weight,
-            node_name: None,
-            zone: None,
-            target: None,
+        .map(|(i, &weight)| {
+            Backend::ready(SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080)))
+                .with_weight(weight)
         })
         .collect()
 }

@@ -5,22 +5,15 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use lb_core::scheduler::MAX_SEQUENCE_LEN;
-use lb_core::{
-    Backend, BackendId, BackendIdx, EndpointConditions, PickRequest, PickState, Scheduler, SchedulerKind,
-};
+use lb_core::{Backend, BackendIdx, PickRequest, PickState, Scheduler, SchedulerKind};
 use proptest::prelude::*;
 
 fn backends(weights: &[u32]) -> Vec<Backend> {
     weights
         .iter()
         .enumerate()
-        .map(|(i, &weight)| Backend {
-            id: BackendId(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))),
-            conditions: EndpointConditions::default(),
-            weight,
-            node_name: None,
-            zone: None,
-            target: None,
+        .map(|(i, &weight)| {
+            Backend::ready(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))).with_weight(weight)
         })
         .collect()
 }

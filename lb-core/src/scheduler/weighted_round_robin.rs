@@ -99,19 +99,13 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::model::{BackendId, EndpointConditions};
 
     fn backends(weights: &[u32]) -> Vec<Backend> {
         weights
             .iter()
             .enumerate()
-            .map(|(i, &weight)| Backend {
-                id: BackendId(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))),
-                conditions: EndpointConditions::default(),
-                weight,
-                node_name: None,
-                zone: None,
-                target: None,
+            .map(|(i, &weight)| {
+                Backend::ready(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))).with_weight(weight)
             })
             .collect()
     }

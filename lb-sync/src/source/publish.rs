@@ -94,21 +94,14 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
     use lb_core::{
-        Backend, BackendId, EndpointConditions, EntryPolicy, Protocol, Scheduler, SchedulerKind,
-        ServiceEntry, VipKey,
+        Backend, EndpointConditions, EntryPolicy, Protocol, Scheduler, SchedulerKind, ServiceEntry, VipKey,
     };
 
     use super::*;
 
     fn entry(ready: bool) -> ServiceEntry {
-        let backend = Backend {
-            id: BackendId(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080))),
-            conditions: EndpointConditions { ready, ..EndpointConditions::default() },
-            weight: 1,
-            node_name: None,
-            zone: None,
-            target: None,
-        };
+        let backend = Backend::ready(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)))
+            .with_conditions(EndpointConditions { ready, ..EndpointConditions::default() });
         let eligible = if ready { vec![0] } else { vec![] };
         let backends = vec![backend];
         ServiceEntry {

@@ -3,19 +3,9 @@
 use std::net::SocketAddr;
 
 use super::*;
-use crate::model::EndpointConditions;
 
 fn backends(count: u8, weight: u32) -> Vec<Backend> {
-    (1..=count)
-        .map(|i| Backend {
-            id: BackendId(SocketAddr::from(([10, 0, 0, i], 8080))),
-            conditions: EndpointConditions::default(),
-            weight,
-            node_name: None,
-            zone: None,
-            target: None,
-        })
-        .collect()
+    (1..=count).map(|i| Backend::ready(SocketAddr::from(([10, 0, 0, i], 8080))).with_weight(weight)).collect()
 }
 
 #[test]
