@@ -2,7 +2,7 @@
 //! accept (IPv4 and IPv6), the least-connection scheduler follows the worker's open connections and
 //! its counts return to zero on every way a connection or flow ends, round-robin cursors start per
 //! worker, and `sessionAffinity: ClientIP` keeps a client on its backend across connections and
-//! snapshots until that backend turns not ready.
+//! snapshots until that backend turns not ready (and UDP flows of one client IP share a backend).
 
 mod support;
 
@@ -14,7 +14,7 @@ use std::time::Duration;
 use lb_core::{Cidr, Protocol, Scheduler, SchedulerKind, ServiceEntry, VipKey};
 use lb_datapath::{Engine, RelayMode};
 use support::*;
-use testkit::backends::{RefusingAddr, named_server, reset_server, udp_echo_server};
+use testkit::backends::{RefusingAddr, named_server, reset_server, udp_echo_server, udp_named_server};
 
 const STATS_WAIT: Duration = Duration::from_secs(10);
 
@@ -243,4 +243,27 @@ fn client_ip_affinity_keeps_a_client_on_its_backend_until_it_turns_not_ready() {
         assert_eq!(name_of_next(), moved, "the new binding holds");
     }
     wait_until_idle(&engine);
+}
+
+#[test]
+fn client_ip_affinity_sends_every_udp_flow_of_one_client_ip_to_one_backend() {
+    let servers: Vec<_> = ["a", "b", "c"].iter().map(|n| udp_named_server(n).expect("backend")).collect();
+    let key = udp_key(97);
+    let backends: Vec<_> = servers.iter().map(|s| (s.addr(), true)).collect();
+    let engine = start_engine(
+        1,
+        RelayMode::Copy,
+        snapshot(1, vec![with_affinity(entry(key, &backends, test_policy()))]),
+    );
+    // Each client socket has its own port, hence its own flow; round robin alone would spread them.
+    let names: Vec<String> = (0..6)
+        .map(|i| {
+            let payload = format!("flow {i}");
+            let (reply, _) = udp_exchange(&udp_client(), key.socket_addr(), payload.as_bytes());
+            let colon = reply.iter().position(|&b| b == b':').expect("a named reply");
+            String::from_utf8(reply[..colon].to_vec()).expect("ascii name")
+        })
+        .collect();
+    assert!(names.iter().all(|n| *n == names[0]), "flows of one client IP were spread: {names:?}");
+    assert_eq!(engine.stats().total().flows_created, 6);
 }
