@@ -8,13 +8,16 @@
 //!
 //! - [`manifest`]: reading files and directories of `kubectl get -o yaml` output into typed objects;
 //! - [`ManifestSource`]: the load → build → publish loop that follows the files as they change;
-//! - [`SnapshotSink`]: where snapshots go; [`Readiness`]: whether the first one went there.
+//! - [`SnapshotSink`]: where snapshots go; [`Readiness`]: whether the first one went there;
+//! - active health checks (`ringlb.io/health-check`), applied as an overlay; [`HealthStatus`]: counts.
 
+mod health;
 pub mod manifest;
 mod readiness;
 mod sink;
 mod source;
 
+pub use health::HealthStatus;
 pub use manifest::{Location, ManifestError, ManifestSet, ReadError, parse_manifest_str};
 pub use readiness::Readiness;
 pub use sink::SnapshotSink;

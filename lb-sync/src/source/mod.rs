@@ -7,6 +7,8 @@
 //! Reading, parsing and building run on tokio's blocking pool, never on the control thread itself.
 //! Changes are noticed through file events (debounced) and, in case those are missed, by re-reading
 //! the files every poll interval and comparing their content; both paths converge on one reload.
+//! Health verdicts from the [`crate::health`] monitor arrive over a channel; this loop applies them
+//! with `lb_core::apply_health` and builds every reload with them (see that module for why).
 
 mod publish;
 mod watch;
@@ -17,8 +19,12 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lb_core::{BuildOptions, BuildReport, Snapshot};
+use lb_core::{BuildOptions, BuildReport, HealthOverlay, Snapshot};
+use tokio::sync::watch as channel;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::health::{HealthMonitor, HealthStatus};
 
 use crate::manifest::{ErrorList, ManifestError, ManifestFile, ManifestSet, ReadError, read_manifest_files};
 use crate::readiness::Readiness;
@@ -62,6 +68,7 @@ pub struct ManifestSource {
     path: PathBuf,
     options: BuildOptions,
     readiness: Readiness,
+    health: HealthStatus,
     debounce: Duration,
     max_delay: Duration,
     poll_interval: Duration,
@@ -82,6 +89,7 @@ impl ManifestSource {
             path: path.into(),
             options,
             readiness: Readiness::new(),
+            health: HealthStatus::new(),
             debounce: DEFAULT_DEBOUNCE,
             max_delay: DEFAULT_MAX_DELAY,
             poll_interval: DEFAULT_POLL_INTERVAL,
@@ -118,6 +126,11 @@ impl ManifestSource {
         self.readiness.clone()
     }
 
+    /// A handle on the active health checks' counters (for `/status`).
+    pub fn health_status(&self) -> HealthStatus {
+        self.health.clone()
+    }
+
     /// Loads the manifests once (no snapshot is built).
     pub fn load(&self) -> Result<ManifestSet, Vec<ManifestError>> {
         ManifestSet::load(&self.path)
@@ -140,7 +153,12 @@ impl ManifestSource {
         let mut shutdown = pin!(shutdown);
         // Started before the first read, so a change made during the initial load is not missed.
         let watch = self.start_watch();
-        let mut publisher = Publisher::default();
+        let (feed, snapshots) = channel::channel(None);
+        let (verdicts, mut overlays) = channel::channel(HealthOverlay::new());
+        // Dropped (and so aborted, with its probes) when this loop returns.
+        let mut monitor = JoinSet::new();
+        monitor.spawn(HealthMonitor::new(self.health.clone()).run(snapshots, verdicts));
+        let mut out = Outlet { sink, feed, publisher: Publisher::default(), health: HealthOverlay::new() };
 
         let loader_failed = |reason| SyncError::LoaderFailed { path: self.path.clone(), reason };
         let initial_load = |errors| SyncError::InitialLoad { path: self.path.clone(), errors };
@@ -151,16 +169,17 @@ impl ManifestSource {
             .map_err(|error| initial_load(vec![error.into()]))?;
         let files = Arc::new(files);
         let mut seen = Seen::Files(Arc::clone(&files));
-        let report = self.build(files, None, publisher.next_version()).await;
+        let report = self.build(files, None, out.publisher.next_version(), out.health.clone()).await;
         let report = report.map_err(loader_failed)?.map_err(initial_load)?;
         self.readiness.set_rejected_objects(report.errors.len());
-        if let Some(snapshot) = publisher.accept(report) {
-            self.publish(&sink, snapshot);
+        if let Some(snapshot) = out.publisher.accept(report) {
+            self.publish(&out, snapshot);
         }
         self.readiness.count_load();
 
         let mut poll = tokio::time::interval_at(Instant::now() + self.poll_interval, self.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut monitor_alive = true;
         loop {
             tokio::select! {
                 biased;
@@ -172,10 +191,35 @@ impl ManifestSource {
                             () = watch.settle(self.debounce, self.max_delay) => {}
                         }
                     }
-                    self.reload(&mut seen, &mut publisher, &sink).await;
+                    self.reload(&mut seen, &mut out).await;
                 }
-                _ = poll.tick() => self.reload(&mut seen, &mut publisher, &sink).await,
+                _ = poll.tick() => self.reload(&mut seen, &mut out).await,
+                changed = overlays.changed(), if monitor_alive => match changed {
+                    Ok(()) => {
+                        out.health = overlays.borrow_and_update().clone();
+                        self.apply_health(&mut out).await;
+                    }
+                    Err(_) => {
+                        tracing::warn!("health monitor stopped; verdicts are frozen as they are");
+                        monitor_alive = false;
+                    }
+                },
             }
+        }
+    }
+
+    /// Republishes the served snapshot with `out.health` applied (no rebuild from the objects).
+    async fn apply_health<S: SnapshotSink>(&self, out: &mut Outlet<S>) {
+        let Some(current) = out.publisher.current().cloned() else { return };
+        let options = BuildOptions { health: out.health.clone(), ..self.options.clone() };
+        let version = out.publisher.next_version();
+        match blocking(move || lb_core::apply_health(&current, &options, version)).await {
+            Ok(snapshot) => {
+                if let Some(snapshot) = out.publisher.offer(snapshot) {
+                    self.publish(out, snapshot);
+                }
+            }
+            Err(reason) => tracing::warn!(reason, "applying health verdicts did not complete"),
         }
     }
 
@@ -198,7 +242,7 @@ impl ManifestSource {
     }
 
     /// Re-reads the files and, if they changed, rebuilds and publishes a changed snapshot.
-    async fn reload(&self, seen: &mut Seen, publisher: &mut Publisher, sink: &impl SnapshotSink) {
+    async fn reload<S: SnapshotSink>(&self, seen: &mut Seen, out: &mut Outlet<S>) {
         let files = match self.read_files().await {
             Ok(files) => files,
             Err(reason) => {
@@ -226,8 +270,9 @@ impl ManifestSource {
                 return;
             }
         };
-        let previous = publisher.current().cloned();
-        let report = match self.build(files, previous, publisher.next_version()).await {
+        let previous = out.publisher.current().cloned();
+        let report = match self.build(files, previous, out.publisher.next_version(), out.health.clone()).await
+        {
             Ok(report) => report,
             Err(reason) => {
                 // `seen` stays as it was, so the next poll tries these files again.
@@ -243,8 +288,8 @@ impl ManifestSource {
                 }
                 self.readiness.mark_inputs_valid();
                 self.readiness.set_rejected_objects(report.errors.len());
-                if let Some(snapshot) = publisher.accept(report) {
-                    self.publish(sink, snapshot);
+                if let Some(snapshot) = out.publisher.accept(report) {
+                    self.publish(out, snapshot);
                 }
             }
             Err(errors) => {
@@ -262,9 +307,10 @@ impl ManifestSource {
         self.readiness.count_load();
     }
 
-    fn publish(&self, sink: &impl SnapshotSink, snapshot: Arc<Snapshot>) {
+    fn publish<S: SnapshotSink>(&self, out: &Outlet<S>, snapshot: Arc<Snapshot>) {
         let version = snapshot.version;
-        sink.publish(snapshot);
+        out.sink.publish(Arc::clone(&snapshot));
+        out.feed.send_replace(Some(snapshot));
         self.readiness.mark_published(version);
     }
 
@@ -280,14 +326,26 @@ impl ManifestSource {
         files: Arc<Vec<ManifestFile>>,
         previous: Option<Arc<Snapshot>>,
         version: u64,
+        health: HealthOverlay,
     ) -> Result<Result<BuildReport, Vec<ManifestError>>, String> {
-        let options = self.options.clone();
+        let options = BuildOptions { health, ..self.options.clone() };
         blocking(move || {
             let set = ManifestSet::from_files(&files)?;
             Ok(lb_core::build(&set.services, &set.slices, &options, previous.as_deref(), version))
         })
         .await
     }
+}
+
+/// Where published snapshots go, and the state that decides what is published next. Owned by the
+/// run loop alone: the one writer of versions.
+struct Outlet<S> {
+    sink: S,
+    /// The health monitor's view of the served snapshot.
+    feed: channel::Sender<Option<Arc<Snapshot>>>,
+    publisher: Publisher,
+    /// The latest health verdicts; every build and republish applies them.
+    health: HealthOverlay,
 }
 
 /// Resolves on the next file event; never, when there are no file events.

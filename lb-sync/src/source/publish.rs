@@ -44,7 +44,7 @@ impl Publisher {
     }
 
     /// Returns `snapshot` when its entries differ from the served ones, and makes it the served one.
-    fn offer(&mut self, snapshot: Snapshot) -> Option<Arc<Snapshot>> {
+    pub(crate) fn offer(&mut self, snapshot: Snapshot) -> Option<Arc<Snapshot>> {
         let entries = entries_bytes(&snapshot);
         if self.current.is_some() && entries.is_some() && entries == self.current_entries {
             tracing::debug!("manifests changed but the served table did not; nothing to publish");

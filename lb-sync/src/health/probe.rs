@@ -1,0 +1,80 @@
+//! One active probe against one backend: a TCP connect, or a minimal HTTP/1.1 `GET` over a fresh
+//! connection (`Connection: close`) whose status code must equal the expected one.
+//!
+//! A probe never outlives its deadline (the caller bounds it with a timeout) and never touches a
+//! datapath connection: it opens its own socket from the control thread and closes it when done.
+//! Only the status line is read; bodies and headers are ignored, so a probe reads at most a few KiB.
+
+use std::net::SocketAddr;
+
+use lb_core::health::ProbeKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The longest status line a probe reads before calling the answer malformed.
+const MAX_STATUS_LINE: usize = 4096;
+
+/// Runs `kind` against `addr`; `Err` says why the backend failed the probe (for the log).
+pub(crate) async fn probe(addr: SocketAddr, kind: &ProbeKind) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|error| format!("connect: {error}"))?;
+    match kind {
+        ProbeKind::Tcp => Ok(()),
+        ProbeKind::Http { path, expected_status } => {
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ringlb-health\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.map_err(|error| format!("send request: {error}"))?;
+            let status = read_status(&mut stream).await?;
+            if status == *expected_status {
+                Ok(())
+            } else {
+                Err(format!("HTTP status {status}, expected {expected_status}"))
+            }
+        }
+    }
+}
+
+/// Reads up to the end of the status line and returns its code.
+async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
+    let mut buffer = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        if let Some(end) = buffer.windows(2).position(|w| w == b"\r\n") {
+            return parse_status_line(&buffer[..end]);
+        }
+        if buffer.len() > MAX_STATUS_LINE {
+            return Err("status line too long".to_owned());
+        }
+        let read = stream.read(&mut chunk).await.map_err(|error| format!("read response: {error}"))?;
+        if read == 0 {
+            return Err("connection closed before a status line".to_owned());
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// `HTTP/1.x NNN reason` → `NNN`.
+fn parse_status_line(line: &[u8]) -> Result<u16, String> {
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let malformed = || format!("malformed status line {line:?}");
+    match (parts.next(), parts.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/1.") && code.len() == 3 => {
+            code.parse().map_err(|_| malformed())
+        }
+        _ => Err(malformed()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_parse_to_their_code_and_garbage_is_an_error() {
+        assert_eq!(parse_status_line(b"HTTP/1.1 503 Service Unavailable"), Ok(503));
+        assert_eq!(parse_status_line(b"HTTP/1.0 200"), Ok(200));
+        assert!(parse_status_line(b"SSH-2.0-OpenSSH").is_err());
+        assert!(parse_status_line(b"HTTP/1.1 2000 OK").is_err());
+    }
+}
