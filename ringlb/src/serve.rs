@@ -1,6 +1,6 @@
 //! `ringlb run` and the serving half of `ringlb demo`: start the datapath engine, run the control
-//! thread (a current-thread tokio runtime: the source, the admin listener, signals) until SIGINT or
-//! SIGTERM, then stop the engine.
+//! thread (a current-thread tokio runtime: the source, its health probes, the admin listener,
+//! signals) until SIGINT or SIGTERM, then stop the engine.
 //!
 //! The main thread becomes the control thread; datapath workers are the engine's own pinned threads.
 //! The only thing handed from control to datapath is a `Snapshot`, through `Engine::publish`.
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use lb_core::{BuildOptions, EntryPolicy, Snapshot};
 use lb_datapath::{Engine, EngineConfig, RelayMode};
-use lb_sync::{ManifestSource, Readiness, SnapshotSink};
+use lb_sync::{HealthStatus, ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
 use crate::admin::{self, AdminState};
@@ -79,6 +79,8 @@ struct ServeState {
     published: Arc<AtomicBool>,
     /// Progress of the manifest source; `None` for a fixed snapshot.
     source: Option<Readiness>,
+    /// Counters of the active health checks; `None` for a fixed snapshot (nothing is probed).
+    health: Option<HealthStatus>,
 }
 
 impl AdminState for ServeState {
@@ -96,11 +98,20 @@ impl AdminState for ServeState {
                 "rejected_objects": source.rejected_objects(),
             })
         });
+        let health = self.health.as_ref().map(|health| {
+            json!({
+                "probes_sent": health.probes_sent(),
+                "probes_failed": health.probes_failed(),
+                "checked_backends": health.checked_backends(),
+                "unhealthy_backends": health.unhealthy_backends(),
+            })
+        });
         let workers = self.engine.stats().workers;
         json!({
             "ready": self.is_ready(),
             "snapshot": { "version": snapshot.version, "entries": snapshot.len() },
             "source": source,
+            "health": health,
             "workers": workers,
         })
     }
@@ -129,6 +140,10 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
                 published: Arc::clone(&published),
                 source: match &source {
                     Source::Manifests(source) => Some(source.readiness()),
+                    Source::Fixed(_) => None,
+                },
+                health: match &source {
+                    Source::Manifests(source) => Some(source.health_status()),
                     Source::Fixed(_) => None,
                 },
             };
