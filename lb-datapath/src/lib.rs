@@ -9,7 +9,8 @@
 //! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
 //! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection` (per-worker pick state,
 //! load and affinity), `stats`,
-//! `udp` (VIP sockets, flow table, upstream sockets, buffer ring).
+//! `udp` (VIP sockets, flow table, upstream sockets, buffer ring), `sctp` (listeners, associations,
+//! message relay keeping stream ids and PPIDs).
 //! `unsafe` lives only where io_uring and libc need it, each block with a `// SAFETY:` note.
 
 mod connection;
@@ -19,6 +20,7 @@ mod pool;
 mod proxy;
 mod relay;
 mod ring;
+mod sctp;
 mod selection;
 mod stats;
 mod udp;

@@ -38,6 +38,16 @@ pub(crate) enum OpKind {
     UdpFlow = 10,
     /// A UDP send from a receive buffer (slot = buffer id, generation = direction).
     UdpSend = 11,
+    /// An accept on an SCTP listener slot.
+    SctpAccept = 12,
+    /// A backend connect of an SCTP association slot.
+    SctpConnect = 13,
+    /// The link timeout attached to an SCTP connect.
+    SctpConnectTimeout = 14,
+    /// The single outstanding receive or send of an SCTP association's client→backend direction.
+    SctpClientToBackend = 15,
+    /// The same for backend→client.
+    SctpBackendToClient = 16,
 }
 
 impl OpKind {
@@ -54,6 +64,11 @@ impl OpKind {
             9 => OpKind::UdpVip,
             10 => OpKind::UdpFlow,
             11 => OpKind::UdpSend,
+            12 => OpKind::SctpAccept,
+            13 => OpKind::SctpConnect,
+            14 => OpKind::SctpConnectTimeout,
+            15 => OpKind::SctpClientToBackend,
+            16 => OpKind::SctpBackendToClient,
             _ => return None,
         })
     }

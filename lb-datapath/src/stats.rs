@@ -43,6 +43,13 @@ pub(crate) struct WorkerCounters {
     pub udp_recv_rearms: AtomicU64,
     pub tcp_refused_source_range: AtomicU64,
     pub backend_load: AtomicU64,
+    pub sctp_listeners: AtomicU64,
+    pub sctp_active: AtomicU64,
+    pub sctp_accepted: AtomicU64,
+    pub sctp_messages_client_to_backend: AtomicU64,
+    pub sctp_messages_backend_to_client: AtomicU64,
+    pub sctp_aborts: AtomicU64,
+    pub sctp_too_large: AtomicU64,
 }
 
 /// Adds `n` to a counter owned by the calling worker.
@@ -92,6 +99,13 @@ impl WorkerCounters {
             udp_recv_rearms: get(&self.udp_recv_rearms),
             tcp_refused_source_range: get(&self.tcp_refused_source_range),
             backend_load: get(&self.backend_load),
+            sctp_listeners: get(&self.sctp_listeners),
+            sctp_active: get(&self.sctp_active),
+            sctp_accepted: get(&self.sctp_accepted),
+            sctp_messages_client_to_backend: get(&self.sctp_messages_client_to_backend),
+            sctp_messages_backend_to_client: get(&self.sctp_messages_backend_to_client),
+            sctp_aborts: get(&self.sctp_aborts),
+            sctp_too_large: get(&self.sctp_too_large),
         }
     }
 }
@@ -167,6 +181,20 @@ pub struct WorkerStats {
     /// TCP connections (from their backend connect on) and UDP flows this worker currently counts in
     /// its least-connection load table; 0 when none is open.
     pub backend_load: u64,
+    /// SCTP listening sockets currently open (one per worker and SCTP key).
+    pub sctp_listeners: u64,
+    /// SCTP client associations currently held.
+    pub sctp_active: u64,
+    /// SCTP client associations accepted (including those then refused).
+    pub sctp_accepted: u64,
+    /// SCTP messages relayed to backends.
+    pub sctp_messages_client_to_backend: u64,
+    /// SCTP messages relayed to clients.
+    pub sctp_messages_backend_to_client: u64,
+    /// SCTP associations ended by an abort (propagated, refused, no backend, relay error).
+    pub sctp_aborts: u64,
+    /// SCTP messages larger than the relay buffer (their association was aborted).
+    pub sctp_too_large: u64,
 }
 
 /// Counters of every worker, index = worker number.
@@ -214,6 +242,15 @@ impl EngineStats {
             udp_recv_rearms: a.udp_recv_rearms + w.udp_recv_rearms,
             tcp_refused_source_range: a.tcp_refused_source_range + w.tcp_refused_source_range,
             backend_load: a.backend_load + w.backend_load,
+            sctp_listeners: a.sctp_listeners + w.sctp_listeners,
+            sctp_active: a.sctp_active + w.sctp_active,
+            sctp_accepted: a.sctp_accepted + w.sctp_accepted,
+            sctp_messages_client_to_backend: a.sctp_messages_client_to_backend
+                + w.sctp_messages_client_to_backend,
+            sctp_messages_backend_to_client: a.sctp_messages_backend_to_client
+                + w.sctp_messages_backend_to_client,
+            sctp_aborts: a.sctp_aborts + w.sctp_aborts,
+            sctp_too_large: a.sctp_too_large + w.sctp_too_large,
         })
     }
 }

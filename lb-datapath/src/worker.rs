@@ -25,6 +25,7 @@ use crate::listener::{Listener, ListenerTable, bind_listener};
 use crate::pool::{BufferPool, PipePool};
 use crate::relay::Path;
 use crate::ring::{OpKind, Ring, UserData};
+use crate::sctp::SctpState;
 use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::udp::UdpState;
@@ -69,6 +70,7 @@ pub(crate) struct Worker {
     pub multishot_accept: bool,
     pub now: Instant,
     pub udp: UdpState,
+    pub sctp: SctpState,
     stopping: bool,
     scratch: Vec<(u32, u32)>,
 }
@@ -105,6 +107,7 @@ impl Worker {
             multishot_accept,
             now: Instant::now(),
             udp,
+            sctp: SctpState::new(),
             stopping: false,
             scratch: Vec::new(),
         }
@@ -131,7 +134,10 @@ impl Worker {
             }
             if self.stopping {
                 let deadline = *stop_deadline.get_or_insert(self.now + STOP_GRACE);
-                let idle = self.conns.len() == 0 && self.listeners.count() == 0 && self.udp.is_idle();
+                let idle = self.conns.len() == 0
+                    && self.listeners.count() == 0
+                    && self.udp.is_idle()
+                    && self.sctp.is_idle();
                 if idle || self.now >= deadline {
                     self.finish_stop();
                     return;
@@ -167,6 +173,11 @@ impl Worker {
             OpKind::UdpVip => self.on_udp_vip(data, result, flags),
             OpKind::UdpFlow => self.on_udp_flow(data, result, flags),
             OpKind::UdpSend => self.on_udp_send(data, result),
+            OpKind::SctpAccept
+            | OpKind::SctpConnect
+            | OpKind::SctpConnectTimeout
+            | OpKind::SctpClientToBackend
+            | OpKind::SctpBackendToClient => self.on_sctp(data, result),
             OpKind::Cancel => {}
         }
     }
@@ -217,7 +228,7 @@ impl Worker {
         }
         self.unbound.clear();
         for key in snapshot.keys() {
-            if key.protocol == Protocol::Udp {
+            if key.protocol == Protocol::Udp || key.protocol == Protocol::Sctp {
                 continue;
             }
             if key.protocol != Protocol::Tcp {
@@ -234,6 +245,7 @@ impl Worker {
         self.bind_unbound(true);
         self.mark_draining(snapshot);
         self.reconcile_udp(snapshot);
+        self.reconcile_sctp(snapshot);
     }
 
     fn bind_unbound(&mut self, first_try: bool) {
@@ -374,6 +386,7 @@ impl Worker {
         self.selection.expire(self.now);
         if !self.stopping {
             self.udp_housekeeping();
+            self.sctp_housekeeping();
         }
     }
 
@@ -432,6 +445,7 @@ impl Worker {
             self.close_listener(index);
         }
         self.stop_udp();
+        self.stop_sctp();
         let mut live = std::mem::take(&mut self.scratch);
         self.conns.live(&mut live);
         for &(index, generation) in &live {
@@ -445,6 +459,7 @@ impl Worker {
     fn finish_stop(mut self) {
         stats::set(&self.counters.listeners, 0);
         self.udp.leak_if_busy();
+        self.sctp.leak_if_busy();
         if self.conns.len() > 0 {
             tracing::warn!(
                 worker = self.settings.index,
