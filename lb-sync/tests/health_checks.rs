@@ -197,3 +197,25 @@ async fn when_every_backend_fails_its_checks_panic_mode_keeps_them_all_eligible(
     }
     running.stop().await;
 }
+
+#[tokio::test]
+async fn an_http_backend_that_accepts_but_never_answers_is_ejected_by_probe_timeouts() {
+    let (live, port) = live_and_closed();
+    // Holds every connection open without a word until the prober gives up and closes it.
+    let _silent = Server::spawn_on(addr("127.0.0.3", port), |mut stream: TcpStream| {
+        let mut sink = [0u8; 1024];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    })
+    .expect("bind a silent backend");
+    drop(live);
+    let answering = http_server(addr("127.0.0.2", port), Arc::new(AtomicU16::new(200)));
+    let text = manifest("http:/healthz", port, &["127.0.0.2", "127.0.0.3"]).replace("500ms", "100ms");
+    let manifests = ManifestDir::with_file(&text);
+    let source = events_only_source(&manifests.file());
+    let status = source.health_status();
+    let mut running = Running::start(source);
+
+    until_eligible(&mut running, &[answering.addr()]).await;
+    assert_eq!(status.unhealthy_backends(), 1);
+    running.stop().await;
+}

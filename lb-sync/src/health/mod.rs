@@ -140,7 +140,10 @@ impl HealthMonitor {
             let Some(config) = &entry.traffic.health_check else { continue };
             let (_, backends) =
                 wanted.entry(entry.service.clone()).or_insert_with(|| (config.clone(), BTreeSet::new()));
-            backends.extend(entry.backends.iter().map(|b| b.id));
+            // Endpoints Kubernetes already keeps out (neither ready nor serving) are not probed: their
+            // failures say nothing new and would only log noise while pods go away.
+            let candidates = entry.backends.iter().filter(|b| b.conditions.ready || b.conditions.serving);
+            backends.extend(candidates.map(|b| b.id));
         }
         self.checkers.retain(|service, checker| {
             wanted.get(service).is_some_and(|(config, _)| config == checker.config())
