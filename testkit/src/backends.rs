@@ -6,6 +6,8 @@
 //! woken by a connect to itself, and connection threads end when their peer closes. Every socket a
 //! server creates has read/write timeouts so a broken test fails instead of hanging.
 
+pub mod sctp;
+
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
