@@ -5,8 +5,9 @@
 //!
 //! Backends are picked through the worker's [`crate::selection::Selection`] exactly as for TCP,
 //! connects use io_uring `Connect` with a linked timeout and retry other backends. A clean end
-//! (receive returns 0) becomes `shutdown(SHUT_WR)` (SCTP SHUTDOWN) toward the other peer; a reset or
-//! any relay error aborts both associations (`SO_LINGER {on, 0}` + close sends ABORT).
+//! (receive returns 0) becomes `shutdown(SHUT_WR)` (SCTP SHUTDOWN) toward the other peer and a
+//! graceful close of both (SCTP has no half-close); a reset or any relay error aborts both
+//! associations (`SO_LINGER {on, 0}` + close sends ABORT).
 //! Messages up to [`socket::MAX_MESSAGE`] bytes are relayed whole (pieces are gathered until
 //! `MSG_EOR`); larger ones abort the association. Where the kernel has no SCTP, each worker logs once
 //! and counts a bind failure per key; TCP and UDP keys of the same snapshot are unaffected.
@@ -43,13 +44,11 @@ enum Pending {
 struct Direction {
     buf: Box<MsgBuf>,
     pending: Pending,
-    /// The source ended cleanly and the destination was shut down for writing.
-    done: bool,
 }
 
 impl Direction {
     fn new() -> Direction {
-        Direction { buf: MsgBuf::new(), pending: Pending::None, done: false }
+        Direction { buf: MsgBuf::new(), pending: Pending::None }
     }
 }
 
@@ -529,15 +528,16 @@ impl Worker {
                 self.arm_sctp_recv(index, generation, dir);
             }
             Pending::Recv if result == 0 => {
-                assoc.dirs[dir].done = true;
                 let destination = if dir == C2B { assoc.backend.as_ref() } else { Some(&assoc.client) };
                 if let Some(destination) = destination {
                     // SHUT_WR on a one-to-one SCTP socket starts the SHUTDOWN sequence.
                     let _ = destination.shutdown(std::net::Shutdown::Write);
                 }
-                if assoc.dirs[C2B].done && assoc.dirs[B2C].done {
-                    self.begin_sctp_close(index, generation, false);
-                }
+                // SCTP has no half-close: once the SHUTDOWN is acknowledged the association is
+                // gone, and the side that sent it never reports EOF on our end (no RCV_SHUTDOWN is
+                // set for a SHUTDOWN we initiate). So the whole pair ends here, gracefully: the
+                // kernel finishes each SHUTDOWN after the close.
+                self.begin_sctp_close(index, generation, false);
             }
             Pending::Recv => {
                 let buf = &mut assoc.dirs[dir].buf;
