@@ -165,6 +165,51 @@ fn backend_clean_shutdown_reaches_the_client_as_eof() {
 }
 
 #[test]
+#[ignore = "needs kernel SCTP: run through vm/cargo-test.sh"]
+fn a_refusing_backend_is_skipped_and_the_next_one_serves() {
+    let good = sctp_echo_server().expect("SCTP echo backend");
+    // Nothing listens for SCTP on this port: the INIT is answered with ABORT.
+    let refusing = {
+        let placeholder = sctp_echo_server().expect("placeholder");
+        placeholder.addr()
+    };
+    let key = sctp_key(206);
+    let engine = sctp_engine(1, key, &[refusing, good.addr()]);
+    for i in 0..4u16 {
+        let client = SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP");
+        let message = SctpMessage::new(b"retry me", i, u32::from(i), false);
+        client.send(&message).expect("send");
+        expect_messages(&client, std::slice::from_ref(&message));
+    }
+    assert_eq!(good.accepted(), 4, "every association reached the listening backend");
+    let total = engine.stats().total();
+    assert!(total.connect_failures >= 1 && total.retries >= 1, "the refusing backend was tried: {total:?}");
+}
+
+#[test]
+#[ignore = "needs kernel SCTP: run through vm/cargo-test.sh"]
+fn a_message_of_the_largest_relayed_size_passes_and_a_larger_one_aborts() {
+    let backend = sctp_echo_server().expect("SCTP echo backend");
+    let key = sctp_key(207);
+    let engine = sctp_engine(1, key, &[backend.addr()]);
+    let client = SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP");
+    let largest: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let message = SctpMessage::new(&largest, 1, 5, false);
+    client.send(&message).expect("send 64 KiB");
+    expect_messages(&client, std::slice::from_ref(&message));
+    let too_large = SctpMessage::new(&vec![7u8; 64 * 1024 + 1], 1, 5, false);
+    client.send(&too_large).expect("send 64 KiB + 1");
+    match client.recv() {
+        Err(err) => assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "expected an abort: {err}"),
+        Ok(other) => panic!("a message past the relay buffer must abort, got {other:?}"),
+    }
+    wait_until("the too-large message was counted", Duration::from_secs(10), || {
+        let total = engine.stats().total();
+        total.sctp_too_large == 1 && total.sctp_active == 0
+    });
+}
+
+#[test]
 fn an_sctp_key_does_not_keep_a_tcp_key_of_the_same_snapshot_from_being_served() {
     let backend = echo_server().expect("TCP echo backend");
     let sctp_backend = "127.0.0.1:9".parse().expect("literal");
