@@ -210,6 +210,33 @@ fn a_message_of_the_largest_relayed_size_passes_and_a_larger_one_aborts() {
 }
 
 #[test]
+#[ignore = "needs kernel SCTP: run through vm/cargo-test.sh"]
+fn a_removed_vip_aborts_its_associations_after_the_drain_timeout() {
+    let backend = sctp_echo_server().expect("SCTP echo backend");
+    let key = sctp_key(208);
+    let policy = lb_core::EntryPolicy { drain_timeout: Duration::from_millis(300), ..test_policy() };
+    let engine =
+        start_engine(1, RelayMode::Copy, snapshot(1, vec![entry(key, &[(backend.addr(), true)], policy)]));
+    let client = SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP");
+    let message = SctpMessage::new(b"before removal", 2, 3, false);
+    client.send(&message).expect("send");
+    expect_messages(&client, std::slice::from_ref(&message));
+    publish(&engine, snapshot(2, vec![]));
+    wait_until("the listener closed with its key", Duration::from_secs(10), || {
+        engine.stats().total().sctp_listeners == 0
+    });
+    // Still relayed while draining.
+    client.send(&message).expect("send while draining");
+    expect_messages(&client, std::slice::from_ref(&message));
+    match client.recv() {
+        Err(err) => assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "expected an abort: {err}"),
+        Ok(other) => panic!("the drained association must be aborted, got {other:?}"),
+    }
+    let total = engine.stats().total();
+    assert_eq!((total.drain_closes, total.sctp_active), (1, 0), "{total:?}");
+}
+
+#[test]
 fn an_sctp_key_does_not_keep_a_tcp_key_of_the_same_snapshot_from_being_served() {
     let backend = echo_server().expect("TCP echo backend");
     let sctp_backend = "127.0.0.1:9".parse().expect("literal");

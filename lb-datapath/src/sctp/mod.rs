@@ -54,6 +54,7 @@ impl Direction {
 
 /// One client association and its backend association.
 struct Assoc {
+    key: VipKey,
     client: Socket,
     client_addr: SocketAddr,
     backend: Option<Socket>,
@@ -71,6 +72,9 @@ struct Assoc {
     reset: bool,
     in_flight: u32,
     idle_timeout: Duration,
+    drain_timeout: Duration,
+    /// Set while the key or the backend is missing from the snapshot (aborted when it passes).
+    drain_deadline: Option<Instant>,
     last_activity: Instant,
     /// [client→backend, backend→client]
     dirs: [Direction; 2],
@@ -176,6 +180,26 @@ impl Worker {
             }
         }
         self.bind_unbound_sctp(true);
+        self.mark_sctp_draining(snapshot);
+    }
+
+    /// Gives associations whose key or backend left the snapshot a drain deadline (and takes it
+    /// back if they reappear), as TCP connections get.
+    fn mark_sctp_draining(&mut self, snapshot: &Snapshot) {
+        let now = self.now;
+        for slot in &mut self.sctp.assocs {
+            let Some(assoc) = slot.assoc.as_deref_mut() else { continue };
+            let kept = snapshot.get(&assoc.key).is_some_and(|entry| match assoc.backend_id {
+                // `backends` is sorted by id (model invariant).
+                Some(id) => entry.backends.binary_search_by_key(&id, |b| b.id).is_ok(),
+                None => true,
+            });
+            if kept {
+                assoc.drain_deadline = None;
+            } else if assoc.drain_deadline.is_none() {
+                assoc.drain_deadline = Some(now + assoc.drain_timeout);
+            }
+        }
     }
 
     fn bind_unbound_sctp(&mut self, first_try: bool) {
@@ -323,6 +347,9 @@ impl Worker {
             return;
         };
         let assoc = Box::new(Assoc {
+            key,
+            drain_timeout: entry.policy.drain_timeout,
+            drain_deadline: None,
             client,
             client_addr,
             backend: None,
@@ -611,7 +638,8 @@ impl Worker {
         drop(assoc);
     }
 
-    /// Housekeeping: bind retries (not where SCTP is unsupported), accept re-arms, idle timeouts.
+    /// Housekeeping: bind retries (not where SCTP is unsupported), accept re-arms, drain deadlines,
+    /// idle timeouts.
     pub(crate) fn sctp_housekeeping(&mut self) {
         if !self.sctp.unbound.is_empty() && !self.sctp.unsupported {
             self.bind_unbound_sctp(false);
@@ -629,7 +657,13 @@ impl Worker {
         let now = self.now;
         for (index, generation) in self.sctp.live() {
             let Some(assoc) = self.sctp.get(index, generation) else { continue };
-            if assoc.relaying
+            if assoc.closing {
+                continue;
+            }
+            if assoc.drain_deadline.is_some_and(|deadline| now >= deadline) {
+                stats::add(&self.counters.drain_closes, 1);
+                self.begin_sctp_close(index, generation, true);
+            } else if assoc.relaying
                 && !assoc.closing
                 && now.saturating_duration_since(assoc.last_activity) >= assoc.idle_timeout
             {
