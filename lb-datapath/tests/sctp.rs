@@ -237,6 +237,44 @@ fn a_removed_vip_aborts_its_associations_after_the_drain_timeout() {
 }
 
 #[test]
+#[ignore = "needs kernel SCTP: run through vm/cargo-test.sh"]
+fn so_reuseport_spreads_associations_over_workers() {
+    let backend = sctp_echo_server().expect("SCTP echo backend");
+    let key = sctp_key(209);
+    let engine = sctp_engine(2, key, &[backend.addr()]);
+    let clients: Vec<SctpSocket> =
+        (0..24).map(|_| SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP")).collect();
+    for (i, client) in clients.iter().enumerate() {
+        let message = SctpMessage::new(format!("worker spread {i}").as_bytes(), 0, 1, false);
+        client.send(&message).expect("send");
+        expect_messages(client, std::slice::from_ref(&message));
+    }
+    let stats = engine.stats();
+    let per_worker: Vec<u64> = stats.workers.iter().map(|w| w.sctp_accepted).collect();
+    assert_eq!(per_worker.iter().sum::<u64>(), 24);
+    // The kernel hashes each association's addresses and ports over the listeners: 24 distinct client
+    // ports all landing on one worker would mean the second listener is not used (odds 2^-23).
+    assert!(per_worker.iter().all(|&n| n > 0), "associations per worker: {per_worker:?}");
+}
+
+#[test]
+#[ignore = "needs kernel SCTP: run through vm/cargo-test.sh"]
+fn stopping_the_engine_aborts_open_associations() {
+    let backend = sctp_echo_server().expect("SCTP echo backend");
+    let key = sctp_key(210);
+    let engine = sctp_engine(1, key, &[backend.addr()]);
+    let client = SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP");
+    let message = SctpMessage::new(b"before stop", 0, 1, false);
+    client.send(&message).expect("send");
+    expect_messages(&client, std::slice::from_ref(&message));
+    drop(engine);
+    match client.recv() {
+        Err(err) => assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "expected an abort: {err}"),
+        Ok(other) => panic!("a stopping engine must abort its associations, got {other:?}"),
+    }
+}
+
+#[test]
 fn an_sctp_key_does_not_keep_a_tcp_key_of_the_same_snapshot_from_being_served() {
     let backend = echo_server().expect("TCP echo backend");
     let sctp_backend = "127.0.0.1:9".parse().expect("literal");
