@@ -1,0 +1,336 @@
+//! One SCTP association pair's life: accept → pick (the worker's `Selection`, as TCP) → connect with
+//! a linked timeout and retries → relay one message at a time per direction (`RecvMsg` gathering
+//! pieces until `MSG_EOR`, then `SendMsg` with the message's `SCTP_SNDINFO`) → graceful close or
+//! abort → release.
+//! Never releases an association with an operation in flight; never forwards part of a message.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use io_uring::opcode;
+use io_uring::squeue::Flags;
+use io_uring::types::{Fd, Timespec};
+use lb_core::VipKey;
+use socket2::{Domain, SockAddr, Socket};
+
+use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
+use super::{Assoc, B2C, C2B, Direction, Pending, abort_socket, dir_kind};
+use crate::connection::MAX_ATTEMPTS;
+use crate::ring::{OpKind, UserData};
+use crate::stats;
+use crate::worker::Worker;
+
+impl Worker {
+    pub(super) fn new_sctp_association(&mut self, key: VipKey, client: Socket) {
+        stats::add(&self.counters.sctp_accepted, 1);
+        let entry = self.shared.snapshot.load().get(&key).cloned();
+        let client_addr = client
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+        let refuse = match &entry {
+            None => true,
+            Some(entry) => {
+                !entry.allows(client_addr.ip()) || self.sctp.active >= self.settings.max_connections
+            }
+        };
+        // Accepted sockets inherit the listener's options on Linux; set again so a kernel that does
+        // not copy them still delivers SCTP_RCVINFO.
+        let Some(entry) = entry.filter(|_| !refuse && enable_rcvinfo(&client).is_ok()) else {
+            stats::add(&self.counters.sctp_aborts, 1);
+            abort_socket(&client);
+            return;
+        };
+        let assoc = Box::new(Assoc {
+            key,
+            drain_timeout: entry.policy.drain_timeout,
+            drain_deadline: None,
+            client,
+            client_addr,
+            backend: None,
+            backend_id: None,
+            counted: None,
+            idle_timeout: entry.policy.idle_timeout,
+            entry: Some(entry),
+            tried: [0; MAX_ATTEMPTS],
+            tried_len: 0,
+            connect_addr: SockAddr::from(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)),
+            connect_timeout: Timespec::new(),
+            connect_pending: false,
+            relaying: false,
+            closing: false,
+            reset: false,
+            in_flight: 0,
+            last_activity: self.now,
+            dirs: [Direction::new(), Direction::new()],
+        });
+        let (index, generation) = self.sctp.insert(assoc);
+        stats::set(&self.counters.sctp_active, self.sctp.active as u64);
+        self.try_sctp_connect(index, generation);
+    }
+
+    /// Connects to the next eligible backend not tried yet (the TCP path's selection and attempt
+    /// bound), or aborts the client when none is left.
+    pub(super) fn try_sctp_connect(&mut self, index: u32, generation: u32) {
+        let Some(assoc) = self.sctp.get(index, generation) else { return };
+        let Some(entry) = assoc.entry.clone() else { return };
+        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
+        while assoc.tried_len < attempts {
+            let exclude = &assoc.tried[..assoc.tried_len];
+            let Some(picked) = self.selection.pick(self.now, &entry, assoc.client_addr, exclude) else {
+                if assoc.tried_len == 0 {
+                    stats::add(&self.counters.no_backend, 1);
+                }
+                break;
+            };
+            let Some(backend) = entry.backend(picked) else { break };
+            assoc.tried[assoc.tried_len] = picked;
+            assoc.tried_len += 1;
+            if assoc.tried_len > 1 {
+                stats::add(&self.counters.retries, 1);
+            }
+            let addr = backend.addr();
+            let Ok(socket) = sctp_socket(Domain::for_address(addr)) else {
+                stats::add(&self.counters.connect_failures, 1);
+                continue;
+            };
+            assoc.connect_addr = SockAddr::from(addr);
+            assoc.backend_id = Some(backend.id);
+            let timeout = entry.policy.connect_timeout;
+            assoc.connect_timeout = Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
+            let connect = opcode::Connect::new(
+                Fd(socket.as_raw_fd()),
+                assoc.connect_addr.as_ptr().cast(),
+                assoc.connect_addr.len(),
+            )
+            .build()
+            .flags(Flags::IO_LINK)
+            .user_data(UserData::new(OpKind::SctpConnect, index, generation).encode());
+            let link_timeout = opcode::LinkTimeout::new(&assoc.connect_timeout)
+                .build()
+                .user_data(UserData::new(OpKind::SctpConnectTimeout, index, generation).encode());
+            assoc.backend = Some(socket);
+            // SAFETY: the address and timespec live in the boxed association, released only after
+            // both completions were reaped; the socket is owned by it for as long.
+            let pushed = self
+                .ring
+                .reserve(2)
+                .and_then(|()| unsafe { self.ring.push(&connect) })
+                .and_then(|()| unsafe { self.ring.push(&link_timeout) });
+            match pushed {
+                Ok(()) => {
+                    assoc.in_flight += 2;
+                    assoc.connect_pending = true;
+                    assoc.counted = Some(backend.id);
+                    self.selection.open(backend.id, &self.counters);
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot submit an SCTP backend connect");
+                    break;
+                }
+            }
+        }
+        self.begin_sctp_close(index, generation, true);
+    }
+
+    pub(super) fn on_sctp_connect(&mut self, data: UserData, result: i32) {
+        let Some(assoc) = self.sctp.get(data.slot, data.generation) else { return };
+        assoc.in_flight -= 1;
+        assoc.connect_pending = false;
+        if assoc.closing {
+            self.release_sctp_if_idle(data.slot, data.generation);
+            return;
+        }
+        // io_uring retries a connect that reported EINPROGRESS once the socket is writable; SCTP
+        // answers that second connect with EISCONN when the association is up.
+        if result < 0 && result != -libc::EISCONN {
+            stats::add(&self.counters.connect_failures, 1);
+            if let Some(backend) = assoc.backend.take() {
+                abort_socket(&backend);
+            }
+            if let Some(backend) = assoc.counted.take() {
+                self.selection.close(backend, &self.counters);
+            }
+            self.try_sctp_connect(data.slot, data.generation);
+            return;
+        }
+        assoc.relaying = true;
+        assoc.entry = None;
+        assoc.last_activity = self.now;
+        for dir in [C2B, B2C] {
+            if !self.arm_sctp_recv(data.slot, data.generation, dir) {
+                return;
+            }
+        }
+    }
+
+    fn sctp_fds(assoc: &Assoc, dir: usize) -> Option<(i32, i32)> {
+        let client = assoc.client.as_raw_fd();
+        let backend = assoc.backend.as_ref()?.as_raw_fd();
+        Some(if dir == C2B { (client, backend) } else { (backend, client) })
+    }
+
+    pub(super) fn arm_sctp_recv(&mut self, index: u32, generation: u32, dir: usize) -> bool {
+        let Some(assoc) = self.sctp.get(index, generation) else { return false };
+        let Some((source, _)) = Self::sctp_fds(assoc, dir) else { return false };
+        let direction = &mut assoc.dirs[dir];
+        let header = direction.buf.prepare_recv();
+        let entry = opcode::RecvMsg::new(Fd(source), header)
+            .build()
+            .user_data(UserData::new(dir_kind(dir), index, generation).encode());
+        // SAFETY: the msghdr, iovec, control and data live in the boxed association's boxed
+        // buffer, which is not released while this receive is in flight.
+        match unsafe { self.ring.push(&entry) } {
+            Ok(()) => {
+                direction.pending = Pending::Recv;
+                assoc.in_flight += 1;
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot submit an SCTP receive");
+                self.begin_sctp_close(index, generation, true);
+                false
+            }
+        }
+    }
+
+    pub(super) fn arm_sctp_send(&mut self, index: u32, generation: u32, dir: usize) {
+        let Some(assoc) = self.sctp.get(index, generation) else { return };
+        let Some((_, destination)) = Self::sctp_fds(assoc, dir) else { return };
+        let direction = &mut assoc.dirs[dir];
+        let header = direction.buf.prepare_send();
+        let entry = opcode::SendMsg::new(Fd(destination), header)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(UserData::new(dir_kind(dir), index, generation).encode());
+        // SAFETY: as for the receive: everything the msghdr points to lives in the boxed buffer.
+        match unsafe { self.ring.push(&entry) } {
+            Ok(()) => {
+                direction.pending = Pending::Send;
+                assoc.in_flight += 1;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot submit an SCTP send");
+                self.begin_sctp_close(index, generation, true);
+            }
+        }
+    }
+
+    pub(super) fn on_sctp_direction(&mut self, data: UserData, dir: usize, result: i32) {
+        let (index, generation) = (data.slot, data.generation);
+        let Some(assoc) = self.sctp.get(index, generation) else { return };
+        assoc.in_flight -= 1;
+        let pending = std::mem::replace(&mut assoc.dirs[dir].pending, Pending::None);
+        if assoc.closing {
+            self.release_sctp_if_idle(index, generation);
+            return;
+        }
+        if result < 0 {
+            // ECONNRESET (the peer aborted), EPIPE, or anything else: abort both sides.
+            self.begin_sctp_close(index, generation, true);
+            return;
+        }
+        assoc.last_activity = self.now;
+        match pending {
+            Pending::Send => {
+                let direction = &mut assoc.dirs[dir];
+                if result as usize != direction.buf.filled {
+                    // SCTP sends a message whole or not at all; anything else is a broken association.
+                    self.begin_sctp_close(index, generation, true);
+                    return;
+                }
+                let counter = if dir == C2B {
+                    &self.counters.sctp_messages_client_to_backend
+                } else {
+                    &self.counters.sctp_messages_backend_to_client
+                };
+                stats::add(counter, 1);
+                direction.buf.filled = 0;
+                self.arm_sctp_recv(index, generation, dir);
+            }
+            Pending::Recv if result == 0 => {
+                let destination = if dir == C2B { assoc.backend.as_ref() } else { Some(&assoc.client) };
+                if let Some(destination) = destination {
+                    // SHUT_WR on a one-to-one SCTP socket starts the SHUTDOWN sequence.
+                    let _ = destination.shutdown(std::net::Shutdown::Write);
+                }
+                // SCTP has no half-close: once the SHUTDOWN is acknowledged the association is
+                // gone, and the side that sent it never reports EOF on our end (no RCV_SHUTDOWN is
+                // set for a SHUTDOWN we initiate). So the whole pair ends here, gracefully: the
+                // kernel finishes each SHUTDOWN after the close.
+                self.begin_sctp_close(index, generation, false);
+            }
+            Pending::Recv => {
+                let buf = &mut assoc.dirs[dir].buf;
+                let flags = buf.received_flags();
+                if flags & MSG_NOTIFICATION != 0 {
+                    // None is subscribed; should one arrive, it is not payload.
+                    self.arm_sctp_recv(index, generation, dir);
+                    return;
+                }
+                if buf.filled == 0 {
+                    buf.info = buf.received_info().unwrap_or_default();
+                }
+                buf.filled += result as usize;
+                if flags & libc::MSG_EOR != 0 {
+                    self.arm_sctp_send(index, generation, dir);
+                } else if buf.is_full() {
+                    stats::add(&self.counters.sctp_too_large, 1);
+                    self.begin_sctp_close(index, generation, true);
+                } else {
+                    self.arm_sctp_recv(index, generation, dir);
+                }
+            }
+            Pending::None => {}
+        }
+    }
+
+    /// Cancels what is in flight; the association is released once nothing is. With `reset`, both
+    /// sockets are closed with `SO_LINGER {on, 0}`, which sends ABORT.
+    pub(super) fn begin_sctp_close(&mut self, index: u32, generation: u32, reset: bool) {
+        let Some(assoc) = self.sctp.get(index, generation) else { return };
+        if assoc.closing {
+            assoc.reset |= reset;
+            return;
+        }
+        assoc.closing = true;
+        assoc.reset = reset;
+        let mut targets = Vec::with_capacity(3);
+        if assoc.connect_pending {
+            targets.push(OpKind::SctpConnect);
+        }
+        for dir in [C2B, B2C] {
+            if assoc.dirs[dir].pending != Pending::None {
+                targets.push(dir_kind(dir));
+            }
+        }
+        for kind in targets {
+            self.cancel(UserData::new(kind, index, generation));
+        }
+        self.release_sctp_if_idle(index, generation);
+    }
+
+    pub(super) fn release_sctp_if_idle(&mut self, index: u32, generation: u32) {
+        let Some(assoc) = self.sctp.get(index, generation) else { return };
+        if !assoc.closing || assoc.in_flight > 0 {
+            return;
+        }
+        let Some(slot) = self.sctp.assocs.get_mut(index as usize) else { return };
+        let Some(assoc) = slot.assoc.take() else { return };
+        self.sctp.active -= 1;
+        if assoc.reset {
+            stats::add(&self.counters.sctp_aborts, 1);
+            abort_socket(&assoc.client);
+            if let Some(backend) = &assoc.backend {
+                abort_socket(backend);
+            }
+        }
+        if let Some(backend) = assoc.counted {
+            self.selection.close(backend, &self.counters);
+        }
+        stats::set(&self.counters.sctp_active, self.sctp.active as u64);
+        drop(assoc);
+    }
+}
