@@ -3,10 +3,10 @@
 //! The loop submits, waits for completions and dispatches them by [`OpKind`]. Wake-ups (eventfd)
 //! bring a new snapshot to reconcile listeners against, or the stop request; a coarse timer drives
 //! idle and drain checks and bind retries. Per-connection handling lives in [`crate::proxy`], UDP
-//! sockets and flows in [`crate::udp`].
+//! sockets and flows in [`crate::udp`], SCTP listeners and associations in [`crate::sctp`].
 //! Never blocks except in `submit_and_wait`; never locks; logs nothing per connection at info level.
-//! Invariant: after reconciling generation `g`, every TCP (UDP) key of that snapshot has a listener
-//! (VIP socket) or is in `unbound` (retried every tick), and none exists for a key outside it.
+//! Invariant: after reconciling generation `g`, every TCP (UDP, SCTP) key of that snapshot has a
+//! listener (VIP socket) or is in `unbound` (retried every tick), and none exists for a key outside it.
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, RawFd};
