@@ -275,6 +275,26 @@ fn stopping_the_engine_aborts_open_associations() {
 }
 
 #[test]
+#[ignore = "needs kernel SCTP: run through vm/cargo-test.sh"]
+fn an_idle_association_is_shut_down_gracefully() {
+    let backend = sctp_echo_server().expect("SCTP echo backend");
+    let key = sctp_key(211);
+    let policy = lb_core::EntryPolicy { idle_timeout: Duration::from_millis(300), ..test_policy() };
+    let engine =
+        start_engine(1, RelayMode::Copy, snapshot(1, vec![entry(key, &[(backend.addr(), true)], policy)]));
+    let client = SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP");
+    let message = SctpMessage::new(b"then silence", 0, 1, false);
+    client.send(&message).expect("send");
+    expect_messages(&client, std::slice::from_ref(&message));
+    assert_eq!(client.recv().expect("a graceful end, not an abort"), None, "EOF after the idle timeout");
+    wait_until("idle association released", Duration::from_secs(10), || {
+        let total = engine.stats().total();
+        total.sctp_active == 0 && total.idle_timeouts == 1
+    });
+    assert_eq!(engine.stats().total().sctp_aborts, 0);
+}
+
+#[test]
 fn an_sctp_key_does_not_keep_a_tcp_key_of_the_same_snapshot_from_being_served() {
     let backend = echo_server().expect("TCP echo backend");
     let sctp_backend = "127.0.0.1:9".parse().expect("literal");
