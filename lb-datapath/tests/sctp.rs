@@ -1,7 +1,8 @@
 //! The SCTP datapath over real SCTP associations: messages keep their stream id, PPID and unordered
-//! flag both ways, associations spread over backends, a backend's abort reaches the client as an
-//! abort and a clean shutdown as EOF; and, where the kernel has no SCTP (the host), an SCTP key does
-//! not keep a TCP key of the same snapshot from being served.
+//! flag both ways, associations spread over backends and workers, aborts and clean shutdowns cross
+//! the proxy in both directions, connects retry, drain/idle/stop end associations, oversized
+//! messages abort; and, where the kernel has no SCTP (the host), an SCTP key does not keep a TCP key
+//! of the same snapshot from being served.
 //!
 //! The host kernel has no SCTP: the SCTP tests are ignored there and run in the test VM with
 //! `vm/cargo-test.sh --timeout 600 -p lb-datapath --test sctp -- --include-ignored`.
@@ -292,6 +293,45 @@ fn an_idle_association_is_shut_down_gracefully() {
         total.sctp_active == 0 && total.idle_timeouts == 1
     });
     assert_eq!(engine.stats().total().sctp_aborts, 0);
+}
+
+#[test]
+#[ignore = "needs kernel SCTP: run through vm/cargo-test.sh"]
+fn client_abort_and_client_shutdown_reach_the_backend_as_such() {
+    // The backend echoes and reports how each association ended: Ok(()) for EOF, Err(errno).
+    let (report, endings) = std::sync::mpsc::channel::<Result<(), Option<i32>>>();
+    let backend = testkit::backends::sctp::SctpServer::spawn(move |socket| {
+        let ending = loop {
+            match socket.recv() {
+                Ok(Some(message)) => {
+                    if socket.send(&message).is_err() {
+                        break Err(None);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(err.raw_os_error()),
+            }
+        };
+        let _ = report.send(ending);
+    })
+    .expect("reporting backend");
+    let key = sctp_key(212);
+    let _engine = sctp_engine(1, key, &[backend.addr()]);
+    let message = SctpMessage::new(b"ping", 1, 2, false);
+
+    let aborting = SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP");
+    aborting.send(&message).expect("send");
+    expect_messages(&aborting, std::slice::from_ref(&message));
+    aborting.abort();
+    let ending = endings.recv_timeout(Duration::from_secs(20)).expect("the backend saw the end");
+    assert_eq!(ending, Err(Some(libc::ECONNRESET)), "a client abort reaches the backend as an abort");
+
+    let closing = SctpSocket::connect(key.socket_addr()).expect("connect to the SCTP VIP");
+    closing.send(&message).expect("send");
+    expect_messages(&closing, std::slice::from_ref(&message));
+    closing.shutdown().expect("shutdown");
+    let ending = endings.recv_timeout(Duration::from_secs(20)).expect("the backend saw the end");
+    assert_eq!(ending, Ok(()), "a client shutdown reaches the backend as EOF");
 }
 
 #[test]
