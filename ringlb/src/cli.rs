@@ -90,6 +90,26 @@ pub struct EngineArgs {
     /// How TCP bytes are relayed.
     #[arg(long, value_enum, default_value_t = RelayArg::Auto)]
     pub relay: RelayArg,
+    /// UDP flows one worker tracks at most (least recently used evicted beyond) [default: 65536].
+    #[arg(long)]
+    pub udp_max_flows: Option<usize>,
+    /// Idle timeout of a UDP flow whose backend never replied [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub udp_unreplied_timeout: Option<Duration>,
+    /// Idle timeout of a UDP flow that saw a reply [default: 120s].
+    #[arg(long, value_parser = parse_duration)]
+    pub udp_replied_timeout: Option<Duration>,
+    /// What happens to a UDP flow whose backend turns not ready or goes away.
+    #[arg(long, value_enum, default_value_t = StaleFlowsArg::Move)]
+    pub udp_stale_flows: StaleFlowsArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StaleFlowsArg {
+    /// A flow whose backend is no longer eligible moves to a new backend on its next datagram.
+    Move,
+    /// Such a flow keeps its backend until the entry's drain timeout.
+    Drain,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use lb_core::{BuildOptions, EntryPolicy, Snapshot};
-use lb_datapath::{Engine, EngineConfig, RelayMode};
+use lb_datapath::{Engine, EngineConfig, RelayMode, StaleFlowPolicy, UdpConfig};
 use lb_sync::{HealthStatus, ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
 use crate::admin::{self, AdminState};
-use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs};
+use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs, StaleFlowsArg};
 
 /// Where the served snapshots come from.
 pub enum Source {
@@ -55,6 +55,16 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
             RelayArg::Auto => RelayMode::Auto,
             RelayArg::Copy => RelayMode::Copy,
             RelayArg::Splice => RelayMode::Splice,
+        },
+        udp: UdpConfig {
+            max_flows_per_worker: args.udp_max_flows.unwrap_or(defaults.udp.max_flows_per_worker).max(1),
+            unreplied_timeout: args.udp_unreplied_timeout.unwrap_or(defaults.udp.unreplied_timeout),
+            replied_timeout: args.udp_replied_timeout.unwrap_or(defaults.udp.replied_timeout),
+            stale_flows: match args.udp_stale_flows {
+                StaleFlowsArg::Move => StaleFlowPolicy::Move,
+                StaleFlowsArg::Drain => StaleFlowPolicy::Drain,
+            },
+            ..defaults.udp.clone()
         },
         ..defaults
     }
@@ -181,5 +191,42 @@ async fn shutdown_signal() {
             tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops ringlb");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn engine_args(flags: &[&str]) -> EngineArgs {
+        let argv = ["ringlb", "demo"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("valid flags").command {
+            Command::Demo(args) => args.engine,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    #[test]
+    fn udp_flags_reach_the_engine_config_and_defaults_stay_the_engines() {
+        let config = engine_config(&engine_args(&[
+            "--udp-max-flows",
+            "1000",
+            "--udp-unreplied-timeout",
+            "5s",
+            "--udp-replied-timeout",
+            "1m",
+            "--udp-stale-flows",
+            "drain",
+        ]));
+        assert_eq!(config.udp.max_flows_per_worker, 1000);
+        assert_eq!(config.udp.unreplied_timeout, Duration::from_secs(5));
+        assert_eq!(config.udp.replied_timeout, Duration::from_secs(60));
+        assert_eq!(config.udp.stale_flows, StaleFlowPolicy::Drain);
+        assert_eq!(engine_config(&engine_args(&[])).udp, UdpConfig::default());
     }
 }
