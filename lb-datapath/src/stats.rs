@@ -18,6 +18,7 @@ pub(crate) struct WorkerCounters {
     pub resets: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub drain_closes: AtomicU64,
+    pub draining: AtomicU64,
     pub bytes_client_to_backend: AtomicU64,
     pub bytes_backend_to_client: AtomicU64,
     pub listeners: AtomicU64,
@@ -74,6 +75,7 @@ impl WorkerCounters {
             resets: get(&self.resets),
             idle_timeouts: get(&self.idle_timeouts),
             drain_closes: get(&self.drain_closes),
+            draining: get(&self.draining),
             bytes_client_to_backend: get(&self.bytes_client_to_backend),
             bytes_backend_to_client: get(&self.bytes_backend_to_client),
             listeners: get(&self.listeners),
@@ -129,6 +131,9 @@ pub struct WorkerStats {
     pub idle_timeouts: u64,
     /// Connections closed because their VIP or backend was removed and the drain timeout passed.
     pub drain_closes: u64,
+    /// Connections (TCP) past their backend's removal or readiness loss, waiting for the drain
+    /// timeout or their own end (a gauge).
+    pub draining: u64,
     /// Bytes written to backends.
     pub bytes_client_to_backend: u64,
     /// Bytes written to clients.
@@ -215,6 +220,7 @@ impl EngineStats {
             resets: a.resets + w.resets,
             idle_timeouts: a.idle_timeouts + w.idle_timeouts,
             drain_closes: a.drain_closes + w.drain_closes,
+            draining: a.draining + w.draining,
             bytes_client_to_backend: a.bytes_client_to_backend + w.bytes_client_to_backend,
             bytes_backend_to_client: a.bytes_backend_to_client + w.bytes_backend_to_client,
             listeners: a.listeners + w.listeners,

@@ -411,18 +411,18 @@ impl Worker {
             }
         }
         self.scratch = live;
+        self.count_draining();
     }
 
-    /// Gives connections whose VIP or backend left the snapshot a drain deadline (and takes it back
-    /// if they reappear).
+    /// Gives connections whose VIP or backend left the snapshot, or whose backend turned not ready
+    /// (terminating, failing readiness), a drain deadline; takes it back if they return.
     fn mark_draining(&mut self, snapshot: &Snapshot) {
         let mut live = std::mem::take(&mut self.scratch);
         self.conns.live(&mut live);
         for &(index, generation) in &live {
             let Some(conn) = self.conns.get_mut(index, generation) else { continue };
             let kept = snapshot.get(&conn.key).is_some_and(|entry| match conn.backend_id {
-                // `backends` is sorted by id (model invariant).
-                Some(id) => entry.backends.binary_search_by_key(&id, |b| b.id).is_ok(),
+                Some(id) => keeps_established(entry, id),
                 None => true,
             });
             if kept {
@@ -431,6 +431,22 @@ impl Worker {
                 conn.drain_deadline = Some(self.now + conn.policy.drain_timeout);
             }
         }
+        self.scratch = live;
+        self.count_draining();
+    }
+
+    /// Sets the `draining` gauge: connections with a drain deadline that are not closing yet.
+    fn count_draining(&mut self) {
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        let mut draining = 0u64;
+        for &(index, generation) in &live {
+            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
+            if conn.phase != crate::connection::Phase::Closing && conn.drain_deadline.is_some() {
+                draining += 1;
+            }
+        }
+        stats::set(&self.counters.draining, draining);
         self.scratch = live;
     }
 
@@ -469,6 +485,17 @@ impl Worker {
             std::mem::forget(self.conns);
         }
     }
+}
+
+/// Whether an established connection to `backend` of `entry` keeps going without a drain deadline:
+/// the backend is still listed and is either ready or still eligible (the serving-and-terminating
+/// fallback when no backend is ready). A ready backend kept out only by a health verdict (active
+/// checks, outlier ejection) keeps its connections: a verdict stops new work, and a flapping check
+/// must not cut established sessions.
+fn keeps_established(entry: &lb_core::ServiceEntry, backend: lb_core::BackendId) -> bool {
+    entry
+        .index_of(backend)
+        .is_some_and(|idx| entry.backend(idx).is_some_and(|b| b.conditions.ready) || entry.is_eligible(idx))
 }
 
 /// A seed for a worker's random stream (`p2c`); differs between workers and between runs. Not for

@@ -197,3 +197,43 @@ fn connection_to_a_removed_backend_is_closed_after_the_drain_timeout() {
     assert!(removed_at.elapsed() >= Duration::from_millis(500), "closed before the drain timeout");
     assert_eq!(round_trip(&mut to_new, b"unaffected"), b"unaffected");
 }
+
+#[test]
+fn established_connection_to_a_backend_turned_not_ready_drains_then_closes_after_the_drain_timeout() {
+    let a = named_server("a").expect("backend a");
+    let b = named_server("b").expect("backend b");
+    let key = tcp_key(97);
+    let drain = Duration::from_millis(800);
+    let policy = support::EntryPolicyExt::with_drain(test_policy(), drain);
+    let engine = start_engine(
+        1,
+        RelayMode::Copy,
+        snapshot(1, vec![entry(key, &[(a.addr(), true), (b.addr(), true)], policy)]),
+    );
+    // Round robin over two backends: one of the first two connections goes to each.
+    let mut on_a = None;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let mut client = connect(key.socket_addr());
+        match read_name(&mut client).as_str() {
+            "a" => on_a = Some(client),
+            _ => others.push(client),
+        }
+    }
+    let mut on_a = on_a.expect("a got one of the first two connections");
+    assert_eq!(engine.stats().total().draining, 0);
+
+    let flipped_at = Instant::now();
+    publish(&engine, snapshot(2, vec![entry(key, &[(a.addr(), false), (b.addr(), true)], policy)]));
+    wait_until("the connection to a counts as draining", IO_TIMEOUT, || engine.stats().total().draining == 1);
+    assert_eq!(round_trip(&mut on_a, b"still here"), b"still here", "a draining connection keeps working");
+
+    let closed = read_to_close(&mut on_a);
+    assert!(closed.is_ok() || closed == Err(ErrorKind::ConnectionReset), "closed, not timed out: {closed:?}");
+    assert!(flipped_at.elapsed() >= drain, "closed before the drain timeout");
+    wait_until("the draining gauge returns to zero", IO_TIMEOUT, || engine.stats().total().draining == 0);
+    assert_eq!(engine.stats().total().drain_closes, 1);
+    for client in &mut others {
+        assert_eq!(round_trip(client, b"ready"), b"ready", "a ready backend's connection is not drained");
+    }
+}
