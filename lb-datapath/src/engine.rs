@@ -14,6 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use lb_core::Snapshot;
 
+use crate::events::{BackendEvents, CHANNEL_BATCHES};
 use crate::relay::Path;
 use crate::ring::{Ring, RingFeatures};
 use crate::stats::{EngineStats, WorkerCounters};
@@ -31,6 +32,8 @@ pub(crate) struct Shared {
     /// Bumped by every publish; workers report the generation they reconciled with.
     pub generation: AtomicU64,
     pub stop: AtomicBool,
+    /// Set once the control side took the backend events' receiver; workers collect only then.
+    pub backend_events_wanted: AtomicBool,
 }
 
 struct WorkerHandle {
@@ -47,6 +50,7 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     features: RingFeatures,
     relay: RelayMode,
+    backend_events: Mutex<Option<BackendEvents>>,
 }
 
 impl Engine {
@@ -57,7 +61,9 @@ impl Engine {
             snapshot: ArcSwap::new(initial),
             generation: AtomicU64::new(1),
             stop: AtomicBool::new(false),
+            backend_events_wanted: AtomicBool::new(false),
         });
+        let (events_tx, events_rx) = mpsc::sync_channel(CHANNEL_BATCHES);
         let cores = allowed_cores();
         let mut engine = Engine {
             shared: shared.clone(),
@@ -71,6 +77,7 @@ impl Engine {
             },
             relay: config.relay,
             config: config.clone(),
+            backend_events: Mutex::new(Some(events_rx)),
         };
         let (started_tx, started_rx) = mpsc::channel::<(usize, Result<RingFeatures, std::io::Error>)>();
         for index in 0..config.workers.max(1) {
@@ -95,6 +102,7 @@ impl Engine {
                 housekeeping_interval: config.housekeeping_interval,
                 multishot_accept: config.multishot_accept,
                 udp: config.udp.clone(),
+                events: events_tx.clone(),
             };
             let core =
                 if config.pin_workers && !cores.is_empty() { Some(cores[index % cores.len()]) } else { None };
@@ -174,6 +182,17 @@ impl Engine {
         running
             && !self.shared.stop.load(Ordering::Acquire)
             && self.workers.iter().all(|w| w.reconciled.load(Ordering::Acquire) == generation)
+    }
+
+    /// The receiver of the workers' backend events (connect outcomes, backend resets), for passive
+    /// outlier detection on the control side. Workers start collecting when it is taken; only the
+    /// first call returns it.
+    pub fn take_backend_events(&self) -> Option<BackendEvents> {
+        let taken = self.backend_events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if taken.is_some() {
+            self.shared.backend_events_wanted.store(true, Ordering::Release);
+        }
+        taken
     }
 
     /// The snapshot new connections are served from.

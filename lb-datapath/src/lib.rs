@@ -15,6 +15,7 @@
 
 mod connection;
 mod engine;
+mod events;
 mod listener;
 mod pool;
 mod proxy;
@@ -29,6 +30,7 @@ mod worker;
 use std::time::Duration;
 
 pub use engine::Engine;
+pub use events::BackendEvents;
 pub use lb_core::Snapshot;
 pub use ring::RingFeatures;
 pub use stats::{EngineStats, WorkerStats};

@@ -15,6 +15,7 @@ use io_uring::opcode;
 use io_uring::squeue::Flags;
 use io_uring::types::{Fd, Timespec};
 use lb_core::VipKey;
+use lb_core::health::{BackendEvent, BackendOutcome};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase, Which};
@@ -165,6 +166,9 @@ impl Worker {
         if result < 0 || conn.backend.as_ref().is_some_and(|b| connected_to_itself(b, conn.backend_id)) {
             // Refused, unreachable, -ECANCELED when the link timeout fired, or a TCP self-connect.
             stats::add(&self.counters.connect_failures, 1);
+            let (key, backend) = (conn.key, conn.backend_id);
+            self.report(key, backend, BackendOutcome::ConnectFailed);
+            let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
             conn.backend = None;
             if let Some(backend) = conn.counted.take() {
                 self.selection.close(backend, &self.counters);
@@ -172,7 +176,16 @@ impl Worker {
             self.try_connect(data.slot, data.generation);
             return;
         }
+        let (key, backend) = (conn.key, conn.backend_id);
+        self.report(key, backend, BackendOutcome::Connected);
         self.start_relay(data.slot, data.generation);
+    }
+
+    /// Buffers a backend event for passive outlier detection (see [`crate::events`]).
+    fn report(&mut self, key: VipKey, backend: Option<lb_core::BackendId>, outcome: BackendOutcome) {
+        if let Some(backend) = backend {
+            self.events.record(&self.shared, &self.counters, BackendEvent { key, backend, outcome });
+        }
     }
 
     pub(crate) fn on_connect_timeout(&mut self, data: UserData) {
@@ -283,6 +296,10 @@ impl Worker {
             };
             if !fin_sent && source.is_some_and(relay::source_was_reset) {
                 completed.next = Next::Reset;
+                if let (Which::BackendToClient, Some(backend)) = (which, conn.backend_id) {
+                    let event = BackendEvent { key: conn.key, backend, outcome: BackendOutcome::Reset };
+                    self.events.record(&self.shared, &self.counters, event);
+                }
             }
         }
         if completed.active {

@@ -19,6 +19,7 @@ pub(crate) struct WorkerCounters {
     pub idle_timeouts: AtomicU64,
     pub drain_closes: AtomicU64,
     pub draining: AtomicU64,
+    pub backend_events_dropped: AtomicU64,
     pub bytes_client_to_backend: AtomicU64,
     pub bytes_backend_to_client: AtomicU64,
     pub listeners: AtomicU64,
@@ -76,6 +77,7 @@ impl WorkerCounters {
             idle_timeouts: get(&self.idle_timeouts),
             drain_closes: get(&self.drain_closes),
             draining: get(&self.draining),
+            backend_events_dropped: get(&self.backend_events_dropped),
             bytes_client_to_backend: get(&self.bytes_client_to_backend),
             bytes_backend_to_client: get(&self.bytes_backend_to_client),
             listeners: get(&self.listeners),
@@ -134,6 +136,8 @@ pub struct WorkerStats {
     /// Connections (TCP) past their backend's removal or readiness loss, waiting for the drain
     /// timeout or their own end (a gauge).
     pub draining: u64,
+    /// Backend events (for outlier detection) dropped because the buffer or channel was full.
+    pub backend_events_dropped: u64,
     /// Bytes written to backends.
     pub bytes_client_to_backend: u64,
     /// Bytes written to clients.
@@ -221,6 +225,7 @@ impl EngineStats {
             idle_timeouts: a.idle_timeouts + w.idle_timeouts,
             drain_closes: a.drain_closes + w.drain_closes,
             draining: a.draining + w.draining,
+            backend_events_dropped: a.backend_events_dropped + w.backend_events_dropped,
             bytes_client_to_backend: a.bytes_client_to_backend + w.bytes_client_to_backend,
             bytes_backend_to_client: a.bytes_backend_to_client + w.bytes_backend_to_client,
             listeners: a.listeners + w.listeners,

@@ -21,6 +21,7 @@ use socket2::Socket;
 
 use crate::connection::ConnTable;
 use crate::engine::Shared;
+use crate::events::EventBuffer;
 use crate::listener::{Listener, ListenerTable, bind_listener};
 use crate::pool::{BufferPool, PipePool};
 use crate::relay::Path;
@@ -45,6 +46,8 @@ pub(crate) struct WorkerSettings {
     /// Multishot accept allowed by configuration (the kernel must support it too).
     pub multishot_accept: bool,
     pub udp: crate::udp::UdpConfig,
+    /// Where backend events are flushed (see [`crate::events`]).
+    pub events: std::sync::mpsc::SyncSender<Vec<lb_core::health::BackendEvent>>,
 }
 
 pub(crate) struct Worker {
@@ -73,6 +76,7 @@ pub(crate) struct Worker {
     pub sctp: SctpState,
     stopping: bool,
     scratch: Vec<(u32, u32)>,
+    pub events: EventBuffer,
 }
 
 impl Worker {
@@ -88,6 +92,7 @@ impl Worker {
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
         let udp = UdpState::new(&ring, settings.udp.clone(), settings.index);
         let settings_index = settings.index;
+        let settings_events = settings.events.clone();
         Worker {
             ring,
             buffers: BufferPool::new(settings.buffer_size),
@@ -110,6 +115,7 @@ impl Worker {
             sctp: SctpState::new(),
             stopping: false,
             scratch: Vec::new(),
+            events: EventBuffer::new(settings_events),
         }
     }
 
@@ -384,6 +390,7 @@ impl Worker {
         }
         self.expire_connections();
         self.selection.expire(self.now);
+        self.events.flush(&self.counters);
         if !self.stopping {
             self.udp_housekeeping();
             self.sctp_housekeeping();

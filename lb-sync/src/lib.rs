@@ -17,7 +17,7 @@ mod readiness;
 mod sink;
 mod source;
 
-pub use health::HealthStatus;
+pub use health::{BackendEventReceiver, EVENT_POLL, HealthStatus};
 pub use manifest::{Location, ManifestError, ManifestSet, ReadError, parse_manifest_str};
 pub use readiness::Readiness;
 pub use sink::SnapshotSink;

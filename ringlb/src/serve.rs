@@ -21,14 +21,15 @@ use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs, StaleFl
 /// Where the served snapshots come from.
 pub enum Source {
     /// Manifest files, followed as they change.
-    Manifests(ManifestSource),
+    /// Boxed: a source carries its configuration and channels, far larger than the other variant.
+    Manifests(Box<ManifestSource>),
     /// One snapshot built up front (the demo).
     Fixed(Snapshot),
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let source = ManifestSource::new(args.manifests, build_options(&args.defaults));
-    serve(Source::Manifests(source), &args.engine, &args.admin)
+    serve(Source::Manifests(Box::new(source)), &args.engine, &args.admin)
 }
 
 pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
@@ -114,6 +115,9 @@ impl AdminState for ServeState {
                 "probes_failed": health.probes_failed(),
                 "checked_backends": health.checked_backends(),
                 "unhealthy_backends": health.unhealthy_backends(),
+                "backend_events": health.backend_events(),
+                "ejections": health.ejections(),
+                "ejected_backends": health.ejected_backends(),
             })
         });
         let workers = self.engine.stats().workers;
@@ -162,6 +166,12 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
         }
         match source {
             Source::Manifests(source) => {
+                // Passive outlier detection: the workers' connect outcomes and resets flow back to
+                // the source's health monitor, whose ejections join the one health overlay.
+                let source = match engine.take_backend_events() {
+                    Some(events) => source.with_backend_events(events),
+                    None => *source,
+                };
                 source.run(sink, shutdown_signal()).await.map_err(anyhow::Error::from)
             }
             Source::Fixed(snapshot) => {

@@ -13,6 +13,7 @@
 //! backend is down, and refusing every client is the worse failure.
 
 mod active;
+mod events;
 mod outlier;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +23,7 @@ use serde::Serialize;
 use crate::model::{BackendId, ObjectRef};
 
 pub use active::{ActiveChecker, HealthCheckConfig, JITTER_PERCENT, ProbeKind, ProbeRequest, jittered};
+pub use events::{BackendEvent, BackendOutcome};
 pub use outlier::{OutlierConfig, OutlierDetector};
 
 /// A health verdict.

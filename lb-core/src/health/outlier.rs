@@ -68,6 +68,10 @@ impl OutlierDetector {
         OutlierDetector { config, backends: BTreeMap::new() }
     }
 
+    pub fn config(&self) -> &OutlierConfig {
+        &self.config
+    }
+
     /// Tracks exactly `backends`, keeping the state of those already tracked.
     pub fn set_backends(&mut self, backends: impl IntoIterator<Item = BackendId>) {
         let mut next = BTreeMap::new();

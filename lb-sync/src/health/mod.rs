@@ -9,19 +9,28 @@
 //! and every manifest rebuild is built with the current overlay, so versions stay monotonic and
 //! a reload never forgets a verdict. There is one writer of the table and no lock.
 //!
+//! Passive outlier detection lives here too: with [`crate::ManifestSource::with_backend_events`], the
+//! monitor drains the datapath's batches of backend events every [`EVENT_POLL`], routes each to the
+//! lb-core [`OutlierDetector`] of the Service owning its VIP key (per the published snapshot), and
+//! merges the ejections into the same overlay as the active checks' verdicts: one overlay, one
+//! publish path. The detector enforces `max-ejection-percent`; ejections end at its deadlines.
+//!
 //! Must never: touch datapath connections (probes open their own sockets); empty an entry (panic mode
 //! is applied by lb-core when the overlay is, never decided here); block the control thread.
 
 mod probe;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::mpsc::TryRecvError;
+use std::time::{Duration, Instant};
 
-use lb_core::health::{ActiveChecker, Health, HealthCheckConfig};
-use lb_core::{BackendId, HealthOverlay, ObjectRef, Snapshot};
+use lb_core::health::{
+    ActiveChecker, BackendEvent, Health, HealthCheckConfig, OutlierConfig, OutlierDetector,
+};
+use lb_core::{BackendId, HealthOverlay, ObjectRef, Snapshot, VipKey};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -35,6 +44,9 @@ struct Counters {
     probes_failed: AtomicU64,
     checked_backends: AtomicU64,
     unhealthy_backends: AtomicU64,
+    backend_events: AtomicU64,
+    ejections: AtomicU64,
+    ejected_backends: AtomicU64,
 }
 
 impl HealthStatus {
@@ -61,7 +73,29 @@ impl HealthStatus {
     pub fn unhealthy_backends(&self) -> u64 {
         self.0.unhealthy_backends.load(Ordering::Relaxed)
     }
+
+    /// Backend events (connect outcomes, resets) received from the datapath since start.
+    pub fn backend_events(&self) -> u64 {
+        self.0.backend_events.load(Ordering::Relaxed)
+    }
+
+    /// Outlier ejections since start.
+    pub fn ejections(&self) -> u64 {
+        self.0.ejections.load(Ordering::Relaxed)
+    }
+
+    /// (Service, backend) pairs ejected by outlier detection now (panic mode may still serve them).
+    pub fn ejected_backends(&self) -> u64 {
+        self.0.ejected_backends.load(Ordering::Relaxed)
+    }
 }
+
+/// How often the monitor drains the datapath's backend events (workers flush once per housekeeping
+/// tick, so polling much faster gains nothing).
+pub const EVENT_POLL: Duration = Duration::from_millis(50);
+
+/// The control side's end of the datapath's backend events (`lb_datapath::Engine::take_backend_events`).
+pub type BackendEventReceiver = std::sync::mpsc::Receiver<Vec<BackendEvent>>;
 
 /// What a finished probe task reports.
 type ProbeOutcome = (ObjectRef, BackendId, Result<(), String>);
@@ -69,6 +103,10 @@ type ProbeOutcome = (ObjectRef, BackendId, Result<(), String>);
 /// Drives one [`ActiveChecker`] per checked Service with the real clock and real sockets.
 pub(crate) struct HealthMonitor {
     checkers: BTreeMap<ObjectRef, ActiveChecker>,
+    outliers: BTreeMap<ObjectRef, OutlierDetector>,
+    /// The Service of every VIP key of the last published snapshot (routes backend events).
+    services: HashMap<VipKey, ObjectRef>,
+    events: Option<BackendEventReceiver>,
     overlay: HealthOverlay,
     probes: JoinSet<ProbeOutcome>,
     status: HealthStatus,
@@ -79,11 +117,20 @@ impl HealthMonitor {
     pub(crate) fn new(status: HealthStatus) -> Self {
         HealthMonitor {
             checkers: BTreeMap::new(),
+            outliers: BTreeMap::new(),
+            services: HashMap::new(),
+            events: None,
             overlay: HealthOverlay::new(),
             probes: JoinSet::new(),
             status,
             seeds: Default::default(),
         }
+    }
+
+    /// Feeds passive outlier detection from the datapath's batches of backend events.
+    pub(crate) fn with_events(mut self, events: Option<BackendEventReceiver>) -> Self {
+        self.events = events;
+        self
     }
 
     /// Follows `snapshots` (the published ones) and sends every changed overlay to `verdicts`, until
@@ -95,6 +142,9 @@ impl HealthMonitor {
     ) {
         loop {
             let now = Instant::now();
+            // Drained on every turn, not only when the poll timer fires: busy probes would otherwise
+            // keep restarting that timer.
+            self.drain_events(now);
             for (service, checker) in &mut self.checkers {
                 for (backend, health) in checker.handle_timeout(now) {
                     log_verdict(service, backend, health, "probe timed out");
@@ -109,10 +159,17 @@ impl HealthMonitor {
                     });
                 }
             }
+            for (service, detector) in &mut self.outliers {
+                for backend in detector.handle_timeout(now) {
+                    tracing::info!(%service, %backend, "outlier ejection ended; backend gets connections again");
+                }
+            }
             if !self.publish_overlay(&verdicts) {
                 return;
             }
-            let wake = self.checkers.values().filter_map(ActiveChecker::next_deadline).min();
+            let checks = self.checkers.values().filter_map(ActiveChecker::next_deadline);
+            let wake = checks.chain(self.outliers.values().filter_map(OutlierDetector::next_deadline)).min();
+            let polling = self.events.is_some();
             tokio::select! {
                 changed = snapshots.changed() => {
                     if changed.is_err() {
@@ -129,6 +186,7 @@ impl HealthMonitor {
                     }
                 }
                 () = sleep_until(wake) => {}
+                () = tokio::time::sleep(EVENT_POLL), if polling => {}
             }
         }
     }
@@ -158,6 +216,69 @@ impl HealthMonitor {
             checker.set_backends(now, backends);
         }
         self.status.0.checked_backends.store(checked, Ordering::Relaxed);
+        self.track_outliers(snapshot);
+    }
+
+    /// One detector per Service of `snapshot` (when events are fed), over the backends Kubernetes
+    /// does not already keep out; a changed configuration starts the Service's detector afresh.
+    fn track_outliers(&mut self, snapshot: &Snapshot) {
+        if self.events.is_none() {
+            return;
+        }
+        self.services.clear();
+        let mut wanted: BTreeMap<ObjectRef, (OutlierConfig, BTreeSet<BackendId>)> = BTreeMap::new();
+        for entry in snapshot.entries() {
+            self.services.insert(entry.key, entry.service.clone());
+            let (_, backends) = wanted
+                .entry(entry.service.clone())
+                .or_insert_with(|| (entry.traffic.outlier, BTreeSet::new()));
+            let candidates = entry.backends.iter().filter(|b| b.conditions.ready || b.conditions.serving);
+            backends.extend(candidates.map(|b| b.id));
+        }
+        self.outliers.retain(|service, detector| {
+            wanted.get(service).is_some_and(|(config, _)| config == detector.config())
+        });
+        for (service, (config, backends)) in wanted {
+            self.outliers
+                .entry(service)
+                .or_insert_with(|| OutlierDetector::new(config))
+                .set_backends(backends);
+        }
+    }
+
+    /// Feeds every batch the datapath flushed so far to the detectors. A closed channel (the engine
+    /// stopped) ends polling.
+    fn drain_events(&mut self, now: Instant) {
+        let Some(events) = &self.events else { return };
+        let mut received = 0u64;
+        loop {
+            match events.try_recv() {
+                Ok(batch) => {
+                    received += batch.len() as u64;
+                    for event in batch {
+                        let Some(service) = self.services.get(&event.key) else { continue };
+                        let Some(detector) = self.outliers.get_mut(service) else { continue };
+                        if !event.outcome.is_failure() {
+                            detector.handle_success(now, event.backend);
+                        } else if detector.handle_failure(now, event.backend) {
+                            self.status.0.ejections.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                %service,
+                                backend = %event.backend,
+                                outcome = ?event.outcome,
+                                "backend ejected after consecutive failures"
+                            );
+                        }
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.events = None;
+                    break;
+                }
+            }
+        }
+        self.status.0.backend_events.fetch_add(received, Ordering::Relaxed);
     }
 
     fn record(&mut self, service: &ObjectRef, backend: BackendId, outcome: Result<(), String>) {
@@ -185,6 +306,13 @@ impl HealthMonitor {
             overlay.extend(service, backends);
         }
         self.status.0.unhealthy_backends.store(unhealthy, Ordering::Relaxed);
+        let mut ejected = 0;
+        for (service, detector) in &self.outliers {
+            let backends: Vec<_> = detector.ejected().collect();
+            ejected += backends.len() as u64;
+            overlay.extend(service, backends);
+        }
+        self.status.0.ejected_backends.store(ejected, Ordering::Relaxed);
         if overlay == self.overlay {
             return !verdicts.is_closed();
         }

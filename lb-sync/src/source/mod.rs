@@ -24,7 +24,7 @@ use tokio::sync::watch as channel;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::health::{HealthMonitor, HealthStatus};
+use crate::health::{BackendEventReceiver, HealthMonitor, HealthStatus};
 
 use crate::manifest::{ErrorList, ManifestError, ManifestFile, ManifestSet, ReadError, read_manifest_files};
 use crate::readiness::Readiness;
@@ -73,6 +73,9 @@ pub struct ManifestSource {
     max_delay: Duration,
     poll_interval: Duration,
     file_events: bool,
+    /// The datapath's backend events, for passive outlier detection (taken by `run`; in a mutex
+    /// only so the source stays `Sync` while `run` borrows it across awaits).
+    backend_events: std::sync::Mutex<Option<BackendEventReceiver>>,
 }
 
 /// What the last reload saw, so an unchanged input is neither rebuilt nor re-logged.
@@ -94,7 +97,15 @@ impl ManifestSource {
             max_delay: DEFAULT_MAX_DELAY,
             poll_interval: DEFAULT_POLL_INTERVAL,
             file_events: true,
+            backend_events: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Feeds passive outlier detection (`ringlb.io/outlier-*`) with the datapath's backend events
+    /// (`lb_datapath::Engine::take_backend_events`); its ejections join the health overlay.
+    pub fn with_backend_events(mut self, events: BackendEventReceiver) -> Self {
+        self.backend_events = std::sync::Mutex::new(Some(events));
+        self
     }
 
     /// Sets how long file events must pause before a reload, and the longest a burst may delay one.
@@ -157,7 +168,9 @@ impl ManifestSource {
         let (verdicts, mut overlays) = channel::channel(HealthOverlay::new());
         // Dropped (and so aborted, with its probes) when this loop returns.
         let mut monitor = JoinSet::new();
-        monitor.spawn(HealthMonitor::new(self.health.clone()).run(snapshots, verdicts));
+        let health = HealthMonitor::new(self.health.clone())
+            .with_events(self.backend_events.lock().unwrap_or_else(|e| e.into_inner()).take());
+        monitor.spawn(health.run(snapshots, verdicts));
         let mut out = Outlet { sink, feed, publisher: Publisher::default(), health: HealthOverlay::new() };
 
         let loader_failed = |reason| SyncError::LoaderFailed { path: self.path.clone(), reason };
