@@ -40,6 +40,22 @@ fn connected_to_itself(socket: &Socket, backend: Option<lb_core::BackendId>) -> 
     socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(backend.0)
 }
 
+/// Whether a relay completion says the backend broke the connection: reading from it failed (not
+/// cancelled, not "try again"), or writing to it was refused with a reset or broken pipe. Failures
+/// on the client's side are not the backend's fault and are not reported.
+fn backend_failed(which: Which, pending: Pending, result: i32) -> bool {
+    if result >= 0 || result == -libc::ECANCELED || result == -libc::EAGAIN {
+        return false;
+    }
+    match (which, pending) {
+        (Which::BackendToClient, Pending::Recv | Pending::SpliceIn) => true,
+        (Which::ClientToBackend, Pending::Send | Pending::SpliceOut) => {
+            result == -libc::ECONNRESET || result == -libc::EPIPE
+        }
+        _ => false,
+    }
+}
+
 /// Closes a client with a reset so it learns at once that it will not be served.
 fn reset_socket(socket: Socket) {
     let _ = socket.set_linger(Some(Duration::ZERO));
@@ -284,6 +300,8 @@ impl Worker {
     pub(crate) fn on_direction(&mut self, data: UserData, which: Which, result: i32) {
         let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
         conn.in_flight -= 1;
+        let pending = conn.direction(which).pending;
+        let mut backend_reset = backend_failed(which, pending, result);
         let mut completed = relay::complete(conn.direction(which), result);
         if completed.eof {
             // The state tells a reset apart only while we have not sent our own FIN on the source:
@@ -296,11 +314,12 @@ impl Worker {
             };
             if !fin_sent && source.is_some_and(relay::source_was_reset) {
                 completed.next = Next::Reset;
-                if let (Which::BackendToClient, Some(backend)) = (which, conn.backend_id) {
-                    let event = BackendEvent { key: conn.key, backend, outcome: BackendOutcome::Reset };
-                    self.events.record(&self.shared, &self.counters, event);
-                }
+                backend_reset |= which == Which::BackendToClient;
             }
+        }
+        if let (true, Some(backend)) = (backend_reset && conn.phase != Phase::Closing, conn.backend_id) {
+            let event = BackendEvent { key: conn.key, backend, outcome: BackendOutcome::Reset };
+            self.events.record(&self.shared, &self.counters, event);
         }
         if completed.active {
             conn.last_activity = self.now;

@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use lb_datapath::RelayMode;
@@ -236,4 +236,47 @@ fn established_connection_to_a_backend_turned_not_ready_drains_then_closes_after
     for client in &mut others {
         assert_eq!(round_trip(client, b"ready"), b"ready", "a ready backend's connection is not drained");
     }
+}
+
+#[test]
+fn workers_report_connect_outcomes_and_backend_resets_as_backend_events() {
+    use lb_core::BackendId;
+    use lb_core::health::{BackendEvent, BackendOutcome};
+    use std::io::Write;
+    use testkit::backends::reset_server;
+
+    let refusing = RefusingAddr::new().expect("refusing address");
+    let resetting = reset_server().expect("resetting backend");
+    let key = tcp_key(98);
+    let refused_key = tcp_key(99);
+    let entries = vec![
+        entry(key, &[(resetting.addr(), true)], test_policy()),
+        entry(refused_key, &[(refusing.addr(), true)], test_policy()),
+    ];
+    let engine = start_engine(1, RelayMode::Copy, snapshot(1, entries));
+    let events = engine.take_backend_events().expect("the receiver, taken once");
+    assert!(engine.take_backend_events().is_none(), "only the first call gets the receiver");
+
+    let mut client = connect(key.socket_addr());
+    client.write_all(b"hello").expect("write to the resetting backend");
+    let closed = read_to_close(&mut client);
+    assert_eq!(closed, Err(ErrorKind::ConnectionReset), "the backend's reset reaches the client");
+    let refused = connect_and_read_to_close(refused_key.socket_addr());
+    assert_eq!(refused, Err(ErrorKind::ConnectionReset), "no backend accepts: the client is reset");
+
+    let mut seen: Vec<BackendEvent> = Vec::new();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let wanted = |seen: &[BackendEvent], key, backend: SocketAddr, outcome| {
+        seen.iter().any(|e| e.key == key && e.backend == BackendId(backend) && e.outcome == outcome)
+    };
+    while !(wanted(&seen, key, resetting.addr(), BackendOutcome::Connected)
+        && wanted(&seen, key, resetting.addr(), BackendOutcome::Reset)
+        && wanted(&seen, refused_key, refusing.addr(), BackendOutcome::ConnectFailed))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = events.recv_timeout(left).unwrap_or_else(|_| panic!("events missing; saw {seen:?}"));
+        seen.extend(batch);
+    }
+    assert!(!wanted(&seen, refused_key, refusing.addr(), BackendOutcome::Connected), "{seen:?}");
+    assert_eq!(engine.stats().total().backend_events_dropped, 0);
 }
