@@ -499,7 +499,7 @@ impl Worker {
 /// fallback when no backend is ready). A ready backend kept out only by a health verdict (active
 /// checks, outlier ejection) keeps its connections: a verdict stops new work, and a flapping check
 /// must not cut established sessions.
-fn keeps_established(entry: &lb_core::ServiceEntry, backend: lb_core::BackendId) -> bool {
+pub(crate) fn keeps_established(entry: &lb_core::ServiceEntry, backend: lb_core::BackendId) -> bool {
     entry
         .index_of(backend)
         .is_some_and(|idx| entry.backend(idx).is_some_and(|b| b.conditions.ready) || entry.is_eligible(idx))

@@ -186,15 +186,14 @@ impl Worker {
         self.mark_sctp_draining(snapshot);
     }
 
-    /// Gives associations whose key or backend left the snapshot a drain deadline (and takes it
-    /// back if they reappear), as TCP connections get.
+    /// Gives associations whose key or backend left the snapshot, or whose backend turned not ready,
+    /// a drain deadline (and takes it back if they return), as TCP connections get.
     fn mark_sctp_draining(&mut self, snapshot: &Snapshot) {
         let now = self.now;
         for slot in &mut self.sctp.assocs {
             let Some(assoc) = slot.assoc.as_deref_mut() else { continue };
             let kept = snapshot.get(&assoc.key).is_some_and(|entry| match assoc.backend_id {
-                // `backends` is sorted by id (model invariant).
-                Some(id) => entry.backends.binary_search_by_key(&id, |b| b.id).is_ok(),
+                Some(id) => crate::worker::keeps_established(entry, id),
                 None => true,
             });
             if kept {
