@@ -71,20 +71,25 @@ fn a_ready_backend_refusing_connections_is_ejected_then_tried_again_after_the_ba
         .collect();
     let vip = SocketAddr::new(loopback(80), port_free_on(&[loopback(80)]));
     let dir = tempfile::tempdir().expect("temp dir");
-    save(&dir.path().join("web.yaml"), &manifest(vip, port, &ips, "3s", 50));
+    save(&dir.path().join("web.yaml"), &manifest(vip, port, &ips, "5s", 50));
 
     let mut ringlb = Ringlb::start(&["run", "--manifests", dir.path().to_str().expect("utf-8 path")]);
     ringlb.wait_ready();
     assert_eq!(ejected(&ringlb), 0);
+    let first_version = ringlb.status()["snapshot"]["version"].as_u64().expect("snapshot version");
 
     poll_until("the refusing backend to be ejected", || {
         connect_many(vip, 4);
         (ejected(&ringlb) == 1).then_some(())
     });
+    // The verdict is counted before the snapshot carrying it is published: wait for the publish.
+    poll_until("the snapshot without the ejected backend", || {
+        (ringlb.status()["snapshot"]["version"].as_u64() > Some(first_version)).then_some(())
+    });
     let status = ringlb.status();
     assert!(status["health"]["ejections"].as_u64().is_some_and(|n| n >= 1), "{status}");
     assert!(status["health"]["backend_events"].as_u64().is_some_and(|n| n >= 2), "{status}");
-    // While ejected (3 s, far longer than these connections take), it is not even tried.
+    // While ejected (5 s, far longer than these connections take), it is not even tried.
     let failures = connect_failures(&ringlb);
     connect_many(vip, 12);
     assert_eq!(connect_failures(&ringlb), failures, "an ejected backend got connect attempts");
