@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use io_uring::types::Timespec;
+use crate::ring::ConnectTarget;
 use lb_core::{BackendId, BackendIdx, EntryPolicy, ServiceEntry, VipKey};
-use socket2::{SockAddr, Socket};
+use socket2::Socket;
 
 use crate::pool::Pipe;
 use crate::ring::GENERATION_MASK;
@@ -94,8 +94,7 @@ pub(crate) struct Conn {
     pub tried: [BackendIdx; MAX_ATTEMPTS],
     pub tried_len: usize,
     /// Read by the kernel when the connect is submitted.
-    pub connect_addr: SockAddr,
-    pub connect_timeout: Timespec,
+    pub connect_target: ConnectTarget,
     pub policy: EntryPolicy,
     pub phase: Phase,
     pub connect_pending: bool,
@@ -129,8 +128,7 @@ impl Conn {
             counted: None,
             tried: [0; MAX_ATTEMPTS],
             tried_len: 0,
-            connect_addr: SockAddr::from(client_addr),
-            connect_timeout: Timespec::new(),
+            connect_target: ConnectTarget::unset(),
             policy,
             phase: Phase::Connecting,
             connect_pending: false,

@@ -12,11 +12,9 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use io_uring::opcode;
-use io_uring::squeue::Flags;
-use io_uring::types::{Fd, Timespec};
 use lb_core::VipKey;
 use lb_core::health::{BackendEvent, BackendOutcome};
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, Socket, Type};
 
 use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase, Which};
 use crate::relay::{self, Advanced, Next, Path};
@@ -127,30 +125,21 @@ impl Worker {
                     }
                 };
             let _ = socket.set_tcp_nodelay(true);
-            conn.connect_addr = SockAddr::from(addr);
             conn.backend_id = Some(backend.id);
-            let timeout = entry.policy.connect_timeout;
-            conn.connect_timeout = Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
-            let connect = opcode::Connect::new(
-                Fd(socket.as_raw_fd()),
-                conn.connect_addr.as_ptr().cast(),
-                conn.connect_addr.len(),
-            )
-            .build()
-            .flags(Flags::IO_LINK)
-            .user_data(UserData::new(OpKind::Connect, index, generation).encode());
-            let link_timeout = opcode::LinkTimeout::new(&conn.connect_timeout)
-                .build()
-                .user_data(UserData::new(OpKind::ConnectTimeout, index, generation).encode());
+            let fd = socket.as_raw_fd();
             conn.backend = Some(socket);
-            // SAFETY: the address and timespec live in the connection's boxed slot, which is not
-            // released before both completions are reaped; the kernel copies them at submission.
-            // The socket is owned by the connection for as long.
-            let pushed = self
-                .ring
-                .reserve(2)
-                .and_then(|()| unsafe { self.ring.push(&connect) })
-                .and_then(|()| unsafe { self.ring.push(&link_timeout) });
+            // SAFETY: the target lives in the connection's boxed slot, which is not released before
+            // both completions are reaped; the socket is owned by the connection for as long.
+            let pushed = unsafe {
+                self.ring.push_connect(
+                    fd,
+                    &mut conn.connect_target,
+                    addr,
+                    entry.policy.connect_timeout,
+                    UserData::new(OpKind::Connect, index, generation).encode(),
+                    UserData::new(OpKind::ConnectTimeout, index, generation).encode(),
+                )
+            };
             match pushed {
                 Ok(()) => {
                     conn.in_flight += 2;

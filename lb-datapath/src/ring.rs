@@ -8,9 +8,14 @@
 //! kernel has consumed it (callers of [`Ring::push`] promise this; see its safety contract).
 
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::RawFd;
+use std::time::Duration;
 
-use io_uring::squeue::Entry;
+use io_uring::squeue::{Entry, Flags};
+use io_uring::types::{Fd, Timespec};
 use io_uring::{IoUring, Probe, opcode};
+use socket2::SockAddr;
 
 /// What a completion belongs to. Stored in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +134,22 @@ const REQUIRED: &[(u8, &str)] = &[
     (opcode::Read::CODE, "READ"),
 ];
 
+/// What the kernel reads when a backend connect is submitted: the address and the linked timeout.
+/// It lives in the connection's boxed slot, so it stays put until the kernel has copied it.
+pub(crate) struct ConnectTarget {
+    addr: SockAddr,
+    timeout: Timespec,
+}
+
+impl ConnectTarget {
+    pub fn unset() -> ConnectTarget {
+        ConnectTarget {
+            addr: SockAddr::from(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)),
+            timeout: Timespec::new(),
+        }
+    }
+}
+
 /// One worker's ring.
 pub(crate) struct Ring {
     uring: IoUring,
@@ -186,6 +207,36 @@ impl Ring {
             self.uring.submit()?;
         }
         Ok(())
+    }
+
+    /// Submits a connect of `fd` to `addr` linked with a `timeout`, both in the same submission (a
+    /// chain cut at a submission boundary would lose the timeout). TCP and SCTP connect alike.
+    ///
+    /// # Safety
+    /// `target` must stay valid and unmoved until the next submit (the kernel copies it then), and
+    /// `fd` must stay open until both completions have been reaped.
+    pub unsafe fn push_connect(
+        &mut self,
+        fd: RawFd,
+        target: &mut ConnectTarget,
+        addr: SocketAddr,
+        timeout: Duration,
+        connect_user_data: u64,
+        timeout_user_data: u64,
+    ) -> io::Result<()> {
+        target.addr = SockAddr::from(addr);
+        target.timeout = Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
+        let connect = opcode::Connect::new(Fd(fd), target.addr.as_ptr().cast(), target.addr.len())
+            .build()
+            .flags(Flags::IO_LINK)
+            .user_data(connect_user_data);
+        let link_timeout = opcode::LinkTimeout::new(&target.timeout).build().user_data(timeout_user_data);
+        self.reserve(2)?;
+        // SAFETY: forwarded to the caller (see this function's contract).
+        unsafe {
+            self.push(&connect)?;
+            self.push(&link_timeout)
+        }
     }
 
     /// Registers a provided-buffer ring (5.19+) as buffer group `group`.

@@ -8,15 +8,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 
 use io_uring::opcode;
-use io_uring::squeue::Flags;
-use io_uring::types::{Fd, Timespec};
+use io_uring::types::Fd;
 use lb_core::VipKey;
-use socket2::{Domain, SockAddr, Socket};
+use socket2::{Domain, Socket};
 
 use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
 use super::{Assoc, B2C, C2B, Direction, Pending, abort_socket, dir_kind};
 use crate::connection::MAX_ATTEMPTS;
-use crate::ring::{OpKind, UserData};
+use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::stats;
 use crate::worker::Worker;
 
@@ -55,8 +54,7 @@ impl Worker {
             entry: Some(entry),
             tried: [0; MAX_ATTEMPTS],
             tried_len: 0,
-            connect_addr: SockAddr::from(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)),
-            connect_timeout: Timespec::new(),
+            connect_target: ConnectTarget::unset(),
             connect_pending: false,
             relaying: false,
             closing: false,
@@ -95,29 +93,21 @@ impl Worker {
                 stats::add(&self.counters.connect_failures, 1);
                 continue;
             };
-            assoc.connect_addr = SockAddr::from(addr);
             assoc.backend_id = Some(backend.id);
-            let timeout = entry.policy.connect_timeout;
-            assoc.connect_timeout = Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
-            let connect = opcode::Connect::new(
-                Fd(socket.as_raw_fd()),
-                assoc.connect_addr.as_ptr().cast(),
-                assoc.connect_addr.len(),
-            )
-            .build()
-            .flags(Flags::IO_LINK)
-            .user_data(UserData::new(OpKind::SctpConnect, index, generation).encode());
-            let link_timeout = opcode::LinkTimeout::new(&assoc.connect_timeout)
-                .build()
-                .user_data(UserData::new(OpKind::SctpConnectTimeout, index, generation).encode());
+            let fd = socket.as_raw_fd();
             assoc.backend = Some(socket);
-            // SAFETY: the address and timespec live in the boxed association, released only after
-            // both completions were reaped; the socket is owned by it for as long.
-            let pushed = self
-                .ring
-                .reserve(2)
-                .and_then(|()| unsafe { self.ring.push(&connect) })
-                .and_then(|()| unsafe { self.ring.push(&link_timeout) });
+            // SAFETY: the target lives in the boxed association, released only after both
+            // completions were reaped; the socket is owned by it for as long.
+            let pushed = unsafe {
+                self.ring.push_connect(
+                    fd,
+                    &mut assoc.connect_target,
+                    addr,
+                    entry.policy.connect_timeout,
+                    UserData::new(OpKind::SctpConnect, index, generation).encode(),
+                    UserData::new(OpKind::SctpConnectTimeout, index, generation).encode(),
+                )
+            };
             match pushed {
                 Ok(()) => {
                     assoc.in_flight += 2;

@@ -26,14 +26,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::opcode;
-use io_uring::types::{Fd, Timespec};
+use io_uring::types::Fd;
 use lb_core::{BackendId, BackendIdx, Protocol, ServiceEntry, Snapshot, VipKey};
-use socket2::{SockAddr, Socket};
+use socket2::Socket;
 
 use self::socket::{MsgBuf, bind_sctp_listener};
 use crate::connection::MAX_ATTEMPTS;
 use crate::listener::{Listener, ListenerTable};
-use crate::ring::{GENERATION_MASK, OpKind, UserData};
+use crate::ring::{ConnectTarget, GENERATION_MASK, OpKind, UserData};
 use crate::stats;
 use crate::worker::Worker;
 
@@ -67,8 +67,8 @@ struct Assoc {
     entry: Option<Arc<ServiceEntry>>,
     tried: [BackendIdx; MAX_ATTEMPTS],
     tried_len: usize,
-    connect_addr: SockAddr,
-    connect_timeout: Timespec,
+    /// Read by the kernel when the connect is submitted.
+    connect_target: ConnectTarget,
     connect_pending: bool,
     relaying: bool,
     closing: bool,
