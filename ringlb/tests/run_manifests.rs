@@ -206,3 +206,60 @@ fn run_serves_udp_services_with_replies_from_the_vip() {
     assert_eq!(created, 3, "one flow per client: {status}");
     assert!(ringlb.terminate().success());
 }
+
+/// A slice whose endpoints carry full `(ready, serving, terminating)` conditions.
+fn manifest_with_conditions(
+    vip: SocketAddr,
+    backend_port: u16,
+    endpoints: &[(std::net::IpAddr, [bool; 3])],
+) -> String {
+    let plain: Vec<_> = endpoints.iter().map(|(ip, [ready, ..])| (*ip, *ready)).collect();
+    let mut text = manifest(vip, backend_port, &plain);
+    for (ip, [ready, serving, terminating]) in endpoints {
+        let short = format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}\n");
+        let full = format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
+        );
+        text = text.replace(&short, &full);
+    }
+    text
+}
+
+#[test]
+fn without_ready_endpoints_serving_terminating_ones_take_new_connections_else_the_vip_refuses() {
+    let ips: Vec<_> = (91..=92).map(loopback).collect();
+    let backend_port = port_free_on(&ips);
+    let _backends: Vec<_> = ips
+        .iter()
+        .zip(["old-1", "old-2"])
+        .map(|(ip, name)| named_server_on(SocketAddr::new(*ip, backend_port), name).expect("backend"))
+        .collect();
+    let vip = SocketAddr::new(loopback(90), port_free_on(&[loopback(90)]));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("rollout.yaml");
+    // A rolling update with long drains: every pod terminating, old-1 still serving.
+    let draining = [(ips[0], [false, true, true]), (ips[1], [false, false, true])];
+    save(&file, &manifest_with_conditions(vip, backend_port, &draining));
+    let mut ringlb = Ringlb::start(&["run", "--manifests", file.to_str().expect("utf-8 path")]);
+    ringlb.wait_ready();
+    let seen = spread(vip, 6);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["old-1"],
+        "only the serving, terminating endpoint: {seen:?}"
+    );
+
+    // Nothing serving any more: the VIP refuses at once instead of hanging the client.
+    let gone = [(ips[0], [false, false, true]), (ips[1], [false, false, true])];
+    save(&file, &manifest_with_conditions(vip, backend_port, &gone));
+    poll_until("new connections to be refused", || {
+        let mut stream = std::net::TcpStream::connect(vip).ok()?;
+        stream.set_read_timeout(Some(support::IO_TIMEOUT)).ok()?;
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) | Err(_) => Some(()),
+            Ok(_) => None,
+        }
+    });
+    assert!(ringlb.terminate().success());
+}
