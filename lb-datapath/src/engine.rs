@@ -246,13 +246,12 @@ impl Drop for Engine {
     }
 }
 
-/// `Auto` is splice where the kernel has `IORING_OP_SPLICE`, else copy (see the relay module doc
-/// for the measurement); an explicit splice also falls back to copy on such a kernel.
+/// `Auto` is copy (see the relay module doc for the measurement); an explicit splice falls back to
+/// copy on a kernel without `IORING_OP_SPLICE`.
 fn choose_path(mode: RelayMode, features: RingFeatures, worker: usize) -> Path {
     match mode {
-        RelayMode::Copy => Path::Copy,
-        RelayMode::Auto | RelayMode::Splice if features.splice => Path::Splice,
-        RelayMode::Auto => Path::Copy,
+        RelayMode::Auto | RelayMode::Copy => Path::Copy,
+        RelayMode::Splice if features.splice => Path::Splice,
         RelayMode::Splice => {
             if worker == 0 {
                 tracing::warn!("kernel lacks IORING_OP_SPLICE; using the copy relay");

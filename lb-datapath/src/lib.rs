@@ -39,8 +39,7 @@ pub use udp::{StaleFlowPolicy, UdpConfig};
 /// How a worker moves bytes between client and backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RelayMode {
-    /// Chosen by measurement: [`RelayMode::Splice`] where the kernel supports it, else
-    /// [`RelayMode::Copy`] (numbers in the relay module doc).
+    /// Chosen by measurement: currently [`RelayMode::Copy`] (numbers in the relay module doc).
     #[default]
     Auto,
     /// recv/send through per-worker buffers.

@@ -7,11 +7,16 @@
 //!   blocking one would park an `iou-wrk` thread per idle connection, so we only splice once data is
 //!   there and treat `EAGAIN` as "poll again".
 //!
-//! `Auto` resolves to splice (copy on kernels without `IORING_OP_SPLICE`). Measured on this 2-core
-//! VM, kernel 6.18, one worker, loopback, `examples/relay_throughput.rs` (Gbit/s, noisy shared host):
-//! 1 stream: direct 18–22, copy 8.7–10.7, splice 10.7–11.7; 8 streams: direct 38–53, copy 7.3–13.8,
-//! splice 16–16.6 (copy with 256 KiB buffers: 7.6 / 13.8). Splice never lost, and it keeps payload out
-//! of user space; copy stays selectable (`RelayMode::Copy`) for hosts where measurement says otherwise.
+//! `Auto` resolves to copy. Bulk alone favours splice (this 2-core VM, kernel 6.18, one worker,
+//! loopback, `examples/relay_throughput.rs`, Gbit/s: 1 stream copy 8.7–10.7 vs splice 10.7–11.7;
+//! 8 streams 7.3–13.8 vs 16–16.6), but an io_uring splice on a socket is always executed by an io-wq
+//! thread, so every small message pays two thread hand-offs. The interleaved A/B of
+//! `bench/results/relay-ab/RESULTS.md` (3 rounds, quiet machine) measured copy at 2.2x splice's
+//! requests/s on 64 B ping-pong over 32 connections, 1.4–1.5x on HTTP keep-alive and close and on
+//! one-connection ping-pong, at about half the proxy CPU; splice kept 1.18x on one bulk stream. An L4
+//! load balancer mostly carries request/response traffic, so copy is the default and `--relay
+//! splice` stays for bulk-only VIPs. (Choosing per connection by observed message size is the next
+//! step.)
 //!
 //! Invariant: a direction has at most one operation in flight, recorded in [`Direction::pending`].
 //! This module never closes sockets or frees slots; it reports what happened and the worker acts.
