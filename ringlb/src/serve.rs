@@ -142,7 +142,7 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
     let engine = Arc::new(
         Engine::start(config.clone(), Arc::new(Snapshot::empty())).context("starting the datapath")?,
     );
-    tracing::info!(workers = config.workers, relay = ?config.relay, "datapath started");
+    tracing::info!(workers = config.workers, relay = ?engine.relay_mode(), "datapath started");
     let published = Arc::new(AtomicBool::new(false));
     let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published) };
 
