@@ -11,8 +11,11 @@
 use std::io;
 use std::net::SocketAddr;
 
+use io_uring::squeue::Entry;
 use lb_core::VipKey;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+
+use crate::ring::Ring;
 
 /// Pending-connection queue length asked for (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -48,6 +51,26 @@ pub(crate) struct Listener {
     pub closing: bool,
     /// The last accept failed with a resource error (e.g. `EMFILE`); re-arm at the next tick.
     pub rearm_at_tick: bool,
+}
+
+impl Listener {
+    /// Queues `accept` and records it as armed; if the ring refuses it, the listener is left to be
+    /// re-armed at the next housekeeping tick. Shared by the TCP and SCTP listeners.
+    ///
+    /// # Safety
+    /// `accept` must be an accept on this listener's socket that passes no user memory, and the
+    /// socket must stay open until the accept's final completion has been reaped.
+    pub unsafe fn arm(&mut self, ring: &mut Ring, accept: &Entry, multishot: bool, worker: usize) {
+        self.armed = true;
+        self.multishot = multishot;
+        self.rearm_at_tick = false;
+        // SAFETY: forwarded to the caller (see this function's contract).
+        if let Err(err) = unsafe { ring.push(accept) } {
+            self.armed = false;
+            self.rearm_at_tick = true;
+            tracing::warn!(worker, key = %self.key, protocol = %self.key.protocol, error = %err, "cannot arm accept");
+        }
+    }
 }
 
 struct Slot {

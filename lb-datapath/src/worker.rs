@@ -299,16 +299,9 @@ impl Worker {
                 .build()
                 .user_data(user_data)
         };
-        listener.armed = true;
-        listener.multishot = multishot;
-        listener.rearm_at_tick = false;
         // SAFETY: no user memory is passed (null address pointers); the listening socket is only
         // dropped once the accept's final completion (no IORING_CQE_F_MORE) was reaped.
-        if let Err(err) = unsafe { self.ring.push(&entry) } {
-            listener.armed = false;
-            listener.rearm_at_tick = true;
-            tracing::warn!(worker = self.settings.index, key = %listener.key, error = %err, "cannot arm accept");
-        }
+        unsafe { listener.arm(&mut self.ring, &entry, multishot, self.settings.index) };
     }
 
     /// Stops accepting on a listener: the kernel stops listening at once (`shutdown(SHUT_RD)` on a

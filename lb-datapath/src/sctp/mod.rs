@@ -248,15 +248,9 @@ impl Worker {
                 .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
                 .build()
                 .user_data(UserData::new(OpKind::SctpAccept, index, generation).encode());
-        listener.armed = true;
-        listener.rearm_at_tick = false;
         // SAFETY: no user memory is passed; the listening socket is dropped only after the accept's
         // completion was reaped.
-        if let Err(err) = unsafe { self.ring.push(&entry) } {
-            listener.armed = false;
-            listener.rearm_at_tick = true;
-            tracing::warn!(worker = self.settings.index, key = %listener.key, error = %err, "cannot arm SCTP accept");
-        }
+        unsafe { listener.arm(&mut self.ring, &entry, false, self.settings.index) };
     }
 
     fn close_sctp_listener(&mut self, index: u32) {
