@@ -256,10 +256,14 @@ fn client_ip_affinity_sends_every_udp_flow_of_one_client_ip_to_one_backend() {
         snapshot(1, vec![with_affinity(entry(key, &backends, test_policy()))]),
     );
     // Each client socket has its own port, hence its own flow; round robin alone would spread them.
-    let names: Vec<String> = (0..6)
-        .map(|i| {
+    // The sockets stay open so a closed one's port cannot be reused by the next.
+    let clients: Vec<_> = (0..6).map(|_| udp_client()).collect();
+    let names: Vec<String> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, client)| {
             let payload = format!("flow {i}");
-            let (reply, _) = udp_exchange(&udp_client(), key.socket_addr(), payload.as_bytes());
+            let (reply, _) = udp_exchange(client, key.socket_addr(), payload.as_bytes());
             let colon = reply.iter().position(|&b| b == b':').expect("a named reply");
             String::from_utf8(reply[..colon].to_vec()).expect("ascii name")
         })

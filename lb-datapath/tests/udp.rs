@@ -172,8 +172,11 @@ fn not_ready_backend_gets_no_new_flows() {
     let key = udp_key(64);
     let engine =
         udp_engine(2, vec![entry(key, &[(ready.addr(), true), (not_ready.addr(), false)], test_policy())]);
-    for i in 0..20 {
-        let (reply, _) = udp_exchange(&udp_client(), key.socket_addr(), format!("{i}").as_bytes());
+    // Clients stay open so each has its own port: a closed client's port can be reused by the next,
+    // which would make it the same flow.
+    let clients: Vec<_> = (0..20).map(|_| udp_client()).collect();
+    for (i, client) in clients.iter().enumerate() {
+        let (reply, _) = udp_exchange(client, key.socket_addr(), format!("{i}").as_bytes());
         assert_eq!(named(&reply).0, "ready");
     }
     assert_eq!(not_ready.received(), 0);
