@@ -254,6 +254,15 @@ impl ServiceEntry {
         self.eligible.binary_search(&idx).is_ok()
     }
 
+    /// Whether serving this entry reads the client's address: source ranges, session affinity or a
+    /// scheduler hashing it. The datapath skips looking the address up (a `getpeername` per
+    /// connection) when it does not.
+    pub fn needs_client_address(&self) -> bool {
+        !self.traffic.source_ranges.is_empty()
+            || self.traffic.session_affinity.is_some()
+            || self.scheduler.kind().uses_client()
+    }
+
     /// Whether `client` may connect at all (see [`TrafficPolicy::allows`]).
     pub fn allows(&self, client: IpAddr) -> bool {
         self.traffic.allows(client)
@@ -310,5 +319,32 @@ impl Snapshot {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::SchedulerKind;
+    use crate::testing::entry;
+
+    #[test]
+    fn only_ranges_affinity_and_client_hashing_need_the_client_address() {
+        let mut plain = entry(&[true, true], TrafficPolicy::default());
+        assert!(!plain.needs_client_address());
+        for kind in SchedulerKind::ALL {
+            plain.scheduler = Scheduler::build(*kind, &plain.backends, &plain.eligible);
+            let hashes_client =
+                matches!(kind, SchedulerKind::SourceHash | SchedulerKind::Maglev | SchedulerKind::RingHash);
+            assert_eq!(plain.needs_client_address(), hashes_client, "{kind}");
+        }
+        let ranged = TrafficPolicy {
+            source_ranges: vec!["10.0.0.0/8".parse().expect("cidr")],
+            ..TrafficPolicy::default()
+        };
+        assert!(entry(&[true], ranged).needs_client_address());
+        let sticky =
+            TrafficPolicy { session_affinity: Some(Duration::from_secs(60)), ..TrafficPolicy::default() };
+        assert!(entry(&[true], sticky).needs_client_address());
     }
 }

@@ -57,6 +57,10 @@ pub(crate) struct Direction {
     pub buffer: Option<Box<[u8]>>,
     pub start: usize,
     pub end: usize,
+    /// Copy relay: the last receive left the socket drained (it did not fill the buffer), so the
+    /// next one waits for readability before trying (`IORING_RECVSEND_POLL_FIRST`) instead of
+    /// paying for a receive that would only say "try again".
+    pub drained: bool,
     /// Splice relay: bytes wait in `pipe.buffered`.
     pub pipe: Option<Pipe>,
     /// The source sent EOF; once the pending bytes are written the destination gets `SHUT_WR`.
@@ -72,6 +76,7 @@ impl Direction {
             buffer: None,
             start: 0,
             end: 0,
+            drained: false,
             pipe: None,
             eof: false,
             done: false,
@@ -134,7 +139,8 @@ impl Conn {
             connect_pending: false,
             in_flight: 0,
             client_to_backend: Direction::new(),
-            backend_to_client: Direction::new(),
+            // Most protocols have the client speak first: the backend has nothing to read yet.
+            backend_to_client: Direction { drained: true, ..Direction::new() },
             last_activity: now,
             drain_deadline: None,
             reset: false,

@@ -74,6 +74,7 @@ impl Engine {
                 splice: false,
                 send_zc: false,
                 multishot_recvmsg: false,
+                recv_poll_first: false,
             },
             relay: config.relay,
             config: config.clone(),

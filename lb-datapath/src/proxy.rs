@@ -30,12 +30,31 @@ fn direction_kind(which: Which) -> OpKind {
 }
 
 /// A connect to a local port nobody listens on can pick that same port as its source and "succeed"
-/// by TCP simultaneous open, connecting the socket to itself; that backend is in fact down.
-fn connected_to_itself(socket: &Socket, backend: Option<lb_core::BackendId>) -> bool {
+/// by TCP simultaneous open, connecting the socket to itself; that backend is in fact down. Only a
+/// backend port inside the kernel's ephemeral range can be picked as a source port, so only those
+/// cost a `getsockname` (any local address, not only loopback, can be a backend in appliance mode).
+fn connected_to_itself(
+    socket: &Socket,
+    backend: Option<lb_core::BackendId>,
+    ephemeral: &std::ops::RangeInclusive<u16>,
+) -> bool {
     let Some(backend) = backend else { return false };
-    // Checked for every backend (one getsockname per connection): any local address, not only
-    // loopback, can be a backend in appliance mode.
+    if !ephemeral.contains(&backend.0.port()) {
+        return false;
+    }
     socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(backend.0)
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`, which IPv6 shares). Unreadable:
+/// every port, so the self-connect check errs on the side of checking.
+pub(crate) fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(|part| part.parse::<u16>().ok());
+            Some(bounds.next()??..=bounds.next()??)
+        })
+        .unwrap_or(0..=u16::MAX)
 }
 
 /// Whether a relay completion says the backend broke the connection: reading from it failed (not
@@ -71,11 +90,13 @@ impl Worker {
             reset_socket(client);
             return;
         };
-        let client_addr = client
-            .peer_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+        // Most entries never read the client's address; a `getpeername` per connection is skipped.
+        let unknown = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+        let client_addr = if entry.needs_client_address() {
+            client.peer_addr().ok().and_then(|a| a.as_socket()).unwrap_or(unknown)
+        } else {
+            unknown
+        };
         // `loadBalancerSourceRanges` comes before anything else: no slot, no pick, no backend connect.
         // (A client whose address cannot be read is refused when ranges are set: it is gone anyway.)
         if !entry.allows(client_addr.ip()) {
@@ -168,7 +189,12 @@ impl Worker {
             self.release_if_idle(data.slot, data.generation);
             return;
         }
-        if result < 0 || conn.backend.as_ref().is_some_and(|b| connected_to_itself(b, conn.backend_id)) {
+        if result < 0
+            || conn
+                .backend
+                .as_ref()
+                .is_some_and(|b| connected_to_itself(b, conn.backend_id, &self.ephemeral_ports))
+        {
             // Refused, unreachable, -ECANCELED when the link timeout fired, or a TCP self-connect.
             stats::add(&self.counters.connect_failures, 1);
             let (key, backend) = (conn.key, conn.backend_id);
@@ -395,5 +421,34 @@ impl Worker {
         stats::set(&self.counters.buffers_in_use, self.buffers.in_use as u64);
         stats::set(&self.counters.pipes_in_use, self.pipes.in_use as u64);
         stats::set(&self.counters.pipes_idle, self.pipes.idle() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ephemeral_range_matches_the_kernels() {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("procfs");
+        let bounds: Vec<u16> = text.split_whitespace().map(|p| p.parse().expect("port")).collect();
+        assert_eq!(ephemeral_port_range(), bounds[0]..=bounds[1]);
+    }
+
+    #[test]
+    fn a_socket_connected_to_itself_is_recognised() {
+        // Binding first to an ephemeral port and connecting to that same address is a TCP
+        // simultaneous open with itself: exactly what a connect to an unused local port can become.
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+        let own = socket.local_addr().expect("local").as_socket().expect("inet");
+        socket.connect(&own.into()).expect("self-connect succeeds");
+        let backend = Some(lb_core::BackendId(own));
+        assert!(connected_to_itself(&socket, backend, &(own.port()..=own.port())));
+        assert!(connected_to_itself(&socket, backend, &ephemeral_port_range()));
+        // A port outside the ephemeral range cannot be a source port the kernel picked: not checked.
+        assert!(!connected_to_itself(&socket, backend, &(1..=own.port() - 1)));
+        let other = Some(lb_core::BackendId(SocketAddr::from(([127, 0, 0, 1], own.port() ^ 1))));
+        assert!(!connected_to_itself(&socket, other, &(0..=u16::MAX)));
     }
 }

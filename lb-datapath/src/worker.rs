@@ -77,6 +77,8 @@ pub(crate) struct Worker {
     stopping: bool,
     scratch: Vec<(u32, u32)>,
     pub events: EventBuffer,
+    /// The kernel's ephemeral ports, re-read with every snapshot (see `proxy::connected_to_itself`).
+    pub ephemeral_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl Worker {
@@ -116,6 +118,7 @@ impl Worker {
             stopping: false,
             scratch: Vec::new(),
             events: EventBuffer::new(settings_events),
+            ephemeral_ports: crate::proxy::ephemeral_port_range(),
         }
     }
 
@@ -223,6 +226,7 @@ impl Worker {
     /// Opens listeners for new TCP keys, closes those of removed keys, and sets drain deadlines; then
     /// does the same for UDP keys (their sockets and flows).
     fn reconcile(&mut self, snapshot: &Snapshot) {
+        self.ephemeral_ports = crate::proxy::ephemeral_port_range();
         let mut removed = Vec::new();
         for (index, listener) in self.listeners.iter_mut() {
             if !listener.closing && snapshot.get(&listener.key).is_none() {

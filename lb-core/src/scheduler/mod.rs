@@ -108,6 +108,11 @@ impl SchedulerKind {
         }
     }
 
+    /// Whether picks hash the client's address ([`PickContext::client`]); the others never read it.
+    pub fn uses_client(self) -> bool {
+        matches!(self, SchedulerKind::SourceHash | SchedulerKind::Maglev | SchedulerKind::RingHash)
+    }
+
     /// Whether picks depend on the datapath's [`LoadTable`].
     pub fn uses_load(self) -> bool {
         matches!(

@@ -11,6 +11,9 @@ use io_uring::{opcode, types::Fd};
 use crate::connection::{Direction, Pending};
 use crate::ring::Ring;
 
+/// `IORING_RECVSEND_POLL_FIRST` from `<linux/io_uring.h>` (the `io-uring` crate keeps its `sys` private).
+const RECVSEND_POLL_FIRST: u16 = 1;
+
 pub(crate) fn recv(
     ring: &mut Ring,
     direction: &mut Direction,
@@ -18,8 +21,11 @@ pub(crate) fn recv(
     user_data: u64,
 ) -> io::Result<()> {
     let buffer = direction.buffer.as_mut().ok_or_else(|| io::Error::other("copy relay without a buffer"))?;
-    let entry =
-        opcode::Recv::new(Fd(source), buffer.as_mut_ptr(), buffer.len() as u32).build().user_data(user_data);
+    let ioprio = if direction.drained && ring.features.recv_poll_first { RECVSEND_POLL_FIRST } else { 0 };
+    let entry = opcode::Recv::new(Fd(source), buffer.as_mut_ptr(), buffer.len() as u32)
+        .ioprio(ioprio)
+        .build()
+        .user_data(user_data);
     // SAFETY: the buffer is a heap allocation owned by the connection's slot; it is given back to the
     // pool only when the connection is released, which waits for this completion.
     unsafe { ring.push(&entry) }?;

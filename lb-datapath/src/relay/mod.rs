@@ -154,6 +154,7 @@ pub(crate) fn complete(direction: &mut Direction, result: i32) -> Completed {
                 if pending == Pending::Recv {
                     direction.start = 0;
                     direction.end = n;
+                    direction.drained = direction.buffer.as_ref().is_some_and(|b| n < b.len());
                 } else if let Some(pipe) = direction.pipe.as_mut() {
                     pipe.buffered += n;
                 }
