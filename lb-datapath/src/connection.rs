@@ -46,8 +46,6 @@ pub(crate) enum Pending {
     Send,
     PollIn,
     PollOut,
-    SpliceIn,
-    SpliceOut,
 }
 
 /// State of one relay direction.
@@ -61,6 +59,10 @@ pub(crate) struct Direction {
     /// next one waits for readability before trying (`IORING_RECVSEND_POLL_FIRST`) instead of
     /// paying for a receive that would only say "try again".
     pub drained: bool,
+    /// Copy relay: receives in a row that filled the whole buffer (see `relay::BULK_READS`).
+    pub full_reads: u8,
+    /// This direction splices (bytes wait in `pipe.buffered`) instead of copying.
+    pub spliced: bool,
     /// Splice relay: bytes wait in `pipe.buffered`.
     pub pipe: Option<Pipe>,
     /// The source sent EOF; once the pending bytes are written the destination gets `SHUT_WR`.
@@ -77,6 +79,8 @@ impl Direction {
             start: 0,
             end: 0,
             drained: false,
+            full_reads: 0,
+            spliced: false,
             pipe: None,
             eof: false,
             done: false,

@@ -126,7 +126,7 @@ impl Engine {
                         }
                     };
                     let mut settings = settings;
-                    settings.path = choose_path(relay, ring.features, index);
+                    settings.path = choose_path(relay);
                     let _ = started.send((index, Ok(ring.features)));
                     Worker::new(ring, settings, shared, counters, reconciled, wake_fd).run();
                 })
@@ -162,10 +162,7 @@ impl Engine {
                 }
             }
         }
-        engine.relay = match choose_path(config.relay, engine.features, usize::MAX) {
-            Path::Copy => RelayMode::Copy,
-            Path::Splice => RelayMode::Splice,
-        };
+        engine.relay = config.relay;
         Ok(engine)
     }
 
@@ -247,18 +244,13 @@ impl Drop for Engine {
     }
 }
 
-/// `Auto` is copy (see the relay module doc for the measurement); an explicit splice falls back to
-/// copy on a kernel without `IORING_OP_SPLICE`.
-fn choose_path(mode: RelayMode, features: RingFeatures, worker: usize) -> Path {
+/// The relay path of a mode. Splicing runs `splice(2)` inline (no `IORING_OP_SPLICE` needed), so
+/// every kernel can do all three.
+fn choose_path(mode: RelayMode) -> Path {
     match mode {
-        RelayMode::Auto | RelayMode::Copy => Path::Copy,
-        RelayMode::Splice if features.splice => Path::Splice,
-        RelayMode::Splice => {
-            if worker == 0 {
-                tracing::warn!("kernel lacks IORING_OP_SPLICE; using the copy relay");
-            }
-            Path::Copy
-        }
+        RelayMode::Auto => Path::Adaptive,
+        RelayMode::Copy => Path::Copy,
+        RelayMode::Splice => Path::Splice,
     }
 }
 

@@ -39,12 +39,13 @@ pub use udp::{StaleFlowPolicy, UdpConfig};
 /// How a worker moves bytes between client and backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RelayMode {
-    /// Chosen by measurement: currently [`RelayMode::Copy`] (numbers in the relay module doc).
+    /// Copy first; a connection direction that proves bulk (full buffers in a row) moves to splice.
+    /// Request/response traffic stays on copy, bulk streams get zero-copy (see the relay module).
     #[default]
     Auto,
-    /// recv/send through per-worker buffers.
+    /// recv/send through per-worker buffers, for every connection.
     Copy,
-    /// `splice` through pipes from a per-worker pool.
+    /// `splice(2)` through pipes from a per-worker pool, for every connection.
     Splice,
 }
 

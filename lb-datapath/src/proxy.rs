@@ -65,10 +65,8 @@ fn backend_failed(which: Which, pending: Pending, result: i32) -> bool {
         return false;
     }
     match (which, pending) {
-        (Which::BackendToClient, Pending::Recv | Pending::SpliceIn) => true,
-        (Which::ClientToBackend, Pending::Send | Pending::SpliceOut) => {
-            result == -libc::ECONNRESET || result == -libc::EPIPE
-        }
+        (Which::BackendToClient, Pending::Recv) => true,
+        (Which::ClientToBackend, Pending::Send) => result == -libc::ECONNRESET || result == -libc::EPIPE,
         _ => false,
     }
 }
@@ -235,17 +233,21 @@ impl Worker {
         conn.last_activity = self.now;
         for which in [Which::ClientToBackend, Which::BackendToClient] {
             let direction = conn.direction(which);
-            match path {
-                Path::Copy => direction.buffer = Some(self.buffers.take()),
-                Path::Splice => match self.pipes.take() {
-                    Ok(pipe) => direction.pipe = Some(pipe),
+            if path == Path::Splice {
+                match self.pipes.take() {
+                    Ok(pipe) => {
+                        direction.pipe = Some(pipe);
+                        direction.spliced = true;
+                    }
                     Err(err) => {
                         tracing::warn!(error = %err, "cannot create a relay pipe");
                         self.update_pool_gauges();
                         self.begin_close(index, generation, true);
                         return;
                     }
-                },
+                }
+            } else {
+                direction.buffer = Some(self.buffers.take());
             }
         }
         self.update_pool_gauges();
@@ -256,10 +258,41 @@ impl Worker {
         }
     }
 
+    /// Moves an adaptive direction that proved bulk from copy to splice: its (empty) buffer goes back
+    /// to the pool and a pipe takes its place. Without a pipe (out of fds) it simply keeps copying.
+    fn switch_to_splice(&mut self, index: u32, generation: u32, which: Which) {
+        let pipe = match self.pipes.take() {
+            Ok(pipe) => pipe,
+            Err(err) => {
+                tracing::debug!(error = %err, "no pipe for a bulk connection; it keeps copying");
+                return;
+            }
+        };
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            self.pipes.give(pipe);
+            return;
+        };
+        let direction = conn.direction(which);
+        direction.pipe = Some(pipe);
+        direction.spliced = true;
+        if let Some(buffer) = direction.buffer.take() {
+            self.buffers.give(buffer);
+        }
+        stats::add(&self.counters.relay_spliced, 1);
+        self.update_pool_gauges();
+    }
+
     /// Issues the operation `next` asks for on one direction. Returns false if the connection was
     /// closed as a consequence.
     fn step(&mut self, index: u32, generation: u32, which: Which, next: Next) -> bool {
-        let path = self.settings.path;
+        if next == Next::Advance
+            && self
+                .conns
+                .get_mut(index, generation)
+                .is_some_and(|conn| relay::wants_splice(self.settings.path, conn.direction(which)))
+        {
+            self.switch_to_splice(index, generation, which);
+        }
         let Some(conn) = self.conns.get_mut(index, generation) else { return false };
         let Some(backend) = conn.backend.as_ref() else { return false };
         let (client_fd, backend_fd) = (conn.client.as_raw_fd(), backend.as_raw_fd());
@@ -270,9 +303,9 @@ impl Worker {
         let user_data = UserData::new(direction_kind(which), index, generation).encode();
         let direction = conn.direction(which);
         let issued = match next {
-            Next::Advance => relay::advance(&mut self.ring, path, direction, source, destination, user_data),
+            Next::Advance => relay::advance(&mut self.ring, direction, source, destination, user_data),
             Next::ReadNow => {
-                relay::read_now(&mut self.ring, path, direction, source, user_data).map(|()| Advanced::Issued)
+                relay::read_now(&mut self.ring, direction, source, user_data).map(|()| Advanced::Issued)
             }
             Next::PollIn => {
                 relay::poll(&mut self.ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)
@@ -318,14 +351,33 @@ impl Worker {
         let pending = conn.direction(which).pending;
         let mut backend_reset = backend_failed(which, pending, result);
         let mut completed = relay::complete(conn.direction(which), result);
+        let (client_fd, backend_fd) = (conn.client.as_raw_fd(), conn.backend.as_ref().map(|b| b.as_raw_fd()));
+        let (source, destination) = match which {
+            Which::ClientToBackend => (Some(client_fd), backend_fd),
+            Which::BackendToClient => (backend_fd, Some(client_fd)),
+        };
+        let closing = conn.phase == Phase::Closing;
+        let direction = conn.direction(which);
+        if direction.spliced
+            && !closing
+            && matches!(completed.next, Next::ReadNow | Next::Advance)
+            && !direction.eof
+            && let (Some(source), Some(destination)) = (source, destination)
+        {
+            // The poll said the source is readable (or the destination writable): move the bytes now.
+            let direction = conn.direction(which);
+            let pumped = relay::splice::pump(direction, source, destination, relay::SPLICE_BUDGET);
+            completed = pumped.completed;
+            if let Some((failed, errno)) = pumped.failure {
+                backend_reset |= backend_failed(which, failed, errno);
+            }
+        }
         if completed.eof {
             // The state tells a reset apart only while we have not sent our own FIN on the source:
             // after it, the peer's FIN moves the socket to TIME_WAIT, which leaves it in TCP_CLOSE too.
-            let (source, fin_sent) = match which {
-                Which::ClientToBackend => (Some(conn.client.as_raw_fd()), conn.backend_to_client.done),
-                Which::BackendToClient => {
-                    (conn.backend.as_ref().map(|b| b.as_raw_fd()), conn.client_to_backend.done)
-                }
+            let fin_sent = match which {
+                Which::ClientToBackend => conn.backend_to_client.done,
+                Which::BackendToClient => conn.client_to_backend.done,
             };
             if !fin_sent && source.is_some_and(relay::source_was_reset) {
                 completed.next = Next::Reset;

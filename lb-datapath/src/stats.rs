@@ -27,6 +27,7 @@ pub(crate) struct WorkerCounters {
     pub buffers_in_use: AtomicU64,
     pub pipes_in_use: AtomicU64,
     pub pipes_idle: AtomicU64,
+    pub relay_spliced: AtomicU64,
     pub udp_listeners: AtomicU64,
     pub flows_active: AtomicU64,
     pub flows_created: AtomicU64,
@@ -85,6 +86,7 @@ impl WorkerCounters {
             buffers_in_use: get(&self.buffers_in_use),
             pipes_in_use: get(&self.pipes_in_use),
             pipes_idle: get(&self.pipes_idle),
+            relay_spliced: get(&self.relay_spliced),
             udp_listeners: get(&self.udp_listeners),
             flows_active: get(&self.flows_active),
             flows_created: get(&self.flows_created),
@@ -152,6 +154,8 @@ pub struct WorkerStats {
     pub pipes_in_use: u64,
     /// Pipes kept open in the pool for reuse (two fds each).
     pub pipes_idle: u64,
+    /// Relay directions the adaptive relay moved from copy to splice (they proved bulk).
+    pub relay_spliced: u64,
     /// UDP VIP sockets currently open (one per worker and UDP key).
     pub udp_listeners: u64,
     /// UDP flows currently in the flow tables.
@@ -233,6 +237,7 @@ impl EngineStats {
             buffers_in_use: a.buffers_in_use + w.buffers_in_use,
             pipes_in_use: a.pipes_in_use + w.pipes_in_use,
             pipes_idle: a.pipes_idle + w.pipes_idle,
+            relay_spliced: a.relay_spliced + w.relay_spliced,
             udp_listeners: a.udp_listeners + w.udp_listeners,
             flows_active: a.flows_active + w.flows_active,
             flows_created: a.flows_created + w.flows_created,

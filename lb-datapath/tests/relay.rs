@@ -1,4 +1,4 @@
-//! Relay behaviour over real loopback sockets: bytes arrive intact both ways with both relay paths,
+//! Relay behaviour over real loopback sockets: bytes arrive intact both ways with every relay mode,
 //! half-close is propagated, and a backend reset reaches the client as a reset.
 
 mod support;
@@ -34,7 +34,7 @@ fn echo_passes_through_the_proxy() {
 
 const GIB: u64 = 1 << 30;
 
-fn transfer_both_ways_intact(relay: RelayMode, octet: u8) {
+fn transfer_both_ways_intact(relay: RelayMode, octet: u8) -> lb_datapath::Engine {
     let (backend, reports) = stream_server().expect("stream backend");
     let key = tcp_key(octet);
     let engine =
@@ -58,6 +58,7 @@ fn transfer_both_ways_intact(relay: RelayMode, octet: u8) {
     let total = engine.stats().total();
     assert_eq!(total.bytes_backend_to_client, GIB);
     assert_eq!(total.bytes_client_to_backend, GIB + 24);
+    engine
 }
 
 #[test]
@@ -124,7 +125,7 @@ fn backend_reset_reaches_the_client_as_a_reset_with_splice() {
 }
 
 #[test]
-fn auto_relay_resolves_to_copy_even_on_a_kernel_with_splice() {
+fn auto_relay_keeps_small_messages_on_copy() {
     let backend = echo_server().expect("echo backend");
     let key = tcp_key(17);
     let engine = start_engine(
@@ -132,8 +133,29 @@ fn auto_relay_resolves_to_copy_even_on_a_kernel_with_splice() {
         RelayMode::Auto,
         snapshot(1, vec![entry(key, &[(backend.addr(), true)], test_policy())]),
     );
-    assert!(engine.features().splice, "this kernel has IORING_OP_SPLICE");
-    assert_eq!(engine.relay_mode(), RelayMode::Copy);
+    assert_eq!(engine.relay_mode(), RelayMode::Auto);
     let mut client = connect(key.socket_addr());
-    assert_eq!(round_trip(&mut client, b"auto"), b"auto");
+    for _ in 0..100 {
+        assert_eq!(round_trip(&mut client, b"small request"), b"small request");
+    }
+    let total = engine.stats().total();
+    assert_eq!(total.relay_spliced, 0, "request/response traffic never leaves the copy relay");
+    assert_eq!(total.pipes_in_use, 0);
+}
+
+#[test]
+fn one_gib_each_way_arrives_intact_when_auto_relay_switches_to_splice() {
+    let engine = transfer_both_ways_intact(RelayMode::Auto, 18);
+    let total = engine.stats().total();
+    assert_eq!(total.relay_spliced, 2, "both bulk directions moved to splice");
+}
+
+#[test]
+fn client_half_close_still_receives_the_full_response_with_auto_relay() {
+    check_half_close(RelayMode::Auto, 19);
+}
+
+#[test]
+fn backend_reset_reaches_the_client_as_a_reset_with_auto_relay() {
+    check_backend_reset(RelayMode::Auto, 60);
 }

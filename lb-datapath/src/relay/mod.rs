@@ -1,22 +1,16 @@
 //! Moving bytes of one relay direction: which operation to issue next and what a completion means.
 //!
-//! Two paths, chosen per engine by [`crate::RelayMode`]:
-//! - [`copy`]: `recv` into a pooled buffer, `send` it on (partial sends resumed);
-//! - [`splice`]: wait for readability (`POLL_ADD POLLIN`), then `splice` socket→pipe→socket with
-//!   `SPLICE_F_NONBLOCK`. An io_uring splice from a socket is always punted to an io-wq worker; a
-//!   blocking one would park an `iou-wrk` thread per idle connection, so we only splice once data is
-//!   there and treat `EAGAIN` as "poll again".
+//! A direction moves its bytes one of two ways:
+//! - [`copy`]: `recv` into a pooled buffer, `send` it on (partial sends resumed), both through
+//!   io_uring;
+//! - [`splice`]: wait for readiness with an io_uring poll, then [`splice::pump`] socket→pipe→socket
+//!   with `splice(2)` inline (see that module for why not `IORING_OP_SPLICE`).
 //!
-//! `Auto` resolves to copy. Bulk alone favours splice (this 2-core VM, kernel 6.18, one worker,
-//! loopback, `examples/relay_throughput.rs`, Gbit/s: 1 stream copy 8.7–10.7 vs splice 10.7–11.7;
-//! 8 streams 7.3–13.8 vs 16–16.6), but an io_uring splice on a socket is always executed by an io-wq
-//! thread, so every small message pays two thread hand-offs. The interleaved A/B of
-//! `bench/results/relay-ab/RESULTS.md` (3 rounds, quiet machine) measured copy at 2.2x splice's
-//! requests/s on 64 B ping-pong over 32 connections, 1.4–1.5x on HTTP keep-alive and close and on
-//! one-connection ping-pong, at about half the proxy CPU; splice kept 1.18x on one bulk stream. An L4
-//! load balancer mostly carries request/response traffic, so copy is the default and `--relay
-//! splice` stays for bulk-only VIPs. (Choosing per connection by observed message size is the next
-//! step.)
+//! [`Path`] says which a connection uses. `Adaptive` (`RelayMode::Auto`) starts every direction
+//! with copy, which wins on request/response traffic (fewer calls per small message), and moves a
+//! direction to splice once [`BULK_READS`] receives in a row filled the whole buffer: a bulk
+//! stream, where splice saves the two copies of every byte through the proxy. The switch happens
+//! only between operations with nothing buffered, so no byte is reordered; it is one-way.
 //!
 //! Invariant: a direction has at most one operation in flight, recorded in [`Direction::pending`].
 //! This module never closes sockets or frees slots; it reports what happened and the worker acts.
@@ -30,11 +24,30 @@ use std::os::fd::RawFd;
 use crate::connection::{Direction, Pending};
 use crate::ring::Ring;
 
-/// The relay path a worker uses for all its connections.
+/// How a worker relays its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Path {
+    /// Every direction copies.
     Copy,
+    /// Every direction splices.
     Splice,
+    /// Copy first; a direction that proves bulk moves to splice (see the module doc).
+    Adaptive,
+}
+
+/// Receives in a row that filled the whole copy buffer after which an adaptive direction splices.
+pub(crate) const BULK_READS: u8 = 2;
+
+/// Bytes one splice [`splice::pump`] reads before yielding to the worker's other connections.
+pub(crate) const SPLICE_BUDGET: usize = 1 << 20;
+
+/// Whether an adaptive direction should move to splice now: it proved bulk and holds no bytes.
+pub(crate) fn wants_splice(path: Path, direction: &Direction) -> bool {
+    path == Path::Adaptive
+        && !direction.spliced
+        && !direction.eof
+        && direction.full_reads >= BULK_READS
+        && direction.end <= direction.start
 }
 
 /// What [`advance`] did.
@@ -74,51 +87,54 @@ pub(crate) struct Completed {
     pub eof: bool,
 }
 
-/// Issues the next operation of a direction whose previous one completed.
+/// Issues the next operation of a direction whose previous one completed. A splice direction only
+/// waits here (its bytes move in [`splice::pump`] once a poll fires).
 pub(crate) fn advance(
     ring: &mut Ring,
-    path: Path,
     direction: &mut Direction,
     source: RawFd,
     destination: RawFd,
     user_data: u64,
 ) -> io::Result<Advanced> {
-    let has_bytes = match path {
-        Path::Copy => direction.end > direction.start,
-        Path::Splice => direction.pipe.as_ref().is_some_and(|p| p.buffered > 0),
+    let has_bytes = if direction.spliced {
+        direction.pipe.as_ref().is_some_and(|p| p.buffered > 0)
+    } else {
+        direction.end > direction.start
     };
     if has_bytes {
-        match path {
-            Path::Copy => copy::send(ring, direction, destination, user_data)?,
-            Path::Splice => splice::splice_out(ring, direction, destination, user_data)?,
+        if direction.spliced {
+            poll(ring, direction, destination, libc::POLLOUT, Pending::PollOut, user_data)?;
+        } else {
+            copy::send(ring, direction, destination, user_data)?;
         }
         return Ok(Advanced::Issued);
     }
     if direction.eof {
-        // SAFETY-free libc call: shutdown on an fd the connection owns. ENOTCONN (the peer already
-        // went away) changes nothing for us, so the result is ignored.
+        // ENOTCONN (the peer already went away) changes nothing for us, so the result is ignored.
         shutdown_write(destination);
         direction.done = true;
         return Ok(Advanced::Finished);
     }
-    match path {
-        Path::Copy => copy::recv(ring, direction, source, user_data)?,
-        Path::Splice => poll(ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)?,
+    if direction.spliced {
+        poll(ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)?;
+    } else {
+        copy::recv(ring, direction, source, user_data)?;
     }
     Ok(Advanced::Issued)
 }
 
-/// Reads from a source known to be readable.
+/// Reads from a copy direction's source known to be readable (a splice direction pumps instead and
+/// only waits here).
 pub(crate) fn read_now(
     ring: &mut Ring,
-    path: Path,
     direction: &mut Direction,
     source: RawFd,
     user_data: u64,
 ) -> io::Result<()> {
-    match path {
-        Path::Copy => copy::recv(ring, direction, source, user_data),
-        Path::Splice => splice::splice_in(ring, direction, source, user_data),
+    if direction.spliced {
+        poll(ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)
+    } else {
+        copy::recv(ring, direction, source, user_data)
     }
 }
 
@@ -148,16 +164,14 @@ pub(crate) fn complete(direction: &mut Direction, result: i32) -> Completed {
         return idle(Next::Cancelled);
     }
     match pending {
-        Pending::Recv | Pending::SpliceIn => match result {
+        Pending::Recv => match result {
             n if n > 0 => {
                 let n = n as usize;
-                if pending == Pending::Recv {
-                    direction.start = 0;
-                    direction.end = n;
-                    direction.drained = direction.buffer.as_ref().is_some_and(|b| n < b.len());
-                } else if let Some(pipe) = direction.pipe.as_mut() {
-                    pipe.buffered += n;
-                }
+                direction.start = 0;
+                direction.end = n;
+                direction.drained = direction.buffer.as_ref().is_some_and(|b| n < b.len());
+                direction.full_reads =
+                    if direction.drained { 0 } else { direction.full_reads.saturating_add(1) };
                 Completed { next: Next::Advance, written: 0, active: true, eof: false }
             }
             0 => {
@@ -167,14 +181,10 @@ pub(crate) fn complete(direction: &mut Direction, result: i32) -> Completed {
             e if e == -libc::EAGAIN => idle(Next::PollIn),
             _ => idle(Next::Reset),
         },
-        Pending::Send | Pending::SpliceOut => match result {
+        Pending::Send => match result {
             n if n >= 0 => {
                 let n = n as usize;
-                if pending == Pending::Send {
-                    direction.start = (direction.start + n).min(direction.end);
-                } else if let Some(pipe) = direction.pipe.as_mut() {
-                    pipe.buffered = pipe.buffered.saturating_sub(n);
-                }
+                direction.start = (direction.start + n).min(direction.end);
                 Completed { next: Next::Advance, written: n as u64, active: n > 0, eof: false }
             }
             e if e == -libc::EAGAIN => idle(Next::PollOut),
