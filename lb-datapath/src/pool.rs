@@ -86,9 +86,18 @@ fn new_pipe(size: usize) -> io::Result<Pipe> {
     }
     // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: plain fcntl on an fd we own. A refusal (above /proc/sys/fs/pipe-max-size) keeps the
-    // default size, which only costs throughput.
-    let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    // SAFETY: plain fcntl on an fd we own. Above fs.pipe-max-size an unprivileged process is
+    // refused (EPERM): it then gets the largest size it may have. Any refusal only costs throughput.
+    let mut set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    if set <= 0
+        && let Some(max) = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|text| text.trim().parse::<libc::c_int>().ok())
+            .filter(|&max| (max as usize) < size)
+    {
+        // SAFETY: as above.
+        set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
+    }
     let capacity = if set > 0 {
         set
     } else {
