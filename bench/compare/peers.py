@@ -193,13 +193,21 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def proc_tree_cpu(root: int) -> float:
     """utime+stime (seconds, all threads) of `root` and its live descendants."""
+    user, system = proc_tree_cpu_split(root)
+    return user + system
+
+
+def proc_tree_cpu_split(root: int) -> tuple[float, float]:
+    """(utime, stime) seconds, all threads, of `root` and its live descendants. stime includes the
+    softirq work the kernel runs in the process's context (on loopback: the receiver's side of every
+    packet the process sends)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             f = _stat_fields(int(d))
             if f:
                 children.setdefault(int(f[1]), []).append(int(d))
-    total, stack, seen = 0.0, [root], set()
+    user, system, stack, seen = 0.0, 0.0, [root], set()
     while stack:
         pid = stack.pop()
         if pid in seen:
@@ -207,9 +215,10 @@ def proc_tree_cpu(root: int) -> float:
         seen.add(pid)
         f = _stat_fields(pid)
         if f:
-            total += (int(f[11]) + int(f[12])) / CLK_TCK  # fields 14, 15 of proc(5)
+            user += int(f[11]) / CLK_TCK  # field 14 of proc(5)
+            system += int(f[12]) / CLK_TCK  # field 15
         stack.extend(children.get(pid, []))
-    return total
+    return user, system
 
 
 def kernel_counters() -> dict[str, int]:
@@ -234,12 +243,14 @@ def kernel_counters() -> dict[str, int]:
     return out
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies over all CPUs from /proc/stat."""
+def machine_busy() -> tuple[float, float, float]:
+    """(busy, total, user) seconds over all CPUs from /proc/stat; busy - user is the kernel's share
+    (system, irq, softirq, steal)."""
     vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
     total = sum(vals[:8])
-    return (total - idle) / CLK_TCK, total / CLK_TCK
+    user = vals[0] + vals[1]
+    return (total - idle) / CLK_TCK, total / CLK_TCK, user / CLK_TCK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +268,9 @@ class Peer:
 
     def cpu(self) -> float | None:
         return proc_tree_cpu(self.proc.pid) if self.proc else None
+
+    def cpu_split(self) -> tuple[float, float] | None:
+        return proc_tree_cpu_split(self.proc.pid) if self.proc else None
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None

@@ -51,6 +51,11 @@ METRICS = [
     "machine_cores",
     "machine_cpu_per_gb",
     "machine_cpu_per_10k_conn",
+    "machine_kernel_cores",
+    "machine_kernel_cpu_per_gb",
+    "machine_kernel_cpu_per_10k_conn",
+    "proxy_user_cores",
+    "proxy_user_pct",
     "client_cores",
     "listen_drops",
     "udp_rcvbuf_drops",
@@ -246,6 +251,53 @@ def evaluate_targets(agg: dict, peers: list[str]) -> list[dict]:
     return out
 
 
+def kernel_floor(agg: dict, targets: list[dict], cores: int) -> list[dict]:
+    """For rate targets on small-message workloads: the fastest any proxy could go on this machine.
+
+    Per operation, `direct` costs the machine U (generator and backend in user space) + K (the
+    kernel's TCP work of one connection or request on both ends). Through a proxy the same U and K
+    remain, and the proxy itself terminates one connection and opens another, so its kernel work
+    repeats K (accept side ≈ server side, connect side ≈ client side) before it runs a single line
+    of its own code: a proxy path costs at least U + 2K = direct machine + direct kernel per
+    operation, and with every core busy it cannot exceed cores / (U + 2K). (Not applied to bulk,
+    where a splicing proxy skips the two copies that K includes.)"""
+    rows = []
+    for t in targets:
+        wl = t["workload"]
+        kind = WL[wl].kind if wl in WL else ""
+        if kind not in ("crr", "rr", "http") or t.get("best") is None or "ratio" not in t:
+            continue
+        if not any(label == t["label"] and k == "rate" for label, _, k, _, _ in TARGETS):
+            continue
+        d = agg.get((wl, "direct"), {}).get("med", {})
+        rl = agg.get((wl, "ringlb"), {}).get("med", {})
+        best = agg.get((wl, t["best"]), {}).get("med", {})
+        if not all(d.get(k) for k in ("rate", "machine_cores", "machine_kernel_cores")) or not best.get("rate"):
+            continue
+        per_op = d["machine_cores"] / d["rate"]
+        kernel_per_op = d["machine_kernel_cores"] / d["rate"]
+        floor = per_op + kernel_per_op
+        threshold = next(thr for label, _, _, thr, _ in TARGETS if label == t["label"])
+        need = threshold * best["rate"]
+        rows.append(
+            {
+                "workload": wl,
+                "unit": agg[(wl, "direct")]["unit"],
+                "direct_per_op_us": per_op * 1e6,
+                "kernel_share": kernel_per_op / per_op,
+                "floor_us": floor * 1e6,
+                "max_rate": cores / floor,
+                "need": need,
+                "best": t["best"],
+                "ringlb": rl.get("rate"),
+                "ringlb_per_op_us": (rl["machine_cores"] / rl["rate"] * 1e6)
+                if rl.get("rate") and rl.get("machine_cores")
+                else None,
+            }
+        )
+    return rows
+
+
 def collect_meta(lab: Lab, started: str, elapsed: float, results: list[dict]) -> dict:
     """Everything the report needs besides the results, as plain data (saved in raw.json so the
     report can be rendered again later with `--rerender`)."""
@@ -353,6 +405,35 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
             )
         L.append("")
 
+    floor = kernel_floor(agg, targets, int(mi.get("nproc") or 2))
+    if floor:
+        L.append("## The floor for any proxy on this machine\n")
+        L.append(
+            "Per operation, `direct` costs the machine its generator and backend (user space) plus the "
+            "kernel's TCP work of both ends. A proxy keeps all of that and repeats the kernel part: it "
+            "accepts one connection and opens another before running any code of its own. So a proxied "
+            "operation costs the machine at least direct's CPU + direct's kernel CPU, and with every "
+            "core busy no proxy can go faster than `cores / floor`. (Machine and kernel CPU from "
+            "`/proc/stat` over the measured window, medians; kernel = system + irq + softirq.) Where the "
+            "target needs more than that bound, it is out of reach here for ringlb or any other proxy.\n"
+        )
+        L.append(
+            "| workload | direct: machine CPU per op | of which kernel | floor per proxied op | max rate "
+            "at all cores busy | target needs | ringlb measured (machine CPU per op) | target within reach? |"
+        )
+        L.append("|---|---|---|---|---|---|---|---|")
+        for f in floor:
+            rl = "–" if f["ringlb"] is None else fmt_rate(f["ringlb"], f["unit"])
+            if f["ringlb_per_op_us"] is not None:
+                rl += f" ({f['ringlb_per_op_us']:.1f} us)"
+            L.append(
+                f"| {f['workload']} | {f['direct_per_op_us']:.1f} us | {100 * f['kernel_share']:.0f} % | "
+                f"{f['floor_us']:.1f} us | {fmt_rate(f['max_rate'], f['unit'])} | "
+                f"{fmt_rate(f['need'], f['unit'])} ({f['best']} × target) | {rl} | "
+                f"{'yes' if f['need'] <= f['max_rate'] else '**no**'} |"
+            )
+        L.append("")
+
     L.append("## Results (medians)\n")
     for wname in args.workloads:
         w = WL[wname]
@@ -378,6 +459,7 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
             else ("listen drops", "listen_drops", 0)
         )
         extra.append(("proxy cores", "proxy_cores", 2))
+        extra.append(("proxy user %", "proxy_user_pct", 0))
         if w.kind == "bulk":
             extra += [("proxy CPU-s/GB", "cpu_per_gb", 3), ("machine CPU-s/GB", "machine_cpu_per_gb", 3)]
         if w.kind == "crr" or (w.kind == "http" and w.args[0] == "close"):

@@ -123,7 +123,7 @@ def run_one(lab: Lab, w: Workload, peer: Peer, warmup: float, duration: float) -
     for at in (gen_warm + margin, gen_warm + duration - margin):
         while time.monotonic() < t0 + at and p.poll() is None:
             time.sleep(min(0.02, max(0.0, t0 + at - time.monotonic())))
-        samples.append((time.monotonic(), peer.cpu(), machine_busy()))
+        samples.append((time.monotonic(), peer.cpu_split(), machine_busy()))
     try:
         out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -141,8 +141,10 @@ def run_one(lab: Lab, w: Workload, peer: Peer, warmup: float, duration: float) -
     span = t_b - t_a
     if span > 0.1:
         if c_a is not None and c_b is not None:
-            res["proxy_cores"] = (c_b - c_a) / span
+            res["proxy_cores"] = (sum(c_b) - sum(c_a)) / span
+            res["proxy_user_cores"] = (c_b[0] - c_a[0]) / span
         res["machine_cores"] = (m_b[0] - m_a[0]) / span
+        res["machine_kernel_cores"] = ((m_b[0] - m_b[2]) - (m_a[0] - m_a[2])) / span
     if p.returncode != 0:
         res["error"] = f"exit {p.returncode}: {(err.strip() or out.strip())[-300:]}"
         return res
@@ -206,12 +208,19 @@ def run_one(lab: Lab, w: Workload, peer: Peer, warmup: float, duration: float) -
             res["cpu_per_gb"] = pc / res["gbytes_s"]
         if res.get("conns_s"):
             res["cpu_per_10k_conn"] = pc / res["conns_s"] * 1e4
-    mc = res.get("machine_cores")
-    if mc is not None:
+        if res.get("proxy_user_cores") is not None and pc > 0:
+            res["proxy_user_pct"] = 100.0 * res["proxy_user_cores"] / pc
+    for cores, per_gb, per_10k in (
+        ("machine_cores", "machine_cpu_per_gb", "machine_cpu_per_10k_conn"),
+        ("machine_kernel_cores", "machine_kernel_cpu_per_gb", "machine_kernel_cpu_per_10k_conn"),
+    ):
+        mc = res.get(cores)
+        if mc is None:
+            continue
         if res.get("gbytes_s"):
-            res["machine_cpu_per_gb"] = mc / res["gbytes_s"]
+            res[per_gb] = mc / res["gbytes_s"]
         if res.get("conns_s"):
-            res["machine_cpu_per_10k_conn"] = mc / res["conns_s"] * 1e4
+            res[per_10k] = mc / res["conns_s"] * 1e4
     return res
 
 
