@@ -298,6 +298,37 @@ def kernel_floor(agg: dict, targets: list[dict], cores: int) -> list[dict]:
     return rows
 
 
+def proxy_cpu_floor(agg: dict, targets: list[dict]) -> list[dict]:
+    """For the per-connection CPU targets: the proxy's own kernel work per connection is about
+    direct's kernel work per connection (it plays the server to the client and the client to the
+    backend, and on loopback it also runs the receiver's side of every packet it sends), so its
+    CPU-s per 10k connections cannot go much below direct's kernel CPU-s per 10k connections."""
+    rows = []
+    for t in targets:
+        wl = t["workload"]
+        if t.get("best") is None or "ratio" not in t:
+            continue
+        spec = next((x for x in TARGETS if x[0] == t["label"]), None)
+        if spec is None or spec[2] != "cpu_per_10k_conn":
+            continue
+        d = agg.get((wl, "direct"), {}).get("med", {})
+        best = agg.get((wl, t["best"]), {}).get("med", {})
+        rl = agg.get((wl, "ringlb"), {}).get("med", {})
+        if d.get("machine_kernel_cpu_per_10k_conn") is None or best.get("cpu_per_10k_conn") is None:
+            continue
+        rows.append(
+            {
+                "workload": wl,
+                "floor": d["machine_kernel_cpu_per_10k_conn"],
+                "need": spec[3] * best["cpu_per_10k_conn"],
+                "best": t["best"],
+                "ringlb": rl.get("cpu_per_10k_conn"),
+                "ringlb_user_pct": rl.get("proxy_user_pct"),
+            }
+        )
+    return rows
+
+
 def collect_meta(lab: Lab, started: str, elapsed: float, results: list[dict]) -> dict:
     """Everything the report needs besides the results, as plain data (saved in raw.json so the
     report can be rendered again later with `--rerender`)."""
@@ -431,6 +462,27 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
                 f"{f['floor_us']:.1f} us | {fmt_rate(f['max_rate'], f['unit'])} | "
                 f"{fmt_rate(f['need'], f['unit'])} ({f['best']} × target) | {rl} | "
                 f"{'yes' if f['need'] <= f['max_rate'] else '**no**'} |"
+            )
+        L.append("")
+
+    cpu_floor = proxy_cpu_floor(agg, targets)
+    if cpu_floor:
+        L.append(
+            "The same holds for a proxy's own CPU per connection: whatever its code costs, its kernel work "
+            "per proxied connection is about direct's kernel work per connection (it is the server of one "
+            "TCP connection and the client of another, and on loopback it runs the receiving side of every "
+            "packet it sends).\n"
+        )
+        L.append(
+            "| workload | direct kernel CPU-s per 10k conn (≈ floor for a proxy's own CPU) | target needs "
+            "| ringlb measured | ringlb's user-space share | target within reach? |"
+        )
+        L.append("|---|---|---|---|---|---|")
+        for f in cpu_floor:
+            L.append(
+                f"| {f['workload']} | {f['floor']:.3f} | ≤ {f['need']:.3f} (0.6 × {f['best']}) | "
+                f"{fmt_num(f['ringlb'], 3)} | {fmt_num(f['ringlb_user_pct'], 0)} % | "
+                f"{'yes' if f['need'] >= f['floor'] else '**no**'} |"
             )
         L.append("")
 
