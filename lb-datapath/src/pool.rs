@@ -8,8 +8,12 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// Idle buffers/pipes kept for reuse beyond which returned ones are freed.
+/// Idle buffers kept for reuse beyond which returned ones are freed.
 const MAX_IDLE: usize = 4096;
+
+/// Idle pipes kept for reuse. Fewer than buffers: only bulk directions (or `--relay splice`) take a
+/// pipe, and each idle one holds two fds and its 1 MiB slot array (no data pages).
+const MAX_IDLE_PIPES: usize = 256;
 
 /// Fixed-size byte buffers for the copy relay.
 pub(crate) struct BufferPool {
@@ -72,7 +76,7 @@ impl PipePool {
 
     pub fn give(&mut self, pipe: Pipe) {
         self.in_use -= 1;
-        if pipe.buffered == 0 && self.free.len() < MAX_IDLE {
+        if pipe.buffered == 0 && self.free.len() < MAX_IDLE_PIPES {
             self.free.push(pipe);
         }
     }
