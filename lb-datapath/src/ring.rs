@@ -157,6 +157,8 @@ impl ConnectTarget {
 pub(crate) struct Ring {
     uring: IoUring,
     pub features: RingFeatures,
+    /// Times queued entries were handed to the kernel (see [`Ring::submissions`]).
+    submissions: u64,
 }
 
 impl Ring {
@@ -185,7 +187,20 @@ impl Ring {
             multishot_recvmsg: probe.is_supported(opcode::SendZc::CODE),
             recv_poll_first: probe.is_supported(opcode::Socket::CODE),
         };
-        Ok(Ring { uring, features })
+        Ok(Ring { uring, features, submissions: 0 })
+    }
+
+    /// How many times queued entries were handed to the kernel so far. The ring has no SQPOLL thread,
+    /// so the kernel reads a queued entry (and, for `sendmsg`, copies the `msghdr` and iovecs it points
+    /// to) only when submitted: while this count is unchanged since an entry was pushed, the memory it
+    /// points to may still be changed (the UDP datapath grows a queued GSO send this way).
+    pub fn submissions(&self) -> u64 {
+        self.submissions
+    }
+
+    fn submit(&mut self) -> io::Result<usize> {
+        self.submissions += 1;
+        self.uring.submit()
     }
 
     /// Queues `entry`, submitting first if the submission queue is full.
@@ -200,7 +215,7 @@ impl Ring {
             if unsafe { self.uring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
-            self.uring.submit()?;
+            self.submit()?;
         }
     }
 
@@ -212,7 +227,7 @@ impl Ring {
             queue.capacity() - queue.len()
         };
         if free < n {
-            self.uring.submit()?;
+            self.submit()?;
         }
         Ok(())
     }
@@ -259,6 +274,7 @@ impl Ring {
 
     /// Submits queued entries and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
+        self.submissions += 1;
         match self.uring.submit_and_wait(want) {
             Err(err)
                 if err.raw_os_error() == Some(libc::EINTR) || err.raw_os_error() == Some(libc::EBUSY) =>

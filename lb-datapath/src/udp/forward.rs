@@ -210,6 +210,7 @@ impl Worker {
             stats::add(&self.counters.udp_drops_no_backend, 1);
             return None;
         };
+        let to_backend = socket::segment_limit(&upstream);
         let flow = UdpFlow {
             upstream,
             backend: backend?.id,
@@ -218,6 +219,8 @@ impl Worker {
             armed: false,
             rearm_at_tick: false,
             stale_since: None,
+            open_sends: [None; 2],
+            max_segment: [to_backend, socket::CLIENT_SEGMENT_LIMIT],
         };
         let counted = flow.backend;
         let (handle, evicted) = self.udp.flows.insert(key, flow, self.now);

@@ -3,11 +3,12 @@
 //!
 //! Receives go through io_uring: a multishot `recvmsg` per socket drawing from the worker's provided
 //! buffer ring (6.0+), or single-shot `recvmsg` re-armed after each datagram (5.19, or
-//! [`UdpConfig::multishot_recv`] off). Sends go through io_uring too (`send` on the upstream socket,
-//! `sendmsg` with the client's address from the VIP socket), straight from the receive buffer, which
+//! [`UdpConfig::multishot_recv`] off). Sends go through io_uring too (`sendmsg` on the upstream socket,
+//! or with the client's address from the VIP socket), straight from the receive buffer, which
 //! returns to the kernel when the send completes; a batch of completions is answered by one batch of
-//! sends. A failed send (full socket buffer, error) drops the datagram as a router would (counted in
-//! `udp_drops_send`).
+//! sends, and a flow's datagrams of one batch leave as one UDP GSO send (see `send`), which the kernel
+//! splits back into the same datagrams. A failed send (full socket buffer, error) drops its datagrams
+//! as a router would (counted in `udp_drops_send`).
 //! With `SO_REUSEPORT` the kernel hashes each client 4-tuple to one worker, so a flow lives in one
 //! worker's table only. The VIP socket is bound to the exact VIP, so replies leave with the VIP as
 //! source address (no `IP_PKTINFO` needed).
@@ -97,6 +98,11 @@ pub(crate) struct UdpFlow {
     rearm_at_tick: bool,
     /// `StaleFlowPolicy::Drain`: when a datagram first found the backend ineligible.
     stale_since: Option<Instant>,
+    /// Per `send::Direction`: the head buffer of the queued send later datagrams may join, if any.
+    open_sends: [Option<u16>; 2],
+    /// Per `send::Direction`: largest datagram that may be a GSO segment (0: never group), so that
+    /// every segment fits the path MTU unfragmented.
+    max_segment: [u16; 2],
 }
 
 /// Everything UDP a worker owns.

@@ -2,10 +2,23 @@
 //! arrived in (no copy), that buffer goes back to the kernel when the send completes, and every send of
 //! one completion batch reaches the kernel with the next `io_uring_enter` instead of one syscall each.
 //!
-//! A buffer is in at most one send, so there is one [`SendSlot`] per buffer id, allocated once: the
-//! `msghdr`, `iovec` and client address a `sendmsg` needs live there, at a fixed address, until the
-//! send completes. Never allocates; never blocks. Invariant: a send's buffer is recycled exactly once,
-//! by its completion (or at once if the send could not be submitted).
+//! Datagrams of one flow and direction that arrive in the same completion batch leave as one
+//! `sendmsg` with a `UDP_SEGMENT` control message (UDP GSO): the kernel builds one packet chain, walks
+//! the IP stack once, and splits it back into the original datagrams (in software, in the NIC, or at a
+//! local receiver), so datagram boundaries and order are kept exactly. A send is grown while it waits
+//! in the submission queue: until the ring's next submission ([`Ring::submissions`] unchanged) the
+//! kernel has not read its `msghdr`, so another iovec (and the segment size) can still be added.
+//! GSO requires every segment but the last to have the first one's size, the last no larger, at most
+//! [`MAX_SEGMENTS`] segments and [`MAX_SEND_BYTES`] bytes in all, and segments that fit the path MTU
+//! unfragmented; any datagram that breaks a rule starts a new send, which keeps the order.
+//!
+//! A buffer is in at most one send, so there is one [`SendSlot`] per buffer id, allocated once; a send
+//! lives in the slot of its first buffer (its head), which lists every buffer it carries. The `msghdr`,
+//! iovecs, control message and client address live there, at a fixed address, until the send completes.
+//! Never allocates; never blocks. Invariant: each buffer of a send is recycled exactly once, by the
+//! send's completion (or at once if the send could not be submitted).
+//!
+//! [`Ring::submissions`]: crate::ring::Ring::submissions
 
 use std::os::fd::AsRawFd;
 
@@ -18,17 +31,100 @@ use crate::ring::{OpKind, UserData};
 use crate::stats;
 use crate::worker::Worker;
 
-/// `UserData::generation` of a send towards the flow's backend (`Send` on the upstream socket).
-const TO_BACKEND: u32 = 0;
-/// `UserData::generation` of a send towards the client (`SendMsg` from the VIP socket).
-const TO_CLIENT: u32 = 1;
+/// Most datagrams one send carries: the kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.11, 128 since).
+pub(crate) const MAX_SEGMENTS: usize = 64;
+/// Most payload bytes one send carries: what fits one IPv4 packet (the GSO packet is one IP packet
+/// until it is split).
+pub(crate) const MAX_SEND_BYTES: usize = 65_507;
 
-/// What one in-flight send of buffer `bid` needs to stay put.
+/// Which way a send goes; also its `UserData::generation` and its index in `UdpFlow::open_sends`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// `sendmsg` on the flow's connected upstream socket.
+    ToBackend = 0,
+    /// `sendmsg` from the flow's VIP socket to the client's address.
+    ToClient = 1,
+}
+
+/// Room for one `cmsghdr` carrying a `u16` (`CMSG_SPACE(2)` is 24 on 64-bit Linux), aligned for it.
+#[repr(C, align(8))]
+struct Control([u8; 32]);
+
+/// What one in-flight send headed by buffer `bid` needs to stay put, and what it carries.
 struct SendSlot {
     header: libc::msghdr,
-    iov: libc::iovec,
+    iov: [libc::iovec; MAX_SEGMENTS],
+    /// The receive buffers of the datagrams, in order (`bids[0]` is this slot's own buffer).
+    bids: [u16; MAX_SEGMENTS],
+    control: Control,
     address: libc::sockaddr_storage,
     flow: FlowHandle,
+    direction: Direction,
+    /// Datagrams carried (iovecs and buffers in use).
+    count: usize,
+    /// Size of the first datagram: the GSO segment size once a second one joins.
+    segment: usize,
+    bytes: usize,
+    /// Whether another datagram may still join (see the module doc for the rules).
+    open: bool,
+    /// `Ring::submissions` when the send was queued; it may grow only while that is unchanged.
+    queued_at: u64,
+}
+
+impl SendSlot {
+    /// Whether `len` more bytes of `flow` going `direction` may join this send before submission
+    /// `now`.
+    fn admits(&self, flow: FlowHandle, direction: Direction, now: u64, len: usize) -> bool {
+        self.open
+            && self.queued_at == now
+            && self.flow == flow
+            && self.direction == direction
+            && self.count < MAX_SEGMENTS
+            && len > 0
+            && len <= self.segment
+            && self.bytes + len <= MAX_SEND_BYTES
+    }
+
+    /// Adds a datagram at `payload` (in buffer `bid`) to this queued send: one more iovec, and the
+    /// segment size once there are two.
+    fn join(&mut self, bid: u16, payload: *const u8, len: usize) {
+        if self.count == 1 {
+            self.attach_segment_size();
+        }
+        self.iov[self.count] = libc::iovec { iov_base: payload.cast_mut().cast(), iov_len: len };
+        self.bids[self.count] = bid;
+        self.count += 1;
+        self.bytes += len;
+        self.header.msg_iovlen = self.count;
+        // A shorter datagram can only be the last segment.
+        self.open = len == self.segment;
+    }
+
+    /// Writes the `UDP_SEGMENT` control message (the first datagram's size) and points the header at it.
+    fn attach_segment_size(&mut self) {
+        let space = cmsg_space();
+        self.header.msg_control = self.control.0.as_mut_ptr().cast();
+        self.header.msg_controllen = space;
+        // SAFETY: the header's control buffer is `self.control`, at least `CMSG_SPACE(2)` bytes and
+        // aligned for a cmsghdr, so CMSG_FIRSTHDR returns a pointer inside it with room for the header
+        // and its two data bytes.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&self.header);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+            // `segment` <= MAX_SEND_BYTES < 65 536.
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), self.segment as u16);
+        }
+    }
+}
+
+/// `CMSG_SPACE(sizeof(u16))`, checked against the control buffer once.
+fn cmsg_space() -> usize {
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    debug_assert!(space <= std::mem::size_of::<Control>());
+    space
 }
 
 /// One [`SendSlot`] per receive buffer; boxed once, never resized, so the kernel's pointers hold.
@@ -42,10 +138,18 @@ impl SendSlots {
             .map(|_| SendSlot {
                 // SAFETY: msghdr, iovec and sockaddr_storage are plain data; all-zero is valid.
                 header: unsafe { std::mem::zeroed() },
-                iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
+                iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGMENTS],
+                bids: [0; MAX_SEGMENTS],
+                control: Control([0; 32]),
                 // SAFETY: as above.
                 address: unsafe { std::mem::zeroed() },
                 flow: FlowHandle { index: 0, generation: 0 },
+                direction: Direction::ToBackend,
+                count: 0,
+                segment: 0,
+                bytes: 0,
+                open: false,
+                queued_at: 0,
             })
             .collect();
         SendSlots { slots }
@@ -54,7 +158,7 @@ impl SendSlots {
 
 impl Worker {
     /// Sends `len` bytes at `payload` (inside receive buffer `bid`) to a flow's backend. Returns true
-    /// if the send now owns the buffer (the caller must not recycle it).
+    /// if a send now owns the buffer (the caller must not recycle it).
     pub(super) fn send_to_backend(
         &mut self,
         flow: FlowHandle,
@@ -62,21 +166,11 @@ impl Worker {
         payload: *const u8,
         len: usize,
     ) -> bool {
-        let Some(upstream) = self.udp.flows.get(flow).map(|f| f.upstream.as_raw_fd()) else { return false };
-        let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) else { return false };
-        slot.flow = flow;
-        let entry = opcode::Send::new(Fd(upstream), payload, len as u32)
-            .build()
-            .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), TO_BACKEND).encode());
-        // SAFETY: the payload lies in receive buffer `bid`, which is not recycled before this send's
-        // completion; the kernel holds the socket's file while the send is in flight.
-        let pushed = unsafe { self.ring.push(&entry) };
-        self.udp.flows.touch(flow, self.now, false);
-        self.submitted(pushed)
+        self.send_datagram(Direction::ToBackend, flow, bid, payload, len)
     }
 
     /// Sends `len` bytes at `payload` (inside receive buffer `bid`) from the flow's VIP socket to its
-    /// client. Returns true if the send now owns the buffer.
+    /// client. Returns true if a send now owns the buffer.
     pub(super) fn send_to_client(
         &mut self,
         flow: FlowHandle,
@@ -84,36 +178,95 @@ impl Worker {
         payload: *const u8,
         len: usize,
     ) -> bool {
-        let Some(UdpFlow { vip_slot, client, .. }) = self.udp.flows.get(flow) else { return false };
-        let Some(vip) = self.udp.vips.get(*vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
-            return false;
+        self.send_datagram(Direction::ToClient, flow, bid, payload, len)
+    }
+
+    /// Adds the datagram to the flow's queued send in `direction` if it may join (see the module
+    /// doc), else queues a new send headed by its buffer.
+    fn send_datagram(
+        &mut self,
+        direction: Direction,
+        handle: FlowHandle,
+        bid: u16,
+        payload: *const u8,
+        len: usize,
+    ) -> bool {
+        let now = self.ring.submissions();
+        let to_client = direction == Direction::ToClient;
+        let Some(flow) = self.udp.flows.get_mut(handle) else { return false };
+        let open = &mut flow.open_sends[direction as usize];
+        if let Some(slot) = open.and_then(|head| self.udp.sends.slots.get_mut(usize::from(head))) {
+            if slot.admits(handle, direction, now, len) {
+                slot.join(bid, payload, len);
+                if !slot.open {
+                    *open = None;
+                }
+                self.udp.flows.touch(handle, self.now, to_client);
+                return true;
+            }
+        }
+        *open = None;
+        let max_segment = usize::from(flow.max_segment[direction as usize]);
+        let (fd, client) = match direction {
+            Direction::ToBackend => (flow.upstream.as_raw_fd(), None),
+            Direction::ToClient => {
+                let Some(vip) = self.udp.vips.get(flow.vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
+                    return false;
+                };
+                (vip.socket.as_raw_fd(), Some(&flow.client))
+            }
         };
         let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) else { return false };
-        let name_len = (client.len() as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
-        // SAFETY: copies the client's socket address (`name_len` initialised bytes) into the slot's
-        // storage, which is at least as large; the two never overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                client.as_ptr().cast::<u8>(),
-                (&mut slot.address as *mut libc::sockaddr_storage).cast::<u8>(),
-                name_len,
-            );
-        }
-        slot.flow = flow;
-        slot.iov = libc::iovec { iov_base: payload.cast_mut().cast(), iov_len: len };
-        slot.header.msg_name = (&mut slot.address as *mut libc::sockaddr_storage).cast();
-        slot.header.msg_namelen = name_len as libc::socklen_t;
-        slot.header.msg_iov = &mut slot.iov;
+        slot.flow = handle;
+        slot.direction = direction;
+        slot.iov[0] = libc::iovec { iov_base: payload.cast_mut().cast(), iov_len: len };
+        slot.bids[0] = bid;
+        slot.count = 1;
+        slot.segment = len;
+        slot.bytes = len;
+        slot.open = len > 0 && len <= max_segment;
+        slot.queued_at = now;
+        slot.header.msg_iov = slot.iov.as_mut_ptr();
         slot.header.msg_iovlen = 1;
-        let entry = opcode::SendMsg::new(Fd(vip.socket.as_raw_fd()), &slot.header)
+        slot.header.msg_control = std::ptr::null_mut();
+        slot.header.msg_controllen = 0;
+        match client {
+            Some(client) => {
+                let name_len = (client.len() as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+                // SAFETY: copies the client's socket address (`name_len` initialised bytes) into the
+                // slot's storage, which is at least as large; the two never overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        client.as_ptr().cast::<u8>(),
+                        (&mut slot.address as *mut libc::sockaddr_storage).cast::<u8>(),
+                        name_len,
+                    );
+                }
+                slot.header.msg_name = (&mut slot.address as *mut libc::sockaddr_storage).cast();
+                slot.header.msg_namelen = name_len as libc::socklen_t;
+            }
+            None => {
+                slot.header.msg_name = std::ptr::null_mut();
+                slot.header.msg_namelen = 0;
+            }
+        }
+        let entry = opcode::SendMsg::new(Fd(fd), &slot.header)
             .build()
-            .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), TO_CLIENT).encode());
-        // SAFETY: header, iovec and address live in the boxed send slot of buffer `bid`, and the payload
-        // in that buffer; neither is reused before this send's completion. The kernel holds the VIP
-        // socket's file while the send is in flight.
+            .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), direction as u32).encode());
+        let joinable = slot.open;
+        // SAFETY: header, iovecs, control message and address live in the boxed send slot of buffer
+        // `bid`, the payloads in the buffers the slot lists; none is reused before this send's
+        // completion, and they change only before the next submission (module doc). The kernel holds
+        // the socket's file while the send is in flight.
         let pushed = unsafe { self.ring.push(&entry) };
-        self.udp.flows.touch(flow, self.now, true);
-        self.submitted(pushed)
+        let queued = self.submitted(pushed);
+        if queued && joinable && self.ring.submissions() == now {
+            if let Some(flow) = self.udp.flows.get_mut(handle) {
+                flow.open_sends[direction as usize] = Some(bid);
+            }
+        }
+        self.udp.flows.touch(handle, self.now, to_client);
+        queued
     }
 
     fn submitted(&mut self, pushed: std::io::Result<()>) -> bool {
@@ -129,30 +282,94 @@ impl Worker {
         }
     }
 
-    /// A send completed: count it, hand its buffer back, and end the flow if the backend's port is
-    /// closed (an ICMP error reported on the connected upstream socket).
+    /// A send completed: count its datagrams, hand their buffers back, end the flow if the backend's
+    /// port is closed (an ICMP error reported on the connected upstream socket), and stop grouping a
+    /// flow's datagrams if the kernel refused a grouped send.
     pub(crate) fn on_udp_send(&mut self, data: UserData, result: i32) {
         self.udp.in_flight = self.udp.in_flight.saturating_sub(1);
-        let bid = data.slot as u16;
+        let Some(slot) = self.udp.sends.slots.get_mut(data.slot as usize) else { return };
+        let (flow, count) = (slot.flow, slot.count.max(1));
+        // A slot is reused only after this completion; mark it empty so nothing joins it meanwhile.
+        slot.open = false;
         if let Some(buffers) = self.udp.buffers.as_mut() {
-            buffers.recycle(bid);
+            buffers.recycle_all(&slot.bids[..count]);
         }
-        let to_backend = data.generation == TO_BACKEND;
+        let to_backend = data.generation == Direction::ToBackend as u32;
         if result >= 0 {
             let (datagrams, bytes) = if to_backend {
                 (&self.counters.udp_datagrams_client_to_backend, &self.counters.udp_bytes_client_to_backend)
             } else {
                 (&self.counters.udp_datagrams_backend_to_client, &self.counters.udp_bytes_backend_to_client)
             };
-            stats::add(datagrams, 1);
+            stats::add(datagrams, count as u64);
             stats::add(bytes, result as u64);
             return;
         }
-        stats::add(&self.counters.udp_drops_send, 1);
+        stats::add(&self.counters.udp_drops_send, count as u64);
         if to_backend && result == -libc::ECONNREFUSED {
-            let Some(flow) = self.udp.sends.slots.get(usize::from(bid)).map(|s| s.flow) else { return };
             self.end_flow(flow, FlowEnd::Failed);
             self.update_udp_gauges();
+        } else if count > 1 && matches!(-result, libc::EMSGSIZE | libc::EINVAL | libc::EIO) {
+            // The path MTU shrank below the segment size, or the route cannot segment (IPsec): send
+            // this flow's datagrams one by one from now on.
+            let direction = if to_backend { Direction::ToBackend } else { Direction::ToClient };
+            if let Some(UdpFlow { max_segment, .. }) = self.udp.flows.get_mut(flow) {
+                max_segment[direction as usize] = 0;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(len: usize, max_segment: usize) -> SendSlot {
+        let mut slot = SendSlots::new(1).slots.into_vec().pop().expect("one slot");
+        slot.flow = FlowHandle { index: 3, generation: 1 };
+        slot.direction = Direction::ToBackend;
+        slot.count = 1;
+        slot.segment = len;
+        slot.bytes = len;
+        slot.open = len > 0 && len <= max_segment;
+        slot.queued_at = 7;
+        slot
+    }
+
+    const FLOW: FlowHandle = FlowHandle { index: 3, generation: 1 };
+
+    #[test]
+    fn only_same_flow_direction_and_submission_join() {
+        let slot = queued(100, 1400);
+        assert!(slot.admits(FLOW, Direction::ToBackend, 7, 100));
+        assert!(!slot.admits(FLOW, Direction::ToBackend, 8, 100), "already submitted");
+        assert!(!slot.admits(FLOW, Direction::ToClient, 7, 100));
+        assert!(!slot.admits(FlowHandle { index: 3, generation: 2 }, Direction::ToBackend, 7, 100));
+    }
+
+    #[test]
+    fn segments_are_equal_but_the_last_which_may_be_shorter() {
+        let mut slot = queued(100, 1400);
+        assert!(!slot.admits(FLOW, Direction::ToBackend, 7, 101), "larger than the segment size");
+        assert!(!slot.admits(FLOW, Direction::ToBackend, 7, 0), "an empty datagram is no segment");
+        slot.join(1, std::ptr::null(), 100);
+        assert_eq!((slot.count, slot.header.msg_iovlen, slot.header.msg_controllen > 0), (2, 2, true));
+        slot.join(2, std::ptr::null(), 40);
+        assert!(!slot.admits(FLOW, Direction::ToBackend, 7, 40), "a shorter datagram was the last");
+        assert_eq!((slot.count, slot.bytes, &slot.bids[..3]), (3, 240, &[0, 1, 2][..]));
+    }
+
+    #[test]
+    fn sends_stop_growing_at_the_segment_and_byte_limits_and_the_path_mtu() {
+        assert!(!queued(1500, 1472).open, "a datagram larger than the path allows is sent alone");
+        let mut slot = queued(64, 1400);
+        for bid in 1..MAX_SEGMENTS as u16 {
+            assert!(slot.admits(FLOW, Direction::ToBackend, 7, 64));
+            slot.join(bid, std::ptr::null(), 64);
+        }
+        assert!(!slot.admits(FLOW, Direction::ToBackend, 7, 64), "{MAX_SEGMENTS} segments at most");
+        let mut slot = queued(30_000, 65_000);
+        slot.join(1, std::ptr::null(), 30_000);
+        assert!(!slot.admits(FLOW, Direction::ToBackend, 7, 30_000), "{MAX_SEND_BYTES} bytes at most");
     }
 }

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
@@ -58,6 +59,34 @@ pub(crate) fn connect_upstream(backend: SocketAddr) -> io::Result<Socket> {
     )?;
     socket.connect(&backend.into())?;
     Ok(socket)
+}
+
+/// Largest datagram sent to a client that may be a GSO segment: fits the minimum IPv6 MTU (1280)
+/// and any IPv4 path of at least 1260 bytes with its headers, so grouping never turns a datagram that
+/// would have been fragmented into an error. The VIP socket is not connected, so its path MTU to each
+/// client is unknown; larger replies leave one by one.
+pub(crate) const CLIENT_SEGMENT_LIMIT: u16 = 1232;
+
+/// Largest datagram a connected upstream socket may send as a GSO segment: its path MTU less the IP
+/// and UDP headers (the kernel refuses a segment that would need IP fragmentation). 0 (never group)
+/// if the MTU cannot be read.
+pub(crate) fn segment_limit(upstream: &Socket) -> u16 {
+    let (level, name, headers) = match upstream.local_addr().ok().and_then(|a| a.as_socket()) {
+        Some(SocketAddr::V4(_)) => (libc::IPPROTO_IP, libc::IP_MTU, 20 + 8),
+        Some(SocketAddr::V6(_)) => (libc::IPPROTO_IPV6, libc::IPV6_MTU, 40 + 8),
+        None => return 0,
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `mtu` and `len` are valid for writes of the sizes given; the fd is open.
+    let rc = unsafe {
+        libc::getsockopt(upstream.as_raw_fd(), level, name, (&mut mtu as *mut libc::c_int).cast(), &mut len)
+    };
+    if rc != 0 {
+        return 0;
+    }
+    let limit = usize::try_from(mtu).unwrap_or(0).saturating_sub(headers);
+    limit.min(super::send::MAX_SEND_BYTES) as u16
 }
 
 /// Reads the `sockaddr_in`/`sockaddr_in6` the kernel wrote in a receive buffer's name field.
@@ -165,6 +194,14 @@ impl BufRing {
         self.publish_tail();
     }
 
+    /// Hands buffers `bids` back to the kernel, publishing them once.
+    pub fn recycle_all(&mut self, bids: &[u16]) {
+        for &bid in bids {
+            self.push(bid % self.count);
+        }
+        self.publish_tail();
+    }
+
     fn push(&mut self, bid: u16) {
         let slot = usize::from(self.tail & (self.count - 1));
         // SAFETY: `slot` < count, inside the entry mapping; the kernel only reads entries below the
@@ -198,6 +235,15 @@ mod tests {
         assert!(bind_vip(addr).is_ok(), "SO_REUSEPORT lets a second worker bind {addr}");
         assert!(bind_vip("192.0.2.77:0".parse().expect("literal")).is_ok(), "IP_FREEBIND");
         assert!(bind_vip("[::1]:0".parse().expect("literal")).is_ok());
+    }
+
+    #[test]
+    fn segment_limit_is_the_path_mtu_less_headers() {
+        let upstream = connect_upstream("127.0.0.1:9".parse().expect("literal")).expect("connect");
+        // Loopback's MTU is 65 536: the limit is then the largest send.
+        assert_eq!(usize::from(segment_limit(&upstream)), crate::udp::send::MAX_SEND_BYTES);
+        let unconnected = bind_vip("127.0.0.1:0".parse().expect("literal")).expect("bind");
+        assert_eq!(segment_limit(&unconnected), 0, "no path, no grouping");
     }
 
     #[test]
