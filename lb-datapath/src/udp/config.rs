@@ -18,6 +18,12 @@ pub enum StaleFlowPolicy {
     Drain,
 }
 
+/// 4 MiB: about 4 000 small datagrams, a dozen milliseconds of a saturated worker. With the kernel
+/// default (208 KiB) bursts that arrive while the worker is not running were dropped (0.4-2.8 % of
+/// udp-stream); with 4 MiB none were (see the commit that set it). Memory is only taken while
+/// datagrams wait, and `net.ipv4.udp_mem` bounds all UDP sockets together.
+const VIP_RCVBUF_DEFAULT: usize = 4 << 20;
+
 /// UDP settings of the engine (per worker).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpConfig {
@@ -37,6 +43,10 @@ pub struct UdpConfig {
     /// Use multishot `recvmsg` where the kernel supports it (6.0+); `false` forces the re-armed
     /// single-shot receive (useful to exercise that path on a new kernel).
     pub multishot_recv: bool,
+    /// Receive buffer of each VIP socket in bytes, as `SO_RCVBUF` reports it (0: the kernel default,
+    /// `net.core.rmem_default`). Set with `SO_RCVBUFFORCE` (root or `CAP_NET_ADMIN`), else capped at
+    /// `net.core.rmem_max`. A 64-byte datagram takes about 1 KiB of it.
+    pub vip_receive_buffer: usize,
 }
 
 impl Default for UdpConfig {
@@ -48,6 +58,7 @@ impl Default for UdpConfig {
             stale_flows: StaleFlowPolicy::Move,
             recv_buffers: 128,
             multishot_recv: true,
+            vip_receive_buffer: VIP_RCVBUF_DEFAULT,
         }
     }
 }

@@ -299,6 +299,10 @@ impl Worker {
             let Some(entry) = snapshot.get(&key) else { continue };
             match socket::bind_vip(key.socket_addr()) {
                 Ok(socket) => {
+                    if let Err(err) = socket::set_receive_buffer(&socket, self.udp.config.vip_receive_buffer)
+                    {
+                        tracing::debug!(worker = self.settings.index, %key, error = %err, "VIP receive buffer not enlarged");
+                    }
                     let vip = UdpVip {
                         key,
                         socket,

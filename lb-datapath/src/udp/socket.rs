@@ -49,6 +49,31 @@ pub(crate) fn bind_vip(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Sets a VIP socket's receive buffer to `bytes` (0: leave the kernel default): `SO_RCVBUFFORCE`,
+/// which passes `net.core.rmem_max` (needs `CAP_NET_ADMIN`), else `SO_RCVBUF`, which the kernel caps
+/// at `rmem_max`. The buffer absorbs bursts that arrive while the worker is not running.
+pub(crate) fn set_receive_buffer(socket: &Socket, bytes: usize) -> io::Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    // The kernel doubles the value for its bookkeeping and takes an int.
+    let value = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX / 2);
+    // SAFETY: passes a valid c_int option value and its size for an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    socket.set_recv_buffer_size(bytes / 2)
+}
+
 /// A non-blocking UDP socket connected to `backend`: only that backend's datagrams reach it, and an
 /// ICMP error about it (port unreachable) is reported on it alone.
 pub(crate) fn connect_upstream(backend: SocketAddr) -> io::Result<Socket> {
@@ -244,6 +269,22 @@ mod tests {
         assert_eq!(usize::from(segment_limit(&upstream)), crate::udp::send::MAX_SEND_BYTES);
         let unconnected = bind_vip("127.0.0.1:0".parse().expect("literal")).expect("bind");
         assert_eq!(segment_limit(&unconnected), 0, "no path, no grouping");
+    }
+
+    #[test]
+    fn vip_receive_buffer_grows_past_the_default() {
+        let socket = bind_vip("127.0.0.1:0".parse().expect("literal")).expect("bind");
+        let before = socket.recv_buffer_size().expect("SO_RCVBUF");
+        set_receive_buffer(&socket, 4 << 20).expect("set");
+        let after = socket.recv_buffer_size().expect("SO_RCVBUF");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(after, 4 << 20, "SO_RCVBUFFORCE is not capped at rmem_max");
+        } else {
+            assert!(after >= before, "SO_RCVBUF, capped at rmem_max, never shrinks it");
+        }
+        set_receive_buffer(&socket, 0).expect("0 leaves it");
+        assert_eq!(socket.recv_buffer_size().expect("SO_RCVBUF"), after);
     }
 
     #[test]
