@@ -24,6 +24,7 @@ use std::os::fd::AsRawFd;
 
 use io_uring::opcode;
 use io_uring::types::Fd;
+use socket2::SockAddr;
 
 use super::flow_table::FlowHandle;
 use super::{FlowEnd, UdpFlow};
@@ -72,6 +73,54 @@ struct SendSlot {
 }
 
 impl SendSlot {
+    /// Makes this (idle) slot a send of one datagram at `payload` (in its own buffer `bid`), queued at
+    /// submission `queued_at`; it does not admit others until `open` is set.
+    fn start(
+        &mut self,
+        flow: FlowHandle,
+        direction: Direction,
+        bid: u16,
+        payload: *const u8,
+        len: usize,
+        queued_at: u64,
+    ) {
+        self.flow = flow;
+        self.direction = direction;
+        self.iov[0] = libc::iovec { iov_base: payload.cast_mut().cast(), iov_len: len };
+        self.bids[0] = bid;
+        self.count = 1;
+        self.segment = len;
+        self.bytes = len;
+        self.open = false;
+        self.queued_at = queued_at;
+        self.header.msg_iov = self.iov.as_mut_ptr();
+        self.header.msg_iovlen = 1;
+        self.header.msg_control = std::ptr::null_mut();
+        self.header.msg_controllen = 0;
+    }
+
+    /// Addresses the send to `client` (from an unconnected VIP socket), or to nobody (a connected
+    /// upstream socket).
+    fn address(&mut self, client: Option<&SockAddr>) {
+        let Some(client) = client else {
+            self.header.msg_name = std::ptr::null_mut();
+            self.header.msg_namelen = 0;
+            return;
+        };
+        let name_len = (client.len() as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        // SAFETY: copies the client's socket address (`name_len` initialised bytes) into the slot's
+        // storage, which is at least as large; the two never overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                client.as_ptr().cast::<u8>(),
+                (&mut self.address as *mut libc::sockaddr_storage).cast::<u8>(),
+                name_len,
+            );
+        }
+        self.header.msg_name = (&mut self.address as *mut libc::sockaddr_storage).cast();
+        self.header.msg_namelen = name_len as libc::socklen_t;
+    }
+
     /// Whether `len` more bytes of `flow` going `direction` may join this send before submission
     /// `now`.
     fn admits(&self, flow: FlowHandle, direction: Direction, now: u64, len: usize) -> bool {
@@ -217,53 +266,24 @@ impl Worker {
             }
         };
         let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) else { return false };
-        slot.flow = handle;
-        slot.direction = direction;
-        slot.iov[0] = libc::iovec { iov_base: payload.cast_mut().cast(), iov_len: len };
-        slot.bids[0] = bid;
-        slot.count = 1;
-        slot.segment = len;
-        slot.bytes = len;
-        slot.open = len > 0 && len <= max_segment;
-        slot.queued_at = now;
-        slot.header.msg_iov = slot.iov.as_mut_ptr();
-        slot.header.msg_iovlen = 1;
-        slot.header.msg_control = std::ptr::null_mut();
-        slot.header.msg_controllen = 0;
-        match client {
-            Some(client) => {
-                let name_len = (client.len() as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
-                // SAFETY: copies the client's socket address (`name_len` initialised bytes) into the
-                // slot's storage, which is at least as large; the two never overlap.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        client.as_ptr().cast::<u8>(),
-                        (&mut slot.address as *mut libc::sockaddr_storage).cast::<u8>(),
-                        name_len,
-                    );
-                }
-                slot.header.msg_name = (&mut slot.address as *mut libc::sockaddr_storage).cast();
-                slot.header.msg_namelen = name_len as libc::socklen_t;
-            }
-            None => {
-                slot.header.msg_name = std::ptr::null_mut();
-                slot.header.msg_namelen = 0;
-            }
-        }
+        slot.start(handle, direction, bid, payload, len, now);
+        slot.address(client);
         let entry = opcode::SendMsg::new(Fd(fd), &slot.header)
             .build()
             .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), direction as u32).encode());
-        let joinable = slot.open;
         // SAFETY: header, iovecs, control message and address live in the boxed send slot of buffer
         // `bid`, the payloads in the buffers the slot lists; none is reused before this send's
         // completion, and they change only before the next submission (module doc). The kernel holds
         // the socket's file while the send is in flight.
         let pushed = unsafe { self.ring.push(&entry) };
         let queued = self.submitted(pushed);
-        if queued && joinable && self.ring.submissions() == now {
-            if let Some(flow) = self.udp.flows.get_mut(handle) {
-                flow.open_sends[direction as usize] = Some(bid);
-            }
+        // Only a send still waiting in the queue may grow (`push` submits when the queue is full).
+        let joinable = queued && len > 0 && len <= max_segment && self.ring.submissions() == now;
+        if let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) {
+            slot.open = joinable;
+        }
+        if let (true, Some(flow)) = (joinable, self.udp.flows.get_mut(handle)) {
+            flow.open_sends[direction as usize] = Some(bid);
         }
         self.udp.flows.touch(handle, self.now, to_client);
         queued
@@ -326,13 +346,9 @@ mod tests {
 
     fn queued(len: usize, max_segment: usize) -> SendSlot {
         let mut slot = SendSlots::new(1).slots.into_vec().pop().expect("one slot");
-        slot.flow = FlowHandle { index: 3, generation: 1 };
-        slot.direction = Direction::ToBackend;
-        slot.count = 1;
-        slot.segment = len;
-        slot.bytes = len;
+        slot.start(FLOW, Direction::ToBackend, 0, std::ptr::null(), len, 7);
+        // As `send_datagram` decides once the send is queued.
         slot.open = len > 0 && len <= max_segment;
-        slot.queued_at = 7;
         slot
     }
 
