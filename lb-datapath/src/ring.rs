@@ -198,7 +198,9 @@ impl Ring {
         self.submissions
     }
 
-    fn submit(&mut self) -> io::Result<usize> {
+    /// Hands every queued entry to the kernel now, without waiting. For callers about to close an fd
+    /// that a queued entry names: the kernel resolves fds at submission and then holds their files.
+    pub fn submit(&mut self) -> io::Result<usize> {
         self.submissions += 1;
         self.uring.submit()
     }

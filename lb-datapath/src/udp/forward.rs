@@ -219,6 +219,7 @@ impl Worker {
             armed: false,
             rearm_at_tick: false,
             stale_since: None,
+            fd_queued_at: None,
             open_sends: [None; 2],
             max_segment: [to_backend, socket::CLIENT_SEGMENT_LIMIT],
         };

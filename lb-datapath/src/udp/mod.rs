@@ -98,6 +98,11 @@ pub(crate) struct UdpFlow {
     rearm_at_tick: bool,
     /// `StaleFlowPolicy::Drain`: when a datagram first found the backend ineligible.
     stale_since: Option<Instant>,
+    /// `Ring::submissions` when an entry naming the upstream socket's fd (its receive, a send to the
+    /// backend) was last queued: if unchanged when the flow ends, that entry must reach the kernel
+    /// before the fd is closed, or it would name a closed fd, or another flow's socket that reuses the
+    /// number.
+    fd_queued_at: Option<u64>,
     /// Per `send::Direction`: the head buffer of the queued send later datagrams may join, if any.
     open_sends: [Option<u16>; 2],
     /// Per `send::Direction`: largest datagram that may be a GSO segment (0: never group), so that
@@ -253,6 +258,11 @@ fn release_flow(
     flow: UdpFlow,
 ) {
     selection.close(flow.backend, counters);
+    if flow.fd_queued_at == Some(ring.submissions()) {
+        if let Err(err) = ring.submit() {
+            tracing::warn!(error = %err, "cannot submit a UDP flow's queued operations before closing it");
+        }
+    }
     if flow.armed {
         let target = UserData::new(OpKind::UdpFlow, handle.index, handle.generation).encode();
         let cancel =
@@ -382,6 +392,7 @@ impl Worker {
             Ok(()) => {
                 flow.armed = true;
                 flow.rearm_at_tick = false;
+                flow.fd_queued_at = Some(self.ring.submissions());
                 self.udp.in_flight += 1;
             }
             Err(_) => flow.rearm_at_tick = true,

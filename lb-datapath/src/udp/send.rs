@@ -282,8 +282,13 @@ impl Worker {
         if let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) {
             slot.open = joinable;
         }
-        if let (true, Some(flow)) = (joinable, self.udp.flows.get_mut(handle)) {
-            flow.open_sends[direction as usize] = Some(bid);
+        if let (true, Some(flow)) = (queued, self.udp.flows.get_mut(handle)) {
+            if direction == Direction::ToBackend {
+                flow.fd_queued_at = Some(now);
+            }
+            if joinable {
+                flow.open_sends[direction as usize] = Some(bid);
+            }
         }
         self.udp.flows.touch(handle, self.now, to_client);
         queued
