@@ -38,6 +38,7 @@ pub(crate) struct WorkerCounters {
     pub udp_datagrams_client_to_backend: AtomicU64,
     pub udp_bytes_client_to_backend: AtomicU64,
     pub udp_datagrams_backend_to_client: AtomicU64,
+    pub udp_sends: AtomicU64,
     pub udp_bytes_backend_to_client: AtomicU64,
     pub udp_drops_truncated: AtomicU64,
     pub udp_drops_no_backend: AtomicU64,
@@ -97,6 +98,7 @@ impl WorkerCounters {
             udp_datagrams_client_to_backend: get(&self.udp_datagrams_client_to_backend),
             udp_bytes_client_to_backend: get(&self.udp_bytes_client_to_backend),
             udp_datagrams_backend_to_client: get(&self.udp_datagrams_backend_to_client),
+            udp_sends: get(&self.udp_sends),
             udp_bytes_backend_to_client: get(&self.udp_bytes_backend_to_client),
             udp_drops_truncated: get(&self.udp_drops_truncated),
             udp_drops_no_backend: get(&self.udp_drops_no_backend),
@@ -176,6 +178,9 @@ pub struct WorkerStats {
     pub udp_bytes_client_to_backend: u64,
     /// Datagrams sent to clients.
     pub udp_datagrams_backend_to_client: u64,
+    /// UDP sends that completed, either way: datagrams forwarded / sends is how many datagrams one
+    /// grouped (GSO) send carried on average.
+    pub udp_sends: u64,
     /// Payload bytes sent to clients.
     pub udp_bytes_backend_to_client: u64,
     /// Datagrams dropped because they did not fit a receive buffer (cannot happen below 65 527 bytes).
@@ -250,6 +255,7 @@ impl EngineStats {
             udp_bytes_client_to_backend: a.udp_bytes_client_to_backend + w.udp_bytes_client_to_backend,
             udp_datagrams_backend_to_client: a.udp_datagrams_backend_to_client
                 + w.udp_datagrams_backend_to_client,
+            udp_sends: a.udp_sends + w.udp_sends,
             udp_bytes_backend_to_client: a.udp_bytes_backend_to_client + w.udp_bytes_backend_to_client,
             udp_drops_truncated: a.udp_drops_truncated + w.udp_drops_truncated,
             udp_drops_no_backend: a.udp_drops_no_backend + w.udp_drops_no_backend,

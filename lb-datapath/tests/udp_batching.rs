@@ -227,4 +227,11 @@ fn a_backend_that_accepts_grouped_datagrams_sees_a_burst_grouped_with_its_bounda
     wait_until("the worker counted every datagram", Duration::from_secs(5), || {
         engine.stats().total().udp_datagrams_client_to_backend == 32 * round
     });
+    let total = engine.stats().total();
+    assert!(
+        total.udp_sends < total.udp_datagrams_client_to_backend,
+        "a grouped send counts once for its datagrams: {} sends for {} datagrams",
+        total.udp_sends,
+        total.udp_datagrams_client_to_backend
+    );
 }

@@ -99,6 +99,10 @@ pub struct EngineArgs {
     /// Idle timeout of a UDP flow that saw a reply [default: 120s].
     #[arg(long, value_parser = parse_duration)]
     pub udp_replied_timeout: Option<Duration>,
+    /// Receive buffer of each UDP VIP socket in bytes (forced past net.core.rmem_max when ringlb may);
+    /// it absorbs bursts while a worker is busy. 0 keeps the kernel default [default: 4194304].
+    #[arg(long)]
+    pub udp_receive_buffer: Option<usize>,
     /// What happens to a UDP flow whose backend turns not ready or goes away.
     #[arg(long, value_enum, default_value_t = StaleFlowsArg::Move)]
     pub udp_stale_flows: StaleFlowsArg,

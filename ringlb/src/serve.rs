@@ -61,6 +61,7 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
             max_flows_per_worker: args.udp_max_flows.unwrap_or(defaults.udp.max_flows_per_worker).max(1),
             unreplied_timeout: args.udp_unreplied_timeout.unwrap_or(defaults.udp.unreplied_timeout),
             replied_timeout: args.udp_replied_timeout.unwrap_or(defaults.udp.replied_timeout),
+            vip_receive_buffer: args.udp_receive_buffer.unwrap_or(defaults.udp.vip_receive_buffer),
             stale_flows: match args.udp_stale_flows {
                 StaleFlowsArg::Move => StaleFlowPolicy::Move,
                 StaleFlowsArg::Drain => StaleFlowPolicy::Drain,
@@ -232,11 +233,14 @@ mod tests {
             "1m",
             "--udp-stale-flows",
             "drain",
+            "--udp-receive-buffer",
+            "1048576",
         ]));
         assert_eq!(config.udp.max_flows_per_worker, 1000);
         assert_eq!(config.udp.unreplied_timeout, Duration::from_secs(5));
         assert_eq!(config.udp.replied_timeout, Duration::from_secs(60));
         assert_eq!(config.udp.stale_flows, StaleFlowPolicy::Drain);
+        assert_eq!(config.udp.vip_receive_buffer, 1 << 20);
         assert_eq!(engine_config(&engine_args(&[])).udp, UdpConfig::default());
     }
 }

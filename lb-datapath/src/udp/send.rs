@@ -328,6 +328,7 @@ impl Worker {
             };
             stats::add(datagrams, count as u64);
             stats::add(bytes, result as u64);
+            stats::add(&self.counters.udp_sends, 1);
             return;
         }
         stats::add(&self.counters.udp_drops_send, count as u64);
