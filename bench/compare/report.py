@@ -406,7 +406,7 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
         "(threads are included in a process's counters), sampled inside the measured window (minus a "
         "short margin at both ends) and divided by its length: `proxy cores` = cores busy in the proxy. "
         "CPU-s per GB = proxy cores / GB/s of payload moved (sent + received by the client); per 10k "
-        "connections = proxy cores / connections/s × 10⁴. ringlb's figure includes its io_uring worker threads (`iou-wrk-*`, which run its splices), since they are threads of its process. `machine cores` is all CPUs' busy time from "
+        "connections = proxy cores / connections/s × 10⁴. ringlb's figure includes any io_uring worker threads (`iou-wrk-*`) it has, since they are threads of its process. `machine cores` is all CPUs' busy time from "
         "`/proc/stat` over the same window (includes generator, backend and kernel NAT softirq work)."
     )
     L.append(
