@@ -72,7 +72,7 @@ pub(crate) struct Direction {
 }
 
 impl Direction {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Direction {
             pending: Pending::None,
             buffer: None,

@@ -223,3 +223,66 @@ fn shutdown_write(fd: RawFd) {
     // SAFETY: shutdown(2) only takes an fd and a constant; a stale fd would fail with EBADF, not UB.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_direction(buffer: usize) -> Direction {
+        Direction { buffer: Some(vec![0u8; buffer].into_boxed_slice()), ..Direction::new() }
+    }
+
+    fn receive(direction: &mut Direction, n: i32) -> Completed {
+        direction.pending = Pending::Recv;
+        complete(direction, n)
+    }
+
+    fn send_all(direction: &mut Direction) {
+        direction.pending = Pending::Send;
+        let unsent = (direction.end - direction.start) as i32;
+        assert_eq!(complete(direction, unsent).written, unsent as u64);
+    }
+
+    #[test]
+    fn a_direction_wants_splice_after_full_reads_in_a_row_and_only_when_adaptive() {
+        let mut direction = copy_direction(1024);
+        receive(&mut direction, 1024);
+        send_all(&mut direction);
+        assert!(!wants_splice(Path::Adaptive, &direction), "one full read is not bulk yet");
+        receive(&mut direction, 1024);
+        assert!(!wants_splice(Path::Adaptive, &direction), "never with bytes still unsent");
+        send_all(&mut direction);
+        assert!(wants_splice(Path::Adaptive, &direction));
+        assert!(!wants_splice(Path::Copy, &direction));
+        assert!(!direction.drained, "a full read leaves the socket possibly readable");
+    }
+
+    #[test]
+    fn a_short_read_resets_the_bulk_count_and_marks_the_source_drained() {
+        let mut direction = copy_direction(1024);
+        receive(&mut direction, 1024);
+        send_all(&mut direction);
+        receive(&mut direction, 100);
+        send_all(&mut direction);
+        assert!(direction.drained);
+        receive(&mut direction, 1024);
+        send_all(&mut direction);
+        assert!(!wants_splice(Path::Adaptive, &direction), "the count restarted after the short read");
+    }
+
+    #[test]
+    fn end_of_stream_never_switches_and_a_spliced_direction_stays() {
+        let mut direction = copy_direction(1024);
+        for _ in 0..BULK_READS {
+            receive(&mut direction, 1024);
+            send_all(&mut direction);
+        }
+        let eof = receive(&mut direction, 0);
+        assert!(eof.eof && direction.eof);
+        assert!(!wants_splice(Path::Adaptive, &direction), "nothing more to move");
+        let mut spliced = Direction { spliced: true, full_reads: BULK_READS, ..Direction::new() };
+        assert!(!wants_splice(Path::Adaptive, &spliced));
+        spliced.pending = Pending::PollIn;
+        assert_eq!(complete(&mut spliced, libc::POLLIN as i32).next, Next::ReadNow);
+    }
+}

@@ -91,3 +91,105 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> Result<usize, i32> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pool::PipePool;
+
+    /// A connected loopback pair: (the end the test writes or reads, the end the relay uses).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let outer = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (inner, _) = listener.accept().expect("accept");
+        inner.set_nonblocking(true).expect("non-blocking");
+        outer.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        (outer, inner)
+    }
+
+    fn spliced(pipes: &mut PipePool) -> Direction {
+        Direction { pipe: Some(pipes.take().expect("pipe")), spliced: true, ..Direction::new() }
+    }
+
+    #[test]
+    fn pump_moves_bytes_in_budgeted_turns_and_reports_end_of_stream() {
+        let mut pipes = PipePool::new(64 * 1024);
+        let (mut writer, source) = pair();
+        let (mut reader, destination) = pair();
+        let mut direction = spliced(&mut pipes);
+        let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer_thread = std::thread::spawn(move || {
+            writer.write_all(&sent)?;
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let reader_thread = std::thread::spawn(move || {
+            let mut received = Vec::new();
+            reader.read_to_end(&mut received).map(|_| received)
+        });
+        let mut written = 0u64;
+        let mut turns = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            turns += 1;
+            assert!(std::time::Instant::now() < deadline, "pump never reached the end of the stream");
+            let pumped = pump(&mut direction, source.as_raw_fd(), destination.as_raw_fd(), 16 * 1024);
+            assert_eq!(pumped.failure, None);
+            written += pumped.completed.written;
+            match pumped.completed.next {
+                Next::Advance => {
+                    assert!(pumped.completed.eof && direction.eof);
+                    break;
+                }
+                // The budget or an empty socket ends a turn; try again (the test has no poll).
+                Next::PollIn | Next::PollOut => std::thread::yield_now(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(turns > 1, "a 16 KiB budget cannot move 256 KiB in one turn");
+        writer_thread.join().expect("writer").expect("write and FIN");
+        assert_eq!(direction.pipe.as_ref().map(|p| p.buffered), Some(0));
+        assert_eq!(written, payload.len() as u64);
+        drop(destination);
+        assert_eq!(reader_thread.join().expect("reader").expect("read"), payload);
+    }
+
+    #[test]
+    fn pump_waits_for_a_full_destination_and_reports_a_reset_source() {
+        let mut pipes = PipePool::new(1024 * 1024);
+        let (mut writer, source) = pair();
+        let (_reader, destination) = pair();
+        let mut direction = spliced(&mut pipes);
+        // Nobody reads the destination: once its buffers fill, the pump must wait for POLLOUT.
+        let chunk = vec![7u8; 1024 * 1024];
+        let mut next = Next::PollIn;
+        for _ in 0..64 {
+            writer.set_nonblocking(true).expect("non-blocking writer");
+            let _ = writer.write(&chunk);
+            next = pump(&mut direction, source.as_raw_fd(), destination.as_raw_fd(), 1 << 20).completed.next;
+            if next == Next::PollOut {
+                break;
+            }
+        }
+        assert_eq!(next, Next::PollOut, "a destination nobody reads fills up");
+        assert!(direction.pipe.as_ref().is_some_and(|p| p.buffered > 0), "the unsent bytes stay in the pipe");
+
+        // A source that resets is an error on the read side, not an end of stream.
+        let (peer, source) = pair();
+        socket2::SockRef::from(&peer).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(peer);
+        let mut direction = spliced(&mut pipes);
+        let mut pumped = pump(&mut direction, source.as_raw_fd(), destination.as_raw_fd(), 1 << 20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pumped.completed.next == Next::PollIn && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            pumped = pump(&mut direction, source.as_raw_fd(), destination.as_raw_fd(), 1 << 20);
+        }
+        assert_eq!(pumped.completed.next, Next::Reset);
+        assert_eq!(pumped.failure, Some((Pending::Recv, -libc::ECONNRESET)));
+    }
+}
