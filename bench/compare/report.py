@@ -153,6 +153,13 @@ TARGETS = [
     ("HTTP new connections/s (Connection: close): ≥ 1.4x best peer", "http-close", "rate", 1.4, "best"),
     ("New TCP connections/s (tcp-crr): ≥ 1.4x best peer", "tcp-crr", "rate", 1.4, "best"),
     ("UDP 64 B datagrams received: ≥ 2.5x NGINX, loss < 5 %", "udp-stream", "rate", 2.5, "nginx"),
+    (
+        "UDP 64 B datagrams offered at 500k/s: ≥ 2.5x NGINX, loss < 5 %",
+        "udp-stream-500k",
+        "rate",
+        2.5,
+        "nginx",
+    ),
     ("UDP ping-pong: added p99 ≤ 0.6x best peer's", "udp-rr-1", "added_p99", 0.6, "best"),
     (
         "Proxy CPU-s per GB (tcp-stream-8): ≤ 0.6x best proxy's",
@@ -220,7 +227,7 @@ def evaluate_targets(agg: dict, peers: list[str]) -> list[dict]:
         if higher_better:
             r = ratio(mine, bv)
             ok = r is not None and r >= thr
-            if wl == "udp-stream":
+            if wl.startswith("udp-stream"):
                 loss = rl.get("loss")
                 ok = ok and loss is not None and loss < 5.0
                 row["detail"] = f"ringlb {mine:,.0f} vs {best} {bv:,.0f}; ringlb loss {fmt_num(loss, 1)} %"

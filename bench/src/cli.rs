@@ -194,6 +194,12 @@ pub struct UdpStreamArgs {
     /// Datagrams per sendmmsg call.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub batch: u32,
+    /// Datagrams per message of the batch, sent as one UDP GSO send (`UDP_SEGMENT`): the kernel walks
+    /// the stack once and the receiver still gets separate datagrams of `--message-size` (its socket
+    /// segments them, unless it asked for `UDP_GRO`). Makes the generator cheaper per datagram, so it
+    /// can outrun what it loads. At most 64 and 65 507 bytes per message; 1 = off.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub gso: u32,
 }
 
 fn parse_target(text: &str) -> Result<SocketAddr, String> {

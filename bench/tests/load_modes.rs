@@ -201,7 +201,7 @@ fn udp_rr_counts_loss_when_the_peer_never_answers_and_stops_at_the_deadline() {
 #[test]
 fn udp_stream_learns_the_received_count_from_the_sink() {
     let server = Server::start("udp-sink");
-    for extra in [&[][..], &["--warmup", "200ms", "--rate", "20000"][..]] {
+    for extra in [&[][..], &["--warmup", "200ms", "--rate", "20000"][..], &["--gso", "8"][..]] {
         let mut args = vec!["--flows", "3", "--message-size", "200", "--duration", SHORT];
         args.extend_from_slice(extra);
         let report = run_json("udp-stream", server.address, &args);

@@ -3,7 +3,8 @@
 //! Phases: warm-up blast → all senders pause → the sink's counters are read once they settle → measured
 //! blast until the deadline → counters read again once settled. Received = the difference, so
 //! datagrams still queued when blasting stops are counted and warm-up traffic is not. Sending uses
-//! `sendmmsg` batches on connected sockets, paced per thread when `--rate` is given.
+//! `sendmmsg` batches on connected sockets, paced per thread when `--rate` is given; with `--gso N`
+//! every message of a batch carries N datagrams as one `UDP_SEGMENT` send (counted as N).
 
 use std::io;
 use std::net::UdpSocket;
@@ -102,17 +103,26 @@ pub fn run(args: &UdpStreamArgs) -> anyhow::Result<Report> {
         "message_size": args.message_size,
         "rate": args.rate,
         "batch": args.batch,
+        "gso": args.gso,
     });
     let mut report = Report::new("udp-stream", &args.run, params, threads, &totals);
     report.datagrams = Some(datagrams);
     Ok(report)
 }
 
+/// Largest UDP payload one GSO send may carry (IPv4).
+const MAX_GSO_BYTES: usize = 65_507;
+
 /// One thread's flows and its reusable `sendmmsg` batch (all entries point at the same payload).
 struct Sender {
     sockets: Vec<UdpSocket>,
+    /// `segments` copies of the datagram, back to back (one copy without GSO).
     payload: Vec<u8>,
+    /// Datagrams per message (`--gso`); each is `payload.len() / segments` bytes.
+    segments: usize,
     iovecs: Vec<libc::iovec>,
+    /// One `UDP_SEGMENT` control message per header when `segments > 1`.
+    controls: Vec<[u64; 4]>,
     headers: Vec<libc::mmsghdr>,
     /// Datagrams per second for this thread, if paced.
     rate: Option<f64>,
@@ -126,6 +136,16 @@ impl Sender {
     fn new(args: &UdpStreamArgs, flows: usize, threads: usize) -> io::Result<Self> {
         let target = args.run.target;
         let bind = crate::sockets::any_port_like(target);
+        let segments = args.gso as usize;
+        if segments > 1 && args.message_size as usize * segments > MAX_GSO_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "--gso {segments} × --message-size {} exceeds {MAX_GSO_BYTES} bytes",
+                    args.message_size
+                ),
+            ));
+        }
         let sockets = (0..flows)
             .map(|_| {
                 let socket = UdpSocket::bind(bind)?;
@@ -134,14 +154,17 @@ impl Sender {
             })
             .collect::<io::Result<Vec<_>>>()?;
         let batch = args.batch as usize;
-        let mut payload = payload(args.message_size as usize);
+        let segments = args.gso as usize;
+        let mut payload = payload(args.message_size as usize).repeat(segments);
         let iovecs: Vec<libc::iovec> = (0..batch)
             .map(|_| libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() })
             .collect();
         let mut sender = Self {
             sockets,
             payload,
+            segments,
             iovecs,
+            controls: vec![[0u64; 4]; if segments > 1 { batch } else { 0 }],
             headers: Vec::with_capacity(batch),
             rate: args.rate.map(|rate| rate as f64 / threads as f64),
         };
@@ -150,6 +173,21 @@ impl Sender {
             let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
             header.msg_hdr.msg_iov = &mut sender.iovecs[index];
             header.msg_hdr.msg_iovlen = 1;
+            if segments > 1 {
+                let control = &mut sender.controls[index];
+                header.msg_hdr.msg_control = control.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE only computes a size.
+                header.msg_hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+                // SAFETY: the header points at `control` (32 bytes, 8-aligned), which holds one
+                // control message with a 2-byte payload (CMSG_SPACE(2) = 24 on Linux).
+                unsafe {
+                    let cmsg = libc::CMSG_FIRSTHDR(&header.msg_hdr);
+                    (*cmsg).cmsg_level = libc::SOL_UDP;
+                    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
+                    libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(args.message_size as u16);
+                }
+            }
             sender.headers.push(header);
         }
         Ok(sender)
@@ -164,9 +202,10 @@ impl Sender {
         let mut sent_here: u64 = 0;
         // Paced runs send smaller batches so that one batch spans about 100 us.
         let batch = match self.rate {
-            Some(rate) => ((rate * 100e-6) as usize).clamp(1, self.headers.len()),
+            Some(rate) => ((rate * 100e-6) as usize / self.segments).clamp(1, self.headers.len()),
             None => self.headers.len(),
         };
+        let datagram = self.payload.len() / self.segments;
         let mut flow = 0;
         let mut next_publish = started;
         loop {
@@ -199,11 +238,11 @@ impl Sender {
                 continue;
             }
             // Stamped with the time before the call: every datagram sent before `until` is counted.
-            for _ in 0..result {
+            for _ in 0..result as usize * self.segments {
                 tally.count_op(clock, now);
-                tally.sent(clock, now, self.payload.len());
+                tally.sent(clock, now, datagram);
             }
-            sent_here += result as u64;
+            sent_here += (result as usize * self.segments) as u64;
         }
         tally.publish(live);
     }
