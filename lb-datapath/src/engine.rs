@@ -71,8 +71,6 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             features: RingFeatures {
                 multishot_accept: false,
-                splice: false,
-                send_zc: false,
                 multishot_recvmsg: false,
                 recv_poll_first: false,
             },

@@ -112,10 +112,6 @@ pub struct RingFeatures {
     /// `IORING_ACCEPT_MULTISHOT` (5.19). Not probeable as an opcode; inferred from `IORING_OP_SOCKET`
     /// (same release) and turned off at run time if an accept fails with `EINVAL`.
     pub multishot_accept: bool,
-    /// `IORING_OP_SPLICE` (5.7).
-    pub splice: bool,
-    /// `IORING_OP_SEND_ZC` (6.0); probed for reporting, not used yet.
-    pub send_zc: bool,
     /// Multishot `recvmsg` (`IORING_RECV_MULTISHOT`, 6.0). Not probeable as an opcode; inferred from
     /// `IORING_OP_SEND_ZC` (same release) and turned off at run time if a receive fails with `EINVAL`.
     pub multishot_recvmsg: bool,
@@ -182,8 +178,6 @@ impl Ring {
         }
         let features = RingFeatures {
             multishot_accept: probe.is_supported(opcode::Socket::CODE),
-            splice: probe.is_supported(opcode::Splice::CODE),
-            send_zc: probe.is_supported(opcode::SendZc::CODE),
             multishot_recvmsg: probe.is_supported(opcode::SendZc::CODE),
             recv_poll_first: probe.is_supported(opcode::Socket::CODE),
         };
