@@ -20,19 +20,26 @@ use crate::ring::Ring;
 /// Pending-connection queue length asked for (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
 
+/// Prepares a socket to bind a VIP `addr` of any protocol: the port is shared with the other
+/// workers' sockets (`SO_REUSEPORT`), a VIP that is not a local address binds anyway (`FREEBIND`),
+/// and an IPv6 VIP never takes the IPv4 space. TCP, UDP and SCTP VIP sockets all start here.
+pub(crate) fn share_vip_port(socket: &Socket, addr: SocketAddr) -> io::Result<()> {
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true),
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_freebind_v6(true)
+        }
+    }
+}
+
 /// Opens a non-blocking listening socket for `addr` that shares the port with the other workers.
 pub(crate) fn bind_listener(addr: SocketAddr) -> io::Result<Socket> {
     let domain = Domain::for_address(addr);
     let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(SockProtocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    match addr {
-        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
-        SocketAddr::V6(_) => {
-            socket.set_only_v6(true)?;
-            socket.set_freebind_v6(true)?;
-        }
-    }
+    share_vip_port(&socket, addr)?;
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -54,6 +61,11 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
+    /// A listener for `key` on a freshly bound `socket`, not armed yet.
+    pub fn new(key: VipKey, socket: Socket) -> Listener {
+        Listener { key, socket, armed: false, multishot: false, closing: false, rearm_at_tick: false }
+    }
+
     /// Queues `accept` and records it as armed; if the ring refuses it, the listener is left to be
     /// re-armed at the next housekeeping tick. Shared by the TCP and SCTP listeners.
     ///

@@ -263,14 +263,7 @@ impl Worker {
         for key in keys {
             match bind_listener(key.socket_addr()) {
                 Ok(socket) => {
-                    let listener = Listener {
-                        key,
-                        socket,
-                        armed: false,
-                        multishot: false,
-                        closing: false,
-                        rearm_at_tick: false,
-                    };
+                    let listener = Listener::new(key, socket);
                     let (index, _) = self.listeners.insert(listener);
                     self.arm_accept(index);
                 }

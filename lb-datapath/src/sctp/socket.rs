@@ -112,15 +112,7 @@ pub(crate) fn enable_rcvinfo(socket: &Socket) -> io::Result<()> {
 /// (supported for SCTP since Linux 5.0; one-to-one sockets spread associations like TCP).
 pub(crate) fn bind_sctp_listener(addr: SocketAddr) -> io::Result<Socket> {
     let socket = sctp_socket(Domain::for_address(addr))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    match addr {
-        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
-        SocketAddr::V6(_) => {
-            socket.set_only_v6(true)?;
-            socket.set_freebind_v6(true)?;
-        }
-    }
+    crate::listener::share_vip_port(&socket, addr)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket)

@@ -36,15 +36,7 @@ const _: () = assert!(BUFFER_SIZE - MULTISHOT_HEADER >= MAX_DATAGRAM && BUFFER_S
 pub(crate) fn bind_vip(addr: SocketAddr) -> io::Result<Socket> {
     let socket =
         Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking().cloexec(), Some(SockProtocol::UDP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    match addr {
-        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
-        SocketAddr::V6(_) => {
-            socket.set_only_v6(true)?;
-            socket.set_freebind_v6(true)?;
-        }
-    }
+    crate::listener::share_vip_port(&socket, addr)?;
     socket.bind(&addr.into())?;
     Ok(socket)
 }
