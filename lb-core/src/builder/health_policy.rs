@@ -30,15 +30,7 @@ pub(super) fn parse_health(
     let mut outlier = OutlierConfig::default();
     let Some(annotations) = annotations else { return (None, outlier) };
     let mut field = |annotation: &'static str, apply: &mut dyn FnMut(&str) -> Result<(), String>| {
-        let Some(value) = annotations.get(annotation) else { return };
-        if let Err(reason) = apply(value.trim()) {
-            errors.push(BuildError::InvalidAnnotation {
-                object: object.clone(),
-                annotation,
-                value: value.clone(),
-                reason,
-            });
-        }
+        super::read_annotation(annotations, object, errors, annotation, apply)
     };
     let mut check: Option<HealthCheckConfig> = None;
     field(HEALTH_CHECK, &mut |v| {

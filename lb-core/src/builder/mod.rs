@@ -265,6 +265,27 @@ fn unique_by_name<'a, T: PartialEq>(
 }
 
 /// Parses an IP that will receive or carry traffic: unspecified and multicast addresses are refused.
+/// Hands the trimmed value of `annotation` to `apply`, if the object has it; a value `apply`
+/// refuses becomes an [`BuildError::InvalidAnnotation`] naming the object, and the rest goes on.
+/// Every `ringlb.io/*` annotation is read through here.
+fn read_annotation(
+    annotations: &BTreeMap<String, String>,
+    object: &ObjectRef,
+    errors: &mut Vec<BuildError>,
+    annotation: &'static str,
+    apply: &mut dyn FnMut(&str) -> Result<(), String>,
+) {
+    let Some(value) = annotations.get(annotation) else { return };
+    if let Err(reason) = apply(value.trim()) {
+        errors.push(BuildError::InvalidAnnotation {
+            object: object.clone(),
+            annotation,
+            value: value.clone(),
+            reason,
+        });
+    }
+}
+
 fn parse_ip(value: &str, object: &ObjectRef, field: impl FnOnce() -> String) -> Result<IpAddr, BuildError> {
     let invalid = |reason| BuildError::InvalidIp {
         object: object.clone(),

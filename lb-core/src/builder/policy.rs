@@ -50,15 +50,7 @@ pub(super) fn parse_service_policy(
     };
     let Some(annotations) = annotations else { return policy };
     let mut field = |annotation: &'static str, apply: &mut dyn FnMut(&str) -> Result<(), String>| {
-        let Some(value) = annotations.get(annotation) else { return };
-        if let Err(reason) = apply(value.trim()) {
-            errors.push(BuildError::InvalidAnnotation {
-                object: object.clone(),
-                annotation,
-                value: value.clone(),
-                reason,
-            });
-        }
+        super::read_annotation(annotations, object, errors, annotation, apply)
     };
     field(SCHEDULER, &mut |v| {
         policy.scheduler.kind = v.parse().map_err(|e: crate::scheduler::UnknownScheduler| e.to_string())?;
