@@ -259,12 +259,16 @@ impl Worker {
     }
 
     /// Moves an adaptive direction that proved bulk from copy to splice: its (empty) buffer goes back
-    /// to the pool and a pipe takes its place. Without a pipe (out of fds) it simply keeps copying.
+    /// to the pool and a pipe takes its place. Without a pipe (out of fds) it keeps copying and only
+    /// tries again once it has proved bulk anew, not on every receive.
     fn switch_to_splice(&mut self, index: u32, generation: u32, which: Which) {
         let pipe = match self.pipes.take() {
             Ok(pipe) => pipe,
             Err(err) => {
                 tracing::debug!(error = %err, "no pipe for a bulk connection; it keeps copying");
+                if let Some(conn) = self.conns.get_mut(index, generation) {
+                    conn.direction(which).full_reads = 0;
+                }
                 return;
             }
         };
