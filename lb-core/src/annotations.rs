@@ -69,7 +69,8 @@ pub const MAX_EJECTION_PERCENT: &str = "ringlb.io/max-ejection-percent";
 pub const LOAD_BALANCER_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// On a Service: how long one backend connect may take before the next backend is tried.
-/// A duration: an integer and a unit `ms`, `s`, `m` or `h` (`250ms`, `5s`, `2m`, `1h`); must be > 0.
+/// A duration in Go's syntax, as kube-proxy and most controllers take them (`250ms`, `5s`, `1m30s`,
+/// `1.5s`, `2h`; see [`crate::parse_duration`]); must be > 0.
 pub const CONNECT_TIMEOUT: &str = "ringlb.io/connect-timeout";
 
 /// On a Service: close a connection idle in both directions for this long. Duration as

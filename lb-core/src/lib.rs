@@ -15,6 +15,7 @@ pub mod affinity;
 pub mod annotations;
 pub mod builder;
 pub mod cidr;
+pub mod duration;
 pub mod error;
 pub mod hash;
 pub mod health;
@@ -24,8 +25,9 @@ pub mod scheduler;
 mod testing;
 
 pub use affinity::AffinityTable;
-pub use builder::{BuildOptions, BuildReport, Skipped, apply_health, build, parse_duration};
+pub use builder::{BuildOptions, BuildReport, Skipped, apply_health, build};
 pub use cidr::Cidr;
+pub use duration::parse_duration;
 pub use error::BuildError;
 pub use health::HealthOverlay;
 pub use model::{

@@ -172,7 +172,8 @@ fn parse_scheduler(value: &str) -> Result<SchedulerKind, String> {
     value.parse().map_err(|e: lb_core::scheduler::UnknownScheduler| e.to_string())
 }
 
-/// Durations as annotations spell them (`250ms`, `5s`, `2m`, `1h`), parsed by lb-core's one parser.
+/// Durations as annotations spell them (Go syntax: `250ms`, `1m30s`, `1.5s`), parsed by lb-core's one
+/// parser.
 fn parse_duration(value: &str) -> Result<Duration, String> {
     lb_core::parse_duration(value)
 }

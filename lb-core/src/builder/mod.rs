@@ -43,7 +43,6 @@ use crate::model::{EntryPolicy, ObjectRef, ServiceEntry, Snapshot, VipKey};
 use crate::scheduler::{Scheduler, SchedulerKind};
 
 pub use health_overlay::apply_health;
-pub use policy::parse_duration;
 
 /// Global defaults that annotations override per Service, and what the builder must know about
 /// where it runs and what health checks found.

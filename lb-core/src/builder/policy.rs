@@ -11,8 +11,9 @@ use std::time::Duration;
 use super::{BuildOptions, parse_ip};
 use crate::annotations::{
     BACKEND_WEIGHTS, CONNECT_ATTEMPTS, CONNECT_TIMEOUT, DRAIN_TIMEOUT, HASH_KEY, IDLE_TIMEOUT,
-    MAGLEV_TABLE_SIZE, MAX_DURATION_SECS, SCHEDULER, WEIGHT,
+    MAGLEV_TABLE_SIZE, SCHEDULER, WEIGHT,
 };
+pub(crate) use crate::duration::parse_duration;
 use crate::error::BuildError;
 use crate::model::{EntryPolicy, ObjectRef, TrafficPolicy};
 use crate::scheduler::{SchedulerConfig, TABLE_SIZES};
@@ -103,30 +104,6 @@ pub(super) fn parse_slice_weight(
     })
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`: a decimal integer and one unit, at most 30 days.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let digits_end = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
-    let (number, unit) = value.split_at(digits_end);
-    if number.is_empty() {
-        return Err("expected a number and a unit (ms, s, m, h), e.g. 5s".to_owned());
-    }
-    let millis_per_unit: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "" => return Err("missing unit (ms, s, m, h)".to_owned()),
-        other => return Err(format!("unknown unit {other:?} (ms, s, m, h)")),
-    };
-    let too_long = || format!("longer than the maximum of {}h", MAX_DURATION_SECS / 3600);
-    let number: u64 = number.parse().map_err(|_| too_long())?;
-    let millis = number.checked_mul(millis_per_unit).ok_or_else(too_long)?;
-    if millis > MAX_DURATION_SECS * 1000 {
-        return Err(too_long());
-    }
-    Ok(Duration::from_millis(millis))
-}
-
 pub(super) fn positive(duration: Duration) -> Result<Duration, String> {
     if duration.is_zero() { Err("must be longer than 0".to_owned()) } else { Ok(duration) }
 }
@@ -160,16 +137,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_accept_each_unit_and_refuse_garbage() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "5", "s", "-5s", "5 s", "1.5s", "5d", "99999999999999999999h", "721h"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
-        }
-        assert_eq!(parse_duration("720h"), Ok(Duration::from_secs(MAX_DURATION_SECS)));
+    fn duration_annotations_take_go_syntax_and_errors_name_annotation_and_value() {
+        let object = ObjectRef::service("default", "web");
+        let annotations = Annotations::from([
+            (CONNECT_TIMEOUT.to_owned(), "1.5s".to_owned()),
+            (IDLE_TIMEOUT.to_owned(), "1m30s".to_owned()),
+            (DRAIN_TIMEOUT.to_owned(), "2h".to_owned()),
+        ]);
+        let mut errors = Vec::new();
+        let policy = parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(policy.entry.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(policy.entry.idle_timeout, Duration::from_secs(90));
+        assert_eq!(policy.entry.drain_timeout, Duration::from_secs(7200));
+
+        let annotations = Annotations::from([(IDLE_TIMEOUT.to_owned(), "90x".to_owned())]);
+        parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), &mut errors);
+        let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(message.contains(IDLE_TIMEOUT) && message.contains("\"90x\""), "{message}");
     }
 
     #[test]
