@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::builder::service::ParsedService;
 use crate::cidr::Cidr;
 use crate::health::{HealthCheckConfig, OutlierConfig};
 use crate::scheduler::Scheduler;
@@ -269,6 +270,9 @@ impl ServiceEntry {
     }
 }
 
+/// The last good spec of every Service a snapshot was built from, by Service.
+pub(crate) type LastGood = BTreeMap<ObjectRef, Arc<ParsedService>>;
+
 /// The immutable table the datapath serves: one [`ServiceEntry`] per [`VipKey`].
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -277,6 +281,10 @@ pub struct Snapshot {
     /// Serialised as a list in key order: JSON map keys must be strings and a `VipKey` is a struct.
     #[serde(serialize_with = "serialize_entries")]
     entries: BTreeMap<VipKey, Arc<ServiceEntry>>,
+    /// What the next build needs of this one: the spec each Service was served from, so that a
+    /// Service rejected next time keeps its policy (see [`crate::build`]). Not served, not shown.
+    #[serde(skip)]
+    last_good: Arc<LastGood>,
 }
 
 fn serialize_entries<S: serde::Serializer>(
@@ -293,11 +301,19 @@ impl Snapshot {
 
     pub fn from_entries(version: u64, entries: impl IntoIterator<Item = ServiceEntry>) -> Self {
         let entries = entries.into_iter().map(|e| (e.key, Arc::new(e))).collect();
-        Snapshot { version, entries }
+        Snapshot { version, entries, last_good: Arc::default() }
     }
 
-    pub(crate) fn from_shared(version: u64, entries: BTreeMap<VipKey, Arc<ServiceEntry>>) -> Self {
-        Snapshot { version, entries }
+    pub(crate) fn from_parts(
+        version: u64,
+        entries: BTreeMap<VipKey, Arc<ServiceEntry>>,
+        last_good: Arc<LastGood>,
+    ) -> Self {
+        Snapshot { version, entries, last_good }
+    }
+
+    pub(crate) fn last_good(&self) -> &Arc<LastGood> {
+        &self.last_good
     }
 
     pub fn get(&self, key: &VipKey) -> Option<&Arc<ServiceEntry>> {

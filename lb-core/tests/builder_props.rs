@@ -215,7 +215,7 @@ fn garbage_slice() -> impl Strategy<Value = EndpointSlice> {
 }
 
 fn run(services: &[Service], slices: &[EndpointSlice], previous: Option<&Snapshot>) -> BuildReport {
-    build(services, slices, &BuildOptions::default(), previous, 1)
+    build(services, slices, &[], &BuildOptions::default(), previous, 1)
 }
 
 /// Whether `slice` lists `ip` as ready (or, for the `fallback` tier, as serving and terminating),

@@ -118,7 +118,8 @@ fn kubectl_get_output_with_managed_fields_and_status_parses_and_builds() {
         (vec!["shop/web".into(), "default/kubernetes".into()], vec!["shop/web-x7m2q".into()])
     );
 
-    let report = lb_core::build(&set.services, &set.slices, &BuildOptions::default(), None, 1);
+    let report =
+        lb_core::build(&set.services, &set.slices, &set.endpoints, &BuildOptions::default(), None, 1);
     assert!(report.errors.is_empty(), "unexpected rejections: {:?}", report.errors);
     // The fixture's fourth endpoint is not ready.
     assert_eq!(eligible(&report.snapshot, WEB_VIP), addrs(&WEB_BACKENDS[..3]));
@@ -286,5 +287,28 @@ fn load_and_build_reports_a_bad_object_without_failing_the_load() {
         report.errors.iter().any(|e| e.to_string().contains("shop/bad")),
         "the bad Service is named: {:?}",
         report.errors
+    );
+}
+
+#[test]
+fn a_selector_less_service_with_an_endpoints_object_is_served_as_the_kubernetes_docs_show() {
+    // The "Services without selectors" example of the Kubernetes documentation, with an external IP
+    // to serve it on, and a not-ready address. Endpoints used to be skipped as an unknown kind.
+    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: my-service\nspec:\n  externalIPs: [127.0.0.70]\n  \
+                ports:\n    - name: http\n      protocol: TCP\n      port: 80\n      targetPort: 9376\n---\n\
+                apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: my-service\nsubsets:\n  - addresses:\n      \
+                - ip: 192.0.2.42\n    notReadyAddresses:\n      - ip: 192.0.2.43\n    ports:\n      \
+                - name: http\n        port: 9376\n";
+    let set = parse_manifest_str(text, "docs.yaml").expect("loads");
+    assert_eq!(set.endpoints.len(), 1);
+    let report =
+        lb_core::build(&set.services, &set.slices, &set.endpoints, &BuildOptions::default(), None, 1);
+    assert!(report.is_clean(), "{report}");
+    let backend: std::net::SocketAddr = "192.0.2.42:9376".parse().expect("backend");
+    assert_eq!(eligible(&report.snapshot, "127.0.0.70:80"), [backend]);
+    let duplicate = format!("{text}---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: my-service\n");
+    let errors = parse_manifest_str(&duplicate, "twice.yaml").expect_err("the same Endpoints twice");
+    assert!(
+        matches!(only_error(errors), ManifestError::Duplicate { object, .. } if object.kind == "Endpoints")
     );
 }

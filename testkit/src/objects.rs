@@ -47,6 +47,13 @@ pub struct ServiceBuilder {
     service: Service,
 }
 
+/// Continues building from an existing Service (to derive an edited copy).
+impl From<Service> for ServiceBuilder {
+    fn from(service: Service) -> Self {
+        ServiceBuilder { service }
+    }
+}
+
 impl ServiceBuilder {
     pub fn new(namespace: &str, name: &str) -> Self {
         let service =

@@ -1,4 +1,6 @@
-//! Joins one service port with its Service's EndpointSlices into a sorted backend set.
+//! Joins one service port with its Service's EndpointSlices of one address family into a sorted
+//! backend set: an IPv4 VIP gets the IPv4 endpoints and an IPv6 VIP the IPv6 ones (kube-proxy
+//! programs each family on its own), so a dual-stack pod is one backend per family, never two in one.
 //!
 //! Port resolution, per slice (so per endpoint: slices may map one name to different numbers), as
 //! kube-proxy does it: the EndpointSlice controller names each slice port after the *service* port
@@ -38,15 +40,17 @@ pub(super) struct ResolvedPort {
     pub scheduler: Scheduler,
 }
 
+/// The backends of `port` among the `ipv6` (or IPv4) slices of `svc`.
 pub(super) fn resolve_port(
     port: &PortSpec,
     slices: &[ParsedSlice],
+    ipv6: bool,
     svc: &ParsedService,
     options: &BuildOptions,
 ) -> ResolvedPort {
     let policy = &svc.policy;
     let mut backends: BTreeMap<BackendId, Backend> = BTreeMap::new();
-    for slice in slices {
+    for slice in slices.iter().filter(|slice| slice.ipv6 == ipv6) {
         let Some(target) = target_port(port, slice) else { continue };
         for endpoint in &slice.endpoints {
             let id = BackendId(SocketAddr::new(endpoint.addr, target));

@@ -38,7 +38,7 @@ pub fn apply_health(snapshot: &Snapshot, options: &BuildOptions, version: u64) -
         };
         table.insert(entry.key, next);
     }
-    Snapshot::from_shared(version, table)
+    Snapshot::from_parts(version, table, Arc::clone(snapshot.last_good()))
 }
 
 #[cfg(test)]
@@ -67,12 +67,12 @@ mod tests {
                 .endpoint("127.0.0.3", Cond::terminating())
                 .build()
         });
-        let plain = build(&services, &slices, &BuildOptions::default(), None, 1).snapshot;
+        let plain = build(&services, &slices, &[], &BuildOptions::default(), None, 1).snapshot;
         let mut options = BuildOptions::default();
         options
             .health
             .mark(&ObjectRef::service("default", "web"), BackendId("127.0.0.1:8080".parse().expect("addr")));
-        let full = build(&services, &slices, &options, None, 2).snapshot;
+        let full = build(&services, &slices, &[], &options, None, 2).snapshot;
         let applied = apply_health(&plain, &options, 2);
         assert_eq!(applied.version, 2);
         for (a, b) in full.entries().zip(applied.entries()) {

@@ -1,13 +1,17 @@
-//! Builds a [`Snapshot`] from Kubernetes Service and EndpointSlice objects.
+//! Builds a [`Snapshot`] from Kubernetes Service, EndpointSlice and (selector-less) Endpoints
+//! objects.
 //!
 //! Pure and deterministic: the same objects, in any order, give the same snapshot (objects are sorted
 //! by namespace/name first, and every tie is broken by identity). It never panics on any input: a bad
 //! object or field becomes a [`BuildError`] in the [`BuildReport`] and the rest still builds.
 //!
-//! Steps: parse and validate every Service (`service`, `vips`, `policy`) and EndpointSlice (`slices`);
-//! carry the previous entries of rejected Services over unchanged (last known good); resolve
-//! `VipKey` claims between Services (the previous owner keeps a key, else the older Service, else
-//! namespace/name order); join each served port with its Service's slices (`endpoints`).
+//! Steps: parse and validate every Service (`service`, `vips`, `policy`, `traffic`) and EndpointSlice
+//! (`slices`), mirror the Endpoints of selector-less Services that have no slices (`mirror`); a
+//! Service rejected now is built from its last good spec, kept in the previous snapshot, so it keeps
+//! its policy and VIPs but follows its *current* endpoints (a bad edit must not pin new connections
+//! to pods that have since rolled); resolve `VipKey` claims between Services (the previous owner,
+//! then the older Service, then namespace/name order); join
+//! each served port with its Service's slices of the VIP's address family (`endpoints`).
 
 // Building runs once per object change, not per packet, and errors are the rare path: returning the
 // full error by value keeps every site simple.
@@ -16,8 +20,9 @@
 mod endpoints;
 mod health_overlay;
 mod health_policy;
+mod mirror;
 mod policy;
-mod service;
+pub(crate) mod service;
 mod slices;
 mod traffic;
 mod vips;
@@ -32,7 +37,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
@@ -41,6 +46,7 @@ use crate::error::BuildError;
 use crate::health::HealthOverlay;
 use crate::model::{EntryPolicy, ObjectRef, ServiceEntry, Snapshot, VipKey};
 use crate::scheduler::{Scheduler, SchedulerKind};
+use service::ParsedService;
 
 pub use health_overlay::apply_health;
 
@@ -83,7 +89,8 @@ pub struct BuildReport {
     pub errors: Vec<BuildError>,
     /// Objects not served on purpose, sorted by object.
     pub skipped: Vec<Skipped>,
-    /// Services rejected in this build whose entries from `previous` are served unchanged instead.
+    /// Services rejected in this build that are served from their last good spec (policy, ports and
+    /// VIPs of `previous`) with their current endpoints.
     pub kept_previous: Vec<ObjectRef>,
 }
 
@@ -108,7 +115,7 @@ impl fmt::Display for BuildReport {
             write!(f, "\n  error: {error}")?;
         }
         for object in &self.kept_previous {
-            write!(f, "\n  kept last known good entries of {object}")?;
+            write!(f, "\n  kept the last good spec of {object}, with its current endpoints")?;
         }
         for skipped in &self.skipped {
             write!(f, "\n  {skipped}")?;
@@ -117,14 +124,17 @@ impl fmt::Display for BuildReport {
     }
 }
 
-/// Builds snapshot `version` from `services` and `slices`. Never panics on any input.
+/// Builds snapshot `version` from `services`, `slices` and `endpoints` (core/v1, mirrored for
+/// selector-less Services, see `mirror`). Never panics on any input.
 ///
-/// `previous` is the snapshot currently served: a Service rejected now keeps the entries it had there
-/// (last known good, listed in [`BuildReport::kept_previous`]), so a bad edit never costs a working
-/// table; it also decides VIP conflicts in favour of the Service that already serves the key.
+/// `previous` is the snapshot currently served: a Service rejected now is built from the last good
+/// spec it keeps (listed in [`BuildReport::kept_previous`]), so a bad edit never costs a working
+/// Service yet its endpoints stay current; it also decides VIP conflicts in favour of the Service
+/// that already serves the key.
 pub fn build(
     services: &[Service],
     slices: &[EndpointSlice],
+    endpoints: &[Endpoints],
     options: &BuildOptions,
     previous: Option<&Snapshot>,
     version: u64,
@@ -132,99 +142,104 @@ pub fn build(
     let mut errors = Vec::new();
     let mut skipped = Vec::new();
     let parsed = service::parse_all(services, options, &mut errors, &mut skipped);
-    let slices_by_service = slices::parse_all(slices, &mut errors, &mut skipped);
+    let mut slices_by_service = slices::parse_all(slices, &mut errors, &mut skipped);
+    let with_selector = services_with_selector(services);
+    mirror::mirror_all(endpoints, &with_selector, &mut slices_by_service, &mut errors, &mut skipped);
 
-    let (mut table, kept_previous) = keep_last_known_good(&parsed.rejected, previous);
-    let resolved = resolve_ports(&parsed.served, &slices_by_service, options);
-    assign_keys(&parsed.served, &resolved, previous, &mut table, &mut errors);
+    let (candidates, kept_previous) = with_last_good(parsed, previous);
+    let table = assign_keys(&candidates, &slices_by_service, options, previous, &mut errors);
+    let last_good = candidates.iter().map(|spec| (spec.object.clone(), Arc::clone(spec))).collect();
 
     errors.sort_by_cached_key(|e| (e.object().clone(), e.to_string()));
     errors.dedup();
     skipped.sort_by(|a, b| (&a.service, &a.reason).cmp(&(&b.service, &b.reason)));
     skipped.dedup();
-    BuildReport { snapshot: Snapshot::from_shared(version, table), errors, skipped, kept_previous }
+    let snapshot = Snapshot::from_parts(version, table, Arc::new(last_good));
+    BuildReport { snapshot, errors, skipped, kept_previous }
 }
 
-/// The previous entries of every Service rejected now, and which Services kept some.
-fn keep_last_known_good(
-    rejected: &BTreeSet<ObjectRef>,
+/// The Services the table is built from: the valid ones, plus the last good spec (from `previous`) of
+/// every Service rejected now, in object order; and which Services were carried over.
+fn with_last_good(
+    parsed: service::ParsedServices,
     previous: Option<&Snapshot>,
-) -> (BTreeMap<VipKey, Arc<ServiceEntry>>, Vec<ObjectRef>) {
-    let mut table = BTreeMap::new();
+) -> (Vec<Arc<ParsedService>>, Vec<ObjectRef>) {
+    let mut candidates: Vec<Arc<ParsedService>> = parsed.served.into_iter().map(Arc::new).collect();
     let mut kept_previous = Vec::new();
-    let Some(previous) = previous else { return (table, kept_previous) };
-    for object in rejected {
-        let mut kept = false;
-        for entry in previous.entries().filter(|e| &e.service == object) {
-            table.insert(entry.key, Arc::clone(entry));
-            kept = true;
-        }
-        if kept {
-            kept_previous.push(object.clone());
+    if let Some(previous) = previous {
+        for object in &parsed.rejected {
+            if let Some(spec) = previous.last_good().get(object) {
+                candidates.push(Arc::clone(spec));
+                kept_previous.push(object.clone());
+            }
         }
     }
-    (table, kept_previous)
+    candidates.sort_by(|a, b| a.object.cmp(&b.object));
+    (candidates, kept_previous)
 }
 
-/// Every (service, port) pair's backends, computed once and shared by all of its VIPs;
-/// `result[s][p]` belongs to `served[s].ports[p]`.
-fn resolve_ports(
-    served: &[service::ParsedService],
-    slices_by_service: &slices::SlicesByService,
-    options: &BuildOptions,
-) -> Vec<Vec<endpoints::ResolvedPort>> {
-    served
+/// (namespace, name) of every Service with a non-empty `spec.selector`: their Endpoints objects are
+/// not mirrored (see `mirror`).
+fn services_with_selector(services: &[Service]) -> BTreeSet<(String, String)> {
+    services
         .iter()
-        .map(|svc| {
-            let own = slices_by_service
-                .get(&(svc.object.namespace.clone(), svc.object.name.clone()))
-                .map_or(&[][..], Vec::as_slice);
-            svc.ports.iter().map(|port| endpoints::resolve_port(port, own, svc, options)).collect()
-        })
+        .filter(|svc| svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty()))
+        .filter_map(|svc| object_ref("Service", &svc.metadata).ok())
+        .map(|object| (object.namespace, object.name))
         .collect()
 }
 
-/// Gives each claimed [`VipKey`] one owner: a carried-over entry keeps its key; otherwise the
-/// Service that owned the key in `previous`, then the oldest `creationTimestamp` (a Service without
-/// one counts as newest), then namespace/name order. Every other claimant gets a `ConflictingVip`.
+/// Gives each claimed [`VipKey`] one owner, then builds its entry from the owner's port resolved on
+/// the key's address family. Owner: the Service that owned the key in `previous` (so a carried-over
+/// Service keeps the keys it served before its rejected edit), then the oldest
+/// `creationTimestamp` (a Service without one counts as newest), then namespace/name order. Every
+/// other claimant gets a `ConflictingVip`. Each (service, port, family) is resolved once and shared
+/// by all of its VIPs of that family.
 fn assign_keys(
-    served: &[service::ParsedService],
-    resolved: &[Vec<endpoints::ResolvedPort>],
+    candidates: &[Arc<ParsedService>],
+    slices_by_service: &slices::SlicesByService,
+    options: &BuildOptions,
     previous: Option<&Snapshot>,
-    table: &mut BTreeMap<VipKey, Arc<ServiceEntry>>,
     errors: &mut Vec<BuildError>,
-) {
-    let mut claims: BTreeMap<VipKey, Vec<(usize, usize)>> = BTreeMap::new();
-    for (s, svc) in served.iter().enumerate() {
-        for &addr in &svc.vips {
-            for (p, port) in svc.ports.iter().enumerate() {
-                claims.entry(VipKey::new(addr, port.port, port.protocol)).or_default().push((s, p));
+) -> BTreeMap<VipKey, Arc<ServiceEntry>> {
+    let mut claims: BTreeMap<VipKey, Vec<(usize, usize, vips::Vip)>> = BTreeMap::new();
+    for (s, candidate) in candidates.iter().enumerate() {
+        for &vip in &candidate.vips {
+            for (p, port) in candidate.ports.iter().enumerate() {
+                claims.entry(VipKey::new(vip.addr, port.port, port.protocol)).or_default().push((s, p, vip));
             }
         }
     }
+    let mut table = BTreeMap::new();
+    let mut resolved: BTreeMap<(usize, usize, bool), endpoints::ResolvedPort> = BTreeMap::new();
     for (key, claimants) in claims {
-        let owner = match table.get(&key) {
-            Some(carried) => carried.service.clone(),
-            None => {
-                let previous_owner = previous.and_then(|p| p.get(&key)).map(|e| &e.service);
-                let rank = |s: usize| {
-                    let svc = &served[s];
-                    (previous_owner != Some(&svc.object), svc.created.is_none(), &svc.created, &svc.object)
-                };
-                let Some(&(s, p)) = claimants.iter().min_by(|a, b| rank(a.0).cmp(&rank(b.0))) else {
-                    continue;
-                };
-                table.insert(key, Arc::new(resolved[s][p].entry(key, &served[s])));
-                served[s].object.clone()
-            }
+        let previous_owner = previous.and_then(|p| p.get(&key)).map(|e| &e.service);
+        let rank = |s: usize| {
+            let svc = &candidates[s];
+            (previous_owner != Some(&svc.object), svc.created.is_none(), &svc.created, &svc.object)
         };
-        for &(s, _) in &claimants {
-            let object = &served[s].object;
-            if *object != owner {
-                errors.push(BuildError::ConflictingVip { object: object.clone(), owner: owner.clone(), key });
+        let Some(&(s, p, vip)) = claimants.iter().min_by(|a, b| rank(a.0).cmp(&rank(b.0))) else { continue };
+        let svc = &candidates[s];
+        let ipv6 = key.addr.is_ipv6();
+        let port = resolved.entry((s, p, ipv6)).or_insert_with(|| {
+            let own = slices_by_service
+                .get(&(svc.object.namespace.clone(), svc.object.name.clone()))
+                .map_or(&[][..], Vec::as_slice);
+            endpoints::resolve_port(&svc.ports[p], own, ipv6, svc, options)
+        });
+        table.insert(key, Arc::new(port.entry(key, svc, vip)));
+        for &(other, _, _) in &claimants {
+            let object = &candidates[other].object;
+            if *object != svc.object {
+                errors.push(BuildError::ConflictingVip {
+                    object: object.clone(),
+                    owner: svc.object.clone(),
+                    key,
+                });
             }
         }
     }
+    table
 }
 
 /// The namespace Kubernetes assumes when a manifest leaves it out.
@@ -309,8 +324,13 @@ fn parse_port(value: i64, object: &ObjectRef, field: impl FnOnce() -> String) ->
 }
 
 impl endpoints::ResolvedPort {
-    /// The entry of this (service, port) on one VIP.
-    fn entry(&self, key: VipKey, svc: &service::ParsedService) -> ServiceEntry {
+    /// The entry of this (service, port) on one VIP. `loadBalancerSourceRanges` guard only the
+    /// load-balancer IPs, as kube-proxy's do: an entry of an external IP admits every client.
+    fn entry(&self, key: VipKey, svc: &ParsedService, vip: vips::Vip) -> ServiceEntry {
+        let mut traffic = svc.policy.traffic.clone();
+        if !vip.load_balancer {
+            traffic.source_ranges.clear();
+        }
         ServiceEntry {
             key,
             service: svc.object.clone(),
@@ -319,7 +339,7 @@ impl endpoints::ResolvedPort {
             eligible: self.eligible.clone(),
             scheduler: Scheduler::clone(&self.scheduler),
             policy: svc.policy.entry,
-            traffic: svc.policy.traffic.clone(),
+            traffic,
         }
     }
 }

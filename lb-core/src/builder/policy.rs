@@ -24,7 +24,7 @@ const ATTEMPTS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
 
 /// Everything the annotations of one Service decide.
 #[derive(Debug, Clone)]
-pub(super) struct ServicePolicy {
+pub(crate) struct ServicePolicy {
     pub scheduler: SchedulerConfig,
     pub entry: EntryPolicy,
     /// Health and outlier settings from annotations; the spec's parts (source ranges, affinity,

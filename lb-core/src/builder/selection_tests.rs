@@ -27,7 +27,7 @@ fn web() -> ServiceBuilder {
 }
 
 fn run_with(services: &[Service], slices: &[EndpointSlice], options: &BuildOptions) -> BuildReport {
-    build(services, slices, options, None, 1)
+    build(services, slices, &[], options, None, 1)
 }
 
 fn eligible(report: &BuildReport) -> Vec<SocketAddr> {
@@ -124,9 +124,19 @@ fn appliance_mode_and_cluster_policy_ignore_nodes() {
     assert_eq!(eligible(&run_with(&[cluster], &[node_slice()], &on_a)), addrs(&[1, 2, 4]));
 }
 
+/// `web` as a LoadBalancer Service whose load-balancer IP is the VIP of [`web_key`].
+fn balanced_web() -> ServiceBuilder {
+    ServiceBuilder::new("default", "web").service_type("LoadBalancer").ingress_ips(["127.0.0.10"]).port(
+        "",
+        80,
+        "TCP",
+        TargetPort::Int(8080),
+    )
+}
+
 #[test]
 fn source_ranges_are_parsed_into_the_entry() {
-    let service = web().source_ranges(["10.0.0.0/8", "2001:db8::/32", " 192.0.2.7/32"]).build();
+    let service = balanced_web().source_ranges(["10.0.0.0/8", "2001:db8::/32", " 192.0.2.7/32"]).build();
     let report = run_with(
         &[service],
         &[ready_slice("default", "web-1", "web", 8080, &["127.0.0.1"])],
@@ -148,12 +158,41 @@ fn no_source_ranges_allow_everyone_and_the_annotation_is_the_fallback() {
     let report = run_with(&[web().build()], &slices, &BuildOptions::default());
     assert!(report.snapshot.get(&web_key()).is_some_and(|e| e.allows("203.0.113.9".parse().expect("ip"))));
 
-    let annotated =
-        web().annotation(annotations::LOAD_BALANCER_SOURCE_RANGES, "10.0.0.0/8, 172.16.0.0/12").build();
+    let annotated = balanced_web()
+        .annotation(annotations::LOAD_BALANCER_SOURCE_RANGES, "10.0.0.0/8, 172.16.0.0/12")
+        .build();
     let report = run_with(&[annotated], &slices, &BuildOptions::default());
     let entry = report.snapshot.get(&web_key()).expect("entry");
     assert_eq!(entry.traffic.source_ranges.len(), 2);
     assert!(!entry.allows("203.0.113.9".parse().expect("ip")));
+}
+
+#[test]
+fn source_ranges_guard_the_load_balancer_ips_and_never_the_external_ips() {
+    let slices = [ready_slice("default", "web-1", "web", 8080, &["127.0.0.1"])];
+    let outsider: std::net::IpAddr = "203.0.113.9".parse().expect("ip");
+    for ranged in [
+        balanced_web().external_ips(["127.0.0.20"]).source_ranges(["10.0.0.0/8"]),
+        balanced_web()
+            .external_ips(["127.0.0.20"])
+            .annotation(annotations::LOAD_BALANCER_SOURCE_RANGES, "10.0.0.0/8"),
+    ] {
+        let report = run_with(&[ranged.build()], &slices, &BuildOptions::default());
+        assert!(report.is_clean(), "{report}");
+        let balanced = report.snapshot.get(&web_key()).expect("load-balancer entry");
+        assert!(!balanced.allows(outsider), "the load-balancer IP is guarded");
+        let external = VipKey::new("127.0.0.20".parse().expect("vip"), 80, Protocol::Tcp);
+        let external = report.snapshot.get(&external).expect("external IP entry");
+        assert!(
+            external.traffic.source_ranges.is_empty() && external.allows(outsider),
+            "externalIPs are not"
+        );
+        assert!(!external.needs_client_address());
+    }
+    // An address that is both an external IP and the load-balancer IP is guarded.
+    let both = balanced_web().external_ips(["127.0.0.10"]).source_ranges(["10.0.0.0/8"]).build();
+    let report = run_with(&[both], &slices, &BuildOptions::default());
+    assert!(!report.snapshot.get(&web_key()).expect("entry").allows(outsider));
 }
 
 #[test]

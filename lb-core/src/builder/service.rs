@@ -12,13 +12,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, ServicePolicy};
-use super::{BuildOptions, Skipped, object_ref, parse_port, traffic, unique_by_name, vips};
+use super::vips::{self, Vip};
+use super::{BuildOptions, Skipped, object_ref, parse_port, traffic, unique_by_name};
 use crate::error::BuildError;
 use crate::model::{ObjectRef, Protocol};
 
 /// Where a service port's traffic goes on an endpoint, before the EndpointSlices are consulted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum TargetSpec {
+pub(crate) enum TargetSpec {
     /// An integer `targetPort` (or `port` when `targetPort` is unset).
     Number(u16),
     /// A named `targetPort`: a container port name, resolved per endpoint through the slices.
@@ -27,7 +28,7 @@ pub(super) enum TargetSpec {
 
 /// One validated `spec.ports[]` entry.
 #[derive(Debug, Clone)]
-pub(super) struct PortSpec {
+pub(crate) struct PortSpec {
     /// `name`, `""` when unset (Kubernetes allows that only for single-port Services).
     pub name: String,
     pub port: u16,
@@ -35,13 +36,14 @@ pub(super) struct PortSpec {
     pub target: TargetSpec,
 }
 
-/// A valid, served Service.
+/// A valid, served Service: everything of it the builder uses besides its endpoints. The snapshot
+/// keeps it as the Service's last good spec (see `builder::build`).
 #[derive(Debug)]
-pub(super) struct ParsedService {
+pub(crate) struct ParsedService {
     pub object: ObjectRef,
     pub created: Option<Time>,
-    /// Deduplicated and sorted; never empty.
-    pub vips: Vec<std::net::IpAddr>,
+    /// Deduplicated and sorted by address; never empty.
+    pub vips: Vec<Vip>,
     /// Never empty; (port, protocol) and names unique.
     pub ports: Vec<PortSpec>,
     pub policy: ServicePolicy,

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::policy::parse_slice_weight;
@@ -38,6 +39,8 @@ pub(super) struct ParsedEndpoint {
 
 #[derive(Debug)]
 pub(super) struct ParsedSlice {
+    /// `addressType: IPv6` (every endpoint address is of the slice's family).
+    pub ipv6: bool,
     /// Whether the slice lists any port at all (even invalid ones): only a slice that lists none falls
     /// back to the Service's targetPort.
     pub declares_ports: bool,
@@ -109,7 +112,7 @@ pub(super) fn parse_all(
             .collect();
         let declares_ports = slice.ports.as_ref().is_some_and(|p| !p.is_empty());
         let key = (object.namespace.clone(), service.clone());
-        let parsed = ParsedSlice { declares_ports, ports, weight, endpoints };
+        let parsed = ParsedSlice { ipv6, declares_ports, ports, weight, endpoints };
         // `unique` is sorted by object, so each list stays sorted by slice name.
         by_service.entry(key).or_default().push(parsed);
     }
@@ -117,27 +120,42 @@ pub(super) fn parse_all(
 }
 
 fn parse_ports(slice: &EndpointSlice, object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<SlicePort> {
-    let mut ports = Vec::new();
-    for (i, p) in slice.ports.iter().flatten().enumerate() {
-        let Some(protocol) = Protocol::from_k8s(p.protocol.as_deref()) else {
-            errors.push(BuildError::UnknownProtocol {
-                object: object.clone(),
-                field: format!("ports[{i}].protocol"),
-                value: p.protocol.clone().unwrap_or_default(),
-            });
-            continue;
-        };
-        let port = match p.port.map(|n| parse_port(n.into(), object, || format!("ports[{i}].port"))) {
-            None => None,
-            Some(Ok(port)) => Some(port),
-            Some(Err(error)) => {
-                errors.push(error);
-                continue;
-            }
-        };
-        ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), protocol, port });
-    }
+    let ports = slice.ports.iter().flatten().enumerate();
     ports
+        .filter_map(|(i, p)| {
+            let field = |name: &str| format!("ports[{i}].{name}");
+            parse_slice_port(p.name.as_deref(), p.protocol.as_deref(), p.port, object, field, errors)
+        })
+        .collect()
+}
+
+/// One slice port (`name`, `protocol`, `port`) as the EndpointSlice or core/v1 Endpoints spells it;
+/// `None` (and an error naming `field(..)`) when the protocol or port is invalid.
+pub(super) fn parse_slice_port(
+    name: Option<&str>,
+    protocol: Option<&str>,
+    port: Option<i32>,
+    object: &ObjectRef,
+    field: impl Fn(&str) -> String,
+    errors: &mut Vec<BuildError>,
+) -> Option<SlicePort> {
+    let Some(protocol_value) = Protocol::from_k8s(protocol) else {
+        errors.push(BuildError::UnknownProtocol {
+            object: object.clone(),
+            field: field("protocol"),
+            value: protocol.unwrap_or_default().to_owned(),
+        });
+        return None;
+    };
+    let port = match port.map(|n| parse_port(n.into(), object, || field("port"))) {
+        None => None,
+        Some(Ok(port)) => Some(port),
+        Some(Err(error)) => {
+            errors.push(error);
+            return None;
+        }
+    };
+    Some(SlicePort { name: name.unwrap_or_default().to_owned(), protocol: protocol_value, port })
 }
 
 fn parse_endpoint(
@@ -154,17 +172,7 @@ fn parse_endpoint(
             reason: "an endpoint needs at least one address".to_owned(),
         });
     };
-    let field = || format!("endpoints[{i}].addresses[0]");
-    let addr = parse_ip(address, object, field)?;
-    if addr.is_ipv6() != ipv6 {
-        let reason = if ipv6 { "IPv4 address in an IPv6 slice" } else { "IPv6 address in an IPv4 slice" };
-        return Err(BuildError::InvalidIp {
-            object: object.clone(),
-            field: field(),
-            value: address.clone(),
-            reason,
-        });
-    }
+    let addr = parse_family_ip(address, ipv6, object, || format!("endpoints[{i}].addresses[0]"))?;
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
     let conditions = EndpointConditions {
@@ -172,16 +180,38 @@ fn parse_endpoint(
         serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
     };
-    let target = endpoint.target_ref.as_ref().map(|t| {
-        let kind = t.kind.as_deref().unwrap_or("Object");
-        let namespace = t.namespace.as_deref().unwrap_or(&object.namespace);
-        format!("{kind} {namespace}/{}", t.name.as_deref().unwrap_or("?"))
-    });
     Ok(ParsedEndpoint {
         addr,
         conditions,
         node_name: endpoint.node_name.clone(),
         zone: endpoint.zone.clone(),
-        target,
+        target: endpoint.target_ref.as_ref().map(|t| target_name(t, object)),
     })
+}
+
+/// An endpoint address that must be of one family (`ipv6` or not), as a slice's `addressType` says.
+pub(super) fn parse_family_ip(
+    address: &str,
+    ipv6: bool,
+    object: &ObjectRef,
+    field: impl Fn() -> String,
+) -> Result<IpAddr, BuildError> {
+    let addr = parse_ip(address, object, &field)?;
+    if addr.is_ipv6() != ipv6 {
+        let reason = if ipv6 { "IPv4 address in an IPv6 slice" } else { "IPv6 address in an IPv4 slice" };
+        return Err(BuildError::InvalidIp {
+            object: object.clone(),
+            field: field(),
+            value: address.to_owned(),
+            reason,
+        });
+    }
+    Ok(addr)
+}
+
+/// `Pod ns/name` of an endpoint's `targetRef`, for display.
+pub(super) fn target_name(target: &ObjectReference, object: &ObjectRef) -> String {
+    let kind = target.kind.as_deref().unwrap_or("Object");
+    let namespace = target.namespace.as_deref().unwrap_or(&object.namespace);
+    format!("{kind} {namespace}/{}", target.name.as_deref().unwrap_or("?"))
 }

@@ -20,7 +20,7 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn run(services: &[Service], slices: &[EndpointSlice]) -> BuildReport {
-    build(services, slices, &BuildOptions::default(), None, 7)
+    build(services, slices, &[], &BuildOptions::default(), None, 7)
 }
 
 /// The eligible backends' addresses of one entry.
@@ -140,10 +140,43 @@ fn multi_port_service_with_udp_and_sctp_yields_one_entry_per_port() {
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.snapshot.len(), 6, "2 VIPs x 3 ports");
     let udp = key("::1", 53, Protocol::Udp);
-    assert_eq!(eligible(&report, &udp), [addr("127.0.0.1:5353"), addr("[::1]:5353")]);
+    assert_eq!(eligible(&report, &udp), [addr("[::1]:5353")], "an IPv6 VIP gets only IPv6 endpoints");
+    assert_eq!(eligible(&report, &key("127.0.0.10", 53, Protocol::Udp)), [addr("127.0.0.1:5353")]);
     assert_eq!(eligible(&report, &tcp("127.0.0.10", 53)), [addr("127.0.0.1:5354")]);
+    assert!(eligible(&report, &tcp("::1", 53)).is_empty(), "no IPv6 endpoint serves TCP");
     assert_eq!(eligible(&report, &key("127.0.0.10", 3868, Protocol::Sctp)), [addr("127.0.0.1:3868")]);
     assert_eq!(report.snapshot.get(&udp).and_then(|e| e.port_name.clone()).as_deref(), Some("dns-udp"));
+}
+
+#[test]
+fn a_dual_stack_service_has_one_entry_per_family_and_a_dual_stack_pod_counts_once_in_each() {
+    let service = ServiceBuilder::new("default", "web")
+        .service_type("LoadBalancer")
+        .ingress_ips(["192.0.2.10", "2001:db8::10"])
+        .port("http", 80, "TCP", TargetPort::Int(8080))
+        .build();
+    // Two pods with an address of each family, as the EndpointSlice controller writes them: one
+    // slice per family.
+    let v4 = SliceBuilder::new("default", "web-v4", "web")
+        .port("http", 8080, "TCP")
+        .endpoint("198.51.100.1", Cond::ready())
+        .endpoint("198.51.100.2", Cond::ready())
+        .build();
+    let mut v6 = SliceBuilder::new("default", "web-v6", "web")
+        .port("http", 8080, "TCP")
+        .endpoint("2001:db8:1::1", Cond::ready())
+        .endpoint("2001:db8:1::2", Cond::ready())
+        .build();
+    v6.address_type = "IPv6".to_owned();
+    let report = run(&[service], &[v4, v6]);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.snapshot.len(), 2);
+    let v4_entry = report.snapshot.get(&tcp("192.0.2.10", 80)).expect("IPv4 entry");
+    let v6_entry = report.snapshot.get(&tcp("2001:db8::10", 80)).expect("IPv6 entry");
+    assert_eq!(v4_entry.backends.len(), 2, "each pod once, not once per family");
+    assert!(v4_entry.backends.iter().all(|b| b.addr().is_ipv4()), "{:?}", v4_entry.backends);
+    assert_eq!(v6_entry.backends.len(), 2);
+    assert!(v6_entry.backends.iter().all(|b| b.addr().is_ipv6()), "{:?}", v6_entry.backends);
 }
 
 #[test]
@@ -320,7 +353,7 @@ fn previous_owner_keeps_a_conflicting_vip() {
         ServiceBuilder::new("default", "old").external_ips(["127.0.0.10"]).bare_port(80).created_at(100);
     let first = run(&[young.clone().build()], &[]);
     let second =
-        build(&[old.build(), young.build()], &[], &BuildOptions::default(), Some(&first.snapshot), 2);
+        build(&[old.build(), young.build()], &[], &[], &BuildOptions::default(), Some(&first.snapshot), 2);
     assert_eq!(second.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry").service.name, "young");
     assert!(
         matches!(&second.errors[..], [BuildError::ConflictingVip { object, .. }] if object.name == "old")
@@ -328,17 +361,45 @@ fn previous_owner_keeps_a_conflicting_vip() {
 }
 
 #[test]
-fn rejected_service_keeps_its_previous_entries() {
+fn rejected_service_keeps_its_last_good_policy_and_follows_its_current_endpoints() {
+    use crate::annotations::{CONNECT_TIMEOUT, SCHEDULER};
     let good = simple_service("default", "web", "127.0.0.10", 80, 8080);
-    let slices = [ready_slice("default", "web-1", "web", 8080, &["127.0.0.1"])];
-    let first = run(std::slice::from_ref(&good), &slices);
-    let broken = ServiceBuilder::new("default", "web").external_ips(["127.0.0.10"]).bare_port(99999).build();
-    let second = build(&[broken], &slices, &BuildOptions::default(), Some(&first.snapshot), 2);
+    let good =
+        ServiceBuilder::from(good).annotation(SCHEDULER, "maglev").annotation(CONNECT_TIMEOUT, "2s").build();
+    let before = [ready_slice("default", "web-1", "web", 8080, &["192.0.2.1", "192.0.2.2"])];
+    let first = run(std::slice::from_ref(&good), &before);
+    assert!(first.is_clean(), "{first}");
+    // A bad edit (an invalid scheduler), then the pods roll to new addresses.
+    let broken = ServiceBuilder::from(good.clone()).annotation(SCHEDULER, "fastest").build();
+    let after = [ready_slice("default", "web-1", "web", 8080, &["192.0.2.7", "192.0.2.8"])];
+    let options = BuildOptions::default();
+    let second = build(std::slice::from_ref(&broken), &after, &[], &options, Some(&first.snapshot), 2);
     assert_eq!(second.kept_previous, [ObjectRef::service("default", "web")]);
-    let kept = second.snapshot.get(&tcp("127.0.0.10", 80)).expect("kept entry");
-    assert!(Arc::ptr_eq(kept, first.snapshot.get(&tcp("127.0.0.10", 80)).expect("entry")));
-    assert_eq!(second.snapshot.version, 2);
-    assert!(second.to_string().contains("kept last known good"), "{second}");
+    assert_eq!(second.errors.len(), 1, "{second}");
+    let key = tcp("127.0.0.10", 80);
+    assert_eq!(eligible(&second, &key), [addr("192.0.2.7:8080"), addr("192.0.2.8:8080")], "current pods");
+    let kept = second.snapshot.get(&key).expect("kept entry");
+    assert_eq!(kept.scheduler.kind(), SchedulerKind::Maglev, "the last good policy");
+    assert_eq!(kept.policy.connect_timeout, std::time::Duration::from_secs(2));
+    assert!(second.to_string().contains("kept the last good spec"), "{second}");
+
+    // Still broken in the next build, and the pods roll again: the last good spec is kept on.
+    let again = [ready_slice("default", "web-1", "web", 8080, &["192.0.2.9"])];
+    let third = build(std::slice::from_ref(&broken), &again, &[], &options, Some(&second.snapshot), 3);
+    assert_eq!(eligible(&third, &key), [addr("192.0.2.9:8080")]);
+    assert_eq!(third.snapshot.get(&key).expect("entry").scheduler.kind(), SchedulerKind::Maglev);
+
+    // A deleted Service is not carried over, rejected or not.
+    let gone = build(&[], &again, &[], &options, Some(&third.snapshot), 4);
+    assert!(gone.snapshot.is_empty() && gone.kept_previous.is_empty(), "{gone}");
+}
+
+#[test]
+fn a_service_rejected_from_its_first_sight_is_not_served() {
+    let broken = ServiceBuilder::new("default", "web").external_ips(["127.0.0.10"]).bare_port(99999).build();
+    let slices = [ready_slice("default", "web-1", "web", 8080, &["192.0.2.1"])];
+    let report = build(&[broken], &slices, &[], &BuildOptions::default(), Some(&Snapshot::empty()), 2);
+    assert!(report.snapshot.is_empty() && report.kept_previous.is_empty(), "{report}");
 }
 
 #[test]

@@ -4,9 +4,12 @@
 //! the load-balancer controller assigned, `status.loadBalancer.ingress[].ip`; when that status holds
 //! no IP (standalone use, nothing assigns one), the requested ones: MetalLB's
 //! `metallb.universe.tf/loadBalancerIPs` annotation, else the deprecated `spec.loadBalancerIP`. Only
-//! the source in use is validated. The result is sorted and deduplicated.
+//! the source in use is validated. The result is sorted and deduplicated; each VIP says whether it is
+//! a load-balancer IP, because only those are guarded by `loadBalancerSourceRanges` (kube-proxy
+//! filters the load-balancer IPs and never `externalIPs`). An address that is both counts as a
+//! load-balancer IP (kube-proxy's nftables mode filters it by destination).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
@@ -16,21 +19,32 @@ use crate::annotations::METALLB_LOAD_BALANCER_IPS;
 use crate::error::BuildError;
 use crate::model::ObjectRef;
 
+/// One address a Service is served on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Vip {
+    pub addr: IpAddr,
+    /// A load-balancer IP (status, annotation or `spec.loadBalancerIP`), not only an external IP.
+    pub load_balancer: bool,
+}
+
 pub(super) fn service_vips(
     svc: &Service,
     load_balancer: bool,
     object: &ObjectRef,
     errors: &mut Vec<BuildError>,
-) -> Vec<IpAddr> {
-    let mut vips = BTreeSet::new();
+) -> Vec<Vip> {
+    let mut external = BTreeSet::new();
     let spec = svc.spec.as_ref();
     for (i, value) in spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten().enumerate() {
-        push(&mut vips, errors, parse_ip(value, object, || format!("spec.externalIPs[{i}]")));
+        push(&mut external, errors, parse_ip(value, object, || format!("spec.externalIPs[{i}]")));
     }
+    let mut balanced = BTreeSet::new();
     if load_balancer {
-        load_balancer_vips(svc, object, &mut vips, errors);
+        load_balancer_vips(svc, object, &mut balanced, errors);
     }
-    vips.into_iter().collect()
+    let mut vips: BTreeMap<IpAddr, bool> = external.into_iter().map(|addr| (addr, false)).collect();
+    vips.extend(balanced.into_iter().map(|addr| (addr, true)));
+    vips.into_iter().map(|(addr, load_balancer)| Vip { addr, load_balancer }).collect()
 }
 
 fn load_balancer_vips(

@@ -1,4 +1,5 @@
-//! Loads Service and EndpointSlice objects from manifest files, as `kubectl get -o yaml` writes them.
+//! Loads Service, EndpointSlice and (core/v1) Endpoints objects from manifest files, as `kubectl get
+//! -o yaml` writes them.
 //!
 //! A PATH is either one file (read whatever its name) or a directory: its `*.yaml`, `*.yml` and
 //! `*.json` files, sorted by name, NOT recursive (like `kubectl apply -f DIR` without `-R`). Hidden
@@ -16,7 +17,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_core::ObjectRef;
 
@@ -28,6 +29,8 @@ pub use error::{Location, ManifestError, ReadError};
 pub struct ManifestSet {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// core/v1 Endpoints, used for selector-less Services without slices (see `lb_core::build`).
+    pub endpoints: Vec<Endpoints>,
 }
 
 /// The content of one manifest file, as read at one moment.
@@ -57,7 +60,8 @@ impl ManifestSet {
         }
         let mut seen: HashMap<ObjectRef, Location> = HashMap::new();
         let all = parsed.services.iter().map(|(at, object, _)| (at, object));
-        for (at, object) in all.chain(parsed.slices.iter().map(|(at, object, _)| (at, object))) {
+        let all = all.chain(parsed.slices.iter().map(|(at, object, _)| (at, object)));
+        for (at, object) in all.chain(parsed.endpoints.iter().map(|(at, object, _)| (at, object))) {
             if let Some(first) = seen.get(object) {
                 errors.push(ManifestError::Duplicate {
                     object: object.clone(),
@@ -74,11 +78,12 @@ impl ManifestSet {
         Ok(ManifestSet {
             services: parsed.services.into_iter().map(|(_, _, service)| service).collect(),
             slices: parsed.slices.into_iter().map(|(_, _, slice)| slice).collect(),
+            endpoints: parsed.endpoints.into_iter().map(|(_, _, endpoints)| endpoints).collect(),
         })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.slices.is_empty()
+        self.services.is_empty() && self.slices.is_empty() && self.endpoints.is_empty()
     }
 }
 

@@ -1,9 +1,10 @@
-//! Turns the text of one manifest file into typed Service and EndpointSlice objects.
+//! Turns the text of one manifest file into typed Service, EndpointSlice and (core/v1) Endpoints
+//! objects.
 //!
 //! Each document is first read as a generic value so it can be dispatched on `apiVersion`/`kind`
-//! (and `kind: List` / `ServiceList` / `EndpointSliceList` unpacked), then converted to the
+//! (and `kind: List` / `ServiceList` / `EndpointSliceList` / `EndpointsList` unpacked), then converted to the
 //! `k8s-openapi` type with the path of any offending field recorded. Other kinds are ignored (debug
-//! log); unknown API versions of the two kinds ringlb reads are errors, never silently skipped.
+//! log); unknown API versions of the kinds ringlb reads are errors, never silently skipped.
 //! Never panics on any input; every problem becomes a [`ManifestError`] naming file, document, object.
 
 use std::path::Path;
@@ -16,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::error::{Location, ManifestError};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// Kubernetes' namespace for objects that do not name one.
@@ -56,6 +57,7 @@ impl Format {
 pub(crate) struct Parsed {
     pub(crate) services: Vec<(Location, ObjectRef, Service)>,
     pub(crate) slices: Vec<(Location, ObjectRef, EndpointSlice)>,
+    pub(crate) endpoints: Vec<(Location, ObjectRef, Endpoints)>,
 }
 
 /// Parses `text` (the content of `file`) into `out`, reporting problems into `errors`.
@@ -164,6 +166,11 @@ fn collect(
         "EndpointSlice" => {
             if let Some((object, slice)) = typed::<EndpointSlice>(map, api_version, &at, errors) {
                 out.slices.push((at, object, slice));
+            }
+        }
+        "Endpoints" => {
+            if let Some((object, endpoints)) = typed::<Endpoints>(map, api_version, &at, errors) {
+                out.endpoints.push((at, object, endpoints));
             }
         }
         _ => tracing::debug!(

@@ -154,7 +154,7 @@ impl ManifestSource {
         version: u64,
     ) -> Result<BuildReport, Vec<ManifestError>> {
         let set = self.load()?;
-        Ok(lb_core::build(&set.services, &set.slices, &self.options, previous, version))
+        Ok(lb_core::build(&set.services, &set.slices, &set.endpoints, &self.options, previous, version))
     }
 
     /// Publishes the initial snapshot to `sink`, then follows the files and publishes every change
@@ -344,7 +344,14 @@ impl ManifestSource {
         let options = BuildOptions { health, ..self.options.clone() };
         blocking(move || {
             let set = ManifestSet::from_files(&files)?;
-            Ok(lb_core::build(&set.services, &set.slices, &options, previous.as_deref(), version))
+            Ok(lb_core::build(
+                &set.services,
+                &set.slices,
+                &set.endpoints,
+                &options,
+                previous.as_deref(),
+                version,
+            ))
         })
         .await
     }
