@@ -19,6 +19,8 @@ const EXIT_UNLOADABLE: u8 = 2;
 struct CheckOutput<'a> {
     entries: Vec<&'a lb_core::ServiceEntry>,
     rejected: Vec<String>,
+    /// Rejected Services served from their last good spec (only ever set with a previous table).
+    kept_previous: &'a [lb_core::ObjectRef],
     skipped: Vec<SkippedView<'a>>,
 }
 
@@ -43,6 +45,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         let output = CheckOutput {
             entries: report.snapshot.entries().map(|e| e.as_ref()).collect(),
             rejected: report.errors.iter().map(ToString::to_string).collect(),
+            kept_previous: &report.kept_previous,
             skipped: report
                 .skipped
                 .iter()

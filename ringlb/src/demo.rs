@@ -30,7 +30,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let manifest = manifest(args.port, args.backend_port);
     let objects = lb_sync::parse_manifest_str(&manifest, "embedded demo manifest")
         .map_err(|errors| anyhow::anyhow!("embedded demo manifest: {errors:?}"))?;
-    let report = lb_core::build(&objects.services, &objects.slices, &BuildOptions::default(), None, 1);
+    let report = lb_core::build(
+        &objects.services,
+        &objects.slices,
+        &objects.endpoints,
+        &BuildOptions::default(),
+        None,
+        1,
+    );
     anyhow::ensure!(report.errors.is_empty(), "embedded demo manifest rejected: {:?}", report.errors);
     println!("ringlb demo: serving this table (from the embedded manifest below)\n");
     print!("{}", table::render(&report));

@@ -25,6 +25,16 @@ pub fn render(report: &BuildReport) -> String {
     for error in &report.errors {
         let _ = writeln!(out, "rejected: {error}");
     }
+    for service in &report.kept_previous {
+        let _ = writeln!(out, "kept: {service}: served from its last good spec, with its current endpoints");
+    }
+    if report.errors.iter().any(|e| e.object().kind == "Service") {
+        let _ = writeln!(
+            out,
+            "note: a running ringlb keeps serving a rejected Service from its last good spec (policy, ports,\n      \
+             VIPs) and its current endpoints, until an edit is accepted"
+        );
+    }
     out
 }
 

@@ -49,6 +49,7 @@ fn check_names_the_rejected_object_and_field_and_exits_1() {
     let rejected = stdout.lines().find(|l| l.starts_with("rejected:")).expect("a rejection line");
     assert!(rejected.contains("Service default/web"), "{rejected}");
     assert!(rejected.contains("spec.externalIPs[0]") && rejected.contains("127.0.0.300"), "{rejected}");
+    assert!(stdout.contains("last good spec"), "check says what serving does with a rejection: {stdout}");
 }
 
 #[test]
