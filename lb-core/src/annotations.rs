@@ -81,6 +81,25 @@ pub const IDLE_TIMEOUT: &str = "ringlb.io/idle-timeout";
 /// as [`CONNECT_TIMEOUT`]; `0s` closes them at once.
 pub const DRAIN_TIMEOUT: &str = "ringlb.io/drain-timeout";
 
+/// On a Service: what happens to established TCP and SCTP connections of a backend that turns not
+/// ready: `drain` (continue up to [`DRAIN_TIMEOUT`]), `keep` (continue while the endpoint is listed,
+/// as kube-proxy does) or `close` (at once). See [`crate::NotReadyConnections`]. Default: the
+/// command line's `--not-ready-connections` (`drain`).
+pub const NOT_READY_CONNECTIONS: &str = "ringlb.io/not-ready-connections";
+
+/// On a Service: idle timeout of a UDP flow whose backend never replied. Duration as
+/// [`CONNECT_TIMEOUT`], > 0. Default: `--udp-unreplied-timeout` (30s).
+pub const UDP_UNREPLIED_TIMEOUT: &str = "ringlb.io/udp-unreplied-timeout";
+
+/// On a Service: idle timeout of a UDP flow that saw a reply. Duration as [`CONNECT_TIMEOUT`], > 0.
+/// Default: `--udp-replied-timeout` (120s).
+pub const UDP_REPLIED_TIMEOUT: &str = "ringlb.io/udp-replied-timeout";
+
+/// On a Service: what happens to a UDP flow whose backend is no longer eligible: `move` (its next
+/// datagram picks a new backend) or `drain` (it keeps its backend up to [`DRAIN_TIMEOUT`]). See
+/// [`crate::StaleFlowPolicy`]. Default: `--udp-stale-flows` (`move`).
+pub const UDP_STALE_FLOWS: &str = "ringlb.io/udp-stale-flows";
+
 /// On a Service: how many backends one client connection may try in all, first try included; 1..=16.
 pub const CONNECT_ATTEMPTS: &str = "ringlb.io/connect-attempts";
 

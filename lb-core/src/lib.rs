@@ -19,6 +19,7 @@ pub mod duration;
 pub mod error;
 pub mod hash;
 pub mod health;
+pub mod lifecycle;
 pub mod model;
 pub mod scheduler;
 #[cfg(test)]
@@ -30,6 +31,7 @@ pub use cidr::Cidr;
 pub use duration::parse_duration;
 pub use error::BuildError;
 pub use health::HealthOverlay;
+pub use lifecycle::{Established, NotReadyConnections, StaleFlowPolicy};
 pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryPolicy, ObjectRef, Protocol, ServiceEntry,
     Snapshot, TrafficPolicy, VipKey,

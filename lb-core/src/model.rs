@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::builder::service::ParsedService;
 use crate::cidr::Cidr;
 use crate::health::{HealthCheckConfig, OutlierConfig};
+use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
 use crate::scheduler::Scheduler;
 
 /// Transport protocol of a service port, as in `Service.spec.ports[].protocol`.
@@ -173,7 +174,8 @@ impl Backend {
     }
 }
 
-/// Per-entry datapath policy, from annotations with global defaults.
+/// Per-entry datapath policy, from annotations with global defaults ([`crate::BuildOptions`]). The
+/// datapath executes it; what it decides for established connections is in [`crate::lifecycle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct EntryPolicy {
     /// How long one backend connect may take before the next backend is tried.
@@ -182,8 +184,17 @@ pub struct EntryPolicy {
     pub connect_attempts: u32,
     /// A connection with no bytes in either direction for this long is closed.
     pub idle_timeout: Duration,
-    /// How long established connections of a removed VIP or backend may continue.
+    /// How long established connections of a removed VIP or backend (or, under
+    /// [`NotReadyConnections::Drain`], of a backend that turned not ready) may continue.
     pub drain_timeout: Duration,
+    /// What happens to established TCP/SCTP connections of a backend that turned not ready.
+    pub not_ready_connections: NotReadyConnections,
+    /// Idle timeout of a UDP flow whose backend never replied (conntrack's `nf_conntrack_udp_timeout`).
+    pub udp_unreplied_timeout: Duration,
+    /// Idle timeout of a UDP flow that saw a reply (conntrack's `nf_conntrack_udp_timeout_stream`).
+    pub udp_replied_timeout: Duration,
+    /// What happens to a UDP flow whose backend is no longer eligible.
+    pub udp_stale_flows: StaleFlowPolicy,
 }
 
 impl Default for EntryPolicy {
@@ -193,6 +204,10 @@ impl Default for EntryPolicy {
             connect_attempts: 3,
             idle_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(300),
+            not_ready_connections: NotReadyConnections::Drain,
+            udp_unreplied_timeout: Duration::from_secs(30),
+            udp_replied_timeout: Duration::from_secs(120),
+            udp_stale_flows: StaleFlowPolicy::Move,
         }
     }
 }

@@ -34,7 +34,7 @@ pub use events::BackendEvents;
 pub use lb_core::Snapshot;
 pub use ring::RingFeatures;
 pub use stats::{EngineStats, WorkerStats};
-pub use udp::{StaleFlowPolicy, UdpConfig};
+pub use udp::UdpConfig;
 
 /// How a worker moves bytes between client and backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

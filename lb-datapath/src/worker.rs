@@ -254,6 +254,8 @@ impl Worker {
         self.selection.retain_keys(|key| snapshot.get(key).is_some());
         self.bind_unbound(true);
         self.mark_draining(snapshot);
+        // A drain of zero (`not-ready-connections: close`) closes now, not at the next tick.
+        self.expire_connections();
         self.reconcile_udp(snapshot);
         self.reconcile_sctp(snapshot);
     }
@@ -418,15 +420,14 @@ impl Worker {
         self.conns.live(&mut live);
         for &(index, generation) in &live {
             let Some(conn) = self.conns.get_mut(index, generation) else { continue };
-            let kept = snapshot.get(&conn.key).is_some_and(|entry| match conn.backend_id {
-                Some(id) => keeps_established(entry, id),
-                None => true,
-            });
-            if kept {
-                conn.drain_deadline = None;
-            } else if conn.drain_deadline.is_none() {
-                conn.drain_deadline = Some(self.now + conn.policy.drain_timeout);
-            }
+            conn.drain_deadline = drain_deadline(
+                snapshot,
+                conn.key,
+                conn.backend_id,
+                conn.drain_deadline,
+                self.now,
+                conn.policy.drain_timeout,
+            );
         }
         self.scratch = live;
         self.count_draining();
@@ -484,15 +485,27 @@ impl Worker {
     }
 }
 
-/// Whether an established connection to `backend` of `entry` keeps going without a drain deadline:
-/// the backend is still listed and is either ready or still eligible (the serving-and-terminating
-/// fallback when no backend is ready). A ready backend kept out only by a health verdict (active
-/// checks, outlier ejection) keeps its connections: a verdict stops new work, and a flapping check
-/// must not cut established sessions.
-pub(crate) fn keeps_established(entry: &lb_core::ServiceEntry, backend: lb_core::BackendId) -> bool {
-    entry
-        .index_of(backend)
-        .is_some_and(|idx| entry.backend(idx).is_some_and(|b| b.conditions.ready) || entry.is_eligible(idx))
+/// The drain deadline of an established TCP or SCTP connection after a snapshot change: none while
+/// the entry lets it continue (see `lb_core::ServiceEntry::established`), else the one it already
+/// has or `now` plus what the entry allows; a removed VIP drains by the connection's own policy.
+pub(crate) fn drain_deadline(
+    snapshot: &Snapshot,
+    key: VipKey,
+    backend: Option<lb_core::BackendId>,
+    current: Option<Instant>,
+    now: Instant,
+    own_drain: Duration,
+) -> Option<Instant> {
+    let verdict = match (snapshot.get(&key), backend) {
+        (None, _) => lb_core::Established::Drain(own_drain),
+        // Still connecting: the connect's outcome decides, not the table.
+        (Some(_), None) => lb_core::Established::Continue,
+        (Some(entry), Some(id)) => entry.established(id),
+    };
+    match verdict {
+        lb_core::Established::Continue => None,
+        lb_core::Established::Drain(limit) => current.or(Some(now + limit)),
+    }
 }
 
 /// A seed for a worker's random stream (`p2c`); differs between workers and between runs. Not for

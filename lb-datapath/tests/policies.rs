@@ -160,9 +160,9 @@ fn load_counts_return_to_zero_after_refused_connects_resets_and_closes() {
 fn udp_flows_are_counted_until_they_expire() {
     let echo = udp_echo_server().expect("echo");
     let key = udp_key(94);
-    let config = udp_config(2, Duration::from_secs(2), Duration::from_secs(2));
+    let policy = udp_policy(Duration::from_secs(2), Duration::from_secs(2));
     let engine =
-        start_engine_with(config, snapshot(1, vec![entry(key, &[(echo.addr(), true)], test_policy())]));
+        start_engine(2, RelayMode::Copy, snapshot(1, vec![entry(key, &[(echo.addr(), true)], policy)]));
     let clients: Vec<_> = (0..3).map(|_| udp_client()).collect();
     for client in &clients {
         assert_eq!(udp_exchange(client, key.socket_addr(), b"hi").0, b"hi");

@@ -280,3 +280,68 @@ fn workers_report_connect_outcomes_and_backend_resets_as_backend_events() {
     assert!(!wanted(&seen, refused_key, refusing.addr(), BackendOutcome::Connected), "{seen:?}");
     assert_eq!(engine.stats().total().backend_events_dropped, 0);
 }
+
+/// Connects to `key` until a connection lands on the backend named `name` (round robin over two
+/// backends gets there within two tries); the others are returned too, still open.
+fn connection_to(key: lb_core::VipKey, name: &str) -> (TcpStream, Vec<TcpStream>) {
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let mut client = connect(key.socket_addr());
+        if read_name(&mut client) == name {
+            return (client, others);
+        }
+        others.push(client);
+    }
+    panic!("no connection reached {name}");
+}
+
+#[test]
+fn not_ready_connections_keep_and_close_are_decided_per_service() {
+    use lb_core::{EntryPolicy, NotReadyConnections};
+    let backends: Vec<_> = ["keep-a", "keep-b", "close-a", "close-b", "drain-a", "drain-b"]
+        .iter()
+        .map(|name| named_server(name).expect("backend"))
+        .collect();
+    let (keep, close, drain) = (tcp_key(113), tcp_key(114), tcp_key(115));
+    let policy = |rule| EntryPolicy {
+        not_ready_connections: rule,
+        ..test_policy().with_drain(Duration::from_millis(300))
+    };
+    let table = |version, a_ready| {
+        let two = |i: usize| [(backends[i].addr(), a_ready), (backends[i + 1].addr(), true)];
+        snapshot(
+            version,
+            vec![
+                entry(keep, &two(0), policy(NotReadyConnections::Keep)),
+                entry(close, &two(2), policy(NotReadyConnections::Close)),
+                entry(drain, &two(4), policy(NotReadyConnections::Drain)),
+            ],
+        )
+    };
+    let engine = start_engine(1, RelayMode::Copy, table(1, true));
+    let (mut kept, _k) = connection_to(keep, "keep-a");
+    let (mut closed, _c) = connection_to(close, "close-a");
+    let (mut drained, _d) = connection_to(drain, "drain-a");
+
+    // Every "-a" backend turns not ready in one snapshot.
+    publish(&engine, table(2, false));
+    let outcome = read_to_close(&mut closed);
+    assert!(outcome.is_err() || outcome == Ok(Vec::new()), "close: the connection ends at once: {outcome:?}");
+    // The drained connection closing after its 300 ms is the clock: the kept one outlives it.
+    let outcome = read_to_close(&mut drained);
+    assert!(outcome.is_ok() || outcome == Err(ErrorKind::ConnectionReset), "drain: closed: {outcome:?}");
+    assert_eq!(engine.stats().total().drain_closes, 2, "the closed and the drained connection");
+    assert_eq!(
+        round_trip(&mut kept, b"still here"),
+        b"still here",
+        "keep: it continues past the drain timeout"
+    );
+    assert_eq!(engine.stats().total().draining, 0, "a kept connection is not draining");
+
+    // Under keep, removal from the Service still drains.
+    let removed =
+        snapshot(3, vec![entry(keep, &[(backends[1].addr(), true)], policy(NotReadyConnections::Keep))]);
+    publish(&engine, removed);
+    let outcome = read_to_close(&mut kept);
+    assert!(outcome.is_ok() || outcome == Err(ErrorKind::ConnectionReset), "removed: closed: {outcome:?}");
+}

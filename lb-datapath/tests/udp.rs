@@ -15,8 +15,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::RwLock;
 use std::time::Duration;
 
+use lb_core::{EntryPolicy, StaleFlowPolicy};
 use lb_core::{Protocol, VipKey};
-use lb_datapath::{Engine, RelayMode, StaleFlowPolicy};
+use lb_datapath::{Engine, RelayMode};
 use support::*;
 use testkit::backends::{
     MAX_UDP_PAYLOAD, UdpServer, fill_pattern, udp_echo_server, udp_named_server, udp_silent_server,
@@ -138,14 +139,15 @@ fn idle_flows_expire_after_the_configured_timeouts() {
     let silent = udp_silent_server().expect("silent");
     let answered = udp_key(62);
     let unanswered = udp_key(63);
-    let config = udp_config(1, Duration::from_millis(150), Duration::from_millis(300));
-    let engine = start_engine_with(
-        config,
+    let policy = udp_policy(Duration::from_millis(150), Duration::from_millis(300));
+    let engine = start_engine(
+        1,
+        RelayMode::Copy,
         snapshot(
             1,
             vec![
-                entry(answered, &[(echo.addr(), true)], test_policy()),
-                entry(unanswered, &[(silent.addr(), true)], test_policy()),
+                entry(answered, &[(echo.addr(), true)], policy),
+                entry(unanswered, &[(silent.addr(), true)], policy),
             ],
         ),
     );
@@ -219,11 +221,11 @@ fn drain_policy_keeps_a_flow_on_its_backend_until_the_drain_timeout() {
     let first = udp_named_server("first").expect("backend");
     let second = udp_named_server("second").expect("backend");
     let key = udp_key(66);
-    let mut config = test_config(1, RelayMode::Copy);
-    config.udp.stale_flows = StaleFlowPolicy::Drain;
-    let policy = test_policy().with_drain(Duration::from_millis(200));
-    let engine = start_engine_with(
-        config,
+    let policy = EntryPolicy { udp_stale_flows: StaleFlowPolicy::Drain, ..test_policy() }
+        .with_drain(Duration::from_millis(200));
+    let engine = start_engine(
+        1,
+        RelayMode::Copy,
         snapshot(1, vec![entry(key, &[(first.addr(), true), (second.addr(), false)], policy)]),
     );
     let client = udp_client();
@@ -418,14 +420,15 @@ fn udp_flows_return_every_fd_and_buffer() {
     let failing = udp_key(74);
     let doomed_addr = doomed.addr();
     drop(doomed);
-    let config = udp_config(2, Duration::from_millis(100), Duration::from_millis(100));
-    let engine = start_engine_with(
-        config,
+    let policy = udp_policy(Duration::from_millis(100), Duration::from_millis(100));
+    let engine = start_engine(
+        2,
+        RelayMode::Copy,
         snapshot(
             1,
             vec![
-                entry(served, &[(echo.addr(), true)], test_policy()),
-                entry(failing, &[(doomed_addr, true)], test_policy()),
+                entry(served, &[(echo.addr(), true)], policy),
+                entry(failing, &[(doomed_addr, true)], policy),
             ],
         ),
     );
@@ -467,4 +470,40 @@ fn udp_flows_return_every_fd_and_buffer() {
     drop(live);
     drop(echo);
     wait_until("fds back to baseline", Duration::from_secs(10), || open_fds() <= baseline);
+}
+
+#[test]
+fn each_services_flows_expire_by_its_own_timeouts() {
+    let _fds = shared();
+    let echo = udp_echo_server().expect("echo");
+    let (quick, lasting) = (udp_key(116), udp_key(117));
+    let engine = start_engine(
+        1,
+        RelayMode::Copy,
+        snapshot(
+            1,
+            vec![
+                entry(
+                    quick,
+                    &[(echo.addr(), true)],
+                    udp_policy(Duration::from_millis(100), Duration::from_millis(100)),
+                ),
+                entry(
+                    lasting,
+                    &[(echo.addr(), true)],
+                    udp_policy(Duration::from_secs(60), Duration::from_secs(60)),
+                ),
+            ],
+        ),
+    );
+    let clients: Vec<_> = (0..3).map(|_| udp_client()).collect();
+    for client in &clients {
+        assert_eq!(udp_exchange(client, quick.socket_addr(), b"q").0, b"q");
+        assert_eq!(udp_exchange(client, lasting.socket_addr(), b"l").0, b"l");
+    }
+    wait_until("the quick Service's flows expired", Duration::from_secs(10), || {
+        engine.stats().total().flows_expired == 3
+    });
+    let total = engine.stats().total();
+    assert_eq!(total.flows_active, 3, "the other Service's flows live on: {total:?}");
 }

@@ -93,19 +93,10 @@ pub struct EngineArgs {
     /// UDP flows one worker tracks at most (least recently used evicted beyond) [default: 65536].
     #[arg(long)]
     pub udp_max_flows: Option<usize>,
-    /// Idle timeout of a UDP flow whose backend never replied [default: 30s].
-    #[arg(long, value_parser = parse_duration)]
-    pub udp_unreplied_timeout: Option<Duration>,
-    /// Idle timeout of a UDP flow that saw a reply [default: 120s].
-    #[arg(long, value_parser = parse_duration)]
-    pub udp_replied_timeout: Option<Duration>,
     /// Receive buffer of each UDP VIP socket in bytes (forced past net.core.rmem_max when ringlb may);
     /// it absorbs bursts while a worker is busy. 0 keeps the kernel default [default: 4194304].
     #[arg(long)]
     pub udp_receive_buffer: Option<usize>,
-    /// What happens to a UDP flow whose backend turns not ready or goes away.
-    #[arg(long, value_enum, default_value_t = StaleFlowsArg::Move)]
-    pub udp_stale_flows: StaleFlowsArg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -166,6 +157,31 @@ pub struct DefaultsArgs {
     /// without it (appliance mode) that policy is ignored.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// What happens to established TCP/SCTP connections of a backend that turns not ready, for
+    /// Services without `ringlb.io/not-ready-connections`.
+    #[arg(long, value_enum, default_value_t = NotReadyArg::Drain)]
+    pub not_ready_connections: NotReadyArg,
+    /// Idle timeout of a UDP flow whose backend never replied (`ringlb.io/udp-unreplied-timeout`)
+    /// [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub udp_unreplied_timeout: Option<Duration>,
+    /// Idle timeout of a UDP flow that saw a reply (`ringlb.io/udp-replied-timeout`) [default: 120s].
+    #[arg(long, value_parser = parse_duration)]
+    pub udp_replied_timeout: Option<Duration>,
+    /// What happens to a UDP flow whose backend turns not ready or goes away
+    /// (`ringlb.io/udp-stale-flows`).
+    #[arg(long, value_enum, default_value_t = StaleFlowsArg::Move)]
+    pub udp_stale_flows: StaleFlowsArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NotReadyArg {
+    /// They continue for at most the drain timeout.
+    Drain,
+    /// They continue while the endpoint is listed, as kube-proxy does.
+    Keep,
+    /// They are closed at once.
+    Close,
 }
 
 fn parse_scheduler(value: &str) -> Result<SchedulerKind, String> {

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use lb_core::{BuildOptions, EntryPolicy, Snapshot};
-use lb_datapath::{Engine, EngineConfig, RelayMode, StaleFlowPolicy, UdpConfig};
+use lb_core::{BuildOptions, EntryPolicy, NotReadyConnections, Snapshot, StaleFlowPolicy};
+use lb_datapath::{Engine, EngineConfig, RelayMode, UdpConfig};
 use lb_sync::{HealthStatus, ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
 use crate::admin::{self, AdminState};
-use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, RelayArg, RunArgs, StaleFlowsArg};
+use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, NotReadyArg, RelayArg, RunArgs, StaleFlowsArg};
 
 /// Where the served snapshots come from.
 pub enum Source {
@@ -40,6 +40,17 @@ pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
             connect_timeout: defaults.connect_timeout.unwrap_or(fallback.connect_timeout),
             idle_timeout: defaults.idle_timeout.unwrap_or(fallback.idle_timeout),
             drain_timeout: defaults.drain_timeout.unwrap_or(fallback.drain_timeout),
+            not_ready_connections: match defaults.not_ready_connections {
+                NotReadyArg::Drain => NotReadyConnections::Drain,
+                NotReadyArg::Keep => NotReadyConnections::Keep,
+                NotReadyArg::Close => NotReadyConnections::Close,
+            },
+            udp_unreplied_timeout: defaults.udp_unreplied_timeout.unwrap_or(fallback.udp_unreplied_timeout),
+            udp_replied_timeout: defaults.udp_replied_timeout.unwrap_or(fallback.udp_replied_timeout),
+            udp_stale_flows: match defaults.udp_stale_flows {
+                StaleFlowsArg::Move => StaleFlowPolicy::Move,
+                StaleFlowsArg::Drain => StaleFlowPolicy::Drain,
+            },
             ..fallback
         },
         node_name: defaults.node_name.clone(),
@@ -59,13 +70,7 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
         },
         udp: UdpConfig {
             max_flows_per_worker: args.udp_max_flows.unwrap_or(defaults.udp.max_flows_per_worker).max(1),
-            unreplied_timeout: args.udp_unreplied_timeout.unwrap_or(defaults.udp.unreplied_timeout),
-            replied_timeout: args.udp_replied_timeout.unwrap_or(defaults.udp.replied_timeout),
             vip_receive_buffer: args.udp_receive_buffer.unwrap_or(defaults.udp.vip_receive_buffer),
-            stale_flows: match args.udp_stale_flows {
-                StaleFlowsArg::Move => StaleFlowPolicy::Move,
-                StaleFlowsArg::Drain => StaleFlowPolicy::Drain,
-            },
             ..defaults.udp.clone()
         },
         ..defaults
@@ -222,25 +227,40 @@ mod tests {
         }
     }
 
+    fn defaults_args(flags: &[&str]) -> DefaultsArgs {
+        let argv = ["ringlb", "check", "--manifests", "x.yaml"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("valid flags").command {
+            Command::Check(args) => args.defaults,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
     #[test]
     fn udp_flags_reach_the_engine_config_and_defaults_stay_the_engines() {
-        let config = engine_config(&engine_args(&[
-            "--udp-max-flows",
-            "1000",
+        let config =
+            engine_config(&engine_args(&["--udp-max-flows", "1000", "--udp-receive-buffer", "1048576"]));
+        assert_eq!(config.udp.max_flows_per_worker, 1000);
+        assert_eq!(config.udp.vip_receive_buffer, 1 << 20);
+        assert_eq!(engine_config(&engine_args(&[])).udp, UdpConfig::default());
+    }
+
+    #[test]
+    fn policy_flags_are_the_defaults_annotations_override() {
+        let options = build_options(&defaults_args(&[
             "--udp-unreplied-timeout",
             "5s",
             "--udp-replied-timeout",
             "1m",
             "--udp-stale-flows",
             "drain",
-            "--udp-receive-buffer",
-            "1048576",
+            "--not-ready-connections",
+            "keep",
         ]));
-        assert_eq!(config.udp.max_flows_per_worker, 1000);
-        assert_eq!(config.udp.unreplied_timeout, Duration::from_secs(5));
-        assert_eq!(config.udp.replied_timeout, Duration::from_secs(60));
-        assert_eq!(config.udp.stale_flows, StaleFlowPolicy::Drain);
-        assert_eq!(config.udp.vip_receive_buffer, 1 << 20);
-        assert_eq!(engine_config(&engine_args(&[])).udp, UdpConfig::default());
+        let policy = options.default_policy;
+        assert_eq!(policy.udp_unreplied_timeout, Duration::from_secs(5));
+        assert_eq!(policy.udp_replied_timeout, Duration::from_secs(60));
+        assert_eq!(policy.udp_stale_flows, StaleFlowPolicy::Drain);
+        assert_eq!(policy.not_ready_connections, NotReadyConnections::Keep);
+        assert_eq!(build_options(&defaults_args(&[])).default_policy, EntryPolicy::default());
     }
 }

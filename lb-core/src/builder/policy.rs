@@ -11,10 +11,12 @@ use std::time::Duration;
 use super::{BuildOptions, parse_ip};
 use crate::annotations::{
     BACKEND_WEIGHTS, CONNECT_ATTEMPTS, CONNECT_TIMEOUT, DRAIN_TIMEOUT, HASH_KEY, IDLE_TIMEOUT,
-    MAGLEV_TABLE_SIZE, SCHEDULER, WEIGHT,
+    MAGLEV_TABLE_SIZE, NOT_READY_CONNECTIONS, SCHEDULER, UDP_REPLIED_TIMEOUT, UDP_STALE_FLOWS,
+    UDP_UNREPLIED_TIMEOUT, WEIGHT,
 };
 pub(crate) use crate::duration::parse_duration;
 use crate::error::BuildError;
+use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
 use crate::model::{EntryPolicy, ObjectRef, TrafficPolicy};
 use crate::scheduler::{SchedulerConfig, TABLE_SIZES};
 
@@ -77,6 +79,22 @@ pub(super) fn parse_service_policy(
     });
     field(DRAIN_TIMEOUT, &mut |v| {
         policy.entry.drain_timeout = parse_duration(v)?;
+        Ok(())
+    });
+    field(NOT_READY_CONNECTIONS, &mut |v| {
+        policy.entry.not_ready_connections = NotReadyConnections::parse(v)?;
+        Ok(())
+    });
+    field(UDP_UNREPLIED_TIMEOUT, &mut |v| {
+        policy.entry.udp_unreplied_timeout = positive(parse_duration(v)?)?;
+        Ok(())
+    });
+    field(UDP_REPLIED_TIMEOUT, &mut |v| {
+        policy.entry.udp_replied_timeout = positive(parse_duration(v)?)?;
+        Ok(())
+    });
+    field(UDP_STALE_FLOWS, &mut |v| {
+        policy.entry.udp_stale_flows = StaleFlowPolicy::parse(v)?;
         Ok(())
     });
     field(CONNECT_ATTEMPTS, &mut |v| {
@@ -155,6 +173,32 @@ mod tests {
         parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), &mut errors);
         let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
         assert!(message.contains(IDLE_TIMEOUT) && message.contains("\"90x\""), "{message}");
+    }
+
+    #[test]
+    fn lifecycle_annotations_reach_the_entry_policy() {
+        let object = ObjectRef::service("default", "dns");
+        let annotations = Annotations::from([
+            (NOT_READY_CONNECTIONS.to_owned(), "keep".to_owned()),
+            (UDP_UNREPLIED_TIMEOUT.to_owned(), "5s".to_owned()),
+            (UDP_REPLIED_TIMEOUT.to_owned(), "1m".to_owned()),
+            (UDP_STALE_FLOWS.to_owned(), "drain".to_owned()),
+        ]);
+        let mut errors = Vec::new();
+        let policy = parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(policy.entry.not_ready_connections, NotReadyConnections::Keep);
+        assert_eq!(policy.entry.udp_unreplied_timeout, Duration::from_secs(5));
+        assert_eq!(policy.entry.udp_replied_timeout, Duration::from_secs(60));
+        assert_eq!(policy.entry.udp_stale_flows, StaleFlowPolicy::Drain);
+        let bad = Annotations::from([
+            (NOT_READY_CONNECTIONS.to_owned(), "forever".to_owned()),
+            (UDP_REPLIED_TIMEOUT.to_owned(), "0s".to_owned()),
+            (UDP_STALE_FLOWS.to_owned(), "stick".to_owned()),
+        ]);
+        parse_service_policy(Some(&bad), &object, &BuildOptions::default(), &mut errors);
+        let named: Vec<_> = errors.iter().map(|e| e.field()).collect();
+        assert_eq!(named.len(), 3, "{named:?}");
     }
 
     #[test]

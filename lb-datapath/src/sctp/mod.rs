@@ -192,15 +192,14 @@ impl Worker {
         let now = self.now;
         for slot in &mut self.sctp.assocs {
             let Some(assoc) = slot.assoc.as_deref_mut() else { continue };
-            let kept = snapshot.get(&assoc.key).is_some_and(|entry| match assoc.backend_id {
-                Some(id) => crate::worker::keeps_established(entry, id),
-                None => true,
-            });
-            if kept {
-                assoc.drain_deadline = None;
-            } else if assoc.drain_deadline.is_none() {
-                assoc.drain_deadline = Some(now + assoc.drain_timeout);
-            }
+            assoc.drain_deadline = crate::worker::drain_deadline(
+                snapshot,
+                assoc.key,
+                assoc.backend_id,
+                assoc.drain_deadline,
+                now,
+                assoc.drain_timeout,
+            );
         }
     }
 

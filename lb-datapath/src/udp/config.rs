@@ -1,22 +1,6 @@
-//! UDP settings of the engine: flow table bound, conntrack-like timeouts, what happens to flows whose
-//! backend left, and receive buffers. Plain data; the worker reads it once at start.
-
-use std::time::Duration;
-
-/// What happens to a flow whose backend is no longer eligible (not ready, or removed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StaleFlowPolicy {
-    /// The flow's next client datagram ends it and opens a new flow to a freshly picked backend
-    /// (counted in `flows_moved`). No flow keeps feeding a backend that left — the kube-proxy
-    /// complaint where stale conntrack entries pin UDP clients (e.g. DNS) to a deleted pod. A
-    /// backend that is merely not ready loses its flows too, which is what readiness asks for.
-    #[default]
-    Move,
-    /// The flow keeps its backend for at most the entry's `drain_timeout` after its first datagram
-    /// that found the backend ineligible (as TCP connections drain), then moves as above; a quiet
-    /// flow ends at its idle timeout first. For protocols that keep state per client in the backend.
-    Drain,
-}
+//! UDP settings of the engine: flow table bound and receive buffers. Plain data; the worker reads it
+//! once at start. Flow timeouts and what happens to flows whose backend left are per Service
+//! policy, in the snapshot (`lb_core::EntryPolicy`).
 
 /// 4 MiB: about 4 000 small datagrams, a dozen milliseconds of a saturated worker. With the kernel
 /// default (208 KiB) bursts that arrive while the worker is not running were dropped (0.4-2.8 % of
@@ -32,11 +16,6 @@ pub struct UdpConfig {
     /// `net.ipv4.ip_local_port_range` (28 232 by default) flows per backend-facing source address;
     /// beyond that, new flows fail (`udp_drops_no_backend`) until others end.
     pub max_flows_per_worker: usize,
-    /// Idle timeout of a flow whose backend never replied (conntrack's `nf_conntrack_udp_timeout`).
-    pub unreplied_timeout: Duration,
-    /// Idle timeout of a flow that saw a reply (conntrack's `nf_conntrack_udp_timeout_stream`).
-    pub replied_timeout: Duration,
-    pub stale_flows: StaleFlowPolicy,
     /// Receive buffers per worker (rounded up to a power of two); each holds a 65 527-byte datagram.
     /// Memory is mapped lazily, so only buffers the kernel ever filled cost resident memory.
     pub recv_buffers: u16,
@@ -53,9 +32,6 @@ impl Default for UdpConfig {
     fn default() -> Self {
         UdpConfig {
             max_flows_per_worker: 65_536,
-            unreplied_timeout: Duration::from_secs(30),
-            replied_timeout: Duration::from_secs(120),
-            stale_flows: StaleFlowPolicy::Move,
             recv_buffers: 128,
             multishot_recv: true,
             vip_receive_buffer: VIP_RCVBUF_DEFAULT,

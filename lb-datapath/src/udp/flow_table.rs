@@ -1,12 +1,15 @@
 //! A worker's UDP flow table: client address (+ VIP) → flow, bounded, with least-recently-used
-//! eviction and conntrack-like idle timeouts.
+//! eviction and conntrack-like idle timeouts that each flow takes from its Service.
 //!
 //! Pure data structure: no sockets, no clock (every call takes `now`), so it is tested on its own.
 //! Flows live in slots addressed by `(index, generation)` [`FlowHandle`]s that fit in `user_data`; a
 //! slot's generation advances when its flow is removed, so a handle of a removed flow never finds its
-//! successor. Slots are threaded on an intrusive doubly-linked list in recency order (head = most
-//! recent), so `touch`, eviction and expiry are O(1) per flow and nothing allocates once the table
-//! has grown to its working size.
+//! successor. Flows with the same timeouts form a class; each class threads its slots on an intrusive
+//! doubly-linked list in recency order (head = most recent), so within a class recency order is
+//! expiry order: `touch` is O(1), expiry costs the number of old flows, and eviction (the least
+//! recently used flow of all: the oldest of the class tails) the number of classes, which is at most
+//! the number of distinct timeouts in use. Nothing allocates once the table has grown to its working
+//! size.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,8 +49,17 @@ pub(crate) struct FlowTimeouts {
 }
 
 impl FlowTimeouts {
+    /// The timeouts of a Service's flows, from its entry's policy.
+    pub fn of(policy: &lb_core::EntryPolicy) -> FlowTimeouts {
+        FlowTimeouts { unreplied: policy.udp_unreplied_timeout, replied: policy.udp_replied_timeout }
+    }
+
     fn for_flow(&self, replied: bool) -> Duration {
         if replied { self.replied } else { self.unreplied }
+    }
+
+    fn shortest(&self) -> Duration {
+        self.unreplied.min(self.replied)
     }
 }
 
@@ -59,8 +71,19 @@ struct Slot<V> {
     value: Option<V>,
     last_seen: Instant,
     replied: bool,
+    class: u16,
     prev: u32,
     next: u32,
+}
+
+/// The flows of one set of timeouts, in recency order.
+struct Class {
+    timeouts: FlowTimeouts,
+    /// Most recently used.
+    head: u32,
+    /// Least recently used.
+    tail: u32,
+    len: usize,
 }
 
 /// Bounded flow table with LRU order. See the module doc.
@@ -68,10 +91,8 @@ pub(crate) struct FlowTable<V> {
     index: HashMap<FlowKey, u32>,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
-    /// Most recently used.
-    head: u32,
-    /// Least recently used: evicted first.
-    tail: u32,
+    /// Never shrinks; an empty class is reused for the next new timeouts.
+    classes: Vec<Class>,
     capacity: usize,
 }
 
@@ -82,8 +103,7 @@ impl<V> FlowTable<V> {
             index: HashMap::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            head: NONE,
-            tail: NONE,
+            classes: Vec::new(),
             capacity: capacity.max(1),
         }
     }
@@ -124,18 +144,24 @@ impl<V> FlowTable<V> {
         self.push_front(handle.index);
     }
 
-    /// Inserts a new flow (the key must not be present: callers `find` first). If the table is full,
-    /// the least recently used flow is evicted and returned (with its retired handle) so the caller
-    /// can release what it holds.
-    pub fn insert(&mut self, key: FlowKey, value: V, now: Instant) -> (FlowHandle, Option<Evicted<V>>) {
+    /// Inserts a new flow that expires by `timeouts` (the key must not be present: callers `find`
+    /// first). If the table is full, the least recently used flow is evicted and returned (with its
+    /// retired handle) so the caller can release what it holds.
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        value: V,
+        now: Instant,
+        timeouts: FlowTimeouts,
+    ) -> (FlowHandle, Option<Evicted<V>>) {
         debug_assert!(!self.index.contains_key(&key), "insert of a present flow key");
-        let evicted = if self.len() >= self.capacity && self.tail != NONE {
-            let handle =
-                FlowHandle { index: self.tail, generation: self.slots[self.tail as usize].generation };
-            self.remove(handle).map(|(key, value)| Evicted { handle, key, value })
-        } else {
-            None
+        let evicted = match self.least_recently_used() {
+            Some(handle) if self.len() >= self.capacity => {
+                self.remove(handle).map(|(key, value)| Evicted { handle, key, value })
+            }
+            _ => None,
         };
+        let class = self.class_for(timeouts);
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
@@ -145,6 +171,7 @@ impl<V> FlowTable<V> {
                     value: None,
                     last_seen: now,
                     replied: false,
+                    class,
                     prev: NONE,
                     next: NONE,
                 });
@@ -156,6 +183,7 @@ impl<V> FlowTable<V> {
         slot.value = Some(value);
         slot.last_seen = now;
         slot.replied = false;
+        slot.class = class;
         let handle = FlowHandle { index, generation: slot.generation };
         self.push_front(index);
         self.index.insert(key, index);
@@ -175,22 +203,24 @@ impl<V> FlowTable<V> {
         Some((key, value))
     }
 
-    /// Appends to `out` every flow idle past its timeout at `now`. Walks from the least recently
-    /// used end and stops at the first flow younger than the shorter timeout, so the cost is the
-    /// number of old flows, not the table size.
-    pub fn expired(&self, now: Instant, timeouts: FlowTimeouts, out: &mut Vec<FlowHandle>) {
-        let shortest = timeouts.unreplied.min(timeouts.replied);
-        let mut cursor = self.tail;
-        while cursor != NONE {
-            let slot = &self.slots[cursor as usize];
-            let idle = now.saturating_duration_since(slot.last_seen);
-            if idle < shortest {
-                break;
+    /// Appends to `out` every flow idle past its timeout at `now`. Walks each class from its least
+    /// recently used end and stops at the first flow younger than the class's shorter timeout, so
+    /// the cost is the number of old flows, not the table size.
+    pub fn expired(&self, now: Instant, out: &mut Vec<FlowHandle>) {
+        for class in &self.classes {
+            let shortest = class.timeouts.shortest();
+            let mut cursor = class.tail;
+            while cursor != NONE {
+                let slot = &self.slots[cursor as usize];
+                let idle = now.saturating_duration_since(slot.last_seen);
+                if idle < shortest {
+                    break;
+                }
+                if idle >= class.timeouts.for_flow(slot.replied) {
+                    out.push(FlowHandle { index: cursor, generation: slot.generation });
+                }
+                cursor = slot.prev;
             }
-            if idle >= timeouts.for_flow(slot.replied) {
-                out.push(FlowHandle { index: cursor, generation: slot.generation });
-            }
-            cursor = slot.prev;
         }
     }
 
@@ -207,39 +237,72 @@ impl<V> FlowTable<V> {
         }
     }
 
+    /// The oldest of the class tails: the least recently used flow of the whole table.
+    fn least_recently_used(&self) -> Option<FlowHandle> {
+        let index = self
+            .classes
+            .iter()
+            .filter(|class| class.tail != NONE)
+            .map(|class| class.tail)
+            .min_by_key(|&tail| self.slots[tail as usize].last_seen)?;
+        Some(FlowHandle { index, generation: self.slots[index as usize].generation })
+    }
+
+    /// The class of `timeouts`: an existing one, else an empty one reused, else a new one.
+    fn class_for(&mut self, timeouts: FlowTimeouts) -> u16 {
+        if let Some(found) = self.classes.iter().position(|c| c.timeouts == timeouts) {
+            return found as u16;
+        }
+        let fresh = Class { timeouts, head: NONE, tail: NONE, len: 0 };
+        if let Some(empty) = self.classes.iter().position(|c| c.len == 0) {
+            self.classes[empty] = fresh;
+            return empty as u16;
+        }
+        // More distinct timeouts than u16 classes cannot be in use at once (each needs a Service
+        // and the table holds far fewer); should it happen, the last class absorbs the rest.
+        if self.classes.len() > usize::from(u16::MAX) {
+            return u16::MAX;
+        }
+        self.classes.push(fresh);
+        (self.classes.len() - 1) as u16
+    }
+
     fn unlink(&mut self, index: u32) {
-        let (prev, next) = {
+        let (prev, next, class) = {
             let slot = &self.slots[index as usize];
-            (slot.prev, slot.next)
+            (slot.prev, slot.next, usize::from(slot.class))
         };
+        let class = &mut self.classes[class];
         if prev != NONE {
             self.slots[prev as usize].next = next;
-        } else if self.head == index {
-            self.head = next;
+        } else if class.head == index {
+            class.head = next;
         }
         if next != NONE {
             self.slots[next as usize].prev = prev;
-        } else if self.tail == index {
-            self.tail = prev;
+        } else if class.tail == index {
+            class.tail = prev;
         }
+        class.len -= 1;
         let slot = &mut self.slots[index as usize];
         slot.prev = NONE;
         slot.next = NONE;
     }
 
     fn push_front(&mut self, index: u32) {
-        let old_head = self.head;
-        {
-            let slot = &mut self.slots[index as usize];
-            slot.prev = NONE;
-            slot.next = old_head;
+        let class = &mut self.classes[usize::from(self.slots[index as usize].class)];
+        let old_head = class.head;
+        class.head = index;
+        class.len += 1;
+        if old_head == NONE {
+            class.tail = index;
         }
         if old_head != NONE {
             self.slots[old_head as usize].prev = index;
-        } else {
-            self.tail = index;
         }
-        self.head = index;
+        let slot = &mut self.slots[index as usize];
+        slot.prev = NONE;
+        slot.next = old_head;
     }
 }
 
@@ -261,11 +324,22 @@ mod tests {
     const TIMEOUTS: FlowTimeouts =
         FlowTimeouts { unreplied: Duration::from_secs(30), replied: Duration::from_secs(120) };
 
+    impl<V> FlowTable<V> {
+        fn insert_default(
+            &mut self,
+            key: FlowKey,
+            value: V,
+            now: Instant,
+        ) -> (FlowHandle, Option<Evicted<V>>) {
+            self.insert(key, value, now, TIMEOUTS)
+        }
+    }
+
     #[test]
     fn a_flow_is_found_by_its_key_until_removed() {
         let now = Instant::now();
         let mut table = FlowTable::new(4);
-        let (handle, evicted) = table.insert(key(1), "a", now);
+        let (handle, evicted) = table.insert_default(key(1), "a", now);
         assert!(evicted.is_none());
         assert_eq!(table.find(&key(1)), Some(handle));
         assert_eq!(table.get(handle), Some(&"a"));
@@ -279,9 +353,9 @@ mod tests {
     fn a_removed_flows_handle_never_reaches_the_slots_next_flow() {
         let now = Instant::now();
         let mut table = FlowTable::new(4);
-        let (old, _) = table.insert(key(1), 1, now);
+        let (old, _) = table.insert_default(key(1), 1, now);
         table.remove(old);
-        let (new, _) = table.insert(key(2), 2, now);
+        let (new, _) = table.insert_default(key(2), 2, now);
         assert_eq!(new.index, old.index, "the slot is reused");
         assert_eq!(table.get(old), None);
         assert_eq!(table.remove(old), None);
@@ -292,17 +366,17 @@ mod tests {
     fn a_full_table_evicts_the_least_recently_used_flow() {
         let now = Instant::now();
         let mut table = FlowTable::new(3);
-        let (first, _) = table.insert(key(1), 1, now);
-        table.insert(key(2), 2, now);
-        table.insert(key(3), 3, now);
+        let (first, _) = table.insert_default(key(1), 1, now);
+        table.insert_default(key(2), 2, now);
+        table.insert_default(key(3), 3, now);
         // Flow 1 is used again, so flow 2 is now the least recently used.
         table.touch(first, now + Duration::from_secs(1), false);
-        let (_, evicted) = table.insert(key(4), 4, now + Duration::from_secs(2));
+        let (_, evicted) = table.insert_default(key(4), 4, now + Duration::from_secs(2));
         let evicted = evicted.expect("a full table evicts");
         assert_eq!((evicted.key, evicted.value), (key(2), 2));
         assert_eq!(table.get(evicted.handle), None, "the evicted flow's handle is retired");
         assert_eq!(table.len(), 3);
-        let (_, evicted) = table.insert(key(5), 5, now + Duration::from_secs(3));
+        let (_, evicted) = table.insert_default(key(5), 5, now + Duration::from_secs(3));
         assert_eq!(evicted.map(|e| (e.key, e.value)), Some((key(3), 3)));
         assert!(table.find(&key(1)).is_some());
     }
@@ -311,19 +385,19 @@ mod tests {
     fn unreplied_flows_expire_sooner_than_replied_ones() {
         let start = Instant::now();
         let mut table = FlowTable::new(8);
-        let (quiet, _) = table.insert(key(1), 1, start);
-        let (answered, _) = table.insert(key(2), 2, start);
+        let (quiet, _) = table.insert_default(key(1), 1, start);
+        let (answered, _) = table.insert_default(key(2), 2, start);
         table.touch(answered, start, true);
         let mut out = Vec::new();
-        table.expired(start + Duration::from_secs(29), TIMEOUTS, &mut out);
+        table.expired(start + Duration::from_secs(29), &mut out);
         assert!(out.is_empty());
-        table.expired(start + Duration::from_secs(30), TIMEOUTS, &mut out);
+        table.expired(start + Duration::from_secs(30), &mut out);
         assert_eq!(out, vec![quiet]);
         out.clear();
         table.remove(quiet);
-        table.expired(start + Duration::from_secs(119), TIMEOUTS, &mut out);
+        table.expired(start + Duration::from_secs(119), &mut out);
         assert!(out.is_empty());
-        table.expired(start + Duration::from_secs(120), TIMEOUTS, &mut out);
+        table.expired(start + Duration::from_secs(120), &mut out);
         assert_eq!(out, vec![answered]);
     }
 
@@ -331,12 +405,12 @@ mod tests {
     fn traffic_postpones_expiry() {
         let start = Instant::now();
         let mut table = FlowTable::new(8);
-        let (flow, _) = table.insert(key(1), (), start);
+        let (flow, _) = table.insert_default(key(1), (), start);
         table.touch(flow, start + Duration::from_secs(20), false);
         let mut out = Vec::new();
-        table.expired(start + Duration::from_secs(40), TIMEOUTS, &mut out);
+        table.expired(start + Duration::from_secs(40), &mut out);
         assert!(out.is_empty());
-        table.expired(start + Duration::from_secs(50), TIMEOUTS, &mut out);
+        table.expired(start + Duration::from_secs(50), &mut out);
         assert_eq!(out, vec![flow]);
     }
 
@@ -344,7 +418,7 @@ mod tests {
     fn lru_order_survives_many_touches_and_removals() {
         let start = Instant::now();
         let mut table = FlowTable::new(100);
-        let handles: Vec<_> = (0..50).map(|port| table.insert(key(port), port, start).0).collect();
+        let handles: Vec<_> = (0..50).map(|port| table.insert_default(key(port), port, start).0).collect();
         // Remove every third, then touch all in reverse order (touching a removed flow is a no-op).
         for (i, &handle) in handles.iter().enumerate() {
             if i % 3 == 0 {
@@ -355,7 +429,7 @@ mod tests {
             table.touch(handle, start + Duration::from_secs(step as u64), false);
         }
         let mut out = Vec::new();
-        table.expired(start + Duration::from_secs(1000), TIMEOUTS, &mut out);
+        table.expired(start + Duration::from_secs(1000), &mut out);
         let ports: Vec<u16> = out.iter().map(|&h| *table.get(h).expect("live")).collect();
         // Expired from least to most recently used: flow 49 was touched first, flow 1 last.
         let expected: Vec<u16> = (0..50).rev().filter(|p| p % 3 != 0).collect();
@@ -368,10 +442,47 @@ mod tests {
         let now = Instant::now();
         let mut table = FlowTable::new(8);
         let other_vip = VipKey::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 53, Protocol::Udp);
-        let (a, _) = table.insert(key(1), 1, now);
-        table.insert(FlowKey { vip: other_vip, ..key(2) }, 2, now);
+        let (a, _) = table.insert_default(key(1), 1, now);
+        table.insert_default(FlowKey { vip: other_vip, ..key(2) }, 2, now);
         let mut out = Vec::new();
         table.select(&mut out, |k, _| k.vip == key(0).vip);
         assert_eq!(out, vec![a]);
+    }
+
+    #[test]
+    fn each_flow_expires_by_its_own_services_timeouts() {
+        let start = Instant::now();
+        let mut table = FlowTable::new(8);
+        let short = FlowTimeouts { unreplied: Duration::from_secs(2), replied: Duration::from_secs(5) };
+        let (dns, _) = table.insert(key(1), "dns", start, short);
+        let (game, _) = table.insert_default(key(2), "game", start);
+        let (dns_answered, _) = table.insert(key(3), "dns answered", start, short);
+        table.touch(dns_answered, start, true);
+        let mut out = Vec::new();
+        table.expired(start + Duration::from_secs(2), &mut out);
+        assert_eq!(out, vec![dns], "the short-lived Service's unanswered flow only");
+        out.clear();
+        table.expired(start + Duration::from_secs(5), &mut out);
+        assert_eq!(out, vec![dns, dns_answered]);
+        out.clear();
+        table.expired(start + Duration::from_secs(30), &mut out);
+        assert!(out.contains(&game) && out.len() == 3, "{out:?}");
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_flow_across_classes_and_classes_are_reused() {
+        let start = Instant::now();
+        let mut table = FlowTable::new(2);
+        let short = FlowTimeouts { unreplied: Duration::from_secs(2), replied: Duration::from_secs(5) };
+        let (old, _) = table.insert(key(1), 1, start, short);
+        let (young, _) = table.insert_default(key(2), 2, start + Duration::from_secs(1));
+        table.touch(old, start + Duration::from_secs(2), false);
+        let (_, evicted) = table.insert_default(key(3), 3, start + Duration::from_secs(3));
+        assert_eq!(evicted.map(|e| e.key), Some(key(2)), "the flow of the other class was older");
+        assert_eq!(table.get(young), None);
+        table.remove(old);
+        let other = FlowTimeouts { unreplied: Duration::from_secs(7), replied: Duration::from_secs(7) };
+        table.insert(key(4), 4, start, other);
+        assert_eq!(table.classes.len(), 2, "the emptied class was reused");
     }
 }

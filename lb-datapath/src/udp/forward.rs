@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use io_uring::cqueue;
 use io_uring::types::RecvMsgOut;
-use lb_core::ServiceEntry;
+use lb_core::{Established, ServiceEntry};
 use socket2::SockAddr;
 
-use super::flow_table::{FlowHandle, FlowKey, FlowTable};
+use super::flow_table::{FlowHandle, FlowKey, FlowTable, FlowTimeouts};
 use super::socket::{self, BUFFER_SIZE, BufRing};
-use super::{FlowEnd, StaleFlowPolicy, UdpFlow, count_end, release_flow};
+use super::{FlowEnd, UdpFlow, count_end, release_flow};
 use crate::ring::UserData;
 use crate::stats;
 use crate::worker::Worker;
@@ -164,8 +164,7 @@ impl Worker {
             let key = FlowKey { vip: vip.key, client };
             let mut handle = self.udp.flows.find(&key);
             if let Some(existing) = handle {
-                let policy = self.udp.config.stale_flows;
-                if flow_must_move(&mut self.udp.flows, policy, self.now, existing, &vip.entry) {
+                if flow_must_move(&mut self.udp.flows, self.now, existing, &vip.entry) {
                     if let Some((_, flow)) = self.udp.flows.remove(existing) {
                         count_end(&self.counters, FlowEnd::Moved);
                         release_flow(&mut self.ring, &mut self.selection, &self.counters, existing, flow);
@@ -224,7 +223,8 @@ impl Worker {
             max_segment: [to_backend, socket::CLIENT_SEGMENT_LIMIT],
         };
         let counted = flow.backend;
-        let (handle, evicted) = self.udp.flows.insert(key, flow, self.now);
+        let timeouts = FlowTimeouts::of(&entry.policy);
+        let (handle, evicted) = self.udp.flows.insert(key, flow, self.now, timeouts);
         stats::add(&self.counters.flows_created, 1);
         self.selection.open(counted, &self.counters);
         if let Some(evicted) = evicted {
@@ -345,25 +345,22 @@ enum Rearm {
     AtTick,
 }
 
-/// Whether an existing flow must leave its backend (see [`StaleFlowPolicy`]).
+/// Whether an existing flow must leave its backend, as the entry decides (`ServiceEntry::flow`).
 fn flow_must_move(
     flows: &mut FlowTable<UdpFlow>,
-    policy: StaleFlowPolicy,
     now: Instant,
     handle: FlowHandle,
     entry: &ServiceEntry,
 ) -> bool {
     let Some(flow) = flows.get_mut(handle) else { return false };
-    let eligible = entry.index_of(flow.backend).is_some_and(|idx| entry.is_eligible(idx));
-    if eligible {
-        flow.stale_since = None;
-        return false;
-    }
-    match policy {
-        StaleFlowPolicy::Move => true,
-        StaleFlowPolicy::Drain => {
+    match entry.flow(flow.backend) {
+        Established::Continue => {
+            flow.stale_since = None;
+            false
+        }
+        Established::Drain(limit) => {
             let since = *flow.stale_since.get_or_insert(now);
-            now.saturating_duration_since(since) >= entry.policy.drain_timeout
+            now.saturating_duration_since(since) >= limit
         }
     }
 }

@@ -26,7 +26,7 @@ mod forward;
 mod send;
 pub(crate) mod socket;
 
-pub use config::{StaleFlowPolicy, UdpConfig};
+pub use config::UdpConfig;
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ use io_uring::types::Fd;
 use lb_core::{BackendId, Protocol, ServiceEntry, Snapshot, VipKey};
 use socket2::{SockAddr, Socket};
 
-use self::flow_table::{FlowHandle, FlowTable, FlowTimeouts};
+use self::flow_table::{FlowHandle, FlowTable};
 use self::socket::{BUFFER_GROUP, BUFFER_SIZE, BufRing};
 use crate::ring::{GENERATION_MASK, OpKind, Ring, UserData};
 use crate::selection::Selection;
@@ -96,7 +96,7 @@ pub(crate) struct UdpFlow {
     client: SockAddr,
     armed: bool,
     rearm_at_tick: bool,
-    /// `StaleFlowPolicy::Drain`: when a datagram first found the backend ineligible.
+    /// When a datagram first found the backend no longer eligible (see `lb_core::ServiceEntry::flow`).
     stale_since: Option<Instant>,
     /// `Ring::submissions` when an entry naming the upstream socket's fd (its receive, a send to the
     /// backend) was last queued: if unchanged when the flow ends, that entry must reach the kernel
@@ -192,10 +192,6 @@ impl UdpState {
             .iter()
             .position(|s| s.vip.as_ref().is_some_and(|v| v.key == *key && !v.closing))
             .map(|i| i as u32)
-    }
-
-    fn timeouts(&self) -> FlowTimeouts {
-        FlowTimeouts { unreplied: self.config.unreplied_timeout, replied: self.config.replied_timeout }
     }
 }
 
@@ -459,7 +455,7 @@ impl Worker {
         }
         let mut handles = std::mem::take(&mut self.udp.scratch);
         handles.clear();
-        self.udp.flows.expired(self.now, self.udp.timeouts(), &mut handles);
+        self.udp.flows.expired(self.now, &mut handles);
         for &handle in &handles {
             self.end_flow(handle, FlowEnd::Expired);
         }

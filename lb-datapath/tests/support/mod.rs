@@ -42,6 +42,7 @@ pub fn test_policy() -> EntryPolicy {
         connect_attempts: 3,
         idle_timeout: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(30),
+        ..EntryPolicy::default()
     }
 }
 
@@ -254,10 +255,7 @@ pub fn udp_exchange(
     (buffer, from)
 }
 
-/// An engine configuration for UDP tests with the given flow timeouts.
-pub fn udp_config(workers: usize, unreplied: Duration, replied: Duration) -> EngineConfig {
-    let mut config = test_config(workers, RelayMode::Copy);
-    config.udp.unreplied_timeout = unreplied;
-    config.udp.replied_timeout = replied;
-    config
+/// The test policy with the given UDP flow timeouts.
+pub fn udp_policy(unreplied: Duration, replied: Duration) -> EntryPolicy {
+    EntryPolicy { udp_unreplied_timeout: unreplied, udp_replied_timeout: replied, ..test_policy() }
 }
