@@ -90,54 +90,63 @@ pub fn permutation(id: BackendId, size: u32) -> (u32, u32) {
 /// Fills a table of prime `size` from each backend's `(offset, skip)` and weight; the result holds,
 /// per slot, the position of its backend in `params`. Empty when `params` is.
 pub fn populate(params: &[(u32, u32)], weights: &[u32], size: u32) -> Vec<u32> {
+    populate_counted(params, weights, size).0
+}
+
+/// [`populate`], and the work it took: turns taken plus permutation steps walked. The turns are
+/// drawn from a heap in (round, backend) order, so skewed weights cost nothing extra: the work is
+/// O(size log n) turns plus the walks, which the permutations bound (each backend walks its own at
+/// most once; about size * ln(size) in all for random permutations), whatever the weights. A
+/// round-by-round scan would instead cost rounds * n, with rounds up to size * max/sum of weights.
+pub fn populate_counted(params: &[(u32, u32)], weights: &[u32], size: u32) -> (Vec<u32>, u64) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
     const FREE: u32 = u32::MAX;
     if params.is_empty() || size == 0 {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
     let size64 = u64::from(size);
     let weight = |i: usize| u64::from(weights.get(i).copied().unwrap_or(1).max(1));
     let max_weight = (0..params.len()).map(weight).max().unwrap_or(1);
+    // Backend i takes at most one turn per round, its k-th (k from 0) in the first round r after
+    // its previous turn's with r * weight >= k * max_weight (its target grows by the largest weight
+    // per turn): round max(k + 1, ceil(k * max_weight / weight)). Within a round backends go in
+    // order: the heap yields turns in exactly that (round, backend) order.
+    let round_of = |i: usize, turn: u64| (turn * max_weight).div_ceil(weight(i)).max(turn + 1);
+    let mut turns: BinaryHeap<Reverse<(u64, usize, u64)>> =
+        (0..params.len()).map(|i| Reverse((round_of(i, 0), i, 0))).collect();
     let mut table = vec![FREE; size as usize];
-    // `next[i]`: how far backend i has walked its permutation; `target[i]`: when it may take a turn.
+    // `next[i]`: how far backend i has walked its permutation.
     let mut next = vec![0u64; params.len()];
-    let mut target = vec![0u64; params.len()];
     let mut filled = 0u64;
-    let mut round = 0u64;
+    let mut work = 0u64;
     while filled < size64 {
-        round += 1;
-        let mut walking = false;
-        for (i, &(offset, skip)) in params.iter().enumerate() {
-            if next[i] >= size64 {
-                continue;
-            }
-            walking = true;
-            if round * weight(i) < target[i] {
-                continue;
-            }
-            target[i] += max_weight;
-            while next[i] < size64 {
-                let slot = ((u64::from(offset) + next[i] * u64::from(skip)) % size64) as usize;
-                next[i] += 1;
-                if table[slot] == FREE {
-                    table[slot] = i as u32;
-                    filled += 1;
-                    break;
-                }
-            }
-            if filled == size64 {
+        let Some(Reverse((_, i, turn))) = turns.pop() else {
+            // Only reachable for a non-prime size (every permutation walked without filling).
+            break;
+        };
+        work += 1;
+        let (offset, skip) = params[i];
+        while next[i] < size64 {
+            let slot = ((u64::from(offset) + next[i] * u64::from(skip)) % size64) as usize;
+            next[i] += 1;
+            work += 1;
+            if table[slot] == FREE {
+                table[slot] = i as u32;
+                filled += 1;
                 break;
             }
         }
-        if !walking {
-            // Only reachable for a non-prime size (a permutation that is not a full cycle).
-            break;
+        if next[i] < size64 {
+            turns.push(Reverse((round_of(i, turn + 1), i, turn + 1)));
         }
     }
     // Slots no permutation reached (non-prime size only) go to the backends in turn.
     for (spare, slot) in table.iter_mut().filter(|s| **s == FREE).enumerate() {
         *slot = (spare % params.len()) as u32;
     }
-    table
+    (table, work)
 }
 
 fn table_digest(table: &[BackendIdx]) -> u64 {

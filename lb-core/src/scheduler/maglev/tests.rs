@@ -71,3 +71,92 @@ fn independently_built_tables_agree_whatever_the_index_order() {
     assert_eq!(one.table(), two.table());
     assert_eq!(one.digest, two.digest);
 }
+
+/// The round-by-round population of MAGLEV_VERSION 1 as first written: the heap-ordered one must
+/// give the very same tables.
+fn populate_by_rounds(params: &[(u32, u32)], weights: &[u32], size: u32) -> Vec<u32> {
+    const FREE: u32 = u32::MAX;
+    let size64 = u64::from(size);
+    let weight = |i: usize| u64::from(weights.get(i).copied().unwrap_or(1).max(1));
+    let max_weight = (0..params.len()).map(weight).max().unwrap_or(1);
+    let mut table = vec![FREE; size as usize];
+    let (mut next, mut target) = (vec![0u64; params.len()], vec![0u64; params.len()]);
+    let (mut filled, mut round) = (0u64, 0u64);
+    while filled < size64 {
+        round += 1;
+        let mut walking = false;
+        for (i, &(offset, skip)) in params.iter().enumerate() {
+            if next[i] >= size64 {
+                continue;
+            }
+            walking = true;
+            if round * weight(i) < target[i] {
+                continue;
+            }
+            target[i] += max_weight;
+            while next[i] < size64 {
+                let slot = ((u64::from(offset) + next[i] * u64::from(skip)) % size64) as usize;
+                next[i] += 1;
+                if table[slot] == FREE {
+                    table[slot] = i as u32;
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == size64 {
+                break;
+            }
+        }
+        if !walking {
+            break;
+        }
+    }
+    for (spare, slot) in table.iter_mut().filter(|s| **s == FREE).enumerate() {
+        *slot = (spare % params.len()) as u32;
+    }
+    table
+}
+
+#[test]
+fn heap_ordered_population_equals_the_round_by_round_one() {
+    let mut random = crate::hash::SplitMix64(7);
+    for case in 0..300 {
+        let size = [7, 11, 251, 1021, 10, 12][case % 6];
+        let n = 1 + (random.next_u64() % 12) as usize;
+        let params: Vec<(u32, u32)> = (0..n)
+            .map(|_| {
+                let offset = (random.next_u64() % u64::from(size)) as u32;
+                let skip = (random.next_u64() % u64::from(size - 1)) as u32 + 1;
+                (offset, skip)
+            })
+            .collect();
+        let weights: Vec<u32> =
+            (0..n).map(|_| 1 + (random.next_u64() % [1, 3, 100, 10_000][case % 4]) as u32).collect();
+        assert_eq!(
+            populate(&params, &weights, size),
+            populate_by_rounds(&params, &weights, size),
+            "case {case}: {params:?} {weights:?} size {size}"
+        );
+    }
+}
+
+#[test]
+fn skewed_weights_cost_no_more_than_equal_ones() {
+    // One backend of weight 10000 among 2000 of weight 1: the round-by-round build scanned all 2001
+    // backends in each of about 65537 rounds (~1.3e8 steps); the work must stay near the table size.
+    let size = DEFAULT_TABLE_SIZE;
+    let n = 2001;
+    let params: Vec<(u32, u32)> = (0..n)
+        .map(|i| {
+            permutation(BackendId(SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 80))), size)
+        })
+        .collect();
+    let mut weights = vec![1; n];
+    weights[0] = 10_000;
+    let (table, work) = populate_counted(&params, &weights, size);
+    assert_eq!(table.len(), size as usize);
+    let bound = 32 * u64::from(size);
+    assert!(work <= bound, "{work} steps for a {size}-slot table (bound {bound})");
+    let (_, equal_work) = populate_counted(&params, &vec![1; n], size);
+    assert!(equal_work <= bound, "{equal_work}");
+}
