@@ -7,7 +7,8 @@
 //!
 //! Data flow: sources (lb-sync) hand Service and EndpointSlice objects to [`build`]; the resulting
 //! [`Snapshot`] is published to the datapath workers, which only read it and keep their own mutable
-//! per-worker state: a [`PickState`] per [`VipKey`], one [`LoadTable`] and one [`AffinityTable`].
+//! per-worker state (a [`PickState`] per [`VipKey`]); what must hold across workers is shared: each
+//! backend's [`BackendLoad`] counter, and [`AffinityTable`]s the datapath shards between workers.
 //! Health verdicts come back through the sans-IO machines of [`health`] and enter the next build as
 //! a [`HealthOverlay`] in [`BuildOptions`].
 
@@ -37,5 +38,6 @@ pub use model::{
     Snapshot, TrafficPolicy, VipKey,
 };
 pub use scheduler::{
-    HashKey, LoadTable, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig, SchedulerKind,
+    BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,
+    SchedulerKind,
 };

@@ -8,7 +8,9 @@
 //!   this node's endpoints under `externalTrafficPolicy: Local` (see [`crate::BuildOptions::node_name`])
 //!   and to the healthy ones of a [`crate::health::HealthOverlay`] unless none is healthy;
 //! - a backend's identity ([`BackendId`]) is its socket address, so per-worker state keyed by it stays
-//!   valid across snapshot swaps.
+//!   valid across snapshot swaps;
+//! - the only mutable part of a snapshot is each backend's [`BackendLoad`]: live connection counts
+//!   shared with the datapath by design (everything else is fixed once built).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,7 +24,7 @@ use crate::builder::service::ParsedService;
 use crate::cidr::Cidr;
 use crate::health::{HealthCheckConfig, OutlierConfig};
 use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{BackendLoad, Scheduler};
 
 /// Transport protocol of a service port, as in `Service.spec.ports[].protocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -146,10 +148,15 @@ pub struct Backend {
     pub zone: Option<String>,
     /// `targetRef` of the endpoint (usually a Pod), for display.
     pub target: Option<String>,
+    /// Its open connections and flows, counted by every worker and shared by every snapshot that
+    /// lists this backend (from the build's [`crate::LoadRegistry`]). Not part of its value: equal
+    /// backends compare equal whatever their loads, and it is not serialised.
+    #[serde(skip)]
+    pub load: BackendLoad,
 }
 
 impl Backend {
-    /// A ready backend of weight 1 at `addr`, placed nowhere in particular.
+    /// A ready backend of weight 1 at `addr`, placed nowhere in particular, with a counter of its own.
     pub fn ready(addr: SocketAddr) -> Backend {
         Backend {
             id: BackendId(addr),
@@ -158,6 +165,7 @@ impl Backend {
             node_name: None,
             zone: None,
             target: None,
+            load: BackendLoad::new(),
         }
     }
 

@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 
 use lb_core::scheduler::{Maglev, two_choices};
 use lb_core::{
-    Backend, BackendIdx, HashKey, LoadTable, PickContext, PickState, Scheduler, SchedulerConfig,
-    SchedulerKind,
+    Backend, BackendIdx, HashKey, PickContext, PickState, Scheduler, SchedulerConfig, SchedulerKind,
 };
 use proptest::prelude::*;
 
@@ -44,12 +43,11 @@ fn scenario() -> impl Strategy<Value = (Vec<u32>, Vec<BackendIdx>, Vec<u32>)> {
     })
 }
 
-fn load_of(backends: &[Backend], active: &[u32]) -> LoadTable {
-    let mut load = LoadTable::new();
+/// Sets each backend's shared connection count (the schedulers built over them read it).
+fn set_loads(backends: &[Backend], active: &[u32]) {
     for (b, &n) in backends.iter().zip(active) {
-        load.set(b.id, n);
+        b.load.set(n);
     }
-    load
 }
 
 fn config(kind: SchedulerKind) -> SchedulerConfig {
@@ -67,7 +65,7 @@ proptest! {
     ) {
         let backends = backends(&weights);
         let scheduler = Scheduler::build_with(&config(kind), &backends, &eligible);
-        let load = load_of(&backends, &active);
+        set_loads(&backends, &active);
         let exclude: Vec<BackendIdx> = eligible.iter().copied().filter(|&i| exclude_mask[i as usize]).collect();
         let mut state = PickState::default();
         for seed in seeds {
@@ -75,7 +73,6 @@ proptest! {
                 client: client(seed),
                 destination: Some(client(destination)),
                 exclude: &exclude,
-                load: Some(&load),
                 random: seed.rotate_left(17),
             };
             match scheduler.pick_with(&context, &mut state) {
@@ -112,8 +109,8 @@ proptest! {
             let mut state = PickState::default();
             // Each pick opens a connection, as the datapath would, so later picks see new loads.
             for _ in 0..rounds {
-                let load = load_of(&backends, &active);
-                let context = PickContext { load: Some(&load), ..PickContext::new(client(1), &exclude) };
+                set_loads(&backends, &active);
+                let context = PickContext::new(client(1), &exclude);
                 let picked = scheduler.pick_with(&context, &mut state).expect("an allowed backend exists");
                 let of = |i: BackendIdx| cost(u64::from(active[i as usize]), u64::from(weights[i as usize]));
                 let (pn, pd) = of(picked);
@@ -182,8 +179,8 @@ proptest! {
     ) {
         let backends = backends(&weights);
         let scheduler = Scheduler::build(SchedulerKind::PowerOfTwoChoices, &backends, &eligible);
-        let load = load_of(&backends, &active);
-        let context = PickContext { load: Some(&load), random, ..PickContext::new(client(1), &[]) };
+        set_loads(&backends, &active);
+        let context = PickContext { random, ..PickContext::new(client(1), &[]) };
         let picked = scheduler.pick_with(&context, &mut PickState::default()).expect("eligible");
         let (first, second) = two_choices(random, eligible.len());
         let (a, b) = (eligible[first], eligible[second]);

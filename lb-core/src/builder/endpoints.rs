@@ -61,6 +61,7 @@ pub(super) fn resolve_port(
                 node_name: endpoint.node_name.clone(),
                 zone: endpoint.zone.clone(),
                 target: endpoint.target.clone(),
+                load: options.load.counter(id),
             };
             match backends.entry(id) {
                 Entry::Vacant(slot) => {

@@ -45,7 +45,7 @@ use serde::Serialize;
 use crate::error::BuildError;
 use crate::health::HealthOverlay;
 use crate::model::{EntryPolicy, ObjectRef, ServiceEntry, Snapshot, VipKey};
-use crate::scheduler::{Scheduler, SchedulerKind};
+use crate::scheduler::{LoadRegistry, Scheduler, SchedulerKind};
 use service::ParsedService;
 
 pub use health_overlay::apply_health;
@@ -65,6 +65,9 @@ pub struct BuildOptions {
     /// Backends found unhealthy by active checks or outlier detection; they get no new connections
     /// unless every candidate of an entry is unhealthy (panic mode, see [`crate::health`]).
     pub health: HealthOverlay,
+    /// Where each backend's shared connection counter comes from, so that successive builds give a
+    /// backend the same one (see [`crate::LoadRegistry`]). Clones share it: keep one per source.
+    pub load: LoadRegistry,
 }
 
 /// An object that is valid but not served, and why (logged once by the source). `service` is usually
@@ -141,6 +144,7 @@ pub fn build(
 ) -> BuildReport {
     let mut errors = Vec::new();
     let mut skipped = Vec::new();
+    options.load.prune();
     let parsed = service::parse_all(services, options, &mut errors, &mut skipped);
     let mut slices_by_service = slices::parse_all(slices, &mut errors, &mut skipped);
     let with_selector = services_with_selector(services);

@@ -489,3 +489,20 @@ fn invalid_metallb_annotation_rejects_the_service_and_mapped_ipv6_vips_collapse(
         "{report}"
     );
 }
+
+#[test]
+fn successive_builds_give_a_backend_the_same_load_counter() {
+    let service = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let options = BuildOptions::default();
+    let before = [ready_slice("default", "web-1", "web", 8080, &["192.0.2.1"])];
+    let first = build(std::slice::from_ref(&service), &before, &[], &options, None, 1);
+    let after = [ready_slice("default", "web-1", "web", 8080, &["192.0.2.1", "192.0.2.2"])];
+    let second = build(std::slice::from_ref(&service), &after, &[], &options, Some(&first.snapshot), 2);
+    let key = tcp("127.0.0.10", 80);
+    let (old, new) = (first.snapshot.get(&key).expect("entry"), second.snapshot.get(&key).expect("entry"));
+    old.backends[0].load.open();
+    assert!(new.backends[0].load.same_as(&old.backends[0].load), "connections survive the swap");
+    assert_eq!(new.backends[0].load.active(), 1);
+    assert_eq!(new.backends[1].load.active(), 0);
+    assert_eq!(options.load.len(), 2);
+}

@@ -1,7 +1,7 @@
 //! `lc`: fewest active connections; weights are ignored (IPVS `lc`,
 //! counting active connections only: a userspace proxy has no "inactive" TCP state to add).
 //!
-//! Loads come from the worker's [`LoadTable`](super::LoadTable) (per worker, see `load`); ties go to
+//! Loads are every worker's connections ([`BackendLoad`](super::BackendLoad), see `load`); ties go to
 //! the first backend from the worker's cursor, so equal loads rotate. Never returns an excluded index.
 
 use serde::Serialize;

@@ -1,73 +1,131 @@
-//! Per-worker active connection counts and the least-cost scan shared by `lc`, `wlc`, `sed`, `nq`
-//! and `p2c`.
+//! Active connection counts shared by every worker, and the least-cost scan shared by `lc`, `wlc`,
+//! `sed`, `nq` and `p2c`.
 //!
-//! Counts are per worker: each worker counts only the connections it opened, so a backend's
-//! "load" is this worker's share of it. With the kernel spreading accepts evenly over workers (one
-//! `SO_REUSEPORT` listener each) that share approximates global load divided by the worker count, and
-//! it costs no cross-core lock or shared cache line. Counts are keyed by [`BackendId`], not by index,
-//! so they survive snapshot swaps; a backend shared by two Services counts all its connections.
+//! Each backend of a snapshot carries a [`BackendLoad`]: one atomic count of the connections and UDP
+//! flows every worker has open to it, so the least-connection family sees the whole load as IPVS
+//! does, whatever the worker count. A [`LoadRegistry`] (in [`crate::BuildOptions`]) hands every build
+//! the same counter for the same [`BackendId`] while anything holds it, so counts survive snapshot
+//! swaps; a backend shared by two Services counts all its connections. Reading and updating is a
+//! relaxed atomic operation, never a lock: two workers picking at the same instant may both see the
+//! same least-loaded backend, a transient imbalance of one connection that the next pick corrects.
 //! Must never underflow or panic: closing more than was opened saturates at 0.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::{PickContext, PickState};
 use crate::model::{Backend, BackendId, BackendIdx};
 
-/// One worker's active connections per backend. The datapath calls [`LoadTable::open`] when a
-/// connection to a backend is established (or its connect is submitted) and [`LoadTable::close`]
-/// exactly once when it ends.
-#[derive(Debug, Clone, Default)]
-pub struct LoadTable {
-    // A BTreeMap (not a HashMap): deterministic, no random keys, and a handful of backends per worker.
-    active: BTreeMap<BackendId, u32>,
+/// The active connections (and UDP flows) of one backend, counted by every worker. Clones share the
+/// count. The datapath calls [`BackendLoad::open`] when a connection to the backend is submitted and
+/// [`BackendLoad::close`] exactly once when it ends, on the handle it opened.
+#[derive(Clone, Default)]
+pub struct BackendLoad(Arc<AtomicU32>);
+
+impl BackendLoad {
+    /// A counter of its own, not shared with any registry (tests, hand-built entries).
+    pub fn new() -> Self {
+        BackendLoad::default()
+    }
+
+    pub fn open(&self) {
+        // Saturating: 4 billion connections to one backend are not reachable, but wrapping would be.
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
+    }
+
+    pub fn close(&self) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Connections open now, from every worker.
+    pub fn active(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets the count directly (tests).
+    pub fn set(&self, active: u32) {
+        self.0.store(active, Ordering::Relaxed);
+    }
+
+    /// Whether `self` and `other` are the same counter.
+    pub fn same_as(&self, other: &BackendLoad) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
-impl LoadTable {
+impl fmt::Debug for BackendLoad {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BackendLoad({})", self.active())
+    }
+}
+
+/// A live count is not part of what a backend *is*: two snapshots with the same backends are equal
+/// whatever their loads (the publisher compares builds this way).
+impl PartialEq for BackendLoad {
+    fn eq(&self, _: &BackendLoad) -> bool {
+        true
+    }
+}
+
+impl Eq for BackendLoad {}
+
+/// Hands out one [`BackendLoad`] per [`BackendId`], the same for as long as a snapshot or a
+/// connection holds it. Clones share the registry. The lock is taken per backend per build, never
+/// by the datapath.
+#[derive(Clone, Default)]
+pub struct LoadRegistry(Arc<Mutex<HashMap<BackendId, Weak<AtomicU32>>>>);
+
+impl LoadRegistry {
     pub fn new() -> Self {
-        LoadTable::default()
+        LoadRegistry::default()
     }
 
-    pub fn open(&mut self, backend: BackendId) {
-        let count = self.active.entry(backend).or_insert(0);
-        *count = count.saturating_add(1);
-    }
-
-    pub fn close(&mut self, backend: BackendId) {
-        if let Some(count) = self.active.get_mut(&backend) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.active.remove(&backend);
-            }
+    /// The counter of `backend`: the one already handed out if anything still holds it, else a new
+    /// one at 0 (a counter nobody holds counts no connection).
+    pub fn counter(&self, backend: BackendId) -> BackendLoad {
+        let mut counters = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = counters.get(&backend).and_then(Weak::upgrade) {
+            return BackendLoad(live);
         }
+        let fresh = Arc::new(AtomicU32::new(0));
+        counters.insert(backend, Arc::downgrade(&fresh));
+        BackendLoad(fresh)
     }
 
-    /// Active connections to `backend` opened by this worker.
-    pub fn active(&self, backend: BackendId) -> u32 {
-        self.active.get(&backend).copied().unwrap_or(0)
+    /// Forgets the backends nothing holds any more (once per build, so the registry stays the size
+    /// of what is served).
+    pub fn prune(&self) {
+        let mut counters = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counters.retain(|_, counter| counter.strong_count() > 0);
     }
 
-    /// Sets a count directly (tests, or a worker restoring state).
-    pub fn set(&mut self, backend: BackendId, active: u32) {
-        if active == 0 {
-            self.active.remove(&backend);
-        } else {
-            self.active.insert(backend, active);
-        }
+    /// Backends with a live counter.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Backends with at least one active connection.
-    pub fn iter(&self) -> impl Iterator<Item = (BackendId, u32)> + '_ {
-        self.active.iter().map(|(&id, &n)| (id, n))
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for LoadRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LoadRegistry({} backends)", self.len())
     }
 }
 
 /// An eligible backend as the load-aware schedulers see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub idx: BackendIdx,
     pub id: BackendId,
     /// At least 1.
     pub weight: u32,
+    /// The backend's shared count of active connections.
+    pub load: BackendLoad,
 }
 
 impl Member {
@@ -76,7 +134,12 @@ impl Member {
         eligible
             .iter()
             .filter_map(|&idx| {
-                backends.get(idx as usize).map(|b| Member { idx, id: b.id, weight: b.weight.max(1) })
+                backends.get(idx as usize).map(|b| Member {
+                    idx,
+                    id: b.id,
+                    weight: b.weight.max(1),
+                    load: b.load.clone(),
+                })
             })
             .collect()
     }
@@ -98,8 +161,7 @@ impl Cost {
 }
 
 /// The member of least `cost` not excluded. The scan starts at the worker's cursor and keeps the
-/// first of equal costs, so ties rotate through the backends instead of piling onto the first one
-/// (every worker starts with all counts at 0).
+/// first of equal costs, so ties rotate through the backends instead of piling onto the first one.
 pub(crate) fn least_cost(
     members: &[Member],
     context: &PickContext<'_>,
@@ -118,7 +180,7 @@ pub(crate) fn least_cost(
         if context.excluded(member.idx) {
             continue;
         }
-        let candidate = cost(member, context.active(member));
+        let candidate = cost(member, u64::from(member.load.active()));
         if best.is_none_or(|(_, current)| candidate.lower_than(current)) {
             best = Some((position, candidate));
         }
@@ -134,20 +196,40 @@ mod tests {
 
     use super::*;
 
+    fn id(port: u16) -> BackendId {
+        BackendId(SocketAddr::from(([10, 0, 0, 1], port)))
+    }
+
     #[test]
-    fn counts_never_underflow_and_vanish_at_zero() {
-        let id = BackendId(SocketAddr::from(([10, 0, 0, 1], 80)));
-        let mut load = LoadTable::new();
-        load.close(id);
-        assert_eq!(load.active(id), 0);
-        load.open(id);
-        load.open(id);
-        assert_eq!(load.active(id), 2);
-        load.close(id);
-        load.close(id);
-        load.close(id);
-        assert_eq!(load.active(id), 0);
-        assert_eq!(load.iter().count(), 0);
+    fn counts_never_underflow_or_wrap() {
+        let load = BackendLoad::new();
+        load.close();
+        assert_eq!(load.active(), 0);
+        load.open();
+        load.open();
+        assert_eq!(load.active(), 2);
+        for _ in 0..3 {
+            load.close();
+        }
+        assert_eq!(load.active(), 0);
+        load.set(u32::MAX);
+        load.open();
+        assert_eq!(load.active(), u32::MAX);
+    }
+
+    #[test]
+    fn the_registry_hands_out_one_counter_per_backend_while_it_is_held() {
+        let registry = LoadRegistry::new();
+        let first = registry.counter(id(80));
+        first.open();
+        let again = registry.counter(id(80));
+        assert!(again.same_as(&first), "the same backend shares one count");
+        assert_eq!(again.active(), 1);
+        assert!(!registry.counter(id(81)).same_as(&first));
+        drop((first, again));
+        registry.prune();
+        assert!(registry.is_empty(), "counters nobody holds are forgotten");
+        assert_eq!(registry.counter(id(80)).active(), 0);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! A [`Scheduler`] is built once per snapshot from an entry's backends (everything that can be
 //! precomputed is: the weighted round-robin sequence, the Maglev table, the hash ring) and then only
 //! read. Mutable selection state lives in the datapath worker: a [`PickState`] per entry (cursor,
-//! default random stream) and one [`LoadTable`] per worker (active connections by [`BackendId`](crate::BackendId)), so
-//! workers never share a cache line on the hot path and a snapshot swap never invalidates either.
+//! default random stream), so a snapshot swap never invalidates it. The one state shared between
+//! workers is each backend's [`BackendLoad`] (an atomic count of its open connections, see `load`),
+//! which the least-connection family reads so that it sees every worker's connections.
 //!
 //! Contract of [`Scheduler::pick_with`] (and of the thin [`Scheduler::pick`]): it returns an index
 //! from `eligible` that is not in `exclude`, or `None` only when every eligible backend is excluded
@@ -36,7 +37,7 @@ use crate::model::{Backend, BackendIdx};
 
 pub use destination_hash::DestinationHash;
 pub use least_connection::LeastConnection;
-pub use load::{LoadTable, Member};
+pub use load::{BackendLoad, LoadRegistry, Member};
 pub use maglev::{DEFAULT_TABLE_SIZE, MAGLEV_VERSION, Maglev, TABLE_SIZES};
 pub use never_queue::NeverQueue;
 pub use power_of_two::{PowerOfTwoChoices, two_choices};
@@ -56,7 +57,7 @@ pub enum SchedulerKind {
     RoundRobin,
     /// `wrr`: each eligible backend in proportion to its weight, interleaved.
     WeightedRoundRobin,
-    /// `lc`: fewest active connections (this worker's count, see [`LoadTable`]).
+    /// `lc`: fewest active connections (every worker's, see [`BackendLoad`]).
     LeastConnection,
     /// `wlc`: fewest active connections per unit of weight.
     WeightedLeastConnection,
@@ -113,7 +114,7 @@ impl SchedulerKind {
         matches!(self, SchedulerKind::SourceHash | SchedulerKind::Maglev | SchedulerKind::RingHash)
     }
 
-    /// Whether picks depend on the datapath's [`LoadTable`].
+    /// Whether picks depend on the backends' [`BackendLoad`].
     pub fn uses_load(self) -> bool {
         matches!(
             self,
@@ -222,24 +223,23 @@ pub struct PickContext<'a> {
     pub destination: Option<SocketAddr>,
     /// Backends already tried for this connection; never returned again.
     pub exclude: &'a [BackendIdx],
-    /// This worker's active connection counts (`lc`, `wlc`, `sed`, `nq`, `p2c`); `None` counts 0.
-    pub load: Option<&'a LoadTable>,
     /// A fresh random value for this pick (`p2c`), from the worker's own generator.
     pub random: u64,
 }
 
 impl<'a> PickContext<'a> {
-    /// A context with no destination, no load and `random` 0: what [`Scheduler::pick`] starts from.
+    /// A context with no destination and `random` 0: what [`Scheduler::pick`] starts from.
     pub fn new(client: SocketAddr, exclude: &'a [BackendIdx]) -> Self {
-        PickContext { client, destination: None, exclude, load: None, random: 0 }
+        PickContext { client, destination: None, exclude, random: 0 }
     }
 
     pub(crate) fn excluded(&self, idx: BackendIdx) -> bool {
         self.exclude.contains(&idx)
     }
 
+    /// `member`'s active connections (every worker's).
     pub(crate) fn active(&self, member: &Member) -> u64 {
-        self.load.map_or(0, |load| u64::from(load.active(member.id)))
+        u64::from(member.load.active())
     }
 }
 
@@ -370,8 +370,8 @@ impl Scheduler {
         }
     }
 
-    /// Picks with only a client and exclusions: no destination, no load (every count 0) and a random
-    /// value from `state`'s own deterministic stream. Kept for callers that have nothing more.
+    /// Picks with only a client and exclusions: no destination and a random value from `state`'s own
+    /// deterministic stream. Kept for callers that have nothing more.
     pub fn pick(&self, request: &PickRequest<'_>, state: &mut PickState) -> Option<BackendIdx> {
         let random = state.random.next_u64();
         let context = PickContext { random, ..PickContext::new(request.client, request.exclude) };

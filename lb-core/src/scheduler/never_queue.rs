@@ -1,7 +1,7 @@
 //! `nq`: never queue (IPVS `nq`): an idle backend (0 active connections) if there is one,
 //! else the shortest expected delay `(active + 1) / weight` as `sed`.
 //!
-//! Loads come from the worker's [`LoadTable`](super::LoadTable) (per worker, see `load`); ties go to
+//! Loads are every worker's connections ([`BackendLoad`](super::BackendLoad), see `load`); ties go to
 //! the first backend from the worker's cursor, so equal loads rotate. Never returns an excluded index.
 
 use serde::Serialize;

@@ -1,7 +1,7 @@
 //! `sed`: shortest expected delay, `(active + 1) / weight` (IPVS `sed`):
 //! unlike `wlc`, an idle light backend does not tie with an idle heavy one.
 //!
-//! Loads come from the worker's [`LoadTable`](super::LoadTable) (per worker, see `load`); ties go to
+//! Loads are every worker's connections ([`BackendLoad`](super::BackendLoad), see `load`); ties go to
 //! the first backend from the worker's cursor, so equal loads rotate. Never returns an excluded index.
 
 use serde::Serialize;

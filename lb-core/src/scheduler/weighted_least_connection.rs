@@ -1,7 +1,7 @@
 //! `wlc`: fewest active connections per unit of weight, `active / weight`
 //! (IPVS `wlc` without the inactive-connection term).
 //!
-//! Loads come from the worker's [`LoadTable`](super::LoadTable) (per worker, see `load`); ties go to
+//! Loads are every worker's connections ([`BackendLoad`](super::BackendLoad), see `load`); ties go to
 //! the first backend from the worker's cursor, so equal loads rotate. Never returns an excluded index.
 
 use serde::Serialize;
