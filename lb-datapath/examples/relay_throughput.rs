@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lb_core::{
-    Backend, BackendId, EndpointConditions, EntryPolicy, ObjectRef, Protocol, Scheduler, SchedulerKind,
-    ServiceEntry, Snapshot, VipKey,
+    Backend, EntryPolicy, ObjectRef, Protocol, Scheduler, SchedulerKind, ServiceEntry, Snapshot, VipKey,
 };
 use lb_datapath::{Engine, EngineConfig, RelayMode};
 use testkit::backends::Server;
@@ -80,14 +79,7 @@ fn main() {
 
 fn proxy(key: VipKey, backend: SocketAddr, relay: RelayMode, buffer_kib: usize) -> Engine {
     {
-        let backends = vec![Backend {
-            id: BackendId(backend),
-            conditions: EndpointConditions::default(),
-            weight: 1,
-            node_name: None,
-            zone: None,
-            target: None,
-        }];
+        let backends = vec![Backend::ready(backend)];
         let entry = ServiceEntry {
             key,
             service: ObjectRef::service("bench", "sink"),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::ring::ConnectTarget;
-use lb_core::{BackendId, BackendIdx, EntryPolicy, ServiceEntry, VipKey};
+use lb_core::{BackendId, BackendIdx, BackendLoad, EntryPolicy, ServiceEntry, VipKey};
 use socket2::Socket;
 
 use crate::pool::Pipe;
@@ -97,9 +97,9 @@ pub(crate) struct Conn {
     /// The entry current at accept time; kept while connecting so retries pick from the same set.
     pub entry: Option<Arc<ServiceEntry>>,
     pub backend_id: Option<BackendId>,
-    /// The backend this connection is counted against in the worker's load table, from its connect
+    /// The load counter of the backend this connection is counted against, from its connect
     /// submission until the connect fails or the connection is released (closed exactly once).
-    pub counted: Option<BackendId>,
+    pub counted: Option<BackendLoad>,
     pub tried: [BackendIdx; MAX_ATTEMPTS],
     pub tried_len: usize,
     /// Read by the kernel when the connect is submitted.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use lb_core::Snapshot;
 
+use crate::affinity::{AFFINITY_CAPACITY, SharedAffinity};
 use crate::events::{BackendEvents, CHANNEL_BATCHES};
 use crate::relay::Path;
 use crate::ring::{Ring, RingFeatures};
@@ -34,6 +35,8 @@ pub(crate) struct Shared {
     pub stop: AtomicBool,
     /// Set once the control side took the backend events' receiver; workers collect only then.
     pub backend_events_wanted: AtomicBool,
+    /// `sessionAffinity: ClientIP` bindings, shared by every worker (see [`crate::affinity`]).
+    pub affinity: Arc<SharedAffinity>,
 }
 
 struct WorkerHandle {
@@ -62,6 +65,7 @@ impl Engine {
             generation: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             backend_events_wanted: AtomicBool::new(false),
+            affinity: Arc::new(SharedAffinity::new(AFFINITY_CAPACITY)),
         });
         let (events_tx, events_rx) = mpsc::sync_channel(CHANNEL_BATCHES);
         let cores = allowed_cores();
@@ -94,6 +98,7 @@ impl Engine {
             let reconciled = Arc::new(AtomicU64::new(0));
             let settings = WorkerSettings {
                 index,
+                workers: config.workers.max(1),
                 path: Path::Copy,
                 max_connections: config.max_connections_per_worker.max(1),
                 buffer_size: config.buffer_size,

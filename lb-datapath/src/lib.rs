@@ -7,12 +7,14 @@
 //!
 //! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
 //! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
-//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection` (per-worker pick state,
-//! load and affinity), `stats`, `events` (backend events for outlier detection),
-//! `udp` (VIP sockets, flow table, upstream sockets, buffer ring), `sctp` (listeners, associations,
-//! message relay keeping stream ids and PPIDs).
+//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
+//! (per-worker pick state, counting on the backends' shared loads), `affinity` (the
+//! session-affinity table all workers share), `stats`, `events` (backend events for outlier
+//! detection), `udp` (VIP sockets, flow table, upstream sockets, buffer ring), `sctp` (listeners,
+//! associations, message relay keeping stream ids and PPIDs).
 //! `unsafe` lives only where io_uring and libc need it, each block with a `// SAFETY:` note.
 
+mod affinity;
 mod connection;
 mod engine;
 mod events;

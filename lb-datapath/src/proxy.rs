@@ -165,8 +165,7 @@ impl Worker {
                     conn.connect_pending = true;
                     // Counted from the submission (not the completion) so that a burst of accepts
                     // handled in one batch already sees each other's load.
-                    conn.counted = Some(backend.id);
-                    self.selection.open(backend.id, &self.counters);
+                    conn.counted = Some(self.selection.open(backend, &self.counters));
                     return;
                 }
                 Err(err) => {
@@ -199,8 +198,8 @@ impl Worker {
             self.report(key, backend, BackendOutcome::ConnectFailed);
             let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
             conn.backend = None;
-            if let Some(backend) = conn.counted.take() {
-                self.selection.close(backend, &self.counters);
+            if let Some(load) = conn.counted.take() {
+                self.selection.close(load, &self.counters);
             }
             self.try_connect(data.slot, data.generation);
             return;
@@ -449,8 +448,8 @@ impl Worker {
             return;
         }
         let Some(mut conn) = self.conns.remove(index) else { return };
-        if let Some(backend) = conn.counted.take() {
-            self.selection.close(backend, &self.counters);
+        if let Some(load) = conn.counted.take() {
+            self.selection.close(load, &self.counters);
         }
         for which in [Which::ClientToBackend, Which::BackendToClient] {
             let direction = conn.direction(which);

@@ -1,54 +1,53 @@
-//! One worker's backend selection state: a [`PickState`] per VIP key, the [`LoadTable`] of its open
-//! connections and flows, its [`AffinityTable`] and its own random stream; every TCP connection and
-//! UDP flow picks through [`Selection::pick`] so all protocols choose the same way.
+//! One worker's backend selection: a [`PickState`] per VIP key and its own random stream, the
+//! shared session-affinity table, and the counting of what it opens on each backend's shared load
+//! counter; every TCP connection, UDP flow and SCTP association picks through [`Selection::pick`]
+//! so all protocols choose the same way.
 //!
-//! Owned by one worker and never shared (no lock, no shared cache line). Load counts are this
-//! worker's share only (see `lb_core::scheduler` `load`): the least-connection family is per worker.
-//! Invariant: every [`Selection::open`] is matched by exactly one [`Selection::close`] of the same
-//! backend; callers keep the counted backend with the connection or flow, so the sum of the table
+//! Pick states are this worker's alone (no lock). What must hold across workers is shared: each
+//! backend's [`BackendLoad`] (the least-connection family sees every worker's connections, see
+//! `lb_core::scheduler` `load`) and, for entries with `sessionAffinity: ClientIP` only, the
+//! [`SharedAffinity`] table. An entry without affinity picks without taking any lock.
+//! Invariant: every [`Selection::open`] is matched by exactly one [`Selection::close`] of the
+//! handle it returned; callers keep that handle with the connection or flow, so this worker's count
 //! (published as `WorkerStats::backend_load`) returns to zero when nothing is open.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use lb_core::hash::SplitMix64;
-use lb_core::{
-    AffinityTable, BackendId, BackendIdx, LoadTable, PickContext, PickState, ServiceEntry, VipKey,
-};
+use lb_core::{Backend, BackendIdx, BackendLoad, PickContext, PickState, ServiceEntry, VipKey};
 
+use crate::affinity::SharedAffinity;
 use crate::stats::{self, WorkerCounters};
-
-/// Clients one worker remembers for `sessionAffinity: ClientIP`; when full, the binding expiring
-/// soonest is dropped (that client then gets a fresh pick).
-pub(crate) const AFFINITY_CAPACITY: usize = 65_536;
 
 pub(crate) struct Selection {
     worker: usize,
+    workers: usize,
     states: HashMap<VipKey, PickState>,
-    load: LoadTable,
-    /// Sum of `load`'s counts, kept alongside so the gauge costs nothing to update.
+    /// Connections and flows this worker opened and has not closed yet.
     counted: u64,
-    affinity: AffinityTable,
+    affinity: Arc<SharedAffinity>,
     random: SplitMix64,
 }
 
 impl Selection {
-    pub fn new(worker: usize, seed: u64) -> Selection {
+    pub fn new(worker: usize, workers: usize, affinity: Arc<SharedAffinity>, seed: u64) -> Selection {
         Selection {
             worker,
+            workers,
             states: HashMap::new(),
-            load: LoadTable::new(),
             counted: 0,
-            affinity: AffinityTable::new(AFFINITY_CAPACITY),
+            affinity,
             // Distinct per worker even when two workers get the same seed.
             random: SplitMix64(seed ^ (worker as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         }
     }
 
     /// A backend of `entry` for a new connection or flow from `client`, never one of `exclude`:
-    /// the client's affinity binding while it is valid, else the entry's scheduler with this
-    /// worker's load and random stream.
+    /// the client's affinity binding while it is valid, else the entry's scheduler with the
+    /// backends' shared loads and this worker's random stream.
     pub fn pick(
         &mut self,
         now: Instant,
@@ -61,35 +60,33 @@ impl Selection {
         // The cursor starts at the worker's index: with W workers, the first connections of W
         // workers go to W different backends instead of all to the first one.
         let state = self.states.entry(entry.key).or_insert_with(|| PickState::seeded(worker, random));
-        let context = PickContext {
-            client,
-            destination: Some(entry.key.socket_addr()),
-            exclude,
-            load: Some(&self.load),
-            random,
-        };
-        self.affinity.pick(now, entry, &context, state)
+        let context = PickContext { client, destination: Some(entry.key.socket_addr()), exclude, random };
+        if entry.traffic.session_affinity.is_some() {
+            self.affinity.pick(now, entry, &context, state)
+        } else {
+            entry.scheduler.pick_with(&context, state)
+        }
     }
 
-    /// Counts a connection or flow to `backend` (matched by one [`Selection::close`]).
-    pub fn open(&mut self, backend: BackendId, counters: &WorkerCounters) {
-        self.load.open(backend);
+    /// Counts a connection or flow to `backend` on its shared load; the returned handle is what
+    /// [`Selection::close`] takes back (it stays valid across snapshot swaps).
+    pub fn open(&mut self, backend: &Backend, counters: &WorkerCounters) -> BackendLoad {
+        backend.load.open();
         self.counted += 1;
         stats::set(&counters.backend_load, self.counted);
+        backend.load.clone()
     }
 
-    /// Ends what one [`Selection::open`] of `backend` counted.
-    pub fn close(&mut self, backend: BackendId, counters: &WorkerCounters) {
-        if self.load.active(backend) > 0 {
-            self.load.close(backend);
-            self.counted = self.counted.saturating_sub(1);
-        }
+    /// Ends what one [`Selection::open`] counted.
+    pub fn close(&mut self, load: BackendLoad, counters: &WorkerCounters) {
+        load.close();
+        self.counted = self.counted.saturating_sub(1);
         stats::set(&counters.backend_load, self.counted);
     }
 
-    /// Housekeeping: drops expired affinity bindings.
+    /// Housekeeping: drops expired affinity bindings of the shards this worker looks after.
     pub fn expire(&mut self, now: Instant) {
-        self.affinity.expire(now);
+        self.affinity.expire(now, self.worker, self.workers);
     }
 
     /// Forgets the cursors of keys `served` rejects (a key that comes back starts afresh).
@@ -101,23 +98,16 @@ impl Selection {
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
 
-    use lb_core::{
-        Backend, EndpointConditions, ObjectRef, Protocol, Scheduler, SchedulerKind, TrafficPolicy,
-    };
+    use lb_core::{ObjectRef, Protocol, Scheduler, SchedulerKind, TrafficPolicy};
 
     use super::*;
+    use crate::affinity::AFFINITY_CAPACITY;
 
     fn entry(kind: SchedulerKind, backends: u16) -> ServiceEntry {
         let backends: Vec<Backend> = (0..backends)
-            .map(|i| Backend {
-                id: BackendId(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8000 + i)),
-                conditions: EndpointConditions::default(),
-                weight: 1,
-                node_name: None,
-                zone: None,
-                target: None,
-            })
+            .map(|i| Backend::ready(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8000 + i)))
             .collect();
         let eligible: Vec<BackendIdx> = (0..backends.len() as BackendIdx).collect();
         let scheduler = Scheduler::build(kind, &backends, &eligible);
@@ -133,8 +123,13 @@ mod tests {
         }
     }
 
-    fn client() -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 40_000)
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), port)
+    }
+
+    fn workers(count: usize) -> Vec<Selection> {
+        let affinity = Arc::new(SharedAffinity::new(AFFINITY_CAPACITY));
+        (0..count).map(|worker| Selection::new(worker, count, Arc::clone(&affinity), 1)).collect()
     }
 
     #[test]
@@ -142,31 +137,55 @@ mod tests {
         let entry = entry(SchedulerKind::RoundRobin, 4);
         let now = Instant::now();
         let firsts: Vec<_> =
-            (0..4).map(|worker| Selection::new(worker, 1).pick(now, &entry, client(), &[])).collect();
+            workers(4).iter_mut().map(|selection| selection.pick(now, &entry, client(1), &[])).collect();
         assert_eq!(firsts, [Some(0), Some(1), Some(2), Some(3)]);
         // A worker index past the backend count wraps around instead of failing.
-        assert_eq!(Selection::new(5, 1).pick(now, &entry, client(), &[]), Some(1));
+        assert_eq!(workers(6)[5].pick(now, &entry, client(1), &[]), Some(1));
     }
 
     #[test]
-    fn least_connection_follows_this_workers_open_and_close() {
+    fn least_connection_sees_every_workers_connections() {
         let entry = entry(SchedulerKind::LeastConnection, 2);
         let counters = WorkerCounters::default();
-        let mut selection = Selection::new(0, 1);
+        let mut workers = workers(2);
         let now = Instant::now();
-        let first = selection.pick(now, &entry, client(), &[]).expect("a backend");
-        selection.open(entry.backends[first as usize].id, &counters);
-        let second = selection.pick(now, &entry, client(), &[]).expect("a backend");
-        assert_ne!(first, second, "the busier backend was picked again");
-        selection.open(entry.backends[second as usize].id, &counters);
-        selection.open(entry.backends[second as usize].id, &counters);
-        assert_eq!(counters.read().backend_load, 3);
-        assert_eq!(selection.pick(now, &entry, client(), &[]), Some(first));
-        selection.close(entry.backends[second as usize].id, &counters);
-        selection.close(entry.backends[second as usize].id, &counters);
-        selection.close(entry.backends[first as usize].id, &counters);
-        // A close without an open (a bug elsewhere) must not wrap the gauge.
-        selection.close(entry.backends[first as usize].id, &counters);
-        assert_eq!(counters.read().backend_load, 0);
+        let first = workers[0].pick(now, &entry, client(1), &[]).expect("a backend");
+        let held = workers[0].open(&entry.backends[first as usize], &counters);
+        // The other worker sees worker 0's connection: it picks the other backend.
+        let second = workers[1].pick(now, &entry, client(2), &[]).expect("a backend");
+        assert_ne!(first, second);
+        let other = workers[1].open(&entry.backends[second as usize], &counters);
+        let extra = workers[1].open(&entry.backends[second as usize], &counters);
+        assert_eq!(workers[0].pick(now, &entry, client(3), &[]), Some(first));
+        for load in [held, other, extra] {
+            assert!(load.active() > 0);
+            workers[0].close(load, &counters);
+        }
+        assert!(entry.backends.iter().all(|b| b.load.active() == 0));
+    }
+
+    #[test]
+    fn affinity_holds_across_workers_and_only_affinity_entries_use_the_table() {
+        let mut sticky = entry(SchedulerKind::RoundRobin, 4);
+        sticky.traffic.session_affinity = Some(Duration::from_secs(60));
+        let plain = entry(SchedulerKind::RoundRobin, 4);
+        let mut workers = workers(4);
+        let now = Instant::now();
+        let chosen: Vec<_> = workers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, w)| w.pick(now, &sticky, client(1000 + i as u16), &[]))
+            .collect();
+        assert!(
+            chosen.iter().all(|&c| c == chosen[0]),
+            "one client IP, one backend on every worker: {chosen:?}"
+        );
+        assert_eq!(workers[0].affinity.len(), 1);
+        let _ = workers[1].pick(now, &plain, client(5), &[]);
+        assert_eq!(workers[0].affinity.len(), 1, "a Service without affinity records nothing");
+        for worker in &mut workers {
+            worker.expire(now + Duration::from_secs(61));
+        }
+        assert_eq!(workers[0].affinity.len(), 0, "every shard is expired by some worker");
     }
 }

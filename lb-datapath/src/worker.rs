@@ -38,6 +38,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerSettings {
     pub index: usize,
+    /// How many workers the engine runs.
+    pub workers: usize,
     pub path: Path,
     pub max_connections: usize,
     pub buffer_size: usize,
@@ -93,7 +95,12 @@ impl Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
         let udp = UdpState::new(&ring, settings.udp.clone(), settings.index);
-        let settings_index = settings.index;
+        let selection = Selection::new(
+            settings.index,
+            settings.workers,
+            Arc::clone(&shared.affinity),
+            worker_seed(settings.index),
+        );
         let settings_events = settings.events.clone();
         Worker {
             ring,
@@ -110,7 +117,7 @@ impl Worker {
             unbound: Vec::new(),
             logged_unsupported: HashSet::new(),
             conns: ConnTable::default(),
-            selection: Selection::new(settings_index, worker_seed(settings_index)),
+            selection,
             multishot_accept,
             now: Instant::now(),
             udp,

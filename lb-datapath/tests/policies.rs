@@ -217,8 +217,8 @@ fn client_ip_affinity_keeps_a_client_on_its_backend_until_it_turns_not_ready() {
         let backends: Vec<_> = servers.iter().map(|s| (s.addr(), ready(names[&s.addr()]))).collect();
         with_affinity(entry(key, &backends, test_policy()))
     };
-    // One worker: affinity is per worker, and the kernel spreads one client's ports over workers.
-    let engine = start_engine(1, RelayMode::Copy, snapshot(1, vec![sticky(&|_| true)]));
+    // Two workers: the kernel spreads one client's connections over both by source port.
+    let engine = start_engine(2, RelayMode::Copy, snapshot(1, vec![sticky(&|_| true)]));
     let name_of_next = || {
         let mut client = connect(key.socket_addr());
         read_name(&mut client)
@@ -251,11 +251,12 @@ fn client_ip_affinity_sends_every_udp_flow_of_one_client_ip_to_one_backend() {
     let key = udp_key(97);
     let backends: Vec<_> = servers.iter().map(|s| (s.addr(), true)).collect();
     let engine = start_engine(
-        1,
+        4,
         RelayMode::Copy,
         snapshot(1, vec![with_affinity(entry(key, &backends, test_policy()))]),
     );
-    // Each client socket has its own port, hence its own flow; round robin alone would spread them.
+    // Each client socket has its own port, hence its own flow (on whichever of the 4 workers the
+    // kernel hashes it to); round robin alone would spread them.
     // The sockets stay open so a closed one's port cannot be reused by the next.
     let clients: Vec<_> = (0..6).map(|_| udp_client()).collect();
     let names: Vec<String> = clients
@@ -270,4 +271,86 @@ fn client_ip_affinity_sends_every_udp_flow_of_one_client_ip_to_one_backend() {
         .collect();
     assert!(names.iter().all(|n| *n == names[0]), "flows of one client IP were spread: {names:?}");
     assert_eq!(engine.stats().total().flows_created, 6);
+}
+
+/// A TCP connection to `target` from `source` (any free port).
+fn connect_from(source: IpAddr, target: SocketAddr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.bind(&SocketAddr::new(source, 0).into()).expect("bind the client address");
+    socket.connect_timeout(&target.into(), IO_TIMEOUT).expect("connect through the proxy");
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream
+}
+
+#[test]
+fn client_ip_affinity_holds_for_every_client_with_any_worker_count() {
+    for (workers, octet) in [(2, 118), (4, 119)] {
+        let servers: Vec<_> =
+            ["a", "b", "c", "d"].iter().map(|n| named_server(n).expect("backend")).collect();
+        let key = tcp_key(octet);
+        let backends: Vec<_> = servers.iter().map(|s| (s.addr(), true)).collect();
+        let engine = start_engine(
+            workers,
+            RelayMode::Copy,
+            snapshot(1, vec![with_affinity(entry(key, &backends, test_policy()))]),
+        );
+        let mut bound = HashMap::new();
+        for client in 201..=204u8 {
+            let source = IpAddr::from([127, 0, 0, client]);
+            // Kept open, so that every connection has a port of its own and the kernel spreads them.
+            let streams: Vec<_> = (0..8).map(|_| connect_from(source, key.socket_addr())).collect();
+            let names: Vec<String> = streams.into_iter().map(|mut s| read_name(&mut s)).collect();
+            assert!(
+                names.iter().all(|n| *n == names[0]),
+                "{workers} workers: client {source} spread: {names:?}"
+            );
+            bound.insert(client, names[0].clone());
+        }
+        let accepting = engine.stats().workers.iter().filter(|w| w.accepted > 0).count();
+        assert!(accepting >= 2, "{workers} workers: the connections were spread over workers");
+        wait_until_idle(&engine);
+        drop(bound);
+    }
+}
+
+#[test]
+fn least_connection_family_spreads_long_lived_connections_evenly_over_any_worker_count() {
+    let kinds = [
+        SchedulerKind::LeastConnection,
+        SchedulerKind::WeightedLeastConnection,
+        SchedulerKind::ShortestExpectedDelay,
+        SchedulerKind::NeverQueue,
+    ];
+    for (round, workers) in [2, 4].into_iter().enumerate() {
+        for (k, kind) in kinds.into_iter().enumerate() {
+            let servers: Vec<_> =
+                ["a", "b", "c", "d"].iter().map(|n| named_server(n).expect("backend")).collect();
+            let key = tcp_key(120 + (round * kinds.len() + k) as u8);
+            let backends: Vec<_> = servers.iter().map(|s| (s.addr(), true)).collect();
+            let engine = start_engine(
+                workers,
+                RelayMode::Copy,
+                snapshot(1, vec![with_scheduler(entry(key, &backends, test_policy()), kind)]),
+            );
+            // One by one: each connection is established (its greeting read) before the next, so
+            // every pick sees all connections opened before it, whichever worker holds them.
+            let mut held = Vec::new();
+            let mut per_backend: HashMap<String, usize> = HashMap::new();
+            for _ in 0..16 {
+                let mut client = connect(key.socket_addr());
+                *per_backend.entry(read_name(&mut client)).or_default() += 1;
+                held.push(client);
+            }
+            let counts: Vec<usize> = per_backend.values().copied().collect();
+            assert!(
+                per_backend.len() == 4 && counts.iter().all(|&n| n == 4),
+                "{kind} with {workers} workers: {per_backend:?}"
+            );
+            let accepting = engine.stats().workers.iter().filter(|w| w.accepted > 0).count();
+            assert!(accepting >= 2, "{kind}: the connections were spread over workers");
+            drop(held);
+            wait_until_idle(&engine);
+        }
+    }
 }

@@ -112,8 +112,7 @@ impl Worker {
                 Ok(()) => {
                     assoc.in_flight += 2;
                     assoc.connect_pending = true;
-                    assoc.counted = Some(backend.id);
-                    self.selection.open(backend.id, &self.counters);
+                    assoc.counted = Some(self.selection.open(backend, &self.counters));
                     return;
                 }
                 Err(err) => {
@@ -140,8 +139,8 @@ impl Worker {
             if let Some(backend) = assoc.backend.take() {
                 abort_socket(&backend);
             }
-            if let Some(backend) = assoc.counted.take() {
-                self.selection.close(backend, &self.counters);
+            if let Some(load) = assoc.counted.take() {
+                self.selection.close(load, &self.counters);
             }
             self.try_sctp_connect(data.slot, data.generation);
             return;
@@ -308,7 +307,7 @@ impl Worker {
             return;
         }
         let Some(slot) = self.sctp.assocs.get_mut(index as usize) else { return };
-        let Some(assoc) = slot.assoc.take() else { return };
+        let Some(mut assoc) = slot.assoc.take() else { return };
         self.sctp.active -= 1;
         if assoc.reset {
             stats::add(&self.counters.sctp_aborts, 1);
@@ -317,8 +316,8 @@ impl Worker {
                 abort_socket(backend);
             }
         }
-        if let Some(backend) = assoc.counted {
-            self.selection.close(backend, &self.counters);
+        if let Some(load) = assoc.counted.take() {
+            self.selection.close(load, &self.counters);
         }
         stats::set(&self.counters.sctp_active, self.sctp.active as u64);
         drop(assoc);

@@ -63,7 +63,7 @@ struct Assoc {
     backend: Option<Socket>,
     backend_id: Option<BackendId>,
     /// The backend counted in the worker's load (between connect submission and release).
-    counted: Option<BackendId>,
+    counted: Option<lb_core::BackendLoad>,
     entry: Option<Arc<ServiceEntry>>,
     tried: [BackendIdx; MAX_ATTEMPTS],
     tried_len: usize,

@@ -205,14 +205,18 @@ impl Worker {
         }
         let backend =
             self.selection.pick(self.now, entry, key.client, &[]).and_then(|idx| entry.backend(idx));
-        let Some(upstream) = backend.and_then(|b| socket::connect_upstream(b.addr()).ok()) else {
+        let Some((backend, upstream)) =
+            backend.and_then(|b| socket::connect_upstream(b.addr()).ok().map(|socket| (b, socket)))
+        else {
             stats::add(&self.counters.udp_drops_no_backend, 1);
             return None;
         };
         let to_backend = socket::segment_limit(&upstream);
+        let load = self.selection.open(backend, &self.counters);
         let flow = UdpFlow {
             upstream,
-            backend: backend?.id,
+            backend: backend.id,
+            load,
             vip_slot,
             client: SockAddr::from(key.client),
             armed: false,
@@ -222,11 +226,9 @@ impl Worker {
             open_sends: [None; 2],
             max_segment: [to_backend, socket::CLIENT_SEGMENT_LIMIT],
         };
-        let counted = flow.backend;
         let timeouts = FlowTimeouts::of(&entry.policy);
         let (handle, evicted) = self.udp.flows.insert(key, flow, self.now, timeouts);
         stats::add(&self.counters.flows_created, 1);
-        self.selection.open(counted, &self.counters);
         if let Some(evicted) = evicted {
             count_end(&self.counters, FlowEnd::Evicted);
             release_flow(&mut self.ring, &mut self.selection, &self.counters, evicted.handle, evicted.value);

@@ -92,6 +92,8 @@ struct VipSlot {
 pub(crate) struct UdpFlow {
     upstream: Socket,
     backend: BackendId,
+    /// The backend's load counter this flow is counted on (closed when the flow leaves the table).
+    load: lb_core::BackendLoad,
     vip_slot: u32,
     client: SockAddr,
     armed: bool,
@@ -253,7 +255,7 @@ fn release_flow(
     handle: FlowHandle,
     flow: UdpFlow,
 ) {
-    selection.close(flow.backend, counters);
+    selection.close(flow.load, counters);
     if flow.fd_queued_at == Some(ring.submissions()) {
         if let Err(err) = ring.submit() {
             tracing::warn!(error = %err, "cannot submit a UDP flow's queued operations before closing it");
@@ -268,7 +270,8 @@ fn release_flow(
             tracing::warn!(error = %err, "cannot cancel a UDP flow's receive");
         }
     }
-    drop(flow);
+    // Closes the socket; its cancelled receive holds the file until it completes.
+    drop(flow.upstream);
 }
 
 impl Worker {

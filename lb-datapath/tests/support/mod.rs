@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lb_core::{
-    Backend, BackendId, EndpointConditions, EntryPolicy, ObjectRef, Protocol, Scheduler, SchedulerKind,
-    ServiceEntry, Snapshot, VipKey,
+    Backend, BackendId, EndpointConditions, EntryPolicy, LoadRegistry, ObjectRef, Protocol, Scheduler,
+    SchedulerKind, ServiceEntry, Snapshot, VipKey,
 };
 use lb_datapath::{Engine, EngineConfig, RelayMode};
 
@@ -46,6 +46,10 @@ pub fn test_policy() -> EntryPolicy {
     }
 }
 
+/// The load counters of the test process's backends: as a source's registry does, it gives a
+/// backend listed again in a new snapshot the counter it had, so counts survive publishes.
+pub static LOADS: std::sync::LazyLock<LoadRegistry> = std::sync::LazyLock::new(LoadRegistry::new);
+
 /// An entry for `key` over `backends` (address, ready) with round robin.
 pub fn entry(key: VipKey, backends: &[(SocketAddr, bool)], policy: EntryPolicy) -> ServiceEntry {
     let mut list: Vec<Backend> = backends
@@ -57,6 +61,7 @@ pub fn entry(key: VipKey, backends: &[(SocketAddr, bool)], policy: EntryPolicy) 
             node_name: None,
             zone: None,
             target: None,
+            load: LOADS.counter(BackendId(addr)),
         })
         .collect();
     list.sort_by_key(|b| b.id);
