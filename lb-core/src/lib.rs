@@ -21,10 +21,12 @@ pub mod error;
 pub mod hash;
 pub mod health;
 pub mod lifecycle;
+pub mod local;
 pub mod model;
 pub mod scheduler;
 #[cfg(test)]
 mod testing;
+pub mod throttle;
 
 pub use affinity::AffinityTable;
 pub use builder::{BuildOptions, BuildReport, Skipped, apply_health, build};
@@ -33,6 +35,7 @@ pub use duration::parse_duration;
 pub use error::BuildError;
 pub use health::HealthOverlay;
 pub use lifecycle::{Established, NotReadyConnections, StaleFlowPolicy};
+pub use local::LocalResource;
 pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryPolicy, ObjectRef, Protocol, ServiceEntry,
     Snapshot, TrafficPolicy, VipKey,
@@ -41,3 +44,4 @@ pub use scheduler::{
     BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,
     SchedulerKind,
 };
+pub use throttle::LogThrottle;

@@ -9,11 +9,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Duration;
 
 use lb_core::Snapshot;
-use lb_sync::HealthStatus;
-use support::{MUST_HAPPEN_WITHIN, ManifestDir, Running, eligible, events_only_source, slice_header};
+use support::{MUST_HAPPEN_WITHIN, ManifestDir, Running, eligible, events_only_source, slice_header, until};
 use testkit::backends::Server;
 use tokio::time::Instant;
 
@@ -103,14 +101,6 @@ async fn until_eligible(running: &mut Running, expected: &[SocketAddr]) -> Arc<S
         if now == expected {
             return snapshot;
         }
-    }
-}
-
-async fn until(status: &HealthStatus, what: &str, condition: impl Fn(&HealthStatus) -> bool) {
-    let deadline = Instant::now() + MUST_HAPPEN_WITHIN;
-    while !condition(status) {
-        assert!(Instant::now() < deadline, "{what}: not within {MUST_HAPPEN_WITHIN:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

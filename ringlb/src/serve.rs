@@ -119,6 +119,7 @@ impl AdminState for ServeState {
             json!({
                 "probes_sent": health.probes_sent(),
                 "probes_failed": health.probes_failed(),
+                "probes_local_failures": health.probes_local_failures(),
                 "checked_backends": health.checked_backends(),
                 "unhealthy_backends": health.unhealthy_backends(),
                 "backend_events": health.backend_events(),

@@ -151,6 +151,15 @@ impl ActiveChecker {
         record(target, ok && now <= deadline, &self.config)
     }
 
+    /// A probe that could not be made for the load balancer's own lack of resources (no descriptor,
+    /// no source port, no memory: see [`crate::LocalResource`]): it says nothing about the backend,
+    /// so it changes no count and no verdict; the next probe comes at its usual time.
+    pub fn handle_inconclusive(&mut self, backend: BackendId) {
+        if let Some(target) = self.targets.get_mut(&backend) {
+            target.in_flight = None;
+        }
+    }
+
     /// Counts every probe whose deadline passed at `now` as a failure; returns the backends whose
     /// verdict changed.
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<(BackendId, Health)> {

@@ -65,6 +65,27 @@ fn fall_failures_make_a_backend_unhealthy_and_rise_successes_bring_it_back() {
 }
 
 #[test]
+fn probes_that_could_not_be_made_change_no_verdict_and_break_no_streak() {
+    let t0 = origin();
+    let mut checker = ActiveChecker::new(tcp_config(2, 2), 1);
+    checker.set_backends(t0, [backend_id(1)]);
+    let (now, change) = probe_once(&mut checker, t0, false);
+    assert_eq!(change, None);
+    // Ten probes in a row the load balancer could not make (say, no descriptors): no verdict.
+    let mut now = now;
+    for _ in 0..10 {
+        let due = checker.next_deadline().expect("scheduled").max(now);
+        let request = checker.poll_probe(due).expect("due");
+        checker.handle_inconclusive(request.backend);
+        assert!(checker.handle_timeout(due + Duration::from_secs(5)).is_empty(), "no timeout counted either");
+        now = due;
+    }
+    assert_eq!(checker.verdict(backend_id(1)), Health::Healthy);
+    // The failure streak is neither reset nor grown: one more real failure makes it two.
+    assert_eq!(probe_once(&mut checker, now, false).1, Some(Health::Unhealthy));
+}
+
+#[test]
 fn probes_follow_the_jittered_interval_and_one_is_in_flight_at_a_time() {
     let t0 = origin();
     let mut checker = ActiveChecker::new(tcp_config(1, 1), 42);

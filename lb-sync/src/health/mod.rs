@@ -20,6 +20,8 @@
 
 mod probe;
 
+use probe::ProbeFailure;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 use lb_core::health::{
     ActiveChecker, BackendEvent, Health, HealthCheckConfig, OutlierConfig, OutlierDetector,
 };
-use lb_core::{BackendId, HealthOverlay, ObjectRef, Snapshot, VipKey};
+use lb_core::{BackendId, HealthOverlay, LogThrottle, ObjectRef, Snapshot, VipKey};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -42,6 +44,7 @@ pub struct HealthStatus(Arc<Counters>);
 struct Counters {
     probes_sent: AtomicU64,
     probes_failed: AtomicU64,
+    probes_local_failures: AtomicU64,
     checked_backends: AtomicU64,
     unhealthy_backends: AtomicU64,
     backend_events: AtomicU64,
@@ -62,6 +65,12 @@ impl HealthStatus {
     /// Probes that failed (refused, wrong status, timed out) since start.
     pub fn probes_failed(&self) -> u64 {
         self.0.probes_failed.load(Ordering::Relaxed)
+    }
+
+    /// Probes that could not be made for lack of local resources (descriptors, source ports, memory)
+    /// since start; they count against no backend.
+    pub fn probes_local_failures(&self) -> u64 {
+        self.0.probes_local_failures.load(Ordering::Relaxed)
     }
 
     /// (Service, backend) pairs under active checks now.
@@ -98,7 +107,7 @@ pub const EVENT_POLL: Duration = Duration::from_millis(50);
 pub type BackendEventReceiver = std::sync::mpsc::Receiver<Vec<BackendEvent>>;
 
 /// What a finished probe task reports.
-type ProbeOutcome = (ObjectRef, BackendId, Result<(), String>);
+type ProbeOutcome = (ObjectRef, BackendId, Result<(), ProbeFailure>);
 
 /// Drives one [`ActiveChecker`] per checked Service with the real clock and real sockets.
 pub(crate) struct HealthMonitor {
@@ -111,6 +120,8 @@ pub(crate) struct HealthMonitor {
     probes: JoinSet<ProbeOutcome>,
     status: HealthStatus,
     seeds: std::collections::hash_map::RandomState,
+    /// One warning line per interval about probes that could not be made.
+    local_failures_logged: LogThrottle,
 }
 
 impl HealthMonitor {
@@ -124,6 +135,7 @@ impl HealthMonitor {
             probes: JoinSet::new(),
             status,
             seeds: Default::default(),
+            local_failures_logged: LogThrottle::default(),
         }
     }
 
@@ -155,7 +167,8 @@ impl HealthMonitor {
                     let deadline = tokio::time::Instant::from_std(request.deadline);
                     self.probes.spawn(async move {
                         let outcome = tokio::time::timeout_at(deadline, probe::probe(backend.0, &kind)).await;
-                        (service, backend, outcome.unwrap_or_else(|_| Err("probe timed out".to_owned())))
+                        let timed_out = || Err(ProbeFailure::Backend("probe timed out".to_owned()));
+                        (service, backend, outcome.unwrap_or_else(|_| timed_out()))
                     });
                 }
             }
@@ -281,18 +294,31 @@ impl HealthMonitor {
         self.status.0.backend_events.fetch_add(received, Ordering::Relaxed);
     }
 
-    fn record(&mut self, service: &ObjectRef, backend: BackendId, outcome: Result<(), String>) {
+    fn record(&mut self, service: &ObjectRef, backend: BackendId, outcome: Result<(), ProbeFailure>) {
         let Some(checker) = self.checkers.get_mut(service) else { return };
-        if outcome.is_err() {
-            self.status.0.probes_failed.fetch_add(1, Ordering::Relaxed);
-        }
-        let changed = checker.handle_result(Instant::now(), backend, outcome.is_ok());
+        let now = Instant::now();
+        let changed = match &outcome {
+            Ok(()) => checker.handle_result(now, backend, true),
+            Err(ProbeFailure::Backend(_)) => {
+                self.status.0.probes_failed.fetch_add(1, Ordering::Relaxed);
+                checker.handle_result(now, backend, false)
+            }
+            Err(failure @ ProbeFailure::Local(..)) => {
+                // The load balancer's own shortage: the backend keeps its verdict and its streak.
+                self.status.0.probes_local_failures.fetch_add(1, Ordering::Relaxed);
+                checker.handle_inconclusive(backend);
+                if let Some(suppressed) = self.local_failures_logged.admit(now) {
+                    tracing::warn!(%service, %backend, %failure, suppressed, "health probe could not be made");
+                }
+                None
+            }
+        };
         if let Some(health) = changed {
             let reason = match &outcome {
-                Ok(()) => "probes succeed",
-                Err(reason) => reason.as_str(),
+                Ok(()) => "probes succeed".to_owned(),
+                Err(failure) => failure.to_string(),
             };
-            log_verdict(service, backend, health, reason);
+            log_verdict(service, backend, health, &reason);
         }
     }
 

@@ -4,9 +4,13 @@
 //! A probe never outlives its deadline (the caller bounds it with a timeout) and never touches a
 //! datapath connection: it opens its own socket from the control thread and closes it when done.
 //! Only the status line is read; bodies and headers are ignored, so a probe reads at most a few KiB.
+//! A probe that fails for the load balancer's own lack of resources (no descriptor, no source port,
+//! no memory) is [`ProbeFailure::Local`]: it says nothing about the backend.
 
+use std::fmt;
 use std::net::SocketAddr;
 
+use lb_core::LocalResource;
 use lb_core::health::ProbeKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -14,40 +18,71 @@ use tokio::net::TcpStream;
 /// The longest status line a probe reads before calling the answer malformed.
 const MAX_STATUS_LINE: usize = 4096;
 
-/// Runs `kind` against `addr`; `Err` says why the backend failed the probe (for the log).
-pub(crate) async fn probe(addr: SocketAddr, kind: &ProbeKind) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|error| format!("connect: {error}"))?;
+/// Why a probe did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ProbeFailure {
+    /// The backend failed it (refused, reset, wrong status, malformed answer, too slow).
+    Backend(String),
+    /// The load balancer could not make it: not the backend's fault.
+    Local(LocalResource, String),
+}
+
+impl ProbeFailure {
+    /// An I/O error at `stage`: local when it is one of the load balancer's own shortages.
+    fn io(stage: &str, error: std::io::Error) -> ProbeFailure {
+        match LocalResource::of_io_error(&error) {
+            Some(resource) => ProbeFailure::Local(resource, format!("{stage}: {error}")),
+            None => ProbeFailure::Backend(format!("{stage}: {error}")),
+        }
+    }
+}
+
+impl fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeFailure::Backend(reason) => f.write_str(reason),
+            ProbeFailure::Local(resource, reason) => write!(f, "no {} here: {reason}", resource.name()),
+        }
+    }
+}
+
+/// Runs `kind` against `addr`; `Err` says why the probe did not pass (for the log).
+pub(crate) async fn probe(addr: SocketAddr, kind: &ProbeKind) -> Result<(), ProbeFailure> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|error| ProbeFailure::io("connect", error))?;
     match kind {
         ProbeKind::Tcp => Ok(()),
         ProbeKind::Http { path, expected_status } => {
             let request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ringlb-health\r\nConnection: close\r\n\r\n"
             );
-            stream.write_all(request.as_bytes()).await.map_err(|error| format!("send request: {error}"))?;
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|error| ProbeFailure::io("send request", error))?;
             let status = read_status(&mut stream).await?;
             if status == *expected_status {
                 Ok(())
             } else {
-                Err(format!("HTTP status {status}, expected {expected_status}"))
+                Err(ProbeFailure::Backend(format!("HTTP status {status}, expected {expected_status}")))
             }
         }
     }
 }
 
 /// Reads up to the end of the status line and returns its code.
-async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
+async fn read_status(stream: &mut TcpStream) -> Result<u16, ProbeFailure> {
     let mut buffer = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
     loop {
         if let Some(end) = buffer.windows(2).position(|w| w == b"\r\n") {
-            return parse_status_line(&buffer[..end]);
+            return parse_status_line(&buffer[..end]).map_err(ProbeFailure::Backend);
         }
         if buffer.len() > MAX_STATUS_LINE {
-            return Err("status line too long".to_owned());
+            return Err(ProbeFailure::Backend("status line too long".to_owned()));
         }
-        let read = stream.read(&mut chunk).await.map_err(|error| format!("read response: {error}"))?;
+        let read = stream.read(&mut chunk).await.map_err(|error| ProbeFailure::io("read response", error))?;
         if read == 0 {
-            return Err("connection closed before a status line".to_owned());
+            return Err(ProbeFailure::Backend("connection closed before a status line".to_owned()));
         }
         buffer.extend_from_slice(&chunk[..read]);
     }
@@ -69,6 +104,14 @@ fn parse_status_line(line: &[u8]) -> Result<u16, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_shortages_are_not_the_backends_failure() {
+        let local = ProbeFailure::io("connect", std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(matches!(local, ProbeFailure::Local(LocalResource::Descriptors, _)), "{local:?}");
+        let refused = ProbeFailure::io("connect", std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(matches!(refused, ProbeFailure::Backend(_)), "{refused:?}");
+    }
 
     #[test]
     fn status_lines_parse_to_their_code_and_garbage_is_an_error() {

@@ -207,3 +207,17 @@ impl Running {
         }
     }
 }
+
+/// Polls `condition` on the health counters every 10 ms until it holds; fails the test naming `what`
+/// after [`MUST_HAPPEN_WITHIN`].
+pub async fn until(
+    status: &lb_sync::HealthStatus,
+    what: &str,
+    condition: impl Fn(&lb_sync::HealthStatus) -> bool,
+) {
+    let deadline = Instant::now() + MUST_HAPPEN_WITHIN;
+    while !condition(status) {
+        assert!(Instant::now() < deadline, "{what}: not within {MUST_HAPPEN_WITHIN:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
