@@ -7,7 +7,7 @@
 //!
 //! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
 //! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
-//! `listener` (socket setup), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
+//! `listener` (socket setup), `slots` (sockets by key), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
 //! (per-worker pick state, counting on the backends' shared loads), `affinity` (the
 //! session-affinity table all workers share), `stats`, `events` (backend events for outlier
 //! detection), `udp` (VIP sockets, flow table, upstream sockets, buffer ring), `sctp` (listeners,
@@ -25,6 +25,7 @@ mod relay;
 mod ring;
 mod sctp;
 mod selection;
+mod slots;
 mod stats;
 mod udp;
 mod worker;

@@ -1,5 +1,5 @@
 //! Listening sockets: setup of one `SO_REUSEPORT` socket per worker and VIP key, and the worker's
-//! table of them.
+//! table of them (a [`crate::slots::KeyedSlots`]).
 //!
 //! Every worker binds its own socket for every TCP key, so the kernel spreads new connections over
 //! workers. A socket is bound with `IP_FREEBIND`/`IPV6_FREEBIND` so VIPs that are not (yet) local
@@ -85,59 +85,18 @@ impl Listener {
     }
 }
 
-struct Slot {
-    generation: u32,
-    listener: Option<Listener>,
-}
-
-/// The worker's listeners, addressed by slot index + generation in `user_data`.
-#[derive(Default)]
-pub(crate) struct ListenerTable {
-    slots: Vec<Slot>,
-}
+/// A worker's listening sockets (TCP or SCTP) by slot and key.
+pub(crate) type ListenerTable = crate::slots::KeyedSlots<Listener>;
 
 impl ListenerTable {
-    pub fn insert(&mut self, listener: Listener) -> (u32, u32) {
-        if let Some(index) = self.slots.iter().position(|s| s.listener.is_none()) {
-            let slot = &mut self.slots[index];
-            slot.generation = slot.generation.wrapping_add(1) & crate::ring::GENERATION_MASK;
-            slot.listener = Some(listener);
-            return (index as u32, slot.generation);
-        }
-        self.slots.push(Slot { generation: 0, listener: Some(listener) });
-        ((self.slots.len() - 1) as u32, 0)
-    }
-
-    pub fn get_mut(&mut self, index: u32, generation: u32) -> Option<&mut Listener> {
-        let slot = self.slots.get_mut(index as usize)?;
-        if slot.generation != generation {
-            return None;
-        }
-        slot.listener.as_mut()
-    }
-
-    pub fn remove(&mut self, index: u32) -> Option<Listener> {
-        self.slots.get_mut(index as usize)?.listener.take()
-    }
-
-    pub fn generation(&self, index: u32) -> u32 {
-        self.slots.get(index as usize).map_or(0, |s| s.generation)
-    }
-
-    /// `(index, listener)` of every open (also closing) listener.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Listener)> {
-        self.slots.iter_mut().enumerate().filter_map(|(i, s)| s.listener.as_mut().map(|l| (i as u32, l)))
-    }
-
-    pub fn find(&self, key: &VipKey) -> Option<u32> {
-        self.slots
-            .iter()
-            .position(|s| s.listener.as_ref().is_some_and(|l| l.key == *key && !l.closing))
-            .map(|i| i as u32)
-    }
-
-    pub fn count(&self) -> usize {
-        self.slots.iter().filter(|s| s.listener.is_some()).count()
+    /// Marks the listener in `index` closing (no accept is armed again, and its key is free to be
+    /// bound anew); the slot is freed once its accept has completed for the last time.
+    pub fn close(&mut self, index: u32) -> Option<&mut Listener> {
+        self.retire(index);
+        let generation = self.generation(index);
+        let listener = self.get_mut(index, generation)?;
+        listener.closing = true;
+        Some(listener)
     }
 }
 

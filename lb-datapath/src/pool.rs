@@ -52,18 +52,21 @@ pub(crate) struct Pipe {
 pub(crate) struct PipePool {
     free: Vec<Pipe>,
     size: usize,
+    /// `fs.pipe-max-size`, read once the first time the wanted size is refused (never again: a
+    /// connection's path must not read `/proc`).
+    max_size: Option<Option<usize>>,
     pub in_use: usize,
 }
 
 impl PipePool {
     pub fn new(size: usize) -> Self {
-        PipePool { free: Vec::new(), size, in_use: 0 }
+        PipePool { free: Vec::new(), size, max_size: None, in_use: 0 }
     }
 
     pub fn take(&mut self) -> io::Result<Pipe> {
         let pipe = match self.free.pop() {
             Some(pipe) => pipe,
-            None => new_pipe(self.size)?,
+            None => new_pipe(self.size, &mut self.max_size)?,
         };
         self.in_use += 1;
         Ok(pipe)
@@ -82,7 +85,12 @@ impl PipePool {
     }
 }
 
-fn new_pipe(size: usize) -> io::Result<Pipe> {
+/// `fs.pipe-max-size`, the largest size an unprivileged process may set.
+fn pipe_max_size() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/fs/pipe-max-size").ok().and_then(|text| text.trim().parse().ok())
+}
+
+fn new_pipe(size: usize, max_size: &mut Option<Option<usize>>) -> io::Result<Pipe> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -94,13 +102,10 @@ fn new_pipe(size: usize) -> io::Result<Pipe> {
     // refused (EPERM): it then gets the largest size it may have. Any refusal only costs throughput.
     let mut set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
     if set <= 0
-        && let Some(max) = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
-            .ok()
-            .and_then(|text| text.trim().parse::<libc::c_int>().ok())
-            .filter(|&max| (max as usize) < size)
+        && let Some(max) = max_size.get_or_insert_with(pipe_max_size).filter(|&max| max < size)
     {
         // SAFETY: as above.
-        set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, max) };
+        set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, max as libc::c_int) };
     }
     let capacity = if set > 0 {
         set

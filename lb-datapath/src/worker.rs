@@ -34,6 +34,9 @@ use crate::udp::UdpState;
 /// How long a stopping worker waits for cancelled operations before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// How often the kernel's ephemeral port range is read again (an operator may change it).
+const EPHEMERAL_REFRESH: Duration = Duration::from_secs(10);
+
 /// Settings a worker needs from the engine configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerSettings {
@@ -79,8 +82,10 @@ pub(crate) struct Worker {
     stopping: bool,
     scratch: Vec<(u32, u32)>,
     pub events: EventBuffer,
-    /// The kernel's ephemeral ports, re-read with every snapshot (see `proxy::connected_to_itself`).
+    /// The kernel's ephemeral ports (see `proxy::connected_to_itself`), re-read every
+    /// [`EPHEMERAL_REFRESH`] by housekeeping: never on a connection's path, nor per publish.
     pub ephemeral_ports: std::ops::RangeInclusive<u16>,
+    ephemeral_read_at: Instant,
 }
 
 impl Worker {
@@ -126,6 +131,7 @@ impl Worker {
             scratch: Vec::new(),
             events: EventBuffer::new(settings_events),
             ephemeral_ports: crate::proxy::ephemeral_port_range(),
+            ephemeral_read_at: Instant::now(),
         }
     }
 
@@ -151,7 +157,7 @@ impl Worker {
             if self.stopping {
                 let deadline = *stop_deadline.get_or_insert(self.now + STOP_GRACE);
                 let idle = self.conns.len() == 0
-                    && self.listeners.count() == 0
+                    && self.listeners.is_empty()
                     && self.udp.is_idle()
                     && self.sctp.is_idle();
                 if idle || self.now >= deadline {
@@ -233,7 +239,6 @@ impl Worker {
     /// Opens listeners for new TCP keys, closes those of removed keys, and sets drain deadlines; then
     /// does the same for UDP keys (their sockets and flows).
     fn reconcile(&mut self, snapshot: &Snapshot) {
-        self.ephemeral_ports = crate::proxy::ephemeral_port_range();
         let mut removed = Vec::new();
         for (index, listener) in self.listeners.iter_mut() {
             if !listener.closing && snapshot.get(&listener.key).is_none() {
@@ -273,7 +278,7 @@ impl Worker {
             match bind_listener(key.socket_addr()) {
                 Ok(socket) => {
                     let listener = Listener::new(key, socket);
-                    let (index, _) = self.listeners.insert(listener);
+                    let (index, _) = self.listeners.insert(key, listener);
                     self.arm_accept(index);
                 }
                 Err(err) => {
@@ -287,7 +292,7 @@ impl Worker {
                 }
             }
         }
-        stats::set(&self.counters.listeners, self.listeners.count() as u64);
+        stats::set(&self.counters.listeners, self.listeners.len() as u64);
     }
 
     pub fn arm_accept(&mut self, index: u32) {
@@ -315,8 +320,7 @@ impl Worker {
     /// and the slot is freed when its last completion arrives.
     fn close_listener(&mut self, index: u32) {
         let generation = self.listeners.generation(index);
-        let Some(listener) = self.listeners.get_mut(index, generation) else { return };
-        listener.closing = true;
+        let Some(listener) = self.listeners.close(index) else { return };
         let _ = listener.socket.shutdown(std::net::Shutdown::Read);
         if listener.armed {
             let target = UserData::new(OpKind::Accept, index, generation).encode();
@@ -328,7 +332,7 @@ impl Worker {
         } else {
             self.listeners.remove(index);
         }
-        stats::set(&self.counters.listeners, self.listeners.count() as u64);
+        stats::set(&self.counters.listeners, self.listeners.len() as u64);
     }
 
     fn on_accept(&mut self, data: UserData, result: i32, flags: u32) {
@@ -363,7 +367,7 @@ impl Worker {
         if !listener.armed {
             if listener.closing {
                 self.listeners.remove(data.slot);
-                stats::set(&self.counters.listeners, self.listeners.count() as u64);
+                stats::set(&self.counters.listeners, self.listeners.len() as u64);
             } else if !listener.rearm_at_tick {
                 self.arm_accept(data.slot);
             }
@@ -375,6 +379,10 @@ impl Worker {
     }
 
     fn housekeeping(&mut self) {
+        if self.now.saturating_duration_since(self.ephemeral_read_at) >= EPHEMERAL_REFRESH {
+            self.ephemeral_ports = crate::proxy::ephemeral_port_range();
+            self.ephemeral_read_at = self.now;
+        }
         if !self.unbound.is_empty() && !self.stopping {
             self.bind_unbound(false);
         }

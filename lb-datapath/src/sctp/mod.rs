@@ -123,7 +123,7 @@ impl SctpState {
 
     /// No listener and no association left (the stopping worker may leave).
     pub fn is_idle(&self) -> bool {
-        self.listeners.count() == 0 && self.active == 0
+        self.listeners.is_empty() && self.active == 0
     }
 
     /// Associations whose cancelled operations never completed keep their buffers (the kernel may
@@ -209,7 +209,7 @@ impl Worker {
             match bind_sctp_listener(key.socket_addr()) {
                 Ok(socket) => {
                     let listener = Listener::new(key, socket);
-                    let (index, _) = self.sctp.listeners.insert(listener);
+                    let (index, _) = self.sctp.listeners.insert(key, listener);
                     self.arm_sctp_accept(index);
                 }
                 Err(err) => {
@@ -229,7 +229,7 @@ impl Worker {
                 }
             }
         }
-        stats::set(&self.counters.sctp_listeners, self.sctp.listeners.count() as u64);
+        stats::set(&self.counters.sctp_listeners, self.sctp.listeners.len() as u64);
     }
 
     fn arm_sctp_accept(&mut self, index: u32) {
@@ -247,14 +247,13 @@ impl Worker {
 
     fn close_sctp_listener(&mut self, index: u32) {
         let generation = self.sctp.listeners.generation(index);
-        let Some(listener) = self.sctp.listeners.get_mut(index, generation) else { return };
-        listener.closing = true;
+        let Some(listener) = self.sctp.listeners.close(index) else { return };
         if listener.armed {
             self.cancel(UserData::new(OpKind::SctpAccept, index, generation));
         } else {
             self.sctp.listeners.remove(index);
         }
-        stats::set(&self.counters.sctp_listeners, self.sctp.listeners.count() as u64);
+        stats::set(&self.counters.sctp_listeners, self.sctp.listeners.len() as u64);
     }
 
     fn cancel(&mut self, target: UserData) {
@@ -307,7 +306,7 @@ impl Worker {
         let Some(listener) = self.sctp.listeners.get_mut(data.slot, data.generation) else { return };
         if listener.closing {
             self.sctp.listeners.remove(data.slot);
-            stats::set(&self.counters.sctp_listeners, self.sctp.listeners.count() as u64);
+            stats::set(&self.counters.sctp_listeners, self.sctp.listeners.len() as u64);
         } else if !listener.rearm_at_tick {
             self.arm_sctp_accept(data.slot);
         }

@@ -79,7 +79,7 @@ impl Worker {
             self.udp.in_flight = self.udp.in_flight.saturating_sub(1);
         }
         let stopping = self.is_stopping();
-        let closing = self.udp.vip_mut(data.slot, data.generation).map(|vip| {
+        let closing = self.udp.vips.get_mut(data.slot, data.generation).map(|vip| {
             if !more {
                 vip.armed = false;
             }
@@ -103,12 +103,12 @@ impl Worker {
         if let (Some(bid), Some(buffers), false) = (bid, self.udp.buffers.as_mut(), sending) {
             buffers.recycle(bid);
         }
-        let Some(vip) = self.udp.vip_mut(data.slot, data.generation) else { return };
+        let Some(vip) = self.udp.vips.get_mut(data.slot, data.generation) else { return };
         if vip.armed {
             return;
         }
         if vip.closing {
-            self.udp.vips[data.slot as usize].vip = None;
+            self.udp.vips.remove(data.slot);
             self.update_udp_gauges();
             return;
         }
@@ -147,7 +147,7 @@ impl Worker {
     fn client_datagram(&mut self, vip_slot: u32, bid: Option<u16>, len: usize) -> bool {
         let (key, handle, payload) = {
             let Some(buffers) = self.udp.buffers.as_ref() else { return false };
-            let Some(vip) = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
+            let Some(vip) = self.udp.vips.at(vip_slot) else {
                 return false;
             };
             let multishot_header = self.udp.multishot_header;
@@ -197,7 +197,7 @@ impl Worker {
     /// Picks a backend for a new flow and opens its upstream socket (evicting the least recently
     /// used flow if the table is full).
     fn create_flow(&mut self, vip_slot: u32, key: FlowKey) -> Option<FlowHandle> {
-        let vip = self.udp.vips.get(vip_slot as usize).and_then(|s| s.vip.as_ref())?;
+        let vip = self.udp.vips.at(vip_slot)?;
         let entry = &vip.entry;
         if !entry.allows(key.client.ip()) {
             stats::add(&self.counters.udp_drops_source_range, 1);
@@ -324,7 +324,7 @@ impl Worker {
         // A zero-length datagram of a single-shot receive has no buffer to send from.
         let sent = {
             let Some(flow) = self.udp.flows.get(handle) else { return false };
-            let Some(vip) = self.udp.vips.get(flow.vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
+            let Some(vip) = self.udp.vips.at(flow.vip_slot) else {
                 return false;
             };
             vip.socket.send_to(&[], &flow.client)

@@ -40,8 +40,9 @@ use socket2::{SockAddr, Socket};
 
 use self::flow_table::{FlowHandle, FlowTable};
 use self::socket::{BUFFER_GROUP, BUFFER_SIZE, BufRing};
-use crate::ring::{GENERATION_MASK, OpKind, Ring, UserData};
+use crate::ring::{OpKind, Ring, UserData};
 use crate::selection::Selection;
+use crate::slots::KeyedSlots;
 use crate::stats::{self, WorkerCounters};
 use crate::worker::Worker;
 
@@ -83,11 +84,6 @@ struct UdpVip {
     rearm_at_tick: bool,
 }
 
-struct VipSlot {
-    generation: u32,
-    vip: Option<UdpVip>,
-}
-
 /// One client flow.
 pub(crate) struct UdpFlow {
     upstream: Socket,
@@ -125,7 +121,7 @@ pub(crate) struct UdpState {
     /// reads them).
     upstream_header: *mut libc::msghdr,
     multishot: bool,
-    vips: Vec<VipSlot>,
+    vips: KeyedSlots<UdpVip>,
     unbound: Vec<VipKey>,
     flows: FlowTable<UdpFlow>,
     /// Armed receives and submitted sends whose final completion has not been reaped (freed flows'
@@ -161,7 +157,7 @@ impl UdpState {
             buffers,
             multishot_header: Box::leak(Box::new(socket::recvmsg_template())),
             upstream_header: upstream,
-            vips: Vec::new(),
+            vips: KeyedSlots::default(),
             unbound: Vec::new(),
             in_flight: 0,
             sends: send::SendSlots::new(buffer_count),
@@ -171,7 +167,7 @@ impl UdpState {
 
     /// No receive is in flight and no socket is open.
     pub fn is_idle(&self) -> bool {
-        self.in_flight == 0 && self.vips.iter().all(|s| s.vip.is_none())
+        self.in_flight == 0 && self.vips.is_empty()
     }
 
     /// Gives up buffers the kernel may still write into (stop grace exceeded).
@@ -179,21 +175,6 @@ impl UdpState {
         if self.in_flight > 0 {
             std::mem::forget(self.buffers.take());
         }
-    }
-
-    fn vip_mut(&mut self, slot: u32, generation: u32) -> Option<&mut UdpVip> {
-        let entry = self.vips.get_mut(slot as usize)?;
-        if entry.generation != generation {
-            return None;
-        }
-        entry.vip.as_mut()
-    }
-
-    fn find_vip(&self, key: &VipKey) -> Option<u32> {
-        self.vips
-            .iter()
-            .position(|s| s.vip.as_ref().is_some_and(|v| v.key == *key && !v.closing))
-            .map(|i| i as u32)
     }
 }
 
@@ -279,11 +260,10 @@ impl Worker {
     /// every open VIP the entry of `snapshot`.
     pub(crate) fn reconcile_udp(&mut self, snapshot: &Snapshot) {
         let mut removed = Vec::new();
-        for (index, slot) in self.udp.vips.iter_mut().enumerate() {
-            let Some(vip) = slot.vip.as_mut().filter(|v| !v.closing) else { continue };
+        for (index, vip) in self.udp.vips.iter_mut().filter(|(_, v)| !v.closing) {
             match snapshot.get(&vip.key) {
                 Some(entry) => vip.entry = entry.clone(),
-                None => removed.push(index as u32),
+                None => removed.push(index),
             }
         }
         for index in removed {
@@ -291,7 +271,7 @@ impl Worker {
         }
         self.udp.unbound.clear();
         for key in snapshot.keys().filter(|k| k.protocol == Protocol::Udp) {
-            if self.udp.find_vip(key).is_none() {
+            if self.udp.vips.find(key).is_none() {
                 self.udp.unbound.push(*key);
             }
         }
@@ -321,19 +301,8 @@ impl Worker {
                         closing: false,
                         rearm_at_tick: false,
                     };
-                    let index = match self.udp.vips.iter().position(|s| s.vip.is_none()) {
-                        Some(index) => {
-                            let slot = &mut self.udp.vips[index];
-                            slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
-                            slot.vip = Some(vip);
-                            index
-                        }
-                        None => {
-                            self.udp.vips.push(VipSlot { generation: 0, vip: Some(vip) });
-                            self.udp.vips.len() - 1
-                        }
-                    };
-                    self.arm_udp_vip(index as u32);
+                    let (index, _) = self.udp.vips.insert(key, vip);
+                    self.arm_udp_vip(index);
                 }
                 Err(err) => {
                     stats::add(&self.counters.bind_failures, 1);
@@ -350,9 +319,8 @@ impl Worker {
     fn arm_udp_vip(&mut self, index: u32) {
         let multishot = self.udp.multishot;
         let multishot_header = self.udp.multishot_header;
-        let Some(slot) = self.udp.vips.get_mut(index as usize) else { return };
-        let generation = slot.generation;
-        let Some(vip) = slot.vip.as_mut() else { return };
+        let generation = self.udp.vips.generation(index);
+        let Some(vip) = self.udp.vips.get_mut(index, generation) else { return };
         let user_data = UserData::new(OpKind::UdpVip, index, generation).encode();
         let header = vip.header.prepare();
         match arm_receive(
@@ -401,9 +369,9 @@ impl Worker {
     /// Stops receiving on a VIP socket and ends its flows; the slot is freed with the receive's
     /// last completion.
     fn close_udp_vip(&mut self, index: u32) {
-        let Some(slot) = self.udp.vips.get_mut(index as usize) else { return };
-        let generation = slot.generation;
-        let Some(vip) = slot.vip.as_mut() else { return };
+        let generation = self.udp.vips.generation(index);
+        self.udp.vips.retire(index);
+        let Some(vip) = self.udp.vips.get_mut(index, generation) else { return };
         vip.closing = true;
         let key = vip.key;
         if vip.armed {
@@ -414,7 +382,7 @@ impl Worker {
             // SAFETY: a cancel request references no memory.
             let _ = unsafe { self.ring.push(&cancel) };
         } else {
-            slot.vip = None;
+            self.udp.vips.remove(index);
         }
         let mut doomed = std::mem::take(&mut self.udp.scratch);
         doomed.clear();
@@ -434,8 +402,7 @@ impl Worker {
     }
 
     fn update_udp_gauges(&self) {
-        let open = self.udp.vips.iter().filter(|s| s.vip.is_some()).count();
-        stats::set(&self.counters.udp_listeners, open as u64);
+        stats::set(&self.counters.udp_listeners, self.udp.vips.len() as u64);
         stats::set(&self.counters.flows_active, self.udp.flows.len() as u64);
     }
 
@@ -445,13 +412,12 @@ impl Worker {
             let snapshot = self.shared.snapshot.load_full();
             self.bind_unbound_udp(&snapshot, false);
         }
-        let rearm: Vec<u32> = (0..self.udp.vips.len() as u32)
-            .filter(|&i| {
-                self.udp.vips[i as usize]
-                    .vip
-                    .as_ref()
-                    .is_some_and(|v| v.rearm_at_tick && !v.armed && !v.closing)
-            })
+        let rearm: Vec<u32> = self
+            .udp
+            .vips
+            .iter_mut()
+            .filter(|(_, v)| v.rearm_at_tick && !v.armed && !v.closing)
+            .map(|(index, _)| index)
             .collect();
         for index in rearm {
             self.arm_udp_vip(index);
@@ -474,10 +440,10 @@ impl Worker {
     /// Closes every UDP socket (worker stopping).
     pub(crate) fn stop_udp(&mut self) {
         self.udp.unbound.clear();
-        for index in 0..self.udp.vips.len() as u32 {
-            if self.udp.vips[index as usize].vip.as_ref().is_some_and(|v| !v.closing) {
-                self.close_udp_vip(index);
-            }
+        let open: Vec<u32> =
+            self.udp.vips.iter_mut().filter(|(_, v)| !v.closing).map(|(index, _)| index).collect();
+        for index in open {
+            self.close_udp_vip(index);
         }
     }
 }

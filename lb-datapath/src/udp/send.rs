@@ -259,7 +259,7 @@ impl Worker {
         let (fd, client) = match direction {
             Direction::ToBackend => (flow.upstream.as_raw_fd(), None),
             Direction::ToClient => {
-                let Some(vip) = self.udp.vips.get(flow.vip_slot as usize).and_then(|s| s.vip.as_ref()) else {
+                let Some(vip) = self.udp.vips.at(flow.vip_slot) else {
                     return false;
                 };
                 (vip.socket.as_raw_fd(), Some(&flow.client))
