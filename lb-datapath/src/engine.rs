@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use lb_core::Snapshot;
 
 use crate::affinity::{AFFINITY_CAPACITY, SharedAffinity};
+use crate::budget::{DescriptorBudget, descriptor_limit};
 use crate::events::{BackendEvents, CHANNEL_BATCHES};
 use crate::relay::Path;
 use crate::ring::{Ring, RingFeatures};
@@ -54,6 +55,7 @@ pub struct Engine {
     features: RingFeatures,
     relay: RelayMode,
     backend_events: Mutex<Option<BackendEvents>>,
+    budget: DescriptorBudget,
 }
 
 impl Engine {
@@ -68,6 +70,15 @@ impl Engine {
             affinity: Arc::new(SharedAffinity::new(AFFINITY_CAPACITY)),
         });
         let (events_tx, events_rx) = mpsc::sync_channel(CHANNEL_BATCHES);
+        let workers = config.workers.max(1);
+        let limit = match config.descriptor_limit {
+            Some(limit) => limit,
+            None => descriptor_limit().map_err(DatapathError::RingSetup)?.0,
+        };
+        let budget = DescriptorBudget::new(limit, workers);
+        let mut config = config;
+        config.max_connections_per_worker = config.max_connections_per_worker.min(budget.max_connections());
+        config.udp.max_flows_per_worker = config.udp.max_flows_per_worker.min(budget.max_flows());
         let cores = allowed_cores();
         let mut engine = Engine {
             shared: shared.clone(),
@@ -81,9 +92,10 @@ impl Engine {
             relay: config.relay,
             config: config.clone(),
             backend_events: Mutex::new(Some(events_rx)),
+            budget,
         };
         let (started_tx, started_rx) = mpsc::channel::<(usize, Result<RingFeatures, std::io::Error>)>();
-        for index in 0..config.workers.max(1) {
+        for index in 0..workers {
             // SAFETY: eventfd(2) with constant flags; the result is checked before use. The fd is
             // blocking on purpose: io_uring returns EAGAIN for reads on O_NONBLOCK files instead of
             // waiting.
@@ -98,7 +110,8 @@ impl Engine {
             let reconciled = Arc::new(AtomicU64::new(0));
             let settings = WorkerSettings {
                 index,
-                workers: config.workers.max(1),
+                workers,
+                budget,
                 path: Path::Copy,
                 max_connections: config.max_connections_per_worker.max(1),
                 buffer_size: config.buffer_size,
@@ -216,9 +229,14 @@ impl Engine {
         self.relay
     }
 
-    /// The configuration the engine was started with.
+    /// The configuration the engine runs with (connection and flow caps as the budget made them).
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// How the process's descriptors are shared out between the workers and the control thread.
+    pub fn budget(&self) -> DescriptorBudget {
+        self.budget
     }
 
     /// Stops accepting, resets open connections and joins the workers. Idempotent; also run on drop.

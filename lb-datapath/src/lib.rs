@@ -7,7 +7,8 @@
 //!
 //! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
 //! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
-//! `listener` (socket setup), `slots` (sockets by key), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
+//! `listener` (socket setup), `slots` (sockets by key), `budget` (descriptors, local shortages),
+//! `warnings` (throttled), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
 //! (per-worker pick state, counting on the backends' shared loads), `affinity` (the
 //! session-affinity table all workers share), `stats`, `events` (backend events for outlier
 //! detection), `udp` (VIP sockets, flow table, upstream sockets, buffer ring), `sctp` (listeners,
@@ -15,6 +16,7 @@
 //! `unsafe` lives only where io_uring and libc need it, each block with a `// SAFETY:` note.
 
 mod affinity;
+mod budget;
 mod connection;
 mod engine;
 mod events;
@@ -28,10 +30,12 @@ mod selection;
 mod slots;
 mod stats;
 mod udp;
+mod warnings;
 mod worker;
 
 use std::time::Duration;
 
+pub use budget::{DescriptorBudget, descriptor_limit, raise_descriptor_limit};
 pub use engine::Engine;
 pub use events::BackendEvents;
 pub use lb_core::Snapshot;
@@ -60,8 +64,12 @@ pub struct EngineConfig {
     /// Pin worker `i` to available core `i % cores`.
     pub pin_workers: bool,
     pub relay: RelayMode,
-    /// Upper bound of simultaneously open client connections per worker.
+    /// Upper bound of simultaneously open client connections per worker (the descriptor budget may
+    /// allow fewer).
     pub max_connections_per_worker: usize,
+    /// The descriptors the process may hold, shared out by [`DescriptorBudget`]; `None`: the soft
+    /// `RLIMIT_NOFILE` when the engine starts (raise it first, see [`raise_descriptor_limit`]).
+    pub descriptor_limit: Option<u64>,
     /// Bytes per relay buffer (copy relay); two per connection.
     pub buffer_size: usize,
     /// Requested pipe size (splice relay, `F_SETPIPE_SZ`), one per spliced direction. 1 MiB (the
@@ -85,6 +93,7 @@ impl Default for EngineConfig {
             pin_workers: true,
             relay: RelayMode::Auto,
             max_connections_per_worker: 65_536,
+            descriptor_limit: None,
             buffer_size: 64 * 1024,
             pipe_size: 1024 * 1024,
             housekeeping_interval: Duration::from_millis(250),

@@ -12,15 +12,35 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use io_uring::opcode;
-use lb_core::VipKey;
 use lb_core::health::{BackendEvent, BackendOutcome};
+use lb_core::{LocalResource, VipKey};
 use socket2::{Domain, Socket, Type};
 
 use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase, Which};
 use crate::relay::{self, Advanced, Next, Path};
 use crate::ring::{OpKind, UserData};
 use crate::stats;
+use crate::warnings::{Warning, warn_limited};
 use crate::worker::Worker;
+
+/// Why no backend connect could be started for a client (TCP or SCTP).
+pub(crate) enum Failure {
+    /// Every eligible backend was tried, or none is left.
+    Exhausted,
+    /// The backend socket could not be made for lack of a local resource.
+    Local(LocalResource, i32),
+    /// The ring refused the connect.
+    Submit(std::io::Error),
+}
+
+impl Failure {
+    /// A socket that could not be made: a local shortage whatever the error (memory, say, when the
+    /// errno is not one of them), never the backend's fault.
+    pub(crate) fn local(error: std::io::Error) -> Failure {
+        let errno = error.raw_os_error().unwrap_or(libc::ENOMEM);
+        Failure::Local(LocalResource::of_errno(errno).unwrap_or(LocalResource::Memory), errno)
+    }
+}
 
 fn direction_kind(which: Which) -> OpKind {
     match which {
@@ -58,10 +78,15 @@ pub(crate) fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
 }
 
 /// Whether a relay completion says the backend broke the connection: reading from it failed (not
-/// cancelled, not "try again"), or writing to it was refused with a reset or broken pipe. Failures
-/// on the client's side are not the backend's fault and are not reported.
+/// cancelled, not "try again", not for lack of local memory), or writing to it was refused with a
+/// reset or broken pipe. Failures on the client's side are not the backend's fault and are not
+/// reported.
 fn backend_failed(which: Which, pending: Pending, result: i32) -> bool {
-    if result >= 0 || result == -libc::ECANCELED || result == -libc::EAGAIN {
+    if result >= 0
+        || result == -libc::ECANCELED
+        || result == -libc::EAGAIN
+        || LocalResource::of_errno(-result).is_some()
+    {
         return false;
     }
     match (which, pending) {
@@ -103,9 +128,12 @@ impl Worker {
             reset_socket(client);
             return;
         }
-        if self.conns.len() >= self.settings.max_connections {
+        // The client's socket and its backend's: both must fit (the accept already took the first,
+        // which the reserve above the budget covers).
+        if self.conns.len() >= self.settings.max_connections || !self.fits(2) {
             stats::add(&self.counters.resets, 1);
             reset_socket(client);
+            self.refuse_for_budget("a client connection was reset at accept");
             return;
         }
         let conn = Conn::new(key, client, client_addr, entry, self.now);
@@ -115,67 +143,74 @@ impl Worker {
     }
 
     /// Starts a connect to the next eligible backend not tried yet, or resets the client when the
-    /// attempts are used up or no eligible backend is left.
+    /// attempts are used up, no eligible backend is left, or a local shortage (no descriptor for
+    /// the backend socket) would fail every backend alike.
     fn try_connect(&mut self, index: u32, generation: u32) {
-        let Some(conn) = self.conns.get_mut(index, generation) else { return };
-        let Some(entry) = conn.entry.clone() else { return };
-        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
-        while conn.tried_len < attempts {
-            let exclude = &conn.tried[..conn.tried_len];
-            let Some(picked) = self.selection.pick(self.now, &entry, conn.client_addr, exclude) else {
-                if conn.tried_len == 0 {
-                    stats::add(&self.counters.no_backend, 1);
-                }
-                break;
-            };
-            let Some(backend) = entry.backend(picked) else { break };
-            conn.tried[conn.tried_len] = picked;
-            conn.tried_len += 1;
-            if conn.tried_len > 1 {
-                stats::add(&self.counters.retries, 1);
-            }
-            let addr = backend.addr();
-            let socket =
-                match Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None) {
-                    Ok(socket) => socket,
-                    Err(_) => {
-                        stats::add(&self.counters.connect_failures, 1);
-                        continue;
-                    }
-                };
-            let _ = socket.set_tcp_nodelay(true);
-            conn.backend_id = Some(backend.id);
-            let fd = socket.as_raw_fd();
-            conn.backend = Some(socket);
-            // SAFETY: the target lives in the connection's boxed slot, which is not released before
-            // both completions are reaped; the socket is owned by the connection for as long.
-            let pushed = unsafe {
-                self.ring.push_connect(
-                    fd,
-                    &mut conn.connect_target,
-                    addr,
-                    entry.policy.connect_timeout,
-                    UserData::new(OpKind::Connect, index, generation).encode(),
-                    UserData::new(OpKind::ConnectTimeout, index, generation).encode(),
-                )
-            };
-            match pushed {
-                Ok(()) => {
-                    conn.in_flight += 2;
-                    conn.connect_pending = true;
-                    // Counted from the submission (not the completion) so that a burst of accepts
-                    // handled in one batch already sees each other's load.
-                    conn.counted = Some(self.selection.open(backend, &self.counters));
-                    return;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot submit a backend connect");
-                    break;
-                }
-            }
+        if let Err(failure) = self.connect_next(index, generation) {
+            self.report_connect_failure(failure, "a backend socket");
+            self.begin_close(index, generation, true);
         }
-        // Nothing (more) to try: reset the client.
-        self.begin_close(index, generation, true);
+    }
+
+    /// Counts and warns about why no connect could be started (TCP and SCTP alike).
+    pub(crate) fn report_connect_failure(&mut self, failure: Failure, socket: &'static str) {
+        match failure {
+            Failure::Local(resource, errno) => self.local_failure(resource, socket, errno),
+            Failure::Submit(error) => {
+                warn_limited!(self, Warning::Submit, %error, "cannot submit a backend connect")
+            }
+            Failure::Exhausted => {}
+        }
+    }
+
+    /// One attempt of [`Worker::try_connect`]: `Ok` with a connect in flight (or the connection
+    /// gone). A failed connect comes back through `on_connect`, which tries again.
+    fn connect_next(&mut self, index: u32, generation: u32) -> Result<(), Failure> {
+        let Some(conn) = self.conns.get_mut(index, generation) else { return Ok(()) };
+        let Some(entry) = conn.entry.clone() else { return Ok(()) };
+        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
+        if conn.tried_len >= attempts {
+            return Err(Failure::Exhausted);
+        }
+        let exclude = &conn.tried[..conn.tried_len];
+        let Some(picked) = self.selection.pick(self.now, &entry, conn.client_addr, exclude) else {
+            if conn.tried_len == 0 {
+                stats::add(&self.counters.no_backend, 1);
+            }
+            return Err(Failure::Exhausted);
+        };
+        let Some(backend) = entry.backend(picked) else { return Err(Failure::Exhausted) };
+        conn.tried[conn.tried_len] = picked;
+        conn.tried_len += 1;
+        if conn.tried_len > 1 {
+            stats::add(&self.counters.retries, 1);
+        }
+        let addr = backend.addr();
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)
+            .map_err(Failure::local)?;
+        let _ = socket.set_tcp_nodelay(true);
+        conn.backend_id = Some(backend.id);
+        let fd = socket.as_raw_fd();
+        conn.backend = Some(socket);
+        // SAFETY: the target lives in the connection's boxed slot, which is not released before
+        // both completions are reaped; the socket is owned by the connection for as long.
+        unsafe {
+            self.ring.push_connect(
+                fd,
+                &mut conn.connect_target,
+                addr,
+                entry.policy.connect_timeout,
+                UserData::new(OpKind::Connect, index, generation).encode(),
+                UserData::new(OpKind::ConnectTimeout, index, generation).encode(),
+            )
+        }
+        .map_err(Failure::Submit)?;
+        conn.in_flight += 2;
+        conn.connect_pending = true;
+        // Counted from the submission (not the completion) so that a burst of accepts handled in
+        // one batch already sees each other's load.
+        conn.counted = Some(self.selection.open(backend, &self.counters));
+        Ok(())
     }
 
     pub(crate) fn on_connect(&mut self, data: UserData, result: i32) {
@@ -186,22 +221,37 @@ impl Worker {
             self.release_if_idle(data.slot, data.generation);
             return;
         }
+        let local = if result < 0 { LocalResource::of_errno(-result) } else { None };
         if result < 0
             || conn
                 .backend
                 .as_ref()
                 .is_some_and(|b| connected_to_itself(b, conn.backend_id, &self.ephemeral_ports))
         {
-            // Refused, unreachable, -ECANCELED when the link timeout fired, or a TCP self-connect.
-            stats::add(&self.counters.connect_failures, 1);
             let (key, backend) = (conn.key, conn.backend_id);
-            self.report(key, backend, BackendOutcome::ConnectFailed);
-            let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
             conn.backend = None;
             if let Some(load) = conn.counted.take() {
                 self.selection.close(load, &self.counters);
             }
-            self.try_connect(data.slot, data.generation);
+            match local {
+                // No source port towards this backend: another backend has its own ports; nothing
+                // here is the backend's fault.
+                Some(LocalResource::SourcePorts) => {
+                    self.local_failure(LocalResource::SourcePorts, "a backend connect", -result);
+                    self.try_connect(data.slot, data.generation);
+                }
+                // No memory or descriptors: every backend would fail alike.
+                Some(resource) => {
+                    self.local_failure(resource, "a backend connect", -result);
+                    self.begin_close(data.slot, data.generation, true);
+                }
+                // Refused, unreachable, -ECANCELED when the link timeout fired, or a self-connect.
+                None => {
+                    stats::add(&self.counters.connect_failures, 1);
+                    self.report(key, backend, BackendOutcome::ConnectFailed);
+                    self.try_connect(data.slot, data.generation);
+                }
+            }
             return;
         }
         let (key, backend) = (conn.key, conn.backend_id);
@@ -231,22 +281,16 @@ impl Worker {
         conn.entry = None;
         conn.last_activity = self.now;
         for which in [Which::ClientToBackend, Which::BackendToClient] {
+            // Without a pipe (out of descriptors, or over the budget) a direction copies instead.
+            let pipe = if path == Path::Splice { self.take_pipe() } else { None };
+            let Some(conn) = self.conns.get_mut(index, generation) else { return };
             let direction = conn.direction(which);
-            if path == Path::Splice {
-                match self.pipes.take() {
-                    Ok(pipe) => {
-                        direction.pipe = Some(pipe);
-                        direction.spliced = true;
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cannot create a relay pipe");
-                        self.update_pool_gauges();
-                        self.begin_close(index, generation, true);
-                        return;
-                    }
+            match pipe {
+                Some(pipe) => {
+                    direction.pipe = Some(pipe);
+                    direction.spliced = true;
                 }
-            } else {
-                direction.buffer = Some(self.buffers.take());
+                None => direction.buffer = Some(self.buffers.take()),
             }
         }
         self.update_pool_gauges();
@@ -261,15 +305,11 @@ impl Worker {
     /// to the pool and a pipe takes its place. Without a pipe (out of fds) it keeps copying and only
     /// tries again once it has proved bulk anew, not on every receive.
     fn switch_to_splice(&mut self, index: u32, generation: u32, which: Which) {
-        let pipe = match self.pipes.take() {
-            Ok(pipe) => pipe,
-            Err(err) => {
-                tracing::debug!(error = %err, "no pipe for a bulk connection; it keeps copying");
-                if let Some(conn) = self.conns.get_mut(index, generation) {
-                    conn.direction(which).full_reads = 0;
-                }
-                return;
+        let Some(pipe) = self.take_pipe() else {
+            if let Some(conn) = self.conns.get_mut(index, generation) {
+                conn.direction(which).full_reads = 0;
             }
+            return;
         };
         let Some(conn) = self.conns.get_mut(index, generation) else {
             self.pipes.give(pipe);
@@ -340,8 +380,8 @@ impl Worker {
                 }
                 true
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot submit a relay operation");
+            Err(error) => {
+                warn_limited!(self, Warning::Submit, %error, "cannot submit a relay operation");
                 self.begin_close(index, generation, true);
                 false
             }
@@ -434,8 +474,8 @@ impl Worker {
                 .build()
                 .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
             // SAFETY: a cancel request references no memory.
-            if let Err(err) = unsafe { self.ring.push(&entry) } {
-                tracing::warn!(error = %err, "cannot submit a cancel");
+            if let Err(error) = unsafe { self.ring.push(&entry) } {
+                warn_limited!(self, Warning::Submit, %error, "cannot submit a cancel");
             }
         }
         self.release_if_idle(index, generation);
@@ -470,6 +510,24 @@ impl Worker {
         drop(conn);
         stats::set(&self.counters.active, self.conns.len() as u64);
         self.update_pool_gauges();
+    }
+
+    /// A pipe for a splice direction, if the budget has room and the kernel gives one; `None` keeps
+    /// the direction on copy (counted as a refusal or a local shortage).
+    fn take_pipe(&mut self) -> Option<crate::pool::Pipe> {
+        if !self.fits(2) {
+            self.refuse_for_budget("a relay direction keeps copying instead of taking a pipe");
+            return None;
+        }
+        match self.pipes.take() {
+            Ok(pipe) => Some(pipe),
+            Err(error) => {
+                let errno = error.raw_os_error().unwrap_or(libc::ENOMEM);
+                let resource = LocalResource::of_errno(errno).unwrap_or(LocalResource::Memory);
+                self.local_failure(resource, "a relay pipe", errno);
+                None
+            }
+        }
     }
 
     fn update_pool_gauges(&self) {

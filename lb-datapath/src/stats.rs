@@ -54,6 +54,12 @@ pub(crate) struct WorkerCounters {
     pub sctp_messages_backend_to_client: AtomicU64,
     pub sctp_aborts: AtomicU64,
     pub sctp_too_large: AtomicU64,
+    pub local_no_source_port: AtomicU64,
+    pub local_no_descriptors: AtomicU64,
+    pub local_no_memory: AtomicU64,
+    pub budget_refusals: AtomicU64,
+    pub descriptors: AtomicU64,
+    pub descriptor_budget: AtomicU64,
 }
 
 /// Adds `n` to a counter owned by the calling worker.
@@ -114,6 +120,12 @@ impl WorkerCounters {
             sctp_messages_backend_to_client: get(&self.sctp_messages_backend_to_client),
             sctp_aborts: get(&self.sctp_aborts),
             sctp_too_large: get(&self.sctp_too_large),
+            local_no_source_port: get(&self.local_no_source_port),
+            local_no_descriptors: get(&self.local_no_descriptors),
+            local_no_memory: get(&self.local_no_memory),
+            budget_refusals: get(&self.budget_refusals),
+            descriptors: get(&self.descriptors),
+            descriptor_budget: get(&self.descriptor_budget),
         }
     }
 }
@@ -213,6 +225,24 @@ pub struct WorkerStats {
     pub sctp_aborts: u64,
     /// SCTP messages larger than the relay buffer (their association was aborted).
     pub sctp_too_large: u64,
+    /// Operations that failed because no source port was free towards their destination
+    /// (`EADDRNOTAVAIL`): the load balancer's trouble, never counted against a backend.
+    pub local_no_source_port: u64,
+    /// Operations (accepts, backend and upstream sockets, pipes) that failed for lack of file
+    /// descriptors (`EMFILE`, `ENFILE`); never counted against a backend.
+    pub local_no_descriptors: u64,
+    /// Operations that failed for lack of kernel memory or buffers (`ENOMEM`, `ENOBUFS`); never
+    /// counted against a backend.
+    pub local_no_memory: u64,
+    /// Client connections reset, UDP datagrams of new flows dropped and listeners left unbound
+    /// because this worker's descriptor budget was reached (see `descriptor_budget`).
+    pub budget_refusals: u64,
+    /// Descriptors this worker holds now (listeners, client and backend sockets, pipes, UDP and SCTP
+    /// sockets), as it accounts them against its budget (a gauge).
+    pub descriptors: u64,
+    /// The descriptors this worker may hold: its share of the process's `RLIMIT_NOFILE` after the
+    /// control thread's reserve.
+    pub descriptor_budget: u64,
 }
 
 /// Counters of every worker, index = worker number.
@@ -273,6 +303,12 @@ impl EngineStats {
                 + w.sctp_messages_backend_to_client,
             sctp_aborts: a.sctp_aborts + w.sctp_aborts,
             sctp_too_large: a.sctp_too_large + w.sctp_too_large,
+            local_no_source_port: a.local_no_source_port + w.local_no_source_port,
+            local_no_descriptors: a.local_no_descriptors + w.local_no_descriptors,
+            local_no_memory: a.local_no_memory + w.local_no_memory,
+            budget_refusals: a.budget_refusals + w.budget_refusals,
+            descriptors: a.descriptors + w.descriptors,
+            descriptor_budget: a.descriptor_budget + w.descriptor_budget,
         })
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, Timespec};
 use io_uring::{cqueue, opcode};
-use lb_core::{Protocol, Snapshot, VipKey};
+use lb_core::{LocalResource, Protocol, Snapshot, VipKey};
 use socket2::Socket;
 
 use crate::connection::ConnTable;
@@ -30,6 +30,7 @@ use crate::sctp::SctpState;
 use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::udp::UdpState;
+use crate::warnings::{Warning, Warnings, warn_limited};
 
 /// How long a stopping worker waits for cancelled operations before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -43,6 +44,8 @@ pub(crate) struct WorkerSettings {
     pub index: usize,
     /// How many workers the engine runs.
     pub workers: usize,
+    /// This worker's share of the descriptors (see [`crate::budget`]).
+    pub budget: crate::budget::DescriptorBudget,
     pub path: Path,
     pub max_connections: usize,
     pub buffer_size: usize,
@@ -82,6 +85,8 @@ pub(crate) struct Worker {
     stopping: bool,
     scratch: Vec<(u32, u32)>,
     pub events: EventBuffer,
+    /// Throttles for the warnings that can repeat per connection, accept or key.
+    pub warnings: Warnings,
     /// The kernel's ephemeral ports (see `proxy::connected_to_itself`), re-read every
     /// [`EPHEMERAL_REFRESH`] by housekeeping: never on a connection's path, nor per publish.
     pub ephemeral_ports: std::ops::RangeInclusive<u16>,
@@ -107,6 +112,7 @@ impl Worker {
             worker_seed(settings.index),
         );
         let settings_events = settings.events.clone();
+        let settings_index = settings.index;
         Worker {
             ring,
             buffers: BufferPool::new(settings.buffer_size),
@@ -130,6 +136,7 @@ impl Worker {
             stopping: false,
             scratch: Vec::new(),
             events: EventBuffer::new(settings_events),
+            warnings: Warnings::new(settings_index),
             ephemeral_ports: crate::proxy::ephemeral_port_range(),
             ephemeral_read_at: Instant::now(),
         }
@@ -275,18 +282,25 @@ impl Worker {
     fn bind_unbound(&mut self, first_try: bool) {
         let keys = std::mem::take(&mut self.unbound);
         for key in keys {
+            if !self.may_listen() {
+                if first_try {
+                    self.refuse_for_budget("a TCP VIP is left unbound (retried every tick)");
+                }
+                self.unbound.push(key);
+                continue;
+            }
             match bind_listener(key.socket_addr()) {
                 Ok(socket) => {
                     let listener = Listener::new(key, socket);
                     let (index, _) = self.listeners.insert(key, listener);
                     self.arm_accept(index);
                 }
-                Err(err) => {
+                Err(error) => {
                     stats::add(&self.counters.bind_failures, 1);
                     if first_try {
-                        tracing::warn!(worker = self.settings.index, %key, error = %err, "cannot listen; retrying every housekeeping tick");
+                        warn_limited!(self, Warning::Bind, %key, %error, "cannot listen; retrying every housekeeping tick");
                     } else {
-                        tracing::debug!(worker = self.settings.index, %key, error = %err, "listen retry failed");
+                        tracing::debug!(worker = self.settings.index, %key, %error, "listen retry failed");
                     }
                     self.unbound.push(key);
                 }
@@ -359,8 +373,11 @@ impl Worker {
             if errno == libc::EINVAL && listener.multishot && !closing {
                 // Kernels before 5.19 reject IORING_ACCEPT_MULTISHOT; fall back to re-armed accepts.
                 self.multishot_accept = false;
-            } else if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+            } else if let Some(resource) = LocalResource::of_errno(errno) {
+                // Back off until the next tick: the accept would fail again at once (the client
+                // waits in the backlog meanwhile).
                 listener.rearm_at_tick = true;
+                self.local_failure(resource, "an accept", errno);
             }
         }
         let Some(listener) = self.listeners.get_mut(data.slot, data.generation) else { return };
@@ -398,6 +415,8 @@ impl Worker {
         self.expire_connections();
         self.selection.expire(self.now);
         self.events.flush(&self.counters);
+        self.warnings.flush(self.now);
+        self.update_descriptor_gauges();
         if !self.stopping {
             self.udp_housekeeping();
             self.sctp_housekeeping();

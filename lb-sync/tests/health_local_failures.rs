@@ -6,49 +6,11 @@
 
 mod support;
 
-use std::fs::File;
 use std::net::SocketAddr;
 
 use support::{ManifestDir, Running, eligible, events_only_source, slice_header, until};
 use testkit::backends::Server;
-
-/// Every descriptor this process may still open, held until dropped (then the limit is restored).
-struct Exhausted {
-    files: Vec<File>,
-    limit: libc::rlimit,
-}
-
-impl Exhausted {
-    fn now() -> Exhausted {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit writes one rlimit into the struct we pass.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-        // Lower the soft limit close to what is open, so filling it takes a few files, not 20 000.
-        let open = std::fs::read_dir("/proc/self/fd").expect("procfs").count() as u64;
-        let low = libc::rlimit { rlim_cur: open + 8, rlim_max: limit.rlim_max };
-        // SAFETY: setrlimit reads one rlimit; lowering the soft limit is always allowed.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
-        let mut files = Vec::new();
-        loop {
-            match File::open("/dev/null") {
-                Ok(file) => files.push(file),
-                Err(error) => {
-                    assert_eq!(error.raw_os_error(), Some(libc::EMFILE), "{error}");
-                    break;
-                }
-            }
-        }
-        Exhausted { files, limit }
-    }
-}
-
-impl Drop for Exhausted {
-    fn drop(&mut self) {
-        self.files.clear();
-        // SAFETY: as above; restores the limit read at the start.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.limit) };
-    }
-}
+use testkit::descriptors::Exhausted;
 
 #[tokio::test]
 async fn probes_that_fail_for_want_of_descriptors_never_make_a_backend_unhealthy() {
@@ -70,7 +32,7 @@ async fn probes_that_fail_for_want_of_descriptors_never_make_a_backend_unhealthy
     assert_eq!(eligible(&first, "127.0.0.61:80"), [up]);
     until(&status, "probes pass", |s| s.probes_sent() >= 3).await;
 
-    let exhausted = Exhausted::now();
+    let exhausted = Exhausted::leaving(0);
     until(&status, "probes fail for want of descriptors", |s| s.probes_local_failures() >= 5).await;
     drop(exhausted);
     assert_eq!(status.probes_failed(), 0, "no probe counted against the backend");

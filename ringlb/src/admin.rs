@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use http_body_util::Full;
@@ -16,6 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use lb_core::LogThrottle;
 use tokio::net::TcpListener;
 
 use crate::cli::{AdminAddr, AdminArgs};
@@ -44,13 +46,28 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the admin listener on {addr}"))
 }
 
-/// Serves admin requests on `listener` until the task is dropped.
+/// The first pause after a failed accept; each failure in a row doubles it up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Serves admin requests on `listener` until the task is dropped. A failing accept (out of
+/// descriptors: the connection waits in the backlog) pauses accepting with a growing back-off
+/// instead of retrying at once, and is logged at most once per interval.
 pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut warnings = LogThrottle::default();
     loop {
         let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
             Err(error) => {
-                tracing::warn!(%error, "admin accept failed");
+                if let Some(held_back) = warnings.admit(Instant::now()) {
+                    tracing::warn!(%error, held_back, ?backoff, "admin accept failed; pausing accepts");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };

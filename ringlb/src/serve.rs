@@ -145,11 +145,28 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
         .thread_name("ringlb-control")
         .build()
         .context("starting the control runtime")?;
-    let config = engine_config(engine_args);
+    match lb_datapath::raise_descriptor_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(before, after, "raised the soft descriptor limit to the hard limit")
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the descriptor limit"),
+    }
     let engine = Arc::new(
-        Engine::start(config.clone(), Arc::new(Snapshot::empty())).context("starting the datapath")?,
+        Engine::start(engine_config(engine_args), Arc::new(Snapshot::empty()))
+            .context("starting the datapath")?,
     );
+    let (config, budget) = (engine.config(), engine.budget());
     tracing::info!(workers = config.workers, relay = ?engine.relay_mode(), "datapath started");
+    tracing::info!(
+        limit = budget.limit,
+        control_reserve = budget.reserve,
+        per_worker = budget.per_worker,
+        max_connections_per_worker = config.max_connections_per_worker,
+        max_udp_flows_per_worker = config.udp.max_flows_per_worker,
+        max_listeners_per_worker = budget.max_listeners(),
+        "descriptor budget"
+    );
     let published = Arc::new(AtomicBool::new(false));
     let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published) };
 

@@ -1,7 +1,9 @@
 //! Test support shared by ringlb's crates (dev-dependency only; never part of a release binary).
 //!
 //! - [`objects`]: terse builders for Service and EndpointSlice objects;
-//! - [`backends`]: real loopback TCP backends (echo, sink, named) that tests send bytes through.
+//! - [`backends`]: real loopback TCP backends (echo, sink, named) that tests send bytes through;
+//! - [`descriptors`]: running a test process out of file descriptors on purpose.
 
 pub mod backends;
+pub mod descriptors;
 pub mod objects;

@@ -9,14 +9,16 @@ use std::os::fd::AsRawFd;
 
 use io_uring::opcode;
 use io_uring::types::Fd;
-use lb_core::VipKey;
+use lb_core::{LocalResource, VipKey};
 use socket2::{Domain, Socket};
 
 use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
 use super::{Assoc, B2C, C2B, Direction, Pending, abort_socket, dir_kind};
 use crate::connection::MAX_ATTEMPTS;
+use crate::proxy::Failure;
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::stats;
+use crate::warnings::{Warning, warn_limited};
 use crate::worker::Worker;
 
 impl Worker {
@@ -28,11 +30,13 @@ impl Worker {
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+        let over_budget = self.sctp.active >= self.settings.max_connections || !self.fits(2);
+        if over_budget && entry.is_some() {
+            self.refuse_for_budget("an SCTP association was aborted at accept");
+        }
         let refuse = match &entry {
             None => true,
-            Some(entry) => {
-                !entry.allows(client_addr.ip()) || self.sctp.active >= self.settings.max_connections
-            }
+            Some(entry) => !entry.allows(client_addr.ip()) || over_budget,
         };
         // Accepted sockets inherit the listener's options on Linux; set again so a kernel that does
         // not copy them still delivers SCTP_RCVINFO.
@@ -71,57 +75,56 @@ impl Worker {
     /// Connects to the next eligible backend not tried yet (the TCP path's selection and attempt
     /// bound), or aborts the client when none is left.
     pub(super) fn try_sctp_connect(&mut self, index: u32, generation: u32) {
-        let Some(assoc) = self.sctp.get(index, generation) else { return };
-        let Some(entry) = assoc.entry.clone() else { return };
-        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
-        while assoc.tried_len < attempts {
-            let exclude = &assoc.tried[..assoc.tried_len];
-            let Some(picked) = self.selection.pick(self.now, &entry, assoc.client_addr, exclude) else {
-                if assoc.tried_len == 0 {
-                    stats::add(&self.counters.no_backend, 1);
-                }
-                break;
-            };
-            let Some(backend) = entry.backend(picked) else { break };
-            assoc.tried[assoc.tried_len] = picked;
-            assoc.tried_len += 1;
-            if assoc.tried_len > 1 {
-                stats::add(&self.counters.retries, 1);
-            }
-            let addr = backend.addr();
-            let Ok(socket) = sctp_socket(Domain::for_address(addr)) else {
-                stats::add(&self.counters.connect_failures, 1);
-                continue;
-            };
-            assoc.backend_id = Some(backend.id);
-            let fd = socket.as_raw_fd();
-            assoc.backend = Some(socket);
-            // SAFETY: the target lives in the boxed association, released only after both
-            // completions were reaped; the socket is owned by it for as long.
-            let pushed = unsafe {
-                self.ring.push_connect(
-                    fd,
-                    &mut assoc.connect_target,
-                    addr,
-                    entry.policy.connect_timeout,
-                    UserData::new(OpKind::SctpConnect, index, generation).encode(),
-                    UserData::new(OpKind::SctpConnectTimeout, index, generation).encode(),
-                )
-            };
-            match pushed {
-                Ok(()) => {
-                    assoc.in_flight += 2;
-                    assoc.connect_pending = true;
-                    assoc.counted = Some(self.selection.open(backend, &self.counters));
-                    return;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot submit an SCTP backend connect");
-                    break;
-                }
-            }
+        if let Err(failure) = self.sctp_connect_next(index, generation) {
+            self.report_connect_failure(failure, "an SCTP backend socket");
+            self.begin_sctp_close(index, generation, true);
         }
-        self.begin_sctp_close(index, generation, true);
+    }
+
+    /// One attempt of [`Worker::try_sctp_connect`]: `Ok` with a connect in flight (or the
+    /// association gone). A failed connect comes back through `on_sctp_connect`.
+    fn sctp_connect_next(&mut self, index: u32, generation: u32) -> Result<(), Failure> {
+        let Some(assoc) = self.sctp.get(index, generation) else { return Ok(()) };
+        let Some(entry) = assoc.entry.clone() else { return Ok(()) };
+        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
+        if assoc.tried_len >= attempts {
+            return Err(Failure::Exhausted);
+        }
+        let exclude = &assoc.tried[..assoc.tried_len];
+        let Some(picked) = self.selection.pick(self.now, &entry, assoc.client_addr, exclude) else {
+            if assoc.tried_len == 0 {
+                stats::add(&self.counters.no_backend, 1);
+            }
+            return Err(Failure::Exhausted);
+        };
+        let Some(backend) = entry.backend(picked) else { return Err(Failure::Exhausted) };
+        assoc.tried[assoc.tried_len] = picked;
+        assoc.tried_len += 1;
+        if assoc.tried_len > 1 {
+            stats::add(&self.counters.retries, 1);
+        }
+        let addr = backend.addr();
+        let socket = sctp_socket(Domain::for_address(addr)).map_err(Failure::local)?;
+        assoc.backend_id = Some(backend.id);
+        let fd = socket.as_raw_fd();
+        assoc.backend = Some(socket);
+        // SAFETY: the target lives in the boxed association, released only after both completions
+        // were reaped; the socket is owned by it for as long.
+        unsafe {
+            self.ring.push_connect(
+                fd,
+                &mut assoc.connect_target,
+                addr,
+                entry.policy.connect_timeout,
+                UserData::new(OpKind::SctpConnect, index, generation).encode(),
+                UserData::new(OpKind::SctpConnectTimeout, index, generation).encode(),
+            )
+        }
+        .map_err(Failure::Submit)?;
+        assoc.in_flight += 2;
+        assoc.connect_pending = true;
+        assoc.counted = Some(self.selection.open(backend, &self.counters));
+        Ok(())
     }
 
     pub(super) fn on_sctp_connect(&mut self, data: UserData, result: i32) {
@@ -135,7 +138,11 @@ impl Worker {
         // io_uring retries a connect that reported EINPROGRESS once the socket is writable; SCTP
         // answers that second connect with EISCONN when the association is up.
         if result < 0 && result != -libc::EISCONN {
-            stats::add(&self.counters.connect_failures, 1);
+            match LocalResource::of_errno(-result) {
+                Some(resource) => self.local_failure(resource, "an SCTP backend connect", -result),
+                None => stats::add(&self.counters.connect_failures, 1),
+            }
+            let Some(assoc) = self.sctp.get(data.slot, data.generation) else { return };
             if let Some(backend) = assoc.backend.take() {
                 abort_socket(&backend);
             }
@@ -177,8 +184,8 @@ impl Worker {
                 assoc.in_flight += 1;
                 true
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot submit an SCTP receive");
+            Err(error) => {
+                warn_limited!(self, Warning::Submit, %error, "cannot submit an SCTP receive");
                 self.begin_sctp_close(index, generation, true);
                 false
             }
@@ -200,8 +207,8 @@ impl Worker {
                 direction.pending = Pending::Send;
                 assoc.in_flight += 1;
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot submit an SCTP send");
+            Err(error) => {
+                warn_limited!(self, Warning::Submit, %error, "cannot submit an SCTP send");
                 self.begin_sctp_close(index, generation, true);
             }
         }

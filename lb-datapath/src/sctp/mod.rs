@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::opcode;
 use io_uring::types::Fd;
-use lb_core::{BackendId, BackendIdx, Protocol, ServiceEntry, Snapshot, VipKey};
+use lb_core::{BackendId, BackendIdx, LocalResource, Protocol, ServiceEntry, Snapshot, VipKey};
 use socket2::Socket;
 
 use self::socket::{MsgBuf, bind_sctp_listener};
@@ -35,6 +35,7 @@ use crate::connection::MAX_ATTEMPTS;
 use crate::listener::{Listener, ListenerTable};
 use crate::ring::{ConnectTarget, GENERATION_MASK, OpKind, UserData};
 use crate::stats;
+use crate::warnings::{Warning, warn_limited};
 use crate::worker::Worker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +123,16 @@ impl SctpState {
     }
 
     /// No listener and no association left (the stopping worker may leave).
+    /// Descriptors held: listeners, and a client and a backend socket per association.
+    pub fn descriptors(&self) -> usize {
+        self.listeners.len() + 2 * self.active
+    }
+
+    /// Listening sockets held (open or closing).
+    pub fn listeners(&self) -> usize {
+        self.listeners.len()
+    }
+
     pub fn is_idle(&self) -> bool {
         self.listeners.is_empty() && self.active == 0
     }
@@ -206,6 +217,13 @@ impl Worker {
     fn bind_unbound_sctp(&mut self, first_try: bool) {
         let keys = std::mem::take(&mut self.sctp.unbound);
         for key in keys {
+            if !self.may_listen() {
+                if first_try {
+                    self.refuse_for_budget("an SCTP VIP is left unbound (retried every tick)");
+                }
+                self.sctp.unbound.push(key);
+                continue;
+            }
             match bind_sctp_listener(key.socket_addr()) {
                 Ok(socket) => {
                     let listener = Listener::new(key, socket);
@@ -223,7 +241,7 @@ impl Worker {
                             tracing::warn!(worker = self.settings.index, %key, error = %err, "kernel has no SCTP; SCTP keys are not served");
                         }
                     } else if first_try {
-                        tracing::warn!(worker = self.settings.index, %key, error = %err, "cannot listen (SCTP); retrying every housekeeping tick");
+                        warn_limited!(self, Warning::Bind, %key, error = %err, "cannot listen (SCTP); retrying every housekeeping tick");
                     }
                     self.sctp.unbound.push(key);
                 }
@@ -261,8 +279,8 @@ impl Worker {
             .build()
             .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
         // SAFETY: a cancel request references no memory.
-        if let Err(err) = unsafe { self.ring.push(&entry) } {
-            tracing::warn!(error = %err, "cannot submit a cancel");
+        if let Err(error) = unsafe { self.ring.push(&entry) } {
+            warn_limited!(self, Warning::Submit, %error, "cannot submit a cancel");
         }
     }
 
@@ -300,8 +318,10 @@ impl Worker {
             } else {
                 self.new_sctp_association(key, socket);
             }
-        } else if matches!(-result, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+        } else if let Some(resource) = LocalResource::of_errno(-result) {
+            // Back off until the next tick: the accept would fail again at once.
             listener.rearm_at_tick = true;
+            self.local_failure(resource, "an SCTP accept", -result);
         }
         let Some(listener) = self.sctp.listeners.get_mut(data.slot, data.generation) else { return };
         if listener.closing {

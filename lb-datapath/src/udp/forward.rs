@@ -6,16 +6,17 @@
 //! at once, or by the completion of the send that took it — whatever happens to its flow or VIP.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::cqueue;
 use io_uring::types::RecvMsgOut;
-use lb_core::{Established, ServiceEntry};
+use lb_core::{Established, LocalResource, ServiceEntry};
 use socket2::SockAddr;
 
 use super::flow_table::{FlowHandle, FlowKey, FlowTable, FlowTimeouts};
 use super::socket::{self, BUFFER_SIZE, BufRing};
-use super::{FlowEnd, UdpFlow, count_end, release_flow};
+use super::{FlowEnd, UdpFlow, count_end};
 use crate::ring::UserData;
 use crate::stats;
 use crate::worker::Worker;
@@ -145,7 +146,7 @@ impl Worker {
     /// Forwards a client datagram to its flow's backend, creating (or moving) the flow if needed.
     /// Returns true if a send now owns the receive buffer.
     fn client_datagram(&mut self, vip_slot: u32, bid: Option<u16>, len: usize) -> bool {
-        let (key, handle, payload) = {
+        let (key, mut handle, payload) = {
             let Some(buffers) = self.udp.buffers.as_ref() else { return false };
             let Some(vip) = self.udp.vips.at(vip_slot) else {
                 return false;
@@ -162,18 +163,16 @@ impl Worker {
             }
             let Some(client) = datagram.source else { return false };
             let key = FlowKey { vip: vip.key, client };
-            let mut handle = self.udp.flows.find(&key);
-            if let Some(existing) = handle {
-                if flow_must_move(&mut self.udp.flows, self.now, existing, &vip.entry) {
-                    if let Some((_, flow)) = self.udp.flows.remove(existing) {
-                        count_end(&self.counters, FlowEnd::Moved);
-                        release_flow(&mut self.ring, &mut self.selection, &self.counters, existing, flow);
-                    }
-                    handle = None;
-                }
-            }
+            let handle = self.udp.flows.find(&key);
             (key, handle, (datagram.payload.as_ptr(), datagram.payload.len()))
         };
+        if let Some(existing) = handle {
+            let entry = self.udp.vips.at(vip_slot).map(|vip| Arc::clone(&vip.entry));
+            if entry.is_some_and(|entry| flow_must_move(&mut self.udp.flows, self.now, existing, &entry)) {
+                self.end_flow(existing, FlowEnd::Moved);
+                handle = None;
+            }
+        }
         let handle = match handle {
             Some(handle) => handle,
             None => match self.create_flow(vip_slot, key) {
@@ -203,13 +202,29 @@ impl Worker {
             stats::add(&self.counters.udp_drops_source_range, 1);
             return None;
         }
+        if !self.fits(1) {
+            stats::add(&self.counters.udp_drops_no_backend, 1);
+            self.refuse_for_budget("a datagram of a new UDP flow was dropped");
+            return None;
+        }
+        let vip = self.udp.vips.at(vip_slot)?;
+        let entry = &vip.entry;
         let backend =
             self.selection.pick(self.now, entry, key.client, &[]).and_then(|idx| entry.backend(idx));
-        let Some((backend, upstream)) =
-            backend.and_then(|b| socket::connect_upstream(b.addr()).ok().map(|socket| (b, socket)))
-        else {
+        let Some(backend) = backend else {
             stats::add(&self.counters.udp_drops_no_backend, 1);
             return None;
+        };
+        let upstream = match socket::connect_upstream(backend.addr()) {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                stats::add(&self.counters.udp_drops_no_backend, 1);
+                let errno = error.raw_os_error().unwrap_or(0);
+                if let Some(resource) = LocalResource::of_errno(errno) {
+                    self.local_failure(resource, "a UDP upstream socket", errno);
+                }
+                return None;
+            }
         };
         let to_backend = socket::segment_limit(&upstream);
         let load = self.selection.open(backend, &self.counters);
@@ -231,7 +246,7 @@ impl Worker {
         stats::add(&self.counters.flows_created, 1);
         if let Some(evicted) = evicted {
             count_end(&self.counters, FlowEnd::Evicted);
-            release_flow(&mut self.ring, &mut self.selection, &self.counters, evicted.handle, evicted.value);
+            self.release_flow(evicted.handle, evicted.value);
         }
         self.arm_udp_flow(handle);
         self.update_udp_gauges();

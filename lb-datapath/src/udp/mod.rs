@@ -44,6 +44,7 @@ use crate::ring::{OpKind, Ring, UserData};
 use crate::selection::Selection;
 use crate::slots::KeyedSlots;
 use crate::stats::{self, WorkerCounters};
+use crate::warnings::{Warning, warn_limited};
 use crate::worker::Worker;
 
 /// The `msghdr` (with its name storage and iovec) a single-shot receive of one VIP socket uses;
@@ -165,6 +166,16 @@ impl UdpState {
         }
     }
 
+    /// Descriptors held: one per VIP socket and one per flow's upstream socket.
+    pub fn descriptors(&self) -> usize {
+        self.vips.len() + self.flows.len()
+    }
+
+    /// VIP sockets held (open or closing).
+    pub fn listeners(&self) -> usize {
+        self.vips.len()
+    }
+
     /// No receive is in flight and no socket is open.
     pub fn is_idle(&self) -> bool {
         self.in_flight == 0 && self.vips.is_empty()
@@ -235,24 +246,22 @@ fn release_flow(
     counters: &WorkerCounters,
     handle: FlowHandle,
     flow: UdpFlow,
-) {
+) -> std::io::Result<()> {
     selection.close(flow.load, counters);
+    let mut outcome = Ok(());
     if flow.fd_queued_at == Some(ring.submissions()) {
-        if let Err(err) = ring.submit() {
-            tracing::warn!(error = %err, "cannot submit a UDP flow's queued operations before closing it");
-        }
+        outcome = ring.submit().map(drop);
     }
     if flow.armed {
         let target = UserData::new(OpKind::UdpFlow, handle.index, handle.generation).encode();
         let cancel =
             opcode::AsyncCancel::new(target).build().user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
         // SAFETY: a cancel request references no memory.
-        if let Err(err) = unsafe { ring.push(&cancel) } {
-            tracing::warn!(error = %err, "cannot cancel a UDP flow's receive");
-        }
+        outcome = outcome.and(unsafe { ring.push(&cancel) });
     }
     // Closes the socket; its cancelled receive holds the file until it completes.
     drop(flow.upstream);
+    outcome
 }
 
 impl Worker {
@@ -304,10 +313,10 @@ impl Worker {
                     let (index, _) = self.udp.vips.insert(key, vip);
                     self.arm_udp_vip(index);
                 }
-                Err(err) => {
+                Err(error) => {
                     stats::add(&self.counters.bind_failures, 1);
                     if first_try {
-                        tracing::warn!(worker = self.settings.index, %key, error = %err, "cannot bind UDP VIP; retrying every housekeeping tick");
+                        warn_limited!(self, Warning::Bind, %key, %error, "cannot bind UDP VIP; retrying every housekeeping tick");
                     }
                     self.udp.unbound.push(key);
                 }
@@ -336,9 +345,10 @@ impl Worker {
                 vip.rearm_at_tick = false;
                 self.udp.in_flight += 1;
             }
-            Err(err) => {
+            Err(error) => {
                 vip.rearm_at_tick = true;
-                tracing::warn!(worker = self.settings.index, key = %vip.key, error = %err, "cannot arm a UDP receive");
+                let key = vip.key;
+                warn_limited!(self, Warning::Submit, %key, %error, "cannot arm a UDP receive");
             }
         }
     }
@@ -397,7 +407,14 @@ impl Worker {
     fn end_flow(&mut self, handle: FlowHandle, end: FlowEnd) {
         if let Some((_, flow)) = self.udp.flows.remove(handle) {
             count_end(&self.counters, end);
-            release_flow(&mut self.ring, &mut self.selection, &self.counters, handle, flow);
+            self.release_flow(handle, flow);
+        }
+    }
+
+    /// [`release_flow`], warning (throttled) when the ring refused what the flow queued.
+    pub(super) fn release_flow(&mut self, handle: FlowHandle, flow: UdpFlow) {
+        if let Err(error) = release_flow(&mut self.ring, &mut self.selection, &self.counters, handle, flow) {
+            warn_limited!(self, Warning::Submit, %error, "cannot submit a UDP flow's last operations");
         }
     }
 

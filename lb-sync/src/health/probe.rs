@@ -107,9 +107,11 @@ mod tests {
 
     #[test]
     fn local_shortages_are_not_the_backends_failure() {
-        let local = ProbeFailure::io("connect", std::io::Error::from_raw_os_error(libc::EMFILE));
+        let local =
+            ProbeFailure::io("connect", std::io::Error::from_raw_os_error(lb_core::local::errno::EMFILE));
         assert!(matches!(local, ProbeFailure::Local(LocalResource::Descriptors, _)), "{local:?}");
-        let refused = ProbeFailure::io("connect", std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        // ECONNREFUSED
+        let refused = ProbeFailure::io("connect", std::io::Error::from_raw_os_error(111));
         assert!(matches!(refused, ProbeFailure::Backend(_)), "{refused:?}");
     }
 

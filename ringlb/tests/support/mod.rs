@@ -39,15 +39,31 @@ pub struct Ringlb {
 impl Ringlb {
     /// Starts `ringlb <args> --admin <free loopback port>` with logs to stderr of the test.
     pub fn start(args: &[&str]) -> Ringlb {
+        Ringlb::start_with(args, |_| {})
+    }
+
+    /// [`Ringlb::start`] with the command adjusted by `configure` first (stderr, limits).
+    pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Ringlb {
         let admin = SocketAddr::new(loopback(1), port_free_on(&[loopback(1)]));
-        let child = Command::new(env!("CARGO_BIN_EXE_ringlb"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringlb"));
+        command
             .args(args)
             .args(["--admin", &admin.to_string(), "--workers", "2", "--log-level", "warn"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn ringlb");
+            .stdout(Stdio::null());
+        configure(&mut command);
+        let child = command.spawn().expect("spawn ringlb");
         Ringlb { child: Some(child), admin }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| child.try_wait().is_ok_and(|status| status.is_none()))
     }
 
     /// Waits until `/readyz` answers 200, failing if the process exits first.
