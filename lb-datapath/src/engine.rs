@@ -18,13 +18,11 @@ use crate::affinity::{AFFINITY_CAPACITY, SharedAffinity};
 use crate::budget::{DescriptorBudget, descriptor_limit};
 use crate::events::{BackendEvents, CHANNEL_BATCHES};
 use crate::relay::Path;
-use crate::ring::{Ring, RingFeatures};
+use crate::ring::{Ring, RingFeatures, completion_entries};
 use crate::stats::{EngineStats, WorkerCounters};
 use crate::worker::{Worker, WorkerSettings};
 use crate::{DatapathError, EngineConfig, RelayMode};
 
-/// Ring submission queue size per worker.
-const RING_ENTRIES: u32 = 4096;
 /// How long `start` waits for a worker to report its ring set up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -130,11 +128,20 @@ impl Engine {
                 let started = started_tx.clone();
                 let wake_fd = wake.as_raw_fd();
                 let relay = config.relay;
+                let ring_entries = config.ring_entries.max(1);
+                let completions = config.completion_entries.unwrap_or_else(|| {
+                    completion_entries(
+                        ring_entries,
+                        config.max_connections_per_worker,
+                        config.udp.max_flows_per_worker,
+                        usize::from(config.udp.recv_buffers),
+                    )
+                });
                 std::thread::Builder::new().name(format!("ringlb-w{index}")).spawn(move || {
                     if let Some(core) = core {
                         pin_to_core(index, core);
                     }
-                    let ring = match Ring::new(RING_ENTRIES) {
+                    let ring = match Ring::new(ring_entries, completions) {
                         Ok(ring) => ring,
                         Err(err) => {
                             let _ = started.send((index, Err(err)));

@@ -77,6 +77,12 @@ pub struct EngineConfig {
     /// CPU; 4 MiB lost both (interleaved `bench/compare` runs, tcp-stream-1 and -8). An empty pipe
     /// pins no memory; a full one holds page references, not copies.
     pub pipe_size: usize,
+    /// Submission-queue entries of each worker's ring (a power of two).
+    pub ring_entries: u32,
+    /// Completion-queue entries of each worker's ring; `None`: sized for what can be in flight
+    /// with the connection and flow caps (see `ring::completion_entries`). Tests set it small to
+    /// exercise an overflowing completion queue.
+    pub completion_entries: Option<u32>,
     /// Period of the housekeeping timer that enforces idle and drain timeouts and retries binds.
     pub housekeeping_interval: Duration,
     /// Use multishot accept where the kernel supports it (5.19+); `false` forces the re-armed
@@ -96,6 +102,8 @@ impl Default for EngineConfig {
             descriptor_limit: None,
             buffer_size: 64 * 1024,
             pipe_size: 1024 * 1024,
+            ring_entries: 4096,
+            completion_entries: None,
             housekeeping_interval: Duration::from_millis(250),
             multishot_accept: true,
             udp: UdpConfig::default(),

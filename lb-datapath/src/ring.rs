@@ -6,6 +6,13 @@
 //!
 //! Invariant: every buffer, address or timespec an entry points to stays alive and unmoved until the
 //! kernel has consumed it (callers of [`Ring::push`] promise this; see its safety contract).
+//!
+//! Completions: the completion queue is sized for what can be in flight ([`completion_entries`]),
+//! so it does not overflow in normal operation; should it (a burst of multishot completions), the
+//! kernel keeps the extra ones in its overflow list and sets a flag, which is counted
+//! ([`RingCounters`]), and a submission it then refuses (`EBUSY`, or `EAGAIN` when it is short of
+//! memory) is retried after moving the completions out of the way into a stash that [`Ring::reap`]
+//! hands out first. A full submission queue means submit and retry, never a failed operation.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -155,19 +162,56 @@ pub(crate) struct Ring {
     pub features: RingFeatures,
     /// Times queued entries were handed to the kernel (see [`Ring::submissions`]).
     submissions: u64,
+    /// Completions moved out of the queue so a refused submission could be retried; reaped first.
+    stash: Vec<(u64, i32, u32)>,
+    pub counters: RingCounters,
 }
 
+/// What the ring saw of completion-queue pressure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RingCounters {
+    /// Submissions found with the kernel's overflow flag set: completions waited in its overflow
+    /// list because the queue was full (none were lost).
+    pub overflowed: u64,
+    /// The kernel's count of completions it had to drop (it could not even keep them): should stay
+    /// 0; each one is an operation whose outcome the worker never learns.
+    pub dropped: u64,
+    /// Submissions the kernel refused for the moment (`EBUSY`, `EAGAIN`) and that were retried.
+    pub retried: u64,
+}
+
+/// Submission retries before a refused submission counts as a ring failure.
+const SUBMIT_RETRIES: u32 = 64;
+
+/// Completion-queue entries for a ring whose worker holds at most `connections` TCP connections
+/// (or SCTP associations) and `flows` UDP flows, with `buffers` UDP receive buffers: each
+/// connection has at most four operations in flight (a connect and its timeout, or one per relay
+/// direction, plus cancels in their place), each flow one receive, each buffer one receive or send
+/// completion; at least twice the submission queue, at most what the kernel allows (the ring is
+/// set up with `IORING_SETUP_CLAMP`).
+pub(crate) fn completion_entries(sq_entries: u32, connections: usize, flows: usize, buffers: usize) -> u32 {
+    let wanted = 4 * connections + flows + 2 * buffers + 64;
+    let wanted = u32::try_from(wanted).unwrap_or(u32::MAX).max(2 * sq_entries);
+    wanted.checked_next_power_of_two().unwrap_or(MAX_CQ_ENTRIES).min(MAX_CQ_ENTRIES)
+}
+
+/// The kernel's `IORING_MAX_CQ_ENTRIES`.
+const MAX_CQ_ENTRIES: u32 = 65_536;
+
 impl Ring {
-    /// Sets up a ring of `entries` submission slots and probes its features.
-    pub fn new(entries: u32) -> io::Result<Ring> {
+    /// Sets up a ring of `entries` submission slots and `completions` completion slots (see
+    /// [`completion_entries`]) and probes its features.
+    pub fn new(entries: u32, completions: u32) -> io::Result<Ring> {
         // Single-issuer (6.0) and coop-taskrun (5.19) are optimisations; older kernels refuse them.
         // Defer-taskrun (6.1) was measured too (bench/compare, interleaved A/B on tcp-rr, tcp-crr,
         // HTTP and bulk): no gain within the noise and a worse tcp-crr tail, so it is not used.
         let uring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
+            .setup_cqsize(completions)
+            .setup_clamp()
             .build(entries)
-            .or_else(|_| IoUring::new(entries))?;
+            .or_else(|_| IoUring::builder().setup_cqsize(completions).setup_clamp().build(entries))?;
         let mut probe = Probe::new();
         uring.submitter().register_probe(&mut probe)?;
         if let Some((_, name)) = REQUIRED.iter().find(|(code, _)| !probe.is_supported(*code)) {
@@ -181,7 +225,12 @@ impl Ring {
             multishot_recvmsg: probe.is_supported(opcode::SendZc::CODE),
             recv_poll_first: probe.is_supported(opcode::Socket::CODE),
         };
-        Ok(Ring { uring, features, submissions: 0 })
+        Ok(Ring { uring, features, submissions: 0, stash: Vec::new(), counters: RingCounters::default() })
+    }
+
+    /// The completion-queue size the kernel granted.
+    pub fn completion_capacity(&self) -> u32 {
+        self.uring.params().cq_entries()
     }
 
     /// How many times queued entries were handed to the kernel so far. The ring has no SQPOLL thread,
@@ -195,8 +244,51 @@ impl Ring {
     /// Hands every queued entry to the kernel now, without waiting. For callers about to close an fd
     /// that a queued entry names: the kernel resolves fds at submission and then holds their files.
     pub fn submit(&mut self) -> io::Result<usize> {
-        self.submissions += 1;
-        self.uring.submit()
+        self.submit_with(0)
+    }
+
+    /// Submits, waiting for `want` completions; a submission the kernel refuses for the moment
+    /// (`EBUSY`: its completion queue overflowed; `EAGAIN`: it is short of memory) is retried after
+    /// moving the completions into the stash, up to [`SUBMIT_RETRIES`] times.
+    fn submit_with(&mut self, want: usize) -> io::Result<usize> {
+        let mut retries = 0;
+        loop {
+            self.submissions += 1;
+            self.watch_overflow();
+            let result = if want == 0 { self.uring.submit() } else { self.uring.submit_and_wait(want) };
+            match result {
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => return Ok(0),
+                Err(err)
+                    if matches!(err.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN))
+                        && retries < SUBMIT_RETRIES =>
+                {
+                    retries += 1;
+                    self.counters.retried += 1;
+                    let before = self.stash.len();
+                    self.stash_completions();
+                    if want > 0 && self.stash.len() > before {
+                        // Waiting is satisfied: there are completions to dispatch.
+                        return Ok(0);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Moves every completion the queue holds into the stash (making room for the kernel's
+    /// overflow list to drain into the queue).
+    fn stash_completions(&mut self) {
+        for cqe in self.uring.completion() {
+            self.stash.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+    }
+
+    fn watch_overflow(&mut self) {
+        if self.uring.submission().cq_overflow() {
+            self.counters.overflowed += 1;
+        }
+        self.counters.dropped = u64::from(self.uring.completion().overflow());
     }
 
     /// Queues `entry`, submitting first if the submission queue is full.
@@ -206,13 +298,14 @@ impl Ring {
     /// valid and unmoved until its completion has been reaped (or, for addresses and timespecs, until
     /// the next submit, which is when the kernel copies them), and the fds must stay open until then.
     pub unsafe fn push(&mut self, entry: &Entry) -> io::Result<()> {
-        loop {
+        for _ in 0..=SUBMIT_RETRIES {
             // SAFETY: forwarded to the caller (see this function's contract).
             if unsafe { self.uring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
             self.submit()?;
         }
+        Err(io::Error::new(io::ErrorKind::WouldBlock, "the kernel takes no submissions"))
     }
 
     /// Makes room for `n` entries that must reach the kernel in the same submission (a linked
@@ -268,22 +361,20 @@ impl Ring {
         unsafe { self.uring.submitter().register_buf_ring_with_flags(entries_addr, entries, group, 0) }
     }
 
-    /// Submits queued entries and waits for at least `want` completions.
+    /// Submits queued entries and waits for at least `want` completions (returns early when
+    /// completions were stashed meanwhile).
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
-        self.submissions += 1;
-        match self.uring.submit_and_wait(want) {
-            Err(err)
-                if err.raw_os_error() == Some(libc::EINTR) || err.raw_os_error() == Some(libc::EBUSY) =>
-            {
-                Ok(0)
-            }
-            other => other,
+        if !self.stash.is_empty() {
+            return self.submit_with(0);
         }
+        self.submit_with(want)
     }
 
-    /// Moves up to `out.len()` completions into `out` as `(user_data, result, flags)`; returns the count.
+    /// Moves every completion (the stash's first, in the order they came) into `out` as
+    /// `(user_data, result, flags)`.
     pub fn reap(&mut self, out: &mut Vec<(u64, i32, u32)>) {
         out.clear();
+        out.append(&mut self.stash);
         for cqe in self.uring.completion() {
             out.push((cqe.user_data(), cqe.result(), cqe.flags()));
         }
@@ -301,6 +392,15 @@ mod tests {
         assert_eq!(decoded.kind, OpKind::BackendToClient);
         assert_eq!(decoded.slot, 0xDEAD_BEEF);
         assert_eq!(decoded.generation, 0x34_5678);
+    }
+
+    #[test]
+    fn the_completion_queue_is_sized_for_what_can_be_in_flight() {
+        assert_eq!(completion_entries(4096, 4686, 9373, 128), 32_768, "the default budget of this machine");
+        assert_eq!(completion_entries(4096, 0, 0, 0), 8192, "at least twice the submission queue");
+        assert_eq!(completion_entries(4096, 65_536, 65_536, 128), 65_536, "at most the kernel's maximum");
+        let ring = Ring::new(8, completion_entries(8, 100, 0, 0)).expect("a ring");
+        assert_eq!(ring.completion_capacity(), 512);
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub(crate) struct WorkerCounters {
     pub budget_refusals: AtomicU64,
     pub descriptors: AtomicU64,
     pub descriptor_budget: AtomicU64,
+    pub ring_completion_entries: AtomicU64,
+    pub ring_cq_overflowed: AtomicU64,
+    pub ring_cq_dropped: AtomicU64,
+    pub ring_submit_retries: AtomicU64,
+    pub ring_failed: AtomicU64,
 }
 
 /// Adds `n` to a counter owned by the calling worker.
@@ -126,6 +131,11 @@ impl WorkerCounters {
             budget_refusals: get(&self.budget_refusals),
             descriptors: get(&self.descriptors),
             descriptor_budget: get(&self.descriptor_budget),
+            ring_completion_entries: get(&self.ring_completion_entries),
+            ring_cq_overflowed: get(&self.ring_cq_overflowed),
+            ring_cq_dropped: get(&self.ring_cq_dropped),
+            ring_submit_retries: get(&self.ring_submit_retries),
+            ring_failed: get(&self.ring_failed),
         }
     }
 }
@@ -243,6 +253,18 @@ pub struct WorkerStats {
     /// The descriptors this worker may hold: its share of the process's `RLIMIT_NOFILE` after the
     /// control thread's reserve.
     pub descriptor_budget: u64,
+    /// Completion-queue entries of this worker's ring (sized for what can be in flight).
+    pub ring_completion_entries: u64,
+    /// Submissions that found the kernel holding completions in its overflow list (the queue was
+    /// full; none were lost).
+    pub ring_cq_overflowed: u64,
+    /// Completions the kernel dropped (its own overflow counter): should stay 0.
+    pub ring_cq_dropped: u64,
+    /// Submissions the kernel refused for the moment (`EBUSY`, `EAGAIN`) and that were retried.
+    pub ring_submit_retries: u64,
+    /// 1 once this worker's ring failed for good: the worker shut its sockets down, leaked what
+    /// the kernel might still use, and stopped.
+    pub ring_failed: u64,
 }
 
 /// Counters of every worker, index = worker number.
@@ -309,6 +331,11 @@ impl EngineStats {
             budget_refusals: a.budget_refusals + w.budget_refusals,
             descriptors: a.descriptors + w.descriptors,
             descriptor_budget: a.descriptor_budget + w.descriptor_budget,
+            ring_completion_entries: a.ring_completion_entries + w.ring_completion_entries,
+            ring_cq_overflowed: a.ring_cq_overflowed + w.ring_cq_overflowed,
+            ring_cq_dropped: a.ring_cq_dropped + w.ring_cq_dropped,
+            ring_submit_retries: a.ring_submit_retries + w.ring_submit_retries,
+            ring_failed: a.ring_failed + w.ring_failed,
         })
     }
 }

@@ -151,9 +151,10 @@ impl Worker {
         self.sync_with_engine();
         let mut completions = Vec::with_capacity(1024);
         let mut stop_deadline = None;
+        stats::set(&self.counters.ring_completion_entries, u64::from(self.ring.completion_capacity()));
         loop {
-            if let Err(err) = self.ring.submit_and_wait(1) {
-                tracing::error!(worker = self.settings.index, error = %err, "io_uring submit failed; worker stops");
+            if let Err(error) = self.ring.submit_and_wait(1) {
+                self.abandon(error);
                 return;
             }
             self.now = Instant::now();
@@ -417,6 +418,10 @@ impl Worker {
         self.events.flush(&self.counters);
         self.warnings.flush(self.now);
         self.update_descriptor_gauges();
+        let ring = self.ring.counters;
+        stats::set(&self.counters.ring_cq_overflowed, ring.overflowed);
+        stats::set(&self.counters.ring_cq_dropped, ring.dropped);
+        stats::set(&self.counters.ring_submit_retries, ring.retried);
         if !self.stopping {
             self.udp_housekeeping();
             self.sctp_housekeeping();
@@ -504,6 +509,38 @@ impl Worker {
 
     /// Leaves the loop. Connections whose cancelled operations never completed are leaked on
     /// purpose: their buffers may still be owned by the kernel.
+    /// The ring failed for good (its submissions are refused): this worker can neither learn the
+    /// outcome of what is in flight nor cancel it. It shuts every socket down, so its clients see
+    /// the end and the kernel stops steering new connections to its listeners (the other workers
+    /// keep serving them), and stops. Everything the kernel might still use (the ring itself, the
+    /// relay and UDP buffers, the slots) is leaked on purpose rather than freed under the kernel.
+    fn abandon(mut self, error: std::io::Error) {
+        tracing::error!(
+            worker = self.settings.index,
+            %error,
+            connections = self.conns.len(),
+            "io_uring failed; this worker shuts its sockets down and stops (its buffers are leaked)"
+        );
+        for (_, listener) in self.listeners.iter_mut() {
+            let _ = listener.socket.shutdown(std::net::Shutdown::Read);
+        }
+        let mut live = Vec::new();
+        self.conns.live(&mut live);
+        for (index, generation) in live {
+            if let Some(conn) = self.conns.get_mut(index, generation) {
+                let _ = conn.client.shutdown(std::net::Shutdown::Both);
+                if let Some(backend) = &conn.backend {
+                    let _ = backend.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+        self.udp.shut_down_sockets();
+        self.sctp.shut_down_sockets();
+        stats::set(&self.counters.ring_failed, 1);
+        stats::set(&self.counters.listeners, 0);
+        std::mem::forget(self);
+    }
+
     fn finish_stop(mut self) {
         stats::set(&self.counters.listeners, 0);
         self.udp.leak_if_busy();

@@ -145,6 +145,19 @@ impl SctpState {
         }
     }
 
+    /// Shuts every listener and association down (the ring failed; see `Worker::abandon`).
+    pub fn shut_down_sockets(&mut self) {
+        for (_, listener) in self.listeners.iter_mut() {
+            let _ = listener.socket.shutdown(std::net::Shutdown::Read);
+        }
+        for assoc in self.assocs.iter_mut().filter_map(|slot| slot.assoc.as_mut()) {
+            let _ = assoc.client.shutdown(std::net::Shutdown::Both);
+            if let Some(backend) = &assoc.backend {
+                let _ = backend.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
     fn get(&mut self, index: u32, generation: u32) -> Option<&mut Assoc> {
         let slot = self.assocs.get_mut(index as usize)?;
         if slot.generation != generation {

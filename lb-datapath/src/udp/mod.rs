@@ -187,6 +187,20 @@ impl UdpState {
             std::mem::forget(self.buffers.take());
         }
     }
+
+    /// Shuts every VIP and upstream socket down (the ring failed; see `Worker::abandon`).
+    pub fn shut_down_sockets(&mut self) {
+        for (_, vip) in self.vips.iter_mut() {
+            let _ = vip.socket.shutdown(std::net::Shutdown::Both);
+        }
+        let mut handles = Vec::new();
+        self.flows.select(&mut handles, |_, _| true);
+        for handle in handles {
+            if let Some(flow) = self.flows.get(handle) {
+                let _ = flow.upstream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 /// Pushes a receive on `fd`: multishot from the buffer ring, or one single-shot `recvmsg` with
