@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     /// Bumped by every publish; workers report the generation they reconciled with.
     pub generation: AtomicU64,
     pub stop: AtomicBool,
+    /// Graceful shutdown has begun: listeners close, established connections and flows go on.
+    pub draining: AtomicBool,
     /// Set once the control side took the backend events' receiver; workers collect only then.
     pub backend_events_wanted: AtomicBool,
     /// `sessionAffinity: ClientIP` bindings, shared by every worker (see [`crate::affinity`]).
@@ -64,6 +66,7 @@ impl Engine {
             snapshot: ArcSwap::new(initial),
             generation: AtomicU64::new(1),
             stop: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             backend_events_wanted: AtomicBool::new(false),
             affinity: Arc::new(SharedAffinity::new(AFFINITY_CAPACITY)),
         });
@@ -196,13 +199,35 @@ impl Engine {
         self.wake_all();
     }
 
-    /// True once every worker runs and has reconciled its listeners with the current snapshot.
+    /// True once every worker runs and has reconciled its listeners with the current snapshot,
+    /// and the engine is neither stopping nor draining.
     pub fn is_ready(&self) -> bool {
-        let generation = self.shared.generation.load(Ordering::Acquire);
         let running = self.threads.lock().map(|t| t.iter().all(|t| !t.is_finished())).unwrap_or(false);
         running
             && !self.shared.stop.load(Ordering::Acquire)
-            && self.workers.iter().all(|w| w.reconciled.load(Ordering::Acquire) == generation)
+            && !self.shared.draining.load(Ordering::Acquire)
+            && self.is_reconciled()
+    }
+
+    /// Whether every worker has reconciled with the snapshot published last (draining or not).
+    pub fn is_reconciled(&self) -> bool {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        self.workers.iter().all(|w| w.reconciled.load(Ordering::Acquire) == generation)
+    }
+
+    /// Begins a graceful shutdown: every worker closes its TCP and SCTP listeners at once (so the
+    /// kernel refuses new connections and clients go elsewhere) and takes no new UDP flow, while
+    /// established connections, associations and flows go on. The engine is no longer ready. Call
+    /// [`Engine::shutdown`] once [`Engine::is_drained`] or a grace period is over.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// Whether no connection, association or UDP flow is left (after [`Engine::begin_drain`]).
+    pub fn is_drained(&self) -> bool {
+        let total = self.stats().total();
+        total.active == 0 && total.flows_active == 0 && total.sctp_active == 0
     }
 
     /// The receiver of the workers' backend events (connect outcomes, backend resets), for passive

@@ -83,6 +83,8 @@ pub(crate) struct Worker {
     pub udp: UdpState,
     pub sctp: SctpState,
     stopping: bool,
+    /// Graceful shutdown: no new listeners, connections or flows (see `begin_drain`).
+    draining: bool,
     scratch: Vec<(u32, u32)>,
     pub events: EventBuffer,
     /// Throttles for the warnings that can repeat per connection, accept or key.
@@ -134,6 +136,7 @@ impl Worker {
             udp,
             sctp: SctpState::new(),
             stopping: false,
+            draining: false,
             scratch: Vec::new(),
             events: EventBuffer::new(settings_events),
             warnings: Warnings::new(settings_index),
@@ -235,6 +238,9 @@ impl Worker {
             self.begin_stop();
             return;
         }
+        if self.shared.draining.load(Ordering::Acquire) && !self.draining {
+            self.begin_drain();
+        }
         let generation = self.shared.generation.load(Ordering::Acquire);
         if generation == self.reconciled.load(Ordering::Relaxed) {
             return;
@@ -281,6 +287,9 @@ impl Worker {
     }
 
     fn bind_unbound(&mut self, first_try: bool) {
+        if self.draining {
+            self.unbound.clear();
+        }
         let keys = std::mem::take(&mut self.unbound);
         for key in keys {
             if !self.may_listen() {
@@ -487,11 +496,31 @@ impl Worker {
         self.scratch = live;
     }
 
+    /// Graceful shutdown begins: every TCP and SCTP listener closes at once (the kernel refuses
+    /// new connections, so clients go to another instance), no listener is bound again and no UDP
+    /// flow is created, while established connections, associations and flows go on.
+    fn begin_drain(&mut self) {
+        self.draining = true;
+        self.unbound.clear();
+        let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
+        for index in open {
+            self.close_listener(index);
+        }
+        self.close_sctp_listeners();
+        self.udp.stop_binding();
+    }
+
+    /// Whether graceful shutdown has begun (see [`Worker::begin_drain`]).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining
+    }
+
     fn begin_stop(&mut self) {
         if self.stopping {
             return;
         }
         self.stopping = true;
+        self.draining = true;
         self.unbound.clear();
         let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
         for index in open {
@@ -507,8 +536,6 @@ impl Worker {
         self.scratch = live;
     }
 
-    /// Leaves the loop. Connections whose cancelled operations never completed are leaked on
-    /// purpose: their buffers may still be owned by the kernel.
     /// The ring failed for good (its submissions are refused): this worker can neither learn the
     /// outcome of what is in flight nor cancel it. It shuts every socket down, so its clients see
     /// the end and the kernel stops steering new connections to its listeners (the other workers
@@ -541,6 +568,8 @@ impl Worker {
         std::mem::forget(self);
     }
 
+    /// Leaves the loop. Connections whose cancelled operations never completed are leaked on
+    /// purpose: their buffers may still be owned by the kernel.
     fn finish_stop(mut self) {
         stats::set(&self.counters.listeners, 0);
         self.udp.leak_if_busy();

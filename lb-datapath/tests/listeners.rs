@@ -133,3 +133,58 @@ fn publishing_during_a_transfer_never_disturbs_it() {
     assert_eq!((report.received, report.intact), (len, true));
     assert_eq!(engine.stats().total().resets, 0);
 }
+
+#[test]
+fn a_drain_closes_every_listener_at_once_while_established_connections_and_flows_go_on() {
+    let echo = echo_server().expect("backend");
+    let udp_echo = testkit::backends::udp_echo_server().expect("udp backend");
+    let tcp = tcp_key(134);
+    let udp = udp_key(134);
+    let engine = start_engine(
+        2,
+        RelayMode::Copy,
+        snapshot(
+            1,
+            vec![
+                entry(tcp, &[(echo.addr(), true)], test_policy()),
+                entry(udp, &[(udp_echo.addr(), true)], test_policy()),
+            ],
+        ),
+    );
+    let mut established = connect(tcp.socket_addr());
+    assert_eq!(round_trip(&mut established, b"before"), b"before");
+    let flow = udp_client();
+    assert_eq!(udp_exchange(&flow, udp.socket_addr(), b"before").0, b"before");
+
+    engine.begin_drain();
+    assert!(!engine.is_ready(), "a draining engine is not ready");
+    wait_until("every TCP listener closed", Duration::from_secs(10), || {
+        engine.stats().total().listeners == 0
+    });
+    let refused = std::net::TcpStream::connect_timeout(&tcp.socket_addr(), IO_TIMEOUT);
+    assert!(
+        refused.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "new clients are refused"
+    );
+    assert_eq!(round_trip(&mut established, b"still going"), b"still going");
+    assert_eq!(udp_exchange(&flow, udp.socket_addr(), b"flow goes on").0, b"flow goes on");
+    let newcomer = udp_client();
+    newcomer.send_to(b"new flow?", udp.socket_addr()).expect("send");
+    wait_until("the new client's datagram is dropped", Duration::from_secs(10), || {
+        engine.stats().total().udp_drops_no_backend == 1
+    });
+    assert_eq!(engine.stats().total().flows_created, 1, "no flow is created while draining");
+    assert!(!engine.is_drained());
+
+    // Publishing during a drain opens nothing again.
+    let again = vec![
+        entry(tcp, &[(echo.addr(), true)], test_policy()),
+        entry(udp, &[(udp_echo.addr(), true)], test_policy()),
+    ];
+    engine.publish(snapshot(2, again));
+    wait_until("the publish is reconciled", Duration::from_secs(10), || engine.is_reconciled());
+    assert_eq!(engine.stats().total().listeners, 0);
+    drop(established);
+    wait_until("the TCP connection ended", Duration::from_secs(10), || engine.stats().total().active == 0);
+    assert!(!engine.is_drained(), "the UDP flow still lives until it expires");
+}

@@ -90,6 +90,11 @@ pub struct EngineArgs {
     /// How TCP bytes are relayed.
     #[arg(long, value_enum, default_value_t = RelayArg::Auto)]
     pub relay: RelayArg,
+    /// On SIGTERM or SIGINT, how long established connections and UDP flows may go on after the
+    /// listeners closed; then what is left is closed. 0 closes everything at once; a second signal
+    /// does too.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub shutdown_grace: Duration,
     /// UDP flows one worker tracks at most (least recently used evicted beyond) [default: 65536].
     #[arg(long)]
     pub udp_max_flows: Option<usize>,

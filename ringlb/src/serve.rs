@@ -1,6 +1,8 @@
 //! `ringlb run` and the serving half of `ringlb demo`: start the datapath engine, run the control
 //! thread (a current-thread tokio runtime: the source, its health probes, the admin listener,
-//! signals) until SIGINT or SIGTERM, then stop the engine.
+//! signals) until SIGINT or SIGTERM, then shut down gracefully: the listeners close at once
+//! (`/readyz` turns 503), established connections and UDP flows go on for `--shutdown-grace`, then
+//! what is left is closed and ringlb exits 0; a second signal closes everything at once.
 //!
 //! The main thread becomes the control thread; datapath workers are the engine's own pinned threads.
 //! The only thing handed from control to datapath is a `Snapshot`, through `Engine::publish`.
@@ -8,6 +10,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use lb_core::{BuildOptions, EntryPolicy, NotReadyConnections, Snapshot, StaleFlowPolicy};
@@ -170,7 +173,9 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
     let published = Arc::new(AtomicBool::new(false));
     let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published) };
 
+    let grace = engine_args.shutdown_grace;
     let outcome = runtime.block_on(async {
+        let mut signals = Signals::new();
         if let Some(addr) = admin_addr {
             let listener = admin::bind(addr).await?;
             let state = ServeState {
@@ -188,7 +193,7 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
             tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
         }
-        match source {
+        let served = match source {
             Source::Manifests(source) => {
                 // Passive outlier detection: the workers' connect outcomes and resets flow back to
                 // the source's health monitor, whose ejections join the one health overlay.
@@ -196,34 +201,109 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
                     Some(events) => source.with_backend_events(events),
                     None => *source,
                 };
-                source.run(sink, shutdown_signal()).await.map_err(anyhow::Error::from)
+                source.run(sink, signals.next()).await.map_err(anyhow::Error::from)
             }
             Source::Fixed(snapshot) => {
                 sink.publish(Arc::new(snapshot));
-                shutdown_signal().await;
+                signals.next().await;
                 Ok(())
             }
+        };
+        if served.is_ok() {
+            drain(&engine, grace, &mut signals).await;
         }
+        served
     });
-    tracing::info!("shutting down");
     drop(runtime);
     engine.shutdown();
+    tracing::info!("stopped");
     outcome.map(|()| ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
+/// The first half of a graceful shutdown: the listeners close at once, then established
+/// connections and flows have up to `grace` to end by themselves (a second signal cuts it short).
+async fn drain(engine: &Engine, grace: Duration, signals: &mut Signals) {
+    let open = |engine: &Engine| {
+        let total = engine.stats().total();
+        (total.active, total.flows_active, total.sctp_active)
+    };
+    if grace.is_zero() {
+        let (connections, flows, associations) = open(engine);
+        tracing::info!(connections, flows, associations, "shutting down now (--shutdown-grace 0)");
+        return;
+    }
+    engine.begin_drain();
+    let (connections, flows, associations) = open(engine);
+    tracing::info!(
+        ?grace,
+        connections,
+        flows,
+        associations,
+        "shutting down: listeners closed, established connections and flows continue"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut poll = tokio::time::interval(DRAIN_POLL);
+    loop {
+        tokio::select! {
+            () = signals.next() => {
+                tracing::warn!("second signal: closing every connection now");
+                return;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                let (connections, flows, associations) = open(engine);
+                tracing::info!(connections, flows, associations, "shutdown grace over; closing what is left");
+                return;
+            }
+            _ = poll.tick() => {
+                if engine.is_drained() {
+                    tracing::info!("every connection and flow ended");
+                    return;
+                }
             }
         }
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops ringlb");
-            let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// How often a draining ringlb checks whether everything ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// SIGINT (Ctrl-C) and SIGTERM, each delivery one [`Signals::next`].
+struct Signals {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch {name}");
+                None
+            }
+        };
+        Signals {
+            terminate: watch(SignalKind::terminate(), "SIGTERM"),
+            interrupt: watch(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        async fn one(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    if signal.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.terminate) => tracing::info!("SIGTERM"),
+            () = one(&mut self.interrupt) => tracing::info!("SIGINT"),
         }
     }
 }

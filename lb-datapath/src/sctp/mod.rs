@@ -228,6 +228,9 @@ impl Worker {
     }
 
     fn bind_unbound_sctp(&mut self, first_try: bool) {
+        if self.is_draining() {
+            self.sctp.unbound.clear();
+        }
         let keys = std::mem::take(&mut self.sctp.unbound);
         for key in keys {
             if !self.may_listen() {
@@ -381,13 +384,18 @@ impl Worker {
     }
 
     /// Stop: listeners close, associations are aborted.
-    pub(crate) fn stop_sctp(&mut self) {
+    /// Closes every SCTP listener and binds none again (graceful shutdown, or stop).
+    pub(crate) fn close_sctp_listeners(&mut self) {
         self.sctp.unbound.clear();
         let open: Vec<u32> =
             self.sctp.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
         for index in open {
             self.close_sctp_listener(index);
         }
+    }
+
+    pub(crate) fn stop_sctp(&mut self) {
+        self.close_sctp_listeners();
         for (index, generation) in self.sctp.live() {
             self.begin_sctp_close(index, generation, true);
         }

@@ -202,6 +202,11 @@ impl Worker {
             stats::add(&self.counters.udp_drops_source_range, 1);
             return None;
         }
+        if self.is_draining() {
+            // Shutting down: established flows go on, new clients are not taken.
+            stats::add(&self.counters.udp_drops_no_backend, 1);
+            return None;
+        }
         if !self.fits(1) {
             stats::add(&self.counters.udp_drops_no_backend, 1);
             self.refuse_for_budget("a datagram of a new UDP flow was dropped");

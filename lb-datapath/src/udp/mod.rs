@@ -188,6 +188,11 @@ impl UdpState {
         }
     }
 
+    /// Graceful shutdown: VIP sockets stay (their flows go on) but none is bound again.
+    pub fn stop_binding(&mut self) {
+        self.unbound.clear();
+    }
+
     /// Shuts every VIP and upstream socket down (the ring failed; see `Worker::abandon`).
     pub fn shut_down_sockets(&mut self) {
         for (_, vip) in self.vips.iter_mut() {
@@ -302,7 +307,7 @@ impl Worker {
     }
 
     fn bind_unbound_udp(&mut self, snapshot: &Snapshot, first_try: bool) {
-        if self.udp.buffers.is_none() {
+        if self.udp.buffers.is_none() || self.is_draining() {
             self.udp.unbound.clear();
             return;
         }

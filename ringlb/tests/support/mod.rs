@@ -51,6 +51,11 @@ impl Ringlb {
             .args(["--admin", &admin.to_string(), "--workers", "2", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        // Tests that do not test the graceful shutdown need not wait its default 30 s for
+        // connections they left open.
+        if !args.contains(&"--shutdown-grace") {
+            command.args(["--shutdown-grace", "2s"]);
+        }
         configure(&mut command);
         let child = command.spawn().expect("spawn ringlb");
         Ringlb { child: Some(child), admin }
@@ -86,11 +91,22 @@ impl Ringlb {
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
-    pub fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
+    pub fn terminate(self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) without waiting.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("running");
         let pid = i32::try_from(child.id()).expect("pid fits");
         // SAFETY: kill(2) with a pid we spawned and have not reaped; no memory is involved.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Waits (bounded) for the exit status.
+    pub fn wait(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
         wait_exit(&mut child)
     }
 }
@@ -105,7 +121,7 @@ impl Drop for Ringlb {
 }
 
 fn wait_exit(child: &mut Child) -> ExitStatus {
-    poll_until("ringlb to exit after SIGTERM", || child.try_wait().expect("wait for ringlb"))
+    poll_until("ringlb to exit", || child.try_wait().expect("wait for ringlb"))
 }
 
 /// Polls `condition` every 10 ms until it yields a value; panics naming `what` after [`DEADLINE`].
