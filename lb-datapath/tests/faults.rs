@@ -174,7 +174,84 @@ fn a_worker_whose_ring_fails_shuts_its_sockets_down_and_the_others_serve_on() {
     }
 }
 
+#[test]
+fn a_backend_connect_without_a_free_source_port_is_local_and_tries_the_next_backend() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A network namespace of its own, entered by one thread (the engine's workers and the backends'
+    // threads, spawned from it, live there too), whose ephemeral port range is a single port.
+    std::thread::spawn(|| {
+        // SAFETY: unshare(2) affects only the calling thread here (no CLONE_FS or files flags).
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare: {}",
+            std::io::Error::last_os_error()
+        );
+        let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("run ip");
+        assert!(up.success(), "ip link set lo up");
+        let (first, second) =
+            (named_server("first").expect("backend"), named_server("second").expect("backend"));
+        // Narrowed once the backends are bound, and widened again before they are dropped (a
+        // backend's accept loop is woken by a connect to itself, which needs a port).
+        let _narrow = PortRange::narrowed_to(60000);
+        let key = lb_core::VipKey::new(vip(135), 8135, lb_core::Protocol::Tcp);
+        let backends = [(first.addr(), true), (second.addr(), true)];
+        // Source hashing: every client of 127.0.0.1 is sent to the same backend first.
+        let mut sticky = entry(key, &backends, test_policy());
+        sticky.scheduler =
+            lb_core::Scheduler::build(lb_core::SchedulerKind::SourceHash, &sticky.backends, &sticky.eligible);
+        let engine = start_engine_with(unbudgeted(1), snapshot(1, vec![sticky]));
+        let events = engine.take_backend_events().expect("backend events");
+        // Clients bind ports outside the range, so only ringlb's backend connects need the one port.
+        let client = |port: u16| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+            socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into()).expect("bind");
+            socket.connect(&key.socket_addr().into()).expect("connect to the VIP");
+            let mut stream: std::net::TcpStream = socket.into();
+            stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            let name = read_name(&mut stream);
+            (name, stream)
+        };
+        // The first client takes the one port towards its backend; the second is hashed to the same
+        // backend, finds no port left towards it, and ringlb moves on to the other backend, whose
+        // 4-tuple from port 60000 is still free.
+        let (a, _held_a) = client(4001);
+        let (b, _held_b) = client(4002);
+        assert_ne!(a, b, "the second client was moved to the other backend");
+        let total = engine.stats().total();
+        assert_eq!(total.local_no_source_port, 1, "{total:?}");
+        assert_eq!((total.connect_failures, total.retries), (0, 1), "not the backend's failure: {total:?}");
+        wait_until("the workers flush their events", STATS_WAIT, || {
+            let seen: Vec<_> = events.try_iter().flatten().collect();
+            assert!(seen.iter().all(|e| e.outcome != BackendOutcome::ConnectFailed), "{seen:?}");
+            !seen.is_empty()
+        });
+    })
+    .join()
+    .expect("the test thread");
+}
+
 const STATS_WAIT: Duration = Duration::from_secs(10);
+
+/// The calling thread's network namespace's ephemeral port range, narrowed to one port until drop.
+struct PortRange(String);
+
+impl PortRange {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+    fn narrowed_to(port: u16) -> PortRange {
+        let before = std::fs::read_to_string(Self::PATH).expect("the port range");
+        std::fs::write(Self::PATH, format!("{port} {port}")).expect("narrow the port range");
+        PortRange(before)
+    }
+}
+
+impl Drop for PortRange {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
 
 /// CPU time (user + system) this process has used so far.
 fn process_cpu() -> Duration {
