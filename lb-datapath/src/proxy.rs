@@ -9,17 +9,18 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::opcode;
 use lb_core::health::{BackendEvent, BackendOutcome};
-use lb_core::{LocalResource, VipKey};
+use lb_core::{Backend, BackendIdx, LocalResource, ServiceEntry, VipKey};
 use socket2::{Domain, Socket, Type};
 
 use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase, Which};
 use crate::relay::{self, Advanced, Next, Path};
 use crate::ring::{OpKind, UserData};
-use crate::stats;
+use crate::selection::Selection;
+use crate::stats::{self, WorkerCounters};
 use crate::warnings::{Warning, warn_limited};
 use crate::worker::Worker;
 
@@ -31,6 +32,44 @@ pub(crate) enum Failure {
     Local(LocalResource, i32),
     /// The ring refused the connect.
     Submit(std::io::Error),
+}
+
+/// The backends one client connection (or SCTP association) has tried so far.
+pub(crate) struct Attempt<'a> {
+    pub client: SocketAddr,
+    pub tried: &'a mut [BackendIdx; MAX_ATTEMPTS],
+    pub tried_len: &'a mut usize,
+}
+
+impl Attempt<'_> {
+    /// The next backend to try: the entry's pick among those not tried yet, within its
+    /// `connect-attempts`; recorded as tried. Counts retries, and clients no backend was left for.
+    pub fn next<'e>(
+        self,
+        selection: &mut Selection,
+        counters: &WorkerCounters,
+        now: Instant,
+        entry: &'e ServiceEntry,
+    ) -> Result<&'e Backend, Failure> {
+        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
+        if *self.tried_len >= attempts {
+            return Err(Failure::Exhausted);
+        }
+        let exclude = &self.tried[..*self.tried_len];
+        let Some(picked) = selection.pick(now, entry, self.client, exclude) else {
+            if *self.tried_len == 0 {
+                stats::add(&counters.no_backend, 1);
+            }
+            return Err(Failure::Exhausted);
+        };
+        let backend = entry.backend(picked).ok_or(Failure::Exhausted)?;
+        self.tried[*self.tried_len] = picked;
+        *self.tried_len += 1;
+        if *self.tried_len > 1 {
+            stats::add(&counters.retries, 1);
+        }
+        Ok(backend)
+    }
 }
 
 impl Failure {
@@ -168,23 +207,9 @@ impl Worker {
     fn connect_next(&mut self, index: u32, generation: u32) -> Result<(), Failure> {
         let Some(conn) = self.conns.get_mut(index, generation) else { return Ok(()) };
         let Some(entry) = conn.entry.clone() else { return Ok(()) };
-        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
-        if conn.tried_len >= attempts {
-            return Err(Failure::Exhausted);
-        }
-        let exclude = &conn.tried[..conn.tried_len];
-        let Some(picked) = self.selection.pick(self.now, &entry, conn.client_addr, exclude) else {
-            if conn.tried_len == 0 {
-                stats::add(&self.counters.no_backend, 1);
-            }
-            return Err(Failure::Exhausted);
-        };
-        let Some(backend) = entry.backend(picked) else { return Err(Failure::Exhausted) };
-        conn.tried[conn.tried_len] = picked;
-        conn.tried_len += 1;
-        if conn.tried_len > 1 {
-            stats::add(&self.counters.retries, 1);
-        }
+        let attempt =
+            Attempt { client: conn.client_addr, tried: &mut conn.tried, tried_len: &mut conn.tried_len };
+        let backend = attempt.next(&mut self.selection, &self.counters, self.now, &entry)?;
         let addr = backend.addr();
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)
             .map_err(Failure::local)?;

@@ -15,7 +15,7 @@ use socket2::{Domain, Socket};
 use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
 use super::{Assoc, B2C, C2B, Direction, Pending, abort_socket, dir_kind};
 use crate::connection::MAX_ATTEMPTS;
-use crate::proxy::Failure;
+use crate::proxy::{Attempt, Failure};
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::stats;
 use crate::warnings::{Warning, warn_limited};
@@ -86,23 +86,9 @@ impl Worker {
     fn sctp_connect_next(&mut self, index: u32, generation: u32) -> Result<(), Failure> {
         let Some(assoc) = self.sctp.get(index, generation) else { return Ok(()) };
         let Some(entry) = assoc.entry.clone() else { return Ok(()) };
-        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
-        if assoc.tried_len >= attempts {
-            return Err(Failure::Exhausted);
-        }
-        let exclude = &assoc.tried[..assoc.tried_len];
-        let Some(picked) = self.selection.pick(self.now, &entry, assoc.client_addr, exclude) else {
-            if assoc.tried_len == 0 {
-                stats::add(&self.counters.no_backend, 1);
-            }
-            return Err(Failure::Exhausted);
-        };
-        let Some(backend) = entry.backend(picked) else { return Err(Failure::Exhausted) };
-        assoc.tried[assoc.tried_len] = picked;
-        assoc.tried_len += 1;
-        if assoc.tried_len > 1 {
-            stats::add(&self.counters.retries, 1);
-        }
+        let attempt =
+            Attempt { client: assoc.client_addr, tried: &mut assoc.tried, tried_len: &mut assoc.tried_len };
+        let backend = attempt.next(&mut self.selection, &self.counters, self.now, &entry)?;
         let addr = backend.addr();
         let socket = sctp_socket(Domain::for_address(addr)).map_err(Failure::local)?;
         assoc.backend_id = Some(backend.id);
