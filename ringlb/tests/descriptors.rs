@@ -8,7 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use support::{IO_TIMEOUT, Ringlb, greeting, http_get, loopback, poll_until, port_free_on, save};
+use support::{
+    IO_TIMEOUT, Ringlb, greeting, http_get, loopback, poll_until, port_free_on, save, web_manifest,
+};
 use testkit::backends::named_server;
 
 /// The limit ringlb runs under: soft and hard, as `ulimit -n 256` sets them.
@@ -40,18 +42,7 @@ fn a_flood_beyond_the_descriptor_limit_is_refused_without_spinning_or_ejecting_a
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("web.yaml");
     let log = dir.path().join("ringlb.log");
-    let text = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  \
-         externalIPs: [\"{}\"]\n  ports:\n  - {{name: http, port: {}, targetPort: {}}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
-         namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
-         ports: [{{name: http, port: {}, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
-        vip.ip(),
-        vip.port(),
-        backend.addr().port(),
-        backend.addr().port(),
-        backend.addr().ip()
-    );
+    let text = web_manifest(vip, backend.addr().port(), &[(backend.addr().ip(), true)]);
     save(&file, &text);
     let stderr = std::fs::File::create(&log).expect("log file");
     let mut ringlb =

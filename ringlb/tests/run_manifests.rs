@@ -8,25 +8,8 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 
-use support::{Ringlb, greeting, loopback, poll_until, port_free_on, save};
+use support::{Ringlb, greeting, loopback, poll_until, port_free_on, save, web_manifest};
 use testkit::backends::{named_server_on, read_pattern, stream_header, stream_server, write_pattern};
-
-/// A Service `web` with external IP `vip` and one slice of `(ip, ready)` endpoints on `backend_port`.
-fn manifest(vip: SocketAddr, backend_port: u16, endpoints: &[(std::net::IpAddr, bool)]) -> String {
-    let mut text = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  \
-         clusterIP: 10.96.0.20\n  externalIPs: [\"{}\"]\n  ports:\n  - name: http\n    port: {}\n    \
-         targetPort: http\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
-         name: web-abc12\n  namespace: shop\n  labels:\n    kubernetes.io/service-name: web\n\
-         addressType: IPv4\nports:\n- name: http\n  port: {backend_port}\n  protocol: TCP\nendpoints:\n",
-        vip.ip(),
-        vip.port()
-    );
-    for (ip, ready) in endpoints {
-        text.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}\n"));
-    }
-    text
-}
 
 /// Opens `count` connections through `vip` and counts the greetings per backend name.
 fn spread(vip: SocketAddr, count: usize) -> BTreeMap<String, usize> {
@@ -52,7 +35,7 @@ fn run_balances_over_ready_endpoints_and_follows_readiness_edits() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("web.yaml");
     let readiness = |ready: [bool; 4]| -> Vec<_> { backend_ips.iter().copied().zip(ready).collect() };
-    save(&file, &manifest(vip, backend_port, &readiness([true, true, true, false])));
+    save(&file, &web_manifest(vip, backend_port, &readiness([true, true, true, false])));
 
     let mut ringlb = Ringlb::start(&["run", "--manifests", dir.path().to_str().expect("utf-8 path")]);
     ringlb.wait_ready();
@@ -71,7 +54,7 @@ fn run_balances_over_ready_endpoints_and_follows_readiness_edits() {
         (name == "web-1").then_some(stream)
     });
 
-    save(&file, &manifest(vip, backend_port, &readiness([false, true, true, true])));
+    save(&file, &web_manifest(vip, backend_port, &readiness([false, true, true, true])));
     poll_until("the readiness edit to take effect", || {
         let seen = spread(vip, 9);
         (seen.keys().collect::<Vec<_>>() == ["web-2", "web-3", "web-4"]).then_some(())
@@ -97,7 +80,7 @@ fn bad_edit_keeps_the_previous_table_serving() {
     let vip = SocketAddr::new(loopback(45), port_free_on(&[loopback(45)]));
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("web.yaml");
-    let good = manifest(vip, backend_port, &[(backend_ip, true)]);
+    let good = web_manifest(vip, backend_port, &[(backend_ip, true)]);
     save(&file, &good);
     let mut ringlb = Ringlb::start(&["run", "--manifests", file.to_str().expect("utf-8 path")]);
     ringlb.wait_ready();
@@ -127,7 +110,7 @@ fn bad_edit_keeps_the_previous_table_serving() {
     // A good edit after the bad ones is applied: the watch loop survived them.
     let second_ip = loopback(48);
     let _second = named_server_on(SocketAddr::new(second_ip, backend_port), "second").expect("backend");
-    save(&file, &manifest(vip, backend_port, &[(backend_ip, false), (second_ip, true)]));
+    save(&file, &web_manifest(vip, backend_port, &[(backend_ip, false), (second_ip, true)]));
     poll_until("the good edit to be published", || {
         (ringlb.status()["snapshot"]["version"] == 2).then_some(())
     });
@@ -142,7 +125,7 @@ fn large_transfers_through_run_arrive_intact_both_ways() {
     let vip = SocketAddr::new(loopback(47), port_free_on(&[loopback(47)]));
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("bulk.yaml");
-    save(&file, &manifest(vip, backend.addr().port(), &[(backend.addr().ip(), true)]));
+    save(&file, &web_manifest(vip, backend.addr().port(), &[(backend.addr().ip(), true)]));
     let mut ringlb = Ringlb::start(&["run", "--manifests", file.to_str().expect("utf-8 path")]);
     ringlb.wait_ready();
 
@@ -214,7 +197,7 @@ fn manifest_with_conditions(
     endpoints: &[(std::net::IpAddr, [bool; 3])],
 ) -> String {
     let plain: Vec<_> = endpoints.iter().map(|(ip, [ready, ..])| (*ip, *ready)).collect();
-    let mut text = manifest(vip, backend_port, &plain);
+    let mut text = web_manifest(vip, backend_port, &plain);
     for (ip, [ready, serving, terminating]) in endpoints {
         let short = format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}\n");
         let full = format!(

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::{IO_TIMEOUT, Ringlb, http_get, loopback, poll_until, port_free_on, save};
+use support::{IO_TIMEOUT, Ringlb, http_get, loopback, poll_until, port_free_on, save, web_manifest};
 use testkit::backends::echo_server;
 
 /// An echo backend behind a VIP on `127.0.0.<octet>`, and ringlb serving it with `grace`.
@@ -18,18 +18,7 @@ fn serving(octet: u8, grace: &str) -> (Ringlb, SocketAddr, testkit::backends::Se
     let vip = SocketAddr::new(loopback(octet), port_free_on(&[loopback(octet)]));
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("echo.yaml");
-    let text = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: default}}\nspec:\n  \
-         externalIPs: [\"{}\"]\n  ports:\n  - {{name: tcp, port: {}, targetPort: {}}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  \
-         namespace: default\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\n\
-         ports: [{{name: tcp, port: {}, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
-        vip.ip(),
-        vip.port(),
-        backend.addr().port(),
-        backend.addr().port(),
-        backend.addr().ip()
-    );
+    let text = web_manifest(vip, backend.addr().port(), &[(backend.addr().ip(), true)]);
     save(&file, &text);
     let mut ringlb =
         Ringlb::start(&["run", "--manifests", file.to_str().expect("utf-8 path"), "--shutdown-grace", grace]);

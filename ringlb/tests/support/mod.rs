@@ -168,3 +168,20 @@ pub fn save(path: &Path, text: &str) {
     std::fs::write(&temporary, text).expect("write manifest");
     std::fs::rename(&temporary, path).expect("rename manifest into place");
 }
+
+/// A Service `shop/web` with external IP `vip` and one slice of `(ip, ready)` endpoints on `backend_port`.
+pub fn web_manifest(vip: SocketAddr, backend_port: u16, endpoints: &[(IpAddr, bool)]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  \
+         clusterIP: 10.96.0.20\n  externalIPs: [\"{}\"]\n  ports:\n  - name: http\n    port: {}\n    \
+         targetPort: http\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+         name: web-abc12\n  namespace: shop\n  labels:\n    kubernetes.io/service-name: web\n\
+         addressType: IPv4\nports:\n- name: http\n  port: {backend_port}\n  protocol: TCP\nendpoints:\n",
+        vip.ip(),
+        vip.port()
+    );
+    for (ip, ready) in endpoints {
+        text.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}\n"));
+    }
+    text
+}
