@@ -1,14 +1,14 @@
 //! Session affinity (`sessionAffinity: ClientIP`): a client keeps the backend of its last new
 //! connection while it connects again within the entry's timeout.
 //!
-//! An [`AffinityTable`] belongs to one datapath worker (no locks; the kernel's `SO_REUSEPORT` hash
-//! sends one client's connections mostly to one worker, so per-worker affinity is what kube-proxy's
-//! per-node affinity is to a multi-node cluster: approximate across workers). It is keyed by
-//! (`VipKey`, client IP) and stores [`BackendId`]s, so it survives snapshot swaps: a lookup is
-//! honoured only while that backend is still eligible in the current entry. Sans-IO: every call
-//! takes `now`. Bounded: when full, the entry expiring soonest (the oldest, for equal timeouts) is
-//! evicted. Call order: `lookup` before picking; `record` after every new connection the entry's
-//! scheduler or affinity chose; `expire` at `next_deadline()` (or whenever convenient).
+//! An [`AffinityTable`] is a plain single-threaded table; the datapath shares one set of them
+//! between all its workers (sharded by client IP, each shard behind a lock taken only for entries
+//! with affinity), so the promise holds whichever worker a client's connection or flow lands on. It
+//! is keyed by (`VipKey`, client IP) and stores [`BackendId`]s, so it survives snapshot swaps: a
+//! lookup is honoured only while that backend is still eligible in the current entry. Sans-IO:
+//! every call takes `now`. Bounded: when full, the entry expiring soonest (the oldest, for equal
+//! timeouts) is evicted. Call order: `lookup` before picking; `record` after every new connection the
+//! entry's scheduler or affinity chose; `expire` at `next_deadline()` (or whenever convenient).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
