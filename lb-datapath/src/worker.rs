@@ -155,6 +155,7 @@ impl Worker {
         let mut completions = Vec::with_capacity(1024);
         let mut stop_deadline = None;
         stats::set(&self.counters.ring_completion_entries, u64::from(self.ring.completion_capacity()));
+        self.update_descriptor_gauges();
         loop {
             if let Err(error) = self.ring.submit_and_wait(1) {
                 self.abandon(error);
