@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints};
 use super::slices::{
     ParsedEndpoint, ParsedSlice, SlicesByService, parse_family_ip, parse_slice_port, target_name,
 };
-use super::{Skipped, object_ref, policy::parse_slice_weight, unique_by_name};
+use super::{Skipped, policy::parse_slice_weight, unique_objects};
 use crate::error::BuildError;
 use crate::model::{EndpointConditions, ObjectRef};
 
@@ -39,14 +39,7 @@ pub(super) fn mirror_all(
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) {
-    let named = endpoints.iter().filter_map(|object| match object_ref("Endpoints", &object.metadata) {
-        Ok(reference) => Some((reference, object)),
-        Err(error) => {
-            errors.push(error);
-            None
-        }
-    });
-    let (unique, _) = unique_by_name(named.collect::<Vec<_>>(), errors);
+    let (unique, _) = unique_objects(endpoints, errors);
     for (object, endpoints) in unique {
         let key = (object.namespace.clone(), object.name.clone());
         let labels = endpoints.metadata.labels.as_ref();

@@ -259,15 +259,22 @@ fn object_ref(kind: &'static str, meta: &ObjectMeta) -> Result<ObjectRef, BuildE
     }
 }
 
-/// Keeps one copy of each object name; copies that differ are all rejected (no order-independent
-/// choice exists), identical copies are harmless and collapse to one.
-fn unique_by_name<'a, T: PartialEq>(
-    objects: impl IntoIterator<Item = (ObjectRef, &'a T)>,
+/// Names every object of one kind (one without a name is an error and left out) and keeps one copy
+/// of each name; copies that differ are all rejected (no order-independent choice exists, they are
+/// returned as rejected), identical copies are harmless and collapse to one. In name order.
+fn unique_objects<'a, T>(
+    objects: &'a [T],
     errors: &mut Vec<BuildError>,
-) -> (Vec<(ObjectRef, &'a T)>, BTreeSet<ObjectRef>) {
+) -> (Vec<(ObjectRef, &'a T)>, BTreeSet<ObjectRef>)
+where
+    T: PartialEq + k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta>,
+{
     let mut by_name: BTreeMap<ObjectRef, Vec<&'a T>> = BTreeMap::new();
-    for (object, value) in objects {
-        by_name.entry(object).or_default().push(value);
+    for value in objects {
+        match object_ref(T::KIND, value.metadata()) {
+            Ok(object) => by_name.entry(object).or_default().push(value),
+            Err(error) => errors.push(error),
+        }
     }
     let mut unique = Vec::new();
     let mut rejected = BTreeSet::new();

@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, ServicePolicy};
 use super::vips::{self, Vip};
-use super::{BuildOptions, Skipped, object_ref, parse_port, traffic, unique_by_name};
+use super::{BuildOptions, Skipped, parse_port, traffic, unique_objects};
 use crate::error::BuildError;
 use crate::model::{ObjectRef, Protocol};
 
@@ -63,14 +63,7 @@ pub(super) fn parse_all(
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) -> ParsedServices {
-    let named = services.iter().filter_map(|svc| match object_ref("Service", &svc.metadata) {
-        Ok(object) => Some((object, svc)),
-        Err(error) => {
-            errors.push(error);
-            None
-        }
-    });
-    let (unique, mut rejected) = unique_by_name(named.collect::<Vec<_>>(), errors);
+    let (unique, mut rejected) = unique_objects(services, errors);
     let mut served = Vec::new();
     for (object, svc) in unique {
         match parse_one(object.clone(), svc, options) {

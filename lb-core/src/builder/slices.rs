@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::policy::parse_slice_weight;
-use super::{Skipped, object_ref, parse_ip, parse_port, unique_by_name};
+use super::{Skipped, parse_ip, parse_port, unique_objects};
 use crate::annotations::SERVICE_NAME_LABEL;
 use crate::error::BuildError;
 use crate::model::{EndpointConditions, ObjectRef, Protocol};
@@ -57,14 +57,7 @@ pub(super) fn parse_all(
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) -> SlicesByService {
-    let named = slices.iter().filter_map(|slice| match object_ref("EndpointSlice", &slice.metadata) {
-        Ok(object) => Some((object, slice)),
-        Err(error) => {
-            errors.push(error);
-            None
-        }
-    });
-    let (unique, _) = unique_by_name(named.collect::<Vec<_>>(), errors);
+    let (unique, _) = unique_objects(slices, errors);
     let mut by_service = SlicesByService::new();
     for (object, slice) in unique {
         let labels = slice.metadata.labels.as_ref();
