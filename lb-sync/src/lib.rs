@@ -1,24 +1,33 @@
-//! ringlb's sources of truth: where Service and EndpointSlice objects come from, and how the
-//! snapshots built from them reach the datapath.
+//! ringlb's sources of truth and the control loop that turns them into the snapshots the datapath
+//! serves.
 //!
-//! Today the source is manifest files ([`ManifestSource`], `ringlb run --manifests PATH`); the
-//! Kubernetes API comes later behind the same [`SnapshotSink`]. This crate never touches connections:
-//! its only output is an immutable `lb_core::Snapshot` handed to a sink. It keeps one invariant above
-//! all: a bad input never replaces a good snapshot.
+//! Data flow (one way): a [`Source`] (manifest files today; the Kubernetes API next) reports what
+//! changed; the [`ControlLoop`] keeps the objects in an [`ObjectStore`], builds a snapshot with
+//! `lb_core::build`, applies the health overlay, and hands each new snapshot to a [`SnapshotSink`].
+//! This crate never touches connections: its only output is an immutable `lb_core::Snapshot`. It
+//! keeps one invariant above all: a bad input never replaces a good snapshot.
 //!
 //! - [`manifest`]: reading files and directories of `kubectl get -o yaml` output into typed objects;
-//! - [`ManifestSource`]: the load → build → publish loop that follows the files as they change;
+//! - [`ManifestSource`]: follows manifest files as they change;
+//! - [`ControlLoop`]: the one loop every source feeds; [`store`]: the objects it builds from;
 //! - [`SnapshotSink`]: where snapshots go; [`Readiness`]: whether the first one went there;
-//! - active health checks (`ringlb.io/health-check`), applied as an overlay; [`HealthStatus`]: counts.
+//! - active health checks (`ringlb.io/health-check`) and outlier detection, applied as an overlay;
+//!   [`HealthStatus`]: their counters.
 
+mod control;
 mod health;
 pub mod manifest;
 mod readiness;
 mod sink;
 mod source;
+pub mod store;
 
+pub use control::{ControlLoop, SourceHandle};
 pub use health::{BackendEventReceiver, EVENT_POLL, HealthStatus};
 pub use manifest::{Location, ManifestError, ManifestSet, ReadError, parse_manifest_str};
 pub use readiness::Readiness;
 pub use sink::SnapshotSink;
-pub use source::{DEFAULT_DEBOUNCE, DEFAULT_MAX_DELAY, DEFAULT_POLL_INTERVAL, ManifestSource, SyncError};
+pub use source::{
+    DEFAULT_DEBOUNCE, DEFAULT_MAX_DELAY, DEFAULT_POLL_INTERVAL, ManifestSource, Source, SyncError,
+};
+pub use store::{Change, Kind, Object, ObjectStore};

@@ -1,6 +1,6 @@
 //! A cheap, cloneable view of a source's progress for the admin endpoint (`/readyz`) and logs.
 //!
-//! Written only by the source's run loop, read from anywhere without locks. "Ready" means the initial
+//! Written by the control loop and its source, read from anywhere without locks. "Ready" means the initial
 //! snapshot has been handed to the sink; it never goes back to false, because after that a bad edit
 //! keeps the previous snapshot serving (see [`Readiness::inputs_rejected`] for that condition).
 

@@ -109,8 +109,8 @@ async fn a_closed_port_is_ejected_by_tcp_checks_and_returns_when_it_listens() {
     let (live, port) = live_and_closed();
     let manifests = ManifestDir::with_file(&manifest("tcp", port, &["127.0.0.2", "127.0.0.3"]));
     let source = events_only_source(&manifests.file());
-    let status = source.health_status();
     let mut running = Running::start(source);
+    let status = running.health.clone();
     let (up, down) = (live.addr(), addr("127.0.0.3", port));
 
     let first = running.next_snapshot().await;
@@ -170,8 +170,8 @@ async fn when_every_backend_fails_its_checks_panic_mode_keeps_them_all_eligible(
     let closed = [addr("127.0.0.2", port), addr("127.0.0.3", port)];
     let manifests = ManifestDir::with_file(&manifest("tcp", port, &["127.0.0.2", "127.0.0.3"]));
     let source = events_only_source(&manifests.file());
-    let status = source.health_status();
     let mut running = Running::start(source);
+    let status = running.health.clone();
     assert_eq!(eligible(&*running.next_snapshot().await, VIP), closed);
 
     until(&status, "both backends unhealthy", |s| s.unhealthy_backends() == 2).await;
@@ -202,8 +202,8 @@ async fn an_http_backend_that_accepts_but_never_answers_is_ejected_by_probe_time
     let text = manifest("http:/healthz", port, &["127.0.0.2", "127.0.0.3"]).replace("500ms", "100ms");
     let manifests = ManifestDir::with_file(&text);
     let source = events_only_source(&manifests.file());
-    let status = source.health_status();
     let mut running = Running::start(source);
+    let status = running.health.clone();
 
     until_eligible(&mut running, &[answering.addr()]).await;
     assert_eq!(status.unhealthy_backends(), 1);

@@ -25,8 +25,8 @@ async fn probes_that_fail_for_want_of_descriptors_never_make_a_backend_unhealthy
     );
     let manifests = ManifestDir::with_file(&manifest);
     let source = events_only_source(&manifests.file());
-    let status = source.health_status();
     let mut running = Running::start(source);
+    let status = running.health.clone();
     let up: SocketAddr = live.addr();
     let first = running.next_snapshot().await;
     assert_eq!(eligible(&first, "127.0.0.61:80"), [up]);

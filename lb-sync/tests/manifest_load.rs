@@ -273,14 +273,14 @@ fn an_empty_file_is_taken_for_a_write_in_progress() {
 }
 
 #[test]
-fn load_and_build_reports_a_bad_object_without_failing_the_load() {
+fn a_bad_object_is_the_builders_to_reject_not_the_loaders() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad_vip = service_yaml("shop", "bad", "not-an-ip");
     fs::write(dir.path().join("all.yaml"), format!("{}---\n{bad_vip}", web_manifest([true; 4])))
         .expect("write");
-    let source = lb_sync::ManifestSource::new(dir.path(), BuildOptions::default());
-
-    let report = source.load_and_build(None, 7).expect("the files load; only the build rejects");
+    let set = ManifestSet::load(dir.path()).expect("the files load; only the build rejects");
+    let report =
+        lb_core::build(&set.services, &set.slices, &set.endpoints, &BuildOptions::default(), None, 7);
     assert_eq!(report.snapshot.version, 7);
     assert_eq!(eligible(&report.snapshot, WEB_VIP), addrs(&WEB_BACKENDS));
     assert!(

@@ -18,11 +18,11 @@ const FOURTH_NOT_READY: [bool; 4] = [true, true, true, false];
 #[tokio::test]
 async fn initial_snapshot_is_published_and_marks_the_source_ready() {
     let manifests = ManifestDir::with_file(&web_manifest(FOURTH_NOT_READY));
-    let source = events_only_source(&manifests.file());
-    let readiness = source.readiness();
+    let control = lb_sync::ControlLoop::new(BuildOptions::default());
+    let readiness = control.readiness();
     assert!(!readiness.is_ready(), "nothing published yet");
 
-    let mut running = Running::start(source);
+    let mut running = Running::start_with(control, events_only_source(&manifests.file()));
     let first = running.next_snapshot().await;
     assert_eq!(first.version, 1);
     assert_eq!(eligible(&first, WEB_VIP), addrs(&WEB_BACKENDS[..3]));
@@ -158,7 +158,7 @@ async fn a_manifest_symlinked_from_another_directory_is_followed() {
 #[tokio::test]
 async fn without_file_events_the_periodic_recheck_still_picks_up_edits() {
     let manifests = ManifestDir::with_file(&web_manifest(FOURTH_NOT_READY));
-    let source = ManifestSource::new(manifests.file(), BuildOptions::default())
+    let source = ManifestSource::new(manifests.file())
         .with_file_events(false)
         .with_poll_interval(Duration::from_millis(50));
     let mut running = Running::start(source);
@@ -174,12 +174,13 @@ async fn without_file_events_the_periodic_recheck_still_picks_up_edits() {
 async fn a_failed_initial_load_is_returned_and_nothing_is_published() {
     let manifests = ManifestDir::with_file("apiVersion: v1\nkind: Service\nmetadata: {name: [x\n");
     let source = events_only_source(&manifests.file());
-    let readiness = source.readiness();
+    let control = lb_sync::ControlLoop::new(BuildOptions::default());
+    let readiness = control.readiness();
     let (sink, mut snapshots) = tokio::sync::mpsc::unbounded_channel();
-    let outcome =
-        tokio::time::timeout(support::MUST_HAPPEN_WITHIN, source.run(sink, std::future::pending::<()>()))
-            .await
-            .expect("a failed initial load returns at once");
+    let running = control.run(source, sink, std::future::pending::<()>());
+    let outcome = tokio::time::timeout(support::MUST_HAPPEN_WITHIN, running)
+        .await
+        .expect("a failed initial load returns at once");
 
     let Err(error @ SyncError::InitialLoad { .. }) = outcome else {
         panic!("expected an initial load error, got {outcome:?}");

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use lb_sync::ManifestSource;
+use lb_sync::ManifestSet;
 use serde::Serialize;
 
 use crate::cli::CheckArgs;
@@ -31,9 +31,15 @@ struct SkippedView<'a> {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let source = ManifestSource::new(args.manifests.clone(), build_options(&args.defaults));
-    let report = match source.load_and_build(None, 1) {
-        Ok(report) => report,
+    let report = match ManifestSet::load(&args.manifests) {
+        Ok(set) => lb_core::build(
+            &set.services,
+            &set.slices,
+            &set.endpoints,
+            &build_options(&args.defaults),
+            None,
+            1,
+        ),
         Err(errors) => {
             for error in &errors {
                 eprintln!("error: {error}");

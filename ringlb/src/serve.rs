@@ -15,24 +15,25 @@ use std::time::Duration;
 use anyhow::Context;
 use lb_core::{BuildOptions, EntryPolicy, NotReadyConnections, Snapshot, StaleFlowPolicy};
 use lb_datapath::{Engine, EngineConfig, RelayMode, UdpConfig};
-use lb_sync::{HealthStatus, ManifestSource, Readiness, SnapshotSink};
+use lb_sync::{ControlLoop, HealthStatus, ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
 use crate::admin::{self, AdminState};
 use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, NotReadyArg, RelayArg, RunArgs, StaleFlowsArg};
 
 /// Where the served snapshots come from.
+#[allow(clippy::large_enum_variant, reason = "one value per process, moved once")]
 pub enum Source {
-    /// Manifest files, followed as they change.
-    /// Boxed: a source carries its configuration and channels, far larger than the other variant.
-    Manifests(Box<ManifestSource>),
+    /// Manifest files, followed as they change, and the control loop that builds from them.
+    Manifests(ManifestSource, ControlLoop),
     /// One snapshot built up front (the demo).
     Fixed(Snapshot),
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let source = ManifestSource::new(args.manifests, build_options(&args.defaults));
-    serve(Source::Manifests(Box::new(source)), &args.engine, &args.admin)
+    let source = ManifestSource::new(args.manifests);
+    let control = ControlLoop::new(build_options(&args.defaults));
+    serve(Source::Manifests(source, control), &args.engine, &args.admin)
 }
 
 pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
@@ -176,32 +177,33 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
     let grace = engine_args.shutdown_grace;
     let outcome = runtime.block_on(async {
         let mut signals = Signals::new();
+        // Passive outlier detection: the workers' connect outcomes and resets flow back to the
+        // control loop's health monitor, whose ejections join the one health overlay.
+        let source = match source {
+            Source::Manifests(source, control) => match engine.take_backend_events() {
+                Some(events) => Source::Manifests(source, control.with_backend_events(events)),
+                None => Source::Manifests(source, control),
+            },
+            fixed => fixed,
+        };
+        let control = match &source {
+            Source::Manifests(_, control) => Some(control),
+            Source::Fixed(_) => None,
+        };
         if let Some(addr) = admin_addr {
             let listener = admin::bind(addr).await?;
             let state = ServeState {
                 engine: Arc::clone(&engine),
                 published: Arc::clone(&published),
-                source: match &source {
-                    Source::Manifests(source) => Some(source.readiness()),
-                    Source::Fixed(_) => None,
-                },
-                health: match &source {
-                    Source::Manifests(source) => Some(source.health_status()),
-                    Source::Fixed(_) => None,
-                },
+                source: control.map(ControlLoop::readiness),
+                health: control.map(ControlLoop::health_status),
             };
             tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
         }
         let served = match source {
-            Source::Manifests(source) => {
-                // Passive outlier detection: the workers' connect outcomes and resets flow back to
-                // the source's health monitor, whose ejections join the one health overlay.
-                let source = match engine.take_backend_events() {
-                    Some(events) => source.with_backend_events(events),
-                    None => *source,
-                };
-                source.run(sink, signals.next()).await.map_err(anyhow::Error::from)
+            Source::Manifests(source, control) => {
+                control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)
             }
             Source::Fixed(snapshot) => {
                 sink.publish(Arc::new(snapshot));

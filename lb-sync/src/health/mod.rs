@@ -2,14 +2,14 @@
 //! that sets `ringlb.io/health-check` and turns the verdicts of lb-core's sans-IO [`ActiveChecker`]s
 //! (one per Service) into a [`HealthOverlay`]; [`HealthStatus`] counts probes for `/status`.
 //!
-//! Ownership (why a channel and not a shared publisher): the source loop alone owns the `Publisher`,
+//! Ownership (why a channel and not a shared publisher): the control loop alone owns the `Publisher`,
 //! its version counter and the current overlay. The monitor only sees published snapshots (through a
 //! `watch`) and sends whole overlays back (through another `watch`, so a burst of verdicts collapses
 //! into the latest). The loop then publishes `apply_health(current, options + overlay, next_version)`,
-//! and every manifest rebuild is built with the current overlay, so versions stay monotonic and
+//! and every rebuild is built with the current overlay, so versions stay monotonic and
 //! a reload never forgets a verdict. There is one writer of the table and no lock.
 //!
-//! Passive outlier detection lives here too: with [`crate::ManifestSource::with_backend_events`], the
+//! Passive outlier detection lives here too: with [`crate::ControlLoop::with_backend_events`], the
 //! monitor drains the datapath's batches of backend events every [`EVENT_POLL`], routes each to the
 //! lb-core [`OutlierDetector`] of the Service owning its VIP key (per the published snapshot), and
 //! merges the ejections into the same overlay as the active checks' verdicts: one overlay, one

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::{BuildOptions, Snapshot};
-use lb_sync::{ManifestSource, Readiness, SyncError};
+use lb_sync::{ControlLoop, HealthStatus, ManifestSource, Readiness, SyncError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -139,10 +139,12 @@ impl ManifestDir {
     }
 }
 
-/// A [`ManifestSource`] running on the test's runtime, publishing into a channel.
+/// A [`ManifestSource`] running under a [`ControlLoop`] on the test's runtime, publishing into a
+/// channel.
 pub struct Running {
     pub snapshots: mpsc::UnboundedReceiver<Arc<Snapshot>>,
     pub readiness: Readiness,
+    pub health: HealthStatus,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), SyncError>>,
 }
@@ -150,16 +152,21 @@ pub struct Running {
 /// A source for `path` whose safety-net poll is too slow to matter within a test, so what a test
 /// observes comes from file events.
 pub fn events_only_source(path: &Path) -> ManifestSource {
-    ManifestSource::new(path, BuildOptions::default()).with_poll_interval(Duration::from_secs(3600))
+    ManifestSource::new(path).with_poll_interval(Duration::from_secs(3600))
 }
 
 impl Running {
     pub fn start(source: ManifestSource) -> Running {
+        Running::start_with(ControlLoop::new(BuildOptions::default()), source)
+    }
+
+    /// [`Running::start`] under a given control loop.
+    pub fn start_with(control: ControlLoop, source: ManifestSource) -> Running {
         let (sink, snapshots) = mpsc::unbounded_channel();
         let (shutdown, stop) = oneshot::channel::<()>();
-        let readiness = source.readiness();
-        let task = tokio::spawn(source.run(sink, stop));
-        Running { snapshots, readiness, shutdown, task }
+        let (readiness, health) = (control.readiness(), control.health_status());
+        let task = tokio::spawn(control.run(source, sink, stop));
+        Running { snapshots, readiness, health, shutdown, task }
     }
 
     /// The next published snapshot; fails the test if none arrives within [`MUST_HAPPEN_WITHIN`].

@@ -1,0 +1,248 @@
+//! The one control loop every source feeds: it keeps the [`ObjectStore`], builds a snapshot whenever
+//! the objects changed, applies the health overlay, and publishes. Sources (manifest files, the
+//! Kubernetes API) only report changes into it through a [`SourceHandle`]; nothing about building,
+//! versions, health or publishing lives in a source.
+//!
+//! Invariants: a build that the builder rejects objects of never costs the last good table (the
+//! builder keeps each rejected Service's last good spec, see `lb_core::build`); a snapshot is
+//! published only when its entries differ from the served ones, with the next version; building
+//! runs on tokio's blocking pool, never on the control thread itself; a burst of changes is applied
+//! as a whole before one build. Health verdicts arrive from the [`crate::health`] monitor over a
+//! channel and are applied with `lb_core::apply_health`; every build includes them.
+
+mod publish;
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+
+use lb_core::{BuildOptions, BuildReport, HealthOverlay, Snapshot};
+use tokio::sync::{mpsc, watch as channel};
+use tokio::task::JoinSet;
+
+use crate::health::{BackendEventReceiver, HealthMonitor, HealthStatus};
+use crate::readiness::Readiness;
+use crate::sink::SnapshotSink;
+use crate::source::{Source, SyncError};
+use crate::store::{Change, ObjectStore};
+use publish::Publisher;
+
+/// Batches of changes a source may have queued before it waits for the control loop.
+const QUEUED_BATCHES: usize = 64;
+
+/// What a source reports through: batches of changes, and its progress for `/readyz` and `/status`.
+#[derive(Debug, Clone)]
+pub struct SourceHandle {
+    changes: mpsc::Sender<Vec<Change>>,
+    readiness: Readiness,
+}
+
+impl SourceHandle {
+    /// Hands `changes` to the control loop, which applies them as one; `false` once the control loop
+    /// is gone (the source should then stop).
+    pub async fn send(&self, changes: Vec<Change>) -> bool {
+        self.changes.send(changes).await.is_ok()
+    }
+
+    /// The progress the source reports into (input rejections, loads that built nothing).
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+}
+
+/// Builds and publishes what one source reports. See the module doc.
+///
+/// ```no_run
+/// # async fn example(table: std::sync::Arc<arc_swap::ArcSwap<lb_core::Snapshot>>) {
+/// let control = lb_sync::ControlLoop::new(lb_core::BuildOptions::default());
+/// let readiness = control.readiness(); // hand this to /readyz
+/// let source = lb_sync::ManifestSource::new("/etc/ringlb/manifests");
+/// let shutdown = std::future::pending::<()>(); // e.g. a signal
+/// if let Err(error) = control.run(source, table, shutdown).await {
+///     eprintln!("{error}"); // the source could not start
+/// }
+/// # let _ = readiness;
+/// # }
+/// ```
+pub struct ControlLoop {
+    options: BuildOptions,
+    readiness: Readiness,
+    health: HealthStatus,
+    backend_events: Option<BackendEventReceiver>,
+}
+
+impl ControlLoop {
+    /// A loop that builds with `options` (their `health` is replaced by the monitor's verdicts).
+    pub fn new(options: BuildOptions) -> Self {
+        ControlLoop {
+            options,
+            readiness: Readiness::new(),
+            health: HealthStatus::new(),
+            backend_events: None,
+        }
+    }
+
+    /// Feeds passive outlier detection (`ringlb.io/outlier-*`) with the datapath's backend events
+    /// (`lb_datapath::Engine::take_backend_events`); its ejections join the health overlay.
+    pub fn with_backend_events(mut self, events: BackendEventReceiver) -> Self {
+        self.backend_events = Some(events);
+        self
+    }
+
+    /// A handle that tells whether the first snapshot was published (for `/readyz`).
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// A handle on the health checks' counters (for `/status`).
+    pub fn health_status(&self) -> HealthStatus {
+        self.health.clone()
+    }
+
+    /// Runs `source`, publishing its first complete view and then every change to `sink`, until
+    /// `shutdown` resolves. Fails when the source fails (a source that cannot start, e.g. manifests
+    /// that do not load, fails before anything is published).
+    pub async fn run(
+        self,
+        source: impl Source,
+        sink: impl SnapshotSink,
+        shutdown: impl Future,
+    ) -> Result<(), SyncError> {
+        let mut shutdown = pin!(shutdown);
+        let (changes, mut batches) = mpsc::channel(QUEUED_BATCHES);
+        let handle = SourceHandle { changes, readiness: self.readiness.clone() };
+        let mut source = pin!(source.run(handle));
+        let mut source_running = true;
+        let (feed, snapshots) = channel::channel(None);
+        let (verdicts, mut overlays) = channel::channel(HealthOverlay::new());
+        // Dropped (and so aborted, with its probes) when this loop returns.
+        let mut monitor = JoinSet::new();
+        monitor.spawn(
+            HealthMonitor::new(self.health.clone()).with_events(self.backend_events).run(snapshots, verdicts),
+        );
+        let mut out = Outlet {
+            sink,
+            feed,
+            publisher: Publisher::default(),
+            health: HealthOverlay::new(),
+            store: ObjectStore::new(),
+            options: self.options,
+            readiness: self.readiness,
+        };
+        let mut monitor_alive = true;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return Ok(()),
+                result = &mut source, if source_running => {
+                    source_running = false;
+                    result?;
+                    tracing::debug!("the source ended; the table stays as it is");
+                }
+                Some(batch) = batches.recv() => {
+                    let mut changed = out.apply(batch);
+                    while let Ok(more) = batches.try_recv() {
+                        changed |= out.apply(more);
+                    }
+                    if changed || out.publisher.current().is_none() {
+                        out.rebuild().await;
+                    }
+                    out.readiness.count_load();
+                }
+                changed = overlays.changed(), if monitor_alive => match changed {
+                    Ok(()) => {
+                        out.health = overlays.borrow_and_update().clone();
+                        out.apply_health().await;
+                    }
+                    Err(_) => {
+                        tracing::warn!("health monitor stopped; verdicts are frozen as they are");
+                        monitor_alive = false;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The loop's state: the objects, where snapshots go, and what decides what is published next.
+/// Owned by the run loop alone: the one writer of versions.
+struct Outlet<S> {
+    sink: S,
+    /// The health monitor's view of the served snapshot.
+    feed: channel::Sender<Option<Arc<Snapshot>>>,
+    publisher: Publisher,
+    /// The latest health verdicts; every build and republish applies them.
+    health: HealthOverlay,
+    store: ObjectStore,
+    options: BuildOptions,
+    readiness: Readiness,
+}
+
+impl<S: SnapshotSink> Outlet<S> {
+    fn apply(&mut self, batch: Vec<Change>) -> bool {
+        let mut changed = false;
+        for change in batch {
+            changed |= self.store.apply(change);
+        }
+        changed
+    }
+
+    /// Builds from the store on the blocking pool and publishes the result if it differs.
+    async fn rebuild(&mut self) {
+        let objects = self.store.objects();
+        let previous = self.publisher.current().cloned();
+        let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
+        let version = self.publisher.next_version();
+        let built = blocking(move || {
+            lb_core::build(
+                &objects.services,
+                &objects.slices,
+                &objects.endpoints,
+                &options,
+                previous.as_deref(),
+                version,
+            )
+        })
+        .await;
+        match built {
+            Ok(report) => self.publish_report(report),
+            Err(reason) => tracing::warn!(reason, "a build did not complete; the table stays as it is"),
+        }
+    }
+
+    fn publish_report(&mut self, report: BuildReport) {
+        self.readiness.set_rejected_objects(report.errors.len());
+        if let Some(snapshot) = self.publisher.accept(report) {
+            self.publish(snapshot);
+        }
+    }
+
+    /// Republishes the served snapshot with `self.health` applied (no rebuild from the objects).
+    async fn apply_health(&mut self) {
+        let Some(current) = self.publisher.current().cloned() else { return };
+        let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
+        let version = self.publisher.next_version();
+        match blocking(move || lb_core::apply_health(&current, &options, version)).await {
+            Ok(snapshot) => {
+                if let Some(snapshot) = self.publisher.offer(snapshot) {
+                    self.publish(snapshot);
+                }
+            }
+            Err(reason) => tracing::warn!(reason, "applying health verdicts did not complete"),
+        }
+    }
+
+    fn publish(&self, snapshot: Arc<Snapshot>) {
+        let version = snapshot.version;
+        self.sink.publish(Arc::clone(&snapshot));
+        self.feed.send_replace(Some(snapshot));
+        self.readiness.mark_published(version);
+    }
+}
+
+/// Runs `work` on tokio's blocking pool; the error means the task itself was lost (it panicked).
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work).await.map_err(|error| error.to_string())
+}

@@ -1,0 +1,234 @@
+//! The objects the control loop builds from: every Service, EndpointSlice and core/v1 Endpoints a
+//! source reported, by kind, namespace and name.
+//!
+//! Sources say what changed ([`Change`]): one object created, changed or deleted (a watch event), or
+//! every object of some kinds replaced at once (a manifest reload, a relist after the watch was cut).
+//! The store applies each change and says whether the objects it holds are different afterwards, so a
+//! change that changes nothing (a resync, a touched file) builds nothing. It never validates: bad
+//! objects are the builder's to reject, with errors naming them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::Metadata;
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lb_core::ObjectRef;
+
+/// The namespace Kubernetes assumes when an object names none.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// One object of a kind the builder reads.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "moved once per change into the store; boxing buys nothing")]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Endpoints(Endpoints),
+}
+
+/// The kinds of [`Object`], for changes that replace every object of a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Endpoints,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Endpoints];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Endpoints => "Endpoints",
+        }
+    }
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Endpoints(_) => Kind::Endpoints,
+        }
+    }
+
+    fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Service(object) => object.metadata(),
+            Object::EndpointSlice(object) => object.metadata(),
+            Object::Endpoints(object) => object.metadata(),
+        }
+    }
+
+    /// Its kind, namespace (`default` when unset) and name; `None` without a name.
+    pub fn reference(&self) -> Option<ObjectRef> {
+        let meta = self.metadata();
+        let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
+        let namespace = meta.namespace.as_deref().filter(|ns| !ns.is_empty()).unwrap_or(DEFAULT_NAMESPACE);
+        Some(ObjectRef { kind: self.kind().name(), namespace: namespace.to_owned(), name: name.to_owned() })
+    }
+}
+
+/// What a source saw change.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant, reason = "moved once per change into the store; boxing buys nothing")]
+pub enum Change {
+    /// Every object of `kinds` is replaced by `objects` (those of other kinds are ignored).
+    Reset { kinds: Vec<Kind>, objects: Vec<Object> },
+    /// One object was created or changed.
+    Applied(Object),
+    /// One object was deleted.
+    Deleted(ObjectRef),
+}
+
+impl Change {
+    /// Every object of every kind replaced by `objects` (a manifest load).
+    pub fn everything(objects: Vec<Object>) -> Change {
+        Change::Reset { kinds: Kind::ALL.to_vec(), objects }
+    }
+}
+
+/// The objects by kind; see the module doc.
+#[derive(Debug, Default, Clone)]
+pub struct ObjectStore {
+    services: BTreeMap<ObjectRef, Service>,
+    slices: BTreeMap<ObjectRef, EndpointSlice>,
+    endpoints: BTreeMap<ObjectRef, Endpoints>,
+}
+
+/// The objects of a store as the builder takes them (in namespace/name order).
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub endpoints: Vec<Endpoints>,
+}
+
+impl ObjectStore {
+    pub fn new() -> Self {
+        ObjectStore::default()
+    }
+
+    /// Applies `change`; returns whether the objects differ afterwards.
+    pub fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Reset { kinds, objects } => {
+                let mut fresh = ObjectStore::new();
+                for object in objects.into_iter().filter(|o| kinds.contains(&o.kind())) {
+                    fresh.upsert(object);
+                }
+                let mut changed = false;
+                for kind in kinds {
+                    changed |= match kind {
+                        Kind::Service => replace(&mut self.services, std::mem::take(&mut fresh.services)),
+                        Kind::EndpointSlice => replace(&mut self.slices, std::mem::take(&mut fresh.slices)),
+                        Kind::Endpoints => replace(&mut self.endpoints, std::mem::take(&mut fresh.endpoints)),
+                    };
+                }
+                changed
+            }
+            Change::Applied(object) => self.upsert(object),
+            Change::Deleted(object) => match object.kind {
+                "Service" => self.services.remove(&object).is_some(),
+                "EndpointSlice" => self.slices.remove(&object).is_some(),
+                "Endpoints" => self.endpoints.remove(&object).is_some(),
+                _ => false,
+            },
+        }
+    }
+
+    /// Stores `object` under its reference; returns whether that changed anything. An object
+    /// without a name cannot be stored (sources never produce one; the manifest parser refuses it).
+    fn upsert(&mut self, object: Object) -> bool {
+        let Some(key) = object.reference() else {
+            tracing::debug!(kind = object.kind().name(), "an object without a name was not stored");
+            return false;
+        };
+        match object {
+            Object::Service(service) => insert(&mut self.services, key, service),
+            Object::EndpointSlice(slice) => insert(&mut self.slices, key, slice),
+            Object::Endpoints(endpoints) => insert(&mut self.endpoints, key, endpoints),
+        }
+    }
+
+    /// Copies of every object, for a build.
+    pub fn objects(&self) -> Objects {
+        Objects {
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+            endpoints: self.endpoints.values().cloned().collect(),
+        }
+    }
+
+    /// How many objects of each kind: (Services, EndpointSlices, Endpoints).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.services.len(), self.slices.len(), self.endpoints.len())
+    }
+}
+
+fn insert<T: PartialEq>(map: &mut BTreeMap<ObjectRef, T>, key: ObjectRef, value: T) -> bool {
+    match map.get(&key) {
+        Some(existing) if *existing == value => false,
+        _ => {
+            map.insert(key, value);
+            true
+        }
+    }
+}
+
+fn replace<T: PartialEq>(map: &mut BTreeMap<ObjectRef, T>, fresh: BTreeMap<ObjectRef, T>) -> bool {
+    let changed = *map != fresh;
+    *map = fresh;
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use testkit::objects::{ServiceBuilder, ready_slice, simple_service};
+
+    use super::*;
+
+    fn service(name: &str, ip: &str) -> Object {
+        Object::Service(simple_service("shop", name, ip, 80, 8080))
+    }
+
+    #[test]
+    fn changes_apply_and_say_whether_anything_changed() {
+        let mut store = ObjectStore::new();
+        assert!(store.apply(Change::Applied(service("web", "192.0.2.1"))));
+        assert!(!store.apply(Change::Applied(service("web", "192.0.2.1"))), "the same object again");
+        assert!(store.apply(Change::Applied(service("web", "192.0.2.2"))), "a changed one");
+        let slice = Object::EndpointSlice(ready_slice("shop", "web-1", "web", 8080, &["10.0.0.1"]));
+        assert!(store.apply(Change::Applied(slice)));
+        assert_eq!(store.counts(), (1, 1, 0));
+        let web = ObjectRef::service("shop", "web");
+        assert!(store.apply(Change::Deleted(web.clone())));
+        assert!(!store.apply(Change::Deleted(web)), "already gone");
+        assert_eq!(store.objects().slices.len(), 1);
+    }
+
+    #[test]
+    fn a_reset_replaces_only_its_kinds_and_an_equal_one_changes_nothing() {
+        let mut store = ObjectStore::new();
+        store.apply(Change::Applied(Object::EndpointSlice(ready_slice(
+            "shop",
+            "a-1",
+            "a",
+            80,
+            &["10.0.0.1"],
+        ))));
+        let services = vec![service("a", "192.0.2.1"), service("b", "192.0.2.2")];
+        let reset = Change::Reset { kinds: vec![Kind::Service], objects: services };
+        assert!(store.apply(reset.clone()));
+        assert!(!store.apply(reset), "a relist that finds the same objects");
+        assert_eq!(store.counts(), (2, 1, 0), "the slices were not part of the reset");
+        assert!(store.apply(Change::everything(vec![service("a", "192.0.2.1")])));
+        assert_eq!(store.counts(), (1, 0, 0));
+        let unnamed = Object::Service(ServiceBuilder::new("shop", "").build());
+        assert!(!store.apply(Change::Applied(unnamed)));
+    }
+}
