@@ -2,8 +2,10 @@
 //!
 //! - [`objects`]: terse builders for Service and EndpointSlice objects;
 //! - [`backends`]: real loopback TCP backends (echo, sink, named) that tests send bytes through;
-//! - [`descriptors`]: running a test process out of file descriptors on purpose.
+//! - [`descriptors`]: running a test process out of file descriptors on purpose;
+//! - [`apiserver`]: a Kubernetes API server emulator (HTTPS on loopback) held to recorded exchanges.
 
+pub mod apiserver;
 pub mod backends;
 pub mod descriptors;
 pub mod objects;

@@ -1,0 +1,77 @@
+//! Discovery: `/version`, `/api`, `/apis`, and each group and group-version, listing only what
+//! the emulator serves.
+
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+
+use super::resources::TYPES;
+
+/// `/api`: the core group's versions, and the address clients are told to use.
+pub(crate) fn versions(addr: SocketAddr) -> Value {
+    json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string()}]})
+}
+
+pub(crate) fn version() -> Value {
+    json!({"major": "1", "minor": "32", "gitVersion": "v1.32.13", "gitCommit": "63adf010aa20e104c0b7043b47f42f50c9f72b17", "gitTreeState": "clean", "buildDate": "2026-08-20T05:19:54Z", "goVersion": "go1.23.5", "compiler": "gc", "platform": "linux/amd64"})
+}
+
+fn groups() -> Vec<&'static str> {
+    let mut groups: Vec<&'static str> = TYPES.iter().map(|t| t.group).filter(|g| !g.is_empty()).collect();
+    groups.dedup();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
+pub(crate) fn group_of(group: &str) -> Option<Value> {
+    let version = TYPES.iter().find(|t| t.group == group)?.version;
+    let gv = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+    Some(
+        json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv], "preferredVersion": gv}),
+    )
+}
+
+pub(crate) fn api_groups() -> Value {
+    let groups: Vec<Value> = groups()
+        .into_iter()
+        .filter_map(group_of)
+        .map(|mut g| {
+            if let Some(o) = g.as_object_mut() {
+                o.remove("kind");
+                o.remove("apiVersion");
+            }
+            g
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub(crate) fn resource_list(group: &str, version: &str) -> Value {
+    let mut resources = Vec::new();
+    for type_ in TYPES.iter().filter(|t| t.group == group && t.version == version) {
+        let singular = type_.kind.to_lowercase();
+        // A CRD's verbs come in the apiextensions server's order, the built-in ones sorted.
+        let verbs = if type_.custom {
+            json!(["delete", "deletecollection", "get", "list", "patch", "create", "update", "watch"])
+        } else {
+            json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"])
+        };
+        let mut resource = json!({"name": type_.plural, "singularName": singular, "namespaced": type_.namespaced, "kind": type_.kind, "verbs": verbs});
+        if !type_.short_names.is_empty() {
+            resource["shortNames"] = json!(type_.short_names);
+        }
+        if type_.kind == "Service" {
+            resource["categories"] = json!(["all"]);
+        }
+        if !type_.storage_version_hash.is_empty() {
+            resource["storageVersionHash"] = json!(type_.storage_version_hash);
+        }
+        resources.push(resource);
+        if type_.status {
+            resources.push(json!({"name": format!("{}/status", type_.plural), "singularName": "", "namespaced": type_.namespaced, "kind": type_.kind, "verbs": ["get", "patch", "update"]}));
+        }
+    }
+    let group_version = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
+}
