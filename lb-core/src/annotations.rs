@@ -7,9 +7,39 @@
 //! falls back, except [`WEIGHT`] on an EndpointSlice (the slice's endpoints keep weight 1, and an error
 //! is reported) because dropping a slice would take healthy backends out of service.
 
-/// MetalLB's requested VIPs (comma-separated IPv4/IPv6) for a `LoadBalancer` Service with an empty
-/// `status.loadBalancer`. Takes precedence over the deprecated `spec.loadBalancerIP`.
-pub const METALLB_LOAD_BALANCER_IPS: &str = "metallb.universe.tf/loadBalancerIPs";
+/// MetalLB's requested VIPs (comma-separated, at most one per address family) for a
+/// `LoadBalancer` Service. Takes precedence over the deprecated `spec.loadBalancerIP`. The
+/// allocator assigns them when a pool holds them and nothing else has them; in standalone use
+/// (manifests, no allocator) they are served directly when the status holds no IP.
+pub const METALLB_LOAD_BALANCER_IPS: &str = "metallb.io/loadBalancerIPs";
+
+/// On a `LoadBalancer` Service: the name of the `IPAddressPool` to allocate from (otherwise every
+/// pool that admits the Service, by priority).
+pub const METALLB_ADDRESS_POOL: &str = "metallb.io/address-pool";
+
+/// On a `LoadBalancer` Service: a sharing key. Services with the same key may share an IP when
+/// their ports and protocols do not collide (ringlb dispatches per port, so unlike MetalLB it also
+/// shares between Services that select different pods or use `externalTrafficPolicy: Local`).
+pub const METALLB_ALLOW_SHARED_IP: &str = "metallb.io/allow-shared-ip";
+
+/// The deprecated spelling MetalLB still reads for each of its annotations.
+pub const METALLB_DEPRECATED: &[(&str, &str)] = &[
+    (METALLB_LOAD_BALANCER_IPS, "metallb.universe.tf/loadBalancerIPs"),
+    (METALLB_ADDRESS_POOL, "metallb.universe.tf/address-pool"),
+    (METALLB_ALLOW_SHARED_IP, "metallb.universe.tf/allow-shared-ip"),
+];
+
+/// The value of MetalLB annotation `name` (one of the `METALLB_*` constants), under its current
+/// spelling or else its deprecated one, trimmed; `None` when absent or empty.
+pub fn metallb<'a>(
+    annotations: Option<&'a std::collections::BTreeMap<String, String>>,
+    name: &str,
+) -> Option<&'a str> {
+    let annotations = annotations?;
+    let old = METALLB_DEPRECATED.iter().find(|(new, _)| *new == name).map(|(_, old)| *old);
+    let value = annotations.get(name).or_else(|| old.and_then(|old| annotations.get(old)))?;
+    Some(value.trim()).filter(|v| !v.is_empty())
+}
 
 /// On a Service: the scheduler of all its ports: `rr`, `wrr`, `lc`, `wlc`, `sed`, `nq`, `dh`, `sh`,
 /// `maglev`, `p2c` or `ring-hash` (see [`crate::SchedulerKind`]). Default:

@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod local;
 pub mod model;
 pub mod scheduler;
+pub mod selection;
 #[cfg(test)]
 mod testing;
 pub mod throttle;
@@ -44,4 +45,5 @@ pub use scheduler::{
     BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,
     SchedulerKind,
 };
+pub use selection::{Ownership, ServiceSelection, VipSource};
 pub use throttle::LogThrottle;

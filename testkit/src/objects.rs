@@ -106,6 +106,11 @@ impl ServiceBuilder {
         self
     }
 
+    pub fn load_balancer_class(mut self, class: &str) -> Self {
+        self.service.spec.get_or_insert_with(Default::default).load_balancer_class = Some(class.to_owned());
+        self
+    }
+
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
         let annotations = self.service.metadata.annotations.get_or_insert_with(BTreeMap::new);
         annotations.insert(key.to_owned(), value.to_owned());

@@ -65,6 +65,8 @@ pub struct BuildOptions {
     /// Backends found unhealthy by active checks or outlier detection; they get no new connections
     /// unless every candidate of an entry is unhealthy (panic mode, see [`crate::health`]).
     pub health: HealthOverlay,
+    /// Which Services are ringlb's and where their addresses come from.
+    pub selection: crate::ServiceSelection,
     /// Where each backend's shared connection counter comes from, so that successive builds give a
     /// backend the same one (see [`crate::LoadRegistry`]). Clones share it: keep one per source.
     pub load: LoadRegistry,

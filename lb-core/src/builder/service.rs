@@ -16,6 +16,7 @@ use super::vips::{self, Vip};
 use super::{BuildOptions, Skipped, parse_port, traffic, unique_objects};
 use crate::error::BuildError;
 use crate::model::{ObjectRef, Protocol};
+use crate::selection::Ownership;
 
 /// Where a service port's traffic goes on an endpoint, before the EndpointSlices are consulted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +106,12 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
     if spec.cluster_ip.as_deref() == Some("None") {
         return Outcome::Skipped("headless (clusterIP: None): clients reach the endpoints directly");
     }
-    let vips = vips::service_vips(svc, service_type == "LoadBalancer", &object, &mut errors);
+    let load_balancer = match options.selection.ownership(svc) {
+        Ownership::LoadBalancer => true,
+        Ownership::ExternalIpsOnly => false,
+        Ownership::NotOurs(reason) => return Outcome::Skipped(reason),
+    };
+    let vips = vips::service_vips(svc, load_balancer, options.selection.vips, &object, &mut errors);
     let ports = parse_ports(spec.ports.as_deref().unwrap_or_default(), &object, &mut errors);
     let mut policy =
         policy::parse_service_policy(svc.metadata.annotations.as_ref(), &object, options, &mut errors);
@@ -118,8 +124,8 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
     }
     if vips.is_empty() {
         return Outcome::Skipped(
-            "no VIP: no spec.externalIPs, and not a LoadBalancer with an ingress IP, \
-             metallb.universe.tf/loadBalancerIPs or spec.loadBalancerIP",
+            "no VIP: no spec.externalIPs, and no load-balancer IP (allocated into the status or, \
+             standalone, requested by metallb.io/loadBalancerIPs or spec.loadBalancerIP)",
         );
     }
     if ports.is_empty() {

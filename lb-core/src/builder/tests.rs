@@ -230,10 +230,54 @@ fn headless_external_name_and_vip_less_services_are_skipped_with_reasons() {
         report.skipped.iter().map(|s| (s.service.name.as_str(), s.reason.as_str())).collect();
     assert!(reasons["headless"].contains("headless"));
     assert!(reasons["ext"].contains("ExternalName"));
-    for name in ["plain", "nodeport", "lb-pending"] {
-        assert!(reasons[name].contains("no VIP"), "{name}: {}", reasons[name]);
+    for name in ["plain", "nodeport"] {
+        assert!(reasons[name].contains("no externalIPs and not a LoadBalancer"), "{name}: {}", reasons[name]);
     }
+    assert!(reasons["lb-pending"].contains("no VIP"), "{}", reasons["lb-pending"]);
     assert!(report.skipped[0].to_string().contains("not served"));
+}
+
+#[test]
+fn services_of_another_class_are_skipped_and_a_cluster_serves_only_allocated_ips() {
+    let lb = |name: &str| ServiceBuilder::new("default", name).service_type("LoadBalancer");
+    let requested = |name: &str, ip: &str| {
+        lb(name).annotation(crate::annotations::METALLB_LOAD_BALANCER_IPS, ip).bare_port(80)
+    };
+    let services = [
+        requested("ours", "127.0.0.30").load_balancer_class(crate::selection::DEFAULT_CLASS).build(),
+        requested("other", "127.0.0.33")
+            .load_balancer_class("other.io/lb")
+            .external_ips(["127.0.0.31"])
+            .build(),
+        requested("classless", "127.0.0.34").build(),
+        lb("allocated")
+            .load_balancer_class(crate::selection::DEFAULT_CLASS)
+            .ingress_ips(["127.0.0.32"])
+            .bare_port(80)
+            .build(),
+    ];
+    let standalone = run(&services, &[]);
+    let served: BTreeSet<&str> = standalone.snapshot.entries().map(|e| e.service.name.as_str()).collect();
+    assert_eq!(served, BTreeSet::from(["ours", "classless", "allocated"]), "{standalone}");
+    let cluster = BuildOptions {
+        selection: crate::ServiceSelection {
+            default_class: false,
+            vips: crate::VipSource::Allocated,
+            ..Default::default()
+        },
+        ..BuildOptions::default()
+    };
+    let report = build(&services, &[], &[], &cluster, None, 1);
+    let served: BTreeSet<&str> = report.snapshot.entries().map(|e| e.service.name.as_str()).collect();
+    assert_eq!(served, BTreeSet::from(["allocated"]), "only the allocated IP is served: {report}");
+    let reasons: BTreeMap<_, _> =
+        report.skipped.iter().map(|s| (s.service.name.as_str(), s.reason.as_str())).collect();
+    assert!(reasons["other"].contains("another implementation"), "{report}");
+    assert!(reasons["classless"].contains("not the default class"), "{report}");
+    assert!(
+        reasons["ours"].contains("no VIP"),
+        "a requested IP is not served before it is allocated: {report}"
+    );
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! Which addresses a Service is served on (its VIPs).
 //!
-//! Every `spec.externalIPs` entry, for any Service type. For `type: LoadBalancer` also the addresses
-//! the load-balancer controller assigned, `status.loadBalancer.ingress[].ip`; when that status holds
-//! no IP (standalone use, nothing assigns one), the requested ones: MetalLB's
-//! `metallb.universe.tf/loadBalancerIPs` annotation, else the deprecated `spec.loadBalancerIP`. Only
-//! the source in use is validated. The result is sorted and deduplicated; each VIP says whether it is
+//! Every `spec.externalIPs` entry of a Service the selection serves them of. For ringlb's
+//! `LoadBalancer` Services also the addresses the allocator assigned,
+//! `status.loadBalancer.ingress[].ip`; standalone ([`VipSource::Requested`]: nothing allocates),
+//! when that status holds no IP, the requested ones: MetalLB's `metallb.io/loadBalancerIPs`
+//! annotation (or its deprecated `metallb.universe.tf/` spelling), else the deprecated
+//! `spec.loadBalancerIP`. Only the source in use is validated. The result is sorted and deduplicated; each VIP says whether it is
 //! a load-balancer IP, because only those are guarded by `loadBalancerSourceRanges` (kube-proxy
 //! filters the load-balancer IPs and never `externalIPs`). An address that is both counts as a
 //! load-balancer IP (kube-proxy's nftables mode filters it by destination).
@@ -15,9 +16,10 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Service;
 
 use super::parse_ip;
-use crate::annotations::METALLB_LOAD_BALANCER_IPS;
+use crate::annotations::{self, METALLB_LOAD_BALANCER_IPS};
 use crate::error::BuildError;
 use crate::model::ObjectRef;
+use crate::selection::VipSource;
 
 /// One address a Service is served on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -30,6 +32,7 @@ pub(crate) struct Vip {
 pub(super) fn service_vips(
     svc: &Service,
     load_balancer: bool,
+    source: VipSource,
     object: &ObjectRef,
     errors: &mut Vec<BuildError>,
 ) -> Vec<Vip> {
@@ -40,7 +43,7 @@ pub(super) fn service_vips(
     }
     let mut balanced = BTreeSet::new();
     if load_balancer {
-        load_balancer_vips(svc, object, &mut balanced, errors);
+        load_balancer_vips(svc, source, object, &mut balanced, errors);
     }
     let mut vips: BTreeMap<IpAddr, bool> = external.into_iter().map(|addr| (addr, false)).collect();
     vips.extend(balanced.into_iter().map(|addr| (addr, true)));
@@ -49,6 +52,7 @@ pub(super) fn service_vips(
 
 fn load_balancer_vips(
     svc: &Service,
+    source: VipSource,
     object: &ObjectRef,
     vips: &mut BTreeSet<IpAddr>,
     errors: &mut Vec<BuildError>,
@@ -63,10 +67,10 @@ fn load_balancer_vips(
             push(vips, errors, parse_ip(ip, object, || format!("status.loadBalancer.ingress[{i}].ip")));
         }
     }
-    if from_status {
+    if from_status || source == VipSource::Allocated {
         return;
     }
-    let annotation = svc.metadata.annotations.as_ref().and_then(|a| a.get(METALLB_LOAD_BALANCER_IPS));
+    let annotation = annotations::metallb(svc.metadata.annotations.as_ref(), METALLB_LOAD_BALANCER_IPS);
     let requested: Vec<&str> =
         annotation.into_iter().flat_map(|v| v.split(',')).map(str::trim).filter(|s| !s.is_empty()).collect();
     if !requested.is_empty() {
