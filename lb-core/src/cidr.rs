@@ -55,6 +55,20 @@ impl Cidr {
         self.prefix
     }
 
+    /// The first and last address of the range.
+    pub fn bounds(&self) -> (IpAddr, IpAddr) {
+        match self.network {
+            IpAddr::V4(v4) => {
+                let host = u32::MAX.checked_shr(u32::from(self.prefix)).unwrap_or(0);
+                (self.network, IpAddr::V4(Ipv4Addr::from(u32::from(v4) | host)))
+            }
+            IpAddr::V6(v6) => {
+                let host = u128::MAX.checked_shr(u32::from(self.prefix)).unwrap_or(0);
+                (self.network, IpAddr::V6(Ipv6Addr::from(u128::from(v6) | host)))
+            }
+        }
+    }
+
     /// Whether `ip` (canonicalised: IPv4-mapped IPv6 counts as IPv4) lies in this range.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();

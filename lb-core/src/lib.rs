@@ -20,6 +20,8 @@ pub mod duration;
 pub mod error;
 pub mod hash;
 pub mod health;
+pub mod ipam;
+pub mod labels;
 pub mod lifecycle;
 pub mod local;
 pub mod model;

@@ -121,10 +121,10 @@ fn source(connection: &mut Connection, flags: u32, buffer: &mut [u8], counters: 
     if flags & (poller::READABLE | poller::BROKEN) != 0 && !read_discard(connection, buffer, counters) {
         return false;
     }
-    if flags & poller::WRITABLE != 0 {
-        if let Err(error) = (&connection.socket).write(buffer) {
-            return would_block(&error);
-        }
+    if flags & poller::WRITABLE != 0
+        && let Err(error) = (&connection.socket).write(buffer)
+    {
+        return would_block(&error);
     }
     true
 }

@@ -155,7 +155,7 @@ fn table_digest(table: &[BackendIdx]) -> u64 {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 fn next_prime(n: u32) -> u32 {

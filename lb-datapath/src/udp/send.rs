@@ -244,15 +244,15 @@ impl Worker {
         let to_client = direction == Direction::ToClient;
         let Some(flow) = self.udp.flows.get_mut(handle) else { return false };
         let open = &mut flow.open_sends[direction as usize];
-        if let Some(slot) = open.and_then(|head| self.udp.sends.slots.get_mut(usize::from(head))) {
-            if slot.admits(handle, direction, now, len) {
-                slot.join(bid, payload, len);
-                if !slot.open {
-                    *open = None;
-                }
-                self.udp.flows.touch(handle, self.now, to_client);
-                return true;
+        if let Some(slot) = open.and_then(|head| self.udp.sends.slots.get_mut(usize::from(head)))
+            && slot.admits(handle, direction, now, len)
+        {
+            slot.join(bid, payload, len);
+            if !slot.open {
+                *open = None;
             }
+            self.udp.flows.touch(handle, self.now, to_client);
+            return true;
         }
         *open = None;
         let max_segment = usize::from(flow.max_segment[direction as usize]);

@@ -36,10 +36,10 @@ impl FileWatch {
         watcher.watch(&watched_dir(path), RecursiveMode::NonRecursive)?;
         // A file that is a symlink into another directory changes there; watch that too. (A ConfigMap
         // mount needs no extra watch: its updates swap a symlink in the parent directory.)
-        if let Some(target_dir) = symlink_target_dir(path) {
-            if let Err(error) = watcher.watch(&target_dir, RecursiveMode::NonRecursive) {
-                tracing::debug!(dir = %target_dir.display(), %error, "cannot watch the manifest's symlink target");
-            }
+        if let Some(target_dir) = symlink_target_dir(path)
+            && let Err(error) = watcher.watch(&target_dir, RecursiveMode::NonRecursive)
+        {
+            tracing::debug!(dir = %target_dir.display(), %error, "cannot watch the manifest's symlink target");
         }
         Ok(FileWatch { _watcher: watcher, changed })
     }
