@@ -1,5 +1,6 @@
 //! The objects the control loop builds from: every Service, EndpointSlice and core/v1 Endpoints a
-//! source reported, by kind, namespace and name.
+//! source reported, and what allocation reads besides (MetalLB `IPAddressPool`s, Namespaces for
+//! the pools' namespace selectors), by kind, namespace and name.
 //!
 //! Sources say what changed ([`Change`]): one object created, changed or deleted (a watch event), or
 //! every object of some kinds replaced at once (a manifest reload, a relist after the watch was cut).
@@ -10,10 +11,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::Metadata;
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use lb_core::ObjectRef;
+use lb_core::ipam::IpAddressPool;
 
 /// The namespace Kubernetes assumes when an object names none.
 const DEFAULT_NAMESPACE: &str = "default";
@@ -25,6 +27,8 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Endpoints(Endpoints),
+    Pool(IpAddressPool),
+    Namespace(Namespace),
 }
 
 /// The kinds of [`Object`], for changes that replace every object of a kind.
@@ -33,16 +37,21 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Endpoints,
+    Pool,
+    Namespace,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Endpoints];
+    pub const ALL: [Kind; 5] =
+        [Kind::Service, Kind::EndpointSlice, Kind::Endpoints, Kind::Pool, Kind::Namespace];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Endpoints => "Endpoints",
+            Kind::Pool => "IPAddressPool",
+            Kind::Namespace => "Namespace",
         }
     }
 }
@@ -53,6 +62,8 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Endpoints(_) => Kind::Endpoints,
+            Object::Pool(_) => Kind::Pool,
+            Object::Namespace(_) => Kind::Namespace,
         }
     }
 
@@ -61,6 +72,8 @@ impl Object {
             Object::Service(object) => object.metadata(),
             Object::EndpointSlice(object) => object.metadata(),
             Object::Endpoints(object) => object.metadata(),
+            Object::Pool(object) => object.metadata(),
+            Object::Namespace(object) => object.metadata(),
         }
     }
 
@@ -68,7 +81,11 @@ impl Object {
     pub fn reference(&self) -> Option<ObjectRef> {
         let meta = self.metadata();
         let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
-        let namespace = meta.namespace.as_deref().filter(|ns| !ns.is_empty()).unwrap_or(DEFAULT_NAMESPACE);
+        // Namespaces are cluster-scoped: their reference has no namespace.
+        let namespace = match self {
+            Object::Namespace(_) => "",
+            _ => meta.namespace.as_deref().filter(|ns| !ns.is_empty()).unwrap_or(DEFAULT_NAMESPACE),
+        };
         Some(ObjectRef { kind: self.kind().name(), namespace: namespace.to_owned(), name: name.to_owned() })
     }
 }
@@ -77,8 +94,9 @@ impl Object {
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant, reason = "moved once per change into the store; boxing buys nothing")]
 pub enum Change {
-    /// Every object of `kinds` is replaced by `objects` (those of other kinds are ignored).
-    Reset { kinds: Vec<Kind>, objects: Vec<Object> },
+    /// Every object of `kinds` (in namespace `scope`, or in all when `None`) is replaced by
+    /// `objects` (those of other kinds or namespaces are ignored).
+    Reset { kinds: Vec<Kind>, scope: Option<String>, objects: Vec<Object> },
     /// One object was created or changed.
     Applied(Object),
     /// One object was deleted.
@@ -88,7 +106,7 @@ pub enum Change {
 impl Change {
     /// Every object of every kind replaced by `objects` (a manifest load).
     pub fn everything(objects: Vec<Object>) -> Change {
-        Change::Reset { kinds: Kind::ALL.to_vec(), objects }
+        Change::Reset { kinds: Kind::ALL.to_vec(), scope: None, objects }
     }
 }
 
@@ -98,6 +116,8 @@ pub struct ObjectStore {
     services: BTreeMap<ObjectRef, Service>,
     slices: BTreeMap<ObjectRef, EndpointSlice>,
     endpoints: BTreeMap<ObjectRef, Endpoints>,
+    pools: BTreeMap<ObjectRef, IpAddressPool>,
+    namespaces: BTreeMap<ObjectRef, Namespace>,
 }
 
 /// The objects of a store as the builder takes them (in namespace/name order).
@@ -106,6 +126,20 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub endpoints: Vec<Endpoints>,
+    pub pools: Vec<IpAddressPool>,
+    pub namespaces: Vec<Namespace>,
+}
+
+impl Objects {
+    /// Each namespace's labels, as pools' `namespaceSelectors` match them.
+    pub fn namespace_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.namespaces
+            .iter()
+            .filter_map(|ns| {
+                Some((ns.metadata.name.clone()?, ns.metadata.labels.clone().unwrap_or_default()))
+            })
+            .collect()
+    }
 }
 
 impl ObjectStore {
@@ -116,17 +150,30 @@ impl ObjectStore {
     /// Applies `change`; returns whether the objects differ afterwards.
     pub fn apply(&mut self, change: Change) -> bool {
         match change {
-            Change::Reset { kinds, objects } => {
+            Change::Reset { kinds, scope, objects } => {
+                let in_scope = |key: &ObjectRef| scope.as_ref().is_none_or(|ns| &key.namespace == ns);
                 let mut fresh = ObjectStore::new();
                 for object in objects.into_iter().filter(|o| kinds.contains(&o.kind())) {
-                    fresh.upsert(object);
+                    if object.reference().is_some_and(|r| in_scope(&r)) {
+                        fresh.upsert(object);
+                    }
                 }
                 let mut changed = false;
                 for kind in kinds {
                     changed |= match kind {
-                        Kind::Service => replace(&mut self.services, std::mem::take(&mut fresh.services)),
-                        Kind::EndpointSlice => replace(&mut self.slices, std::mem::take(&mut fresh.slices)),
-                        Kind::Endpoints => replace(&mut self.endpoints, std::mem::take(&mut fresh.endpoints)),
+                        Kind::Service => {
+                            replace(&mut self.services, std::mem::take(&mut fresh.services), in_scope)
+                        }
+                        Kind::EndpointSlice => {
+                            replace(&mut self.slices, std::mem::take(&mut fresh.slices), in_scope)
+                        }
+                        Kind::Endpoints => {
+                            replace(&mut self.endpoints, std::mem::take(&mut fresh.endpoints), in_scope)
+                        }
+                        Kind::Pool => replace(&mut self.pools, std::mem::take(&mut fresh.pools), in_scope),
+                        Kind::Namespace => {
+                            replace(&mut self.namespaces, std::mem::take(&mut fresh.namespaces), in_scope)
+                        }
                     };
                 }
                 changed
@@ -136,6 +183,8 @@ impl ObjectStore {
                 "Service" => self.services.remove(&object).is_some(),
                 "EndpointSlice" => self.slices.remove(&object).is_some(),
                 "Endpoints" => self.endpoints.remove(&object).is_some(),
+                "IPAddressPool" => self.pools.remove(&object).is_some(),
+                "Namespace" => self.namespaces.remove(&object).is_some(),
                 _ => false,
             },
         }
@@ -152,6 +201,8 @@ impl ObjectStore {
             Object::Service(service) => insert(&mut self.services, key, service),
             Object::EndpointSlice(slice) => insert(&mut self.slices, key, slice),
             Object::Endpoints(endpoints) => insert(&mut self.endpoints, key, endpoints),
+            Object::Pool(pool) => insert(&mut self.pools, key, pool),
+            Object::Namespace(namespace) => insert(&mut self.namespaces, key, namespace),
         }
     }
 
@@ -161,6 +212,8 @@ impl ObjectStore {
             services: self.services.values().cloned().collect(),
             slices: self.slices.values().cloned().collect(),
             endpoints: self.endpoints.values().cloned().collect(),
+            pools: self.pools.values().cloned().collect(),
+            namespaces: self.namespaces.values().cloned().collect(),
         }
     }
 
@@ -180,9 +233,19 @@ fn insert<T: PartialEq>(map: &mut BTreeMap<ObjectRef, T>, key: ObjectRef, value:
     }
 }
 
-fn replace<T: PartialEq>(map: &mut BTreeMap<ObjectRef, T>, fresh: BTreeMap<ObjectRef, T>) -> bool {
-    let changed = *map != fresh;
-    *map = fresh;
+/// Replaces the objects of `map` that are `in_scope` by `fresh`; whether anything changed.
+fn replace<T: PartialEq>(
+    map: &mut BTreeMap<ObjectRef, T>,
+    fresh: BTreeMap<ObjectRef, T>,
+    in_scope: impl Fn(&ObjectRef) -> bool,
+) -> bool {
+    let before = map.len();
+    let mut changed = false;
+    map.retain(|key, value| !in_scope(key) || fresh.get(key).is_some_and(|f| f == value));
+    changed |= map.len() != before;
+    for (key, value) in fresh {
+        changed |= insert(map, key, value);
+    }
     changed
 }
 
@@ -222,7 +285,7 @@ mod tests {
             &["10.0.0.1"],
         ))));
         let services = vec![service("a", "192.0.2.1"), service("b", "192.0.2.2")];
-        let reset = Change::Reset { kinds: vec![Kind::Service], objects: services };
+        let reset = Change::Reset { kinds: vec![Kind::Service], scope: None, objects: services };
         assert!(store.apply(reset.clone()));
         assert!(!store.apply(reset), "a relist that finds the same objects");
         assert_eq!(store.counts(), (2, 1, 0), "the slices were not part of the reset");
@@ -230,5 +293,22 @@ mod tests {
         assert_eq!(store.counts(), (1, 0, 0));
         let unnamed = Object::Service(ServiceBuilder::new("shop", "").build());
         assert!(!store.apply(Change::Applied(unnamed)));
+    }
+
+    #[test]
+    fn a_scoped_reset_replaces_only_its_namespace() {
+        let mut store = ObjectStore::new();
+        let elsewhere = Object::Service(simple_service("other", "api", "192.0.2.9", 80, 8080));
+        store.apply(Change::everything(vec![service("a", "192.0.2.1"), elsewhere]));
+        let relist = Change::Reset {
+            kinds: vec![Kind::Service],
+            scope: Some("shop".to_owned()),
+            objects: vec![service("b", "192.0.2.2")],
+        };
+        assert!(store.apply(relist.clone()));
+        let names: Vec<String> =
+            store.objects().services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["api", "b"], "shop's a is gone, other's api stays");
+        assert!(!store.apply(relist));
     }
 }

@@ -1,8 +1,14 @@
-//! `ringlb check`: load and build manifests exactly as `run` would, print the table, and exit
-//! non-zero when anything was rejected, so a pipeline can gate on it.
+//! `ringlb check`: load and build manifests, or list a cluster's objects, exactly as `run` would
+//! build them, print the table, and exit non-zero when anything was rejected, so a pipeline can
+//! gate on it. From a cluster, what is served is what the statuses hold (the allocated IPs).
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::ListParams;
 use lb_sync::ManifestSet;
 use serde::Serialize;
 
@@ -31,20 +37,40 @@ struct SkippedView<'a> {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let report = match ManifestSet::load(&args.manifests) {
-        Ok(set) => lb_core::build(
-            &set.services,
-            &set.slices,
-            &set.endpoints,
-            &build_options(&args.defaults),
-            None,
-            1,
-        ),
-        Err(errors) => {
-            for error in &errors {
-                eprintln!("error: {error}");
+    let report = match &args.manifests {
+        Some(path) => match ManifestSet::load(path) {
+            Ok(set) => lb_core::build(
+                &set.services,
+                &set.slices,
+                &set.endpoints,
+                &build_options(&args.defaults, &args.cluster, false),
+                None,
+                1,
+            ),
+            Err(errors) => {
+                for error in &errors {
+                    eprintln!("error: {error}");
+                }
+                return Ok(ExitCode::from(EXIT_UNLOADABLE));
             }
-            return Ok(ExitCode::from(EXIT_UNLOADABLE));
+        },
+        None => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (services, slices) = match runtime.block_on(list_cluster(&args)) {
+                Ok(objects) => objects,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    return Ok(ExitCode::from(EXIT_UNLOADABLE));
+                }
+            };
+            lb_core::build(
+                &services,
+                &slices,
+                &[],
+                &build_options(&args.defaults, &args.cluster, true),
+                None,
+                1,
+            )
         }
     };
     if args.json {
@@ -63,4 +89,45 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         print!("{}", table::render(&report));
     }
     Ok(if report.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_REJECTED) })
+}
+
+/// Every Service and EndpointSlice `run` would watch, listed page by page.
+async fn list_cluster(args: &CheckArgs) -> anyhow::Result<(Vec<Service>, Vec<EndpointSlice>)> {
+    let client = lb_sync::kubeconfig::client(args.cluster.kubeconfig.as_deref()).await?;
+    let scopes: Vec<Option<&str>> = if args.cluster.namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.cluster.namespaces.iter().map(|n| Some(n.as_str())).collect()
+    };
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for scope in scopes {
+        services.extend(list_all::<Service>(&client, scope).await.context("listing Services")?);
+        slices.extend(list_all::<EndpointSlice>(&client, scope).await.context("listing EndpointSlices")?);
+    }
+    Ok((services, slices))
+}
+
+async fn list_all<K>(client: &kube::Client, namespace: Option<&str>) -> Result<Vec<K>, kube::Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    let api: Api<K> = match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let mut all = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
+        all.extend(page.items);
+        match next {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(all),
+        }
+    }
 }

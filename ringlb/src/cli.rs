@@ -32,9 +32,11 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the Services found in Kubernetes manifests (a file or a directory), following edits.
+    /// Serve the LoadBalancer Services and external IPs of a Kubernetes cluster (watched through its
+    /// API), or, with `--manifests`, of manifest files followed as they change.
     Run(RunArgs),
-    /// Validate manifests and print the table that `run` would serve.
+    /// Print the table that `run` would serve (from manifests or from the cluster) and exit non-zero
+    /// when anything is rejected.
     Check(CheckArgs),
     /// Start built-in backends on loopback and balance a VIP on 127.0.0.1 across them.
     Demo(DemoArgs),
@@ -42,9 +44,14 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Manifest file or directory (multi-document YAML as `kubectl get -o yaml` writes it).
-    #[arg(long)]
-    pub manifests: PathBuf,
+    /// Serve a manifest file or directory (multi-document YAML as `kubectl get -o yaml` writes it)
+    /// instead of a cluster.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "namespaces"])]
+    pub manifests: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub election: ElectionArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -55,14 +62,58 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Manifest file or directory.
-    #[arg(long)]
-    pub manifests: PathBuf,
+    /// Check a manifest file or directory instead of a cluster.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "namespaces"])]
+    pub manifests: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Print the table as JSON instead of text.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub defaults: DefaultsArgs,
+}
+
+/// Where the cluster is and which of its Services are ringlb's.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// kubeconfig file [default: $KUBECONFIG, then ~/.kube/config, then the in-cluster
+    /// ServiceAccount].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Watch only this namespace (repeatable) [default: every namespace].
+    #[arg(long = "namespace", value_name = "NAMESPACE")]
+    pub namespaces: Vec<String>,
+    /// The `spec.loadBalancerClass` of the Services ringlb serves.
+    #[arg(long, default_value = lb_core::selection::DEFAULT_CLASS)]
+    pub load_balancer_class: String,
+    /// Also serve LoadBalancer Services without a class (ringlb as the cluster's default
+    /// implementation). Manifests are always ringlb's, class or not.
+    #[arg(long)]
+    pub default_class: bool,
+    /// Serve `spec.externalIPs` of any Service (`--external-ips=false` turns that off).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub external_ips: bool,
+    /// The namespace of the MetalLB `IPAddressPool`s addresses are allocated from.
+    #[arg(long, default_value = "metallb-system")]
+    pub pool_namespace: String,
+}
+
+/// Leader election: one replica allocates and writes statuses.
+#[derive(Debug, Args)]
+pub struct ElectionArgs {
+    /// Namespace of the election Lease [default: $POD_NAMESPACE, else ringlb-system].
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ringlb-system")]
+    pub lease_namespace: String,
+    /// Name of the election Lease.
+    #[arg(long, default_value = "ringlb")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease [default: $POD_NAME, else the host name and PID].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// How long the Lease holds without renewal: a dead leader is replaced after at most this.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub lease_duration: Duration,
 }
 
 #[derive(Debug, Args)]

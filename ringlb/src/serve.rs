@@ -13,30 +13,86 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use lb_core::{BuildOptions, EntryPolicy, NotReadyConnections, Snapshot, StaleFlowPolicy};
+use lb_core::{
+    BuildOptions, EntryPolicy, NotReadyConnections, ServiceSelection, Snapshot, StaleFlowPolicy, VipSource,
+};
 use lb_datapath::{Engine, EngineConfig, RelayMode, UdpConfig};
-use lb_sync::{ControlLoop, HealthStatus, ManifestSource, Readiness, SnapshotSink};
+use lb_sync::allocator::Allocator;
+use lb_sync::leader::{self, LeaseConfig};
+use lb_sync::{ControlLoop, HealthStatus, KubeSource, ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
 use crate::admin::{self, AdminState};
-use crate::cli::{AdminArgs, DefaultsArgs, EngineArgs, NotReadyArg, RelayArg, RunArgs, StaleFlowsArg};
+use crate::cli::{
+    AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, NotReadyArg, RelayArg, RunArgs, StaleFlowsArg,
+};
 
 /// Where the served snapshots come from.
 #[allow(clippy::large_enum_variant, reason = "one value per process, moved once")]
 pub enum Source {
     /// Manifest files, followed as they change, and the control loop that builds from them.
     Manifests(ManifestSource, ControlLoop),
+    /// A cluster's API: watched objects, leader election and allocation.
+    Cluster(Cluster, ControlLoop),
     /// One snapshot built up front (the demo).
     Fixed(Snapshot),
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let source = ManifestSource::new(args.manifests);
-    let control = ControlLoop::new(build_options(&args.defaults));
-    serve(Source::Manifests(source, control), &args.engine, &args.admin)
+/// What serving a cluster needs besides the control loop.
+pub struct Cluster {
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub namespaces: Vec<String>,
+    pub pool_namespace: String,
+    pub selection: ServiceSelection,
+    pub lease: LeaseConfig,
 }
 
-pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let source = match args.manifests {
+        Some(path) => {
+            let control = ControlLoop::new(build_options(&args.defaults, &args.cluster, false));
+            Source::Manifests(ManifestSource::new(path), control)
+        }
+        None => {
+            let options = build_options(&args.defaults, &args.cluster, true);
+            let identity = args.election.identity.clone().unwrap_or_else(default_identity);
+            let mut lease =
+                LeaseConfig::new(&args.election.lease_namespace, &args.election.lease_name, identity);
+            lease.lease_duration = args.election.lease_duration.max(Duration::from_secs(2));
+            // client-go's proportions: renew deadline 2/3 and retry 2/15 of the lease.
+            lease.renew_deadline = lease.lease_duration * 2 / 3;
+            lease.retry = (lease.lease_duration * 2 / 15).max(Duration::from_millis(200));
+            let cluster = Cluster {
+                kubeconfig: args.cluster.kubeconfig.clone(),
+                namespaces: args.cluster.namespaces.clone(),
+                pool_namespace: args.cluster.pool_namespace.clone(),
+                selection: options.selection.clone(),
+                lease,
+            };
+            Source::Cluster(cluster, ControlLoop::new(options))
+        }
+    };
+    serve(source, &args.engine, &args.admin)
+}
+
+/// `$POD_NAME` is the usual identity; outside a pod, the host name and PID.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// Which Services are ringlb's: in a cluster only allocated IPs are served and classless
+/// Services only with `--default-class`; manifests are ringlb's own input, class or not.
+pub fn selection(cluster: &ClusterArgs, in_cluster: bool) -> ServiceSelection {
+    ServiceSelection {
+        class: cluster.load_balancer_class.clone(),
+        default_class: !in_cluster || cluster.default_class,
+        external_ips: cluster.external_ips,
+        vips: if in_cluster { VipSource::Allocated } else { VipSource::Requested },
+    }
+}
+
+pub fn build_options(defaults: &DefaultsArgs, cluster: &ClusterArgs, in_cluster: bool) -> BuildOptions {
     let fallback = EntryPolicy::default();
     BuildOptions {
         default_scheduler: defaults.scheduler,
@@ -58,6 +114,7 @@ pub fn build_options(defaults: &DefaultsArgs) -> BuildOptions {
             ..fallback
         },
         node_name: defaults.node_name.clone(),
+        selection: selection(cluster, in_cluster),
         ..BuildOptions::default()
     }
 }
@@ -102,6 +159,8 @@ struct ServeState {
     source: Option<Readiness>,
     /// Counters of the active health checks; `None` for a fixed snapshot (nothing is probed).
     health: Option<HealthStatus>,
+    /// Whether this replica leads (allocates and writes statuses); `None` outside a cluster.
+    leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AdminState for ServeState {
@@ -137,6 +196,7 @@ impl AdminState for ServeState {
             "snapshot": { "version": snapshot.version, "entries": snapshot.len() },
             "source": source,
             "health": health,
+            "leader": self.leading.as_ref().map(|leading| *leading.borrow()),
             "workers": workers,
         })
     }
@@ -179,16 +239,41 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
         let mut signals = Signals::new();
         // Passive outlier detection: the workers' connect outcomes and resets flow back to the
         // control loop's health monitor, whose ejections join the one health overlay.
+        let events = engine.take_backend_events();
+        let with_events = |control: ControlLoop| match events {
+            Some(events) => control.with_backend_events(events),
+            None => control,
+        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        };
+        // In a cluster: the API client, leader election and the allocator, beside the control loop.
+        let mut duties = Vec::new();
+        let mut leading = None;
         let source = match source {
-            Source::Manifests(source, control) => match engine.take_backend_events() {
-                Some(events) => Source::Manifests(source, control.with_backend_events(events)),
-                None => Source::Manifests(source, control),
-            },
-            fixed => fixed,
+            Source::Manifests(source, control) => Running::Manifests(source, with_events(control)),
+            Source::Cluster(cluster, control) => {
+                let client = lb_sync::kubeconfig::client(cluster.kubeconfig.as_deref()).await?;
+                let mut control = with_events(control);
+                let objects = control.objects();
+                let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+                tracing::info!(identity = %cluster.lease.identity, lease = %cluster.lease.name, namespace = %cluster.lease.namespace, "leader election");
+                let allocator = Allocator::new(client.clone(), cluster.selection.clone(), &cluster.lease.identity);
+                duties.push(tokio::spawn(leader::run(client.clone(), cluster.lease, leader_tx, until_stopped())));
+                duties.push(tokio::spawn(allocator.run(objects, leader_rx.clone(), until_stopped())));
+                leading = Some(leader_rx);
+                let source = KubeSource::new(client, cluster.namespaces).with_pools(cluster.pool_namespace);
+                Running::Cluster(source, control)
+            }
+            Source::Fixed(snapshot) => Running::Fixed(snapshot),
         };
         let control = match &source {
-            Source::Manifests(_, control) => Some(control),
-            Source::Fixed(_) => None,
+            Running::Manifests(_, control) | Running::Cluster(_, control) => Some(control),
+            Running::Fixed(_) => None,
         };
         if let Some(addr) = admin_addr {
             let listener = admin::bind(addr).await?;
@@ -197,20 +282,31 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
                 published: Arc::clone(&published),
                 source: control.map(ControlLoop::readiness),
                 health: control.map(ControlLoop::health_status),
+                leading,
             };
             tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
         }
         let served = match source {
-            Source::Manifests(source, control) => {
+            Running::Manifests(source, control) => {
                 control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)
             }
-            Source::Fixed(snapshot) => {
+            Running::Cluster(source, control) => {
+                control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)
+            }
+            Running::Fixed(snapshot) => {
                 sink.publish(Arc::new(snapshot));
                 signals.next().await;
                 Ok(())
             }
         };
+        // A leader gives the Lease up now, so another replica takes over while this one drains.
+        let _ = stop.send(true);
+        for duty in duties {
+            if tokio::time::timeout(Duration::from_secs(5), duty).await.is_err() {
+                tracing::warn!("a cluster task did not stop within 5 s");
+            }
+        }
         if served.is_ok() {
             drain(&engine, grace, &mut signals).await;
         }
@@ -220,6 +316,14 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
     engine.shutdown();
     tracing::info!("stopped");
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+/// A source being served (the cluster's client made).
+#[allow(clippy::large_enum_variant, reason = "one value per process")]
+enum Running {
+    Manifests(ManifestSource, ControlLoop),
+    Cluster(KubeSource, ControlLoop),
+    Fixed(Snapshot),
 }
 
 /// The first half of a graceful shutdown: the listeners close at once, then established
@@ -327,12 +431,37 @@ mod tests {
         }
     }
 
-    fn defaults_args(flags: &[&str]) -> DefaultsArgs {
-        let argv = ["ringlb", "check", "--manifests", "x.yaml"].iter().chain(flags);
+    fn check_args(flags: &[&str]) -> crate::cli::CheckArgs {
+        let argv = ["ringlb", "check"].iter().chain(flags);
         match Cli::try_parse_from(argv).expect("valid flags").command {
-            Command::Check(args) => args.defaults,
+            Command::Check(args) => args,
             other => panic!("parsed {other:?}"),
         }
+    }
+
+    fn build_options_of(flags: &[&str], in_cluster: bool) -> BuildOptions {
+        let args = check_args(flags);
+        build_options(&args.defaults, &args.cluster, in_cluster)
+    }
+
+    #[test]
+    fn cluster_flags_choose_the_services_and_only_a_cluster_serves_allocated_ips_alone() {
+        let cluster = build_options_of(&[], true).selection;
+        assert_eq!(
+            (cluster.class.as_str(), cluster.default_class, cluster.external_ips),
+            ("ringlb.io/lb", false, true)
+        );
+        assert_eq!(cluster.vips, VipSource::Allocated);
+        let flags = ["--load-balancer-class", "example.com/lb", "--default-class", "--external-ips=false"];
+        let chosen = build_options_of(&flags, true).selection;
+        assert_eq!(
+            (chosen.class.as_str(), chosen.default_class, chosen.external_ips),
+            ("example.com/lb", true, false)
+        );
+        let manifests = build_options_of(&["--manifests", "x.yaml"], false).selection;
+        assert!(manifests.default_class, "manifests are ringlb's, class or not");
+        assert_eq!(manifests.vips, VipSource::Requested);
+        assert!(Cli::try_parse_from(["ringlb", "run", "--manifests", "x", "--kubeconfig", "k"]).is_err());
     }
 
     #[test]
@@ -346,21 +475,26 @@ mod tests {
 
     #[test]
     fn policy_flags_are_the_defaults_annotations_override() {
-        let options = build_options(&defaults_args(&[
-            "--udp-unreplied-timeout",
-            "5s",
-            "--udp-replied-timeout",
-            "1m",
-            "--udp-stale-flows",
-            "drain",
-            "--not-ready-connections",
-            "keep",
-        ]));
+        let options = build_options_of(
+            &[
+                "--manifests",
+                "x.yaml",
+                "--udp-unreplied-timeout",
+                "5s",
+                "--udp-replied-timeout",
+                "1m",
+                "--udp-stale-flows",
+                "drain",
+                "--not-ready-connections",
+                "keep",
+            ],
+            false,
+        );
         let policy = options.default_policy;
         assert_eq!(policy.udp_unreplied_timeout, Duration::from_secs(5));
         assert_eq!(policy.udp_replied_timeout, Duration::from_secs(60));
         assert_eq!(policy.udp_stale_flows, StaleFlowPolicy::Drain);
         assert_eq!(policy.not_ready_connections, NotReadyConnections::Keep);
-        assert_eq!(build_options(&defaults_args(&[])).default_policy, EntryPolicy::default());
+        assert_eq!(build_options_of(&[], false).default_policy, EntryPolicy::default());
     }
 }

@@ -70,6 +70,7 @@ pub(super) fn parse_all(
         match parse_one(object.clone(), svc, options) {
             Outcome::Served(parsed) => served.push(*parsed),
             Outcome::Skipped(reason) => skipped.push(Skipped { service: object, reason: reason.to_owned() }),
+            Outcome::Ignored => {}
             Outcome::Rejected(mut errs) => {
                 errors.append(&mut errs);
                 rejected.insert(object);
@@ -83,7 +84,13 @@ enum Outcome {
     // Boxed: a parsed Service is large and the other outcomes are small.
     Served(Box<ParsedService>),
     Skipped(&'static str),
+    /// Not ringlb's and nothing to say about it (a ClusterIP Service without external IPs).
+    Ignored,
     Rejected(Vec<BuildError>),
+}
+
+fn has_external_ips(spec: &ServiceSpec) -> bool {
+    spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty())
 }
 
 fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcome {
@@ -109,6 +116,10 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
     let load_balancer = match options.selection.ownership(svc) {
         Ownership::LoadBalancer => true,
         Ownership::ExternalIpsOnly => false,
+        // A Service with no address ringlb could serve is no concern of ringlb's: not listed.
+        Ownership::NotOurs(_) if service_type != "LoadBalancer" && !has_external_ips(spec) => {
+            return Outcome::Ignored;
+        }
         Ownership::NotOurs(reason) => return Outcome::Skipped(reason),
     };
     let vips = vips::service_vips(svc, load_balancer, options.selection.vips, &object, &mut errors);

@@ -24,7 +24,7 @@ use crate::health::{BackendEventReceiver, HealthMonitor, HealthStatus};
 use crate::readiness::Readiness;
 use crate::sink::SnapshotSink;
 use crate::source::{Source, SyncError};
-use crate::store::{Change, ObjectStore};
+use crate::store::{Change, ObjectStore, Objects};
 use publish::Publisher;
 
 /// Batches of changes a source may have queued before it waits for the control loop.
@@ -69,6 +69,7 @@ pub struct ControlLoop {
     readiness: Readiness,
     health: HealthStatus,
     backend_events: Option<BackendEventReceiver>,
+    objects: Option<channel::Sender<Arc<Objects>>>,
 }
 
 impl ControlLoop {
@@ -79,6 +80,20 @@ impl ControlLoop {
             readiness: Readiness::new(),
             health: HealthStatus::new(),
             backend_events: None,
+            objects: None,
+        }
+    }
+
+    /// The objects as the loop holds them, after every batch that changed them (what the leader
+    /// allocates from: every replica builds and allocates from the same watched state).
+    pub fn objects(&mut self) -> channel::Receiver<Arc<Objects>> {
+        match &self.objects {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = channel::channel(Arc::new(Objects::default()));
+                self.objects = Some(sender);
+                receiver
+            }
         }
     }
 
@@ -128,6 +143,7 @@ impl ControlLoop {
             store: ObjectStore::new(),
             options: self.options,
             readiness: self.readiness,
+            objects: self.objects,
         };
         let mut monitor_alive = true;
         loop {
@@ -146,6 +162,9 @@ impl ControlLoop {
                     }
                     if changed || out.publisher.current().is_none() {
                         out.rebuild().await;
+                        if let Some(objects) = &out.objects {
+                            objects.send_replace(Arc::new(out.store.objects()));
+                        }
                     }
                     out.readiness.count_load();
                 }
@@ -176,6 +195,7 @@ struct Outlet<S> {
     store: ObjectStore,
     options: BuildOptions,
     readiness: Readiness,
+    objects: Option<channel::Sender<Arc<Objects>>>,
 }
 
 impl<S: SnapshotSink> Outlet<S> {

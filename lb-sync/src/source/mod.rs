@@ -8,12 +8,14 @@
 //! handle says the control loop is gone; trouble it can recover from (an unreadable edit, a watch
 //! cut) is its own to log and retry, while the table keeps serving.
 
+mod kube;
 mod manifest;
 mod watch;
 
 use std::future::Future;
 use std::path::PathBuf;
 
+pub use kube::KubeSource;
 pub use manifest::{DEFAULT_DEBOUNCE, DEFAULT_MAX_DELAY, DEFAULT_POLL_INTERVAL, ManifestSource};
 
 use crate::control::SourceHandle;

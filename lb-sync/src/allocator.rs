@@ -1,0 +1,208 @@
+//! The leader's duty: allocate addresses (`lb_core::ipam::plan`) from the watched objects, write
+//! them into each Service's `status.loadBalancer.ingress` with `ipMode: Proxy` through the status
+//! subresource (a JSON merge patch), remove the status ringlb wrote from Services it no longer
+//! owns, and say on each Service, as a Kubernetes Event, what was allocated or why nothing was.
+//!
+//! Only the leader writes; every replica serves what the statuses say (the builder serves only
+//! allocated IPs in a cluster), so the datapath of all replicas follows the same state. A write
+//! comes back through the watch, which is the only way the store learns it. Events are published
+//! once per change of outcome, not per plan, so a Service stuck without an address does not
+//! flood its events; failed writes are retried on the next plan and logged at most every 30 s.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
+use lb_core::ipam::{self, IP_MODE, Inputs, Plan};
+use lb_core::{LogThrottle, ObjectRef, ServiceSelection};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::store::Objects;
+
+/// The Event `reportingController` and the field manager of status writes.
+pub const CONTROLLER: &str = "ringlb.io/controller";
+
+/// See the module doc.
+pub struct Allocator {
+    client: Client,
+    selection: ServiceSelection,
+    recorder: Recorder,
+    /// The last outcome each Service was told about (its Event reason and message).
+    told: BTreeMap<ObjectRef, (String, String)>,
+    failures: LogThrottle,
+}
+
+impl Allocator {
+    pub fn new(client: Client, selection: ServiceSelection, identity: &str) -> Self {
+        let reporter = Reporter { controller: CONTROLLER.to_owned(), instance: Some(identity.to_owned()) };
+        Allocator {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            selection,
+            told: BTreeMap::new(),
+            failures: LogThrottle::new(Duration::from_secs(30)),
+        }
+    }
+
+    /// Plans and writes whenever the objects change while this replica leads, until `shutdown`.
+    pub async fn run(
+        mut self,
+        mut objects: watch::Receiver<Arc<Objects>>,
+        mut leading: watch::Receiver<bool>,
+        shutdown: impl std::future::Future,
+    ) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut retry = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                changed = objects.changed() => if changed.is_err() { return },
+                changed = leading.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // A new leader retells every outcome once.
+                    self.told.clear();
+                }
+                // Writes that failed are retried even when nothing changes.
+                _ = retry.tick() => {}
+            }
+            if !*leading.borrow() {
+                continue;
+            }
+            let current = Arc::clone(&objects.borrow_and_update());
+            self.reconcile(&current).await;
+        }
+    }
+
+    /// One round: plan from `objects` and write what differs.
+    pub async fn reconcile(&mut self, objects: &Objects) {
+        let labels = objects.namespace_labels();
+        let plan = ipam::plan(Inputs {
+            services: &objects.services,
+            pools: &objects.pools,
+            namespace_labels: &labels,
+            selection: &self.selection,
+        });
+        for error in &plan.pool_errors {
+            self.complain(&format!("IPAddressPool {:?} is unusable: {}", error.pool, error.reason));
+        }
+        let services: BTreeMap<ObjectRef, &Service> =
+            objects.services.iter().filter_map(|s| Some((reference(s)?, s))).collect();
+        self.write_statuses(&plan, &services).await;
+        self.tell(&plan, &services).await;
+    }
+
+    async fn write_statuses(&mut self, plan: &Plan, services: &BTreeMap<ObjectRef, &Service>) {
+        let releases = plan.releases.iter().map(|object| (object, Vec::new()));
+        let assignments =
+            plan.assignments.iter().map(|(object, assignment)| (object, assignment.ips.clone()));
+        for (object, ips) in assignments.chain(releases) {
+            let Some(service) = services.get(object) else { continue };
+            if status_ips(service) == ips {
+                continue;
+            }
+            let ingress: Vec<serde_json::Value> =
+                ips.iter().map(|ip| json!({"ip": ip.to_string(), "ipMode": IP_MODE})).collect();
+            // A merge patch replaces the list as a whole; null removes it.
+            let patch = if ingress.is_empty() {
+                json!({"status": {"loadBalancer": {"ingress": null}}})
+            } else {
+                json!({"status": {"loadBalancer": {"ingress": ingress}}})
+            };
+            let api: Api<Service> = Api::namespaced(self.client.clone(), &object.namespace);
+            let params = PatchParams { field_manager: Some(CONTROLLER.to_owned()), ..PatchParams::default() };
+            match api.patch_status(&object.name, &params, &Patch::Merge(&patch)).await {
+                Ok(_) => tracing::info!(service = %object, ips = ?ips, "status written"),
+                // Deleted meanwhile: the next plan no longer has it.
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => self.complain(&format!("writing the status of {object} failed: {error}")),
+            }
+        }
+    }
+
+    /// Publishes an Event for every Service whose outcome changed since it was last told.
+    async fn tell(&mut self, plan: &Plan, services: &BTreeMap<ObjectRef, &Service>) {
+        let mut outcomes: BTreeMap<ObjectRef, (EventType, String, String)> = BTreeMap::new();
+        for (object, assignment) in &plan.assignments {
+            if !assignment.ips.is_empty() {
+                let listed: Vec<String> = assignment
+                    .ips
+                    .iter()
+                    .zip(&assignment.pools)
+                    .map(|(ip, pool)| format!("{ip} (pool {pool})"))
+                    .collect();
+                let note = format!("assigned {}", listed.join(", "));
+                outcomes.insert(object.clone(), (EventType::Normal, "IPAllocated".to_owned(), note));
+            }
+        }
+        for problem in &plan.problems {
+            // A Service with an address and a problem (its optional second family) tells both in one.
+            let entry = outcomes.entry(problem.service().clone()).or_insert((
+                EventType::Warning,
+                problem.reason().to_owned(),
+                String::new(),
+            ));
+            if entry.2.is_empty() {
+                entry.2 = problem.to_string();
+            } else {
+                entry.2 = format!("{}; {problem}", entry.2);
+                entry.0 = EventType::Warning;
+            }
+        }
+        for object in &plan.releases {
+            outcomes.insert(
+                object.clone(),
+                (
+                    EventType::Normal,
+                    "IPReleased".to_owned(),
+                    "ringlb no longer serves this Service".to_owned(),
+                ),
+            );
+        }
+        self.told.retain(|object, _| outcomes.contains_key(object));
+        for (object, (type_, reason, note)) in outcomes {
+            let told = (reason.clone(), note.clone());
+            if self.told.get(&object) == Some(&told) {
+                continue;
+            }
+            let Some(service) = services.get(&object) else { continue };
+            let event =
+                Event { type_, reason, note: Some(note), action: "Allocate".to_owned(), secondary: None };
+            match self.recorder.publish(&event, &service.object_ref(&())).await {
+                Ok(()) => {
+                    self.told.insert(object, told);
+                }
+                Err(error) => self.complain(&format!("publishing an Event on {object} failed: {error}")),
+            }
+        }
+    }
+
+    fn complain(&mut self, message: &str) {
+        if let Some(suppressed) = self.failures.admit(Instant::now()) {
+            tracing::warn!(suppressed, "{message}");
+        }
+    }
+}
+
+fn reference(service: &Service) -> Option<ObjectRef> {
+    let name = service.metadata.name.clone()?;
+    Some(ObjectRef::service(service.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned()), name))
+}
+
+/// The addresses a Service's status holds with ringlb's `ipMode` (another mode is rewritten).
+fn status_ips(service: &Service) -> Vec<IpAddr> {
+    let ingress =
+        service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    let entries: Vec<_> = ingress.into_iter().flatten().collect();
+    if entries.iter().any(|i| i.ip_mode.as_deref() != Some(IP_MODE)) {
+        return vec![];
+    }
+    entries.iter().filter_map(|i| i.ip.as_deref()?.parse().ok()).collect()
+}
