@@ -3,9 +3,13 @@
 //! - [`objects`]: terse builders for Service and EndpointSlice objects;
 //! - [`backends`]: real loopback TCP backends (echo, sink, named) that tests send bytes through;
 //! - [`descriptors`]: running a test process out of file descriptors on purpose;
-//! - [`apiserver`]: a Kubernetes API server emulator (HTTPS on loopback) held to recorded exchanges.
+//! - [`apiserver`]: a Kubernetes API server emulator (HTTPS on loopback) held to recorded exchanges;
+//! - [`kubectl`]: kubectl as a test's operator;
+//! - [`pods`]: where tests put pods (network namespaces; never loopback, which API servers refuse).
 
 pub mod apiserver;
 pub mod backends;
 pub mod descriptors;
+pub mod kubectl;
 pub mod objects;
+pub mod pods;

@@ -2,64 +2,8 @@
 //! patch, delete, RBAC-limited users. What kubectl needs of a server (discovery, OpenAPI v3 for
 //! server-side field validation, strategic merge patches) is what this exercises.
 
-use std::process::Command;
-
-use serde_json::Value;
 use testkit::apiserver::ApiServer;
-
-struct Kubectl {
-    kubeconfig: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Kubectl {
-    fn for_server(server: &ApiServer) -> Kubectl {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let kubeconfig = server.write_kubeconfig(&dir.path().join("kubeconfig"));
-        Kubectl { kubeconfig, _dir: dir }
-    }
-
-    fn with_token(server: &ApiServer, token: &str) -> Kubectl {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let kubeconfig =
-            server.write_kubeconfig_with(&dir.path().join("kubeconfig"), serde_json::json!({"token": token}));
-        Kubectl { kubeconfig, _dir: dir }
-    }
-
-    /// Runs kubectl; its (status, stdout, stderr).
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-        let mut command = Command::new("kubectl");
-        command.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
-        command
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = command.spawn().expect("kubectl is installed");
-        if let Some(input) = stdin {
-            use std::io::Write as _;
-            child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
-        }
-        drop(child.stdin.take());
-        let output = child.wait_with_output().expect("kubectl ran");
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    }
-
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let (ok, out, err) = self.run(args, stdin);
-        assert!(ok, "kubectl {args:?} failed: {err}");
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        serde_json::from_str(&self.ok(&all, None)).expect("kubectl prints JSON")
-    }
-}
+use testkit::kubectl::Kubectl;
 
 const SHOP: &str = "
 apiVersion: v1
