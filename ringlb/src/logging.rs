@@ -7,11 +7,19 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
+/// Crates whose own logs repeat what ringlb already reports once, throttled (every failed request
+/// of the Kubernetes client during an API outage, for one): silent unless the filter names them.
+const QUIET: [&str; 2] = ["kube_client", "kube_runtime"];
+
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env)?,
-        _ => EnvFilter::try_new(level)?,
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(from_env) if !from_env.is_empty() => from_env,
+        _ => level.to_owned(),
     };
+    let mut filter = EnvFilter::try_new(&directives)?;
+    for target in QUIET.iter().filter(|target| !directives.contains(*target)) {
+        filter = filter.add_directive(format!("{target}=off").parse()?);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -4,6 +4,8 @@
 //! Every wait is bounded by a deadline and polls a real condition; nothing sleeps as synchronisation.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -30,6 +32,11 @@ pub fn port_free_on(ips: &[IpAddr]) -> u16 {
     panic!("no port free on all of {ips:?} after 100 tries");
 }
 
+/// A loopback address for an admin endpoint, free right now.
+pub fn free_admin_addr() -> SocketAddr {
+    SocketAddr::new(loopback(1), port_free_on(&[loopback(1)]))
+}
+
 /// A `ringlb` process; killed (and reaped) on drop unless stopped first.
 pub struct Ringlb {
     child: Option<Child>,
@@ -44,19 +51,21 @@ impl Ringlb {
 
     /// [`Ringlb::start`] with the command adjusted by `configure` first (stderr, limits).
     pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Ringlb {
-        let admin = SocketAddr::new(loopback(1), port_free_on(&[loopback(1)]));
+        let admin = free_admin_addr();
         let mut command = Command::new(env!("CARGO_BIN_EXE_ringlb"));
-        command
-            .args(args)
-            .args(["--admin", &admin.to_string(), "--workers", "2", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        command.args(args).args(["--admin", &admin.to_string(), "--workers", "2", "--log-level", "warn"]);
         // Tests that do not test the graceful shutdown need not wait its default 30 s for
         // connections they left open.
         if !args.contains(&"--shutdown-grace") {
             command.args(["--shutdown-grace", "2s"]);
         }
         configure(&mut command);
+        Ringlb::spawn(command, admin)
+    }
+
+    /// Spawns `command` as it is (it must run ringlb with its admin endpoint on `admin`).
+    pub fn spawn(mut command: Command, admin: SocketAddr) -> Ringlb {
+        command.stdin(Stdio::null()).stdout(Stdio::null());
         let child = command.spawn().expect("spawn ringlb");
         Ringlb { child: Some(child), admin }
     }
