@@ -263,6 +263,21 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// Whether `other` serves exactly as this entry does: same key, Service, port, backends and
+    /// policies, and a scheduler built from the same configuration (a scheduler is a function of
+    /// its configuration, the backends and the eligible ones). What decides whether a build must be
+    /// published; cheaper than comparing the schedulers' tables.
+    pub fn serves_like(&self, other: &ServiceEntry) -> bool {
+        self.key == other.key
+            && self.service == other.service
+            && self.port_name == other.port_name
+            && self.backends == other.backends
+            && self.eligible == other.eligible
+            && self.policy == other.policy
+            && self.traffic == other.traffic
+            && self.scheduler.config() == other.scheduler.config()
+    }
+
     pub fn backend(&self, idx: BackendIdx) -> Option<&Backend> {
         self.backends.get(idx as usize)
     }

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
-use lb_core::ipam::{self, IP_MODE, Inputs, Plan};
+use lb_core::ipam::{self, IP_MODE, Inputs, IpAddressPool, Plan};
 use lb_core::{LogThrottle, ObjectRef, ServiceSelection};
 use serde_json::json;
 use tokio::sync::watch;
@@ -84,9 +84,11 @@ impl Allocator {
     /// One round: plan from `objects` and write what differs.
     pub async fn reconcile(&mut self, objects: &Objects) {
         let labels = objects.namespace_labels();
+        let all: Vec<&Service> = objects.services.iter().map(|o| &**o).collect();
+        let pools: Vec<&IpAddressPool> = objects.pools.iter().map(|o| &**o).collect();
         let plan = ipam::plan(Inputs {
-            services: &objects.services,
-            pools: &objects.pools,
+            services: &all,
+            pools: &pools,
             namespace_labels: &labels,
             selection: &self.selection,
         });
@@ -94,7 +96,7 @@ impl Allocator {
             self.complain(&format!("IPAddressPool {:?} is unusable: {}", error.pool, error.reason));
         }
         let services: BTreeMap<ObjectRef, &Service> =
-            objects.services.iter().filter_map(|s| Some((reference(s)?, s))).collect();
+            all.iter().filter_map(|&s| Some((reference(s)?, s))).collect();
         self.write_statuses(&plan, &services).await;
         self.tell(&plan, &services).await;
     }

@@ -9,6 +9,7 @@
 //! objects are the builder's to reject, with errors naming them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Service};
@@ -113,21 +114,21 @@ impl Change {
 /// The objects by kind; see the module doc.
 #[derive(Debug, Default, Clone)]
 pub struct ObjectStore {
-    services: BTreeMap<ObjectRef, Service>,
-    slices: BTreeMap<ObjectRef, EndpointSlice>,
-    endpoints: BTreeMap<ObjectRef, Endpoints>,
-    pools: BTreeMap<ObjectRef, IpAddressPool>,
-    namespaces: BTreeMap<ObjectRef, Namespace>,
+    services: BTreeMap<ObjectRef, Arc<Service>>,
+    slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
+    endpoints: BTreeMap<ObjectRef, Arc<Endpoints>>,
+    pools: BTreeMap<ObjectRef, Arc<IpAddressPool>>,
+    namespaces: BTreeMap<ObjectRef, Arc<Namespace>>,
 }
 
 /// The objects of a store as the builder takes them (in namespace/name order).
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub endpoints: Vec<Endpoints>,
-    pub pools: Vec<IpAddressPool>,
-    pub namespaces: Vec<Namespace>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub endpoints: Vec<Arc<Endpoints>>,
+    pub pools: Vec<Arc<IpAddressPool>>,
+    pub namespaces: Vec<Arc<Namespace>>,
 }
 
 impl Objects {
@@ -198,15 +199,15 @@ impl ObjectStore {
             return false;
         };
         match object {
-            Object::Service(service) => insert(&mut self.services, key, service),
-            Object::EndpointSlice(slice) => insert(&mut self.slices, key, slice),
-            Object::Endpoints(endpoints) => insert(&mut self.endpoints, key, endpoints),
-            Object::Pool(pool) => insert(&mut self.pools, key, pool),
-            Object::Namespace(namespace) => insert(&mut self.namespaces, key, namespace),
+            Object::Service(service) => insert(&mut self.services, key, Arc::new(service)),
+            Object::EndpointSlice(slice) => insert(&mut self.slices, key, Arc::new(slice)),
+            Object::Endpoints(endpoints) => insert(&mut self.endpoints, key, Arc::new(endpoints)),
+            Object::Pool(pool) => insert(&mut self.pools, key, Arc::new(pool)),
+            Object::Namespace(namespace) => insert(&mut self.namespaces, key, Arc::new(namespace)),
         }
     }
 
-    /// Copies of every object, for a build.
+    /// Every object, shared with the store (a build or an allocation copies nothing).
     pub fn objects(&self) -> Objects {
         Objects {
             services: self.services.values().cloned().collect(),

@@ -33,7 +33,7 @@ pub(super) const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mir
 /// Adds the mirrored slices of `endpoints` to `slices`, for Services (by namespace and name) that
 /// are not in `with_selector` and have no EndpointSlice in `slices`.
 pub(super) fn mirror_all(
-    endpoints: &[Endpoints],
+    endpoints: &[&Endpoints],
     with_selector: &BTreeSet<(String, String)>,
     slices: &mut SlicesByService,
     errors: &mut Vec<BuildError>,

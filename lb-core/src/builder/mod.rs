@@ -144,6 +144,22 @@ pub fn build(
     previous: Option<&Snapshot>,
     version: u64,
 ) -> BuildReport {
+    let services: Vec<&Service> = services.iter().collect();
+    let slices: Vec<&EndpointSlice> = slices.iter().collect();
+    let endpoints: Vec<&Endpoints> = endpoints.iter().collect();
+    build_refs(&services, &slices, &endpoints, options, previous, version)
+}
+
+/// [`build`] from borrowed objects, for a caller that keeps them elsewhere (e.g. shared with `Arc`
+/// in a store) and must not copy them per build.
+pub fn build_refs(
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    endpoints: &[&Endpoints],
+    options: &BuildOptions,
+    previous: Option<&Snapshot>,
+    version: u64,
+) -> BuildReport {
     let mut errors = Vec::new();
     let mut skipped = Vec::new();
     options.load.prune();
@@ -186,7 +202,7 @@ fn with_last_good(
 
 /// (namespace, name) of every Service with a non-empty `spec.selector`: their Endpoints objects are
 /// not mirrored (see `mirror`).
-fn services_with_selector(services: &[Service]) -> BTreeSet<(String, String)> {
+fn services_with_selector(services: &[&Service]) -> BTreeSet<(String, String)> {
     services
         .iter()
         .filter(|svc| svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty()))
@@ -265,14 +281,14 @@ fn object_ref(kind: &'static str, meta: &ObjectMeta) -> Result<ObjectRef, BuildE
 /// of each name; copies that differ are all rejected (no order-independent choice exists, they are
 /// returned as rejected), identical copies are harmless and collapse to one. In name order.
 fn unique_objects<'a, T>(
-    objects: &'a [T],
+    objects: &[&'a T],
     errors: &mut Vec<BuildError>,
 ) -> (Vec<(ObjectRef, &'a T)>, BTreeSet<ObjectRef>)
 where
     T: PartialEq + k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta>,
 {
     let mut by_name: BTreeMap<ObjectRef, Vec<&'a T>> = BTreeMap::new();
-    for value in objects {
+    for &value in objects {
         match object_ref(T::KIND, value.metadata()) {
             Ok(object) => by_name.entry(object).or_default().push(value),
             Err(error) => errors.push(error),

@@ -59,7 +59,7 @@ pub(super) struct ParsedServices {
 }
 
 pub(super) fn parse_all(
-    services: &[Service],
+    services: &[&Service],
     options: &BuildOptions,
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,

@@ -53,7 +53,7 @@ pub(super) struct ParsedSlice {
 pub(super) type SlicesByService = BTreeMap<(String, String), Vec<ParsedSlice>>;
 
 pub(super) fn parse_all(
-    slices: &[EndpointSlice],
+    slices: &[&EndpointSlice],
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) -> SlicesByService {

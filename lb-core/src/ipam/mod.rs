@@ -47,8 +47,8 @@ pub const IP_MODE: &str = "Proxy";
 /// What allocation works from.
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs<'a> {
-    pub services: &'a [Service],
-    pub pools: &'a [IpAddressPool],
+    pub services: &'a [&'a Service],
+    pub pools: &'a [&'a IpAddressPool],
     /// Namespace name → its labels (for `namespaceSelectors`).
     pub namespace_labels: &'a BTreeMap<String, BTreeMap<String, String>>,
     pub selection: &'a ServiceSelection,

@@ -56,7 +56,14 @@ fn with_status(mut service: Service, ips: &[&str]) -> Service {
 }
 
 fn run(services: &[Service], pools: &[IpAddressPool]) -> Plan {
-    plan(Inputs { services, pools, namespace_labels: &BTreeMap::new(), selection: &cluster() })
+    let services: Vec<&Service> = services.iter().collect();
+    let pools: Vec<&IpAddressPool> = pools.iter().collect();
+    plan(Inputs {
+        services: &services,
+        pools: &pools,
+        namespace_labels: &BTreeMap::new(),
+        selection: &cluster(),
+    })
 }
 
 fn ips(plan: &Plan, name: &str) -> Vec<String> {
@@ -176,8 +183,8 @@ fn pools_admit_by_namespace_and_service_selectors_and_are_tried_by_priority() {
     let plain = svc("plain", 2, &[80]).build();
     let pinned = svc("pinned", 3, &[80]).annotation("metallb.io/address-pool", "manual").build();
     let lost = svc("lost", 4, &[80]).annotation("metallb.io/address-pool", "nope").build();
-    let pools = [public, manual, web_only, private];
-    let services = [web, plain, pinned, lost];
+    let pools = [&public, &manual, &web_only, &private];
+    let services = [&web, &plain, &pinned, &lost];
     let internal =
         BTreeMap::from([("shop".to_owned(), BTreeMap::from([("tier".to_owned(), "internal".to_owned())]))]);
     let plan = plan(Inputs {

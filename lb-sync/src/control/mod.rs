@@ -214,14 +214,10 @@ impl<S: SnapshotSink> Outlet<S> {
         let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
         let version = self.publisher.next_version();
         let built = blocking(move || {
-            lb_core::build(
-                &objects.services,
-                &objects.slices,
-                &objects.endpoints,
-                &options,
-                previous.as_deref(),
-                version,
-            )
+            let services: Vec<&_> = objects.services.iter().map(|o| &**o).collect();
+            let slices: Vec<&_> = objects.slices.iter().map(|o| &**o).collect();
+            let endpoints: Vec<&_> = objects.endpoints.iter().map(|o| &**o).collect();
+            lb_core::build_refs(&services, &slices, &endpoints, &options, previous.as_deref(), version)
         })
         .await;
         match built {

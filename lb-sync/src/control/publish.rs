@@ -15,9 +15,6 @@ use lb_core::{BuildReport, ObjectRef, Skipped, Snapshot};
 #[derive(Default)]
 pub(crate) struct Publisher {
     current: Option<Arc<Snapshot>>,
-    /// `current`'s entries serialized; `None` also when they could not be serialized (then every
-    /// build counts as a change, which is safe, just not quiet).
-    current_entries: Option<Vec<u8>>,
     logged_skips: HashSet<(ObjectRef, String)>,
 }
 
@@ -45,8 +42,7 @@ impl Publisher {
 
     /// Returns `snapshot` when its entries differ from the served ones, and makes it the served one.
     pub(crate) fn offer(&mut self, snapshot: Snapshot) -> Option<Arc<Snapshot>> {
-        let entries = entries_bytes(&snapshot);
-        if self.current.is_some() && entries.is_some() && entries == self.current_entries {
+        if self.current.as_deref().is_some_and(|current| same_entries(current, &snapshot)) {
             tracing::debug!("manifests changed but the served table did not; nothing to publish");
             return None;
         }
@@ -62,7 +58,6 @@ impl Publisher {
             "publishing snapshot"
         );
         self.current = Some(Arc::clone(&snapshot));
-        self.current_entries = entries;
         Some(snapshot)
     }
 
@@ -77,16 +72,11 @@ impl Publisher {
     }
 }
 
-/// The entries (everything but the version) in a comparable form.
-fn entries_bytes(snapshot: &Snapshot) -> Option<Vec<u8>> {
-    let entries: Vec<_> = snapshot.entries().map(|entry| &**entry).collect();
-    match serde_json::to_vec(&entries) {
-        Ok(bytes) => Some(bytes),
-        Err(error) => {
-            tracing::debug!(%error, "cannot serialize snapshot entries; treating the build as a change");
-            None
-        }
-    }
+/// Whether two snapshots serve the same (everything but the version); entries shared between them
+/// (`Arc`) are equal without a look.
+fn same_entries(current: &Snapshot, next: &Snapshot) -> bool {
+    current.len() == next.len()
+        && current.entries().zip(next.entries()).all(|(a, b)| Arc::ptr_eq(a, b) || a.serves_like(b))
 }
 
 #[cfg(test)]

@@ -1,0 +1,183 @@
+//! `ringlb-sync-bench`: ringlb's control plane at cluster scale, in one process and without I/O
+//! (the datapath is a channel; watch decoding is the kube client's and not measured here).
+//!
+//! - **full build**: `lb_core::build` of every Service and EndpointSlice, as at start-up or after
+//!   a relist;
+//! - **one change**: one EndpointSlice edited (an endpoint's readiness flipped) handed to the control
+//!   loop as a watch event would be, timed until the control loop has published the snapshot that
+//!   contains it (what the datapath swaps in);
+//! - **memory**: this process's resident set once the objects are stored and the table is built.
+//!
+//! Objects: `--services` LoadBalancer Services of ringlb's class, each with an allocated address
+//! (`ipMode: Proxy`) and one port, each with one EndpointSlice of `--endpoints` ready endpoints.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_core::{BuildOptions, ServiceSelection, Snapshot, VipSource};
+use lb_sync::{Change, ControlLoop, Object, Source, SourceHandle, SyncError};
+use testkit::objects::{Cond, ServiceBuilder, SliceBuilder, TargetPort};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Parser)]
+#[command(about = "Control-plane benchmark: full builds and one-change latency at cluster scale")]
+struct Args {
+    /// Services (one allocated address and port each).
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    /// Ready endpoints per Service (one EndpointSlice each).
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Full builds to time.
+    #[arg(long, default_value_t = 10)]
+    full_builds: usize,
+    /// Single-slice changes to time.
+    #[arg(long, default_value_t = 1000)]
+    changes: usize,
+}
+
+fn service(i: usize) -> Service {
+    let ip = format!("127.1.{}.{}", i / 256, i % 256);
+    ServiceBuilder::new(&format!("ns{}", i % 100), &format!("svc{i}"))
+        .service_type("LoadBalancer")
+        .load_balancer_class(lb_core::selection::DEFAULT_CLASS)
+        .port("http", 80, "TCP", TargetPort::String("http".into()))
+        .with(|service| {
+            service.status = Some(
+                serde_json::from_value(serde_json::json!({
+                    "loadBalancer": {"ingress": [{"ip": ip, "ipMode": "Proxy"}]}
+                }))
+                .expect("a status"),
+            );
+        })
+        .build()
+}
+
+fn slice(i: usize, endpoints: usize, not_ready: Option<usize>) -> EndpointSlice {
+    let mut builder =
+        SliceBuilder::new(&format!("ns{}", i % 100), &format!("svc{i}-abcde"), &format!("svc{i}"))
+            .port("http", 8080, "TCP");
+    for k in 0..endpoints {
+        let address = format!("10.{}.{}.{}", (i / 256) % 256, i % 256, k + 1);
+        let conditions = if not_ready == Some(k) { Cond::not_ready() } else { Cond::ready() };
+        builder = builder.endpoint(&address, conditions);
+    }
+    builder.build()
+}
+
+fn options() -> BuildOptions {
+    let selection = ServiceSelection { vips: VipSource::Allocated, ..ServiceSelection::default() };
+    BuildOptions { selection, ..BuildOptions::default() }
+}
+
+/// A source that reports everything at once, then whatever the benchmark hands it.
+struct Scripted {
+    initial: Vec<Object>,
+    changes: mpsc::UnboundedReceiver<Change>,
+}
+
+impl Source for Scripted {
+    async fn run(mut self, handle: SourceHandle) -> Result<(), SyncError> {
+        if !handle.send(vec![Change::everything(self.initial)]).await {
+            return Ok(());
+        }
+        while let Some(change) = self.changes.recv().await {
+            if !handle.send(vec![change]).await {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let services: Vec<Service> = (0..args.services).map(service).collect();
+    let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
+    eprintln!("generated {} Services and slices in {:.0} ms", args.services, millis(started.elapsed()));
+
+    // Full builds, each from scratch with the previous snapshot (as a relist does).
+    let options = options();
+    let mut previous: Option<Snapshot> = None;
+    let mut full = Vec::new();
+    for version in 1..=args.full_builds as u64 {
+        let started = Instant::now();
+        let report = lb_core::build(&services, &slices, &[], &options, previous.as_ref(), version);
+        full.push(millis(started.elapsed()));
+        anyhow::ensure!(report.is_clean(), "the build rejected objects: {report}");
+        anyhow::ensure!(report.snapshot.len() == args.services, "{} entries built", report.snapshot.len());
+        previous = Some(report.snapshot);
+    }
+    drop(previous);
+    full.sort_by(f64::total_cmp);
+
+    // One change at a time through the control loop.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (latencies, rss) = runtime.block_on(async {
+        let initial: Vec<Object> = services
+            .into_iter()
+            .map(Object::Service)
+            .chain(slices.into_iter().map(Object::EndpointSlice))
+            .collect();
+        let (changes, script) = mpsc::unbounded_channel();
+        let (sink, mut published) = mpsc::unbounded_channel::<Arc<Snapshot>>();
+        let control = ControlLoop::new(options);
+        let running = tokio::spawn(control.run(
+            Scripted { initial, changes: script },
+            sink,
+            std::future::pending::<()>(),
+        ));
+        let first = published.recv().await.context("the first snapshot")?;
+        anyhow::ensure!(first.len() == args.services, "{} entries published", first.len());
+        drop(first);
+        let rss = resident_mib();
+        let mut latencies = hdrhistogram::Histogram::<u64>::new(3)?;
+        for n in 0..args.changes {
+            let i = (n * 7919) % args.services;
+            let change =
+                Change::Applied(Object::EndpointSlice(slice(i, args.endpoints, Some(n % args.endpoints))));
+            let sent = Instant::now();
+            changes.send(change).map_err(|_| anyhow::anyhow!("the control loop stopped"))?;
+            let snapshot = published.recv().await.context("a snapshot per change")?;
+            latencies.record(sent.elapsed().as_micros() as u64)?;
+            anyhow::ensure!(snapshot.len() == args.services, "{} entries after a change", snapshot.len());
+        }
+        running.abort();
+        anyhow::Ok((latencies, rss))
+    })?;
+
+    let quantile = |q: f64| latencies.value_at_quantile(q) as f64 / 1e3;
+    println!(
+        "{}",
+        serde_json::json!({
+            "services": args.services,
+            "endpoints_per_service": args.endpoints,
+            "full_build_ms": {"min": full[0], "median": full[full.len() / 2], "max": full[full.len() - 1]},
+            "one_slice_change_to_published_ms": {
+                "p50": quantile(0.5), "p99": quantile(0.99), "max": latencies.max() as f64 / 1e3,
+                "count": latencies.len(),
+            },
+            "rss_mib_after_first_publish": rss,
+        })
+    );
+    Ok(())
+}
