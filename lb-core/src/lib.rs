@@ -32,7 +32,10 @@ mod testing;
 pub mod throttle;
 
 pub use affinity::AffinityTable;
-pub use builder::{BuildOptions, BuildReport, Skipped, apply_health, build, build_refs};
+pub use builder::{
+    BuildCache, BuildOptions, BuildReport, Revised, Skipped, apply_health, build, build_incremental,
+    build_refs,
+};
 pub use cidr::Cidr;
 pub use duration::parse_duration;
 pub use error::BuildError;

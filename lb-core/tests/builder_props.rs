@@ -311,3 +311,113 @@ proptest! {
         let _ = run(&garbage_services, &garbage_slices, None);
     }
 }
+
+/// Objects by (namespace, name): which of several worlds each name takes its object from.
+fn pick<T: Clone>(worlds: &[Vec<T>], name: impl Fn(&T) -> (String, String), choice: u64) -> Vec<T> {
+    let mut by_name: BTreeMap<(String, String), Vec<Option<T>>> = BTreeMap::new();
+    for (w, world) in worlds.iter().enumerate() {
+        for object in world {
+            let slots = by_name.entry(name(object)).or_insert_with(|| vec![None; worlds.len()]);
+            slots[w].get_or_insert_with(|| object.clone());
+        }
+    }
+    by_name
+        .into_values()
+        .enumerate()
+        .filter_map(|(i, slots)| slots[(choice >> (i % 32 * 2)) as usize % slots.len()].clone())
+        .collect()
+}
+
+fn name_of(meta: &ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+/// Revisions as a store gives them: a name keeps its revision while its content stays equal.
+struct Revisions<T> {
+    known: BTreeMap<(String, String), (T, u64)>,
+    next: u64,
+}
+
+impl<T: Clone + PartialEq> Revisions<T> {
+    fn new() -> Self {
+        Revisions { known: BTreeMap::new(), next: 1 }
+    }
+
+    fn of(&mut self, objects: &[T], name: impl Fn(&T) -> (String, String)) -> Vec<u64> {
+        objects
+            .iter()
+            .map(|object| {
+                let key = name(object);
+                match self.known.get(&key) {
+                    Some((known, revision)) if known == object => *revision,
+                    _ => {
+                        self.next += 1;
+                        self.known.insert(key, (object.clone(), self.next));
+                        self.next
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..ProptestConfig::default() })]
+
+    /// Building with a cache through a sequence of changes gives, at every step, exactly what
+    /// building from scratch gives.
+    #[test]
+    fn an_incremental_build_is_a_fresh_build(
+        worlds in prop::collection::vec(
+            (good_world(), prop::collection::vec(garbage_service(), 0..2), prop::collection::vec(garbage_slice(), 0..2)),
+            2..=3,
+        ),
+        choices in prop::collection::vec(any::<u64>(), 1..6),
+    ) {
+        let service_worlds: Vec<Vec<Service>> =
+            worlds.iter().map(|((s, _), g, _)| s.iter().chain(g).cloned().collect()).collect();
+        let slice_worlds: Vec<Vec<EndpointSlice>> =
+            worlds.iter().map(|((_, s), _, g)| s.iter().chain(g).cloned().collect()).collect();
+        let options = BuildOptions::default();
+        let mut cache = lb_core::BuildCache::new();
+        let (mut service_revisions, mut slice_revisions) = (Revisions::new(), Revisions::new());
+        let (mut fresh_previous, mut cached_previous): (Option<Snapshot>, Option<Snapshot>) = (None, None);
+        // The Services change every other step, the slices every step: a build also sees only its
+        // slices change, as a watch event of one EndpointSlice does.
+        for step in 0..choices.len() * 2 {
+            let service_choice = choices[step / 2];
+            let slice_choice = choices[step.div_ceil(2) % choices.len()].rotate_left(17);
+            let services = pick(&service_worlds, |s: &Service| name_of(&s.metadata), service_choice);
+            let mut slices = pick(&slice_worlds, |s: &EndpointSlice| name_of(&s.metadata), slice_choice);
+            // Odd steps edit some slices in place (the same names, as a readiness change does).
+            if step % 2 == 1 {
+                for (i, slice) in slices.iter_mut().enumerate() {
+                    let flip = (service_choice >> (i % 64)) & 1 == 1;
+                    if let Some(endpoint) = slice.endpoints.as_mut().and_then(|e| e.first_mut()).filter(|_| flip) {
+                        let conditions = endpoint.conditions.get_or_insert_with(Default::default);
+                        conditions.ready = Some(!conditions.ready.unwrap_or(true));
+                    }
+                }
+            }
+            let version = step as u64 + 1;
+            let fresh = build(&services, &slices, &[], &options, fresh_previous.as_ref(), version);
+            let revised_services: Vec<lb_core::Revised<'_, Service>> = services
+                .iter()
+                .zip(service_revisions.of(&services, |s: &Service| name_of(&s.metadata)))
+                .map(|(object, revision)| lb_core::Revised { object, revision })
+                .collect();
+            let revised_slices: Vec<lb_core::Revised<'_, EndpointSlice>> = slices
+                .iter()
+                .zip(slice_revisions.of(&slices, |s: &EndpointSlice| name_of(&s.metadata)))
+                .map(|(object, revision)| lb_core::Revised { object, revision })
+                .collect();
+            let cached = lb_core::build_incremental(
+                &revised_services, &revised_slices, &[], &options, cached_previous.as_ref(), version, &mut cache,
+            );
+            let json = |r: &BuildReport| serde_json::to_string(r).expect("report serialises");
+            prop_assert_eq!(json(&fresh), json(&cached), "step {}", step);
+            fresh_previous = Some(fresh.snapshot);
+            cached_previous = Some(cached.snapshot);
+        }
+    }
+}

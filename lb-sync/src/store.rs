@@ -111,24 +111,56 @@ impl Change {
     }
 }
 
+/// A stored object and its revision: a number the store changes whenever the object's content
+/// changes (never reused), so equal revisions of one name mean equal content (what the builder's
+/// cache relies on, see `lb_core::BuildCache`).
+#[derive(Debug)]
+pub struct Stored<T> {
+    pub revision: u64,
+    pub object: Arc<T>,
+}
+
+impl<T> Clone for Stored<T> {
+    fn clone(&self) -> Self {
+        Stored { revision: self.revision, object: Arc::clone(&self.object) }
+    }
+}
+
+impl<T> std::ops::Deref for Stored<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.object
+    }
+}
+
+impl<T> Stored<T> {
+    /// The object with its revision, as the builder takes it.
+    pub fn revised(&self) -> lb_core::Revised<'_, T> {
+        lb_core::Revised { object: &self.object, revision: self.revision }
+    }
+}
+
 /// The objects by kind; see the module doc.
 #[derive(Debug, Default, Clone)]
 pub struct ObjectStore {
-    services: BTreeMap<ObjectRef, Arc<Service>>,
-    slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
-    endpoints: BTreeMap<ObjectRef, Arc<Endpoints>>,
-    pools: BTreeMap<ObjectRef, Arc<IpAddressPool>>,
-    namespaces: BTreeMap<ObjectRef, Arc<Namespace>>,
+    /// The revision the next changed object gets.
+    next_revision: u64,
+    services: BTreeMap<ObjectRef, Stored<Service>>,
+    slices: BTreeMap<ObjectRef, Stored<EndpointSlice>>,
+    endpoints: BTreeMap<ObjectRef, Stored<Endpoints>>,
+    pools: BTreeMap<ObjectRef, Stored<IpAddressPool>>,
+    namespaces: BTreeMap<ObjectRef, Stored<Namespace>>,
 }
 
 /// The objects of a store as the builder takes them (in namespace/name order).
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
-    pub endpoints: Vec<Arc<Endpoints>>,
-    pub pools: Vec<Arc<IpAddressPool>>,
-    pub namespaces: Vec<Arc<Namespace>>,
+    pub services: Vec<Stored<Service>>,
+    pub slices: Vec<Stored<EndpointSlice>>,
+    pub endpoints: Vec<Stored<Endpoints>>,
+    pub pools: Vec<Stored<IpAddressPool>>,
+    pub namespaces: Vec<Stored<Namespace>>,
 }
 
 impl Objects {
@@ -162,19 +194,36 @@ impl ObjectStore {
                 let mut changed = false;
                 for kind in kinds {
                     changed |= match kind {
-                        Kind::Service => {
-                            replace(&mut self.services, std::mem::take(&mut fresh.services), in_scope)
-                        }
-                        Kind::EndpointSlice => {
-                            replace(&mut self.slices, std::mem::take(&mut fresh.slices), in_scope)
-                        }
-                        Kind::Endpoints => {
-                            replace(&mut self.endpoints, std::mem::take(&mut fresh.endpoints), in_scope)
-                        }
-                        Kind::Pool => replace(&mut self.pools, std::mem::take(&mut fresh.pools), in_scope),
-                        Kind::Namespace => {
-                            replace(&mut self.namespaces, std::mem::take(&mut fresh.namespaces), in_scope)
-                        }
+                        Kind::Service => replace(
+                            &mut self.services,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.services),
+                            in_scope,
+                        ),
+                        Kind::EndpointSlice => replace(
+                            &mut self.slices,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.slices),
+                            in_scope,
+                        ),
+                        Kind::Endpoints => replace(
+                            &mut self.endpoints,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.endpoints),
+                            in_scope,
+                        ),
+                        Kind::Pool => replace(
+                            &mut self.pools,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.pools),
+                            in_scope,
+                        ),
+                        Kind::Namespace => replace(
+                            &mut self.namespaces,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.namespaces),
+                            in_scope,
+                        ),
                     };
                 }
                 changed
@@ -199,11 +248,15 @@ impl ObjectStore {
             return false;
         };
         match object {
-            Object::Service(service) => insert(&mut self.services, key, Arc::new(service)),
-            Object::EndpointSlice(slice) => insert(&mut self.slices, key, Arc::new(slice)),
-            Object::Endpoints(endpoints) => insert(&mut self.endpoints, key, Arc::new(endpoints)),
-            Object::Pool(pool) => insert(&mut self.pools, key, Arc::new(pool)),
-            Object::Namespace(namespace) => insert(&mut self.namespaces, key, Arc::new(namespace)),
+            Object::Service(service) => insert(&mut self.services, &mut self.next_revision, key, service),
+            Object::EndpointSlice(slice) => insert(&mut self.slices, &mut self.next_revision, key, slice),
+            Object::Endpoints(endpoints) => {
+                insert(&mut self.endpoints, &mut self.next_revision, key, endpoints)
+            }
+            Object::Pool(pool) => insert(&mut self.pools, &mut self.next_revision, key, pool),
+            Object::Namespace(namespace) => {
+                insert(&mut self.namespaces, &mut self.next_revision, key, namespace)
+            }
         }
     }
 
@@ -224,28 +277,37 @@ impl ObjectStore {
     }
 }
 
-fn insert<T: PartialEq>(map: &mut BTreeMap<ObjectRef, T>, key: ObjectRef, value: T) -> bool {
+fn insert<T: PartialEq>(
+    map: &mut BTreeMap<ObjectRef, Stored<T>>,
+    next_revision: &mut u64,
+    key: ObjectRef,
+    value: T,
+) -> bool {
     match map.get(&key) {
-        Some(existing) if *existing == value => false,
+        Some(existing) if *existing.object == value => false,
         _ => {
-            map.insert(key, value);
+            *next_revision += 1;
+            map.insert(key, Stored { revision: *next_revision, object: Arc::new(value) });
             true
         }
     }
 }
 
-/// Replaces the objects of `map` that are `in_scope` by `fresh`; whether anything changed.
-fn replace<T: PartialEq>(
-    map: &mut BTreeMap<ObjectRef, T>,
-    fresh: BTreeMap<ObjectRef, T>,
+/// Replaces the objects of `map` that are `in_scope` by `fresh` (stored in a scratch store, whose
+/// revisions are not used); whether anything changed.
+fn replace<T: PartialEq + Clone>(
+    map: &mut BTreeMap<ObjectRef, Stored<T>>,
+    next_revision: &mut u64,
+    fresh: BTreeMap<ObjectRef, Stored<T>>,
     in_scope: impl Fn(&ObjectRef) -> bool,
 ) -> bool {
     let before = map.len();
     let mut changed = false;
-    map.retain(|key, value| !in_scope(key) || fresh.get(key).is_some_and(|f| f == value));
+    map.retain(|key, value| !in_scope(key) || fresh.get(key).is_some_and(|f| f.object == value.object));
     changed |= map.len() != before;
     for (key, value) in fresh {
-        changed |= insert(map, key, value);
+        let value = Arc::try_unwrap(value.object).unwrap_or_else(|shared| (*shared).clone());
+        changed |= insert(map, next_revision, key, value);
     }
     changed
 }

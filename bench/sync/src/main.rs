@@ -114,22 +114,9 @@ fn main() -> anyhow::Result<()> {
     let services: Vec<Service> = (0..args.services).map(service).collect();
     let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
     eprintln!("generated {} Services and slices in {:.0} ms", args.services, millis(started.elapsed()));
-
-    // Full builds, each from scratch with the previous snapshot (as a relist does).
     let options = options();
-    let mut previous: Option<Snapshot> = None;
-    let mut full = Vec::new();
-    for version in 1..=args.full_builds as u64 {
-        let started = Instant::now();
-        let report = lb_core::build(&services, &slices, &[], &options, previous.as_ref(), version);
-        full.push(millis(started.elapsed()));
-        anyhow::ensure!(report.is_clean(), "the build rejected objects: {report}");
-        anyhow::ensure!(report.snapshot.len() == args.services, "{} entries built", report.snapshot.len());
-        previous = Some(report.snapshot);
-    }
-    drop(previous);
-    full.sort_by(f64::total_cmp);
-
+    // First what a ringlb process holds (RSS), then one change at a time, then full builds (their
+    // garbage would otherwise be in the RSS figure).
     // One change at a time through the control loop.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (latencies, rss) = runtime.block_on(async {
@@ -140,7 +127,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let (changes, script) = mpsc::unbounded_channel();
         let (sink, mut published) = mpsc::unbounded_channel::<Arc<Snapshot>>();
-        let control = ControlLoop::new(options);
+        let control = ControlLoop::new(options.clone());
         let running = tokio::spawn(control.run(
             Scripted { initial, changes: script },
             sink,
@@ -165,13 +152,31 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok((latencies, rss))
     })?;
 
+    let services: Vec<Service> = (0..args.services).map(service).collect();
+    let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
+    // Full builds, each from scratch with the previous snapshot (as a relist does).
+    let mut previous: Option<Snapshot> = None;
+    let mut full = Vec::new();
+    for version in 1..=args.full_builds as u64 {
+        let started = Instant::now();
+        let report = lb_core::build(&services, &slices, &[], &options, previous.as_ref(), version);
+        full.push(millis(started.elapsed()));
+        anyhow::ensure!(report.is_clean(), "the build rejected objects: {report}");
+        anyhow::ensure!(report.snapshot.len() == args.services, "{} entries built", report.snapshot.len());
+        previous = Some(report.snapshot);
+    }
+    drop(previous);
+    full.sort_by(f64::total_cmp);
+
     let quantile = |q: f64| latencies.value_at_quantile(q) as f64 / 1e3;
     println!(
         "{}",
         serde_json::json!({
             "services": args.services,
             "endpoints_per_service": args.endpoints,
-            "full_build_ms": {"min": full[0], "median": full[full.len() / 2], "max": full[full.len() - 1]},
+            "full_build_ms": {
+                "min": full.first(), "median": full.get(full.len() / 2), "max": full.last(),
+            },
             "one_slice_change_to_published_ms": {
                 "p50": quantile(0.5), "p99": quantile(0.99), "max": latencies.max() as f64 / 1e3,
                 "count": latencies.len(),

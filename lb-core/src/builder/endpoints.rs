@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::BuildOptions;
 use super::service::{ParsedService, PortSpec, TargetSpec};
@@ -43,7 +44,7 @@ pub(super) struct ResolvedPort {
 /// The backends of `port` among the `ipv6` (or IPv4) slices of `svc`.
 pub(super) fn resolve_port(
     port: &PortSpec,
-    slices: &[ParsedSlice],
+    slices: &[Arc<ParsedSlice>],
     ipv6: bool,
     svc: &ParsedService,
     options: &BuildOptions,

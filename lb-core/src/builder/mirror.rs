@@ -55,7 +55,7 @@ pub(super) fn mirror_all(
                 Entry::Vacant(vacant) => {
                     let mirrored = mirror_one(&object, endpoints, errors);
                     if !mirrored.is_empty() {
-                        vacant.insert(mirrored);
+                        vacant.insert(mirrored.into_iter().map(std::sync::Arc::new).collect());
                     }
                     continue;
                 }
@@ -117,7 +117,8 @@ fn mirror_one(object: &ObjectRef, endpoints: &Endpoints, errors: &mut Vec<BuildE
             }
             if !parsed.is_empty() {
                 let ports = ports.clone();
-                slices.push(ParsedSlice { ipv6, declares_ports, ports, weight, endpoints: parsed });
+                let name = object.name.clone();
+                slices.push(ParsedSlice { name, ipv6, declares_ports, ports, weight, endpoints: parsed });
             }
         }
     }

@@ -17,6 +17,7 @@
 // full error by value keeps every site simple.
 #![allow(clippy::result_large_err, reason = "cold path; errors carry the object and field by value")]
 
+mod cache;
 mod endpoints;
 mod health_overlay;
 mod health_policy;
@@ -48,6 +49,7 @@ use crate::model::{EntryPolicy, ObjectRef, ServiceEntry, Snapshot, VipKey};
 use crate::scheduler::{LoadRegistry, Scheduler, SchedulerKind};
 use service::ParsedService;
 
+pub use cache::{BuildCache, Revised};
 pub use health_overlay::apply_health;
 
 /// Global defaults that annotations override per Service, and what the builder must know about
@@ -160,23 +162,117 @@ pub fn build_refs(
     previous: Option<&Snapshot>,
     version: u64,
 ) -> BuildReport {
+    build_inner(services, slices, endpoints, options, previous, version, None)
+}
+
+/// [`build`] that reuses what earlier builds with `cache` computed for objects of the same revision
+/// (see [`BuildCache`]); the result is the one [`build`] gives for the same objects.
+pub fn build_incremental(
+    services: &[Revised<'_, Service>],
+    slices: &[Revised<'_, EndpointSlice>],
+    endpoints: &[&Endpoints],
+    options: &BuildOptions,
+    previous: Option<&Snapshot>,
+    version: u64,
+    cache: &mut BuildCache,
+) -> BuildReport {
+    let revisions = (cache::Revisions::of(services), cache::Revisions::of(slices));
+    let services: Vec<&Service> = services.iter().map(|r| r.object).collect();
+    let slices: Vec<&EndpointSlice> = slices.iter().map(|r| r.object).collect();
+    cache.begin(options);
+    let report =
+        build_inner(&services, &slices, endpoints, options, previous, version, Some((cache, &revisions)));
+    cache.end();
+    report
+}
+
+type CacheInput<'c> =
+    Option<(&'c mut BuildCache, &'c (cache::Revisions<Service>, cache::Revisions<EndpointSlice>))>;
+
+fn build_inner(
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    endpoints: &[&Endpoints],
+    options: &BuildOptions,
+    previous: Option<&Snapshot>,
+    version: u64,
+    mut cache: CacheInput<'_>,
+) -> BuildReport {
     let mut errors = Vec::new();
     let mut skipped = Vec::new();
-    options.load.prune();
-    let parsed = service::parse_all(services, options, &mut errors, &mut skipped);
-    let mut slices_by_service = slices::parse_all(slices, &mut errors, &mut skipped);
-    let with_selector = services_with_selector(services);
+    if cache.as_ref().is_none_or(|(cache, _)| cache.prune_due()) {
+        options.load.prune();
+    }
+    let (parsed, with_selector) = match cache.as_mut() {
+        Some((cache, (revisions, _))) => match cache.services_pass(revisions) {
+            Some(pass) => {
+                errors.extend(pass.errors.iter().cloned());
+                skipped.extend(pass.skipped.iter().cloned());
+                (pass.parsed.clone(), pass.with_selector.clone())
+            }
+            None => {
+                let (mut pass_errors, mut pass_skipped) = (Vec::new(), Vec::new());
+                let parsed = service::parse_all(
+                    services,
+                    options,
+                    &mut cache.services(revisions),
+                    &mut pass_errors,
+                    &mut pass_skipped,
+                );
+                let with_selector = Arc::new(services_with_selector(services));
+                errors.extend(pass_errors.iter().cloned());
+                skipped.extend(pass_skipped.iter().cloned());
+                let pass = cache::ServicesPass {
+                    parsed: parsed.clone(),
+                    with_selector: Arc::clone(&with_selector),
+                    errors: pass_errors,
+                    skipped: pass_skipped,
+                };
+                cache.keep_services_pass(revisions, pass);
+                (parsed, with_selector)
+            }
+        },
+        None => {
+            let parsed = service::parse_all(services, options, &mut cache::Fresh, &mut errors, &mut skipped);
+            (parsed, Arc::new(services_with_selector(services)))
+        }
+    };
+    // The cache keeps the slices pass unmirrored: with Endpoints to mirror, it is not used.
+    let keep_slices = cache.is_some() && endpoints.is_empty();
+    let mut slices_by_service = match cache.as_mut() {
+        Some((cache, (_, revisions))) if keep_slices => {
+            cache.slices_pass(slices, revisions, &mut errors, &mut skipped)
+        }
+        Some((cache, (_, revisions))) => {
+            slices::parse_all(slices, &mut cache.slices(revisions), &mut errors, &mut skipped)
+        }
+        None => slices::parse_all(slices, &mut cache::Fresh, &mut errors, &mut skipped),
+    };
     mirror::mirror_all(endpoints, &with_selector, &mut slices_by_service, &mut errors, &mut skipped);
 
     let (candidates, kept_previous) = with_last_good(parsed, previous);
-    let table = assign_keys(&candidates, &slices_by_service, options, previous, &mut errors);
-    let last_good = candidates.iter().map(|spec| (spec.object.clone(), Arc::clone(spec))).collect();
+    let mut cache = cache.map(|(cache, _)| cache);
+    let table =
+        assign_keys(&candidates, &slices_by_service, options, previous, cache.as_deref_mut(), &mut errors);
+    if keep_slices && let Some(cache) = cache {
+        cache.keep_slices_by_service(slices_by_service);
+    }
+    let last_good = match previous.map(Snapshot::last_good) {
+        // The same specs as before: share the previous map instead of copying every name.
+        Some(known)
+            if known.len() == candidates.len()
+                && known.values().zip(candidates.iter()).all(|(a, b)| Arc::ptr_eq(a, b)) =>
+        {
+            Arc::clone(known)
+        }
+        _ => Arc::new(candidates.iter().map(|spec| (spec.object.clone(), Arc::clone(spec))).collect()),
+    };
 
     errors.sort_by_cached_key(|e| (e.object().clone(), e.to_string()));
     errors.dedup();
     skipped.sort_by(|a, b| (&a.service, &a.reason).cmp(&(&b.service, &b.reason)));
     skipped.dedup();
-    let snapshot = Snapshot::from_parts(version, table, Arc::new(last_good));
+    let snapshot = Snapshot::from_parts(version, table, last_good);
     BuildReport { snapshot, errors, skipped, kept_previous }
 }
 
@@ -185,19 +281,25 @@ pub fn build_refs(
 fn with_last_good(
     parsed: service::ParsedServices,
     previous: Option<&Snapshot>,
-) -> (Vec<Arc<ParsedService>>, Vec<ObjectRef>) {
-    let mut candidates: Vec<Arc<ParsedService>> = parsed.served.into_iter().map(Arc::new).collect();
+) -> (Arc<Vec<Arc<ParsedService>>>, Vec<ObjectRef>) {
+    let mut kept = Vec::new();
     let mut kept_previous = Vec::new();
     if let Some(previous) = previous {
         for object in &parsed.rejected {
             if let Some(spec) = previous.last_good().get(object) {
-                candidates.push(Arc::clone(spec));
+                kept.push(Arc::clone(spec));
                 kept_previous.push(object.clone());
             }
         }
     }
+    // `served` is in object order (see `service::parse_all`): without carried-over specs it is the
+    // list itself, shared (the build cache then recognises it in O(1)).
+    if kept.is_empty() {
+        return (parsed.served, kept_previous);
+    }
+    let mut candidates: Vec<Arc<ParsedService>> = parsed.served.iter().cloned().chain(kept).collect();
     candidates.sort_by(|a, b| a.object.cmp(&b.object));
-    (candidates, kept_previous)
+    (Arc::new(candidates), kept_previous)
 }
 
 /// (namespace, name) of every Service with a non-empty `spec.selector`: their Endpoints objects are
@@ -218,12 +320,71 @@ fn services_with_selector(services: &[&Service]) -> BTreeSet<(String, String)> {
 /// other claimant gets a `ConflictingVip`. Each (service, port, family) is resolved once and shared
 /// by all of its VIPs of that family.
 fn assign_keys(
-    candidates: &[Arc<ParsedService>],
+    candidates: &Arc<Vec<Arc<ParsedService>>>,
     slices_by_service: &slices::SlicesByService,
     options: &BuildOptions,
     previous: Option<&Snapshot>,
+    mut cache: Option<&mut BuildCache>,
     errors: &mut Vec<BuildError>,
 ) -> BTreeMap<VipKey, Arc<ServiceEntry>> {
+    let winners = match cache.as_deref_mut() {
+        Some(cache) => match cache.owners(candidates) {
+            Some(winners) => winners,
+            None => {
+                let (winners, contested) = owners(candidates, previous, errors);
+                let winners = Arc::new(winners);
+                // The cached owners are always the last build's, or none: a table started from
+                // the last one must have been built with the same owners.
+                if contested {
+                    cache.forget_owners();
+                } else {
+                    cache.keep_owners(candidates, &winners);
+                }
+                winners
+            }
+        },
+        None => Arc::new(owners(candidates, previous, errors).0),
+    };
+    let start = cache.as_deref_mut().and_then(|cache| cache.start_from_last_table(candidates));
+    let (mut table, redo) = match start {
+        Some((table, redo)) => (table, redo),
+        None => (BTreeMap::new(), (0..winners.len()).collect()),
+    };
+    let mut resolved: BTreeMap<(usize, usize, bool), Arc<endpoints::ResolvedPort>> = BTreeMap::new();
+    // One key buffer for the slice lookups (no allocation per Service).
+    let mut scratch = (String::new(), String::new());
+    for &(key, s, p, vip) in redo.iter().map(|&i| &winners[i]) {
+        let svc = &candidates[s];
+        let ipv6 = key.addr.is_ipv6();
+        let port = resolved.entry((s, p, ipv6)).or_insert_with(|| {
+            scratch.0.clone_from(&svc.object.namespace);
+            scratch.1.clone_from(&svc.object.name);
+            let own = slices_by_service.get(&scratch).map_or(&[][..], Vec::as_slice);
+            let resolve = || endpoints::resolve_port(&svc.ports[p], own, ipv6, svc, options);
+            match cache.as_deref_mut() {
+                Some(cache) => cache.resolved(svc, p, ipv6, own, resolve),
+                None => Arc::new(resolve()),
+            }
+        });
+        let entry = match cache.as_deref_mut() {
+            Some(cache) => cache.entry(key, svc, port, vip, || port.entry(key, svc, vip)),
+            None => Arc::new(port.entry(key, svc, vip)),
+        };
+        table.insert(key, entry);
+    }
+    if let Some(cache) = cache {
+        cache.keep_table(&table);
+    }
+    table
+}
+
+/// The owner of every claimed key, in key order, as (key, candidate, port index, VIP); and whether
+/// any key was contested (then every other claimant got a `ConflictingVip`).
+fn owners(
+    candidates: &[Arc<ParsedService>],
+    previous: Option<&Snapshot>,
+    errors: &mut Vec<BuildError>,
+) -> (Vec<(VipKey, usize, usize, vips::Vip)>, bool) {
     let mut claims: BTreeMap<VipKey, Vec<(usize, usize, vips::Vip)>> = BTreeMap::new();
     for (s, candidate) in candidates.iter().enumerate() {
         for &vip in &candidate.vips {
@@ -232,8 +393,8 @@ fn assign_keys(
             }
         }
     }
-    let mut table = BTreeMap::new();
-    let mut resolved: BTreeMap<(usize, usize, bool), endpoints::ResolvedPort> = BTreeMap::new();
+    let mut winners = Vec::with_capacity(claims.len());
+    let mut contested = false;
     for (key, claimants) in claims {
         let previous_owner = previous.and_then(|p| p.get(&key)).map(|e| &e.service);
         let rank = |s: usize| {
@@ -241,27 +402,17 @@ fn assign_keys(
             (previous_owner != Some(&svc.object), svc.created.is_none(), &svc.created, &svc.object)
         };
         let Some(&(s, p, vip)) = claimants.iter().min_by(|a, b| rank(a.0).cmp(&rank(b.0))) else { continue };
-        let svc = &candidates[s];
-        let ipv6 = key.addr.is_ipv6();
-        let port = resolved.entry((s, p, ipv6)).or_insert_with(|| {
-            let own = slices_by_service
-                .get(&(svc.object.namespace.clone(), svc.object.name.clone()))
-                .map_or(&[][..], Vec::as_slice);
-            endpoints::resolve_port(&svc.ports[p], own, ipv6, svc, options)
-        });
-        table.insert(key, Arc::new(port.entry(key, svc, vip)));
+        winners.push((key, s, p, vip));
+        let owner = &candidates[s].object;
         for &(other, _, _) in &claimants {
             let object = &candidates[other].object;
-            if *object != svc.object {
-                errors.push(BuildError::ConflictingVip {
-                    object: object.clone(),
-                    owner: svc.object.clone(),
-                    key,
-                });
+            if object != owner {
+                contested = true;
+                errors.push(BuildError::ConflictingVip { object: object.clone(), owner: owner.clone(), key });
             }
         }
     }
-    table
+    (winners, contested)
 }
 
 /// The namespace Kubernetes assumes when a manifest leaves it out.
@@ -297,7 +448,7 @@ where
     let mut unique = Vec::new();
     let mut rejected = BTreeSet::new();
     for (object, copies) in by_name {
-        if copies.iter().all(|c| *c == copies[0]) {
+        if copies[1..].iter().all(|c| *c == copies[0]) {
             unique.push((object, copies[0]));
         } else {
             errors.push(BuildError::DuplicateObject { object: object.clone() });

@@ -6,6 +6,7 @@
 //! VIP, no port) become a [`Skipped`] and are not validated further: nothing of them is used.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -50,10 +51,10 @@ pub(crate) struct ParsedService {
     pub policy: ServicePolicy,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct ParsedServices {
     /// Sorted by object.
-    pub served: Vec<ParsedService>,
+    pub served: Arc<Vec<Arc<ParsedService>>>,
     /// Named Services rejected by a bad field; their previous entries may be kept.
     pub rejected: BTreeSet<ObjectRef>,
 }
@@ -61,28 +62,34 @@ pub(super) struct ParsedServices {
 pub(super) fn parse_all(
     services: &[&Service],
     options: &BuildOptions,
+    cache: &mut dyn super::cache::Memo<Service, Outcome>,
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) -> ParsedServices {
     let (unique, mut rejected) = unique_objects(services, errors);
     let mut served = Vec::new();
     for (object, svc) in unique {
-        match parse_one(object.clone(), svc, options) {
-            Outcome::Served(parsed) => served.push(*parsed),
-            Outcome::Skipped(reason) => skipped.push(Skipped { service: object, reason: reason.to_owned() }),
+        let outcome =
+            cache.get_or_insert(&object, svc, &mut |object, svc| parse_one(object.clone(), svc, options));
+        match &*outcome {
+            Outcome::Served(parsed) => served.push(Arc::clone(parsed)),
+            Outcome::Skipped(reason) => {
+                skipped.push(Skipped { service: object, reason: (*reason).to_owned() })
+            }
             Outcome::Ignored => {}
-            Outcome::Rejected(mut errs) => {
-                errors.append(&mut errs);
+            Outcome::Rejected(errs) => {
+                errors.extend(errs.iter().cloned());
                 rejected.insert(object);
             }
         }
     }
-    ParsedServices { served, rejected }
+    ParsedServices { served: Arc::new(served), rejected }
 }
 
-enum Outcome {
-    // Boxed: a parsed Service is large and the other outcomes are small.
-    Served(Box<ParsedService>),
+/// What parsing one Service gave (kept whole so the build cache can replay it).
+#[derive(Debug)]
+pub(super) enum Outcome {
+    Served(Arc<ParsedService>),
     Skipped(&'static str),
     /// Not ringlb's and nothing to say about it (a ClusterIP Service without external IPs).
     Ignored,
@@ -143,7 +150,7 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
         return Outcome::Skipped("no ports in spec.ports");
     }
     let created = svc.metadata.creation_timestamp.clone();
-    Outcome::Served(Box::new(ParsedService { object, created, vips, ports, policy }))
+    Outcome::Served(Arc::new(ParsedService { object, created, vips, ports, policy }))
 }
 
 fn parse_ports(ports: &[ServicePort], object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<PortSpec> {

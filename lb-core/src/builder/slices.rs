@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -39,6 +40,8 @@ pub(super) struct ParsedEndpoint {
 
 #[derive(Debug)]
 pub(super) struct ParsedSlice {
+    /// The slice's name (its Service's list of slices is in name order).
+    pub name: String,
     /// `addressType: IPv6` (every endpoint address is of the slice's family).
     pub ipv6: bool,
     /// Whether the slice lists any port at all (even invalid ones): only a slice that lists none falls
@@ -50,66 +53,95 @@ pub(super) struct ParsedSlice {
 }
 
 /// Slices keyed by (namespace, service name), each list sorted by slice name.
-pub(super) type SlicesByService = BTreeMap<(String, String), Vec<ParsedSlice>>;
+pub(super) type SlicesByService = BTreeMap<(String, String), Vec<Arc<ParsedSlice>>>;
+
+/// What one slice contributes: its Service's key and its parsed form when it is used, and what
+/// parsing it found wrong or skipped (kept whole so the build cache can replay it).
+#[derive(Debug, Default)]
+pub(super) struct SliceOutcome {
+    pub used: Option<((String, String), Arc<ParsedSlice>)>,
+    pub errors: Vec<BuildError>,
+    pub skipped: Vec<Skipped>,
+}
+
+impl SliceOutcome {
+    /// Whether parsing found anything to report.
+    pub(super) fn is_noisy(&self) -> bool {
+        !self.errors.is_empty() || !self.skipped.is_empty()
+    }
+}
 
 pub(super) fn parse_all(
     slices: &[&EndpointSlice],
+    cache: &mut dyn super::cache::Memo<EndpointSlice, SliceOutcome>,
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) -> SlicesByService {
     let (unique, _) = unique_objects(slices, errors);
     let mut by_service = SlicesByService::new();
     for (object, slice) in unique {
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).filter(|s| !s.is_empty()) else {
-            let reason = format!("no {SERVICE_NAME_LABEL} label: belongs to no Service");
-            skipped.push(Skipped { service: object, reason });
-            continue;
-        };
-        let ipv6 = match slice.address_type.as_str() {
-            "IPv4" => false,
-            "IPv6" => true,
-            "FQDN" => {
-                let reason = "addressType FQDN: only IP endpoints can be balanced".to_owned();
-                skipped.push(Skipped { service: object, reason });
-                continue;
-            }
-            other => {
-                errors.push(BuildError::InvalidField {
-                    object,
-                    field: "addressType".to_owned(),
-                    value: other.to_owned(),
-                    reason: "must be IPv4, IPv6 or FQDN".to_owned(),
-                });
-                continue;
-            }
-        };
-        let weight =
-            parse_slice_weight(slice.metadata.annotations.as_ref(), &object).unwrap_or_else(|error| {
-                errors.push(error);
-                1
-            });
-        let ports = parse_ports(slice, &object, errors);
-        let endpoints = slice
-            .endpoints
-            .iter()
-            .flatten()
-            .enumerate()
-            .filter_map(|(i, endpoint)| match parse_endpoint(i, endpoint, ipv6, &object) {
-                Ok(parsed) => Some(parsed),
-                Err(error) => {
-                    errors.push(error);
-                    None
-                }
-            })
-            .collect();
-        let declares_ports = slice.ports.as_ref().is_some_and(|p| !p.is_empty());
-        let key = (object.namespace.clone(), service.clone());
-        let parsed = ParsedSlice { ipv6, declares_ports, ports, weight, endpoints };
-        // `unique` is sorted by object, so each list stays sorted by slice name.
-        by_service.entry(key).or_default().push(parsed);
+        let outcome = cache.get_or_insert(&object, slice, &mut |object, slice| parse_one(object, slice));
+        errors.extend(outcome.errors.iter().cloned());
+        skipped.extend(outcome.skipped.iter().cloned());
+        if let Some((key, parsed)) = &outcome.used {
+            // `unique` is sorted by object, so each list stays sorted by slice name.
+            by_service.entry(key.clone()).or_default().push(Arc::clone(parsed));
+        }
     }
     by_service
+}
+
+pub(super) fn parse_one(object: &ObjectRef, slice: &EndpointSlice) -> SliceOutcome {
+    let mut outcome = SliceOutcome::default();
+    let object = object.clone();
+    let labels = slice.metadata.labels.as_ref();
+    let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).filter(|s| !s.is_empty()) else {
+        let reason = format!("no {SERVICE_NAME_LABEL} label: belongs to no Service");
+        outcome.skipped.push(Skipped { service: object, reason });
+        return outcome;
+    };
+    let ipv6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => {
+            let reason = "addressType FQDN: only IP endpoints can be balanced".to_owned();
+            outcome.skipped.push(Skipped { service: object, reason });
+            return outcome;
+        }
+        other => {
+            outcome.errors.push(BuildError::InvalidField {
+                object,
+                field: "addressType".to_owned(),
+                value: other.to_owned(),
+                reason: "must be IPv4, IPv6 or FQDN".to_owned(),
+            });
+            return outcome;
+        }
+    };
+    let errors = &mut outcome.errors;
+    let weight = parse_slice_weight(slice.metadata.annotations.as_ref(), &object).unwrap_or_else(|error| {
+        errors.push(error);
+        1
+    });
+    let ports = parse_ports(slice, &object, errors);
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, endpoint)| match parse_endpoint(i, endpoint, ipv6, &object) {
+            Ok(parsed) => Some(parsed),
+            Err(error) => {
+                errors.push(error);
+                None
+            }
+        })
+        .collect();
+    let declares_ports = slice.ports.as_ref().is_some_and(|p| !p.is_empty());
+    let key = (object.namespace.clone(), service.clone());
+    let parsed = ParsedSlice { name: object.name.clone(), ipv6, declares_ports, ports, weight, endpoints };
+    outcome.used = Some((key, Arc::new(parsed)));
+    outcome
 }
 
 fn parse_ports(slice: &EndpointSlice, object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<SlicePort> {

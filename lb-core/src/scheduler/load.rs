@@ -82,6 +82,11 @@ impl LoadRegistry {
         LoadRegistry::default()
     }
 
+    /// Whether `other` is this registry (a clone of it), not merely an equal one.
+    pub fn same(&self, other: &LoadRegistry) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The counter of `backend`: the one already handed out if anything still holds it, else a new
     /// one at 0 (a counter nobody holds counts no connection).
     pub fn counter(&self, backend: BackendId) -> BackendLoad {

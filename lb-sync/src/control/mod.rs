@@ -141,6 +141,7 @@ impl ControlLoop {
             publisher: Publisher::default(),
             health: HealthOverlay::new(),
             store: ObjectStore::new(),
+            cache: lb_core::BuildCache::new(),
             options: self.options,
             readiness: self.readiness,
             objects: self.objects,
@@ -193,6 +194,8 @@ struct Outlet<S> {
     /// The latest health verdicts; every build and republish applies them.
     health: HealthOverlay,
     store: ObjectStore,
+    /// What earlier builds computed (see `lb_core::BuildCache`).
+    cache: lb_core::BuildCache,
     options: BuildOptions,
     readiness: Readiness,
     objects: Option<channel::Sender<Arc<Objects>>>,
@@ -207,21 +210,36 @@ impl<S: SnapshotSink> Outlet<S> {
         changed
     }
 
-    /// Builds from the store on the blocking pool and publishes the result if it differs.
+    /// Builds from the store on the blocking pool and publishes the result if it differs. The
+    /// build cache goes with the build and comes back with its result; a build that was lost
+    /// (panicked) loses the cache too, and the next build starts from scratch.
     async fn rebuild(&mut self) {
         let objects = self.store.objects();
         let previous = self.publisher.current().cloned();
         let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
         let version = self.publisher.next_version();
+        let mut cache = std::mem::take(&mut self.cache);
         let built = blocking(move || {
-            let services: Vec<&_> = objects.services.iter().map(|o| &**o).collect();
-            let slices: Vec<&_> = objects.slices.iter().map(|o| &**o).collect();
+            let services: Vec<_> = objects.services.iter().map(|o| o.revised()).collect();
+            let slices: Vec<_> = objects.slices.iter().map(|o| o.revised()).collect();
             let endpoints: Vec<&_> = objects.endpoints.iter().map(|o| &**o).collect();
-            lb_core::build_refs(&services, &slices, &endpoints, &options, previous.as_deref(), version)
+            let report = lb_core::build_incremental(
+                &services,
+                &slices,
+                &endpoints,
+                &options,
+                previous.as_deref(),
+                version,
+                &mut cache,
+            );
+            (report, cache)
         })
         .await;
         match built {
-            Ok(report) => self.publish_report(report),
+            Ok((report, cache)) => {
+                self.cache = cache;
+                self.publish_report(report);
+            }
             Err(reason) => tracing::warn!(reason, "a build did not complete; the table stays as it is"),
         }
     }
