@@ -133,7 +133,9 @@ mod tests {
     fn established_connections_follow_the_not_ready_policy() {
         // Backend 0 ready, backend 1 not ready; a third backend was removed.
         let mut base = entry(&[true, true], TrafficPolicy::default());
-        base.backends[1].conditions = not_ready();
+        let mut backends = base.backends.to_vec();
+        backends[1].conditions = not_ready();
+        base.backends = backends.into();
         base.eligible = vec![0];
         let (ready, stale) = (base.backends[0].id, base.backends[1].id);
         let gone = BackendId("192.0.2.99:80".parse().expect("addr"));

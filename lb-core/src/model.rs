@@ -144,10 +144,12 @@ pub struct Backend {
     pub conditions: EndpointConditions,
     /// Relative weight for weighted schedulers; at least 1.
     pub weight: u32,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Shared with the parsed slice it came from (and interned per slice: one node's name is one
+    /// allocation), so a backend costs no string copies.
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// `targetRef` of the endpoint (usually a Pod), for display.
-    pub target: Option<String>,
+    pub target: Option<Arc<str>>,
     /// Its open connections and flows, counted by every worker and shared by every snapshot that
     /// lists this backend (from the build's [`crate::LoadRegistry`]). Not part of its value: equal
     /// backends compare equal whatever their loads, and it is not serialised.
@@ -253,8 +255,9 @@ pub struct ServiceEntry {
     /// `spec.ports[].name` of the service port, if any.
     pub port_name: Option<String>,
     /// All endpoints of the Service resolved for this port, sorted by [`BackendId`], eligible or not
-    /// (kept for display and for draining decisions).
-    pub backends: Vec<Backend>,
+    /// (kept for display and for draining decisions). Shared with the build cache and with the
+    /// entries of the same Service port on its other VIPs.
+    pub backends: Arc<[Backend]>,
     /// Indices into `backends` of those that may receive new connections, ascending.
     pub eligible: Vec<BackendIdx>,
     pub scheduler: Scheduler,

@@ -41,7 +41,7 @@ pub fn entry(ready: &[bool], traffic: TrafficPolicy) -> ServiceEntry {
         service: ObjectRef::service("default", "web"),
         port_name: None,
         scheduler: Scheduler::build(SchedulerKind::RoundRobin, &backends, &eligible),
-        backends,
+        backends: backends.into(),
         eligible,
         policy: EntryPolicy::default(),
         traffic,

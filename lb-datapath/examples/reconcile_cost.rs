@@ -21,7 +21,7 @@ fn table(version: u64, keys: impl Iterator<Item = u16>) -> Arc<Snapshot> {
         service: ObjectRef::service("bench", format!("s{port}")),
         port_name: None,
         scheduler: Scheduler::build(SchedulerKind::RoundRobin, &backends, &[0]),
-        backends: backends.clone(),
+        backends: backends.clone().into(),
         eligible: vec![0],
         policy: EntryPolicy::default(),
         traffic: Default::default(),

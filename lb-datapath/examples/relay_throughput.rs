@@ -85,7 +85,7 @@ fn proxy(key: VipKey, backend: SocketAddr, relay: RelayMode, buffer_kib: usize) 
             service: ObjectRef::service("bench", "sink"),
             port_name: None,
             scheduler: Scheduler::build(SchedulerKind::RoundRobin, &backends, &[0]),
-            backends,
+            backends: backends.into(),
             eligible: vec![0],
             policy: EntryPolicy::default(),
             traffic: Default::default(),

@@ -115,7 +115,7 @@ mod tests {
             key: VipKey::new(IpAddr::V4(Ipv4Addr::new(10, 1, 1, 1)), 80, Protocol::Tcp),
             service: ObjectRef::service("test", "svc"),
             port_name: None,
-            backends,
+            backends: backends.into(),
             eligible,
             scheduler,
             policy: Default::default(),

@@ -9,7 +9,9 @@
 //! - **memory**: this process's resident set once the objects are stored and the table is built.
 //!
 //! Objects: `--services` LoadBalancer Services of ringlb's class, each with an allocated address
-//! (`ipMode: Proxy`) and one port, each with one EndpointSlice of `--endpoints` ready endpoints.
+//! (`ipMode: Proxy`) and one port, each with one EndpointSlice of `--endpoints` ready endpoints,
+//! with the metadata an API server gives them (uid, resourceVersion, labels, owner references,
+//! node, zone and Pod of each endpoint), slimmed as the Kubernetes source stores them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +20,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use lb_core::{BuildOptions, ServiceSelection, Snapshot, VipSource};
 use lb_sync::{Change, ControlLoop, Object, Source, SourceHandle, SyncError};
+use std::collections::BTreeMap;
 use testkit::objects::{Cond, ServiceBuilder, SliceBuilder, TargetPort};
 use tokio::sync::mpsc;
 
@@ -40,6 +44,15 @@ struct Args {
     changes: usize,
 }
 
+/// Metadata as an API server returns it (what the source keeps of it is up to `lb_sync::slimmed`).
+fn metadata(meta: &mut ObjectMeta, i: usize, kind: &str) {
+    meta.uid = Some(format!("{kind}-0000-4000-8000-{i:012}"));
+    meta.resource_version = Some(format!("{}", 100_000 + i));
+    meta.creation_timestamp =
+        Some(Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).expect("a time")));
+    meta.generation = Some(1);
+}
+
 fn service(i: usize) -> Service {
     let ip = format!("127.1.{}.{}", i / 256, i % 256);
     ServiceBuilder::new(&format!("ns{}", i % 100), &format!("svc{i}"))
@@ -47,6 +60,10 @@ fn service(i: usize) -> Service {
         .load_balancer_class(lb_core::selection::DEFAULT_CLASS)
         .port("http", 80, "TCP", TargetPort::String("http".into()))
         .with(|service| {
+            metadata(&mut service.metadata, i, "svc");
+            let app = BTreeMap::from([("app.kubernetes.io/name".to_owned(), format!("svc{i}"))]);
+            service.metadata.labels = Some(app.clone());
+            service.spec.get_or_insert_with(Default::default).selector = Some(app);
             service.status = Some(
                 serde_json::from_value(serde_json::json!({
                     "loadBalancer": {"ingress": [{"ip": ip, "ipMode": "Proxy"}]}
@@ -57,16 +74,56 @@ fn service(i: usize) -> Service {
         .build()
 }
 
+/// As the EndpointSlice controller writes it: nodes, zones, Pods as targets, an owner reference.
 fn slice(i: usize, endpoints: usize, not_ready: Option<usize>) -> EndpointSlice {
+    let namespace = format!("ns{}", i % 100);
     let mut builder =
-        SliceBuilder::new(&format!("ns{}", i % 100), &format!("svc{i}-abcde"), &format!("svc{i}"))
-            .port("http", 8080, "TCP");
+        SliceBuilder::new(&namespace, &format!("svc{i}-abcde"), &format!("svc{i}")).port("http", 8080, "TCP");
     for k in 0..endpoints {
         let address = format!("10.{}.{}.{}", (i / 256) % 256, i % 256, k + 1);
         let conditions = if not_ready == Some(k) { Cond::not_ready() } else { Cond::ready() };
-        builder = builder.endpoint(&address, conditions);
+        let (node, pod) = (format!("node-{}", (i + k) % 50), format!("svc{i}-7d9f8c6b5-{k:05}"));
+        builder = builder.pod_endpoint(&address, conditions, &node, &pod);
     }
-    builder.build()
+    builder
+        .with(|slice| {
+            metadata(&mut slice.metadata, i, "eps");
+            let labels = slice.metadata.labels.get_or_insert_with(BTreeMap::new);
+            labels.insert(
+                "endpointslice.kubernetes.io/managed-by".to_owned(),
+                "endpointslice-controller.k8s.io".to_owned(),
+            );
+            slice.metadata.owner_references = Some(vec![OwnerReference {
+                api_version: "v1".to_owned(),
+                kind: "Service".to_owned(),
+                name: format!("svc{i}"),
+                uid: format!("svc-0000-4000-8000-{i:012}"),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]);
+            for (k, endpoint) in slice.endpoints.iter_mut().flatten().enumerate() {
+                endpoint.zone = Some(format!("zone-{}", k % 3));
+                if let Some(target) = endpoint.target_ref.as_mut() {
+                    target.uid = Some(format!("pod-0000-4000-8000-{:06}{k:06}", i));
+                }
+            }
+        })
+        .build()
+}
+
+/// As the Kubernetes source stores them (`lb_sync::slimmed`).
+fn slim_service(service: Service) -> Service {
+    match lb_sync::slimmed(Object::Service(service)) {
+        Object::Service(service) => service,
+        _ => unreachable!("slimmed keeps the kind"),
+    }
+}
+
+fn slim_slice(slice: EndpointSlice) -> EndpointSlice {
+    match lb_sync::slimmed(Object::EndpointSlice(slice)) {
+        Object::EndpointSlice(slice) => slice,
+        _ => unreachable!("slimmed keeps the kind"),
+    }
 }
 
 fn options() -> BuildOptions {
@@ -113,7 +170,12 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let services: Vec<Service> = (0..args.services).map(service).collect();
     let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
-    eprintln!("generated {} Services and slices in {:.0} ms", args.services, millis(started.elapsed()));
+    eprintln!(
+        "generated {} Services and slices in {:.0} ms; RSS {:.0} MiB",
+        args.services,
+        millis(started.elapsed()),
+        resident_mib()
+    );
     let options = options();
     // First what a ringlb process holds (RSS), then one change at a time, then full builds (their
     // garbage would otherwise be in the RSS figure).
@@ -124,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .map(Object::Service)
             .chain(slices.into_iter().map(Object::EndpointSlice))
+            .map(lb_sync::slimmed)
             .collect();
         let (changes, script) = mpsc::unbounded_channel();
         let (sink, mut published) = mpsc::unbounded_channel::<Arc<Snapshot>>();
@@ -152,8 +215,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok((latencies, rss))
     })?;
 
-    let services: Vec<Service> = (0..args.services).map(service).collect();
-    let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
+    let services: Vec<Service> = (0..args.services).map(|i| slim_service(service(i))).collect();
+    let slices: Vec<EndpointSlice> =
+        (0..args.services).map(|i| slim_slice(slice(i, args.endpoints, None))).collect();
     // Full builds, each from scratch with the previous snapshot (as a relist does).
     let mut previous: Option<Snapshot> = None;
     let mut full = Vec::new();

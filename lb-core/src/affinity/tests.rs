@@ -51,7 +51,9 @@ fn binding_to_a_backend_no_longer_eligible_is_not_honoured() {
     assert_eq!(table.lookup(at(t0, 2), client(1), &affine(&[true, true], 60)), Some(1));
     // A snapshot where the backend is gone and indices shifted: never a wrong index.
     let mut shifted = affine(&[true], 60);
-    shifted.backends[0].id = backend_id(9);
+    let mut backends = shifted.backends.to_vec();
+    backends[0].id = backend_id(9);
+    shifted.backends = backends.into();
     assert_eq!(table.lookup(at(t0, 3), client(1), &shifted), None);
 }
 

@@ -36,7 +36,7 @@ use crate::scheduler::Scheduler;
 #[derive(Debug)]
 pub(super) struct ResolvedPort {
     pub port_name: Option<String>,
-    pub backends: Vec<Backend>,
+    pub backends: Arc<[Backend]>,
     pub eligible: Vec<BackendIdx>,
     pub scheduler: Scheduler,
 }
@@ -81,7 +81,7 @@ pub(super) fn resolve_port(
     let eligible = eligible_of(&backends, node, |b| options.health.is_unhealthy(&svc.object, b.id));
     let scheduler = Scheduler::build_with(&policy.scheduler, &backends, &eligible);
     let port_name = (!port.name.is_empty()).then(|| port.name.clone());
-    ResolvedPort { port_name, backends, eligible, scheduler }
+    ResolvedPort { port_name, backends: backends.into(), eligible, scheduler }
 }
 
 /// The eligible indices of `backends` (see the module doc): on `node` only when given; the ready

@@ -136,9 +136,9 @@ fn mirror_address(
         addr: parse_family_ip(&address.ip, ipv6, object, field)?,
         // The controller sets only `ready`; unset `serving` reads as `ready`.
         conditions: EndpointConditions { ready, serving: ready, terminating: false },
-        node_name: address.node_name.clone(),
+        node_name: address.node_name.as_deref().map(std::sync::Arc::from),
         zone: None,
-        target: address.target_ref.as_ref().map(|t| target_name(t, object)),
+        target: address.target_ref.as_ref().map(|t| std::sync::Arc::from(target_name(t, object))),
     })
 }
 

@@ -33,9 +33,9 @@ pub(super) struct SlicePort {
 pub(super) struct ParsedEndpoint {
     pub addr: IpAddr,
     pub conditions: EndpointConditions,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
-    pub target: Option<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub target: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -124,12 +124,13 @@ pub(super) fn parse_one(object: &ObjectRef, slice: &EndpointSlice) -> SliceOutco
         1
     });
     let ports = parse_ports(slice, &object, errors);
+    let mut names = Names::default();
     let endpoints = slice
         .endpoints
         .iter()
         .flatten()
         .enumerate()
-        .filter_map(|(i, endpoint)| match parse_endpoint(i, endpoint, ipv6, &object) {
+        .filter_map(|(i, endpoint)| match parse_endpoint(i, endpoint, ipv6, &object, &mut names) {
             Ok(parsed) => Some(parsed),
             Err(error) => {
                 errors.push(error);
@@ -183,11 +184,28 @@ pub(super) fn parse_slice_port(
     Some(SlicePort { name: name.unwrap_or_default().to_owned(), protocol: protocol_value, port })
 }
 
+/// One allocation per distinct node or zone name of a slice (its endpoints share a few of them).
+#[derive(Default)]
+struct Names(Vec<Arc<str>>);
+
+impl Names {
+    fn get(&mut self, name: Option<&str>) -> Option<Arc<str>> {
+        let name = name?;
+        if let Some(known) = self.0.iter().find(|known| &***known == name) {
+            return Some(Arc::clone(known));
+        }
+        let fresh: Arc<str> = Arc::from(name);
+        self.0.push(Arc::clone(&fresh));
+        Some(fresh)
+    }
+}
+
 fn parse_endpoint(
     i: usize,
     endpoint: &Endpoint,
     ipv6: bool,
     object: &ObjectRef,
+    names: &mut Names,
 ) -> Result<ParsedEndpoint, BuildError> {
     let Some(address) = endpoint.addresses.first() else {
         return Err(BuildError::InvalidField {
@@ -208,9 +226,9 @@ fn parse_endpoint(
     Ok(ParsedEndpoint {
         addr,
         conditions,
-        node_name: endpoint.node_name.clone(),
-        zone: endpoint.zone.clone(),
-        target: endpoint.target_ref.as_ref().map(|t| target_name(t, object)),
+        node_name: names.get(endpoint.node_name.as_deref()),
+        zone: names.get(endpoint.zone.as_deref()),
+        target: endpoint.target_ref.as_ref().map(|t| Arc::from(target_name(t, object))),
     })
 }
 

@@ -10,7 +10,9 @@
 //! same least-loaded backend, a transient imbalance of one connection that the next pick corrects.
 //! Must never underflow or panic: closing more than was opened saturates at 0.
 
-use std::collections::HashMap;
+// foldhash: the keys are backend addresses and names from the cluster, hashed on every build;
+// SipHash was a tenth of a full build. Seeded per process.
+use foldhash::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};

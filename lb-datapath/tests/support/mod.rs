@@ -72,7 +72,7 @@ pub fn entry(key: VipKey, backends: &[(SocketAddr, bool)], policy: EntryPolicy) 
         key,
         service: ObjectRef::service("test", "svc"),
         port_name: None,
-        backends: list,
+        backends: list.into(),
         eligible,
         scheduler,
         policy,

@@ -92,7 +92,7 @@ mod tests {
             service: ObjectRef::service("default", "web"),
             port_name: None,
             scheduler: Scheduler::build(SchedulerKind::RoundRobin, &backends, &eligible),
-            backends,
+            backends: backends.into(),
             eligible,
             policy: EntryPolicy::default(),
             traffic: Default::default(),

@@ -73,21 +73,8 @@ where
         .boxed()
 }
 
-/// What no build or allocation reads and a cluster makes large: `managedFields` and kubectl's
-/// copy of the last applied object. Dropped on arrival, so the store holds only what matters.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-fn trimmed<K: kube::Resource>(mut object: K) -> K {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
-    object
-}
-
 fn map_event<K: kube::Resource>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
-    let wrap = |object: K| wrap(trimmed(object));
+    let wrap = |object: K| crate::store::slimmed(wrap(object));
     match event {
         Event::Apply(object) => Event::Apply(wrap(object)),
         Event::Delete(object) => Event::Delete(wrap(object)),
