@@ -42,6 +42,9 @@ struct Args {
     /// Single-slice changes to time.
     #[arg(long, default_value_t = 1000)]
     changes: usize,
+    /// Run this ringlb binary against an API server emulator instead (see `cluster`).
+    #[arg(long)]
+    ringlb: Option<std::path::PathBuf>,
 }
 
 /// Metadata as an API server returns it (what the source keeps of it is up to `lb_sync::slimmed`).
@@ -165,8 +168,34 @@ fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
+mod cluster;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(ringlb) = &args.ringlb {
+        let services: Vec<Service> = (0..args.services).map(service).collect();
+        let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
+        let (count, endpoints) = (args.services, args.endpoints);
+        let report = cluster::run(ringlb, services, slices, args.changes, |n| {
+            slice((n * 7919) % count, endpoints, Some(n % endpoints))
+        })?;
+        let quantile = |q: f64| report.latencies.value_at_quantile(q) as f64 / 1e3;
+        println!(
+            "{}",
+            serde_json::json!({
+                "services": args.services,
+                "endpoints_per_service": args.endpoints,
+                "emulator_filled_s": report.fill_seconds,
+                "start_to_all_served_s": report.all_served_seconds,
+                "ringlb_rss_mib_all_served": report.rss_mib,
+                "one_slice_patch_to_published_ms": {
+                    "p50": quantile(0.5), "p99": quantile(0.99), "max": report.latencies.max() as f64 / 1e3,
+                    "count": report.latencies.len(),
+                },
+            })
+        );
+        return Ok(());
+    }
     let started = Instant::now();
     let services: Vec<Service> = (0..args.services).map(service).collect();
     let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();

@@ -1,0 +1,186 @@
+//! `--ringlb PATH`: the same objects through a real watch. testkit's API server emulator (HTTPS on
+//! loopback) is filled with the Services, EndpointSlices and one IPAddressPool; the ringlb binary
+//! at PATH (`run --kubeconfig`, one worker) allocates every address, writes every status and
+//! serves every VIP; then one EndpointSlice at a time is patched through the API and timed until
+//! ringlb's `/status` shows the snapshot that contains it (watch, decode, store, build, publish to
+//! the datapath, plus the polling of `/status`, every 200 µs). Its resident memory is read from
+//! `/proc` once everything is served.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use testkit::apiserver::ApiServer;
+
+/// Writes in flight while the emulator is filled.
+const PARALLEL_WRITES: usize = 32;
+
+pub struct Report {
+    pub fill_seconds: f64,
+    pub all_served_seconds: f64,
+    pub rss_mib: f64,
+    pub latencies: hdrhistogram::Histogram<u64>,
+}
+
+struct Ringlb(Child);
+
+impl Drop for Ringlb {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn status(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let mut stream = TcpStream::connect(admin)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET /status HTTP/1.1\r\nhost: ringlb\r\nconnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default();
+    Ok(serde_json::from_str(body)?)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// Polls `condition` until it holds or `limit` passes.
+fn wait_for<T>(what: &str, limit: Duration, mut condition: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = condition() {
+            return Ok(value);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_micros(200)); // the polling interval
+    }
+}
+
+pub fn run(
+    ringlb: &std::path::Path,
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    changes: usize,
+    changed: impl Fn(usize) -> EndpointSlice,
+) -> anyhow::Result<Report> {
+    let count = services.len();
+    let server = ApiServer::start();
+    let dir = std::env::temp_dir().join(format!("ringlb-sync-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = server.write_kubeconfig(&dir.join("kubeconfig"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client = runtime.block_on(async { kube::Client::try_from(server.kube_config().await) })?;
+
+    let filling = Instant::now();
+    runtime.block_on(async {
+        let mut namespaces: Vec<String> =
+            services.iter().filter_map(|s| s.metadata.namespace.clone()).collect();
+        namespaces.extend(["metallb-system".to_owned(), "ringlb-system".to_owned()]);
+        namespaces.sort();
+        namespaces.dedup();
+        let api: Api<Namespace> = Api::all(client.clone());
+        for name in namespaces {
+            let namespace: Namespace =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+            api.create(&PostParams::default(), &namespace).await?;
+        }
+        let pools: Api<lb_core::ipam::IpAddressPool> = Api::namespaced(client.clone(), "metallb-system");
+        let pool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
+            "metadata": {"name": "bench", "namespace": "metallb-system"},
+            "spec": {"addresses": ["127.1.0.0/16"]},
+        }))?;
+        pools.create(&PostParams::default(), &pool).await?;
+        futures::stream::iter(services.into_iter().map(|mut service| {
+            let client = client.clone();
+            async move {
+                let api: Api<Service> =
+                    Api::namespaced(client, service.metadata.namespace.as_deref().unwrap_or("default"));
+                // What a user creates: no status, no server-set metadata.
+                service.status = None;
+                service.metadata.uid = None;
+                service.metadata.resource_version = None;
+                service.metadata.creation_timestamp = None;
+                service.metadata.generation = None;
+                api.create(&PostParams::default(), &service).await.map(|_| ())
+            }
+        }))
+        .buffer_unordered(PARALLEL_WRITES)
+        .try_collect::<Vec<()>>()
+        .await?;
+        futures::stream::iter(slices.into_iter().map(|mut slice| {
+            let client = client.clone();
+            async move {
+                let api: Api<EndpointSlice> =
+                    Api::namespaced(client, slice.metadata.namespace.as_deref().unwrap_or("default"));
+                slice.metadata.uid = None;
+                slice.metadata.resource_version = None;
+                slice.metadata.creation_timestamp = None;
+                slice.metadata.generation = None;
+                slice.metadata.owner_references = None;
+                api.create(&PostParams::default(), &slice).await.map(|_| ())
+            }
+        }))
+        .buffer_unordered(PARALLEL_WRITES)
+        .try_collect::<Vec<()>>()
+        .await?;
+        anyhow::Ok(())
+    })?;
+    let fill_seconds = filling.elapsed().as_secs_f64();
+
+    let admin = {
+        let probe = TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?
+    };
+    let started = Instant::now();
+    let child = Command::new(ringlb)
+        .args(["--log-level", "warn", "run", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args(["--workers", "1", "--identity", "bench", "--admin", &admin.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting ringlb")?;
+    let ringlb = Ringlb(child);
+    let entries = |admin| status(admin).ok().and_then(|s| s["snapshot"]["entries"].as_u64());
+    wait_for("ringlb to allocate and serve every Service", Duration::from_secs(600), || {
+        (entries(admin) == Some(count as u64)).then_some(())
+    })?;
+    let all_served_seconds = started.elapsed().as_secs_f64();
+    let rss = rss_mib(ringlb.0.id());
+
+    let mut latencies = hdrhistogram::Histogram::<u64>::new(3)?;
+    let version = |admin| status(admin).ok().and_then(|s| s["snapshot"]["version"].as_u64());
+    for n in 0..changes {
+        let slice = changed(n);
+        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        let before = wait_for("a version", Duration::from_secs(10), || version(admin))?;
+        let patch = serde_json::json!({"endpoints": slice.endpoints});
+        let sent = Instant::now();
+        runtime.block_on(async {
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await
+        })?;
+        wait_for("the change to be published", Duration::from_secs(10), || {
+            version(admin).filter(|v| *v > before)
+        })?;
+        latencies.record(sent.elapsed().as_micros() as u64)?;
+    }
+    drop(ringlb);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Report { fill_seconds, all_served_seconds, rss_mib: rss, latencies })
+}
