@@ -59,25 +59,34 @@ impl Allocator {
     ) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut retry = tokio::time::interval(Duration::from_secs(5));
+        // The revisions of what the last round planned from: a change of anything else (an
+        // EndpointSlice, most changes of a large cluster) plans nothing.
+        let mut planned: Option<Vec<u64>> = None;
         loop {
-            tokio::select! {
+            let objects_changed = tokio::select! {
                 _ = &mut shutdown => return,
-                changed = objects.changed() => if changed.is_err() { return },
+                changed = objects.changed() => if changed.is_err() { return } else { true },
                 changed = leading.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     // A new leader retells every outcome once.
                     self.told.clear();
+                    false
                 }
                 // Writes that failed are retried even when nothing changes.
-                _ = retry.tick() => {}
-            }
+                _ = retry.tick() => false,
+            };
             if !*leading.borrow() {
                 continue;
             }
             let current = Arc::clone(&objects.borrow_and_update());
+            let inputs = planned_from(&current);
+            if objects_changed && planned.as_ref() == Some(&inputs) {
+                continue;
+            }
             self.reconcile(&current).await;
+            planned = Some(inputs);
         }
     }
 
@@ -102,30 +111,52 @@ impl Allocator {
     }
 
     async fn write_statuses(&mut self, plan: &Plan, services: &BTreeMap<ObjectRef, &Service>) {
+        use futures::StreamExt as _;
         let releases = plan.releases.iter().map(|object| (object, Vec::new()));
         let assignments =
             plan.assignments.iter().map(|(object, assignment)| (object, assignment.ips.clone()));
-        for (object, ips) in assignments.chain(releases) {
-            let Some(service) = services.get(object) else { continue };
-            if status_ips(service) == ips {
-                continue;
-            }
-            let ingress: Vec<serde_json::Value> =
-                ips.iter().map(|ip| json!({"ip": ip.to_string(), "ipMode": IP_MODE})).collect();
-            // A merge patch replaces the list as a whole; null removes it.
-            let patch = if ingress.is_empty() {
-                json!({"status": {"loadBalancer": {"ingress": null}}})
-            } else {
-                json!({"status": {"loadBalancer": {"ingress": ingress}}})
-            };
-            let api: Api<Service> = Api::namespaced(self.client.clone(), &object.namespace);
-            let params = PatchParams { field_manager: Some(CONTROLLER.to_owned()), ..PatchParams::default() };
-            match api.patch_status(&object.name, &params, &Patch::Merge(&patch)).await {
-                Ok(_) => tracing::info!(service = %object, ips = ?ips, "status written"),
+        // Owned before any await: the future must not hold iterators over borrowed plans.
+        let writes: Vec<(ObjectRef, Vec<IpAddr>)> = assignments
+            .chain(releases)
+            .filter(|(object, ips)| services.get(*object).is_some_and(|service| status_ips(service) != *ips))
+            .map(|(object, ips)| (object.clone(), ips))
+            .collect();
+        let params = PatchParams { field_manager: Some(CONTROLLER.to_owned()), ..PatchParams::default() };
+        let client = &self.client;
+        let params = &params;
+        // Several in flight: a cluster's first allocation writes every Service's status, and their
+        // watch events then come back in batches the control loop builds once per batch.
+        let results: Vec<(ObjectRef, Vec<IpAddr>, Result<(), kube::Error>)> = futures::stream::iter(writes)
+            .map(|(object, ips)| async move {
+                let ingress: Vec<serde_json::Value> =
+                    ips.iter().map(|ip| json!({"ip": ip.to_string(), "ipMode": IP_MODE})).collect();
+                // A merge patch replaces the list as a whole; null removes it.
+                let patch = if ingress.is_empty() {
+                    json!({"status": {"loadBalancer": {"ingress": null}}})
+                } else {
+                    json!({"status": {"loadBalancer": {"ingress": ingress}}})
+                };
+                let api: Api<Service> = Api::namespaced(client.clone(), &object.namespace);
+                let result = api.patch_status(&object.name, params, &Patch::Merge(&patch)).await.map(|_| ());
+                (object, ips, result)
+            })
+            .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut written = 0;
+        for (object, ips, result) in results {
+            match result {
+                Ok(()) => {
+                    written += 1;
+                    tracing::debug!(service = %object, ips = ?ips, "status written");
+                }
                 // Deleted meanwhile: the next plan no longer has it.
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
                 Err(error) => self.complain(&format!("writing the status of {object} failed: {error}")),
             }
+        }
+        if written > 0 {
+            tracing::info!(written, "load-balancer statuses written");
         }
     }
 
@@ -191,6 +222,16 @@ impl Allocator {
             tracing::warn!(suppressed, "{message}");
         }
     }
+}
+
+/// Status writes in flight at once.
+const STATUS_WRITES_IN_FLIGHT: usize = 16;
+
+/// The revisions of everything allocation reads (Services, pools, Namespaces), in store order.
+fn planned_from(objects: &Objects) -> Vec<u64> {
+    let services = objects.services.iter().map(|s| s.revision);
+    let pools = objects.pools.iter().map(|p| p.revision);
+    services.chain([0]).chain(pools).chain([0]).chain(objects.namespaces.iter().map(|n| n.revision)).collect()
 }
 
 fn reference(service: &Service) -> Option<ObjectRef> {

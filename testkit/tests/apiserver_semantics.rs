@@ -454,3 +454,40 @@ async fn a_watch_without_permission_is_refused_before_any_stream() {
     .await;
     assert_eq!((answer.status, &answer.body), (403, &recorded.response["body"]));
 }
+
+/// A Service that needs a node port when the range (30000-32767) is full is refused as the real
+/// server refuses it (the allocator's internal error), and one that asks for none is still created.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_node_port_range_refuses_services_that_need_one() {
+    let server = ApiServer::start();
+    let client = admin(&server).await;
+    let service = |name: &str, ports: std::ops::Range<i64>, node_ports: bool| {
+        let ports: Vec<Value> = ports.map(|p| json!({"name": format!("p{p}"), "port": p})).collect();
+        json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"type": "LoadBalancer", "ports": ports, "allocateLoadBalancerNodePorts": node_ports},
+        })
+    };
+    let path = "/api/v1/namespaces/default/services";
+    // 2768 node ports in 27 Services of 100 ports and one of 68.
+    for i in 0..28i64 {
+        let ports = if i < 27 { 1000 + i * 100..1100 + i * 100 } else { 4000..4068 };
+        write(&client, "POST", path, "application/json", &service(&format!("s{i}"), ports, true)).await;
+    }
+    let refused = send(
+        &client,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        Some(&service("one-more", 80..81, true)),
+    )
+    .await;
+    assert_eq!(refused.status, 500, "{}", refused.body);
+    assert_eq!(refused.body["reason"], "InternalError");
+    assert_eq!(
+        refused.body["message"],
+        "Internal error occurred: failed to allocate a nodePort: range is full"
+    );
+    // Without node ports (as a load balancer that proxies needs none), it is created.
+    write(&client, "POST", path, "application/json", &service("no-node-ports", 80..81, false)).await;
+}

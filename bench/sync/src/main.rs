@@ -66,7 +66,11 @@ fn service(i: usize) -> Service {
             metadata(&mut service.metadata, i, "svc");
             let app = BTreeMap::from([("app.kubernetes.io/name".to_owned(), format!("svc{i}"))]);
             service.metadata.labels = Some(app.clone());
-            service.spec.get_or_insert_with(Default::default).selector = Some(app);
+            let spec = service.spec.get_or_insert_with(Default::default);
+            spec.selector = Some(app);
+            // A load balancer that proxies needs no node ports, and 10,000 Services would not fit
+            // the default node port range (30000-32767) anyway.
+            spec.allocate_load_balancer_node_ports = Some(false);
             service.status = Some(
                 serde_json::from_value(serde_json::json!({
                     "loadBalancer": {"ingress": [{"ip": ip, "ipMode": "Proxy"}]}

@@ -16,6 +16,8 @@ use super::resources::TYPES;
 
 /// Events kept for watches that resume from an older resourceVersion.
 const HISTORY: usize = 100_000;
+/// The default Service node port range, 30000-32767.
+const NODE_PORTS: usize = 2768;
 
 /// One change, as a watch reports it.
 #[derive(Debug, Clone)]
@@ -311,9 +313,39 @@ impl Store {
         self.allocate_service(object);
     }
 
+    /// Whether `object` (a Service, as it will be stored) needs more node ports than the range
+    /// (30000-32767) has free; the real server then refuses the write with an internal error.
+    pub fn node_ports_exhausted(&self, object: &Value) -> bool {
+        let spec = &object["spec"];
+        let wants_node_ports = spec["type"] == json!("NodePort")
+            || (spec["type"] == json!("LoadBalancer")
+                && spec["allocateLoadBalancerNodePorts"] != json!(false));
+        let mut wanted: usize = 0;
+        if wants_node_ports {
+            let ports = spec["ports"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let mut numbers: Vec<i64> = ports
+                .iter()
+                .filter(|p| p["nodePort"].as_i64().is_none())
+                .filter_map(|p| p["port"].as_i64())
+                .collect();
+            numbers.sort_unstable();
+            numbers.dedup();
+            wanted += numbers.len();
+        }
+        if spec["type"] == json!("LoadBalancer")
+            && spec["externalTrafficPolicy"] == json!("Local")
+            && spec.get("healthCheckNodePort").is_none_or(Value::is_null)
+        {
+            wanted += 1;
+        }
+        wanted > 0 && self.used_node_ports.len() + wanted > NODE_PORTS
+    }
+
+    /// A free node port; callers check [`Store::node_ports_exhausted`] first.
     fn free_node_port(&mut self) -> i64 {
+        assert!(self.used_node_ports.len() < NODE_PORTS, "the node port range is full");
         loop {
-            let candidate = 30_000 + (self.next_random() % 2768) as i64;
+            let candidate = 30_000 + (self.next_random() % NODE_PORTS as u64) as i64;
             if self.used_node_ports.insert(candidate) {
                 return candidate;
             }

@@ -239,6 +239,9 @@ pub(crate) fn create(
     if !causes.is_empty() {
         return invalid(type_, &name, causes);
     }
+    if type_.kind == "Service" && store.node_ports_exhausted(&object) {
+        return node_ports_full();
+    }
     let warnings = [warnings, resources::warnings(type_.kind, &object)].concat();
     let object = convert::to_storage(type_, object);
     let stored = if query.get("dryRun").is_some_and(|d| d == "All") {
@@ -247,6 +250,14 @@ pub(crate) fn create(
         store.insert_new(key.0, &key.1, object)
     };
     with_warnings(json_response(201, &convert::present(type_, &stored)), &warnings)
+}
+
+/// What the real server answers when a Service needs a node port and the range is full (it is
+/// not a field error: the allocator failed).
+fn node_ports_full() -> Response<Body> {
+    let cause = "failed to allocate a nodePort: range is full";
+    let details = serde_json::json!({"causes": [{"message": cause}]});
+    status(500, "InternalError", format!("Internal error occurred: {cause}"), Some(details))
 }
 
 /// The real server's name rules: DNS-1035 labels for Services, DNS-1123 subdomains otherwise.
@@ -453,6 +464,9 @@ fn write(
     };
     if !causes.is_empty() {
         return invalid(type_, name, causes);
+    }
+    if type_.kind == "Service" && target.subresource.is_none() && store.node_ports_exhausted(&next) {
+        return node_ports_full();
     }
     let warnings = [warnings, resources::warnings(type_.kind, &next)].concat();
     let stored = store.replace(key, convert::to_storage(type_, next));
