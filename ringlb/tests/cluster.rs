@@ -390,3 +390,79 @@ fn every_kind_of_kubeconfig_reaches_the_cluster() {
     assert!(!ok && out.is_empty(), "a refused token prints no table: {out:?}");
     assert!(err.contains("401") || err.contains("Unauthorized"), "the error says why: {err}");
 }
+
+/// When a Service stops being ringlb's (another class, or no longer a LoadBalancer), the leader
+/// removes the status it wrote, says so in an Event, and the address stops being served.
+#[test]
+fn a_service_that_stops_being_ringlbs_loses_its_status_and_its_address() {
+    let cluster = Cluster::start();
+    cluster.pool("front", &["127.0.119.0/29"]);
+    let _pod = cluster.backend(0, "pod-0");
+    // As the default implementation, so the demoted Service needs no class (a class stays with
+    // a Service while it is a LoadBalancer).
+    let mut ringlb = cluster.ringlb("a", &["--default-class"]);
+    ringlb.wait_ready();
+    for (name, class) in [("moved", Some(CLASS)), ("demoted", None)] {
+        let service: Service = load_balancer(name, class, &[("http", 80)]).build();
+        cluster.apply_json(&service);
+        cluster.endpoints(name, &[(0, true)]);
+    }
+    let moved = SocketAddr::new(cluster.wait_ingress("moved"), 80);
+    let demoted = SocketAddr::new(cluster.wait_ingress("demoted"), 80);
+    wait_reached(moved, &["pod-0"]);
+    wait_reached(demoted, &["pod-0"]);
+
+    // spec.loadBalancerClass is immutable: moving to another class is a delete and a create.
+    cluster.kubectl.ok(&["delete", "service", "-n", "shop", "moved"], None);
+    let elsewhere: Service = load_balancer("moved", Some("example.com/other-lb"), &[("http", 80)]).build();
+    cluster.apply_json(&elsewhere);
+    // A LoadBalancer turned into a ClusterIP Service.
+    cluster.kubectl.ok(
+        &[
+            "patch",
+            "service",
+            "-n",
+            "shop",
+            "demoted",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"type":"ClusterIP"}}"#,
+        ],
+        None,
+    );
+    poll_until("the demoted Service's status to be removed", || {
+        cluster.ingress("demoted").is_empty().then_some(())
+    });
+    cluster.wait_event("demoted", "IPReleased");
+    poll_until("both addresses to stop answering", || {
+        (greeting(moved).is_err() && greeting(demoted).is_err()).then_some(())
+    });
+    assert!(cluster.ingress("moved").is_empty(), "a Service of another class is never written to");
+    assert!(ringlb.is_running());
+}
+
+/// `/readyz` says ready only once the initial lists are in and published: with the API server
+/// unreachable at start, ringlb runs but is not ready; once it answers, ringlb becomes ready and
+/// serves.
+#[test]
+fn ringlb_is_not_ready_until_the_initial_lists_are_in() {
+    let mut cluster = Cluster::start();
+    cluster.pool("front", &["127.0.120.0/29"]);
+    let _pod = cluster.backend(0, "pod-0");
+    let web: Service = load_balancer("web", Some(CLASS), &[("http", 80)]).build();
+    cluster.apply_json(&web);
+    cluster.endpoints("web", &[(0, true)]);
+    cluster.server.stop();
+
+    let mut ringlb = cluster.ringlb("a", &[]);
+    // Not ready while the lists cannot be made (the process is up: its admin endpoint answers).
+    let (code, _) =
+        poll_until("the admin endpoint to answer", || support::http_get(ringlb.admin, "/readyz").ok());
+    assert_eq!(code, 503, "no lists yet: not ready");
+    assert!(ringlb.is_running());
+
+    cluster.server.restart();
+    ringlb.wait_ready();
+    let vip = SocketAddr::new(cluster.wait_ingress("web"), 80);
+    wait_reached(vip, &["pod-0"]);
+}

@@ -47,7 +47,8 @@ fn status(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(body)?)
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// The resident set of process `pid`, from `/proc`.
+pub fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
         .lines()

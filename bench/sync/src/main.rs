@@ -159,13 +159,7 @@ impl Source for Scripted {
 }
 
 fn resident_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
+    cluster::rss_mib(std::process::id())
 }
 
 fn millis(duration: Duration) -> f64 {
