@@ -17,12 +17,15 @@
 // foldhash: the keys are backend addresses and names from the cluster, hashed on every build;
 // SipHash was a tenth of a full build. Seeded per process.
 use foldhash::HashMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::endpoints::ResolvedPort;
 use super::service::ParsedService;
+use super::service::ParsedServices;
 use super::slices::ParsedSlice;
 use super::slices::SlicesByService;
 use super::vips::Vip;
@@ -81,11 +84,11 @@ pub struct BuildCache {
 
 /// What the services pass of a build produced.
 #[derive(Debug)]
-pub(super) struct ServicesPass {
-    pub parsed: super::service::ParsedServices,
-    pub with_selector: Arc<std::collections::BTreeSet<(String, String)>>,
-    pub errors: Vec<crate::error::BuildError>,
-    pub skipped: Vec<super::Skipped>,
+struct ServicesPass {
+    parsed: ParsedServices,
+    with_selector: Arc<BTreeSet<(String, String)>>,
+    errors: Vec<BuildError>,
+    skipped: Vec<Skipped>,
 }
 
 /// The candidates of a build, their keys' owners, and each candidate's positions in the owners.
@@ -273,27 +276,45 @@ impl BuildCache {
         self.generation % PRUNE_EVERY == 1
     }
 
-    /// The last build's services pass, if its input had exactly these revisions (revisions are
-    /// never reused for other content, so the same sequence is the same Services).
+    /// The services pass of `services`: the last one whole if its input had exactly these
+    /// revisions (revisions are never reused for other content, so the same sequence is the same
+    /// Services), else a pass through the per-Service memo, kept for the next build.
     pub(super) fn services_pass(
         &mut self,
-        revisions: &Revisions<k8s_openapi::api::core::v1::Service>,
-    ) -> Option<&ServicesPass> {
-        let (known, pass) = self.services_pass.as_ref()?;
-        if *known != revisions.in_order {
-            return None;
+        services: &[&Service],
+        options: &BuildOptions,
+        revisions: &Revisions<Service>,
+        errors: &mut Vec<BuildError>,
+        skipped: &mut Vec<Skipped>,
+    ) -> (ParsedServices, Arc<BTreeSet<(String, String)>>) {
+        if let Some((known, pass)) = &self.services_pass
+            && *known == revisions.in_order
+        {
+            // Its Services were not looked at, so their parses stay (see `end`).
+            self.services_pass_reused = self.generation;
+            errors.extend(pass.errors.iter().cloned());
+            skipped.extend(pass.skipped.iter().cloned());
+            return (pass.parsed.clone(), Arc::clone(&pass.with_selector));
         }
-        // Its Services were not looked at, so their parses stay (see `end`).
-        self.services_pass_reused = self.generation;
-        Some(pass)
-    }
-
-    pub(super) fn keep_services_pass(
-        &mut self,
-        revisions: &Revisions<k8s_openapi::api::core::v1::Service>,
-        pass: ServicesPass,
-    ) {
+        let (mut pass_errors, mut pass_skipped) = (Vec::new(), Vec::new());
+        let parsed = super::service::parse_all(
+            services,
+            options,
+            &mut self.services(revisions),
+            &mut pass_errors,
+            &mut pass_skipped,
+        );
+        let with_selector = Arc::new(super::services_with_selector(services));
+        errors.extend(pass_errors.iter().cloned());
+        skipped.extend(pass_skipped.iter().cloned());
+        let pass = ServicesPass {
+            parsed: parsed.clone(),
+            with_selector: Arc::clone(&with_selector),
+            errors: pass_errors,
+            skipped: pass_skipped,
+        };
         self.services_pass = Some((revisions.in_order.clone(), pass));
+        (parsed, with_selector)
     }
 
     /// Ends a build: drops what it did not use.
@@ -311,10 +332,10 @@ impl BuildCache {
         }
     }
 
-    pub(super) fn services<'c>(
+    fn services<'c>(
         &'c mut self,
-        revisions: &'c Revisions<k8s_openapi::api::core::v1::Service>,
-    ) -> ByRevision<'c, k8s_openapi::api::core::v1::Service, super::service::Outcome> {
+        revisions: &'c Revisions<Service>,
+    ) -> ByRevision<'c, Service, super::service::Outcome> {
         ByRevision { revisions, slots: &mut self.services, generation: self.generation }
     }
 

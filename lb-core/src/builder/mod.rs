@@ -204,34 +204,9 @@ fn build_inner(
         options.load.prune();
     }
     let (parsed, with_selector) = match cache.as_mut() {
-        Some((cache, (revisions, _))) => match cache.services_pass(revisions) {
-            Some(pass) => {
-                errors.extend(pass.errors.iter().cloned());
-                skipped.extend(pass.skipped.iter().cloned());
-                (pass.parsed.clone(), pass.with_selector.clone())
-            }
-            None => {
-                let (mut pass_errors, mut pass_skipped) = (Vec::new(), Vec::new());
-                let parsed = service::parse_all(
-                    services,
-                    options,
-                    &mut cache.services(revisions),
-                    &mut pass_errors,
-                    &mut pass_skipped,
-                );
-                let with_selector = Arc::new(services_with_selector(services));
-                errors.extend(pass_errors.iter().cloned());
-                skipped.extend(pass_skipped.iter().cloned());
-                let pass = cache::ServicesPass {
-                    parsed: parsed.clone(),
-                    with_selector: Arc::clone(&with_selector),
-                    errors: pass_errors,
-                    skipped: pass_skipped,
-                };
-                cache.keep_services_pass(revisions, pass);
-                (parsed, with_selector)
-            }
-        },
+        Some((cache, (revisions, _))) => {
+            cache.services_pass(services, options, revisions, &mut errors, &mut skipped)
+        }
         None => {
             let parsed = service::parse_all(services, options, &mut cache::Fresh, &mut errors, &mut skipped);
             (parsed, Arc::new(services_with_selector(services)))
@@ -304,7 +279,7 @@ fn with_last_good(
 
 /// (namespace, name) of every Service with a non-empty `spec.selector`: their Endpoints objects are
 /// not mirrored (see `mirror`).
-fn services_with_selector(services: &[&Service]) -> BTreeSet<(String, String)> {
+pub(super) fn services_with_selector(services: &[&Service]) -> BTreeSet<(String, String)> {
     services
         .iter()
         .filter(|svc| svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty()))

@@ -162,9 +162,11 @@ impl ControlLoop {
                         changed |= out.apply(more);
                     }
                     if changed || out.publisher.current().is_none() {
-                        out.rebuild().await;
-                        if let Some(objects) = &out.objects {
-                            objects.send_replace(Arc::new(out.store.objects()));
+                        // One view of the store serves the build and the allocator's feed.
+                        let objects = Arc::new(out.store.objects());
+                        out.rebuild(Arc::clone(&objects)).await;
+                        if let Some(feed) = &out.objects {
+                            feed.send_replace(objects);
                         }
                     }
                     out.readiness.count_load();
@@ -213,8 +215,7 @@ impl<S: SnapshotSink> Outlet<S> {
     /// Builds from the store on the blocking pool and publishes the result if it differs. The
     /// build cache goes with the build and comes back with its result; a build that was lost
     /// (panicked) loses the cache too, and the next build starts from scratch.
-    async fn rebuild(&mut self) {
-        let objects = self.store.objects();
+    async fn rebuild(&mut self, objects: Arc<Objects>) {
         let previous = self.publisher.current().cloned();
         let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
         let version = self.publisher.next_version();
