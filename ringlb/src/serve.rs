@@ -56,12 +56,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => {
             let options = build_options(&args.defaults, &args.cluster, true);
             let identity = args.election.identity.clone().unwrap_or_else(default_identity);
-            let mut lease =
-                LeaseConfig::new(&args.election.lease_namespace, &args.election.lease_name, identity);
-            lease.lease_duration = args.election.lease_duration.max(Duration::from_secs(2));
-            // client-go's proportions: renew deadline 2/3 and retry 2/15 of the lease.
-            lease.renew_deadline = lease.lease_duration * 2 / 3;
-            lease.retry = (lease.lease_duration * 2 / 15).max(Duration::from_millis(200));
+            let lease = LeaseConfig::new(&args.election.lease_namespace, &args.election.lease_name, identity)
+                .with_lease_duration(args.election.lease_duration.max(Duration::from_secs(2)));
             let cluster = Cluster {
                 kubeconfig: args.cluster.kubeconfig.clone(),
                 namespaces: args.cluster.namespaces.clone(),
