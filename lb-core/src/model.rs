@@ -312,6 +312,38 @@ impl ServiceEntry {
 }
 
 /// The last good spec of every Service a snapshot was built from, by Service.
+/// What [`Snapshot::changes_from`] yields.
+pub struct EntryChanges<'a> {
+    before: std::iter::Peekable<std::collections::btree_map::Iter<'a, VipKey, Arc<ServiceEntry>>>,
+    after: std::iter::Peekable<std::collections::btree_map::Iter<'a, VipKey, Arc<ServiceEntry>>>,
+}
+
+impl<'a> Iterator for EntryChanges<'a> {
+    type Item = (Option<&'a Arc<ServiceEntry>>, Option<&'a Arc<ServiceEntry>>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let order = match (self.before.peek(), self.after.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.cmp(b),
+            };
+            match order {
+                std::cmp::Ordering::Less => return self.before.next().map(|(_, e)| (Some(e), None)),
+                std::cmp::Ordering::Greater => return self.after.next().map(|(_, e)| (None, Some(e))),
+                std::cmp::Ordering::Equal => {
+                    let (_, a) = self.before.next()?;
+                    let (_, b) = self.after.next()?;
+                    if !Arc::ptr_eq(a, b) {
+                        return Some((Some(a), Some(b)));
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub(crate) type LastGood = BTreeMap<ObjectRef, Arc<ParsedService>>;
 
 /// The immutable table the datapath serves: one [`ServiceEntry`] per [`VipKey`].
@@ -370,6 +402,15 @@ impl Snapshot {
         self.entries.keys()
     }
 
+    /// The entries that differ from `previous`'s, in key order: `(before, after)` for each key that
+    /// was added, removed or holds another entry now. An entry is the same when it is the same
+    /// `Arc` (successive builds and health overlays keep unchanged entries so), which makes this a
+    /// pointer compare per key rather than a deep one: followers of the table (the health monitor)
+    /// then do work for what changed, not for the table's size.
+    pub fn changes_from<'a>(&'a self, previous: &'a Snapshot) -> EntryChanges<'a> {
+        EntryChanges { before: previous.entries.iter().peekable(), after: self.entries.iter().peekable() }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -403,5 +444,33 @@ mod tests {
         let sticky =
             TrafficPolicy { session_affinity: Some(Duration::from_secs(60)), ..TrafficPolicy::default() };
         assert!(entry(&[true], sticky).needs_client_address());
+    }
+
+    #[test]
+    fn changes_from_yields_exactly_the_added_removed_and_replaced_entries() {
+        let at = |port: u16| {
+            let mut e = entry(&[true], TrafficPolicy::default());
+            e.key = VipKey::new([192, 0, 2, 1].into(), port, Protocol::Tcp);
+            Arc::new(e)
+        };
+        let (kept, replaced, removed) = (at(1), at(2), at(3));
+        let before = Snapshot::from_parts(
+            1,
+            [&kept, &replaced, &removed].into_iter().map(|e| (e.key, Arc::clone(e))).collect(),
+            Arc::default(),
+        );
+        let (replacement, added) = (at(2), at(4));
+        let after = Snapshot::from_parts(
+            2,
+            [&kept, &replacement, &added].into_iter().map(|e| (e.key, Arc::clone(e))).collect(),
+            Arc::default(),
+        );
+        let ports = |(a, b): (Option<&Arc<ServiceEntry>>, Option<&Arc<ServiceEntry>>)| {
+            (a.map(|e| e.key.port), b.map(|e| e.key.port))
+        };
+        let changes: Vec<_> = after.changes_from(&before).map(ports).collect();
+        assert_eq!(changes, [(Some(2), Some(2)), (Some(3), None), (None, Some(4))]);
+        assert_eq!(after.changes_from(&after).count(), 0);
+        assert_eq!(after.changes_from(&Snapshot::empty()).count(), 3);
     }
 }

@@ -131,6 +131,15 @@ impl ActiveChecker {
         self.targets = targets;
     }
 
+    /// How many backends it checks.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
     /// The next probe due at `now`, if any; call until `None`.
     pub fn poll_probe(&mut self, now: Instant) -> Option<ProbeRequest> {
         let (&backend, target) =

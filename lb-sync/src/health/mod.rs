@@ -15,6 +15,11 @@
 //! merges the ejections into the same overlay as the active checks' verdicts: one overlay, one
 //! publish path. The detector enforces `max-ejection-percent`; ejections end at its deadlines.
 //!
+//! Following the table costs what changed, not its size: each published snapshot is compared with
+//! the last by entry identity ([`Snapshot::changes_from`]) and only the Services of changed entries
+//! are looked at again; only detectors with an ejection running are visited for timeouts, deadlines
+//! and the overlay. With 10,000 Services, one changed EndpointSlice is one Service's work here.
+//!
 //! Must never: touch datapath connections (probes open their own sockets); empty an entry (panic mode
 //! is applied by lb-core when the overlay is, never decided here); block the control thread.
 
@@ -29,9 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::TryRecvError;
 use std::time::{Duration, Instant};
 
-use lb_core::health::{
-    ActiveChecker, BackendEvent, Health, HealthCheckConfig, OutlierConfig, OutlierDetector,
-};
+use lb_core::health::{ActiveChecker, BackendEvent, Health, OutlierDetector};
 use lb_core::{BackendId, HealthOverlay, LogThrottle, ObjectRef, Snapshot, VipKey};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -113,8 +116,16 @@ type ProbeOutcome = (ObjectRef, BackendId, Result<(), ProbeFailure>);
 pub(crate) struct HealthMonitor {
     checkers: BTreeMap<ObjectRef, ActiveChecker>,
     outliers: BTreeMap<ObjectRef, OutlierDetector>,
-    /// The Service of every VIP key of the last published snapshot (routes backend events).
+    /// The last snapshot followed.
+    last: Arc<Snapshot>,
+    /// The Service of every VIP key of `last` (routes backend events).
     services: HashMap<VipKey, ObjectRef>,
+    /// The VIP keys of every Service of `last`, in key order.
+    keys: HashMap<ObjectRef, BTreeSet<VipKey>>,
+    /// The Services whose detector has an ejection running.
+    ejecting: BTreeSet<ObjectRef>,
+    /// Backends under active checks, summed over `checkers`.
+    checked: usize,
     events: Option<BackendEventReceiver>,
     overlay: HealthOverlay,
     probes: JoinSet<ProbeOutcome>,
@@ -129,7 +140,11 @@ impl HealthMonitor {
         HealthMonitor {
             checkers: BTreeMap::new(),
             outliers: BTreeMap::new(),
+            last: Arc::new(Snapshot::empty()),
             services: HashMap::new(),
+            keys: HashMap::new(),
+            ejecting: BTreeSet::new(),
+            checked: 0,
             events: None,
             overlay: HealthOverlay::new(),
             probes: JoinSet::new(),
@@ -172,16 +187,20 @@ impl HealthMonitor {
                     });
                 }
             }
-            for (service, detector) in &mut self.outliers {
+            let outliers = &mut self.outliers;
+            self.ejecting.retain(|service| {
+                let Some(detector) = outliers.get_mut(service) else { return false };
                 for backend in detector.handle_timeout(now) {
                     tracing::info!(%service, %backend, "outlier ejection ended; backend gets connections again");
                 }
-            }
+                detector.next_deadline().is_some()
+            });
             if !self.publish_overlay(&verdicts) {
                 return;
             }
             let checks = self.checkers.values().filter_map(ActiveChecker::next_deadline);
-            let wake = checks.chain(self.outliers.values().filter_map(OutlierDetector::next_deadline)).min();
+            let ejections = self.ejecting.iter().filter_map(|s| self.outliers.get(s)?.next_deadline());
+            let wake = checks.chain(ejections).min();
             let polling = self.events.is_some();
             tokio::select! {
                 changed = snapshots.changed() => {
@@ -190,7 +209,7 @@ impl HealthMonitor {
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
                     if let Some(snapshot) = snapshot {
-                        self.track(&snapshot, Instant::now());
+                        self.track(snapshot, Instant::now());
                     }
                 }
                 Some(joined) = self.probes.join_next() => {
@@ -204,58 +223,83 @@ impl HealthMonitor {
         }
     }
 
-    /// Checks exactly the backends of the Services that configure checks in `snapshot`.
-    fn track(&mut self, snapshot: &Snapshot, now: Instant) {
-        let mut wanted: BTreeMap<ObjectRef, (HealthCheckConfig, BTreeSet<BackendId>)> = BTreeMap::new();
-        for entry in snapshot.entries() {
-            let Some(config) = &entry.traffic.health_check else { continue };
-            let (_, backends) =
-                wanted.entry(entry.service.clone()).or_insert_with(|| (config.clone(), BTreeSet::new()));
-            // Endpoints Kubernetes already keeps out (neither ready nor serving) are not probed: their
-            // failures say nothing new and would only log noise while pods go away.
-            let candidates = entry.backends.iter().filter(|b| b.conditions.ready || b.conditions.serving);
-            backends.extend(candidates.map(|b| b.id));
+    /// Checks exactly the backends of the Services that configure checks in `snapshot`, and keeps
+    /// one outlier detector per Service (when events are fed); only the Services of entries that
+    /// changed since the last snapshot are looked at.
+    fn track(&mut self, snapshot: Arc<Snapshot>, now: Instant) {
+        let mut touched = BTreeSet::new();
+        for (before, after) in snapshot.changes_from(&self.last) {
+            if let Some(entry) = before {
+                self.services.remove(&entry.key);
+                if let Some(keys) = self.keys.get_mut(&entry.service) {
+                    keys.remove(&entry.key);
+                }
+                touched.insert(entry.service.clone());
+            }
+            if let Some(entry) = after {
+                self.services.insert(entry.key, entry.service.clone());
+                self.keys.entry(entry.service.clone()).or_default().insert(entry.key);
+                touched.insert(entry.service.clone());
+            }
         }
-        self.checkers.retain(|service, checker| {
-            wanted.get(service).is_some_and(|(config, _)| config == checker.config())
-        });
-        let mut checked = 0;
-        for (service, (config, backends)) in wanted {
-            checked += backends.len() as u64;
-            let checker = self
-                .checkers
-                .entry(service.clone())
-                .or_insert_with(|| ActiveChecker::new(config, self.seeds.hash_one(&service)));
-            checker.set_backends(now, backends);
+        for service in touched {
+            let entries: Vec<&Arc<lb_core::ServiceEntry>> = match self.keys.get(&service) {
+                Some(keys) if !keys.is_empty() => keys.iter().filter_map(|key| snapshot.get(key)).collect(),
+                _ => {
+                    self.keys.remove(&service);
+                    Vec::new()
+                }
+            };
+            self.track_service(&service, &entries, now);
         }
-        self.status.0.checked_backends.store(checked, Ordering::Relaxed);
-        self.track_outliers(snapshot);
+        self.status.0.checked_backends.store(self.checked as u64, Ordering::Relaxed);
+        self.last = snapshot;
     }
 
-    /// One detector per Service of `snapshot` (when events are fed), over the backends Kubernetes
-    /// does not already keep out; a changed configuration starts the Service's detector afresh.
-    fn track_outliers(&mut self, snapshot: &Snapshot) {
+    /// Brings `service`'s checker and detector in line with its `entries` (none: it is gone). The
+    /// configuration is its first entry's (in key order); a changed one starts afresh.
+    fn track_service(&mut self, service: &ObjectRef, entries: &[&Arc<lb_core::ServiceEntry>], now: Instant) {
+        // Endpoints Kubernetes already keeps out (neither ready nor serving) are neither probed nor
+        // watched: their failures say nothing new and would only log noise while pods go away.
+        let candidates = |checked_only: bool| -> BTreeSet<BackendId> {
+            let entries =
+                entries.iter().filter(|entry| !checked_only || entry.traffic.health_check.is_some());
+            let backends = entries.flat_map(|entry| entry.backends.iter());
+            backends.filter(|b| b.conditions.ready || b.conditions.serving).map(|b| b.id).collect()
+        };
+        if let Some(checker) = self.checkers.get(service) {
+            self.checked -= checker.len();
+        }
+        match entries.iter().find_map(|entry| entry.traffic.health_check.as_ref()) {
+            None => {
+                self.checkers.remove(service);
+            }
+            Some(config) => {
+                let fresh = || ActiveChecker::new(config.clone(), self.seeds.hash_one(service));
+                let checker = self.checkers.entry(service.clone()).or_insert_with(fresh);
+                if checker.config() != config {
+                    *checker = fresh();
+                }
+                checker.set_backends(now, candidates(true));
+                self.checked += checker.len();
+            }
+        }
         if self.events.is_none() {
             return;
         }
-        self.services.clear();
-        let mut wanted: BTreeMap<ObjectRef, (OutlierConfig, BTreeSet<BackendId>)> = BTreeMap::new();
-        for entry in snapshot.entries() {
-            self.services.insert(entry.key, entry.service.clone());
-            let (_, backends) = wanted
-                .entry(entry.service.clone())
-                .or_insert_with(|| (entry.traffic.outlier, BTreeSet::new()));
-            let candidates = entry.backends.iter().filter(|b| b.conditions.ready || b.conditions.serving);
-            backends.extend(candidates.map(|b| b.id));
+        let Some(first) = entries.first() else {
+            self.outliers.remove(service);
+            self.ejecting.remove(service);
+            return;
+        };
+        let config = first.traffic.outlier;
+        let detector = self.outliers.entry(service.clone()).or_insert_with(|| OutlierDetector::new(config));
+        if *detector.config() != config {
+            *detector = OutlierDetector::new(config);
         }
-        self.outliers.retain(|service, detector| {
-            wanted.get(service).is_some_and(|(config, _)| config == detector.config())
-        });
-        for (service, (config, backends)) in wanted {
-            self.outliers
-                .entry(service)
-                .or_insert_with(|| OutlierDetector::new(config))
-                .set_backends(backends);
+        detector.set_backends(candidates(false));
+        if detector.next_deadline().is_none() {
+            self.ejecting.remove(service);
         }
     }
 
@@ -274,6 +318,7 @@ impl HealthMonitor {
                         if !event.outcome.is_failure() {
                             detector.handle_success(now, event.backend);
                         } else if detector.handle_failure(now, event.backend) {
+                            self.ejecting.insert(service.clone());
                             self.status.0.ejections.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(
                                 %service,
@@ -333,7 +378,8 @@ impl HealthMonitor {
         }
         self.status.0.unhealthy_backends.store(unhealthy, Ordering::Relaxed);
         let mut ejected = 0;
-        for (service, detector) in &self.outliers {
+        for service in &self.ejecting {
+            let Some(detector) = self.outliers.get(service) else { continue };
             let backends: Vec<_> = detector.ejected().collect();
             ejected += backends.len() as u64;
             overlay.extend(service, backends);
