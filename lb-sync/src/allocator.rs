@@ -8,8 +8,15 @@
 //! comes back through the watch, which is the only way the store learns it. Events are published
 //! once per change of outcome, not per plan, so a Service stuck without an address does not
 //! flood its events; failed writes are retried on the next plan and logged at most every 30 s.
+//!
+//! Cost: a cluster's first allocation writes every Service's status, and each write comes back as
+//! a watch event. A write the watch has not shown yet is *pending* (what was written, over which
+//! resourceVersion): it is not written again while the store still holds that resourceVersion,
+//! and a change that only brings pending writes back (status as written, nothing else of the
+//! Service different) plans nothing. So allocating 10,000 Services is 10,000 writes and one plan
+//! plus what the events bring, not a plan and a rewrite of everything unseen per event.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +42,16 @@ pub struct Allocator {
     recorder: Recorder,
     /// The last outcome each Service was told about (its Event reason and message).
     told: BTreeMap<ObjectRef, (String, String)>,
+    /// Status writes the watch has not shown yet (see the module doc).
+    pending: HashMap<ObjectRef, Pending>,
     failures: LogThrottle,
+}
+
+/// A status written over a given version of the Service.
+#[derive(Debug)]
+struct Pending {
+    ips: Vec<IpAddr>,
+    over: Option<String>,
 }
 
 impl Allocator {
@@ -46,6 +62,7 @@ impl Allocator {
             client,
             selection,
             told: BTreeMap::new(),
+            pending: HashMap::new(),
             failures: LogThrottle::new(Duration::from_secs(30)),
         }
     }
@@ -59,9 +76,9 @@ impl Allocator {
     ) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut retry = tokio::time::interval(Duration::from_secs(5));
-        // The revisions of what the last round planned from: a change of anything else (an
-        // EndpointSlice, most changes of a large cluster) plans nothing.
-        let mut planned: Option<Vec<u64>> = None;
+        // What the last round planned from: a change of anything else (an EndpointSlice, most
+        // changes of a large cluster) plans nothing.
+        let mut planned: Option<Arc<Objects>> = None;
         loop {
             let objects_changed = tokio::select! {
                 _ = &mut shutdown => return,
@@ -81,13 +98,43 @@ impl Allocator {
                 continue;
             }
             let current = Arc::clone(&objects.borrow_and_update());
-            let inputs = planned_from(&current);
-            if objects_changed && planned.as_ref() == Some(&inputs) {
+            if objects_changed
+                && let Some(before) = &planned
+                && self.nothing_to_plan(before, &current)
+            {
+                planned = Some(current);
                 continue;
             }
             self.reconcile(&current).await;
-            planned = Some(inputs);
+            planned = Some(current);
         }
+    }
+
+    /// Whether `after` gives the same plan as `before` did: allocation reads nothing that differs
+    /// except statuses that are pending writes come back (which are then no longer pending).
+    fn nothing_to_plan(&mut self, before: &Objects, after: &Objects) -> bool {
+        if !same(&before.pools, &after.pools)
+            || !same(&before.namespaces, &after.namespaces)
+            || before.services.len() != after.services.len()
+        {
+            return false;
+        }
+        let mut acknowledged = Vec::new();
+        for (old, new) in before.services.iter().zip(&after.services) {
+            if old.revision == new.revision {
+                continue;
+            }
+            let Some(object) = reference(new) else { return false };
+            let comes_back = self.pending.get(&object).is_some_and(|p| p.ips == status_ips(new));
+            if !comes_back || !same_but_status(old, new) {
+                return false;
+            }
+            acknowledged.push(object);
+        }
+        for object in acknowledged {
+            self.pending.remove(&object);
+        }
+        true
     }
 
     /// One round: plan from `objects` and write what differs.
@@ -116,20 +163,32 @@ impl Allocator {
         let assignments =
             plan.assignments.iter().map(|(object, assignment)| (object, assignment.ips.clone()));
         // Owned before any await: the future must not hold iterators over borrowed plans.
-        let writes: Vec<(ObjectRef, Vec<IpAddr>)> = assignments
+        let pending = &mut self.pending;
+        let writes: Vec<(ObjectRef, Pending)> = assignments
             .chain(releases)
-            .filter(|(object, ips)| services.get(*object).is_some_and(|service| status_ips(service) != *ips))
-            .map(|(object, ips)| (object.clone(), ips))
+            .filter_map(|(object, ips)| {
+                let service = services.get(object)?;
+                let over = service.metadata.resource_version.clone();
+                match pending.get(object) {
+                    // Written over the version the store still holds: the watch has yet to show it.
+                    Some(written) if written.over == over && written.ips == ips => return None,
+                    Some(_) => {
+                        pending.remove(object);
+                    }
+                    None => {}
+                }
+                (status_ips(service) != ips).then(|| (object.clone(), Pending { ips, over }))
+            })
             .collect();
         let params = PatchParams { field_manager: Some(CONTROLLER.to_owned()), ..PatchParams::default() };
         let client = &self.client;
         let params = &params;
         // Several in flight: a cluster's first allocation writes every Service's status, and their
         // watch events then come back in batches the control loop builds once per batch.
-        let results: Vec<(ObjectRef, Vec<IpAddr>, Result<(), kube::Error>)> = futures::stream::iter(writes)
-            .map(|(object, ips)| async move {
+        let results: Vec<(ObjectRef, Pending, Result<(), kube::Error>)> = futures::stream::iter(writes)
+            .map(|(object, write)| async move {
                 let ingress: Vec<serde_json::Value> =
-                    ips.iter().map(|ip| json!({"ip": ip.to_string(), "ipMode": IP_MODE})).collect();
+                    write.ips.iter().map(|ip| json!({"ip": ip.to_string(), "ipMode": IP_MODE})).collect();
                 // A merge patch replaces the list as a whole; null removes it.
                 let patch = if ingress.is_empty() {
                     json!({"status": {"loadBalancer": {"ingress": null}}})
@@ -138,17 +197,18 @@ impl Allocator {
                 };
                 let api: Api<Service> = Api::namespaced(client.clone(), &object.namespace);
                 let result = api.patch_status(&object.name, params, &Patch::Merge(&patch)).await.map(|_| ());
-                (object, ips, result)
+                (object, write, result)
             })
             .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
             .collect()
             .await;
         let mut written = 0;
-        for (object, ips, result) in results {
+        for (object, write, result) in results {
             match result {
                 Ok(()) => {
                     written += 1;
-                    tracing::debug!(service = %object, ips = ?ips, "status written");
+                    tracing::debug!(service = %object, ips = ?write.ips, "status written");
+                    self.pending.insert(object, write);
                 }
                 // Deleted meanwhile: the next plan no longer has it.
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -227,11 +287,18 @@ impl Allocator {
 /// Status writes in flight at once.
 const STATUS_WRITES_IN_FLIGHT: usize = 16;
 
-/// The revisions of everything allocation reads (Services, pools, Namespaces), in store order.
-fn planned_from(objects: &Objects) -> Vec<u64> {
-    let services = objects.services.iter().map(|s| s.revision);
-    let pools = objects.pools.iter().map(|p| p.revision);
-    services.chain([0]).chain(pools).chain([0]).chain(objects.namespaces.iter().map(|n| n.revision)).collect()
+/// Whether two versions of a Service differ in nothing allocation reads but the status.
+fn same_but_status(old: &Service, new: &Service) -> bool {
+    let (a, b) = (&old.metadata, &new.metadata);
+    old.spec == new.spec
+        && (&a.name, &a.namespace, &a.labels, &a.annotations)
+            == (&b.name, &b.namespace, &b.labels, &b.annotations)
+        && (&a.creation_timestamp, &a.deletion_timestamp) == (&b.creation_timestamp, &b.deletion_timestamp)
+}
+
+/// Whether two lists of stored objects hold the same revisions in the same order.
+fn same<T>(a: &[crate::store::Stored<T>], b: &[crate::store::Stored<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.revision == b.revision)
 }
 
 fn reference(service: &Service) -> Option<ObjectRef> {

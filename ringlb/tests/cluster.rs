@@ -466,3 +466,41 @@ fn ringlb_is_not_ready_until_the_initial_lists_are_in() {
     let vip = SocketAddr::new(cluster.wait_ingress("web"), 80);
     wait_reached(vip, &["pod-0"]);
 }
+
+#[test]
+fn a_clusters_first_allocation_writes_each_status_once() {
+    const SERVICES: usize = 300;
+    let cluster = Cluster::start();
+    cluster.pool("front", &["127.0.124.0/23"]);
+    let items: Vec<Service> = (0..SERVICES)
+        .map(|i| load_balancer(&format!("svc-{i}"), Some(CLASS), &[("http", 80)]).build())
+        .collect();
+    // One kubectl apply: a stream of JSON objects.
+    let documents: Vec<String> =
+        items.iter().map(|s| serde_json::to_string(s).expect("serialises")).collect();
+    cluster.kubectl.apply(&documents.join("\n"));
+
+    let mut ringlb = cluster.ringlb("a", &[]);
+    ringlb.wait_ready();
+    let allocated = || {
+        let services = cluster.kubectl.json(&["get", "services", "-n", "shop"]);
+        let items = services["items"].as_array().cloned().unwrap_or_default();
+        items
+            .iter()
+            .filter(|s| s["status"]["loadBalancer"]["ingress"].as_array().is_some_and(|i| !i.is_empty()))
+            .count()
+    };
+    poll_until("every Service to get an address", || (allocated() == SERVICES).then_some(()));
+    // One more Service after all the others came back through the watch: its write follows
+    // every round the earlier ones could have caused.
+    cluster.apply_json(&load_balancer("last", Some(CLASS), &[("http", 80)]).build());
+    cluster.wait_ingress("last");
+    let writes = cluster
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PATCH /api/v1/namespaces/shop/services/") && r.contains("/status"))
+        .count();
+    assert_eq!(writes, SERVICES + 1, "each status is written once, not again while its event is on the way");
+    assert!(ringlb.is_running());
+}

@@ -147,40 +147,53 @@ impl ControlLoop {
             objects: self.objects,
         };
         let mut monitor_alive = true;
+        // The source is polled beside the loop, not inside it: while a build runs, the source
+        // goes on reading its watches, and what it queues meanwhile is built as one batch.
+        let control = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => return,
+                    Some(batch) = batches.recv() => {
+                        let mut count = batch.len();
+                        let mut changed = out.apply(batch);
+                        while let Ok(more) = batches.try_recv() {
+                            count += more.len();
+                            changed |= out.apply(more);
+                        }
+                        tracing::debug!(changes = count, changed, "changes in");
+                        if changed || out.publisher.current().is_none() {
+                            // One view of the store serves the build and the allocator's feed.
+                            let objects = Arc::new(out.store.objects());
+                            out.rebuild(Arc::clone(&objects)).await;
+                            if let Some(feed) = &out.objects {
+                                feed.send_replace(objects);
+                            }
+                        }
+                        out.readiness.count_load();
+                    }
+                    changed = overlays.changed(), if monitor_alive => match changed {
+                        Ok(()) => {
+                            out.health = overlays.borrow_and_update().clone();
+                            out.apply_health().await;
+                        }
+                        Err(_) => {
+                            tracing::warn!("health monitor stopped; verdicts are frozen as they are");
+                            monitor_alive = false;
+                        }
+                    },
+                }
+            }
+        };
+        let mut control = pin!(control);
         loop {
             tokio::select! {
-                biased;
-                _ = &mut shutdown => return Ok(()),
+                () = &mut control => return Ok(()),
                 result = &mut source, if source_running => {
                     source_running = false;
                     result?;
                     tracing::debug!("the source ended; the table stays as it is");
                 }
-                Some(batch) = batches.recv() => {
-                    let mut changed = out.apply(batch);
-                    while let Ok(more) = batches.try_recv() {
-                        changed |= out.apply(more);
-                    }
-                    if changed || out.publisher.current().is_none() {
-                        // One view of the store serves the build and the allocator's feed.
-                        let objects = Arc::new(out.store.objects());
-                        out.rebuild(Arc::clone(&objects)).await;
-                        if let Some(feed) = &out.objects {
-                            feed.send_replace(objects);
-                        }
-                    }
-                    out.readiness.count_load();
-                }
-                changed = overlays.changed(), if monitor_alive => match changed {
-                    Ok(()) => {
-                        out.health = overlays.borrow_and_update().clone();
-                        out.apply_health().await;
-                    }
-                    Err(_) => {
-                        tracing::warn!("health monitor stopped; verdicts are frozen as they are");
-                        monitor_alive = false;
-                    }
-                },
             }
         }
     }

@@ -3,10 +3,11 @@
 //! A build whose entries equal the served ones is dropped (a touched file, a reformatted manifest or
 //! a metadata-only edit must not make every worker reconcile listeners). Versions increase by one per
 //! published snapshot and never repeat. Skipped Services are logged once per Service and reason while
-//! they stay skipped, not on every reload; rejected objects are logged per build (builds only happen
-//! when the files changed).
+//! they stay skipped, not on every reload; when many become skipped at once (a cluster's Services
+//! before their addresses are allocated, a class of Services that is not ringlb's), one line per
+//! reason says how many, with the names at debug. Rejected objects are logged per build.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use lb_core::{BuildReport, ObjectRef, Skipped, Snapshot};
@@ -15,7 +16,8 @@ use lb_core::{BuildReport, ObjectRef, Skipped, Snapshot};
 #[derive(Default)]
 pub(crate) struct Publisher {
     current: Option<Arc<Snapshot>>,
-    logged_skips: HashSet<(ObjectRef, String)>,
+    /// The skips of the last build, sorted (as the builder gives them).
+    logged_skips: Vec<Skipped>,
 }
 
 impl Publisher {
@@ -36,7 +38,7 @@ impl Publisher {
         for service in &report.kept_previous {
             tracing::warn!(%service, "serving this Service's entries from before the rejected edit");
         }
-        self.log_new_skips(&report.skipped);
+        self.log_new_skips(report.skipped);
         self.offer(report.snapshot)
     }
 
@@ -54,16 +56,44 @@ impl Publisher {
         Some(snapshot)
     }
 
-    fn log_new_skips(&mut self, skipped: &[Skipped]) {
-        let skips: HashSet<(ObjectRef, String)> =
-            skipped.iter().map(|skip| (skip.service.clone(), skip.reason.clone())).collect();
-        for (service, reason) in skips.difference(&self.logged_skips) {
-            tracing::info!(%service, reason = reason.as_str(), "service not served");
+    /// Logs the skips of `skipped` (sorted and deduplicated, as a build gives them) that the last
+    /// build did not have. A merge of two sorted lists: no copy, no hashing of every skip.
+    fn log_new_skips(&mut self, skipped: Vec<Skipped>) {
+        let new = new_skips(&self.logged_skips, &skipped);
+        if new.len() <= SKIPS_LOGGED_ONE_BY_ONE {
+            for skip in new {
+                tracing::info!(service = %skip.service, reason = skip.reason.as_str(), "service not served");
+            }
+        } else {
+            let mut by_reason: BTreeMap<&str, (usize, &ObjectRef)> = BTreeMap::new();
+            for skip in &new {
+                tracing::debug!(service = %skip.service, reason = skip.reason.as_str(), "service not served");
+                by_reason.entry(skip.reason.as_str()).or_insert((0, &skip.service)).0 += 1;
+            }
+            for (reason, (services, example)) in by_reason {
+                tracing::info!(services, %example, reason, "services not served (names at debug level)");
+            }
         }
-        // Forget skips that ended, so a Service that is skipped again later is logged again.
-        self.logged_skips = skips;
+        // Skips that ended are forgotten, so a Service that is skipped again later is logged again.
+        self.logged_skips = skipped;
     }
 }
+
+/// The skips of `skipped` that `known` does not have; both sorted by (service, reason).
+fn new_skips<'a>(known: &[Skipped], skipped: &'a [Skipped]) -> Vec<&'a Skipped> {
+    let mut known = known.iter().peekable();
+    let mut new = Vec::new();
+    for skip in skipped {
+        while known.next_if(|k| (&k.service, &k.reason) < (&skip.service, &skip.reason)).is_some() {}
+        if known.next_if(|k| *k == skip).is_none() {
+            new.push(skip);
+        }
+    }
+    new
+}
+
+/// Up to this many new skips of one build get a line each; more get one line per reason.
+const SKIPS_LOGGED_ONE_BY_ONE: usize = 8;
 
 /// Whether two snapshots serve the same (everything but the version); entries shared between them
 /// (`Arc`) are equal without a look.
@@ -81,6 +111,19 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn only_skips_the_last_build_did_not_have_are_new() {
+        let skip = |name: &str, reason: &str| Skipped {
+            service: ObjectRef::service("default", name),
+            reason: reason.to_owned(),
+        };
+        let known = [skip("a", "x"), skip("c", "x"), skip("d", "x")];
+        let now = [skip("a", "x"), skip("b", "x"), skip("c", "y"), skip("d", "x"), skip("e", "x")];
+        let new: Vec<_> = new_skips(&known, &now).into_iter().cloned().collect();
+        assert_eq!(new, [skip("b", "x"), skip("c", "y"), skip("e", "x")]);
+        assert!(new_skips(&now, &now).is_empty());
+    }
 
     fn entry(ready: bool) -> ServiceEntry {
         let backend = Backend::ready(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)))
