@@ -122,6 +122,10 @@ impl ApiServer {
                             _ = stopped.changed() => break,
                             accepted = listener.accept() => {
                                 let Ok((stream, _)) = accepted else { continue };
+                                // As Go's net package does for every kube-apiserver connection: a
+                                // watch writes one small chunk per event, which Nagle's algorithm
+                                // would hold back for the client's delayed ACK (40 ms).
+                                let _ = stream.set_nodelay(true);
                                 let (acceptor, shared) = (acceptor.clone(), Arc::clone(&shared));
                                 connections.spawn(async move {
                                     let Ok(tls) = acceptor.accept(stream).await else { return };
