@@ -44,6 +44,8 @@ pub struct Allocator {
     told: BTreeMap<ObjectRef, (String, String)>,
     /// Status writes the watch has not shown yet (see the module doc).
     pending: HashMap<ObjectRef, Pending>,
+    /// A write or an Event of the last round failed: the next round comes at this time too.
+    retry_at: Option<tokio::time::Instant>,
     failures: LogThrottle,
 }
 
@@ -63,6 +65,7 @@ impl Allocator {
             selection,
             told: BTreeMap::new(),
             pending: HashMap::new(),
+            retry_at: None,
             failures: LogThrottle::new(Duration::from_secs(30)),
         }
     }
@@ -75,7 +78,6 @@ impl Allocator {
         shutdown: impl std::future::Future,
     ) {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut retry = tokio::time::interval(Duration::from_secs(5));
         // What the last round planned from: a change of anything else (an EndpointSlice, most
         // changes of a large cluster) plans nothing.
         let mut planned: Option<Arc<Objects>> = None;
@@ -91,10 +93,13 @@ impl Allocator {
                     self.told.clear();
                     false
                 }
-                // Writes that failed are retried even when nothing changes.
-                _ = retry.tick() => false,
+                // Writes that failed are retried even when nothing changes (only then: a plan
+                // reads every Service).
+                () = sleep_until_retry(self.retry_at), if self.retry_at.is_some() => false,
             };
             if !*leading.borrow() {
+                // A follower writes nothing, so it has nothing to retry.
+                self.retry_at = None;
                 continue;
             }
             let current = Arc::clone(&objects.borrow_and_update());
@@ -139,6 +144,7 @@ impl Allocator {
 
     /// One round: plan from `objects` and write what differs.
     pub async fn reconcile(&mut self, objects: &Objects) {
+        self.retry_at = None;
         let labels = objects.namespace_labels();
         let all: Vec<&Service> = objects.services.iter().map(|o| &**o).collect();
         let pools: Vec<&IpAddressPool> = objects.pools.iter().map(|o| &**o).collect();
@@ -212,7 +218,10 @@ impl Allocator {
                 }
                 // Deleted meanwhile: the next plan no longer has it.
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(error) => self.complain(&format!("writing the status of {object} failed: {error}")),
+                Err(error) => {
+                    self.retry_at.get_or_insert_with(|| tokio::time::Instant::now() + RETRY);
+                    self.complain(&format!("writing the status of {object} failed: {error}"));
+                }
             }
         }
         if written > 0 {
@@ -272,7 +281,10 @@ impl Allocator {
                 Ok(()) => {
                     self.told.insert(object, told);
                 }
-                Err(error) => self.complain(&format!("publishing an Event on {object} failed: {error}")),
+                Err(error) => {
+                    self.retry_at.get_or_insert_with(|| tokio::time::Instant::now() + RETRY);
+                    self.complain(&format!("publishing an Event on {object} failed: {error}"));
+                }
             }
         }
     }
@@ -283,6 +295,16 @@ impl Allocator {
         }
     }
 }
+
+async fn sleep_until_retry(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How soon a round that failed to write something is tried again.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// Status writes in flight at once.
 const STATUS_WRITES_IN_FLIGHT: usize = 16;

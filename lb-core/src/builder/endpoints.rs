@@ -21,8 +21,6 @@
 //! the overlay (panic mode, see `crate::health`). Weight: `ringlb.io/backend-weights` of the Service
 //! by IP, else the slice's `ringlb.io/weight`, else 1.
 
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -50,33 +48,42 @@ pub(super) fn resolve_port(
     options: &BuildOptions,
 ) -> ResolvedPort {
     let policy = &svc.policy;
-    let mut backends: BTreeMap<BackendId, Backend> = BTreeMap::new();
+    // Candidates in slice order, sorted by address (stable: among copies of one address the first
+    // slice's comes first), then one per address: the best ranked, the first on a tie. A sort of
+    // one vector rather than a map: a full build resolves 100,000 backends.
+    let mut candidates: Vec<(BackendId, &super::slices::ParsedEndpoint, u32)> = Vec::new();
     for slice in slices.iter().filter(|slice| slice.ipv6 == ipv6) {
         let Some(target) = target_port(port, slice) else { continue };
-        for endpoint in &slice.endpoints {
-            let id = BackendId(SocketAddr::new(endpoint.addr, target));
-            let candidate = Backend {
-                id,
-                conditions: endpoint.conditions,
-                weight: policy.backend_weights.get(&endpoint.addr).copied().unwrap_or(slice.weight).max(1),
-                node_name: endpoint.node_name.clone(),
-                zone: endpoint.zone.clone(),
-                target: endpoint.target.clone(),
-                load: options.load.counter(id),
-            };
-            match backends.entry(id) {
-                Entry::Vacant(slot) => {
-                    slot.insert(candidate);
+        candidates.extend(slice.endpoints.iter().map(|endpoint| {
+            let weight = policy.backend_weights.get(&endpoint.addr).copied().unwrap_or(slice.weight).max(1);
+            (BackendId(SocketAddr::new(endpoint.addr, target)), endpoint, weight)
+        }));
+    }
+    candidates.sort_by_key(|(id, _, _)| *id);
+    let mut backends: Vec<Backend> = Vec::with_capacity(candidates.len());
+    let mut chosen: Option<(BackendId, &super::slices::ParsedEndpoint, u32)> = None;
+    let mut take = |(id, endpoint, weight): (BackendId, &super::slices::ParsedEndpoint, u32)| Backend {
+        id,
+        conditions: endpoint.conditions,
+        weight,
+        node_name: endpoint.node_name.clone(),
+        zone: endpoint.zone.clone(),
+        target: endpoint.target.clone(),
+        load: options.load.counter(id),
+    };
+    for candidate in candidates {
+        match chosen {
+            Some(best) if best.0 == candidate.0 => {
+                if rank(&candidate.1.conditions) > rank(&best.1.conditions) {
+                    chosen = Some(candidate);
                 }
-                Entry::Occupied(mut slot) => {
-                    if rank(&candidate.conditions) > rank(&slot.get().conditions) {
-                        slot.insert(candidate);
-                    }
-                }
+            }
+            _ => {
+                backends.extend(chosen.replace(candidate).map(&mut take));
             }
         }
     }
-    let backends: Vec<Backend> = backends.into_values().collect();
+    backends.extend(chosen.map(&mut take));
     let node = options.node_name.as_deref().filter(|_| policy.traffic.node_local);
     let eligible = eligible_of(&backends, node, |b| options.health.is_unhealthy(&svc.object, b.id));
     let scheduler = Scheduler::build_with(&policy.scheduler, &backends, &eligible);
