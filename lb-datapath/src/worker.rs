@@ -93,6 +93,8 @@ pub(crate) struct Worker {
     /// [`EPHEMERAL_REFRESH`] by housekeeping: never on a connection's path, nor per publish.
     pub ephemeral_ports: std::ops::RangeInclusive<u16>,
     ephemeral_read_at: Instant,
+    /// The snapshot last reconciled: the next one is compared with it.
+    applied: Arc<Snapshot>,
 }
 
 impl Worker {
@@ -142,6 +144,7 @@ impl Worker {
             warnings: Warnings::new(settings_index),
             ephemeral_ports: crate::proxy::ephemeral_port_range(),
             ephemeral_read_at: Instant::now(),
+            applied: Arc::new(Snapshot::empty()),
         }
     }
 
@@ -248,12 +251,20 @@ impl Worker {
         }
         let snapshot = self.shared.snapshot.load_full();
         self.reconcile(&snapshot);
+        self.applied = snapshot;
         self.reconciled.store(generation, Ordering::Release);
     }
 
     /// Opens listeners for new TCP keys, closes those of removed keys, and sets drain deadlines; then
-    /// does the same for UDP keys (their sockets and flows).
+    /// does the same for UDP keys (their sockets and flows). A snapshot with the keys of the last
+    /// one (most changes: endpoints moved, no VIP came or went) touches no listener and looks at
+    /// no key: with 10,000 keys that is the difference between a pointer walk and 30,000 lookups.
     fn reconcile(&mut self, snapshot: &Snapshot) {
+        let applied = Arc::clone(&self.applied);
+        if snapshot.changes_from(&applied).all(|(before, after)| before.is_some() && after.is_some()) {
+            self.reconcile_entries(snapshot, &applied);
+            return;
+        }
         let mut removed = Vec::new();
         for (index, listener) in self.listeners.iter_mut() {
             if !listener.closing && snapshot.get(&listener.key).is_none() {
@@ -285,6 +296,19 @@ impl Worker {
         self.expire_connections();
         self.reconcile_udp(snapshot);
         self.reconcile_sctp(snapshot);
+    }
+
+    /// [`Worker::reconcile`] for a snapshot with the keys of `applied`: only entries changed, so
+    /// listeners stay and the keys whose bind failed stay queued for the tick's retry.
+    fn reconcile_entries(&mut self, snapshot: &Snapshot, applied: &Snapshot) {
+        self.mark_draining(snapshot);
+        self.expire_connections();
+        for (_, after) in snapshot.changes_from(applied) {
+            if let Some(entry) = after.filter(|entry| entry.key.protocol == Protocol::Udp) {
+                self.refresh_udp_entry(entry);
+            }
+        }
+        self.mark_sctp_draining(snapshot);
     }
 
     fn bind_unbound(&mut self, first_try: bool) {

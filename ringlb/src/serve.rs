@@ -189,7 +189,12 @@ impl AdminState for ServeState {
         let workers = self.engine.stats().workers;
         json!({
             "ready": self.is_ready(),
-            "snapshot": { "version": snapshot.version, "entries": snapshot.len() },
+            // `reconciled`: every worker serves the snapshot published last.
+            "snapshot": {
+                "version": snapshot.version,
+                "entries": snapshot.len(),
+                "reconciled": self.engine.is_reconciled(),
+            },
             "source": source,
             "health": health,
             "leader": self.leading.as_ref().map(|leading| *leading.borrow()),

@@ -2,8 +2,9 @@
 //! loopback) is filled with the Services, EndpointSlices and one IPAddressPool; the ringlb binary
 //! at PATH (`run --kubeconfig`, one worker) allocates every address, writes every status and
 //! serves every VIP; then one EndpointSlice at a time is patched through the API and timed until
-//! ringlb's `/status` shows the snapshot that contains it (watch, decode, store, build, publish to
-//! the datapath, plus the polling of `/status`, every 200 µs). Its resident memory is read from
+//! ringlb's `/status` shows the snapshot that contains it reconciled by every worker (watch,
+//! decode, store, build, publish, the workers' reconcile, plus the polling of `/status`, every
+//! 200 µs). Its resident memory is read from
 //! `/proc` once everything is served.
 
 use std::io::{Read, Write};
@@ -164,7 +165,12 @@ pub fn run(
     let rss = rss_mib(ringlb.0.id());
 
     let mut latencies = hdrhistogram::Histogram::<u64>::new(3)?;
-    let version = |admin| status(admin).ok().and_then(|s| s["snapshot"]["version"].as_u64());
+    // A version counts once every worker serves it (the datapath, not only the publisher).
+    let version = |admin| {
+        let status = status(admin).ok()?;
+        let snapshot = &status["snapshot"];
+        (snapshot["reconciled"] == true).then(|| snapshot["version"].as_u64()).flatten()
+    };
     for n in 0..changes {
         let slice = changed(n);
         let namespace = slice.metadata.namespace.clone().unwrap_or_default();

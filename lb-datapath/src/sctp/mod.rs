@@ -212,7 +212,7 @@ impl Worker {
 
     /// Gives associations whose key or backend left the snapshot, or whose backend turned not ready,
     /// a drain deadline (and takes it back if they return), as TCP connections get.
-    fn mark_sctp_draining(&mut self, snapshot: &Snapshot) {
+    pub(crate) fn mark_sctp_draining(&mut self, snapshot: &Snapshot) {
         let now = self.now;
         for slot in &mut self.sctp.assocs {
             let Some(assoc) = slot.assoc.as_deref_mut() else { continue };

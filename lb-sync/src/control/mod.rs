@@ -169,6 +169,9 @@ impl ControlLoop {
                             if let Some(feed) = &out.objects {
                                 feed.send_replace(objects);
                             }
+                            if count >= BULK_CHANGES {
+                                let _ = blocking(release_free_memory).await;
+                            }
                         }
                         out.readiness.count_load();
                     }
@@ -285,6 +288,21 @@ impl<S: SnapshotSink> Outlet<S> {
         self.sink.publish(Arc::clone(&snapshot));
         self.feed.send_replace(Some(snapshot));
         self.readiness.mark_published(version);
+    }
+}
+
+/// A batch of at least this many changes (an initial list, a relist) leaves a build's worth of
+/// freed memory behind: decoded lists, the previous cache.
+const BULK_CHANGES: usize = 1024;
+
+/// Gives the allocator's free pages back to the system. glibc keeps what a burst freed in its
+/// arenas (a cluster's initial lists are decoded, slimmed and parsed once, then dropped), and
+/// only an explicit trim returns pages from the middle of a heap.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and madvises the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
