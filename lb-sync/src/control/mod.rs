@@ -155,13 +155,13 @@ impl ControlLoop {
                     biased;
                     _ = &mut shutdown => return,
                     Some(batch) = batches.recv() => {
-                        let mut count = batch.len();
+                        let mut count = objects_in(&batch);
                         let mut changed = out.apply(batch);
                         while let Ok(more) = batches.try_recv() {
-                            count += more.len();
+                            count += objects_in(&more);
                             changed |= out.apply(more);
                         }
-                        tracing::debug!(changes = count, changed, "changes in");
+                        tracing::debug!(objects = count, changed, "changes in");
                         if changed || out.publisher.current().is_none() {
                             // One view of the store serves the build and the allocator's feed.
                             let objects = Arc::new(out.store.objects());
@@ -291,7 +291,15 @@ impl<S: SnapshotSink> Outlet<S> {
     }
 }
 
-/// A batch of at least this many changes (an initial list, a relist) leaves a build's worth of
+/// How many objects `batch` brings (a relist brings all of its kind at once).
+fn objects_in(batch: &[Change]) -> usize {
+    batch
+        .iter()
+        .map(|change| if let Change::Reset { objects, .. } = change { objects.len() } else { 1 })
+        .sum()
+}
+
+/// A batch of at least this many changed objects (an initial list, a relist) leaves a build's worth of
 /// freed memory behind: decoded lists, the previous cache.
 const BULK_CHANGES: usize = 1024;
 
