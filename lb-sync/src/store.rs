@@ -35,8 +35,12 @@ pub enum Object {
 /// kubectl's copy of the last applied object, in an annotation.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
+/// ringlb's annotations (an EndpointSlice's `ringlb.io/weight`).
+const RINGLB_PREFIX: &str = "ringlb.io/";
+
 /// `object` without what no build or allocation reads and a cluster makes large: `managedFields`,
-/// kubectl's last-applied annotation, owner references, and of each EndpointSlice endpoint its
+/// kubectl's last-applied annotation, owner references; of each EndpointSlice its uid and every
+/// label but `kubernetes.io/service-name` and annotation but ringlb's, and of each endpoint its
 /// hints, deprecated topology and all of its target but kind, namespace and name. What a source
 /// of cluster objects stores (a store of 10,000 Services holds 100,000 endpoints).
 pub fn slimmed(mut object: Object) -> Object {
@@ -47,6 +51,14 @@ pub fn slimmed(mut object: Object) -> Object {
         annotations.remove(LAST_APPLIED);
     }
     if let Object::EndpointSlice(slice) = &mut object {
+        let meta = &mut slice.metadata;
+        meta.uid = None;
+        if let Some(labels) = meta.labels.as_mut() {
+            labels.retain(|key, _| key == lb_core::annotations::SERVICE_NAME_LABEL);
+        }
+        if let Some(annotations) = meta.annotations.as_mut() {
+            annotations.retain(|key, _| key.starts_with(RINGLB_PREFIX));
+        }
         // Decoding grows lists by doubling: an endpoint is 352 bytes before its strings, so the
         // slack of a slice of ten is two kilobytes.
         if let Some(endpoints) = slice.endpoints.as_mut() {
@@ -361,12 +373,54 @@ fn replace<T: PartialEq + Clone>(
 
 #[cfg(test)]
 mod tests {
-    use testkit::objects::{ServiceBuilder, ready_slice, simple_service};
+    use testkit::objects::{Cond, ServiceBuilder, SliceBuilder, ready_slice, simple_service};
 
     use super::*;
 
     fn service(name: &str, ip: &str) -> Object {
         Object::Service(simple_service("shop", name, ip, 80, 8080))
+    }
+
+    #[test]
+    fn a_slimmed_slice_builds_the_table_its_original_builds() {
+        let original = SliceBuilder::new("shop", "web-abcde", "web")
+            .port("http", 8080, "TCP")
+            .pod_endpoint("10.0.0.1", Cond::ready(), "node-a", "web-1")
+            .pod_endpoint("10.0.0.2", Cond::not_ready(), "node-b", "web-2")
+            .annotation("ringlb.io/weight", "3")
+            .annotation("endpoints.kubernetes.io/last-change-trigger-time", "2026-12-01T00:00:00Z")
+            .with(|slice| {
+                let labels = slice.metadata.labels.get_or_insert_default();
+                labels.insert(
+                    "endpointslice.kubernetes.io/managed-by".into(),
+                    "endpointslice-controller.k8s.io".into(),
+                );
+                labels.insert("app".into(), "web".into());
+                slice.metadata.uid = Some("5f3c2e1a-0000-4000-8000-000000000001".into());
+            })
+            .build();
+        let Object::EndpointSlice(slim) = slimmed(Object::EndpointSlice(original.clone())) else {
+            unreachable!("slimmed keeps the kind")
+        };
+        let labels: Vec<&String> = slim.metadata.labels.iter().flatten().map(|(k, _)| k).collect();
+        assert_eq!(labels, ["kubernetes.io/service-name"]);
+        let annotations: Vec<&String> = slim.metadata.annotations.iter().flatten().map(|(k, _)| k).collect();
+        assert_eq!(annotations, ["ringlb.io/weight"]);
+        assert_eq!(slim.metadata.uid, None);
+        let service = simple_service("shop", "web", "192.0.2.10", 80, 8080);
+        let options = lb_core::BuildOptions::default();
+        let build = |slice: &EndpointSlice| {
+            let report = lb_core::build(
+                std::slice::from_ref(&service),
+                std::slice::from_ref(slice),
+                &[],
+                &options,
+                None,
+                1,
+            );
+            serde_json::to_value(&report.snapshot).expect("serialises")
+        };
+        assert_eq!(build(&slim), build(&original));
     }
 
     #[test]
