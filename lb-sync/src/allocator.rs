@@ -159,6 +159,8 @@ impl Allocator {
         }
         let services: BTreeMap<ObjectRef, &Service> =
             all.iter().filter_map(|&s| Some((reference(s)?, s))).collect();
+        // A Service deleted before its write came back leaves nothing pending behind.
+        self.pending.retain(|object, _| services.contains_key(object));
         self.write_statuses(&plan, &services).await;
         self.tell(&plan, &services).await;
     }
