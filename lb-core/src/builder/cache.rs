@@ -466,9 +466,17 @@ impl BuildCache {
             }
         }
         let mut touched = std::collections::BTreeSet::new();
+        let mut names = super::slices::Names::default();
         for &i in &changed {
             let name = &pass.names[i];
-            let fresh = Arc::new(super::slices::parse_one(name, slices[i]));
+            // The names the slice had before: a changed slice shares them with the rest of the
+            // table instead of holding its own copies.
+            if let Some(slot) = self.slices.get(name)
+                && let Some((_, parsed)) = &slot.value.used
+            {
+                names.remember(parsed);
+            }
+            let fresh = Arc::new(super::slices::parse_one(name, slices[i], &mut names));
             let slot =
                 Slot { revision: revisions.in_order[i], value: Arc::clone(&fresh), used: self.generation };
             if let Some(old) = self.slices.insert(name.clone(), slot)

@@ -79,8 +79,10 @@ pub(super) fn parse_all(
 ) -> SlicesByService {
     let (unique, _) = unique_objects(slices, errors);
     let mut by_service = SlicesByService::new();
+    let mut names = Names::default();
     for (object, slice) in unique {
-        let outcome = cache.get_or_insert(&object, slice, &mut |object, slice| parse_one(object, slice));
+        let outcome =
+            cache.get_or_insert(&object, slice, &mut |object, slice| parse_one(object, slice, &mut names));
         errors.extend(outcome.errors.iter().cloned());
         skipped.extend(outcome.skipped.iter().cloned());
         if let Some((key, parsed)) = &outcome.used {
@@ -91,7 +93,8 @@ pub(super) fn parse_all(
     by_service
 }
 
-pub(super) fn parse_one(object: &ObjectRef, slice: &EndpointSlice) -> SliceOutcome {
+/// Parses one slice; `names` shares node and zone names between the slices of a build.
+pub(super) fn parse_one(object: &ObjectRef, slice: &EndpointSlice, names: &mut Names) -> SliceOutcome {
     let mut outcome = SliceOutcome::default();
     let object = object.clone();
     let labels = slice.metadata.labels.as_ref();
@@ -124,13 +127,12 @@ pub(super) fn parse_one(object: &ObjectRef, slice: &EndpointSlice) -> SliceOutco
         1
     });
     let ports = parse_ports(slice, &object, errors);
-    let mut names = Names::default();
     let endpoints = slice
         .endpoints
         .iter()
         .flatten()
         .enumerate()
-        .filter_map(|(i, endpoint)| match parse_endpoint(i, endpoint, ipv6, &object, &mut names) {
+        .filter_map(|(i, endpoint)| match parse_endpoint(i, endpoint, ipv6, &object, names) {
             Ok(parsed) => Some(parsed),
             Err(error) => {
                 errors.push(error);
@@ -184,18 +186,26 @@ pub(super) fn parse_slice_port(
     Some(SlicePort { name: name.unwrap_or_default().to_owned(), protocol: protocol_value, port })
 }
 
-/// One allocation per distinct node or zone name of a slice (its endpoints share a few of them).
+/// One allocation per distinct node or zone name among the slices parsed together: a cluster's
+/// 100,000 endpoints name a few hundred nodes and a few zones.
 #[derive(Default)]
-struct Names(Vec<Arc<str>>);
+pub(super) struct Names(foldhash::HashSet<Arc<str>>);
 
 impl Names {
+    /// Shares the node and zone names of `slice` from now on.
+    pub(super) fn remember(&mut self, slice: &ParsedSlice) {
+        for endpoint in &slice.endpoints {
+            self.0.extend(endpoint.node_name.iter().chain(&endpoint.zone).cloned());
+        }
+    }
+
     fn get(&mut self, name: Option<&str>) -> Option<Arc<str>> {
         let name = name?;
-        if let Some(known) = self.0.iter().find(|known| &***known == name) {
+        if let Some(known) = self.0.get(name) {
             return Some(Arc::clone(known));
         }
         let fresh: Arc<str> = Arc::from(name);
-        self.0.push(Arc::clone(&fresh));
+        self.0.insert(Arc::clone(&fresh));
         Some(fresh)
     }
 }
