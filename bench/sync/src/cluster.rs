@@ -71,6 +71,37 @@ fn wait_for<T>(what: &str, limit: Duration, mut condition: impl FnMut() -> Optio
     }
 }
 
+/// Creates `objects` in their namespaces as a user would (without what the server sets, and what
+/// `clear` removes besides), `PARALLEL_WRITES` at a time.
+async fn create_all<K>(client: &kube::Client, objects: Vec<K>, clear: fn(&mut K)) -> anyhow::Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    futures::stream::iter(objects.into_iter().map(|mut object| {
+        let client = client.clone();
+        async move {
+            let meta = object.meta_mut();
+            meta.uid = None;
+            meta.resource_version = None;
+            meta.creation_timestamp = None;
+            meta.generation = None;
+            clear(&mut object);
+            let namespace = object.meta().namespace.clone().unwrap_or_else(|| "default".to_owned());
+            let api: Api<K> = Api::namespaced(client, &namespace);
+            api.create(&PostParams::default(), &object).await.map(|_| ())
+        }
+    }))
+    .buffer_unordered(PARALLEL_WRITES)
+    .try_collect::<Vec<()>>()
+    .await?;
+    Ok(())
+}
+
 pub fn run(
     ringlb: &std::path::Path,
     services: Vec<Service>,
@@ -106,39 +137,9 @@ pub fn run(
             "spec": {"addresses": ["127.1.0.0/16"]},
         }))?;
         pools.create(&PostParams::default(), &pool).await?;
-        futures::stream::iter(services.into_iter().map(|mut service| {
-            let client = client.clone();
-            async move {
-                let api: Api<Service> =
-                    Api::namespaced(client, service.metadata.namespace.as_deref().unwrap_or("default"));
-                // What a user creates: no status, no server-set metadata.
-                service.status = None;
-                service.metadata.uid = None;
-                service.metadata.resource_version = None;
-                service.metadata.creation_timestamp = None;
-                service.metadata.generation = None;
-                api.create(&PostParams::default(), &service).await.map(|_| ())
-            }
-        }))
-        .buffer_unordered(PARALLEL_WRITES)
-        .try_collect::<Vec<()>>()
-        .await?;
-        futures::stream::iter(slices.into_iter().map(|mut slice| {
-            let client = client.clone();
-            async move {
-                let api: Api<EndpointSlice> =
-                    Api::namespaced(client, slice.metadata.namespace.as_deref().unwrap_or("default"));
-                slice.metadata.uid = None;
-                slice.metadata.resource_version = None;
-                slice.metadata.creation_timestamp = None;
-                slice.metadata.generation = None;
-                slice.metadata.owner_references = None;
-                api.create(&PostParams::default(), &slice).await.map(|_| ())
-            }
-        }))
-        .buffer_unordered(PARALLEL_WRITES)
-        .try_collect::<Vec<()>>()
-        .await?;
+        // What a user creates: no status, no server-set metadata.
+        create_all(&client, services, |service| service.status = None).await?;
+        create_all(&client, slices, |slice| slice.metadata.owner_references = None).await?;
         anyhow::Ok(())
     })?;
     let fill_seconds = filling.elapsed().as_secs_f64();
