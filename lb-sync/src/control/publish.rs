@@ -98,8 +98,10 @@ const SKIPS_LOGGED_ONE_BY_ONE: usize = 8;
 /// Whether two snapshots serve the same (everything but the version); entries shared between them
 /// (`Arc`) are equal without a look.
 fn same_entries(current: &Snapshot, next: &Snapshot) -> bool {
-    current.len() == next.len()
-        && current.entries().zip(next.entries()).all(|(a, b)| Arc::ptr_eq(a, b) || a.serves_like(b))
+    next.changes_from(current).all(|change| match change {
+        (Some(before), Some(after)) => before.serves_like(after),
+        _ => false,
+    })
 }
 
 #[cfg(test)]
