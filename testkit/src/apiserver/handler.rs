@@ -372,8 +372,11 @@ pub(crate) fn conflict(type_: &ResourceType, name: &str) -> Response<Body> {
 
 pub(crate) fn invalid(type_: &ResourceType, name: &str, causes: Vec<Cause>) -> Response<Body> {
     // Events of either group are validated as the core type they are stored as.
-    let type_ =
-        &TYPES[resources::storage_index(TYPES.iter().position(|t| std::ptr::eq(t, type_)).unwrap_or(0))];
+    // By name, not address: a `const` table has no one address (codegen units may each hold a copy).
+    let index = TYPES
+        .iter()
+        .position(|t| (t.group, t.version, t.plural) == (type_.group, type_.version, type_.plural));
+    let type_ = index.map_or(type_, |index| &TYPES[resources::storage_index(index)]);
     let listed: Vec<String> = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect();
     let joined = if listed.len() == 1 { listed[0].clone() } else { format!("[{}]", listed.join(", ")) };
     let qualified = if type_.group.is_empty() {
