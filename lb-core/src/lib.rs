@@ -33,8 +33,8 @@ pub mod throttle;
 
 pub use affinity::AffinityTable;
 pub use builder::{
-    BuildCache, BuildOptions, BuildReport, Revised, Skipped, apply_health, build, build_incremental,
-    build_refs,
+    BuildCache, BuildOptions, BuildReport, ParsedEndpointSlice, Revised, Skipped, SliceNames, apply_health,
+    build, build_incremental, build_refs,
 };
 pub use cidr::Cidr;
 pub use duration::parse_duration;

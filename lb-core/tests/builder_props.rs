@@ -380,6 +380,7 @@ proptest! {
             worlds.iter().map(|((_, s), _, g)| s.iter().chain(g).cloned().collect()).collect();
         let options = BuildOptions::default();
         let mut cache = lb_core::BuildCache::new();
+        let mut names = lb_core::SliceNames::default();
         let (mut service_revisions, mut slice_revisions) = (Revisions::new(), Revisions::new());
         let (mut fresh_previous, mut cached_previous): (Option<Snapshot>, Option<Snapshot>) = (None, None);
         // The Services change every other step, the slices every step: a build also sees only its
@@ -406,7 +407,11 @@ proptest! {
                 .zip(service_revisions.of(&services, |s: &Service| name_of(&s.metadata)))
                 .map(|(object, revision)| lb_core::Revised { object, revision })
                 .collect();
-            let revised_slices: Vec<lb_core::Revised<'_, EndpointSlice>> = slices
+            // As a store keeps them: parsed when they arrive, names shared across steps.
+            let parsed: Vec<lb_core::ParsedEndpointSlice> =
+                slices.iter().filter_map(|s| lb_core::ParsedEndpointSlice::parse(s, &mut names).ok()).collect();
+            prop_assert_eq!(parsed.len(), slices.len(), "every slice is named");
+            let revised_slices: Vec<lb_core::Revised<'_, lb_core::ParsedEndpointSlice>> = parsed
                 .iter()
                 .zip(slice_revisions.of(&slices, |s: &EndpointSlice| name_of(&s.metadata)))
                 .map(|(object, revision)| lb_core::Revised { object, revision })

@@ -34,4 +34,4 @@ pub use sink::SnapshotSink;
 pub use source::{
     DEFAULT_DEBOUNCE, DEFAULT_MAX_DELAY, DEFAULT_POLL_INTERVAL, KubeSource, ManifestSource, Source, SyncError,
 };
-pub use store::{Change, Kind, Object, ObjectStore, slimmed};
+pub use store::{Change, Kind, Object, ObjectStore, SliceParser, slimmed};

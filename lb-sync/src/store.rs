@@ -1,6 +1,8 @@
 //! The objects the control loop builds from: every Service, EndpointSlice and core/v1 Endpoints a
 //! source reported, and what allocation reads besides (MetalLB `IPAddressPool`s, Namespaces for
-//! the pools' namespace selectors), by kind, namespace and name.
+//! the pools' namespace selectors), by kind, namespace and name. EndpointSlices are kept as the
+//! builder reads them ([`ParsedEndpointSlice`], parsed by the source as each arrives: a tenth of
+//! the decoded object); the other kinds as decoded, less what nothing reads ([`slimmed`]).
 //!
 //! Sources say what changed ([`Change`]): one object created, changed or deleted (a watch event), or
 //! every object of some kinds replaced at once (a manifest reload, a relist after the watch was cut).
@@ -15,8 +17,8 @@ use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use lb_core::ObjectRef;
 use lb_core::ipam::IpAddressPool;
+use lb_core::{ObjectRef, ParsedEndpointSlice, SliceNames};
 
 /// The namespace Kubernetes assumes when an object names none.
 const DEFAULT_NAMESPACE: &str = "default";
@@ -26,7 +28,7 @@ const DEFAULT_NAMESPACE: &str = "default";
 #[allow(clippy::large_enum_variant, reason = "moved once per change into the store; boxing buys nothing")]
 pub enum Object {
     Service(Service),
-    EndpointSlice(EndpointSlice),
+    EndpointSlice(ParsedEndpointSlice),
     Endpoints(Endpoints),
     Pool(IpAddressPool),
     Namespace(Namespace),
@@ -35,50 +37,46 @@ pub enum Object {
 /// kubectl's copy of the last applied object, in an annotation.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// ringlb's annotations (an EndpointSlice's `ringlb.io/weight`).
-const RINGLB_PREFIX: &str = "ringlb.io/";
-
 /// `object` without what no build or allocation reads and a cluster makes large: `managedFields`,
-/// kubectl's last-applied annotation, owner references; of each EndpointSlice its uid and every
-/// label but `kubernetes.io/service-name` and annotation but ringlb's, and of each endpoint its
-/// hints, deprecated topology and all of its target but kind, namespace and name. What a source
-/// of cluster objects stores (a store of 10,000 Services holds 100,000 endpoints).
+/// kubectl's last-applied annotation, owner references. What a source of cluster objects stores.
 pub fn slimmed(mut object: Object) -> Object {
-    let meta = object.metadata_mut();
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
-    if let Object::EndpointSlice(slice) = &mut object {
-        let meta = &mut slice.metadata;
-        meta.uid = None;
-        if let Some(labels) = meta.labels.as_mut() {
-            labels.retain(|key, _| key == lb_core::annotations::SERVICE_NAME_LABEL);
-        }
+    if let Some(meta) = object.metadata_mut() {
+        meta.managed_fields = None;
+        meta.owner_references = None;
         if let Some(annotations) = meta.annotations.as_mut() {
-            annotations.retain(|key, _| key.starts_with(RINGLB_PREFIX));
-        }
-        // Decoding grows lists by doubling: an endpoint is 352 bytes before its strings, so the
-        // slack of a slice of ten is two kilobytes.
-        if let Some(endpoints) = slice.endpoints.as_mut() {
-            endpoints.shrink_to_fit();
-        }
-        for endpoint in slice.endpoints.iter_mut().flatten() {
-            endpoint.addresses.shrink_to_fit();
-            endpoint.hints = None;
-            endpoint.deprecated_topology = None;
-            if let Some(target) = endpoint.target_ref.as_mut() {
-                *target = k8s_openapi::api::core::v1::ObjectReference {
-                    kind: target.kind.take(),
-                    namespace: target.namespace.take(),
-                    name: target.name.take(),
-                    ..Default::default()
-                };
-            }
+            annotations.remove(LAST_APPLIED);
         }
     }
     object
+}
+
+/// Parses EndpointSlices as the store keeps them; keep one per source, so that its slices share
+/// node and zone names (and the names of nodes that went away are forgotten now and then).
+#[derive(Debug, Default)]
+pub struct SliceParser {
+    names: SliceNames,
+    parsed: usize,
+}
+
+/// Parses between two prunes of the shared names.
+const PRUNE_NAMES_EVERY: usize = 4096;
+
+impl SliceParser {
+    /// `slice` as the store keeps it; `None`, after a debug line, for a slice without a name,
+    /// which no store keeps.
+    pub fn object(&mut self, slice: &EndpointSlice) -> Option<Object> {
+        self.parsed += 1;
+        if self.parsed.is_multiple_of(PRUNE_NAMES_EVERY) {
+            self.names.prune();
+        }
+        match ParsedEndpointSlice::parse(slice, &mut self.names) {
+            Ok(parsed) => Some(Object::EndpointSlice(parsed)),
+            Err(error) => {
+                tracing::debug!(%error, "an EndpointSlice was not stored");
+                None
+            }
+        }
+    }
 }
 
 /// The kinds of [`Object`], for changes that replace every object of a kind.
@@ -117,29 +115,35 @@ impl Object {
         }
     }
 
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+    /// Its metadata; `None` for a parsed EndpointSlice, which keeps only its name.
+    fn metadata_mut(&mut self) -> Option<&mut ObjectMeta> {
         match self {
-            Object::Service(object) => object.metadata_mut(),
-            Object::EndpointSlice(object) => object.metadata_mut(),
-            Object::Endpoints(object) => object.metadata_mut(),
-            Object::Pool(object) => object.metadata_mut(),
-            Object::Namespace(object) => object.metadata_mut(),
+            Object::Service(object) => Some(object.metadata_mut()),
+            Object::EndpointSlice(_) => None,
+            Object::Endpoints(object) => Some(object.metadata_mut()),
+            Object::Pool(object) => Some(object.metadata_mut()),
+            Object::Namespace(object) => Some(object.metadata_mut()),
         }
     }
 
-    fn metadata(&self) -> &ObjectMeta {
+    fn metadata(&self) -> Option<&ObjectMeta> {
         match self {
-            Object::Service(object) => object.metadata(),
-            Object::EndpointSlice(object) => object.metadata(),
-            Object::Endpoints(object) => object.metadata(),
-            Object::Pool(object) => object.metadata(),
-            Object::Namespace(object) => object.metadata(),
+            Object::Service(object) => Some(object.metadata()),
+            Object::EndpointSlice(_) => None,
+            Object::Endpoints(object) => Some(object.metadata()),
+            Object::Pool(object) => Some(object.metadata()),
+            Object::Namespace(object) => Some(object.metadata()),
         }
     }
 
     /// Its kind, namespace (`default` when unset) and name; `None` without a name.
     pub fn reference(&self) -> Option<ObjectRef> {
-        let meta = self.metadata();
+        let Some(meta) = self.metadata() else {
+            return match self {
+                Object::EndpointSlice(slice) => Some(slice.object().clone()),
+                _ => None,
+            };
+        };
         let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
         // Namespaces are cluster-scoped: their reference has no namespace.
         let namespace = match self {
@@ -206,7 +210,7 @@ pub struct ObjectStore {
     /// The revision the next changed object gets.
     next_revision: u64,
     services: BTreeMap<ObjectRef, Stored<Service>>,
-    slices: BTreeMap<ObjectRef, Stored<EndpointSlice>>,
+    slices: BTreeMap<ObjectRef, Stored<ParsedEndpointSlice>>,
     endpoints: BTreeMap<ObjectRef, Stored<Endpoints>>,
     pools: BTreeMap<ObjectRef, Stored<IpAddressPool>>,
     namespaces: BTreeMap<ObjectRef, Stored<Namespace>>,
@@ -216,7 +220,7 @@ pub struct ObjectStore {
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
     pub services: Vec<Stored<Service>>,
-    pub slices: Vec<Stored<EndpointSlice>>,
+    pub slices: Vec<Stored<ParsedEndpointSlice>>,
     pub endpoints: Vec<Stored<Endpoints>>,
     pub pools: Vec<Stored<IpAddressPool>>,
     pub namespaces: Vec<Stored<Namespace>>,
@@ -381,46 +385,43 @@ mod tests {
         Object::Service(simple_service("shop", name, ip, 80, 8080))
     }
 
+    fn slice(slice: EndpointSlice) -> Object {
+        SliceParser::default().object(&slice).expect("named")
+    }
+
     #[test]
-    fn a_slimmed_slice_builds_the_table_its_original_builds() {
+    fn a_slice_edit_of_what_no_build_reads_changes_nothing() {
+        let mut store = ObjectStore::new();
         let original = SliceBuilder::new("shop", "web-abcde", "web")
             .port("http", 8080, "TCP")
             .pod_endpoint("10.0.0.1", Cond::ready(), "node-a", "web-1")
             .pod_endpoint("10.0.0.2", Cond::not_ready(), "node-b", "web-2")
-            .annotation("ringlb.io/weight", "3")
+            .annotation("ringlb.io/weight", "3");
+        assert!(store.apply(Change::Applied(slice(original.clone().build()))));
+        let touched = original
+            .clone()
             .annotation("endpoints.kubernetes.io/last-change-trigger-time", "2026-12-01T00:00:00Z")
             .with(|slice| {
                 let labels = slice.metadata.labels.get_or_insert_default();
-                labels.insert(
-                    "endpointslice.kubernetes.io/managed-by".into(),
-                    "endpointslice-controller.k8s.io".into(),
-                );
                 labels.insert("app".into(), "web".into());
                 slice.metadata.uid = Some("5f3c2e1a-0000-4000-8000-000000000001".into());
+                slice.metadata.resource_version = Some("4711".into());
             })
             .build();
-        let Object::EndpointSlice(slim) = slimmed(Object::EndpointSlice(original.clone())) else {
-            unreachable!("slimmed keeps the kind")
-        };
-        let labels: Vec<&String> = slim.metadata.labels.iter().flatten().map(|(k, _)| k).collect();
-        assert_eq!(labels, ["kubernetes.io/service-name"]);
-        let annotations: Vec<&String> = slim.metadata.annotations.iter().flatten().map(|(k, _)| k).collect();
-        assert_eq!(annotations, ["ringlb.io/weight"]);
-        assert_eq!(slim.metadata.uid, None);
-        let service = simple_service("shop", "web", "192.0.2.10", 80, 8080);
-        let options = lb_core::BuildOptions::default();
-        let build = |slice: &EndpointSlice| {
-            let report = lb_core::build(
-                std::slice::from_ref(&service),
-                std::slice::from_ref(slice),
-                &[],
-                &options,
-                None,
-                1,
-            );
-            serde_json::to_value(&report.snapshot).expect("serialises")
-        };
-        assert_eq!(build(&slim), build(&original));
+        assert!(!store.apply(Change::Applied(slice(touched))), "labels, uid, resourceVersion");
+        let revision = store.objects().slices[0].revision;
+        let weighted = original.clone().annotation("ringlb.io/weight", "4").build();
+        assert!(store.apply(Change::Applied(slice(weighted))), "ringlb's weight is read");
+        let ready = SliceBuilder::new("shop", "web-abcde", "web")
+            .port("http", 8080, "TCP")
+            .pod_endpoint("10.0.0.1", Cond::ready(), "node-a", "web-1")
+            .pod_endpoint("10.0.0.2", Cond::ready(), "node-b", "web-2")
+            .annotation("ringlb.io/weight", "4")
+            .build();
+        assert!(store.apply(Change::Applied(slice(ready))), "a readiness change");
+        assert!(store.objects().slices[0].revision > revision);
+        let unnamed = SliceBuilder::new("shop", "", "web").build();
+        assert!(SliceParser::default().object(&unnamed).is_none());
     }
 
     #[test]
@@ -429,8 +430,13 @@ mod tests {
         assert!(store.apply(Change::Applied(service("web", "192.0.2.1"))));
         assert!(!store.apply(Change::Applied(service("web", "192.0.2.1"))), "the same object again");
         assert!(store.apply(Change::Applied(service("web", "192.0.2.2"))), "a changed one");
-        let slice = Object::EndpointSlice(ready_slice("shop", "web-1", "web", 8080, &["10.0.0.1"]));
-        assert!(store.apply(Change::Applied(slice)));
+        assert!(store.apply(Change::Applied(slice(ready_slice(
+            "shop",
+            "web-1",
+            "web",
+            8080,
+            &["10.0.0.1"]
+        )))));
         assert_eq!(store.counts(), (1, 1, 0));
         let web = ObjectRef::service("shop", "web");
         assert!(store.apply(Change::Deleted(web.clone())));
@@ -441,13 +447,7 @@ mod tests {
     #[test]
     fn a_reset_replaces_only_its_kinds_and_an_equal_one_changes_nothing() {
         let mut store = ObjectStore::new();
-        store.apply(Change::Applied(Object::EndpointSlice(ready_slice(
-            "shop",
-            "a-1",
-            "a",
-            80,
-            &["10.0.0.1"],
-        ))));
+        store.apply(Change::Applied(slice(ready_slice("shop", "a-1", "a", 80, &["10.0.0.1"]))));
         let services = vec![service("a", "192.0.2.1"), service("b", "192.0.2.2")];
         let reset = Change::Reset { kinds: vec![Kind::Service], scope: None, objects: services };
         assert!(store.apply(reset.clone()));

@@ -126,13 +126,6 @@ fn slim_service(service: Service) -> Service {
     }
 }
 
-fn slim_slice(slice: EndpointSlice) -> EndpointSlice {
-    match lb_sync::slimmed(Object::EndpointSlice(slice)) {
-        Object::EndpointSlice(slice) => slice,
-        _ => unreachable!("slimmed keeps the kind"),
-    }
-}
-
 fn options() -> BuildOptions {
     let selection = ServiceSelection { vips: VipSource::Allocated, ..ServiceSelection::default() };
     BuildOptions { selection, ..BuildOptions::default() }
@@ -208,11 +201,12 @@ fn main() -> anyhow::Result<()> {
     // garbage would otherwise be in the RSS figure).
     // One change at a time through the control loop.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut parser = lb_sync::SliceParser::default();
     let (latencies, rss) = runtime.block_on(async {
         let initial: Vec<Object> = services
             .into_iter()
             .map(Object::Service)
-            .chain(slices.into_iter().map(Object::EndpointSlice))
+            .chain(slices.into_iter().filter_map(|slice| parser.object(&slice)))
             .map(lb_sync::slimmed)
             .collect();
         let (changes, script) = mpsc::unbounded_channel();
@@ -230,8 +224,8 @@ fn main() -> anyhow::Result<()> {
         let mut latencies = hdrhistogram::Histogram::<u64>::new(3)?;
         for n in 0..args.changes {
             let i = (n * 7919) % args.services;
-            let change =
-                Change::Applied(Object::EndpointSlice(slice(i, args.endpoints, Some(n % args.endpoints))));
+            let edited = slice(i, args.endpoints, Some(n % args.endpoints));
+            let change = Change::Applied(parser.object(&edited).context("a named slice")?);
             let sent = Instant::now();
             changes.send(change).map_err(|_| anyhow::anyhow!("the control loop stopped"))?;
             let snapshot = published.recv().await.context("a snapshot per change")?;
@@ -243,8 +237,7 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let services: Vec<Service> = (0..args.services).map(|i| slim_service(service(i))).collect();
-    let slices: Vec<EndpointSlice> =
-        (0..args.services).map(|i| slim_slice(slice(i, args.endpoints, None))).collect();
+    let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
     // Full builds, each from scratch with the previous snapshot (as a relist does).
     let mut previous: Option<Snapshot> = None;
     let mut full = Vec::new();
@@ -258,6 +251,34 @@ fn main() -> anyhow::Result<()> {
     }
     drop(previous);
     full.sort_by(f64::total_cmp);
+    // What a start costs the control loop: the slices come parsed (a source parses each as it
+    // arrives), the build cache is empty.
+    let mut names = lb_core::SliceNames::default();
+    let parsed: Vec<_> = slices
+        .iter()
+        .filter_map(|slice| lb_core::ParsedEndpointSlice::parse(slice, &mut names).ok())
+        .collect();
+    anyhow::ensure!(parsed.len() == slices.len(), "every slice is named");
+    let revised = |revision: usize| revision as u64 + 1;
+    let services: Vec<_> = services
+        .iter()
+        .enumerate()
+        .map(|(i, object)| lb_core::Revised { object, revision: revised(i) })
+        .collect();
+    let parsed: Vec<_> = parsed
+        .iter()
+        .enumerate()
+        .map(|(i, object)| lb_core::Revised { object, revision: revised(i) })
+        .collect();
+    let mut from_parsed = Vec::new();
+    for version in 1..=args.full_builds as u64 {
+        let mut cache = lb_core::BuildCache::new();
+        let started = Instant::now();
+        let report = lb_core::build_incremental(&services, &parsed, &[], &options, None, version, &mut cache);
+        from_parsed.push(millis(started.elapsed()));
+        anyhow::ensure!(report.snapshot.len() == args.services, "{} entries built", report.snapshot.len());
+    }
+    from_parsed.sort_by(f64::total_cmp);
 
     let quantile = |q: f64| latencies.value_at_quantile(q) as f64 / 1e3;
     println!(
@@ -267,6 +288,10 @@ fn main() -> anyhow::Result<()> {
             "endpoints_per_service": args.endpoints,
             "full_build_ms": {
                 "min": full.first(), "median": full.get(full.len() / 2), "max": full.last(),
+            },
+            "full_build_from_parsed_slices_ms": {
+                "min": from_parsed.first(), "median": from_parsed.get(from_parsed.len() / 2),
+                "max": from_parsed.last(),
             },
             "one_slice_change_to_published_ms": {
                 "p50": quantile(0.5), "p99": quantile(0.99), "max": latencies.max() as f64 / 1e3,

@@ -1,5 +1,5 @@
-//! What one build computed, kept for the next ([`BuildCache`]): an unchanged object is not parsed
-//! again, an unchanged Service's ports are not resolved again (backends, eligibility, scheduler),
+//! What one build computed, kept for the next ([`BuildCache`]): an unchanged Service is not parsed
+//! again (slices come parsed), an unchanged Service's ports are not resolved again (backends, eligibility, scheduler),
 //! and an unchanged entry is the same `Arc` in the next snapshot. One slice change then costs the
 //! work of one Service plus the passes over names that every build makes.
 //!
@@ -21,13 +21,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::endpoints::ResolvedPort;
 use super::service::ParsedService;
 use super::service::ParsedServices;
-use super::slices::ParsedSlice;
-use super::slices::SlicesByService;
+use super::slices::{ParsedEndpointSlice, ParsedSlice, SlicesByService};
 use super::vips::Vip;
 use super::{BuildOptions, Skipped};
 use crate::error::BuildError;
@@ -55,14 +53,10 @@ pub struct BuildCache {
     services_pass: Option<(Vec<u64>, ServicesPass)>,
     /// The generation that reused `services_pass`.
     services_pass_reused: u64,
-    /// The slices pass of the last build: its input's revisions and names in order, and the
+    /// The slices pass of the last build: its input's revisions and slices in order, and the
     /// slices by Service it gave (taken by a build, given back at its end).
     slices_pass: Option<SlicesPass>,
     slices_by_service: Option<super::slices::SlicesByService>,
-    /// The slices whose parse gave errors or skips (what a patched pass reports again).
-    noisy_slices: std::collections::BTreeSet<ObjectRef>,
-    /// The generation that patched the slices pass instead of redoing it.
-    slices_pass_patched: u64,
     /// The owners of the keys of the last build, when no key was contested, with the candidates
     /// they were chosen among (an uncontested key's owner does not depend on the previous table).
     owners: Option<KnownOwners>,
@@ -75,7 +69,6 @@ pub struct BuildCache {
     /// The generation that started from `last_table` (its unused slots are still valid then).
     from_last_table: u64,
     services: HashMap<ObjectRef, Slot<super::service::Outcome>>,
-    slices: HashMap<ObjectRef, Slot<super::slices::SliceOutcome>>,
     /// By the parsed Service's address (the slot holds that `Arc`, so the address is its own), port
     /// index and family.
     ports: HashMap<(usize, usize, bool), PortSlot>,
@@ -100,13 +93,13 @@ type Restart = (std::collections::BTreeMap<VipKey, Arc<ServiceEntry>>, Vec<usize
 /// Each key's owner: (key, candidate, port index, VIP), in key order.
 pub(super) type Owners = Arc<Vec<(VipKey, usize, usize, Vip)>>;
 
-/// The input of the last slices pass.
+/// The input of the last slices pass (one slice per name, in name order).
 #[derive(Debug)]
 struct SlicesPass {
     revisions: Vec<u64>,
-    names: Vec<ObjectRef>,
-    /// Every object named and no name twice: a patch then cannot change what is unique.
-    clean: bool,
+    slices: Vec<ParsedEndpointSlice>,
+    /// The positions of the slices whose parse gave errors or skips (what a patched pass reports).
+    noisy: BTreeSet<usize>,
 }
 
 /// At most this many changed slices are patched into the last pass; more redo the pass.
@@ -323,9 +316,6 @@ impl BuildCache {
         if self.services_pass_reused != generation {
             self.services.retain(|_, slot| slot.used == generation);
         }
-        if self.slices_pass_patched != generation {
-            self.slices.retain(|_, slot| slot.used == generation);
-        }
         if self.from_last_table != generation {
             self.ports.retain(|_, slot| slot.used == generation);
             self.entries.retain(|_, slot| slot.used == generation);
@@ -339,48 +329,34 @@ impl BuildCache {
         ByRevision { revisions, slots: &mut self.services, generation: self.generation }
     }
 
-    pub(super) fn slices<'c>(
-        &'c mut self,
-        revisions: &'c Revisions<k8s_openapi::api::discovery::v1::EndpointSlice>,
-    ) -> ByRevision<'c, k8s_openapi::api::discovery::v1::EndpointSlice, super::slices::SliceOutcome> {
-        ByRevision { revisions, slots: &mut self.slices, generation: self.generation }
-    }
-
-    /// The slices by Service of `slices`: the last pass patched where only some slices changed
-    /// (same names, new revisions), else a full pass through the per-slice memo. Give the result
-    /// back with [`BuildCache::keep_slices_by_service`] once the build is done with it.
+    /// The slices by Service of `slices`: the last pass patched
+    /// where only some slices changed (same names, new revisions), else a full pass. Give the
+    /// result back with [`BuildCache::keep_slices_by_service`] once the build is done with it.
     pub(super) fn slices_pass(
         &mut self,
-        slices: &[&EndpointSlice],
-        revisions: &Revisions<EndpointSlice>,
+        slices: &[&ParsedEndpointSlice],
+        revisions: &Revisions<ParsedEndpointSlice>,
         errors: &mut Vec<BuildError>,
         skipped: &mut Vec<Skipped>,
     ) -> SlicesByService {
         let known = self.slices_by_service.take();
-        if let Some(by_service) = known.and_then(|known| self.patch(known, slices, revisions)) {
-            for slot in self.noisy_slices.iter().filter_map(|name| self.slices.get(name)) {
-                errors.extend(slot.value.errors.iter().cloned());
-                skipped.extend(slot.value.skipped.iter().cloned());
+        if let Some(by_service) = known.and_then(|known| self.patch(known, slices, revisions))
+            && let Some(pass) = &self.slices_pass
+        {
+            for outcome in pass.noisy.iter().map(|&i| &pass.slices[i].0) {
+                errors.extend(outcome.errors.iter().cloned());
+                skipped.extend(outcome.skipped.iter().cloned());
             }
-            self.slices_pass_patched = self.generation;
             return by_service;
         }
-        let names: Vec<Option<ObjectRef>> =
-            slices.iter().map(|slice| super::object_ref("EndpointSlice", &slice.metadata).ok()).collect();
-        let mut sorted: Vec<&ObjectRef> = names.iter().flatten().collect();
-        sorted.sort();
-        sorted.dedup();
-        let clean = sorted.len() == slices.len();
-        let by_service = super::slices::parse_all(slices, &mut self.slices(revisions), errors, skipped);
-        let generation = self.generation;
-        self.noisy_slices = (self.slices.iter())
-            .filter(|(_, slot)| slot.used == generation && slot.value.is_noisy())
-            .map(|(name, _)| name.clone())
-            .collect();
-        self.slices_pass = Some(SlicesPass {
+        let unique = super::slices::unique(slices, errors);
+        let by_service = super::slices::group(&unique, errors, skipped);
+        // Only a pass over slices one per name in name order can be patched (a change then keeps
+        // them so); other input is made so on every build.
+        self.slices_pass = matches!(unique, std::borrow::Cow::Borrowed(_)).then(|| SlicesPass {
             revisions: revisions.in_order.clone(),
-            names: if clean { names.into_iter().flatten().collect() } else { Vec::new() },
-            clean,
+            slices: slices.iter().map(|&slice| slice.clone()).collect(),
+            noisy: (slices.iter().enumerate()).filter(|(_, s)| s.0.is_noisy()).map(|(i, _)| i).collect(),
         });
         by_service
     }
@@ -442,45 +418,30 @@ impl BuildCache {
         self.slices_by_service = Some(by_service);
     }
 
-    /// `by_service` with the slices whose revision changed parsed again, if that is all that
-    /// changed; `None` when a full pass is needed (nothing has been changed then).
+    /// `by_service` with the slices whose revision changed put in place of their last version, if
+    /// that is all that changed; `None` when a full pass is needed (nothing has been changed then).
     fn patch(
         &mut self,
         mut by_service: SlicesByService,
-        slices: &[&EndpointSlice],
-        revisions: &Revisions<EndpointSlice>,
+        slices: &[&ParsedEndpointSlice],
+        revisions: &Revisions<ParsedEndpointSlice>,
     ) -> Option<SlicesByService> {
         let pass = self.slices_pass.as_mut()?;
-        if !pass.clean || pass.revisions.len() != revisions.in_order.len() {
+        if pass.revisions.len() != revisions.in_order.len() {
             return None;
         }
         let changed: Vec<usize> =
             (0..revisions.in_order.len()).filter(|&i| pass.revisions[i] != revisions.in_order[i]).collect();
-        if changed.len() > PATCH_LIMIT {
+        if changed.len() > PATCH_LIMIT
+            || changed.iter().any(|&i| slices[i].object() != pass.slices[i].object())
+        {
             return None;
         }
-        for &i in &changed {
-            let name = super::object_ref("EndpointSlice", &slices[i].metadata).ok()?;
-            if name != pass.names[i] {
-                return None;
-            }
-        }
         let mut touched = std::collections::BTreeSet::new();
-        let mut names = super::slices::Names::default();
         for &i in &changed {
-            let name = &pass.names[i];
-            // The names the slice had before: a changed slice shares them with the rest of the
-            // table instead of holding its own copies.
-            if let Some(slot) = self.slices.get(name)
-                && let Some((_, parsed)) = &slot.value.used
-            {
-                names.remember(parsed);
-            }
-            let fresh = Arc::new(super::slices::parse_one(name, slices[i], &mut names));
-            let slot =
-                Slot { revision: revisions.in_order[i], value: Arc::clone(&fresh), used: self.generation };
-            if let Some(old) = self.slices.insert(name.clone(), slot)
-                && let Some((key, parsed)) = &old.value.used
+            let fresh = slices[i].clone();
+            let old = std::mem::replace(&mut pass.slices[i], fresh.clone());
+            if let Some((key, parsed)) = &old.0.used
                 && let Some(list) = by_service.get_mut(key)
             {
                 list.retain(|p| !Arc::ptr_eq(p, parsed));
@@ -489,12 +450,12 @@ impl BuildCache {
                 }
                 touched.insert(key.clone());
             }
-            if fresh.is_noisy() {
-                self.noisy_slices.insert(name.clone());
+            if fresh.0.is_noisy() {
+                pass.noisy.insert(i);
             } else {
-                self.noisy_slices.remove(name);
+                pass.noisy.remove(&i);
             }
-            if let Some((key, parsed)) = &fresh.used {
+            if let Some((key, parsed)) = &fresh.0.used {
                 touched.insert(key.clone());
                 let list = by_service.entry(key.clone()).or_default();
                 let at = list.partition_point(|p| p.name < parsed.name);

@@ -51,6 +51,7 @@ use service::ParsedService;
 
 pub use cache::{BuildCache, Revised};
 pub use health_overlay::apply_health;
+pub use slices::{ParsedEndpointSlice, SliceNames};
 
 /// Global defaults that annotations override per Service, and what the builder must know about
 /// where it runs and what health checks found.
@@ -162,14 +163,18 @@ pub fn build_refs(
     previous: Option<&Snapshot>,
     version: u64,
 ) -> BuildReport {
-    build_inner(services, slices, endpoints, options, previous, version, None)
+    let mut errors = Vec::new();
+    let parsed = slices::parse_named(slices, &mut errors);
+    let slices: Vec<&ParsedEndpointSlice> = parsed.iter().collect();
+    build_inner(services, &slices, endpoints, options, previous, version, None, errors)
 }
 
-/// [`build`] that reuses what earlier builds with `cache` computed for objects of the same revision
-/// (see [`BuildCache`]); the result is the one [`build`] gives for the same objects.
+/// [`build`] from slices parsed when they arrived ([`ParsedEndpointSlice::parse`]), reusing what
+/// earlier builds with `cache` computed for objects of the same revision (see [`BuildCache`]); the
+/// result is the one [`build`] gives for the same objects.
 pub fn build_incremental(
     services: &[Revised<'_, Service>],
-    slices: &[Revised<'_, EndpointSlice>],
+    slices: &[Revised<'_, ParsedEndpointSlice>],
     endpoints: &[&Endpoints],
     options: &BuildOptions,
     previous: Option<&Snapshot>,
@@ -178,27 +183,36 @@ pub fn build_incremental(
 ) -> BuildReport {
     let revisions = (cache::Revisions::of(services), cache::Revisions::of(slices));
     let services: Vec<&Service> = services.iter().map(|r| r.object).collect();
-    let slices: Vec<&EndpointSlice> = slices.iter().map(|r| r.object).collect();
+    let slices: Vec<&ParsedEndpointSlice> = slices.iter().map(|r| r.object).collect();
     cache.begin(options);
-    let report =
-        build_inner(&services, &slices, endpoints, options, previous, version, Some((cache, &revisions)));
+    let report = build_inner(
+        &services,
+        &slices,
+        endpoints,
+        options,
+        previous,
+        version,
+        Some((cache, &revisions)),
+        Vec::new(),
+    );
     cache.end();
     report
 }
 
 type CacheInput<'c> =
-    Option<(&'c mut BuildCache, &'c (cache::Revisions<Service>, cache::Revisions<EndpointSlice>))>;
+    Option<(&'c mut BuildCache, &'c (cache::Revisions<Service>, cache::Revisions<ParsedEndpointSlice>))>;
 
+#[allow(clippy::too_many_arguments, reason = "the one build behind the three public entry points")]
 fn build_inner(
     services: &[&Service],
-    slices: &[&EndpointSlice],
+    slices: &[&ParsedEndpointSlice],
     endpoints: &[&Endpoints],
     options: &BuildOptions,
     previous: Option<&Snapshot>,
     version: u64,
     mut cache: CacheInput<'_>,
+    mut errors: Vec<BuildError>,
 ) -> BuildReport {
-    let mut errors = Vec::new();
     let mut skipped = Vec::new();
     if cache.as_ref().is_none_or(|(cache, _)| cache.prune_due()) {
         options.load.prune();
@@ -218,10 +232,7 @@ fn build_inner(
         Some((cache, (_, revisions))) if keep_slices => {
             cache.slices_pass(slices, revisions, &mut errors, &mut skipped)
         }
-        Some((cache, (_, revisions))) => {
-            slices::parse_all(slices, &mut cache.slices(revisions), &mut errors, &mut skipped)
-        }
-        None => slices::parse_all(slices, &mut cache::Fresh, &mut errors, &mut skipped),
+        _ => slices::group(&slices::unique(slices, &mut errors), &mut errors, &mut skipped),
     };
     mirror::mirror_all(endpoints, &with_selector, &mut slices_by_service, &mut errors, &mut skipped);
 

@@ -1,11 +1,17 @@
 //! Validates EndpointSlices and groups them by the Service they belong to.
 //!
+//! A slice is parsed once, when it arrives ([`ParsedEndpointSlice::parse`]): what a store keeps and
+//! the builder reads is the parsed form, a tenth of the size of the decoded object (a cluster of
+//! 10,000 Services holds 100,000 endpoints), and a build only groups parsed slices. The parse keeps
+//! what it found wrong or skipped, so every build reports it again.
+//!
 //! A slice belongs to the Service named by its `kubernetes.io/service-name` label in its own
 //! namespace. Only `addressType` IPv4 and IPv6 are used (FQDN slices are skipped). A bad endpoint or
 //! slice port is rejected on its own and the rest of the slice still counts; a bad `ringlb.io/weight`
 //! leaves the slice at weight 1. Only an endpoint's first address is used: Kubernetes defines no
 //! meaning for further ones and kube-proxy ignores them too.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,13 +20,13 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::policy::parse_slice_weight;
-use super::{Skipped, parse_ip, parse_port, unique_objects};
+use super::{Skipped, parse_ip, parse_port};
 use crate::annotations::SERVICE_NAME_LABEL;
 use crate::error::BuildError;
 use crate::model::{EndpointConditions, ObjectRef, Protocol};
 
 /// One valid `ports[]` entry of a slice.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct SlicePort {
     /// `""` when unset, as for an unnamed service port.
     pub name: String,
@@ -29,7 +35,7 @@ pub(super) struct SlicePort {
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct ParsedEndpoint {
     pub addr: IpAddr,
     pub conditions: EndpointConditions,
@@ -38,7 +44,7 @@ pub(super) struct ParsedEndpoint {
     pub target: Option<Arc<str>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub(super) struct ParsedSlice {
     /// The slice's name (its Service's list of slices is in name order).
     pub name: String,
@@ -56,9 +62,10 @@ pub(super) struct ParsedSlice {
 pub(super) type SlicesByService = BTreeMap<(String, String), Vec<Arc<ParsedSlice>>>;
 
 /// What one slice contributes: its Service's key and its parsed form when it is used, and what
-/// parsing it found wrong or skipped (kept whole so the build cache can replay it).
-#[derive(Debug, Default)]
+/// parsing it found wrong or skipped (kept whole so that every build reports it).
+#[derive(Debug, PartialEq)]
 pub(super) struct SliceOutcome {
+    pub object: ObjectRef,
     pub used: Option<((String, String), Arc<ParsedSlice>)>,
     pub errors: Vec<BuildError>,
     pub skipped: Vec<Skipped>,
@@ -71,32 +78,89 @@ impl SliceOutcome {
     }
 }
 
-pub(super) fn parse_all(
+/// An EndpointSlice as the builder reads it (see the module doc): parsed once, shared by every
+/// build (a clone shares it). Equal when what the builder reads is equal, so a change of a field
+/// it does not read (a label, a timestamp, the resourceVersion) changes nothing.
+#[derive(Debug, Clone)]
+pub struct ParsedEndpointSlice(pub(super) Arc<SliceOutcome>);
+
+impl PartialEq for ParsedEndpointSlice {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl ParsedEndpointSlice {
+    /// Parses `slice`; `names` shares node and zone names with the slices parsed before with it.
+    /// Never panics: what is wrong becomes an error the builds report. A slice without a name is
+    /// refused (nothing could name it again).
+    pub fn parse(slice: &EndpointSlice, names: &mut SliceNames) -> Result<Self, BuildError> {
+        let object = super::object_ref("EndpointSlice", &slice.metadata)?;
+        Ok(ParsedEndpointSlice(Arc::new(parse_one(object, slice, names))))
+    }
+
+    /// Its kind, namespace and name.
+    pub fn object(&self) -> &ObjectRef {
+        &self.0.object
+    }
+}
+
+/// Parses every named one of `slices` (an unnamed one is an error), names shared among them.
+pub(super) fn parse_named(
     slices: &[&EndpointSlice],
-    cache: &mut dyn super::cache::Memo<EndpointSlice, SliceOutcome>,
+    errors: &mut Vec<BuildError>,
+) -> Vec<ParsedEndpointSlice> {
+    let mut names = SliceNames::default();
+    let mut parse = |slice: &&EndpointSlice| ParsedEndpointSlice::parse(slice, &mut names);
+    slices.iter().filter_map(|slice| parse(slice).map_err(|error| errors.push(error)).ok()).collect()
+}
+
+/// `slices` one per name, in name order, as a build takes them: of copies of one name, equal ones
+/// (in what the builder reads) collapse to one and differing ones are all rejected. Input already
+/// in that order (a store's) is returned as it is, borrowed.
+pub(super) fn unique<'s, 'a>(
+    slices: &'s [&'a ParsedEndpointSlice],
+    errors: &mut Vec<BuildError>,
+) -> Cow<'s, [&'a ParsedEndpointSlice]> {
+    if slices.windows(2).all(|pair| pair[0].object() < pair[1].object()) {
+        return Cow::Borrowed(slices);
+    }
+    let mut sorted = slices.to_vec();
+    sorted.sort_by(|a, b| a.object().cmp(b.object()));
+    let mut kept = Vec::with_capacity(sorted.len());
+    for copies in sorted.chunk_by(|a, b| a.object() == b.object()) {
+        if copies[1..].iter().all(|copy| *copy == copies[0]) {
+            kept.push(copies[0]);
+        } else {
+            errors.push(BuildError::DuplicateObject { object: copies[0].object().clone() });
+        }
+    }
+    Cow::Owned(kept)
+}
+
+/// Groups `slices` (one per name, in name order) by Service, and reports what their parses found.
+pub(super) fn group(
+    slices: &[&ParsedEndpointSlice],
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) -> SlicesByService {
-    let (unique, _) = unique_objects(slices, errors);
     let mut by_service = SlicesByService::new();
-    let mut names = Names::default();
-    for (object, slice) in unique {
-        let outcome =
-            cache.get_or_insert(&object, slice, &mut |object, slice| parse_one(object, slice, &mut names));
+    for slice in slices {
+        let outcome = &slice.0;
         errors.extend(outcome.errors.iter().cloned());
         skipped.extend(outcome.skipped.iter().cloned());
         if let Some((key, parsed)) = &outcome.used {
-            // `unique` is sorted by object, so each list stays sorted by slice name.
+            // In name order, so each list stays sorted by slice name.
             by_service.entry(key.clone()).or_default().push(Arc::clone(parsed));
         }
     }
     by_service
 }
 
-/// Parses one slice; `names` shares node and zone names between the slices of a build.
-pub(super) fn parse_one(object: &ObjectRef, slice: &EndpointSlice, names: &mut Names) -> SliceOutcome {
-    let mut outcome = SliceOutcome::default();
-    let object = object.clone();
+/// Parses one slice; `names` shares node and zone names between slices.
+fn parse_one(object: ObjectRef, slice: &EndpointSlice, names: &mut SliceNames) -> SliceOutcome {
+    let mut outcome =
+        SliceOutcome { object: object.clone(), used: None, errors: Vec::new(), skipped: Vec::new() };
     let labels = slice.metadata.labels.as_ref();
     let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).filter(|s| !s.is_empty()) else {
         let reason = format!("no {SERVICE_NAME_LABEL} label: belongs to no Service");
@@ -186,17 +250,26 @@ pub(super) fn parse_slice_port(
     Some(SlicePort { name: name.unwrap_or_default().to_owned(), protocol: protocol_value, port })
 }
 
-/// One allocation per distinct node or zone name among the slices parsed together: a cluster's
-/// 100,000 endpoints name a few hundred nodes and a few zones.
-#[derive(Default)]
-pub(super) struct Names(foldhash::HashSet<Arc<str>>);
+/// One allocation per distinct node or zone name among the slices parsed with it: a cluster's
+/// 100,000 endpoints name a few hundred nodes and a few zones. Keep one per source of slices.
+#[derive(Debug, Default)]
+pub struct SliceNames(foldhash::HashSet<Arc<str>>);
 
-impl Names {
-    /// Shares the node and zone names of `slice` from now on.
-    pub(super) fn remember(&mut self, slice: &ParsedSlice) {
-        for endpoint in &slice.endpoints {
-            self.0.extend(endpoint.node_name.iter().chain(&endpoint.zone).cloned());
-        }
+impl SliceNames {
+    /// Forgets the names no parsed slice holds any more (nodes and zones that went away); the
+    /// cost is one look at each name.
+    pub fn prune(&mut self) {
+        self.0.retain(|name| Arc::strong_count(name) > 1);
+    }
+
+    /// How many names it holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     fn get(&mut self, name: Option<&str>) -> Option<Arc<str>> {
@@ -215,7 +288,7 @@ fn parse_endpoint(
     endpoint: &Endpoint,
     ipv6: bool,
     object: &ObjectRef,
-    names: &mut Names,
+    names: &mut SliceNames,
 ) -> Result<ParsedEndpoint, BuildError> {
     let Some(address) = endpoint.addresses.first() else {
         return Err(BuildError::InvalidField {

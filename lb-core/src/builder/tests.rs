@@ -303,6 +303,45 @@ fn endpoint_in_two_slices_counts_once_and_ready_copy_wins() {
 }
 
 #[test]
+fn copies_of_one_slice_collapse_when_equal_and_are_all_rejected_when_they_differ() {
+    let service = simple_service("default", "web", "127.0.0.10", 80, 8080);
+    let slice = ready_slice("default", "web-1", "web", 8080, &["127.0.0.1"]);
+    let mut relabelled = slice.clone();
+    relabelled.metadata.labels.get_or_insert_default().insert("app".into(), "web".into());
+    let moved = ready_slice("default", "web-1", "web", 8080, &["127.0.0.2"]);
+    let later = ready_slice("default", "web-2", "web", 8080, &["127.0.0.3"]);
+    let mut names = SliceNames::default();
+    let mut parse = |slice: &EndpointSlice| ParsedEndpointSlice::parse(slice, &mut names).expect("named");
+    let (later_parsed, slice_parsed) = (parse(&later), parse(&slice));
+    let (relabelled_parsed, moved_parsed) = (parse(&relabelled), parse(&moved));
+    let web = tcp("127.0.0.10", 80);
+    let incremental = |slices: &[&ParsedEndpointSlice]| {
+        let services = [Revised { object: &service, revision: 1 }];
+        let revised: Vec<_> =
+            slices.iter().enumerate().map(|(i, &object)| Revised { object, revision: i as u64 + 2 }).collect();
+        let options = BuildOptions::default();
+        build_incremental(&services, &revised, &[], &options, None, 1, &mut BuildCache::new())
+    };
+
+    // Copies that differ only in what no build reads (a label) are one slice.
+    let report = run(std::slice::from_ref(&service), &[later.clone(), slice.clone(), relabelled]);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(eligible(&report, &web), [addr("127.0.0.1:8080"), addr("127.0.0.3:8080")]);
+    let report = incremental(&[&later_parsed, &slice_parsed, &relabelled_parsed]);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(eligible(&report, &web), [addr("127.0.0.1:8080"), addr("127.0.0.3:8080")]);
+
+    // Copies that differ in an endpoint: neither can be chosen without an order, both are refused.
+    let duplicate = BuildError::DuplicateObject { object: ObjectRef::endpoint_slice("default", "web-1") };
+    let report = run(std::slice::from_ref(&service), &[moved.clone(), later.clone(), slice.clone()]);
+    assert_eq!(report.errors, [duplicate.clone()]);
+    assert_eq!(eligible(&report, &web), [addr("127.0.0.3:8080")]);
+    let report = incremental(&[&moved_parsed, &later_parsed, &slice_parsed]);
+    assert_eq!(report.errors, [duplicate]);
+    assert_eq!(eligible(&report, &web), [addr("127.0.0.3:8080")]);
+}
+
+#[test]
 fn bad_fields_reject_the_service_and_name_the_field() {
     let cases: [(Service, &str); 6] = [
         (

@@ -24,7 +24,7 @@ use lb_core::ipam::IpAddressPool;
 
 use super::{Source, SyncError};
 use crate::control::SourceHandle;
-use crate::store::{Change, Kind, Object};
+use crate::store::{Change, Kind, Object, SliceParser};
 
 /// Events taken from the watchers at once into one batch, at most (a relist of a big cluster
 /// arrives as one Reset per watcher anyway).
@@ -63,25 +63,33 @@ struct Scope {
 
 type Stream = BoxStream<'static, (usize, Result<Event<Object>, watcher::Error>)>;
 
-fn watch<K>(id: usize, api: Api<K>, wrap: fn(K) -> Object) -> Stream
+/// The events of a watcher on `api`, each object as `wrap` makes it what the store keeps (`None`:
+/// nothing to keep, the event is dropped).
+fn watch<K>(id: usize, api: Api<K>, mut wrap: impl FnMut(K) -> Option<Object> + Send + 'static) -> Stream
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     watcher::watcher(api, watcher::Config::default())
         .default_backoff()
-        .map(move |event| (id, event.map(|event| map_event(event, wrap))))
+        .filter_map(move |event| {
+            let event = match event {
+                Ok(event) => map_event(event, &mut wrap).map(Ok),
+                Err(error) => Some(Err(error)),
+            };
+            std::future::ready(event.map(|event| (id, event)))
+        })
         .boxed()
 }
 
-fn map_event<K: kube::Resource>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
-    let wrap = |object: K| crate::store::slimmed(wrap(object));
-    match event {
-        Event::Apply(object) => Event::Apply(wrap(object)),
-        Event::Delete(object) => Event::Delete(wrap(object)),
+fn map_event<K>(event: Event<K>, wrap: &mut impl FnMut(K) -> Option<Object>) -> Option<Event<Object>> {
+    let mut wrap = |object: K| wrap(object).map(crate::store::slimmed);
+    Some(match event {
+        Event::Apply(object) => Event::Apply(wrap(object)?),
+        Event::Delete(object) => Event::Delete(wrap(object)?),
         Event::Init => Event::Init,
-        Event::InitApply(object) => Event::InitApply(wrap(object)),
+        Event::InitApply(object) => Event::InitApply(wrap(object)?),
         Event::InitDone => Event::InitDone,
-    }
+    })
 }
 
 impl KubeSource {
@@ -107,23 +115,23 @@ impl KubeSource {
         for namespace in namespaces {
             let owned = namespace.map(str::to_owned);
             scopes.push(Scope { kind: Kind::Service, namespace: owned.clone() });
-            streams.push(watch(scopes.len() - 1, self.api::<Service>(namespace), Object::Service));
+            streams
+                .push(watch(scopes.len() - 1, self.api::<Service>(namespace), |s| Some(Object::Service(s))));
             scopes.push(Scope { kind: Kind::EndpointSlice, namespace: owned });
-            streams.push(watch(
-                scopes.len() - 1,
-                self.api::<EndpointSlice>(namespace),
-                Object::EndpointSlice,
-            ));
+            let mut parser = SliceParser::default();
+            streams.push(watch(scopes.len() - 1, self.api::<EndpointSlice>(namespace), move |slice| {
+                parser.object(&slice)
+            }));
         }
         if let Some(pools) = &self.pool_namespace {
             scopes.push(Scope { kind: Kind::Pool, namespace: Some(pools.clone()) });
-            streams.push(watch(scopes.len() - 1, self.api::<IpAddressPool>(Some(pools)), Object::Pool));
+            streams.push(watch(scopes.len() - 1, self.api::<IpAddressPool>(Some(pools)), |p| {
+                Some(Object::Pool(p))
+            }));
             scopes.push(Scope { kind: Kind::Namespace, namespace: None });
-            streams.push(watch(
-                scopes.len() - 1,
-                Api::<Namespace>::all(self.client.clone()),
-                Object::Namespace,
-            ));
+            streams.push(watch(scopes.len() - 1, Api::<Namespace>::all(self.client.clone()), |n| {
+                Some(Object::Namespace(n))
+            }));
         }
         (scopes, streams)
     }

@@ -19,7 +19,7 @@ use super::watch::FileWatch;
 use super::{Source, SyncError};
 use crate::control::{SourceHandle, blocking};
 use crate::manifest::{ManifestError, ManifestFile, ManifestSet, ReadError, read_manifest_files};
-use crate::store::{Change, Object};
+use crate::store::{Change, Object, SliceParser};
 
 /// How long file events must pause before a reload (editors and `kubectl` write in bursts).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(150);
@@ -218,8 +218,9 @@ impl Source for ManifestSource {
 
 /// Every object of a load, replacing all the store held.
 fn everything(set: ManifestSet) -> Change {
+    let mut parser = SliceParser::default();
     let objects = (set.services.into_iter().map(Object::Service))
-        .chain(set.slices.into_iter().map(Object::EndpointSlice))
+        .chain(set.slices.iter().filter_map(|slice| parser.object(slice)))
         .chain(set.endpoints.into_iter().map(Object::Endpoints))
         .collect();
     Change::everything(objects)
