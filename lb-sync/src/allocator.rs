@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 use lb_core::ipam::{self, IP_MODE, Inputs, IpAddressPool, Plan};
 use lb_core::{LogThrottle, ObjectRef, ServiceSelection};
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::events::{self, EventType, Note, Reporter};
 use crate::store::Objects;
 
 /// The Event `reportingController` and the field manager of status writes.
@@ -39,7 +39,7 @@ pub const CONTROLLER: &str = "ringlb.io/controller";
 pub struct Allocator {
     client: Client,
     selection: ServiceSelection,
-    recorder: Recorder,
+    reporter: Reporter,
     /// The last outcome each Service was told about (its Event reason and message).
     told: BTreeMap<ObjectRef, (String, String)>,
     /// Status writes the watch has not shown yet (see the module doc).
@@ -58,9 +58,9 @@ struct Pending {
 
 impl Allocator {
     pub fn new(client: Client, selection: ServiceSelection, identity: &str) -> Self {
-        let reporter = Reporter { controller: CONTROLLER.to_owned(), instance: Some(identity.to_owned()) };
+        let reporter = Reporter { controller: CONTROLLER.to_owned(), instance: identity.to_owned() };
         Allocator {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             selection,
             told: BTreeMap::new(),
@@ -277,9 +277,8 @@ impl Allocator {
                 continue;
             }
             let Some(service) = services.get(&object) else { continue };
-            let event =
-                Event { type_, reason, note: Some(note), action: "Allocate".to_owned(), secondary: None };
-            match self.recorder.publish(&event, &service.object_ref(&())).await {
+            let note = Note { type_, reason, action: "Allocate".to_owned(), note };
+            match events::publish(&self.client, &self.reporter, &note, &service.object_ref(&())).await {
                 Ok(()) => {
                     self.told.insert(object, told);
                 }

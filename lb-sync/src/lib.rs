@@ -16,6 +16,7 @@
 //!   [`HealthStatus`]: their counters.
 
 pub mod allocator;
+pub mod events;
 mod control;
 mod health;
 pub mod kubeconfig;
