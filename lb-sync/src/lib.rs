@@ -16,8 +16,8 @@
 //!   [`HealthStatus`]: their counters.
 
 pub mod allocator;
-pub mod events;
 mod control;
+pub mod events;
 mod health;
 pub mod kubeconfig;
 pub mod leader;

@@ -1,7 +1,7 @@
 //! The objects the control loop builds from: every Service, EndpointSlice and core/v1 Endpoints a
 //! source reported, and what allocation reads besides (MetalLB `IPAddressPool`s, Namespaces for
 //! the pools' namespace selectors), by kind, namespace and name. EndpointSlices are kept as the
-//! builder reads them ([`ParsedEndpointSlice`], parsed by the source as each arrives: a tenth of
+//! builder reads them ([`ParsedEndpointSlice`], parsed by the source as each arrives: a third of
 //! the decoded object); the other kinds as decoded, less what nothing reads ([`slimmed`]).
 //!
 //! Sources say what changed ([`Change`]): one object created, changed or deleted (a watch event), or

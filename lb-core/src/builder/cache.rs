@@ -1,12 +1,15 @@
 //! What one build computed, kept for the next ([`BuildCache`]): an unchanged Service is not parsed
-//! again (slices come parsed), an unchanged Service's ports are not resolved again (backends, eligibility, scheduler),
-//! and an unchanged entry is the same `Arc` in the next snapshot. One slice change then costs the
+//! again (slices come parsed), an unchanged Service's ports are not resolved again (backends,
+//! eligibility, scheduler), and an unchanged entry is the same `Arc` in the next snapshot. One slice change then costs the
 //! work of one Service plus the passes over names that every build makes.
 //!
 //! Invariants, which make a cached value always the one a fresh build would compute:
-//! - a parse result is reused only for the same object name and the same *revision*, which the
+//! - a Service's parse is reused only for the same object name and the same *revision*, which the
 //!   caller changes whenever the object's content changes (lb-sync's store does); an object given
 //!   without a revision is parsed afresh;
+//! - the last slices pass is patched only when the slices are the same names at the same
+//!   positions (one per name, in name order, checked at the full pass) and only some revisions
+//!   differ;
 //! - a resolved port is reused only when it was resolved from the very same parsed Service and the
 //!   very same parsed slices (`Arc` identity; the cache holds those `Arc`s, so no other value can
 //!   take their addresses), under the same health overlay;
@@ -329,9 +332,9 @@ impl BuildCache {
         ByRevision { revisions, slots: &mut self.services, generation: self.generation }
     }
 
-    /// The slices by Service of `slices`: the last pass patched
-    /// where only some slices changed (same names, new revisions), else a full pass. Give the
-    /// result back with [`BuildCache::keep_slices_by_service`] once the build is done with it.
+    /// The slices by Service of `slices`: the last pass patched where only some slices changed
+    /// (same names, new revisions), else a full pass. Give the result back with
+    /// [`BuildCache::keep_slices_by_service`] once the build is done with it.
     pub(super) fn slices_pass(
         &mut self,
         slices: &[&ParsedEndpointSlice],

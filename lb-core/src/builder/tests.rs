@@ -317,8 +317,11 @@ fn copies_of_one_slice_collapse_when_equal_and_are_all_rejected_when_they_differ
     let web = tcp("127.0.0.10", 80);
     let incremental = |slices: &[&ParsedEndpointSlice]| {
         let services = [Revised { object: &service, revision: 1 }];
-        let revised: Vec<_> =
-            slices.iter().enumerate().map(|(i, &object)| Revised { object, revision: i as u64 + 2 }).collect();
+        let revised: Vec<_> = slices
+            .iter()
+            .enumerate()
+            .map(|(i, &object)| Revised { object, revision: i as u64 + 2 })
+            .collect();
         let options = BuildOptions::default();
         build_incremental(&services, &revised, &[], &options, None, 1, &mut BuildCache::new())
     };
@@ -334,7 +337,7 @@ fn copies_of_one_slice_collapse_when_equal_and_are_all_rejected_when_they_differ
     // Copies that differ in an endpoint: neither can be chosen without an order, both are refused.
     let duplicate = BuildError::DuplicateObject { object: ObjectRef::endpoint_slice("default", "web-1") };
     let report = run(std::slice::from_ref(&service), &[moved.clone(), later.clone(), slice.clone()]);
-    assert_eq!(report.errors, [duplicate.clone()]);
+    assert_eq!(report.errors, std::slice::from_ref(&duplicate));
     assert_eq!(eligible(&report, &web), [addr("127.0.0.3:8080")]);
     let report = incremental(&[&moved_parsed, &later_parsed, &slice_parsed]);
     assert_eq!(report.errors, [duplicate]);
