@@ -345,6 +345,29 @@ fn copies_of_one_slice_collapse_when_equal_and_are_all_rejected_when_they_differ
 }
 
 #[test]
+fn slices_parsed_with_one_table_share_node_names_until_no_slice_holds_them() {
+    let on = |name: &str, node: &str| {
+        SliceBuilder::new("default", name, "web").port("", 8080, "TCP").pod_endpoint(
+            "127.0.0.1",
+            Cond::ready(),
+            node,
+            name,
+        )
+    };
+    let mut names = SliceNames::default();
+    let a = ParsedEndpointSlice::parse(&on("web-a", "node-a").build(), &mut names).expect("named");
+    let b = ParsedEndpointSlice::parse(&on("web-b", "node-a").build(), &mut names).expect("named");
+    let c = ParsedEndpointSlice::parse(&on("web-c", "node-c").build(), &mut names).expect("named");
+    assert_eq!(names.len(), 2, "node-a once for two slices, node-c");
+    drop((a, c));
+    names.prune();
+    assert_eq!(names.len(), 1, "node-a is still held by web-b");
+    drop(b);
+    names.prune();
+    assert!(names.is_empty());
+}
+
+#[test]
 fn bad_fields_reject_the_service_and_name_the_field() {
     let cases: [(Service, &str); 6] = [
         (
