@@ -26,6 +26,9 @@ pub enum Command {
     TcpRr(TcpRrArgs),
     /// Connect, request, response, close: the new-connection rate (needs an echo server).
     TcpCrr(TcpCrrArgs),
+    /// Many established connections held (mostly) idle, and what they cost the proxy's processes
+    /// (`--watch-pid`) in memory and CPU (needs an echo server).
+    TcpIdle(TcpIdleArgs),
     /// Datagram ping-pong with a per-flow loss timeout (needs a UDP echo server).
     UdpRr(UdpRrArgs),
     /// Blast datagrams at a `serve udp-sink`, which reports what it received.
@@ -162,6 +165,35 @@ pub struct TcpCrrArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub timeout: Duration,
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct TcpIdleArgs {
+    /// `--warmup` then `--duration` is the hold: how long the connections stay open once all are
+    /// established (pings in the warm-up are not counted).
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub connections: u32,
+    /// Spread client source addresses over 127.0.0.1 .. 127.0.0.N (loopback IPv4 targets only), as
+    /// many clients would come from; 0 lets the kernel choose.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65_000))]
+    pub source_ips: u32,
+    /// Send `--ping-bytes` on every connection (and read the echo) this often during the hold
+    /// [default: never: the connections stay silent].
+    #[arg(long, value_parser = parse_duration)]
+    pub ping_every: Option<Duration>,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub ping_bytes: u32,
+    /// A process to sample (resident memory, CPU time from /proc) before opening, once every
+    /// connection is open and at the end of the hold; repeat for a proxy of several processes.
+    #[arg(long)]
+    pub watch_pid: Vec<u32>,
+    /// An echo (the first byte's, a ping's) not complete after this long fails the connection.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 }
 

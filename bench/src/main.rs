@@ -1,4 +1,4 @@
-//! `ringlb-bench`: a load generator (tcp-stream, tcp-rr, tcp-crr, udp-rr, udp-stream) and the echo,
+//! `ringlb-bench`: a load generator (tcp-stream, tcp-rr, tcp-crr, tcp-idle, udp-rr, udp-stream) and the echo,
 //! sink and source servers it runs against, so a comparison needs nothing else.
 //!
 //! It depends on no ringlb crate, so it is equally fair to every proxy it measures. A run is always
@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         Command::TcpStream(args) => (load::tcp_stream::run(&args)?, args.run.json),
         Command::TcpRr(args) => (load::tcp_rr::run(&args)?, args.run.json),
         Command::TcpCrr(args) => (load::tcp_crr::run(&args)?, args.run.json),
+        Command::TcpIdle(args) => (load::tcp_idle::run(&args)?, args.run.json),
         Command::UdpRr(args) => (load::udp_rr::run(&args)?, args.run.json),
         Command::UdpStream(args) => (load::udp_stream::run(&args)?, args.run.json),
     };

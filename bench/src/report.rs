@@ -179,6 +179,8 @@ pub struct Report {
     pub latency_us: Option<LatencySummary>,
     pub streams: Option<Vec<StreamSummary>>,
     pub datagrams: Option<DatagramSummary>,
+    /// tcp-idle: the connections held and what they cost the watched processes.
+    pub idle: Option<crate::load::tcp_idle::IdleSummary>,
     /// The generator's own CPU use over the whole run (filled in by `main`).
     pub client_cpu: Option<ClientCpu>,
 }
@@ -240,6 +242,7 @@ impl Report {
             latency_us: LatencySummary::from_histogram(&totals.latency),
             streams: None,
             datagrams: None,
+            idle: None,
             client_cpu: None,
         }
     }
@@ -264,6 +267,25 @@ impl Report {
             "  throughput {:>9.3} Gbit/s sent  {:>9.3} Gbit/s received  {:>9.3} Gbit/s total",
             self.gbit_per_sec_sent, self.gbit_per_sec_received, self.gbit_per_sec
         );
+        if let Some(idle) = &self.idle {
+            let _ = writeln!(
+                out,
+                "  held       {} of {} established in {:.3} s, {} alive at the end",
+                idle.established, idle.requested, idle.open_s, idle.alive_at_end
+            );
+            if let Some(proxy) = &idle.proxy {
+                let _ = writeln!(
+                    out,
+                    "  proxy      RSS {} -> {} -> {} KiB ({:.2} KiB per connection), {:.3} CPU s in the hold ({:.3} cores)",
+                    proxy.rss_kib_before,
+                    proxy.rss_kib_open,
+                    proxy.rss_kib_end,
+                    proxy.kib_per_connection,
+                    proxy.cpu_s_hold,
+                    proxy.cores_busy_hold
+                );
+            }
+        }
         if let Some(datagrams) = &self.datagrams {
             let _ = writeln!(
                 out,

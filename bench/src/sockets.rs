@@ -43,6 +43,12 @@ fn client_socket(target: SocketAddr, options: &ConnectOptions, nonblocking: bool
     Ok(socket)
 }
 
+/// Source address number `host` of a spread over loopback: 127.0.0.1 + `host`, carrying into the
+/// higher octets of 127/8 (every one of them is local on Linux).
+pub fn loopback_source(host: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + host))
+}
+
 /// Connects, blocking at most `timeout`, then switches the socket to non-blocking mode.
 pub fn connect_blocking(
     target: SocketAddr,

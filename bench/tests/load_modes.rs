@@ -169,6 +169,72 @@ fn tcp_rr_against_a_closed_port_reports_connect_errors() {
 }
 
 #[test]
+fn tcp_idle_holds_every_connection_pings_them_and_samples_the_watched_process() {
+    let server = Server::start("tcp-echo");
+    let pid = server.pid().to_string();
+    let args = [
+        "--connections",
+        "40",
+        "--source-ips",
+        "8",
+        "--ping-every",
+        "100ms",
+        "--ping-bytes",
+        "16",
+        "--duration",
+        SHORT,
+        "--watch-pid",
+        &pid,
+    ];
+    let report = run_json("tcp-idle", server.address, &args);
+    assert_eq!(u64_at(&report, "/errors_total"), 0, "{report}");
+    assert_eq!(u64_at(&report, "/idle/requested"), 40);
+    assert_eq!(u64_at(&report, "/idle/established"), 40, "{report}");
+    assert_eq!(u64_at(&report, "/idle/alive_at_end"), 40, "{report}");
+    let pings = u64_at(&report, "/ops");
+    assert!(pings >= 40, "at least one round of pings: {pings}");
+    assert_eq!(u64_at(&report, "/bytes_received"), pings * 16);
+    assert!(u64_at(&report, "/idle/proxy/rss_kib_open") > 0, "{report}");
+    assert_eq!(report.pointer("/idle/proxy/pids/0").and_then(|p| p.as_u64()), Some(server.pid().into()));
+}
+
+#[test]
+fn tcp_idle_counts_connections_that_a_dying_server_took_down() {
+    let mut server = Server::start("tcp-echo");
+    let address = server.address;
+    // The server dies during the hold: no ping, so only the check at the end can find out.
+    let run = std::thread::spawn(move || {
+        run_json("tcp-idle", address, &["--connections", "10", "--duration", "1500ms"])
+    });
+    // Each run opens its connections first: wait until the server holds them, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while established_to(address) < 10 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.kill();
+    let report = run.join().expect("the run completes");
+    assert_eq!(u64_at(&report, "/idle/established"), 10, "{report}");
+    assert_eq!(u64_at(&report, "/idle/alive_at_end"), 0, "{report}");
+    assert_eq!(u64_at(&report, "/errors_total"), 10, "one failure per lost connection: {report}");
+    assert!(report.pointer("/idle/proxy").is_some_and(|p| p.is_null()), "nothing watched");
+}
+
+/// Established TCP connections to `address` as the kernel lists them (`/proc/net/tcp`).
+fn established_to(address: std::net::SocketAddr) -> usize {
+    let std::net::SocketAddr::V4(v4) = address else { return 0 };
+    let local = format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // Columns: sl local remote st ...; state 01 is ESTABLISHED, on the server's side of each.
+    table
+        .lines()
+        .filter(|line| {
+            let mut columns = line.split_whitespace().skip(1);
+            columns.next() == Some(local.as_str()) && columns.nth(1) == Some("01")
+        })
+        .count()
+}
+
+#[test]
 fn udp_rr_round_trips_against_the_echo_server() {
     let server = Server::start("udp-echo");
     // A generous loss timeout: this asserts correctness, not the latency of a busy machine.

@@ -5,6 +5,7 @@
 //! allocation per operation in steady state (buffers are per thread and reused).
 
 pub mod tcp_crr;
+pub mod tcp_idle;
 pub mod tcp_rr;
 pub mod tcp_stream;
 pub mod udp_rr;

@@ -6,7 +6,6 @@
 //! Sockets are non-blocking and edge-triggered: one epoll registration per connection, no re-arming.
 
 use std::io::{self, Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -19,7 +18,8 @@ use crate::poller::{self, Event, Poller};
 use crate::report::{Failure, Report};
 use crate::run::{Clock, LiveCounters, Tally, client_threads, run_threads};
 use crate::sockets::{
-    ConnectOptions, connect_failure, finish_connect, start_connect, transfer_failure, would_block,
+    ConnectOptions, connect_failure, finish_connect, loopback_source, start_connect, transfer_failure,
+    would_block,
 };
 
 pub fn run(args: &TcpCrrArgs) -> anyhow::Result<Report> {
@@ -133,8 +133,7 @@ impl<'a> CrrThread<'a> {
         let source = if self.spread {
             let host = self.next_source % self.args.source_ips;
             self.next_source = self.next_source.wrapping_add(1);
-            // 127.0.0.1 + host, carrying into the higher octets of 127/8.
-            Some(IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + host)))
+            Some(loopback_source(host))
         } else {
             None
         };

@@ -55,6 +55,19 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The server process's id (to watch its memory and CPU).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server now (its connections are reset or closed by the kernel).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
