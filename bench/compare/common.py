@@ -62,7 +62,7 @@ SVC = {s.name: s for s in SERVICES}
 class Workload:
     name: str
     svc: str
-    kind: str  # bulk | rr | crr | dgram | http
+    kind: str  # bulk | rr | crr | idle | dgram | http
     args: tuple[str, ...] = ()
     desc: str = ""
 
@@ -104,6 +104,14 @@ WORKLOADS = [
         # --source-ips: otherwise the generator's connect() spends a third of its CPU walking ports
         # held by TIME_WAIT (bench/README.md), which would cap every peer at the generator's limit.
         "connect, 64 B request/response, close (FIN); 32 in flight; client sources 127.0.0.1-64",
+    ),
+    Workload(
+        "tcp-idle",
+        "echo",
+        "idle",
+        ("tcp-idle", "--connections", "8000", "--source-ips", "64", "--ping-every", "2s", "--ping-bytes", "16"),
+        # 8000: the proxy holds two descriptors per connection under the machine's 20,000 limit.
+        "8000 connections held, 16 B echoed on each every 2 s; the proxy's RSS per connection",
     ),
     Workload(
         "udp-rr-1",

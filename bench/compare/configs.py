@@ -187,6 +187,16 @@ def gen_envoy(tmp: Path, ports: Ports, admin_port: int) -> Path:
                 "name": s.name,
                 "connect_timeout": "5s",
                 "type": "STATIC",
+                # Envoy's default circuit breakers cap a cluster at 1024 connections (and pending
+                # requests); the other proxies' limits follow the descriptor limit, so does this.
+                "circuit_breakers": {
+                    "thresholds": [
+                        {
+                            "max_connections": max(1000, (nofile() - 200) // 2),
+                            "max_pending_requests": max(1000, (nofile() - 200) // 2),
+                        }
+                    ]
+                },
                 "load_assignment": {
                     "cluster_name": s.name,
                     "endpoints": [

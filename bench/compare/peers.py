@@ -197,27 +197,35 @@ def proc_tree_cpu(root: int) -> float:
     return user + system
 
 
-def proc_tree_cpu_split(root: int) -> tuple[float, float]:
-    """(utime, stime) seconds, all threads, of `root` and its live descendants. stime includes the
-    softirq work the kernel runs in the process's context (on loopback: the receiver's side of every
-    packet the process sends)."""
+def proc_tree(root: int) -> list[int]:
+    """`root` and its live descendants (NGINX's workers, say), root first."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             f = _stat_fields(int(d))
             if f:
                 children.setdefault(int(f[1]), []).append(int(d))
-    user, system, stack, seen = 0.0, 0.0, [root], set()
+    tree, stack, seen = [], [root], set()
     while stack:
         pid = stack.pop()
         if pid in seen:
             continue
         seen.add(pid)
+        tree.append(pid)
+        stack.extend(children.get(pid, []))
+    return tree
+
+
+def proc_tree_cpu_split(root: int) -> tuple[float, float]:
+    """(utime, stime) seconds, all threads, of `root` and its live descendants. stime includes the
+    softirq work the kernel runs in the process's context (on loopback: the receiver's side of every
+    packet the process sends)."""
+    user, system = 0.0, 0.0
+    for pid in proc_tree(root):
         f = _stat_fields(pid)
         if f:
             user += int(f[11]) / CLK_TCK  # field 14 of proc(5)
             system += int(f[12]) / CLK_TCK  # field 15
-        stack.extend(children.get(pid, []))
     return user, system
 
 
@@ -271,6 +279,10 @@ class Peer:
 
     def cpu_split(self) -> tuple[float, float] | None:
         return proc_tree_cpu_split(self.proc.pid) if self.proc else None
+
+    def pids(self) -> list[int]:
+        """The peer's processes (none for direct and kernel DNAT)."""
+        return proc_tree(self.proc.pid) if self.proc else []
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None

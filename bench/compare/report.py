@@ -59,6 +59,8 @@ METRICS = [
     "client_cores",
     "listen_drops",
     "udp_rcvbuf_drops",
+    "kib_per_conn",
+    "alive_at_end",
 ]
 
 
@@ -87,7 +89,7 @@ def ratio(a, b):
 def fmt_rate(x, unit):
     if x is None:
         return "n/a"
-    if unit == "Gbit/s":
+    if unit in ("Gbit/s", "KiB/conn"):
         return f"{x:.2f}"
     return f"{x:,.0f}"
 
@@ -152,6 +154,7 @@ TARGETS = [
     ("HTTP keep-alive req/s: ≥ 1.2x best peer", "http-keepalive", "rate", 1.2, "best"),
     ("HTTP new connections/s (Connection: close): ≥ 1.4x best peer", "http-close", "rate", 1.4, "best"),
     ("New TCP connections/s (tcp-crr): ≥ 1.4x best peer", "tcp-crr", "rate", 1.4, "best"),
+    ("Idle TCP connection memory (tcp-idle): below every proxy's", "tcp-idle", "kib_per_conn", 1.0, "best-proc"),
     ("UDP 64 B datagrams received: ≥ 2.5x NGINX, loss < 5 %", "udp-stream", "rate", 2.5, "nginx"),
     (
         "UDP 64 B datagrams offered at 500k/s: ≥ 2.5x NGINX, loss < 5 %",

@@ -102,6 +102,9 @@ def gen_cmd(lab: Lab, w: Workload, peer: str, warmup: float, duration: float) ->
 
 def run_one(lab: Lab, w: Workload, peer: Peer, warmup: float, duration: float) -> dict:
     cmd = gen_cmd(lab, w, peer.name, warmup, duration)
+    if w.kind == "idle":
+        for pid in peer.pids():
+            cmd += ["--watch-pid", str(pid)]
     res: dict = {"workload": w.name, "peer": peer.name, "cmd": shlex.join(cmd)}
     if w.kind == "http" and warmup > 0:
         wcmd = [c if not c.startswith("-d") else f"-d{wrk_seconds(warmup)}s" for c in cmd]
@@ -193,6 +196,24 @@ def run_one(lab: Lab, w: Workload, peer: Peer, warmup: float, duration: float) -
                     loss=d["loss_percent"],
                     sent_s=d["sent_per_sec"],
                 )
+            elif w.kind == "idle":
+                idle = j["idle"]
+                proxy = idle.get("proxy") or {}
+                # The generator samples the proxy over the hold itself (opening comes first and
+                # takes a while, so the window sampled above would include it).
+                res.update(
+                    rate=proxy.get("kib_per_connection"),
+                    unit="KiB/conn",
+                    kib_per_conn=proxy.get("kib_per_connection"),
+                    proxy_cores=proxy.get("cores_busy_hold"),
+                    established=idle["established"],
+                    alive_at_end=idle["alive_at_end"],
+                )
+                if idle["established"] < idle["requested"] or idle["alive_at_end"] < idle["established"]:
+                    res["error"] = (
+                        f"{idle['established']} of {idle['requested']} established, "
+                        f"{idle['alive_at_end']} alive at the end"
+                    )
             elif w.kind == "rr" and "datagrams" in j and j["datagrams"]:
                 res.update(rate=j["ops_per_sec"], unit="round trips/s", loss=j["datagrams"]["loss_percent"])
             else:
@@ -255,7 +276,7 @@ def run_rounds(lab: Lab) -> list[dict]:
                 res["round"] = r
                 results.append(res)
                 summary = res.get("error") or (
-                    f"{res.get('rate', 0):,.2f} {res.get('unit', '')} p99={res.get('p99')} "
+                    f"{fmt_num(res.get('rate'))} {res.get('unit', '')} p99={res.get('p99')} "
                     f"err={res.get('errors')} proxy_cores={fmt_num(res.get('proxy_cores'))}"
                 )
                 log(f"[{n}/{total}] round {r + 1} {wname:15s} {pname:8s} {summary}")
