@@ -60,35 +60,33 @@ pub(super) fn resolve_port(
         }));
     }
     candidates.sort_by_key(|(id, _, _)| *id);
-    let mut backends: Vec<Backend> = Vec::with_capacity(candidates.len());
-    let mut chosen: Option<(BackendId, &super::slices::ParsedEndpoint, u32)> = None;
-    let mut take = |(id, endpoint, weight): (BackendId, &super::slices::ParsedEndpoint, u32)| Backend {
-        id,
-        conditions: endpoint.conditions,
-        weight,
-        node_name: endpoint.node_name.clone(),
-        zone: endpoint.zone.clone(),
-        target: endpoint.target.clone(),
-        load: options.load.counter(id),
-    };
-    for candidate in candidates {
-        match chosen {
-            Some(best) if best.0 == candidate.0 => {
-                if rank(&candidate.1.conditions) > rank(&best.1.conditions) {
-                    chosen = Some(candidate);
-                }
-            }
-            _ => {
-                backends.extend(chosen.replace(candidate).map(&mut take));
-            }
+    candidates.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same && rank(&later.1.conditions) > rank(&kept.1.conditions) {
+            std::mem::swap(later, kept);
         }
-    }
-    backends.extend(chosen.map(&mut take));
+        same
+    });
+    let loads = options.load.counters(candidates.iter().map(|(id, _, _)| *id));
+    // One allocation: a zip of two vectors' iterators has an exact length.
+    let backends: Arc<[Backend]> = candidates
+        .into_iter()
+        .zip(loads)
+        .map(|((id, endpoint, weight), load)| Backend {
+            id,
+            conditions: endpoint.conditions,
+            weight,
+            node_name: endpoint.node_name.clone(),
+            zone: endpoint.zone.clone(),
+            target: endpoint.target.clone(),
+            load,
+        })
+        .collect();
     let node = options.node_name.as_deref().filter(|_| policy.traffic.node_local);
     let eligible = eligible_of(&backends, node, |b| options.health.is_unhealthy(&svc.object, b.id));
     let scheduler = Scheduler::build_with(&policy.scheduler, &backends, &eligible);
     let port_name = (!port.name.is_empty()).then(|| port.name.clone());
-    ResolvedPort { port_name, backends: backends.into(), eligible, scheduler }
+    ResolvedPort { port_name, backends, eligible, scheduler }
 }
 
 /// The eligible indices of `backends` (see the module doc): on `node` only when given; the ready

@@ -92,13 +92,24 @@ impl LoadRegistry {
     /// The counter of `backend`: the one already handed out if anything still holds it, else a new
     /// one at 0 (a counter nobody holds counts no connection).
     pub fn counter(&self, backend: BackendId) -> BackendLoad {
+        self.counters([backend]).pop().unwrap_or_default()
+    }
+
+    /// The counters of `backends`, in order, as [`LoadRegistry::counter`] gives each, under one
+    /// lock (a build asks for a port's backends at once).
+    pub fn counters(&self, backends: impl IntoIterator<Item = BackendId>) -> Vec<BackendLoad> {
         let mut counters = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(live) = counters.get(&backend).and_then(Weak::upgrade) {
-            return BackendLoad(live);
-        }
-        let fresh = Arc::new(AtomicU32::new(0));
-        counters.insert(backend, Arc::downgrade(&fresh));
-        BackendLoad(fresh)
+        backends
+            .into_iter()
+            .map(|backend| {
+                if let Some(live) = counters.get(&backend).and_then(Weak::upgrade) {
+                    return BackendLoad(live);
+                }
+                let fresh = Arc::new(AtomicU32::new(0));
+                counters.insert(backend, Arc::downgrade(&fresh));
+                BackendLoad(fresh)
+            })
+            .collect()
     }
 
     /// Forgets the backends nothing holds any more (once per build, so the registry stays the size
