@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, Timespec};
 use io_uring::{cqueue, opcode};
-use lb_core::{LocalResource, Protocol, Snapshot, VipKey};
+use lb_core::{LocalResource, Protocol, ServiceEntry, Snapshot, VipKey};
 use socket2::Socket;
 
 use crate::connection::ConnTable;
@@ -260,9 +260,19 @@ impl Worker {
     /// one (most changes: endpoints moved, no VIP came or went) touches no listener and looks at
     /// no key: with 10,000 keys that is the difference between a pointer walk and 30,000 lookups.
     fn reconcile(&mut self, snapshot: &Snapshot) {
-        let applied = Arc::clone(&self.applied);
-        if snapshot.changes_from(&applied).all(|(before, after)| before.is_some() && after.is_some()) {
-            self.reconcile_entries(snapshot, &applied);
+        // One walk finds whether the keys are the same and, if so, the UDP entries that changed.
+        let mut changed_udp = Vec::new();
+        let same_keys = snapshot.changes_from(&self.applied).all(|change| match change {
+            (Some(_), Some(after)) => {
+                if after.key.protocol == Protocol::Udp {
+                    changed_udp.push(Arc::clone(after));
+                }
+                true
+            }
+            _ => false,
+        });
+        if same_keys {
+            self.reconcile_entries(snapshot, &changed_udp);
             return;
         }
         let mut removed = Vec::new();
@@ -298,15 +308,14 @@ impl Worker {
         self.reconcile_sctp(snapshot);
     }
 
-    /// [`Worker::reconcile`] for a snapshot with the keys of `applied`: only entries changed, so
-    /// listeners stay and the keys whose bind failed stay queued for the tick's retry.
-    fn reconcile_entries(&mut self, snapshot: &Snapshot, applied: &Snapshot) {
+    /// [`Worker::reconcile`] for a snapshot with the keys of the last one: only entries changed
+    /// (of the UDP ones, `changed_udp`), so listeners stay and the keys whose bind failed stay
+    /// queued for the tick's retry.
+    fn reconcile_entries(&mut self, snapshot: &Snapshot, changed_udp: &[Arc<ServiceEntry>]) {
         self.mark_draining(snapshot);
         self.expire_connections();
-        for (_, after) in snapshot.changes_from(applied) {
-            if let Some(entry) = after.filter(|entry| entry.key.protocol == Protocol::Udp) {
-                self.refresh_udp_entry(entry);
-            }
+        for entry in changed_udp {
+            self.refresh_udp_entry(entry);
         }
         self.mark_sctp_draining(snapshot);
     }

@@ -284,8 +284,6 @@ fn release_flow(
 }
 
 impl Worker {
-    /// Opens sockets for new UDP keys, closes those (and their flows) of removed keys, and hands
-    /// every open VIP the entry of `snapshot`.
     /// Points the VIP socket of `entry`'s key (if bound) at `entry`.
     pub(crate) fn refresh_udp_entry(&mut self, entry: &Arc<ServiceEntry>) {
         let Some(index) = self.udp.vips.find(&entry.key) else { return };
@@ -295,6 +293,8 @@ impl Worker {
         }
     }
 
+    /// Opens sockets for new UDP keys, closes those (and their flows) of removed keys, and hands
+    /// every open VIP the entry of `snapshot`.
     pub(crate) fn reconcile_udp(&mut self, snapshot: &Snapshot) {
         let mut removed = Vec::new();
         for (index, vip) in self.udp.vips.iter_mut().filter(|(_, v)| !v.closing) {
