@@ -107,6 +107,7 @@ pub fn run(args: &TcpIdleArgs) -> anyhow::Result<Report> {
 fn open_share(args: &TcpIdleArgs, thread: usize, threads: usize, spread: bool) -> (Vec<Socket>, Tally) {
     let mut tally = Tally::default();
     let mut sockets = Vec::new();
+    let mut buffers = Buffers::new(1);
     for index in (thread..args.connections as usize).step_by(threads) {
         let source = spread.then(|| loopback_source(index as u32 % args.source_ips));
         let options = ConnectOptions { nodelay: true, reset_on_close: false, source };
@@ -125,7 +126,7 @@ fn open_share(args: &TcpIdleArgs, thread: usize, threads: usize, spread: bool) -
             tally.fail(transfer_failure(&error));
             continue;
         }
-        match echo(&socket, 1) {
+        match echo(&socket, &mut buffers, 1) {
             Ok(()) => sockets.push(socket),
             Err(failure) => tally.fail(failure),
         }
@@ -138,6 +139,7 @@ fn open_share(args: &TcpIdleArgs, thread: usize, threads: usize, spread: bool) -
 fn hold(args: &TcpIdleArgs, sockets: Vec<Socket>, clock: &Clock, live: &LiveCounters) -> (Tally, u64) {
     let mut tally = Tally::default();
     let size = args.ping_bytes as usize;
+    let mut buffers = Buffers::new(size);
     let mut alive = vec![true; sockets.len()];
     let mut next_ping = args.ping_every.map(|every| Instant::now() + every);
     loop {
@@ -150,7 +152,7 @@ fn hold(args: &TcpIdleArgs, sockets: Vec<Socket>, clock: &Clock, live: &LiveCoun
         {
             for (socket, alive) in sockets.iter().zip(alive.iter_mut()).filter(|(_, alive)| **alive) {
                 let sent = Instant::now();
-                match echo(socket, size) {
+                match echo(socket, &mut buffers, size) {
                     Ok(()) => {
                         let done = Instant::now();
                         tally.sent(clock, done, size);
@@ -175,7 +177,7 @@ fn hold(args: &TcpIdleArgs, sockets: Vec<Socket>, clock: &Clock, live: &LiveCoun
         if !alive {
             continue;
         }
-        match echo(socket, 1) {
+        match echo(socket, &mut buffers, 1) {
             Ok(()) => still += 1,
             Err(failure) => tally.fail(failure),
         }
@@ -184,11 +186,24 @@ fn hold(args: &TcpIdleArgs, sockets: Vec<Socket>, clock: &Clock, live: &LiveCoun
     (tally, still)
 }
 
-/// Writes `size` bytes and reads them back (the target is an echo server, through the proxy).
-fn echo(mut socket: &Socket, size: usize) -> Result<(), Failure> {
-    let payload = vec![b'i'; size];
-    socket.write_all(&payload).map_err(|error| failure_of(&error))?;
-    let mut back = vec![0u8; size];
+/// A thread's payload and read buffer, reused for every echo (no allocation per operation).
+struct Buffers {
+    payload: Vec<u8>,
+    back: Vec<u8>,
+}
+
+impl Buffers {
+    fn new(size: usize) -> Self {
+        Buffers { payload: crate::load::payload(size), back: vec![0; size] }
+    }
+}
+
+/// Writes `size` bytes (at most the buffers' size) and reads them back (the target is an echo
+/// server, through the proxy).
+fn echo(mut socket: &Socket, buffers: &mut Buffers, size: usize) -> Result<(), Failure> {
+    let size = size.min(buffers.payload.len());
+    socket.write_all(&buffers.payload[..size]).map_err(|error| failure_of(&error))?;
+    let back = &mut buffers.back[..size];
     let mut read = 0;
     while read < size {
         match socket.read(&mut back[read..]) {
@@ -207,8 +222,7 @@ fn failure_of(error: &io::Error) -> Failure {
     }
 }
 
-/// Resident memory (KiB) and CPU seconds of each watched process, summed; `None` when there is
-/// nothing to watch or a process cannot be read.
+/// Resident memory (KiB) and CPU seconds of the watched processes, summed, and when.
 #[derive(Clone, Debug)]
 struct Sample {
     rss_kib: u64,
@@ -216,6 +230,7 @@ struct Sample {
     at: Instant,
 }
 
+/// A [`Sample`] of `pids`; `None` when there is nothing to watch or a process cannot be read.
 fn sample(pids: &[u32]) -> Option<Sample> {
     if pids.is_empty() {
         return None;

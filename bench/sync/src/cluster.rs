@@ -4,8 +4,7 @@
 //! serves every VIP; then one EndpointSlice at a time is patched through the API and timed until
 //! ringlb's `/status` shows the snapshot that contains it reconciled by every worker (watch,
 //! decode, store, build, publish, the workers' reconcile, plus the polling of `/status`, every
-//! 200 µs). Its resident memory is read from
-//! `/proc` once everything is served.
+//! 200 µs). Its resident memory is read from `/proc` once everything is served.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
