@@ -17,6 +17,7 @@
 
 mod affinity;
 mod budget;
+mod bufring;
 mod connection;
 mod engine;
 mod events;

@@ -15,8 +15,9 @@ use lb_core::{Established, LocalResource, ServiceEntry};
 use socket2::SockAddr;
 
 use super::flow_table::{FlowHandle, FlowKey, FlowTable, FlowTimeouts};
-use super::socket::{self, BUFFER_SIZE, BufRing};
+use super::socket::{self, BUFFER_SIZE};
 use super::{FlowEnd, UdpFlow, count_end};
+use crate::bufring::BufRing;
 use crate::ring::UserData;
 use crate::stats;
 use crate::worker::Worker;

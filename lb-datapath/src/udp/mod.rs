@@ -39,7 +39,8 @@ use lb_core::{BackendId, Protocol, ServiceEntry, Snapshot, VipKey};
 use socket2::{SockAddr, Socket};
 
 use self::flow_table::{FlowHandle, FlowTable};
-use self::socket::{BUFFER_GROUP, BUFFER_SIZE, BufRing};
+use self::socket::{BUFFER_GROUP, BUFFER_SIZE};
+use crate::bufring::BufRing;
 use crate::ring::{OpKind, Ring, UserData};
 use crate::selection::Selection;
 use crate::slots::KeyedSlots;
@@ -134,7 +135,7 @@ pub(crate) struct UdpState {
 
 impl UdpState {
     pub fn new(ring: &Ring, config: UdpConfig, worker: usize) -> UdpState {
-        let buffers = match BufRing::register(ring, config.recv_buffers) {
+        let buffers = match BufRing::register(ring, config.recv_buffers, BUFFER_SIZE, BUFFER_GROUP) {
             Ok(buffers) => Some(buffers),
             Err(err) => {
                 tracing::warn!(worker, error = %err, "io_uring buffer ring refused (kernel before 5.19?); UDP services are not served");

@@ -1,22 +1,16 @@
 //! UDP sockets and receive memory: the per-worker VIP sockets (`SO_REUSEPORT`, `IP_FREEBIND`), the
-//! connected upstream socket of each flow, and the provided-buffer ring every UDP receive of a worker
-//! draws from.
+//! connected upstream socket of each flow, and the size of the provided buffers
+//! ([`crate::bufring`]) every UDP receive of a worker draws from.
 //!
-//! The buffer ring is registered with the worker's io_uring (5.19+); the kernel picks a free buffer
-//! per datagram, so memory does not grow with the number of flows (65 536 idle flows cost no receive
-//! memory). A buffer is handed back ([`BufRing::recycle`]) as soon as its completion is handled,
-//! whether or not its flow still exists. Never frees buffer memory the kernel might still write: the
-//! worker leaks the ring when receives outlive its stop grace.
+//! The kernel picks a free buffer per datagram, so memory does not grow with the number of flows
+//! (65 536 idle flows cost no receive memory). A buffer is handed back as soon as its completion is
+//! handled, whether or not its flow still exists.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU16, Ordering};
 
-use io_uring::types::BufRingEntry;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-
-use crate::ring::Ring;
 
 /// Largest UDP payload (IPv6 without jumbograms: 65 535 − 8; IPv4 allows 65 507).
 pub(crate) const MAX_DATAGRAM: usize = 65_527;
@@ -132,113 +126,6 @@ pub(crate) fn recvmsg_template() -> libc::msghdr {
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
     header.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     header
-}
-
-/// Anonymous private memory, unmapped on drop.
-struct Mapping {
-    base: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> io::Result<Mapping> {
-        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping { base: base.cast(), len })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region `new` mapped, once.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
-
-/// A registered ring of `count` provided buffers of [`BUFFER_SIZE`] bytes. See the module doc.
-pub(crate) struct BufRing {
-    entries: Mapping,
-    buffers: Mapping,
-    count: u16,
-    tail: u16,
-}
-
-impl BufRing {
-    /// Maps and registers a ring of `count` buffers (rounded to a power of two, 1..=32768).
-    pub fn register(ring: &Ring, count: u16) -> io::Result<BufRing> {
-        let count = count.clamp(1, 1 << 15).next_power_of_two();
-        let entries = Mapping::new(usize::from(count) * std::mem::size_of::<BufRingEntry>())?;
-        let buffers = Mapping::new(usize::from(count) * BUFFER_SIZE)?;
-        let mut ring_buffers = BufRing { entries, buffers, count, tail: 0 };
-        // SAFETY: the entry array is page-aligned (mmap), sized for `count` entries, and owned by the
-        // returned value, which the worker keeps (or leaks) for as long as the io_uring exists.
-        unsafe { ring.register_buf_ring(ring_buffers.entries.base as u64, count, BUFFER_GROUP)? };
-        for bid in 0..count {
-            ring_buffers.push(bid);
-        }
-        ring_buffers.publish_tail();
-        Ok(ring_buffers)
-    }
-
-    /// Number of buffers (buffer ids are `0..count`).
-    pub fn count(&self) -> usize {
-        usize::from(self.count)
-    }
-
-    /// The first `len` bytes the kernel wrote into buffer `bid`.
-    pub fn filled(&self, bid: u16, len: usize) -> &[u8] {
-        let bid = usize::from(bid % self.count);
-        // SAFETY: `bid` is within the mapping; the kernel finished writing this buffer (its completion
-        // was reaped) and will not touch it again before it is recycled.
-        unsafe { std::slice::from_raw_parts(self.buffers.base.add(bid * BUFFER_SIZE), len.min(BUFFER_SIZE)) }
-    }
-
-    /// Hands buffer `bid` back to the kernel.
-    pub fn recycle(&mut self, bid: u16) {
-        self.push(bid % self.count);
-        self.publish_tail();
-    }
-
-    /// Hands buffers `bids` back to the kernel, publishing them once.
-    pub fn recycle_all(&mut self, bids: &[u16]) {
-        for &bid in bids {
-            self.push(bid % self.count);
-        }
-        self.publish_tail();
-    }
-
-    fn push(&mut self, bid: u16) {
-        let slot = usize::from(self.tail & (self.count - 1));
-        // SAFETY: `slot` < count, inside the entry mapping; the kernel only reads entries below the
-        // published tail, and this one is past it until `publish_tail`.
-        let entry = unsafe { &mut *self.entries.base.cast::<BufRingEntry>().add(slot) };
-        // SAFETY: `bid` < count, so the address is inside the buffer mapping.
-        entry.set_addr(unsafe { self.buffers.base.add(usize::from(bid) * BUFFER_SIZE) } as u64);
-        entry.set_len(BUFFER_SIZE as u32);
-        entry.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    fn publish_tail(&self) {
-        // SAFETY: the ring base is page-aligned and mapped; the tail is a u16 inside its first entry
-        // that the kernel reads concurrently, hence the atomic release store.
-        unsafe {
-            let tail = BufRingEntry::tail(self.entries.base.cast::<BufRingEntry>()).cast_mut();
-            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
-        }
-    }
 }
 
 #[cfg(test)]
