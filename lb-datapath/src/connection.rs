@@ -14,7 +14,7 @@ use crate::ring::ConnectTarget;
 use lb_core::{BackendId, BackendIdx, BackendLoad, EntryPolicy, ServiceEntry, VipKey};
 use socket2::Socket;
 
-use crate::pool::Pipe;
+use crate::pool::{Held, Pipe};
 use crate::ring::GENERATION_MASK;
 
 /// Backends one connection may try at most, whatever `policy.connect_attempts` says.
@@ -51,8 +51,9 @@ pub(crate) enum Pending {
 /// State of one relay direction.
 pub(crate) struct Direction {
     pub pending: Pending,
-    /// Copy relay: `buffer[start..end]` is received but not yet sent.
-    pub buffer: Option<Box<[u8]>>,
+    /// Copy relay: the buffer `[start..end]` of which is received but not yet sent; none while
+    /// nothing is (see `crate::pool`).
+    pub held: Held,
     pub start: usize,
     pub end: usize,
     /// Copy relay: the last receive left the socket drained (it did not fill the buffer), so the
@@ -75,7 +76,7 @@ impl Direction {
     pub(crate) fn new() -> Self {
         Direction {
             pending: Pending::None,
-            buffer: None,
+            held: Held::None,
             start: 0,
             end: 0,
             drained: false,

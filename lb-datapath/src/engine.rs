@@ -116,6 +116,7 @@ impl Engine {
                 path: Path::Copy,
                 max_connections: config.max_connections_per_worker.max(1),
                 buffer_size: config.buffer_size,
+                relay_buffers: config.relay_buffers,
                 pipe_size: config.pipe_size,
                 housekeeping_interval: config.housekeeping_interval,
                 multishot_accept: config.multishot_accept,

@@ -71,8 +71,15 @@ pub struct EngineConfig {
     /// The descriptors the process may hold, shared out by [`DescriptorBudget`]; `None`: the soft
     /// `RLIMIT_NOFILE` when the engine starts (raise it first, see [`raise_descriptor_limit`]).
     pub descriptor_limit: Option<u64>,
-    /// Bytes per relay buffer (copy relay); two per connection.
+    /// Bytes per copy-relay buffer (the ring's and the pool's). A direction holds one only while
+    /// received bytes wait to be sent, so an idle connection holds none.
     pub buffer_size: usize,
+    /// Buffers of each worker's copy-relay buffer ring (rounded to a power of two), which receives
+    /// on a waiting connection draw from: how many such receives may hold bytes at once before
+    /// they fall back to pool buffers (`relay_buffers_exhausted`). At most `relay_buffers ×
+    /// buffer_size` resident per worker (16 MiB by default), and only the pages the kernel wrote
+    /// into: 1 MiB per worker when messages are small.
+    pub relay_buffers: u16,
     /// Requested pipe size (splice relay, `F_SETPIPE_SZ`), one per spliced direction. 1 MiB (the
     /// default `fs.pipe-max-size`) measured best: against 256 KiB the same Gbit/s at ~35 % less proxy
     /// CPU; 4 MiB lost both (interleaved `bench/compare` runs, tcp-stream-1 and -8). An empty pipe
@@ -102,6 +109,7 @@ impl Default for EngineConfig {
             max_connections_per_worker: 65_536,
             descriptor_limit: None,
             buffer_size: 64 * 1024,
+            relay_buffers: 256,
             pipe_size: 1024 * 1024,
             ring_entries: 4096,
             completion_entries: None,

@@ -310,12 +310,10 @@ impl Worker {
             let pipe = if path == Path::Splice { self.take_pipe() } else { None };
             let Some(conn) = self.conns.get_mut(index, generation) else { return };
             let direction = conn.direction(which);
-            match pipe {
-                Some(pipe) => {
-                    direction.pipe = Some(pipe);
-                    direction.spliced = true;
-                }
-                None => direction.buffer = Some(self.buffers.take()),
+            // A copy direction takes no buffer yet: its receive draws one when data arrives.
+            if let Some(pipe) = pipe {
+                direction.pipe = Some(pipe);
+                direction.spliced = true;
             }
         }
         self.update_pool_gauges();
@@ -343,9 +341,7 @@ impl Worker {
         let direction = conn.direction(which);
         direction.pipe = Some(pipe);
         direction.spliced = true;
-        if let Some(buffer) = direction.buffer.take() {
-            self.buffers.give(buffer);
-        }
+        self.buffers.release(&mut direction.held);
         stats::add(&self.counters.relay_spliced, 1);
         self.update_pool_gauges();
     }
@@ -371,10 +367,11 @@ impl Worker {
         let user_data = UserData::new(direction_kind(which), index, generation).encode();
         let direction = conn.direction(which);
         let issued = match next {
-            Next::Advance => relay::advance(&mut self.ring, direction, source, destination, user_data),
-            Next::ReadNow => {
-                relay::read_now(&mut self.ring, direction, source, user_data).map(|()| Advanced::Issued)
+            Next::Advance => {
+                relay::advance(&mut self.ring, direction, &mut self.buffers, source, destination, user_data)
             }
+            Next::ReadNow => relay::read_now(&mut self.ring, direction, &mut self.buffers, source, user_data)
+                .map(|()| Advanced::Issued),
             Next::PollIn => {
                 relay::poll(&mut self.ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)
                     .map(|()| Advanced::Issued)
@@ -413,12 +410,12 @@ impl Worker {
         }
     }
 
-    pub(crate) fn on_direction(&mut self, data: UserData, which: Which, result: i32) {
+    pub(crate) fn on_direction(&mut self, data: UserData, which: Which, result: i32, flags: u32) {
         let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
         conn.in_flight -= 1;
         let pending = conn.direction(which).pending;
         let mut backend_reset = backend_failed(which, pending, result);
-        let mut completed = relay::complete(conn.direction(which), result);
+        let mut completed = relay::complete(conn.direction(which), &mut self.buffers, result, flags);
         let (client_fd, backend_fd) = (conn.client.as_raw_fd(), conn.backend.as_ref().map(|b| b.as_raw_fd()));
         let (source, destination) = match which {
             Which::ClientToBackend => (Some(client_fd), backend_fd),
@@ -518,9 +515,7 @@ impl Worker {
         }
         for which in [Which::ClientToBackend, Which::BackendToClient] {
             let direction = conn.direction(which);
-            if let Some(buffer) = direction.buffer.take() {
-                self.buffers.give(buffer);
-            }
+            self.buffers.release(&mut direction.held);
             if let Some(pipe) = direction.pipe.take() {
                 self.pipes.give(pipe);
             }
@@ -555,8 +550,9 @@ impl Worker {
         }
     }
 
-    fn update_pool_gauges(&self) {
+    pub(crate) fn update_pool_gauges(&self) {
         stats::set(&self.counters.buffers_in_use, self.buffers.in_use as u64);
+        stats::set(&self.counters.relay_buffers_exhausted, self.buffers.exhausted);
         stats::set(&self.counters.pipes_in_use, self.pipes.in_use as u64);
         stats::set(&self.counters.pipes_idle, self.pipes.idle() as u64);
     }

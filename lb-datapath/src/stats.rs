@@ -28,6 +28,7 @@ pub(crate) struct WorkerCounters {
     pub pipes_in_use: AtomicU64,
     pub pipes_idle: AtomicU64,
     pub relay_spliced: AtomicU64,
+    pub relay_buffers_exhausted: AtomicU64,
     pub udp_listeners: AtomicU64,
     pub flows_active: AtomicU64,
     pub flows_created: AtomicU64,
@@ -99,6 +100,7 @@ impl WorkerCounters {
             pipes_in_use: get(&self.pipes_in_use),
             pipes_idle: get(&self.pipes_idle),
             relay_spliced: get(&self.relay_spliced),
+            relay_buffers_exhausted: get(&self.relay_buffers_exhausted),
             udp_listeners: get(&self.udp_listeners),
             flows_active: get(&self.flows_active),
             flows_created: get(&self.flows_created),
@@ -172,7 +174,8 @@ pub struct WorkerStats {
     pub listeners: u64,
     /// Listener bind attempts that failed (retried at every housekeeping tick).
     pub bind_failures: u64,
-    /// Relay buffers currently taken from the worker's pool.
+    /// Copy-relay buffers currently held by connections (lent by the buffer ring or taken from the
+    /// fallback pool): only directions with received bytes not yet sent hold one.
     pub buffers_in_use: u64,
     /// Pipes currently taken from the worker's pool.
     pub pipes_in_use: u64,
@@ -180,6 +183,9 @@ pub struct WorkerStats {
     pub pipes_idle: u64,
     /// Relay directions the adaptive relay moved from copy to splice (they proved bulk).
     pub relay_spliced: u64,
+    /// Copy-relay receives that found the worker's buffer ring empty and were repeated into a
+    /// buffer of the fallback pool (the ring is too small for the traffic when this grows fast).
+    pub relay_buffers_exhausted: u64,
     /// UDP VIP sockets currently open (one per worker and UDP key).
     pub udp_listeners: u64,
     /// UDP flows currently in the flow tables.
@@ -295,6 +301,7 @@ impl EngineStats {
             pipes_in_use: a.pipes_in_use + w.pipes_in_use,
             pipes_idle: a.pipes_idle + w.pipes_idle,
             relay_spliced: a.relay_spliced + w.relay_spliced,
+            relay_buffers_exhausted: a.relay_buffers_exhausted + w.relay_buffers_exhausted,
             udp_listeners: a.udp_listeners + w.udp_listeners,
             flows_active: a.flows_active + w.flows_active,
             flows_created: a.flows_created + w.flows_created,

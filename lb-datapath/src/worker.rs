@@ -19,11 +19,12 @@ use io_uring::{cqueue, opcode};
 use lb_core::{LocalResource, Protocol, ServiceEntry, Snapshot, VipKey};
 use socket2::Socket;
 
+use crate::bufring::BufRing;
 use crate::connection::ConnTable;
 use crate::engine::Shared;
 use crate::events::EventBuffer;
 use crate::listener::{Listener, ListenerTable, bind_listener};
-use crate::pool::{BufferPool, PipePool};
+use crate::pool::{PipePool, RELAY_BUFFER_GROUP, RelayBuffers};
 use crate::relay::Path;
 use crate::ring::{OpKind, Ring, UserData};
 use crate::sctp::SctpState;
@@ -49,6 +50,8 @@ pub(crate) struct WorkerSettings {
     pub path: Path,
     pub max_connections: usize,
     pub buffer_size: usize,
+    /// Buffers in the copy relay's provided-buffer ring.
+    pub relay_buffers: u16,
     pub pipe_size: usize,
     pub housekeeping_interval: Duration,
     /// Multishot accept allowed by configuration (the kernel must support it too).
@@ -76,7 +79,7 @@ pub(crate) struct Worker {
     pub conns: ConnTable,
     /// Pick states, load counts and affinity of this worker (TCP and UDP alike).
     pub selection: Selection,
-    pub buffers: BufferPool,
+    pub buffers: RelayBuffers,
     pub pipes: PipePool,
     pub multishot_accept: bool,
     pub now: Instant,
@@ -115,11 +118,23 @@ impl Worker {
             Arc::clone(&shared.affinity),
             worker_seed(settings.index),
         );
+        let relay_ring = match BufRing::register(
+            &ring,
+            settings.relay_buffers,
+            settings.buffer_size,
+            RELAY_BUFFER_GROUP,
+        ) {
+            Ok(buffers) => Some(buffers),
+            Err(error) => {
+                tracing::warn!(worker = settings.index, %error, "io_uring buffer ring refused (kernel before 5.19?); each TCP connection holds a buffer while it waits");
+                None
+            }
+        };
         let settings_events = settings.events.clone();
         let settings_index = settings.index;
         Worker {
             ring,
-            buffers: BufferPool::new(settings.buffer_size),
+            buffers: RelayBuffers::new(relay_ring, settings.buffer_size),
             pipes: PipePool::new(settings.pipe_size),
             settings,
             shared,
@@ -202,10 +217,10 @@ impl Worker {
             OpKind::Connect => self.on_connect(data, result),
             OpKind::ConnectTimeout => self.on_connect_timeout(data),
             OpKind::ClientToBackend => {
-                self.on_direction(data, crate::connection::Which::ClientToBackend, result)
+                self.on_direction(data, crate::connection::Which::ClientToBackend, result, flags)
             }
             OpKind::BackendToClient => {
-                self.on_direction(data, crate::connection::Which::BackendToClient, result)
+                self.on_direction(data, crate::connection::Which::BackendToClient, result, flags)
             }
             OpKind::UdpVip => self.on_udp_vip(data, result, flags),
             OpKind::UdpFlow => self.on_udp_flow(data, result, flags),
@@ -461,6 +476,8 @@ impl Worker {
         self.events.flush(&self.counters);
         self.warnings.flush(self.now);
         self.update_descriptor_gauges();
+        // Buffers are lent and given back per receive: the gauges follow at the tick, not per op.
+        self.update_pool_gauges();
         let ring = self.ring.counters;
         stats::set(&self.counters.ring_cq_overflowed, ring.overflowed);
         stats::set(&self.counters.ring_cq_dropped, ring.dropped);
@@ -615,6 +632,7 @@ impl Worker {
                 "operations outlived the stop grace; leaking their buffers"
             );
             std::mem::forget(self.conns);
+            self.buffers.leak_ring();
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Resource accounting over real loopback sockets: the idle timeout closes quiet connections, and
 //! after many connections that end in every way (served, reset by the backend, refused, no backend,
-//! reset by the client) every fd, buffer and pipe the workers took is returned.
+//! reset by the client) every fd, buffer and pipe the workers took is returned; connections that go
+//! idle hold no relay buffer.
 //!
 //! This file holds the process-wide fd check, so it must stay the only test binary that counts fds
 //! while other tests of the same process run: its tests run one after another behind a lock.
@@ -162,4 +163,37 @@ fn idle_splice_connections_park_no_kernel_worker_threads() {
     // readiness poll parks none. Other tests of this binary may own a few, so allow some slack.
     wait_until("io-wq workers of idle connections gone", Duration::from_secs(10), || io_wq_threads() < 16);
     assert_eq!(engine.stats().total().active, 64);
+}
+
+#[test]
+fn connections_that_go_idle_hold_no_relay_buffer_and_give_back_every_fd() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let backend = echo_server().expect("backend");
+    let key = tcp_key(42);
+    let engine = start_engine(
+        1,
+        RelayMode::Copy,
+        snapshot(1, vec![entry(key, &[(backend.addr(), true)], test_policy())]),
+    );
+    let baseline = open_fds();
+    let mut clients: Vec<_> = (0..64).map(|_| connect(key.socket_addr())).collect();
+    let bulk: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let message = format!("message {i}");
+        assert_eq!(round_trip(client, message.as_bytes()), message.as_bytes());
+    }
+    // Each direction holds a buffer only while received bytes wait to be sent; once the echoes
+    // are delivered, 64 open connections hold none (before, each held two for its whole life).
+    wait_until("64 idle connections holding no buffer", Duration::from_secs(5), || {
+        let total = engine.stats().total();
+        total.active == 64 && total.buffers_in_use == 0
+    });
+    for client in &mut clients {
+        assert_eq!(round_trip(client, &bulk), bulk, "an idle connection relays again, in full");
+    }
+    wait_until("idle again", Duration::from_secs(5), || engine.stats().total().buffers_in_use == 0);
+    drop(clients);
+    wait_until("every connection released", Duration::from_secs(10), || engine.stats().total().active == 0);
+    wait_until("fds back to baseline", Duration::from_secs(10), || open_fds() <= baseline);
+    assert_eq!(engine.stats().total().relay_buffers_exhausted, 0, "64 connections fit the ring");
 }

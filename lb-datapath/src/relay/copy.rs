@@ -1,7 +1,9 @@
-//! Copy relay: `recv` into the direction's pooled buffer, `send` it on.
+//! Copy relay: `recv` into a buffer, `send` it on.
 //!
 //! Never issues a `recv` while received bytes are unsent (a direction has one operation in flight),
-//! so the buffer is only ever written by the kernel while no send reads it.
+//! so a buffer is only ever written by the kernel while no send reads it. A `recv` that waits for
+//! data holds no buffer where the worker has a buffer ring: the kernel picks one when data arrives
+//! (see `crate::pool::RelayBuffers::recv`).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -9,25 +11,20 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, types::Fd};
 
 use crate::connection::{Direction, Pending};
+use crate::pool::RelayBuffers;
 use crate::ring::Ring;
-
-/// `IORING_RECVSEND_POLL_FIRST` from `<linux/io_uring.h>` (the `io-uring` crate keeps its `sys` private).
-const RECVSEND_POLL_FIRST: u16 = 1;
 
 pub(crate) fn recv(
     ring: &mut Ring,
     direction: &mut Direction,
+    buffers: &mut RelayBuffers,
     source: RawFd,
     user_data: u64,
 ) -> io::Result<()> {
-    let buffer = direction.buffer.as_mut().ok_or_else(|| io::Error::other("copy relay without a buffer"))?;
-    let ioprio = if direction.drained && ring.features.recv_poll_first { RECVSEND_POLL_FIRST } else { 0 };
-    let entry = opcode::Recv::new(Fd(source), buffer.as_mut_ptr(), buffer.len() as u32)
-        .ioprio(ioprio)
-        .build()
-        .user_data(user_data);
-    // SAFETY: the buffer is a heap allocation owned by the connection's slot; it is given back to the
-    // pool only when the connection is released, which waits for this completion.
+    let poll_first = ring.features.recv_poll_first;
+    let entry = buffers.recv(&mut direction.held, source, direction.drained, poll_first).user_data(user_data);
+    // SAFETY: a buffer the direction holds is owned by it until the connection is released, which
+    // waits for this completion; a ring buffer stays mapped for as long as the ring exists.
     unsafe { ring.push(&entry) }?;
     direction.pending = Pending::Recv;
     Ok(())
@@ -36,16 +33,20 @@ pub(crate) fn recv(
 pub(crate) fn send(
     ring: &mut Ring,
     direction: &mut Direction,
+    buffers: &RelayBuffers,
     destination: RawFd,
     user_data: u64,
 ) -> io::Result<()> {
-    let buffer = direction.buffer.as_ref().ok_or_else(|| io::Error::other("copy relay without a buffer"))?;
-    let unsent = &buffer[direction.start..direction.end];
+    let received = buffers.bytes(&direction.held, direction.end);
+    let unsent = received
+        .get(direction.start..)
+        .filter(|unsent| !unsent.is_empty())
+        .ok_or_else(|| io::Error::other("copy relay without received bytes"))?;
     let entry = opcode::Send::new(Fd(destination), unsent.as_ptr(), unsent.len() as u32)
         .flags(libc::MSG_NOSIGNAL)
         .build()
         .user_data(user_data);
-    // SAFETY: as in `recv`: the buffer outlives the operation.
+    // SAFETY: as in `recv`: the buffer outlives the operation and is given back only after it.
     unsafe { ring.push(&entry) }?;
     direction.pending = Pending::Send;
     Ok(())

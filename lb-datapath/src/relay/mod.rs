@@ -22,6 +22,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use crate::connection::{Direction, Pending};
+use crate::pool::RelayBuffers;
 use crate::ring::Ring;
 
 /// How a worker relays its connections.
@@ -92,6 +93,7 @@ pub(crate) struct Completed {
 pub(crate) fn advance(
     ring: &mut Ring,
     direction: &mut Direction,
+    buffers: &mut RelayBuffers,
     source: RawFd,
     destination: RawFd,
     user_data: u64,
@@ -105,10 +107,12 @@ pub(crate) fn advance(
         if direction.spliced {
             poll(ring, direction, destination, libc::POLLOUT, Pending::PollOut, user_data)?;
         } else {
-            copy::send(ring, direction, destination, user_data)?;
+            copy::send(ring, direction, buffers, destination, user_data)?;
         }
         return Ok(Advanced::Issued);
     }
+    // Everything received was sent: the buffer goes back before the direction waits again.
+    buffers.release(&mut direction.held);
     if direction.eof {
         // ENOTCONN (the peer already went away) changes nothing for us, so the result is ignored.
         shutdown_write(destination);
@@ -118,7 +122,7 @@ pub(crate) fn advance(
     if direction.spliced {
         poll(ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)?;
     } else {
-        copy::recv(ring, direction, source, user_data)?;
+        copy::recv(ring, direction, buffers, source, user_data)?;
     }
     Ok(Advanced::Issued)
 }
@@ -128,13 +132,14 @@ pub(crate) fn advance(
 pub(crate) fn read_now(
     ring: &mut Ring,
     direction: &mut Direction,
+    buffers: &mut RelayBuffers,
     source: RawFd,
     user_data: u64,
 ) -> io::Result<()> {
     if direction.spliced {
         poll(ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)
     } else {
-        copy::recv(ring, direction, source, user_data)
+        copy::recv(ring, direction, buffers, source, user_data)
     }
 }
 
@@ -156,10 +161,20 @@ pub(crate) fn poll(
     Ok(())
 }
 
-/// Interprets the completion of a direction's pending operation and updates its byte accounting.
-pub(crate) fn complete(direction: &mut Direction, result: i32) -> Completed {
+/// Interprets the completion (`result`, CQE `flags`) of a direction's pending operation and updates
+/// its byte accounting and the buffer it holds.
+pub(crate) fn complete(
+    direction: &mut Direction,
+    buffers: &mut RelayBuffers,
+    result: i32,
+    flags: u32,
+) -> Completed {
     let pending = std::mem::replace(&mut direction.pending, Pending::None);
     let idle = |next| Completed { next, written: 0, active: false, eof: false };
+    if pending == Pending::Recv && buffers.received(&mut direction.held, result, flags) {
+        // The ring was empty when data arrived: the bytes wait, read them into a pool buffer.
+        return idle(Next::ReadNow);
+    }
     if result == -libc::ECANCELED {
         return idle(Next::Cancelled);
     }
@@ -169,7 +184,7 @@ pub(crate) fn complete(direction: &mut Direction, result: i32) -> Completed {
                 let n = n as usize;
                 direction.start = 0;
                 direction.end = n;
-                direction.drained = direction.buffer.as_ref().is_some_and(|b| n < b.len());
+                direction.drained = n < buffers.capacity(&direction.held);
                 direction.full_reads =
                     if direction.drained { 0 } else { direction.full_reads.saturating_add(1) };
                 Completed { next: Next::Advance, written: 0, active: true, eof: false }
@@ -178,7 +193,11 @@ pub(crate) fn complete(direction: &mut Direction, result: i32) -> Completed {
                 direction.eof = true;
                 Completed { next: Next::Advance, written: 0, active: false, eof: true }
             }
-            e if e == -libc::EAGAIN => idle(Next::PollIn),
+            e if e == -libc::EAGAIN => {
+                // Nothing to read after all: wait for it without the buffer.
+                buffers.release(&mut direction.held);
+                idle(Next::PollIn)
+            }
             _ => idle(Next::Reset),
         },
         Pending::Send => match result {
@@ -227,20 +246,21 @@ fn shutdown_write(fd: RawFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::Held;
 
     fn copy_direction(buffer: usize) -> Direction {
-        Direction { buffer: Some(vec![0u8; buffer].into_boxed_slice()), ..Direction::new() }
+        Direction { held: Held::Own(vec![0u8; buffer].into_boxed_slice()), ..Direction::new() }
     }
 
     fn receive(direction: &mut Direction, n: i32) -> Completed {
         direction.pending = Pending::Recv;
-        complete(direction, n)
+        complete(direction, &mut RelayBuffers::new(None, 4096), n, 0)
     }
 
     fn send_all(direction: &mut Direction) {
         direction.pending = Pending::Send;
         let unsent = (direction.end - direction.start) as i32;
-        assert_eq!(complete(direction, unsent).written, unsent as u64);
+        assert_eq!(complete(direction, &mut RelayBuffers::new(None, 4096), unsent, 0).written, unsent as u64);
     }
 
     #[test]
@@ -283,6 +303,7 @@ mod tests {
         let mut spliced = Direction { spliced: true, full_reads: BULK_READS, ..Direction::new() };
         assert!(!wants_splice(Path::Adaptive, &spliced));
         spliced.pending = Pending::PollIn;
-        assert_eq!(complete(&mut spliced, libc::POLLIN as i32).next, Next::ReadNow);
+        let mut buffers = RelayBuffers::new(None, 4096);
+        assert_eq!(complete(&mut spliced, &mut buffers, libc::POLLIN as i32, 0).next, Next::ReadNow);
     }
 }
