@@ -464,6 +464,16 @@ class Lab:
             if peer.name == "nftnat":
                 nft_delete()
 
+    def restart_peer(self, name: str) -> None:
+        """Replaces the peer's process by a freshly started one (see the tcp-idle runs)."""
+        old = self.peers[name]
+        if old.proc is None:
+            return
+        PROCS.stop(old.proc)
+        new = self._start_peer(name)
+        new.udp_bad, new.note = old.udp_bad, old.note
+        self.peers[name] = new
+
     def stop_all(self) -> None:
         PROCS.cleanup()
 

@@ -403,7 +403,10 @@ def write_report(args, meta: dict, results, agg, targets, plot_files, profiles: 
     L.append(
         "- Peers: "
         + ", ".join(f"`{p}` on {mpeers[p].get('ip', PEER_IPS.get(p))}" for p in peers)
-        + ". All peers run for the whole session (an idle proxy costs nothing measurable); the nftables "
+        + ". All peers run for the whole session (an idle proxy costs nothing measurable), except that "
+        "each `tcp-idle` run gets a freshly started peer, so it measures what holding the connections "
+        "adds to a process that never held any (memory a process keeps after earlier connections "
+        "would hide it); the nftables "
         f"table `{NFT_TABLE}` exists only during the `nftnat` runs, so conntrack does not tax the others."
     )
     L.append(

@@ -266,6 +266,11 @@ def run_rounds(lab: Lab) -> list[dict]:
                         {"workload": wname, "peer": pname, "round": r, "error": "peer process died"}
                     )
                     continue
+                if w.kind == "idle":
+                    # Memory a process keeps from earlier connections would be reused and hide what
+                    # holding them costs: each idle run measures a fresh process.
+                    lab.restart_peer(pname)
+                    peer = lab.peers[pname]
                 if pname == "nftnat":
                     nft_add(lab.ports)
                 try:
