@@ -4,8 +4,8 @@
 //! the `in_use` counts are exported as gauges so tests can check they return to zero.
 //!
 //! Copy buffers ([`RelayBuffers`]): a direction holds a buffer only while received bytes wait to be
-//! sent ([`Held`]). A receive that waits for data draws its buffer from the worker's provided-buffer
-//! ring ([`crate::bufring`]) when data arrives, so an idle connection holds none. When the ring is
+//! sent ([`Held`]). A receive draws its buffer from the worker's provided-buffer ring
+//! ([`crate::bufring`]) when data arrives, so an idle connection holds none. When the ring is
 //! empty at that moment (`ENOBUFS`) the receive is repeated into a buffer of the fallback pool;
 //! without a ring (a kernel before 5.19) every receive takes one from the pool, as it waits.
 //!
@@ -65,20 +65,20 @@ impl RelayBuffers {
 
     /// The receive a direction holding `held` issues on `fd`.
     ///
-    /// A `drained` source (the last receive did not fill its buffer) probably has nothing to read
-    /// yet: the receive waits for readability first (`poll_first`, when the kernel has
-    /// `IORING_RECVSEND_POLL_FIRST`) and draws its buffer from the ring when data arrives. Any
-    /// other source probably has bytes waiting: they go into a pool buffer (hot in cache, reused
-    /// last-in first-out), with `MSG_DONTWAIT` so that a source with nothing to read says so at
-    /// once instead of waiting with the buffer; the direction then gives it back and waits on a
-    /// poll. Without a ring every receive takes a pool buffer.
+    /// Holding no buffer, it draws one from the ring when data arrives: a receive that finds
+    /// nothing leaves the buffer in the ring while the kernel waits for readability, so a waiting
+    /// direction holds none. A `drained` source (the last receive did not fill its buffer)
+    /// probably has nothing yet, so the receive waits for readability first (`poll_first`, when
+    /// the kernel has `IORING_RECVSEND_POLL_FIRST`) rather than try in vain. A direction holding a
+    /// pool buffer (the ring was empty) receives into it; without a ring every receive takes a pool
+    /// buffer, and holds it while it waits.
     pub fn recv(&mut self, held: &mut Held, fd: RawFd, drained: bool, poll_first: bool) -> squeue::Entry {
         let ioprio = if drained && poll_first { RECVSEND_POLL_FIRST } else { 0 };
         // A direction receives only with nothing left to send: a lent buffer is done with.
         if let Held::Lent(_) = held {
             self.release(held);
         }
-        if drained && let (Held::None, Some(ring)) = (&*held, &self.ring) {
+        if let (Held::None, Some(ring)) = (&*held, &self.ring) {
             return opcode::Recv::new(Fd(fd), std::ptr::null_mut(), 0)
                 .buf_group(ring.group())
                 .ioprio(ioprio)
@@ -92,11 +92,7 @@ impl RelayBuffers {
             Held::Own(buffer) => buffer,
             Held::None | Held::Lent(_) => &mut [],
         };
-        let flags = if drained { 0 } else { libc::MSG_DONTWAIT };
-        opcode::Recv::new(Fd(fd), buffer.as_mut_ptr(), buffer.len() as u32)
-            .flags(flags)
-            .ioprio(ioprio)
-            .build()
+        opcode::Recv::new(Fd(fd), buffer.as_mut_ptr(), buffer.len() as u32).ioprio(ioprio).build()
     }
 
     /// Accounts a receive's completion: the buffer the kernel picked becomes the direction's when
@@ -345,10 +341,31 @@ mod tests {
             buffers.release(h);
         }
         assert_eq!(buffers.in_use, 0);
-        // A receive that expects bytes and finds none says so at once, holding nothing after.
-        let entry = buffers.recv(&mut held[0], pairs[0].0.as_raw_fd(), false, true).user_data(0);
-        let (_, result, _) = complete_all(&mut ring, vec![entry])[0];
-        assert_eq!(result, -libc::EAGAIN, "MSG_DONTWAIT");
+        // A receive that tries at once (not drained) and finds nothing waits in the kernel without
+        // taking a ring buffer: two other receives still get both.
+        let waiting = buffers.recv(&mut held[0], pairs[0].0.as_raw_fd(), false, true).user_data(0);
+        // SAFETY: as in `complete_all`.
+        unsafe { ring.push(&waiting) }.expect("push");
+        ring.submit_and_wait(0).expect("submit");
+        let entries: Vec<_> = receives(&mut buffers, &mut held, false).into_iter().skip(1).collect();
+        for (_, theirs) in &pairs[1..] {
+            (&*theirs).write_all(b"while one waits").expect("write");
+        }
+        for (index, result, flags) in complete_all(&mut ring, entries) {
+            let i = index as usize;
+            assert!(!buffers.received(&mut held[i], result, flags), "the ring had both buffers");
+            assert_eq!(buffers.bytes(&held[i], result as usize), b"while one waits");
+            buffers.release(&mut held[i]);
+        }
+        (&pairs[0].1).write_all(b"at last").expect("write");
+        let mut batch = Vec::new();
+        while batch.is_empty() {
+            ring.submit_and_wait(1).expect("submit");
+            ring.reap(&mut batch);
+        }
+        let (_, result, flags) = batch[0];
+        assert!(!buffers.received(&mut held[0], result, flags));
+        assert_eq!(buffers.bytes(&held[0], result as usize), b"at last");
         buffers.release(&mut held[0]);
         // An end of stream may take a ring buffer with it: it goes straight back.
         let entry = buffers.recv(&mut held[2], pairs[2].0.as_raw_fd(), true, true).user_data(2);

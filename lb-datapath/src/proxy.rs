@@ -436,6 +436,18 @@ impl Worker {
             if let Some((failed, errno)) = pumped.failure {
                 backend_reset |= backend_failed(which, failed, errno);
             }
+            let copy_size = self.buffers.capacity(&crate::pool::Held::None);
+            if relay::wants_copy(self.settings.path, direction, completed.next, pumped.read, copy_size) {
+                // Back to copy: the pipe goes back and the next receive waits without a buffer.
+                if let Some(pipe) = direction.pipe.take() {
+                    self.pipes.give(pipe);
+                }
+                direction.spliced = false;
+                direction.drained = true;
+                direction.full_reads = 0;
+                completed.next = Next::Advance;
+                stats::add(&self.counters.relay_unspliced, 1);
+            }
         }
         if completed.eof {
             // The state tells a reset apart only while we have not sent our own FIN on the source:

@@ -28,6 +28,7 @@ pub(crate) struct WorkerCounters {
     pub pipes_in_use: AtomicU64,
     pub pipes_idle: AtomicU64,
     pub relay_spliced: AtomicU64,
+    pub relay_unspliced: AtomicU64,
     pub relay_buffers_exhausted: AtomicU64,
     pub udp_listeners: AtomicU64,
     pub flows_active: AtomicU64,
@@ -100,6 +101,7 @@ impl WorkerCounters {
             pipes_in_use: get(&self.pipes_in_use),
             pipes_idle: get(&self.pipes_idle),
             relay_spliced: get(&self.relay_spliced),
+            relay_unspliced: get(&self.relay_unspliced),
             relay_buffers_exhausted: get(&self.relay_buffers_exhausted),
             udp_listeners: get(&self.udp_listeners),
             flows_active: get(&self.flows_active),
@@ -183,6 +185,9 @@ pub struct WorkerStats {
     pub pipes_idle: u64,
     /// Relay directions the adaptive relay moved from copy to splice (they proved bulk).
     pub relay_spliced: u64,
+    /// Relay directions the adaptive relay moved back from splice to copy (they went quiet or
+    /// small), giving their pipe back.
+    pub relay_unspliced: u64,
     /// Copy-relay receives that found the worker's buffer ring empty and were repeated into a
     /// buffer of the fallback pool (the ring is too small for the traffic when this grows fast).
     pub relay_buffers_exhausted: u64,
@@ -301,6 +306,7 @@ impl EngineStats {
             pipes_in_use: a.pipes_in_use + w.pipes_in_use,
             pipes_idle: a.pipes_idle + w.pipes_idle,
             relay_spliced: a.relay_spliced + w.relay_spliced,
+            relay_unspliced: a.relay_unspliced + w.relay_unspliced,
             relay_buffers_exhausted: a.relay_buffers_exhausted + w.relay_buffers_exhausted,
             udp_listeners: a.udp_listeners + w.udp_listeners,
             flows_active: a.flows_active + w.flows_active,

@@ -9,8 +9,11 @@
 //! [`Path`] says which a connection uses. `Adaptive` (`RelayMode::Auto`) starts every direction
 //! with copy, which wins on request/response traffic (fewer calls per small message), and moves a
 //! direction to splice once [`BULK_READS`] receives in a row filled the whole buffer: a bulk
-//! stream, where splice saves the two copies of every byte through the proxy. The switch happens
-//! only between operations with nothing buffered, so no byte is reordered; it is one-way.
+//! stream, where splice saves the two copies of every byte through the proxy. It moves back to
+//! copy, giving its pipe back, once a readiness turn found less than a copy buffer's worth before
+//! the source ran dry ([`wants_copy`]): the stream went quiet or small, and a pipe held by an idle
+//! connection would cost two descriptors for nothing. Switches happen only between operations
+//! with nothing buffered, so no byte is reordered.
 //!
 //! Invariant: a direction has at most one operation in flight, recorded in [`Direction::pending`].
 //! This module never closes sockets or frees slots; it reports what happened and the worker acts.
@@ -49,6 +52,24 @@ pub(crate) fn wants_splice(path: Path, direction: &Direction) -> bool {
         && !direction.eof
         && direction.full_reads >= BULK_READS
         && direction.end <= direction.start
+}
+
+/// Whether an adaptive splice direction should move back to copy after a [`splice::pump`] that
+/// read `read` bytes and ended with `next`: the source ran dry (`PollIn` with an empty pipe; the
+/// budget was not what ended the turn) before a copy buffer's worth (`copy_size`) had arrived.
+pub(crate) fn wants_copy(
+    path: Path,
+    direction: &Direction,
+    next: Next,
+    read: usize,
+    copy_size: usize,
+) -> bool {
+    path == Path::Adaptive
+        && direction.spliced
+        && !direction.eof
+        && next == Next::PollIn
+        && read < copy_size
+        && direction.pipe.as_ref().is_some_and(|pipe| pipe.buffered == 0)
 }
 
 /// What [`advance`] did.
@@ -288,6 +309,26 @@ mod tests {
         receive(&mut direction, 1024);
         send_all(&mut direction);
         assert!(!wants_splice(Path::Adaptive, &direction), "the count restarted after the short read");
+    }
+
+    #[test]
+    fn a_spliced_direction_goes_back_to_copy_only_when_its_source_ran_dry_early() {
+        let mut pipes = crate::pool::PipePool::new(64 * 1024);
+        let mut direction =
+            Direction { spliced: true, pipe: Some(pipes.take().expect("pipe")), ..Direction::new() };
+        let copy = 64 * 1024;
+        assert!(wants_copy(Path::Adaptive, &direction, Next::PollIn, 100, copy));
+        assert!(!wants_copy(Path::Splice, &direction, Next::PollIn, 100, copy), "forced splice stays");
+        assert!(!wants_copy(Path::Adaptive, &direction, Next::PollIn, copy, copy), "a buffer's worth: bulk");
+        assert!(!wants_copy(Path::Adaptive, &direction, Next::PollOut, 100, copy), "waits to send");
+        direction.pipe.as_mut().expect("pipe").buffered = 1;
+        assert!(!wants_copy(Path::Adaptive, &direction, Next::PollIn, 100, copy), "bytes in the pipe");
+        direction.pipe.as_mut().expect("pipe").buffered = 0;
+        direction.eof = true;
+        assert!(!wants_copy(Path::Adaptive, &direction, Next::PollIn, 100, copy));
+        if let Some(pipe) = direction.pipe.take() {
+            pipes.give(pipe);
+        }
     }
 
     #[test]

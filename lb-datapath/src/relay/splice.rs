@@ -23,6 +23,8 @@ const FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Pumped {
     pub completed: Completed,
+    /// Bytes read from the source in this turn.
+    pub read: usize,
     /// `Some((Pending::Recv, -errno))` when reading the source failed, `Some((Pending::Send,
     /// -errno))` when writing the destination failed: the shape `proxy::backend_failed` takes.
     pub failure: Option<(Pending, i32)>,
@@ -37,6 +39,7 @@ pub(crate) fn pump(direction: &mut Direction, source: RawFd, destination: RawFd,
     let mut read = 0usize;
     let done = |next, written: u64, read: usize, failure| Pumped {
         completed: Completed { next, written, active: written > 0 || read > 0, eof: false },
+        read,
         failure,
     };
     let Some(pipe) = direction.pipe.as_mut() else {
