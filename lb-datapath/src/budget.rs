@@ -71,6 +71,21 @@ impl DescriptorBudget {
         let room = (self.per_worker / 4).max(16);
         self.per_worker.saturating_sub(WORKER_FIXED + room)
     }
+
+    /// The smallest descriptor limit under which each of `workers` workers may bind `listeners`
+    /// listening sockets (what to tell an operator whose VIPs do not fit).
+    pub fn limit_for_listeners(listeners: usize, workers: usize) -> u64 {
+        let (mut low, mut high) = (0u64, 1u64 << 40);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if DescriptorBudget::new(middle, workers).max_listeners() >= listeners {
+                high = middle;
+            } else {
+                low = middle + 1;
+            }
+        }
+        low
+    }
 }
 
 /// The process's `RLIMIT_NOFILE`, soft and hard.
@@ -162,6 +177,15 @@ mod tests {
         assert_eq!(small.max_listeners(), 96 - 2 - 24);
         let tiny = DescriptorBudget::new(40, 4);
         assert_eq!((tiny.reserve, tiny.per_worker, tiny.max_connections()), (40, 0, 0));
+    }
+
+    #[test]
+    fn the_limit_named_for_listeners_that_do_not_fit_is_the_smallest_that_fits_them() {
+        let limit = DescriptorBudget::limit_for_listeners(10_000, 2);
+        assert!(DescriptorBudget::new(limit, 2).max_listeners() >= 10_000);
+        assert!(DescriptorBudget::new(limit - 1, 2).max_listeners() < 10_000);
+        assert!(limit > 20_000, "two workers with 10,000 listeners each do not fit this machine's limit");
+        assert_eq!(DescriptorBudget::limit_for_listeners(0, 2), 0);
     }
 
     #[test]

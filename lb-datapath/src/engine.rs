@@ -120,6 +120,7 @@ impl Engine {
                 pipe_size: config.pipe_size,
                 housekeeping_interval: config.housekeeping_interval,
                 multishot_accept: config.multishot_accept,
+                listen_mode: config.listen_mode,
                 udp: config.udp.clone(),
                 events: events_tx.clone(),
             };

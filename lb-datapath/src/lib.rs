@@ -40,6 +40,7 @@ pub use budget::{DescriptorBudget, descriptor_limit, raise_descriptor_limit};
 pub use engine::Engine;
 pub use events::BackendEvents;
 pub use lb_core::Snapshot;
+pub use listener::ListenMode;
 pub use ring::RingFeatures;
 pub use stats::{EngineStats, WorkerStats};
 pub use udp::UdpConfig;
@@ -96,6 +97,10 @@ pub struct EngineConfig {
     /// Use multishot accept where the kernel supports it (5.19+); `false` forces the re-armed
     /// single-shot accept older kernels get (useful to exercise that path on a new kernel).
     pub multishot_accept: bool,
+    /// Where TCP VIPs listen: a socket per VIP:port and worker, or (`Auto`: once those do not
+    /// fit the descriptor budget) one wildcard socket per worker for the VIPs sharing a port, told
+    /// apart by each connection's local address (see the `listener` module).
+    pub listen_mode: ListenMode,
     /// UDP flow table, timeouts and receive settings.
     pub udp: UdpConfig,
 }
@@ -115,6 +120,7 @@ impl Default for EngineConfig {
             completion_entries: None,
             housekeeping_interval: Duration::from_millis(250),
             multishot_accept: true,
+            listen_mode: ListenMode::Auto,
             udp: UdpConfig::default(),
         }
     }

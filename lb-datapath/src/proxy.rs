@@ -142,12 +142,27 @@ fn reset_socket(socket: Socket) {
 }
 
 impl Worker {
-    /// Takes a freshly accepted client: picks a backend from the current snapshot and connects.
-    pub(crate) fn new_connection(&mut self, key: VipKey, client: Socket) {
+    /// Takes a client freshly accepted on the listener of `listen` (a VIP key, or a wildcard whose
+    /// VIP is the connection's local address): picks a backend from the current snapshot and
+    /// connects.
+    pub(crate) fn new_connection(&mut self, listen: VipKey, client: Socket) {
         stats::add(&self.counters.accepted, 1);
+        let wildcard = crate::listener::is_wildcard(&listen);
+        let key = if wildcard {
+            match client.local_addr().ok().and_then(|a| a.as_socket()) {
+                Some(local) => VipKey::new(local.ip(), local.port(), listen.protocol),
+                None => listen,
+            }
+        } else {
+            listen
+        };
         let entry = self.shared.snapshot.load().get(&key).cloned();
         let Some(entry) = entry else {
-            // The key left the snapshot between the accept and now.
+            // On a wildcard: an address of this host that is no VIP of the port. Otherwise the key
+            // left the snapshot between the accept and now.
+            if wildcard {
+                stats::add(&self.counters.tcp_refused_not_a_vip, 1);
+            }
             stats::add(&self.counters.resets, 1);
             reset_socket(client);
             return;

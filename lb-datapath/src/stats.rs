@@ -48,6 +48,7 @@ pub(crate) struct WorkerCounters {
     pub udp_drops_source_range: AtomicU64,
     pub udp_recv_rearms: AtomicU64,
     pub tcp_refused_source_range: AtomicU64,
+    pub tcp_refused_not_a_vip: AtomicU64,
     pub backend_load: AtomicU64,
     pub sctp_listeners: AtomicU64,
     pub sctp_active: AtomicU64,
@@ -121,6 +122,7 @@ impl WorkerCounters {
             udp_drops_source_range: get(&self.udp_drops_source_range),
             udp_recv_rearms: get(&self.udp_recv_rearms),
             tcp_refused_source_range: get(&self.tcp_refused_source_range),
+            tcp_refused_not_a_vip: get(&self.tcp_refused_not_a_vip),
             backend_load: get(&self.backend_load),
             sctp_listeners: get(&self.sctp_listeners),
             sctp_active: get(&self.sctp_active),
@@ -229,6 +231,9 @@ pub struct WorkerStats {
     /// TCP clients reset at accept because they are outside the Service's `loadBalancerSourceRanges`
     /// (no backend was contacted; also counted in `resets`).
     pub tcp_refused_source_range: u64,
+    /// TCP clients reset at accept on a wildcard listener because the address they connected to
+    /// is no VIP of that port (also counted in `resets`).
+    pub tcp_refused_not_a_vip: u64,
     /// TCP connections (from their backend connect on) and UDP flows this worker currently counts in
     /// its least-connection load table; 0 when none is open.
     pub backend_load: u64,
@@ -328,6 +333,7 @@ impl EngineStats {
             udp_drops_source_range: a.udp_drops_source_range + w.udp_drops_source_range,
             udp_recv_rearms: a.udp_recv_rearms + w.udp_recv_rearms,
             tcp_refused_source_range: a.tcp_refused_source_range + w.tcp_refused_source_range,
+            tcp_refused_not_a_vip: a.tcp_refused_not_a_vip + w.tcp_refused_not_a_vip,
             backend_load: a.backend_load + w.backend_load,
             sctp_listeners: a.sctp_listeners + w.sctp_listeners,
             sctp_active: a.sctp_active + w.sctp_active,

@@ -5,8 +5,10 @@
 //! idle and drain checks and bind retries. Per-connection handling lives in [`crate::proxy`], UDP
 //! sockets and flows in [`crate::udp`], SCTP listeners and associations in [`crate::sctp`].
 //! Never blocks except in `submit_and_wait`; never locks; logs nothing per connection at info level.
-//! Invariant: after reconciling generation `g`, every TCP (UDP, SCTP) key of that snapshot has a
-//! listener (VIP socket) or is in `unbound` (retried every tick), and none exists for a key outside it.
+//! Invariant: after reconciling generation `g`, every TCP key of that snapshot is served by a
+//! listener of the worker's [`ListenPlan`] (its own, or its port's wildcard) or that listen key is
+//! in `unbound` (retried every tick), and no open listener is outside the plan; likewise every UDP
+//! (SCTP) key has a VIP socket (listener) or waits for one, and none exists for a key outside it.
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,7 +25,7 @@ use crate::bufring::BufRing;
 use crate::connection::ConnTable;
 use crate::engine::Shared;
 use crate::events::EventBuffer;
-use crate::listener::{Listener, ListenerTable, bind_listener};
+use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, is_wildcard};
 use crate::pool::{PipePool, RELAY_BUFFER_GROUP, RelayBuffers};
 use crate::relay::Path;
 use crate::ring::{OpKind, Ring, UserData};
@@ -56,6 +58,8 @@ pub(crate) struct WorkerSettings {
     pub housekeeping_interval: Duration,
     /// Multishot accept allowed by configuration (the kernel must support it too).
     pub multishot_accept: bool,
+    /// Where TCP VIPs listen (see [`crate::listener`]).
+    pub listen_mode: crate::ListenMode,
     pub udp: crate::udp::UdpConfig,
     /// Where backend events are flushed (see [`crate::events`]).
     pub events: std::sync::mpsc::SyncSender<Vec<lb_core::health::BackendEvent>>,
@@ -72,10 +76,12 @@ pub(crate) struct Worker {
     wake_buffer: &'static mut u64,
     tick: Box<Timespec>,
     pub listeners: ListenerTable,
-    /// TCP keys of the current snapshot whose bind failed; retried every tick.
+    /// Where this worker listens for the TCP keys of the snapshot last reconciled.
+    plan: ListenPlan,
+    /// Wildcards whose bind collided with another socket on the host: their groups bind exactly.
+    exact_only: HashSet<VipKey>,
+    /// Listen keys (TCP keys or wildcards) of the plan whose bind failed; retried every tick.
     unbound: Vec<VipKey>,
-    /// Non-TCP keys already logged as not served.
-    logged_unsupported: HashSet<VipKey>,
     pub conns: ConnTable,
     /// Pick states, load counts and affinity of this worker (TCP and UDP alike).
     pub selection: Selection,
@@ -144,8 +150,9 @@ impl Worker {
             wake_buffer: Box::leak(Box::new(0u64)),
             tick: Box::new(Timespec::new().sec(interval.as_secs()).nsec(interval.subsec_nanos())),
             listeners: ListenerTable::default(),
+            plan: ListenPlan::default(),
+            exact_only: HashSet::new(),
             unbound: Vec::new(),
-            logged_unsupported: HashSet::new(),
             conns: ConnTable::default(),
             selection,
             multishot_accept,
@@ -290,32 +297,31 @@ impl Worker {
             self.reconcile_entries(snapshot, &changed_udp);
             return;
         }
-        let mut removed = Vec::new();
-        for (index, listener) in self.listeners.iter_mut() {
-            if !listener.closing && snapshot.get(&listener.key).is_none() {
-                removed.push(index);
-            }
-        }
-        for index in removed {
-            self.close_listener(index);
-        }
+        let other_sockets = snapshot.keys().filter(|key| key.protocol != Protocol::Tcp).count();
+        let tcp = snapshot.keys().filter(|key| key.protocol == Protocol::Tcp);
+        let room = self.settings.budget.max_listeners().saturating_sub(other_sockets);
+        self.plan = ListenPlan::new(tcp, self.settings.listen_mode, room, &mut self.exact_only);
+        self.warn_if_listeners_cannot_fit(self.plan.sockets() + other_sockets);
+        // New sockets open before unwanted ones close, so a group moving between exact sockets and
+        // a wildcard never stops accepting; wildcards first, as they serve the most keys.
         self.unbound.clear();
-        for key in snapshot.keys() {
-            if key.protocol == Protocol::Udp || key.protocol == Protocol::Sctp {
-                continue;
-            }
-            if key.protocol != Protocol::Tcp {
-                if self.logged_unsupported.insert(*key) {
-                    tracing::debug!(worker = self.settings.index, %key, "protocol not served yet; key ignored");
-                }
-                continue;
-            }
-            if self.listeners.find(key).is_none() {
-                self.unbound.push(*key);
+        for listen in self.plan.wildcards.keys().chain(self.plan.exact.iter()) {
+            if self.listeners.find(listen).is_none() {
+                self.unbound.push(*listen);
             }
         }
+        self.unbound.reverse();
         self.selection.retain_keys(|key| snapshot.get(key).is_some());
         self.bind_unbound(true);
+        let mut unwanted = Vec::new();
+        for (index, listener) in self.listeners.iter_mut() {
+            if !listener.closing && !self.plan.wants(&listener.key) {
+                unwanted.push(index);
+            }
+        }
+        for index in unwanted {
+            self.close_listener(index);
+        }
         self.mark_draining(snapshot);
         // A drain of zero (`not-ready-connections: close`) closes now, not at the next tick.
         self.expire_connections();
@@ -339,8 +345,9 @@ impl Worker {
         if self.draining {
             self.unbound.clear();
         }
-        let keys = std::mem::take(&mut self.unbound);
-        for key in keys {
+        // A stack: the keys of a wildcard that collides are pushed to be bound exactly.
+        let mut keys = std::mem::take(&mut self.unbound);
+        while let Some(key) = keys.pop() {
             if !self.may_listen() {
                 if first_try {
                     self.refuse_for_budget("a TCP VIP is left unbound (retried every tick)");
@@ -354,6 +361,16 @@ impl Worker {
                     let (index, _) = self.listeners.insert(key, listener);
                     self.arm_accept(index);
                 }
+                Err(error) if is_wildcard(&key) && error.raw_os_error() == Some(libc::EADDRINUSE) => {
+                    // Another socket on the host holds this port on some address: one socket per
+                    // VIP then, as long as the group exists.
+                    self.exact_only.insert(key);
+                    let group = self.plan.fall_back(&key);
+                    if self.settings.index == 0 {
+                        tracing::info!(%key, vips = group.len(), "the port is taken on some address of this host; listening on each VIP of it instead of the wildcard");
+                    }
+                    keys.extend(group.into_iter().filter(|vip| self.listeners.find(vip).is_none()));
+                }
                 Err(error) => {
                     stats::add(&self.counters.bind_failures, 1);
                     if first_try {
@@ -366,6 +383,24 @@ impl Worker {
             }
         }
         stats::set(&self.counters.listeners, self.listeners.len() as u64);
+    }
+
+    /// Says, throttled, that the VIPs need more listening sockets than the descriptor budget lets
+    /// a worker bind (the rest stay unbound, retried every tick), and the limit that would fit.
+    fn warn_if_listeners_cannot_fit(&mut self, needed: usize) {
+        let allowed = self.settings.budget.max_listeners();
+        if needed <= allowed || self.settings.index != 0 {
+            return;
+        }
+        let limit = crate::budget::DescriptorBudget::limit_for_listeners(needed, self.settings.workers);
+        warn_limited!(
+            self,
+            Warning::Budget,
+            needed,
+            allowed,
+            limit,
+            "the VIPs need {needed} listening sockets per worker but the descriptor budget allows {allowed}; the rest stay unbound: raise the descriptor limit to {limit}, or run fewer workers"
+        );
     }
 
     pub fn arm_accept(&mut self, index: u32) {

@@ -1,5 +1,7 @@
 //! Listener reconciliation over real loopback sockets: IPv6 VIPs, bind failures retried until they
-//! succeed, and UDP keys on the same address as TCP ones served side by side (UDP: tests/udp.rs).
+//! succeed, UDP keys on the same address as TCP ones served side by side (UDP: tests/udp.rs), and
+//! VIPs sharing a port served through one wildcard socket per worker (or, where the wildcard
+//! collides with another socket on the host, one socket per VIP).
 
 mod support;
 
@@ -187,4 +189,115 @@ fn a_drain_closes_every_listener_at_once_while_established_connections_and_flows
     drop(established);
     wait_until("the TCP connection ended", Duration::from_secs(10), || engine.stats().total().active == 0);
     assert!(!engine.is_drained(), "the UDP flow still lives until it expires");
+}
+
+/// A port free on every address (the VIPs of a wildcard group share it).
+fn port_free_everywhere() -> u16 {
+    TcpListener::bind("0.0.0.0:0").expect("bind").local_addr().expect("bound").port()
+}
+
+/// Two workers that always share a wildcard socket among VIPs of one port (the default does so
+/// only once socket-per-VIP does not fit the descriptor budget).
+fn wildcard_config() -> lb_datapath::EngineConfig {
+    lb_datapath::EngineConfig { listen_mode: lb_datapath::ListenMode::Wildcard, ..test_config(2, RelayMode::Copy) }
+}
+
+fn on(octet: u8, port: u16) -> VipKey {
+    VipKey::new(vip(octet), port, Protocol::Tcp)
+}
+
+#[test]
+fn vips_sharing_a_port_share_one_wildcard_socket_and_each_reaches_its_own_backend() {
+    let port = port_free_everywhere();
+    let names = ["a", "b", "c"];
+    let backends: Vec<_> =
+        names.iter().map(|n| testkit::backends::named_server(n).expect("backend")).collect();
+    let keys = [on(61, port), on(62, port), on(63, port)];
+    let entries = keys
+        .iter()
+        .zip(&backends)
+        .map(|(key, backend)| entry(*key, &[(backend.addr(), true)], test_policy()))
+        .collect();
+    let engine = start_engine_with(wildcard_config(), snapshot(1, entries));
+    assert_eq!(engine.stats().total().listeners, 2, "one wildcard socket per worker for three VIPs");
+    let mut held = None;
+    for _ in 0..3 {
+        for (key, name) in keys.iter().zip(names) {
+            let mut client = connect(key.socket_addr());
+            assert_eq!(read_name(&mut client), name, "{key} reaches its own backend");
+            held = Some(client);
+        }
+    }
+    // An address of this host that is no VIP of the port is refused, not served.
+    let stranger = SocketAddr::new(vip(64), port);
+    assert_eq!(connect_and_read_to_close(stranger), Err(std::io::ErrorKind::ConnectionReset));
+    assert_eq!(engine.stats().total().tcp_refused_not_a_vip, 1);
+
+    // Down to one VIP on the port: it gets a socket of its own and the wildcard goes; the
+    // connection made through the wildcard goes on.
+    publish(&engine, snapshot(2, vec![entry(keys[2], &[(backends[2].addr(), true)], test_policy())]));
+    wait_until("the wildcard closed", Duration::from_secs(5), || engine.stats().total().listeners == 2);
+    let mut client = connect(keys[2].socket_addr());
+    assert_eq!(read_name(&mut client), "c");
+    let refused = std::net::TcpStream::connect_timeout(&keys[0].socket_addr(), Duration::from_secs(2));
+    assert_eq!(refused.map(|_| ()).map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionRefused));
+    let mut held = held.expect("a connection");
+    assert_eq!(round_trip(&mut held, b"still"), b"still", "the connection made through the wildcard goes on");
+    assert_eq!(engine.stats().total().tcp_refused_not_a_vip, 1);
+}
+
+#[test]
+fn a_wildcard_that_collides_with_another_socket_on_the_host_falls_back_to_one_socket_per_vip() {
+    let port = port_free_everywhere();
+    // Someone else on the host listens on this port on one address (no SO_REUSEPORT).
+    let host_service = TcpListener::bind(SocketAddr::new(vip(69), port)).expect("host service");
+    let backend = echo_server().expect("backend");
+    let keys = [on(66, port), on(67, port)];
+    let entries = keys.iter().map(|key| entry(*key, &[(backend.addr(), true)], test_policy())).collect();
+    let engine = start_engine_with(wildcard_config(), snapshot(1, entries));
+    assert_eq!(engine.stats().total().listeners, 4, "two workers, one socket per VIP");
+    for key in keys {
+        let mut client = connect(key.socket_addr());
+        assert_eq!(round_trip(&mut client, b"exact"), b"exact");
+    }
+    let _theirs = connect(SocketAddr::new(vip(69), port));
+    host_service.set_nonblocking(false).expect("blocking");
+    let (_, peer) = host_service.accept().expect("the host service still gets its own connections");
+    assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 1]));
+    assert_eq!(engine.stats().total().tcp_refused_not_a_vip, 0);
+}
+
+#[test]
+fn vips_sharing_a_port_get_sockets_of_their_own_while_those_fit() {
+    let port = port_free_everywhere();
+    let backend = echo_server().expect("backend");
+    let keys = [on(76, port), on(77, port)];
+    let entries = keys.iter().map(|key| entry(*key, &[(backend.addr(), true)], test_policy())).collect();
+    let engine = start_engine(2, RelayMode::Copy, snapshot(1, entries));
+    assert_eq!(engine.stats().total().listeners, 4, "the default binds each VIP while they fit");
+    let stranger = SocketAddr::new(vip(78), port);
+    let refused = std::net::TcpStream::connect_timeout(&stranger, Duration::from_secs(2));
+    assert_eq!(refused.map(|_| ()).map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionRefused));
+}
+
+/// With the default (`ListenMode::Auto`): 10,000 sockets per worker do not fit this machine's
+/// descriptor budget (20,000 for the process), so the VIPs of the port share a wildcard.
+#[test]
+fn ten_thousand_vips_on_one_port_take_one_socket_per_worker() {
+    let port = port_free_everywhere();
+    let backend = echo_server().expect("backend");
+    let vips: Vec<VipKey> = (0..10_000u32)
+        .map(|i| {
+            VipKey::new(IpAddr::from([127, 1, (i / 250) as u8, (i % 250) as u8 + 1]), port, Protocol::Tcp)
+        })
+        .collect();
+    let entries = vips.iter().map(|key| entry(*key, &[(backend.addr(), true)], test_policy())).collect();
+    let engine = start_engine(2, RelayMode::Copy, snapshot(1, entries));
+    let total = engine.stats().total();
+    assert_eq!(total.listeners, 2, "{total:?}");
+    assert!(total.descriptors < 64, "two workers hold {} descriptors for 10,000 VIPs", total.descriptors);
+    for key in vips.iter().step_by(499) {
+        let mut client = connect(key.socket_addr());
+        assert_eq!(round_trip(&mut client, b"one of many"), b"one of many", "{key}");
+    }
 }

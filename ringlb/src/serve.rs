@@ -16,7 +16,7 @@ use anyhow::Context;
 use lb_core::{
     BuildOptions, EntryPolicy, NotReadyConnections, ServiceSelection, Snapshot, StaleFlowPolicy, VipSource,
 };
-use lb_datapath::{Engine, EngineConfig, RelayMode, UdpConfig};
+use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::{ControlLoop, HealthStatus, KubeSource, ManifestSource, Readiness, SnapshotSink};
@@ -24,7 +24,8 @@ use serde_json::json;
 
 use crate::admin::{self, AdminState};
 use crate::cli::{
-    AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, NotReadyArg, RelayArg, RunArgs, StaleFlowsArg,
+    AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, ListenersArg, NotReadyArg, RelayArg, RunArgs,
+    StaleFlowsArg,
 };
 
 /// Where the served snapshots come from.
@@ -124,6 +125,11 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
             RelayArg::Auto => RelayMode::Auto,
             RelayArg::Copy => RelayMode::Copy,
             RelayArg::Splice => RelayMode::Splice,
+        },
+        listen_mode: match args.listeners {
+            ListenersArg::Auto => ListenMode::Auto,
+            ListenersArg::Exact => ListenMode::Exact,
+            ListenersArg::Wildcard => ListenMode::Wildcard,
         },
         udp: UdpConfig {
             max_flows_per_worker: args.udp_max_flows.unwrap_or(defaults.udp.max_flows_per_worker).max(1),

@@ -112,3 +112,98 @@ fn a_flood_beyond_the_descriptor_limit_is_refused_without_spinning_or_ejecting_a
     eprintln!("ringlb wrote {lines} log lines:\n{text}");
     assert!(lines < 40, "the log stays short: {lines} lines");
 }
+
+/// A Service `shop/many` with every address of `ips` on each of `ports` (named `p0`, `p1`, ...),
+/// and one endpoint `backend` for all of them.
+fn many_vips_manifest(ips: &[std::net::IpAddr], ports: &[u16], backend: SocketAddr) -> String {
+    let list = |items: Vec<String>| items.join(", ");
+    let addresses = list(ips.iter().map(|ip| format!("\"{ip}\"")).collect());
+    let service_ports: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("  - {{name: p{i}, port: {port}, targetPort: {}}}\n", backend.port()))
+        .collect();
+    let slice_ports: String = (0..ports.len())
+        .map(|i| format!("- {{name: p{i}, port: {}, protocol: TCP}}\n", backend.port()))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: many, namespace: shop}}\nspec:\n  \
+         clusterIP: 10.96.0.21\n  externalIPs: [{addresses}]\n  ports:\n{service_ports}---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: many-abc12\n  \
+         namespace: shop\n  labels: {{kubernetes.io/service-name: many}}\naddressType: IPv4\nports:\n\
+         {slice_ports}endpoints:\n- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n",
+        backend.ip()
+    )
+}
+
+#[test]
+fn vips_that_need_more_listening_sockets_than_the_limit_allows_are_named_with_the_limit_that_fits() {
+    let backend = named_server("many").expect("backend");
+    // 200 VIPs on one port share a wildcard socket per worker; one VIP on 100 ports of its own
+    // needs 100 more: 101 per worker, where a limit of 256 lets each of two workers bind 70.
+    let shared: Vec<_> = (1..=200u8).map(|i| std::net::IpAddr::from([127, 3, 0, i])).collect();
+    let shared_port = port_free_on(&[std::net::IpAddr::from([0, 0, 0, 0])]);
+    let alone = std::net::IpAddr::from([127, 3, 1, 1]);
+    // Held while choosing, so that the 100 ports differ.
+    let holders: Vec<_> =
+        (0..100).map(|_| std::net::TcpListener::bind(SocketAddr::new(alone, 0)).expect("bind")).collect();
+    let ports: Vec<u16> = holders.iter().map(|h| h.local_addr().expect("bound").port()).collect();
+    drop(holders);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("many.yaml");
+    let log = dir.path().join("ringlb.log");
+    let mut text = many_vips_manifest(&shared, &[shared_port], backend.addr());
+    text.push_str("---\n");
+    text.push_str(
+        &many_vips_manifest(&[alone], &ports, backend.addr())
+            .replace("name: many,", "name: alone,")
+            .replace("service-name: many", "service-name: alone")
+            .replace("many-abc12", "alone-abc12")
+            .replace("10.96.0.21", "10.96.0.22"),
+    );
+    save(&file, &text);
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let mut ringlb =
+        Ringlb::start_with(&["run", "--manifests", file.to_str().expect("utf-8 path")], |command| {
+            command.stderr(stderr);
+            // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
+            unsafe {
+                command.pre_exec(|| {
+                    let limit = libc::rlimit { rlim_cur: LIMIT, rlim_max: LIMIT };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        });
+    if !poll_ready(&mut ringlb) {
+        panic!("ringlb did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    // The wildcard is bound first: all 200 shared VIPs are served.
+    for ip in shared.iter().step_by(37) {
+        assert_eq!(greeting(SocketAddr::new(*ip, shared_port)).expect("a shared VIP is served").0, "many");
+    }
+    let status = ringlb.status();
+    assert_eq!(sum(&status, "listeners"), 2 * 70, "each worker bound what its budget allows: {status}");
+    assert!(ringlb.terminate().success());
+    let text = std::fs::read_to_string(&log).expect("log");
+    let limit = lb_datapath::DescriptorBudget::limit_for_listeners(101, 2);
+    assert!(
+        text.contains("need 101 listening sockets per worker")
+            && text.contains("allows 70")
+            && text.contains(&format!("raise the descriptor limit to {limit}")),
+        "the log names what is needed and the limit that fits it:\n{text}"
+    );
+}
+
+/// Waits for `/readyz`; false if ringlb exited first.
+fn poll_ready(ringlb: &mut Ringlb) -> bool {
+    poll_until("ringlb ready or gone", || {
+        if !ringlb.is_running() {
+            return Some(false);
+        }
+        matches!(http_get(ringlb.admin, "/readyz"), Ok((200, _))).then_some(true)
+    })
+}
