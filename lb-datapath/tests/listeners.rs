@@ -199,7 +199,10 @@ fn port_free_everywhere() -> u16 {
 /// Two workers that always share a wildcard socket among VIPs of one port (the default does so
 /// only once socket-per-VIP does not fit the descriptor budget).
 fn wildcard_config() -> lb_datapath::EngineConfig {
-    lb_datapath::EngineConfig { listen_mode: lb_datapath::ListenMode::Wildcard, ..test_config(2, RelayMode::Copy) }
+    lb_datapath::EngineConfig {
+        listen_mode: lb_datapath::ListenMode::Wildcard,
+        ..test_config(2, RelayMode::Copy)
+    }
 }
 
 fn on(octet: u8, port: u16) -> VipKey {

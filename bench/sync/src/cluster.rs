@@ -103,6 +103,7 @@ where
 
 pub fn run(
     ringlb: &std::path::Path,
+    workers: usize,
     services: Vec<Service>,
     slices: Vec<EndpointSlice>,
     changes: usize,
@@ -151,7 +152,7 @@ pub fn run(
     let child = Command::new(ringlb)
         .args(["--log-level", "warn", "run", "--kubeconfig"])
         .arg(&kubeconfig)
-        .args(["--workers", "1", "--identity", "bench", "--admin", &admin.to_string()])
+        .args(["--workers", &workers.to_string(), "--identity", "bench", "--admin", &admin.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

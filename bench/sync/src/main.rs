@@ -45,6 +45,10 @@ struct Args {
     /// Run this ringlb binary against an API server emulator instead (see `cluster`).
     #[arg(long)]
     ringlb: Option<std::path::PathBuf>,
+    /// Datapath workers of that ringlb. 1, as in the figures of `bench/RESULTS.md`: on a 2-core
+    /// machine a second worker competes with the emulator and the control thread.
+    #[arg(long, default_value_t = 1)]
+    ringlb_workers: usize,
 }
 
 /// Metadata as an API server returns it (what the source keeps of it is up to `lb_sync::slimmed`).
@@ -167,7 +171,7 @@ fn main() -> anyhow::Result<()> {
         let services: Vec<Service> = (0..args.services).map(service).collect();
         let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
         let (count, endpoints) = (args.services, args.endpoints);
-        let report = cluster::run(ringlb, services, slices, args.changes, |n| {
+        let report = cluster::run(ringlb, args.ringlb_workers, services, slices, args.changes, |n| {
             slice((n * 7919) % count, endpoints, Some(n % endpoints))
         })?;
         let quantile = |q: f64| report.latencies.value_at_quantile(q) as f64 / 1e3;
