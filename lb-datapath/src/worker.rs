@@ -322,6 +322,7 @@ impl Worker {
         for index in unwanted {
             self.close_listener(index);
         }
+        self.update_descriptor_gauges();
         self.mark_draining(snapshot);
         // A drain of zero (`not-ready-connections: close`) closes now, not at the next tick.
         self.expire_connections();
