@@ -1,6 +1,7 @@
 //! End-to-end: `ringlb` under a low descriptor limit (`ulimit -n 256`), flooded with many more
 //! connections than fit. It stays up and ready, its CPU stays bounded while saturated, no backend is
 //! ejected or counted as failed, the log stays short, and it serves normally once the load stops.
+//! And with more VIPs than its listeners may take, it says how many it needs and what limit fits.
 
 mod support;
 
@@ -17,6 +18,23 @@ use testkit::backends::named_server;
 const LIMIT: u64 = 256;
 /// Connections the test opens and holds: far more than 256 descriptors can serve.
 const FLOOD: usize = 600;
+
+/// Runs the command under a descriptor limit of [`LIMIT`] (soft and hard, as `ulimit -n` sets
+/// them) with its stderr to `stderr`.
+fn limited(command: &mut std::process::Command, stderr: std::fs::File) {
+    command.stderr(stderr);
+    // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: LIMIT, rlim_max: LIMIT };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
 
 /// CPU time (user + system) of process `pid` so far, from `/proc/<pid>/stat`.
 fn cpu_of(pid: u32) -> Duration {
@@ -47,18 +65,7 @@ fn a_flood_beyond_the_descriptor_limit_is_refused_without_spinning_or_ejecting_a
     let stderr = std::fs::File::create(&log).expect("log file");
     let mut ringlb =
         Ringlb::start_with(&["run", "--manifests", file.to_str().expect("utf-8 path")], |command| {
-            command.stderr(stderr);
-            // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
-            unsafe {
-                command.pre_exec(|| {
-                    let limit = libc::rlimit { rlim_cur: LIMIT, rlim_max: LIMIT };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            limited(command, stderr)
         });
     ringlb.wait_ready();
     assert_eq!(greeting(vip).expect("served before the flood").0, "web");
@@ -165,18 +172,7 @@ fn vips_that_need_more_listening_sockets_than_the_limit_allows_are_named_with_th
     let stderr = std::fs::File::create(&log).expect("log file");
     let mut ringlb =
         Ringlb::start_with(&["run", "--manifests", file.to_str().expect("utf-8 path")], |command| {
-            command.stderr(stderr);
-            // SAFETY: only setrlimit runs between fork and exec; it is async-signal-safe.
-            unsafe {
-                command.pre_exec(|| {
-                    let limit = libc::rlimit { rlim_cur: LIMIT, rlim_max: LIMIT };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            limited(command, stderr)
         });
     if !poll_ready(&mut ringlb) {
         panic!("ringlb did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
