@@ -157,7 +157,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub udp_max_flows: Option<usize>,
     /// Receive buffer of each UDP VIP socket in bytes (forced past net.core.rmem_max when ringlb may);
-    /// it absorbs bursts while a worker is busy. 0 keeps the kernel default [default: 4194304].
+    /// it absorbs bursts while a worker is busy. 0 keeps the kernel default [default: 16777216].
     #[arg(long)]
     pub udp_receive_buffer: Option<usize>,
 }

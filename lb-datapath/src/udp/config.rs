@@ -2,11 +2,12 @@
 //! once at start. Flow timeouts and what happens to flows whose backend left are per Service
 //! policy, in the snapshot (`lb_core::EntryPolicy`).
 
-/// 4 MiB: about 4 000 small datagrams, a dozen milliseconds of a saturated worker. With the kernel
-/// default (208 KiB) bursts that arrive while the worker is not running were dropped (0.4-2.8 % of
-/// udp-stream); with 4 MiB none were (see the commit that set it). Memory is only taken while
-/// datagrams wait, and `net.ipv4.udp_mem` bounds all UDP sockets together.
-const VIP_RCVBUF_DEFAULT: usize = 4 << 20;
+/// 16 MiB: about 20 000 small datagrams, 40 ms of 500k datagrams/s. With the kernel default
+/// (208 KiB) bursts that arrive while the worker is not running were dropped (0.4-2.8 % of
+/// udp-stream); 4 MiB fixed the unpaced blast but still lost 1.72 % (median of 5) of 500k/s
+/// offered in the VIP sockets' queues, 16 MiB 0.15 % (`bench/RESULTS.md`, UDP overload). Memory is
+/// only taken while datagrams wait, and `net.ipv4.udp_mem` bounds all UDP sockets together.
+const VIP_RCVBUF_DEFAULT: usize = 16 << 20;
 
 /// UDP settings of the engine (per worker).
 #[derive(Debug, Clone, PartialEq, Eq)]
