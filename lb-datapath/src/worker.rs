@@ -303,14 +303,14 @@ impl Worker {
         self.plan = ListenPlan::new(tcp, self.settings.listen_mode, room, &mut self.exact_only);
         self.warn_if_listeners_cannot_fit(self.plan.sockets() + other_sockets);
         // New sockets open before unwanted ones close, so a group moving between exact sockets and
-        // a wildcard never stops accepting; wildcards first, as they serve the most keys.
+        // a wildcard never stops accepting. `bind_unbound` pops from the end: wildcards, pushed
+        // last, are bound first, as they serve the most keys.
         self.unbound.clear();
-        for listen in self.plan.wildcards.keys().chain(self.plan.exact.iter()) {
+        for listen in self.plan.exact.iter().chain(self.plan.wildcards.keys()) {
             if self.listeners.find(listen).is_none() {
                 self.unbound.push(*listen);
             }
         }
-        self.unbound.reverse();
         self.selection.retain_keys(|key| snapshot.get(key).is_some());
         self.bind_unbound(true);
         let mut unwanted = Vec::new();
