@@ -117,6 +117,11 @@ impl RelayBuffers {
         false
     }
 
+    /// Bytes of a ring buffer, and of a pool buffer (what one receive can fill).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
     /// The capacity of the buffer a direction holds (what a receive into it could fill).
     pub fn capacity(&self, held: &Held) -> usize {
         match held {

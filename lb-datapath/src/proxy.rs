@@ -451,8 +451,13 @@ impl Worker {
             if let Some((failed, errno)) = pumped.failure {
                 backend_reset |= backend_failed(which, failed, errno);
             }
-            let copy_size = self.buffers.capacity(&crate::pool::Held::None);
-            if relay::wants_copy(self.settings.path, direction, completed.next, pumped.read, copy_size) {
+            if relay::wants_copy(
+                self.settings.path,
+                direction,
+                completed.next,
+                pumped.read,
+                self.buffers.size(),
+            ) {
                 // Back to copy: the pipe goes back and the next receive waits without a buffer.
                 if let Some(pipe) = direction.pipe.take() {
                     self.pipes.give(pipe);
