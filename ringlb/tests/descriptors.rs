@@ -174,9 +174,7 @@ fn vips_that_need_more_listening_sockets_than_the_limit_allows_are_named_with_th
         Ringlb::start_with(&["run", "--manifests", file.to_str().expect("utf-8 path")], |command| {
             limited(command, stderr)
         });
-    if !poll_ready(&mut ringlb) {
-        panic!("ringlb did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-    }
+    ringlb.wait_ready();
     // The wildcard is bound first: all 200 shared VIPs are served.
     for ip in shared.iter().step_by(37) {
         assert_eq!(greeting(SocketAddr::new(*ip, shared_port)).expect("a shared VIP is served").0, "many");
@@ -192,14 +190,4 @@ fn vips_that_need_more_listening_sockets_than_the_limit_allows_are_named_with_th
             && text.contains(&format!("raise the descriptor limit to {limit}")),
         "the log names what is needed and the limit that fits it:\n{text}"
     );
-}
-
-/// Waits for `/readyz`; false if ringlb exited first.
-fn poll_ready(ringlb: &mut Ringlb) -> bool {
-    poll_until("ringlb ready or gone", || {
-        if !ringlb.is_running() {
-            return Some(false);
-        }
-        matches!(http_get(ringlb.admin, "/readyz"), Ok((200, _))).then_some(true)
-    })
 }
