@@ -83,10 +83,11 @@ def one_round(ringlb: str, path: Path, services: int, port: int, extra: list[str
             except OSError:
                 time.sleep(0.01)
         for name, address in (("first_served_s", vip(0)), ("last_served_s", vip(services - 1))):
-            while time.monotonic() - t0 < timeout and not echoes(address, port):
+            while time.monotonic() - t0 < timeout:
+                if echoes(address, port):
+                    result[name] = time.monotonic() - t0
+                    break
                 time.sleep(0.01)
-            if echoes(address, port):
-                result[name] = time.monotonic() - t0
         status = json.load(urllib.request.urlopen(f"http://{ADMIN}/status", timeout=5))
         result["entries"] = status["snapshot"]["entries"]
         result["listeners"] = sum(w["listeners"] for w in status["workers"])
