@@ -32,7 +32,9 @@ async fn probes_that_fail_for_want_of_descriptors_never_make_a_backend_unhealthy
     assert_eq!(eligible(&first, "127.0.0.61:80"), [up]);
     until(&status, "probes pass", |s| s.probes_sent() >= 3).await;
 
-    let exhausted = Exhausted::leaving(0);
+    // Kept full: a probe socket open at the moment of filling would otherwise be closed and
+    // reused by every later probe.
+    let exhausted = Exhausted::kept_full();
     until(&status, "probes fail for want of descriptors", |s| s.probes_local_failures() >= 5).await;
     drop(exhausted);
     assert_eq!(status.probes_failed(), 0, "no probe counted against the backend");
