@@ -26,6 +26,7 @@ mod readiness;
 mod sink;
 mod source;
 pub mod store;
+pub mod vip_link;
 
 pub use control::{ControlLoop, SourceHandle};
 pub use health::{BackendEventReceiver, EVENT_POLL, HealthStatus};

@@ -1,0 +1,314 @@
+//! VIP ownership on the host: the served VIPs as addresses of a link of ringlb's own (`--vip-link`),
+//! so that the kernel takes their traffic as local (ARP answers, routes through the node, sockets
+//! bound without `IP_FREEBIND`), added and removed through netlink as Services come and go.
+//!
+//! The link is found by name or created (kind `dummy`, or a port-less `bridge` where the kernel
+//! has no dummy driver) and brought up. Each VIP is a host address (/32, /128; IPv6 without
+//! duplicate address detection, which a link without carrier would never finish).
+//!
+//! Invariants:
+//! - ringlb adds and removes only addresses it tags with [`ADDRESS_PROTOCOL`] (iproute2 6.2 and
+//!   later show `proto 0x52`): an address an operator put on the link, even one equal to a VIP, is never
+//!   touched, and the tag lets a restarted ringlb find the addresses a previous run left behind;
+//! - [`VipLink::close`] removes every tagged address, and deletes the link only if this process
+//!   created it;
+//! - a failed change is retried by the next [`VipLink::set`] (the wanted set is always compared
+//!   with the link as it is), and never costs the addresses that are already right.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use lb_core::LogThrottle;
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
+};
+use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
+use tokio::sync::watch;
+
+/// The `IFA_PROTO` value of ringlb's addresses (`'R'`): how it knows which addresses are its own.
+pub const ADDRESS_PROTOCOL: u8 = 0x52;
+
+/// How often the same netlink failure is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a failed change waits before the next attempt.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The kind of link ringlb creates when none of its name exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinkKind {
+    /// A `dummy` link, as kube-proxy's IPVS mode uses (`kube-ipvs0`).
+    #[default]
+    Dummy,
+    /// A bridge without ports: for kernels without the dummy driver.
+    Bridge,
+}
+
+impl fmt::Display for LinkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LinkKind::Dummy => "dummy",
+            LinkKind::Bridge => "bridge",
+        })
+    }
+}
+
+/// Which link holds the VIPs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipLinkConfig {
+    pub name: String,
+    pub kind: LinkKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VipLinkError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("link {link}: {operation}: {error}")]
+    Netlink {
+        link: String,
+        operation: String,
+        #[source]
+        error: rtnetlink::Error,
+    },
+}
+
+/// The link and the addresses ringlb holds on it. See the module doc.
+pub struct VipLink {
+    handle: Handle,
+    name: String,
+    index: u32,
+    created: bool,
+    /// The tagged addresses on the link, as last listed or changed.
+    ours: BTreeSet<IpAddr>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl VipLink {
+    /// Finds or creates the link, brings it up and adopts the tagged addresses already on it.
+    pub async fn open(config: &VipLinkConfig) -> Result<VipLink, VipLinkError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(VipLinkError::Socket)?;
+        let connection = tokio::spawn(connection);
+        let name = config.name.clone();
+        let fail = |operation: &str| {
+            let (link, operation) = (name.clone(), operation.to_owned());
+            move |error| VipLinkError::Netlink { link, operation, error }
+        };
+        let (index, created) = match link_index(&handle, &name).await.map_err(fail("look up"))? {
+            Some(index) => (index, false),
+            None => {
+                let message = match config.kind {
+                    LinkKind::Dummy => LinkDummy::new(&name).up().build(),
+                    LinkKind::Bridge => LinkBridge::new(&name).up().build(),
+                };
+                handle
+                    .link()
+                    .add(message)
+                    .execute()
+                    .await
+                    .map_err(fail(&format!("create a {} link", config.kind)))?;
+                let index = link_index(&handle, &name).await.map_err(fail("look up"))?;
+                (index.ok_or_else(|| fail("look up")(rtnetlink::Error::RequestFailed))?, true)
+            }
+        };
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(fail("bring up"))?;
+        let mut link = VipLink { handle, name, index, created, ours: BTreeSet::new(), connection };
+        link.ours = link.tagged().await?.into_iter().map(|(address, _)| address).collect();
+        tracing::info!(link = %link.name, created, adopted = link.ours.len(), "VIP link ready");
+        Ok(link)
+    }
+
+    /// The link's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The addresses ringlb holds on the link.
+    pub fn addresses(&self) -> &BTreeSet<IpAddr> {
+        &self.ours
+    }
+
+    /// Makes the tagged addresses `wanted`: adds what is missing, removes what is no longer
+    /// wanted. Goes on past a failed address; the first failure is returned once all were tried.
+    pub async fn set(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<(), VipLinkError> {
+        let mut first_error = None;
+        let tagged = self.tagged().await?;
+        self.ours = tagged.iter().map(|(address, _)| *address).collect();
+        for (address, message) in tagged {
+            if wanted.contains(&address) {
+                continue;
+            }
+            match self.handle.address().del(message).execute().await {
+                Ok(()) => {
+                    self.ours.remove(&address);
+                    tracing::debug!(link = %self.name, %address, "VIP address removed");
+                }
+                Err(error) => {
+                    first_error = first_error.or(Some(self.error(&format!("remove {address}"), error)))
+                }
+            }
+        }
+        let present = self.present().await?;
+        for &address in wanted {
+            if present.contains(&address) {
+                continue;
+            }
+            match self.add(address).await {
+                Ok(()) => {
+                    self.ours.insert(address);
+                    tracing::debug!(link = %self.name, %address, "VIP address added");
+                }
+                Err(error) => {
+                    first_error = first_error.or(Some(self.error(&format!("add {address}"), error)))
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Removes every tagged address, then the link if this process created it.
+    pub async fn close(mut self) -> Result<(), VipLinkError> {
+        let cleared = self.set(&BTreeSet::new()).await;
+        let deleted = if self.created {
+            let deleted = self.handle.link().del(self.index).execute().await;
+            deleted.map_err(|error| self.error("delete", error))
+        } else {
+            Ok(())
+        };
+        self.connection.abort();
+        tracing::info!(link = %self.name, deleted = self.created, "VIP link released");
+        cleared.and(deleted)
+    }
+
+    async fn add(&self, address: IpAddr) -> Result<(), rtnetlink::Error> {
+        let prefix = if address.is_ipv4() { 32 } else { 128 };
+        let mut request = self.handle.address().add(self.index, address, prefix);
+        let message = request.message_mut();
+        message.attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(ADDRESS_PROTOCOL)));
+        if address.is_ipv6() {
+            message.header.flags |= AddressHeaderFlags::Nodad;
+            message.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        request.execute().await
+    }
+
+    /// Every address on the link.
+    async fn present(&self) -> Result<BTreeSet<IpAddr>, VipLinkError> {
+        let messages = self.list().await?;
+        Ok(messages.iter().filter_map(address_of).collect())
+    }
+
+    /// The tagged addresses on the link, each with the message that deletes it.
+    async fn tagged(&self) -> Result<Vec<(IpAddr, AddressMessage)>, VipLinkError> {
+        let messages = self.list().await?;
+        Ok(messages.into_iter().filter(is_ours).filter_map(|m| Some((address_of(&m)?, m))).collect())
+    }
+
+    async fn list(&self) -> Result<Vec<AddressMessage>, VipLinkError> {
+        let request = self.handle.address().get().set_link_index_filter(self.index).execute();
+        request.try_collect().await.map_err(|error| self.error("list addresses", error))
+    }
+
+    fn error(&self, operation: &str, error: rtnetlink::Error) -> VipLinkError {
+        VipLinkError::Netlink { link: self.name.clone(), operation: operation.to_owned(), error }
+    }
+}
+
+/// Keeps the link's addresses equal to `addresses` of what `wanted` holds (e.g. [`vip_addresses`]
+/// of the published snapshot) until `stop` resolves, then closes the link (see
+/// [`VipLink::close`]). Netlink is asked only when the addresses differ from those last set; a
+/// failed change is logged (the same failure at most every [`LOG_EVERY`]) and retried after
+/// [`RETRY_AFTER`].
+pub async fn run<T>(
+    mut link: VipLink,
+    mut wanted: watch::Receiver<T>,
+    addresses: impl Fn(&T) -> BTreeSet<IpAddr>,
+    stop: impl Future,
+) {
+    let mut stop = std::pin::pin!(stop);
+    let mut throttle = LogThrottle::new(LOG_EVERY);
+    let mut applied = None;
+    let mut open = true;
+    loop {
+        let target = addresses(&wanted.borrow_and_update());
+        let failing = if applied.as_ref() == Some(&target) {
+            false
+        } else {
+            match link.set(&target).await {
+                Ok(()) => {
+                    applied = Some(target);
+                    false
+                }
+                Err(error) => {
+                    if let Some(suppressed) = throttle.admit(std::time::Instant::now()) {
+                        tracing::warn!(%error, suppressed, "cannot update the VIP link; retrying");
+                    }
+                    applied = None;
+                    true
+                }
+            }
+        };
+        let retry = async {
+            if failing {
+                tokio::time::sleep(RETRY_AFTER).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => break,
+            // The sender gone (the control loop ended): the VIPs stay until `stop`, so that
+            // draining connections keep their addresses.
+            changed = wanted.changed(), if open => open = changed.is_ok(),
+            () = retry => {}
+        }
+    }
+    if let Err(error) = link.close().await {
+        tracing::warn!(%error, "cannot release the VIP link");
+    }
+}
+
+/// The VIP addresses of a snapshot: what the link should hold.
+pub fn vip_addresses(snapshot: &lb_core::Snapshot) -> BTreeSet<IpAddr> {
+    snapshot.keys().map(|key| key.addr).collect()
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, rtnetlink::Error> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link.map(|link| link.header.index)),
+        // The kernel answers a name it does not know with ENODEV.
+        Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::ENODEV => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn address_of(message: &AddressMessage) -> Option<IpAddr> {
+    // IFA_LOCAL is the address itself where it differs from IFA_ADDRESS (the peer, on point-to-point
+    // links); on the links ringlb uses they are equal, and IPv6 carries only IFA_ADDRESS.
+    let local = message.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(address) => Some(*address),
+        _ => None,
+    });
+    local.or_else(|| {
+        message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(address) => Some(*address),
+            _ => None,
+        })
+    })
+}
+
+fn is_ours(message: &AddressMessage) -> bool {
+    message
+        .attributes
+        .iter()
+        .any(|a| matches!(a, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == ADDRESS_PROTOCOL))
+}
