@@ -31,6 +31,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum Command {
     /// Serve the LoadBalancer Services and external IPs of a Kubernetes cluster (watched through its
     /// API), or, with `--manifests`, of manifest files followed as they change.
@@ -58,6 +59,27 @@ pub struct RunArgs {
     pub admin: AdminArgs,
     #[command(flatten)]
     pub defaults: DefaultsArgs,
+    #[command(flatten)]
+    pub vips: VipArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VipArgs {
+    /// Hold every served VIP as a host address (/32, /128) of this link, through netlink: found,
+    /// or created and deleted again on exit. Only addresses ringlb added are ever removed. Without
+    /// it VIPs are bound with IP_FREEBIND and the network must route them to this host.
+    #[arg(long, value_name = "NAME")]
+    pub vip_link: Option<String>,
+    /// The kind of link --vip-link creates when none of that name exists (bridge: a port-less
+    /// bridge, for kernels without the dummy driver).
+    #[arg(long, value_enum, default_value_t = VipLinkKindArg::Dummy, requires = "vip_link")]
+    pub vip_link_kind: VipLinkKindArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VipLinkKindArg {
+    Dummy,
+    Bridge,
 }
 
 #[derive(Debug, Args)]

@@ -19,13 +19,14 @@ use lb_core::{
 use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::leader::{self, LeaseConfig};
+use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
 use lb_sync::{ControlLoop, HealthStatus, KubeSource, ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
 
 use crate::admin::{self, AdminState};
 use crate::cli::{
     AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, ListenersArg, NotReadyArg, RelayArg, RunArgs,
-    StaleFlowsArg,
+    StaleFlowsArg, VipLinkKindArg,
 };
 
 /// Where the served snapshots come from.
@@ -69,7 +70,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Source::Cluster(cluster, ControlLoop::new(options))
         }
     };
-    serve(source, &args.engine, &args.admin)
+    let vip_link = args.vips.vip_link.as_ref().map(|name| VipLinkConfig {
+        name: name.clone(),
+        kind: match args.vips.vip_link_kind {
+            VipLinkKindArg::Dummy => LinkKind::Dummy,
+            VipLinkKindArg::Bridge => LinkKind::Bridge,
+        },
+    });
+    serve(source, &args.engine, &args.admin, vip_link)
 }
 
 /// `$POD_NAME` is the usual identity; outside a pod, the host name and PID.
@@ -140,14 +148,19 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
     }
 }
 
-/// Publishes every snapshot the source produces to the engine, and remembers that one arrived.
+/// Publishes every snapshot the source produces to the engine, and remembers that one arrived;
+/// with `--vip-link`, also to the task that holds the VIPs on the link.
 struct EngineSink {
     engine: Arc<Engine>,
     published: Arc<AtomicBool>,
+    vips: Option<tokio::sync::watch::Sender<Arc<Snapshot>>>,
 }
 
 impl SnapshotSink for EngineSink {
     fn publish(&self, snapshot: Arc<Snapshot>) {
+        if let Some(vips) = &self.vips {
+            vips.send_replace(Arc::clone(&snapshot));
+        }
         self.engine.publish(snapshot);
         self.published.store(true, Ordering::Release);
     }
@@ -209,7 +222,12 @@ impl AdminState for ServeState {
     }
 }
 
-pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -> anyhow::Result<ExitCode> {
+pub fn serve(
+    source: Source,
+    engine_args: &EngineArgs,
+    admin_args: &AdminArgs,
+    vip_link: Option<VipLinkConfig>,
+) -> anyhow::Result<ExitCode> {
     let admin_addr = admin::listen_addr(admin_args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -239,11 +257,25 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
         "descriptor budget"
     );
     let published = Arc::new(AtomicBool::new(false));
-    let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published) };
+    let (vips, vips_wanted) = tokio::sync::watch::channel(Arc::new(Snapshot::empty()));
+    let vips = vip_link.is_some().then_some(vips);
+    let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published), vips };
 
     let grace = engine_args.shutdown_grace;
     let outcome = runtime.block_on(async {
         let mut signals = Signals::new();
+        // The VIPs stay on the link until the connections on them have drained.
+        let (release_vips, vips_released) = tokio::sync::oneshot::channel::<()>();
+        let vip_task = match &vip_link {
+            Some(config) => {
+                let link = VipLink::open(config)
+                    .await
+                    .with_context(|| format!("preparing the VIP link {}", config.name))?;
+                let addresses = |snapshot: &Arc<Snapshot>| vip_link::vip_addresses(snapshot);
+                Some(tokio::spawn(vip_link::run(link, vips_wanted, addresses, vips_released)))
+            }
+            None => None,
+        };
         // Passive outlier detection: the workers' connect outcomes and resets flow back to the
         // control loop's health monitor, whose ejections join the one health overlay.
         let events = engine.take_backend_events();
@@ -316,6 +348,12 @@ pub fn serve(source: Source, engine_args: &EngineArgs, admin_args: &AdminArgs) -
         }
         if served.is_ok() {
             drain(&engine, grace, &mut signals).await;
+        }
+        if let Some(task) = vip_task {
+            let _ = release_vips.send(());
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                tracing::warn!("the VIP link was not released within 5 s");
+            }
         }
         served
     });

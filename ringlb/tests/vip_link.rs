@@ -1,0 +1,94 @@
+//! `ringlb run --vip-link`: ringlb in a network namespace of the test's own holds its VIPs as
+//! addresses of a link it creates, so the namespace's kernel answers ARP for them and a client
+//! on the host reaches the VIP across the veth pair; the addresses follow the manifest, and a
+//! graceful stop removes them with the link. A port-less bridge stands in for a dummy link (this
+//! machine's kernel has no dummy driver).
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Output};
+
+use support::{Ringlb, greeting, poll_until, save};
+use testkit::backends::named_server_on;
+use testkit::pods::PodNetwork;
+
+const LINK: &str = "ringlb-vips";
+
+/// An address of the pod network's /24 that no pod uses (pods take .10 to .210).
+fn vip_in(network: &PodNetwork, last: u8) -> IpAddr {
+    let IpAddr::V4(host) = network.host_ip() else { unreachable!("the pod network is IPv4") };
+    let [a, b, c, _] = host.octets();
+    IpAddr::V4(Ipv4Addr::new(a, b, c, last))
+}
+
+fn ip_in(network: &PodNetwork, args: &[&str]) -> Output {
+    Command::new("ip").args(["-n", network.name()]).args(args).output().expect("run ip")
+}
+
+fn link_addresses(network: &PodNetwork) -> String {
+    let output = ip_in(network, &["address", "show", "dev", LINK]);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn the_vips_of_a_ringlb_in_a_namespace_are_reachable_from_the_host_and_go_away_with_it() {
+    let network = PodNetwork::create().expect("a network namespace");
+    // The backend listens on the namespace's loopback (a manifest may name loopback endpoints).
+    let backend =
+        network.enter(|| named_server_on(SocketAddr::from(([127, 0, 0, 1], 0)), "pod-a")).expect("a backend");
+    let stopped_in_namespace = InNamespace { network: &network, server: Some(backend) };
+    let backend = stopped_in_namespace.server.as_ref().expect("just made");
+    let (first, second) = (vip_in(&network, 250), vip_in(&network, 251));
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let manifest = dir.path().join("services.yaml");
+    let web = |vip: IpAddr| {
+        support::web_manifest(SocketAddr::new(vip, 80), backend.addr().port(), &[(backend.addr().ip(), true)])
+    };
+    save(&manifest, &web(first));
+
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", network.name(), env!("CARGO_BIN_EXE_ringlb"), "run"]);
+    command.args(["--manifests".as_ref(), manifest.as_os_str()]);
+    command.args(["--vip-link", LINK, "--vip-link-kind", "bridge", "--admin", "off"]);
+    command.args(["--workers", "1", "--shutdown-grace", "1s", "--log-level", "warn"]);
+    // `ip netns exec` execs ringlb itself, so signals reach it; the admin address is unused.
+    let ringlb = Ringlb::spawn(command, SocketAddr::from(([127, 0, 0, 1], 0)));
+
+    // From the host, across the veth: only a local address of the namespace answers ARP.
+    let (name, _) =
+        poll_until("the VIP to answer from the host", || greeting(SocketAddr::new(first, 80)).ok());
+    assert_eq!(name, "pod-a");
+    assert!(link_addresses(&network).contains(&format!("{first}/32")));
+
+    save(&manifest, &web(second));
+    poll_until("the link to follow the manifest", || {
+        let shown = link_addresses(&network);
+        (shown.contains(&format!("{second}/32")) && !shown.contains(&format!("{first}/32"))).then_some(())
+    });
+    let (name, _) = poll_until("the new VIP to answer", || greeting(SocketAddr::new(second, 80)).ok());
+    assert_eq!(name, "pod-a");
+
+    let status = ringlb.terminate();
+    assert!(status.success(), "ringlb exits 0 on SIGTERM: {status}");
+    let gone = ip_in(&network, &["link", "show", "dev", LINK]);
+    assert!(
+        !gone.status.success(),
+        "the link ringlb created is deleted: {}",
+        String::from_utf8_lossy(&gone.stdout)
+    );
+}
+
+/// A server made inside the namespace, stopped there too (it stops by connecting to itself), also
+/// when the test fails.
+struct InNamespace<'n> {
+    network: &'n PodNetwork,
+    server: Option<testkit::backends::Server>,
+}
+
+impl Drop for InNamespace<'_> {
+    fn drop(&mut self) {
+        let server = self.server.take();
+        self.network.enter(move || drop(server));
+    }
+}
