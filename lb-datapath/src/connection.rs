@@ -1,10 +1,9 @@
 //! Per-connection state and the worker's connection slab.
 //!
-//! A [`Conn`] lives in a boxed slot of the [`ConnTable`] that is never moved or freed while the worker
-//! runs (slots are reused through a free list), so the addresses and buffers the kernel reads or
-//! writes stay put. A slot is released only when no operation of the connection is in flight
-//! (`in_flight == 0`); its generation then advances so late completions for the old connection are
-//! ignored. Releasing returns every buffer and pipe to the pools and closes both sockets.
+//! A [`Conn`] lives in a pinned slot of the [`ConnTable`] (see [`crate::slots`]) that is never moved
+//! or freed while the worker runs, so the addresses and buffers the kernel reads or writes stay put.
+//! A slot is released only when no operation of the connection is in flight (`in_flight == 0`); its
+//! generation then advances so late completions for the old connection are ignored. Releasing returns every buffer and pipe to the pools and closes both sockets.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use lb_core::{BackendId, BackendIdx, BackendLoad, EntryPolicy, ServiceEntry, Vip
 use socket2::Socket;
 
 use crate::pool::{Held, Pipe};
-use crate::ring::GENERATION_MASK;
+use crate::slots::{Pinned, Slots};
 
 /// Backends one connection may try at most, whatever `policy.connect_attempts` says.
 pub(crate) const MAX_ATTEMPTS: usize = 16;
@@ -160,65 +159,7 @@ impl Conn {
     }
 }
 
-struct Slot {
-    generation: u32,
-    conn: Option<Conn>,
-}
-
-/// The worker's connections; slot index + generation name a connection in `user_data`.
-#[derive(Default)]
-pub(crate) struct ConnTable {
-    // Boxed on purpose: the kernel reads connect addresses and timespecs inside a slot, so a slot must
-    // not move when the Vec grows.
-    #[allow(clippy::vec_box)]
-    slots: Vec<Box<Slot>>,
-    free: Vec<u32>,
-    len: usize,
-}
-
-impl ConnTable {
-    pub fn insert(&mut self, conn: Conn) -> (u32, u32) {
-        self.len += 1;
-        if let Some(index) = self.free.pop() {
-            let slot = &mut self.slots[index as usize];
-            slot.conn = Some(conn);
-            return (index, slot.generation);
-        }
-        self.slots.push(Box::new(Slot { generation: 0, conn: Some(conn) }));
-        ((self.slots.len() - 1) as u32, 0)
-    }
-
-    pub fn get_mut(&mut self, index: u32, generation: u32) -> Option<&mut Conn> {
-        let slot = self.slots.get_mut(index as usize)?;
-        if slot.generation != generation {
-            return None;
-        }
-        slot.conn.as_mut()
-    }
-
-    /// Takes the connection out and retires the slot's generation.
-    pub fn remove(&mut self, index: u32) -> Option<Conn> {
-        let slot = self.slots.get_mut(index as usize)?;
-        let conn = slot.conn.take()?;
-        slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
-        self.free.push(index);
-        self.len -= 1;
-        Some(conn)
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// `(index, generation)` of every live connection (allocates; housekeeping only).
-    pub fn live(&self, out: &mut Vec<(u32, u32)>) {
-        out.clear();
-        out.extend(
-            self.slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.conn.is_some())
-                .map(|(i, s)| (i as u32, s.generation)),
-        );
-    }
-}
+/// The worker's connections; slot index + generation name a connection in `user_data`. Pinned: the
+/// kernel reads connect addresses and timespecs inside a connection, so it must not move when the
+/// table grows.
+pub(crate) type ConnTable = Slots<Conn, (), Pinned<Conn>>;

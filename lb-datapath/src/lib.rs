@@ -7,7 +7,8 @@
 //!
 //! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
 //! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
-//! `listener` (socket setup), `slots` (sockets by key), `budget` (descriptors, local shortages),
+//! `listener` (socket setup), `slots` (the one slot table, by generation and key), `budget`
+//! (descriptors, local shortages),
 //! `warnings` (throttled), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
 //! (per-worker pick state, counting on the backends' shared loads), `affinity` (the
 //! session-affinity table all workers share), `stats`, `events` (backend events for outlier

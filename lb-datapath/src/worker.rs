@@ -193,7 +193,7 @@ impl Worker {
             }
             if self.stopping {
                 let deadline = *stop_deadline.get_or_insert(self.now + STOP_GRACE);
-                let idle = self.conns.len() == 0
+                let idle = self.conns.is_empty()
                     && self.listeners.is_empty()
                     && self.udp.is_idle()
                     && self.sctp.is_idle();
@@ -661,7 +661,7 @@ impl Worker {
         stats::set(&self.counters.listeners, 0);
         self.udp.leak_if_busy();
         self.sctp.leak_if_busy();
-        if self.conns.len() > 0 {
+        if !self.conns.is_empty() {
             tracing::warn!(
                 worker = self.settings.index,
                 left = self.conns.len(),

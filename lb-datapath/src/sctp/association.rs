@@ -30,7 +30,7 @@ impl Worker {
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
-        let over_budget = self.sctp.active >= self.settings.max_connections || !self.fits(2);
+        let over_budget = self.sctp.assocs.len() >= self.settings.max_connections || !self.fits(2);
         if over_budget && entry.is_some() {
             self.refuse_for_budget("an SCTP association was aborted at accept");
         }
@@ -45,7 +45,7 @@ impl Worker {
             abort_socket(&client);
             return;
         };
-        let assoc = Box::new(Assoc {
+        let assoc = Assoc {
             key,
             drain_timeout: entry.policy.drain_timeout,
             drain_deadline: None,
@@ -66,9 +66,9 @@ impl Worker {
             in_flight: 0,
             last_activity: self.now,
             dirs: [Direction::new(), Direction::new()],
-        });
-        let (index, generation) = self.sctp.insert(assoc);
-        stats::set(&self.counters.sctp_active, self.sctp.active as u64);
+        };
+        let (index, generation) = self.sctp.assocs.insert(assoc);
+        stats::set(&self.counters.sctp_active, self.sctp.assocs.len() as u64);
         self.try_sctp_connect(index, generation);
     }
 
@@ -299,9 +299,7 @@ impl Worker {
         if !assoc.closing || assoc.in_flight > 0 {
             return;
         }
-        let Some(slot) = self.sctp.assocs.get_mut(index as usize) else { return };
-        let Some(mut assoc) = slot.assoc.take() else { return };
-        self.sctp.active -= 1;
+        let Some(mut assoc) = self.sctp.assocs.remove(index) else { return };
         if assoc.reset {
             stats::add(&self.counters.sctp_aborts, 1);
             abort_socket(&assoc.client);
@@ -312,7 +310,7 @@ impl Worker {
         if let Some(load) = assoc.counted.take() {
             self.selection.close(load, &self.counters);
         }
-        stats::set(&self.counters.sctp_active, self.sctp.active as u64);
+        stats::set(&self.counters.sctp_active, self.sctp.assocs.len() as u64);
         drop(assoc);
     }
 }

@@ -14,7 +14,7 @@
 //! Each association allocates its two 64 KiB message buffers when accepted (not per message).
 //! This file: state, listeners (reconcile, bind, accept), drain and idle checks, stop;
 //! `association` one association's life; `socket` socket options and control messages.
-//! Invariants: every association is boxed (its buffers and timespec never move while the kernel may
+//! Invariants: every association is pinned (its buffers and timespec never move while the kernel may
 //! use them) and released only when `in_flight == 0`; each direction has one operation at a time.
 
 mod association;
@@ -33,7 +33,8 @@ use socket2::Socket;
 use self::socket::{MsgBuf, bind_sctp_listener};
 use crate::connection::MAX_ATTEMPTS;
 use crate::listener::{Listener, ListenerTable};
-use crate::ring::{ConnectTarget, GENERATION_MASK, OpKind, UserData};
+use crate::ring::{ConnectTarget, OpKind, UserData};
+use crate::slots::{Pinned, Slots};
 use crate::stats;
 use crate::warnings::{Warning, warn_limited};
 use crate::worker::Worker;
@@ -84,11 +85,6 @@ struct Assoc {
     dirs: [Direction; 2],
 }
 
-struct AssocSlot {
-    generation: u32,
-    assoc: Option<Box<Assoc>>,
-}
-
 /// Everything SCTP a worker owns.
 pub(crate) struct SctpState {
     listeners: ListenerTable,
@@ -96,8 +92,8 @@ pub(crate) struct SctpState {
     unbound: Vec<VipKey>,
     /// The kernel refused SCTP sockets (`EPROTONOSUPPORT`); logged once.
     unsupported: bool,
-    assocs: Vec<AssocSlot>,
-    active: usize,
+    /// Pinned: the kernel reads the connect target inside an association.
+    assocs: Slots<Assoc, (), Pinned<Assoc>>,
 }
 
 const C2B: usize = 0;
@@ -117,15 +113,14 @@ impl SctpState {
             listeners: ListenerTable::default(),
             unbound: Vec::new(),
             unsupported: false,
-            assocs: Vec::new(),
-            active: 0,
+            assocs: Slots::default(),
         }
     }
 
     /// No listener and no association left (the stopping worker may leave).
     /// Descriptors held: listeners, and a client and a backend socket per association.
     pub fn descriptors(&self) -> usize {
-        self.listeners.len() + 2 * self.active
+        self.listeners.len() + 2 * self.assocs.len()
     }
 
     /// Listening sockets held (open or closing).
@@ -134,13 +129,13 @@ impl SctpState {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.listeners.is_empty() && self.active == 0
+        self.listeners.is_empty() && self.assocs.is_empty()
     }
 
     /// Associations whose cancelled operations never completed keep their buffers (the kernel may
     /// still write into them).
     pub fn leak_if_busy(&mut self) {
-        if self.active > 0 {
+        if !self.assocs.is_empty() {
             std::mem::forget(std::mem::take(&mut self.assocs));
         }
     }
@@ -150,7 +145,7 @@ impl SctpState {
         for (_, listener) in self.listeners.iter_mut() {
             let _ = listener.socket.shutdown(std::net::Shutdown::Read);
         }
-        for assoc in self.assocs.iter_mut().filter_map(|slot| slot.assoc.as_mut()) {
+        for (_, assoc) in self.assocs.iter_mut() {
             let _ = assoc.client.shutdown(std::net::Shutdown::Both);
             if let Some(backend) = &assoc.backend {
                 let _ = backend.shutdown(std::net::Shutdown::Both);
@@ -159,32 +154,13 @@ impl SctpState {
     }
 
     fn get(&mut self, index: u32, generation: u32) -> Option<&mut Assoc> {
-        let slot = self.assocs.get_mut(index as usize)?;
-        if slot.generation != generation {
-            return None;
-        }
-        slot.assoc.as_deref_mut()
-    }
-
-    fn insert(&mut self, assoc: Box<Assoc>) -> (u32, u32) {
-        self.active += 1;
-        if let Some(index) = self.assocs.iter().position(|s| s.assoc.is_none()) {
-            let slot = &mut self.assocs[index];
-            slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
-            slot.assoc = Some(assoc);
-            return (index as u32, slot.generation);
-        }
-        self.assocs.push(AssocSlot { generation: 0, assoc: Some(assoc) });
-        ((self.assocs.len() - 1) as u32, 0)
+        self.assocs.get_mut(index, generation)
     }
 
     fn live(&self) -> Vec<(u32, u32)> {
-        self.assocs
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.assoc.is_some())
-            .map(|(i, s)| (i as u32, s.generation))
-            .collect()
+        let mut live = Vec::new();
+        self.assocs.live(&mut live);
+        live
     }
 }
 
@@ -214,8 +190,7 @@ impl Worker {
     /// a drain deadline (and takes it back if they return), as TCP connections get.
     pub(crate) fn mark_sctp_draining(&mut self, snapshot: &Snapshot) {
         let now = self.now;
-        for slot in &mut self.sctp.assocs {
-            let Some(assoc) = slot.assoc.as_deref_mut() else { continue };
+        for (_, assoc) in self.sctp.assocs.iter_mut() {
             assoc.drain_deadline = crate::worker::drain_deadline(
                 snapshot,
                 assoc.key,

@@ -2,22 +2,21 @@
 //! eviction and conntrack-like idle timeouts that each flow takes from its Service.
 //!
 //! Pure data structure: no sockets, no clock (every call takes `now`), so it is tested on its own.
-//! Flows live in slots addressed by `(index, generation)` [`FlowHandle`]s that fit in `user_data`; a
-//! slot's generation advances when its flow is removed, so a handle of a removed flow never finds its
-//! successor. Flows with the same timeouts form a class; each class threads its slots on an intrusive
+//! Flows live in the worker's slot table ([`crate::slots`]), addressed by `(index, generation)`
+//! [`FlowHandle`]s that fit in `user_data`; a slot's generation advances when its flow is removed, so
+//! a handle of a removed flow never finds its successor. Flows with the same timeouts form a class; each class threads its slots on an intrusive
 //! doubly-linked list in recency order (head = most recent), so within a class recency order is
 //! expiry order: `touch` is O(1), expiry costs the number of old flows, and eviction (the least
 //! recently used flow of all: the oldest of the class tails) the number of classes, which is at most
 //! the number of distinct timeouts in use. Nothing allocates once the table has grown to its working
 //! size.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lb_core::VipKey;
 
-use crate::ring::GENERATION_MASK;
+use crate::slots::{SlotKey, Slots};
 
 /// What a flow is keyed by: the VIP it was sent to and the client's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,10 +64,11 @@ impl FlowTimeouts {
 
 const NONE: u32 = u32::MAX;
 
-struct Slot<V> {
-    generation: u32,
-    key: Option<FlowKey>,
-    value: Option<V>,
+impl SlotKey for FlowKey {}
+
+/// A flow and its place in its class's recency list.
+struct Entry<V> {
+    value: V,
     last_seen: Instant,
     replied: bool,
     class: u16,
@@ -88,9 +88,7 @@ struct Class {
 
 /// Bounded flow table with LRU order. See the module doc.
 pub(crate) struct FlowTable<V> {
-    index: HashMap<FlowKey, u32>,
-    slots: Vec<Slot<V>>,
-    free: Vec<u32>,
+    slots: Slots<Entry<V>, FlowKey>,
     /// Never shrinks; an empty class is reused for the next new timeouts.
     classes: Vec<Class>,
     capacity: usize,
@@ -99,47 +97,41 @@ pub(crate) struct FlowTable<V> {
 impl<V> FlowTable<V> {
     /// A table that holds at most `capacity` flows (at least 1).
     pub fn new(capacity: usize) -> Self {
-        FlowTable {
-            index: HashMap::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
-            classes: Vec::new(),
-            capacity: capacity.max(1),
-        }
+        FlowTable { slots: Slots::default(), classes: Vec::new(), capacity: capacity.max(1) }
     }
 
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.slots.len()
     }
 
     pub fn find(&self, key: &FlowKey) -> Option<FlowHandle> {
-        let index = *self.index.get(key)?;
-        Some(FlowHandle { index, generation: self.slots[index as usize].generation })
-    }
-
-    fn live(&self, handle: FlowHandle) -> Option<&Slot<V>> {
-        let slot = self.slots.get(handle.index as usize)?;
-        (slot.generation == handle.generation && slot.value.is_some()).then_some(slot)
+        let index = self.slots.find(key)?;
+        Some(FlowHandle { index, generation: self.slots.generation(index) })
     }
 
     pub fn get(&self, handle: FlowHandle) -> Option<&V> {
-        self.live(handle)?.value.as_ref()
+        self.slots.get(handle.index, handle.generation).map(|entry| &entry.value)
     }
 
     pub fn get_mut(&mut self, handle: FlowHandle) -> Option<&mut V> {
-        self.live(handle)?;
-        self.slots[handle.index as usize].value.as_mut()
+        self.slots.get_mut(handle.index, handle.generation).map(|entry| &mut entry.value)
+    }
+
+    /// A flow threaded on a class list; the lists hold live flows only.
+    fn linked(&self, index: u32) -> &Entry<V> {
+        self.slots.at(index).expect("class lists link live flows only")
+    }
+
+    fn linked_mut(&mut self, index: u32) -> &mut Entry<V> {
+        self.slots.at_mut(index).expect("class lists link live flows only")
     }
 
     /// Records traffic on a flow at `now` (a reply from the backend if `reply`), making it the most
     /// recently used.
     pub fn touch(&mut self, handle: FlowHandle, now: Instant, reply: bool) {
-        if self.live(handle).is_none() {
-            return;
-        }
-        let slot = &mut self.slots[handle.index as usize];
-        slot.last_seen = now;
-        slot.replied |= reply;
+        let Some(entry) = self.slots.get_mut(handle.index, handle.generation) else { return };
+        entry.last_seen = now;
+        entry.replied |= reply;
         self.unlink(handle.index);
         self.push_front(handle.index);
     }
@@ -154,7 +146,7 @@ impl<V> FlowTable<V> {
         now: Instant,
         timeouts: FlowTimeouts,
     ) -> (FlowHandle, Option<Evicted<V>>) {
-        debug_assert!(!self.index.contains_key(&key), "insert of a present flow key");
+        debug_assert!(self.slots.find(&key).is_none(), "insert of a present flow key");
         let evicted = match self.least_recently_used() {
             Some(handle) if self.len() >= self.capacity => {
                 self.remove(handle).map(|(key, value)| Evicted { handle, key, value })
@@ -162,45 +154,19 @@ impl<V> FlowTable<V> {
             _ => None,
         };
         let class = self.class_for(timeouts);
-        let index = match self.free.pop() {
-            Some(index) => index,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    key: None,
-                    value: None,
-                    last_seen: now,
-                    replied: false,
-                    class,
-                    prev: NONE,
-                    next: NONE,
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let slot = &mut self.slots[index as usize];
-        slot.key = Some(key);
-        slot.value = Some(value);
-        slot.last_seen = now;
-        slot.replied = false;
-        slot.class = class;
-        let handle = FlowHandle { index, generation: slot.generation };
+        let entry = Entry { value, last_seen: now, replied: false, class, prev: NONE, next: NONE };
+        let (index, generation) = self.slots.insert(key, entry);
         self.push_front(index);
-        self.index.insert(key, index);
-        (handle, evicted)
+        (FlowHandle { index, generation }, evicted)
     }
 
     /// Removes a flow, retiring its handle.
     pub fn remove(&mut self, handle: FlowHandle) -> Option<(FlowKey, V)> {
-        self.live(handle)?;
+        self.slots.get(handle.index, handle.generation)?;
         self.unlink(handle.index);
-        let slot = &mut self.slots[handle.index as usize];
-        let key = slot.key.take()?;
-        let value = slot.value.take()?;
-        slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
-        self.index.remove(&key);
-        self.free.push(handle.index);
-        Some((key, value))
+        let key = *self.slots.key(handle.index)?;
+        let entry = self.slots.remove(handle.index)?;
+        Some((key, entry.value))
     }
 
     /// Appends to `out` every flow idle past its timeout at `now`. Walks each class from its least
@@ -211,28 +177,24 @@ impl<V> FlowTable<V> {
             let shortest = class.timeouts.shortest();
             let mut cursor = class.tail;
             while cursor != NONE {
-                let slot = &self.slots[cursor as usize];
-                let idle = now.saturating_duration_since(slot.last_seen);
+                let entry = self.linked(cursor);
+                let idle = now.saturating_duration_since(entry.last_seen);
                 if idle < shortest {
                     break;
                 }
-                if idle >= class.timeouts.for_flow(slot.replied) {
-                    out.push(FlowHandle { index: cursor, generation: slot.generation });
+                if idle >= class.timeouts.for_flow(entry.replied) {
+                    out.push(FlowHandle { index: cursor, generation: self.slots.generation(cursor) });
                 }
-                cursor = slot.prev;
+                cursor = entry.prev;
             }
         }
     }
 
     /// Appends to `out` every flow for which `select(key, value)` holds (housekeeping only: O(n)).
     pub fn select(&self, out: &mut Vec<FlowHandle>, mut select: impl FnMut(&FlowKey, &V) -> bool) {
-        for (index, slot) in self.slots.iter().enumerate() {
-            let selected = match (&slot.key, &slot.value) {
-                (Some(key), Some(value)) => select(key, value),
-                _ => false,
-            };
-            if selected {
-                out.push(FlowHandle { index: index as u32, generation: slot.generation });
+        for (index, generation, entry) in self.slots.iter() {
+            if self.slots.key(index).is_some_and(|key| select(key, &entry.value)) {
+                out.push(FlowHandle { index, generation });
             }
         }
     }
@@ -244,8 +206,8 @@ impl<V> FlowTable<V> {
             .iter()
             .filter(|class| class.tail != NONE)
             .map(|class| class.tail)
-            .min_by_key(|&tail| self.slots[tail as usize].last_seen)?;
-        Some(FlowHandle { index, generation: self.slots[index as usize].generation })
+            .min_by_key(|&tail| self.linked(tail).last_seen)?;
+        Some(FlowHandle { index, generation: self.slots.generation(index) })
     }
 
     /// The class of `timeouts`: an existing one, else an empty one reused, else a new one.
@@ -269,28 +231,29 @@ impl<V> FlowTable<V> {
 
     fn unlink(&mut self, index: u32) {
         let (prev, next, class) = {
-            let slot = &self.slots[index as usize];
-            (slot.prev, slot.next, usize::from(slot.class))
+            let entry = self.linked(index);
+            (entry.prev, entry.next, usize::from(entry.class))
         };
         let class = &mut self.classes[class];
         if prev != NONE {
-            self.slots[prev as usize].next = next;
+            self.slots.at_mut(prev).expect("class lists link live flows only").next = next;
         } else if class.head == index {
             class.head = next;
         }
         if next != NONE {
-            self.slots[next as usize].prev = prev;
+            self.slots.at_mut(next).expect("class lists link live flows only").prev = prev;
         } else if class.tail == index {
             class.tail = prev;
         }
         class.len -= 1;
-        let slot = &mut self.slots[index as usize];
-        slot.prev = NONE;
-        slot.next = NONE;
+        let entry = self.linked_mut(index);
+        entry.prev = NONE;
+        entry.next = NONE;
     }
 
     fn push_front(&mut self, index: u32) {
-        let class = &mut self.classes[usize::from(self.slots[index as usize].class)];
+        let class_index = usize::from(self.linked(index).class);
+        let class = &mut self.classes[class_index];
         let old_head = class.head;
         class.head = index;
         class.len += 1;
@@ -298,11 +261,11 @@ impl<V> FlowTable<V> {
             class.tail = index;
         }
         if old_head != NONE {
-            self.slots[old_head as usize].prev = index;
+            self.slots.at_mut(old_head).expect("class lists link live flows only").prev = index;
         }
-        let slot = &mut self.slots[index as usize];
-        slot.prev = NONE;
-        slot.next = old_head;
+        let entry = self.linked_mut(index);
+        entry.prev = NONE;
+        entry.next = old_head;
     }
 }
 
