@@ -13,6 +13,7 @@ use crate::ring::ConnectTarget;
 use lb_core::{BackendId, BackendIdx, BackendLoad, EntryPolicy, ServiceEntry, VipKey};
 use socket2::Socket;
 
+use crate::dir::Dir;
 use crate::pool::{Held, Pipe};
 use crate::slots::{Pinned, Slots};
 
@@ -30,13 +31,6 @@ pub(crate) enum Phase {
     Closing,
 }
 
-/// One relay direction: reads from one socket and writes to the other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Which {
-    ClientToBackend,
-    BackendToClient,
-}
-
 /// The single operation a direction has in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pending {
@@ -47,7 +41,7 @@ pub(crate) enum Pending {
     PollOut,
 }
 
-/// State of one relay direction.
+/// State of one relay direction (which one: a [`Dir`]): reads from one socket, writes to the other.
 pub(crate) struct Direction {
     pub pending: Pending,
     /// Copy relay: the buffer `[start..end]` of which is received but not yet sent; none while
@@ -151,10 +145,10 @@ impl Conn {
         }
     }
 
-    pub fn direction(&mut self, which: Which) -> &mut Direction {
-        match which {
-            Which::ClientToBackend => &mut self.client_to_backend,
-            Which::BackendToClient => &mut self.backend_to_client,
+    pub fn direction(&mut self, dir: Dir) -> &mut Direction {
+        match dir {
+            Dir::ToBackend => &mut self.client_to_backend,
+            Dir::ToClient => &mut self.backend_to_client,
         }
     }
 }

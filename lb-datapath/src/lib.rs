@@ -20,6 +20,7 @@ mod affinity;
 mod budget;
 mod bufring;
 mod connection;
+mod dir;
 mod engine;
 mod events;
 mod listener;

@@ -16,7 +16,8 @@ use lb_core::health::{BackendEvent, BackendOutcome};
 use lb_core::{Backend, BackendIdx, LocalResource, ServiceEntry, VipKey};
 use socket2::{Domain, Socket, Type};
 
-use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase, Which};
+use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase};
+use crate::dir::Dir;
 use crate::relay::{self, Advanced, Next, Path};
 use crate::ring::{OpKind, UserData};
 use crate::selection::Selection;
@@ -81,13 +82,6 @@ impl Failure {
     }
 }
 
-fn direction_kind(which: Which) -> OpKind {
-    match which {
-        Which::ClientToBackend => OpKind::ClientToBackend,
-        Which::BackendToClient => OpKind::BackendToClient,
-    }
-}
-
 /// A connect to a local port nobody listens on can pick that same port as its source and "succeed"
 /// by TCP simultaneous open, connecting the socket to itself; that backend is in fact down. Only a
 /// backend port inside the kernel's ephemeral range can be picked as a source port, so only those
@@ -120,7 +114,7 @@ pub(crate) fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
 /// cancelled, not "try again", not for lack of local memory), or writing to it was refused with a
 /// reset or broken pipe. Failures on the client's side are not the backend's fault and are not
 /// reported.
-fn backend_failed(which: Which, pending: Pending, result: i32) -> bool {
+fn backend_failed(dir: Dir, pending: Pending, result: i32) -> bool {
     if result >= 0
         || result == -libc::ECANCELED
         || result == -libc::EAGAIN
@@ -128,9 +122,9 @@ fn backend_failed(which: Which, pending: Pending, result: i32) -> bool {
     {
         return false;
     }
-    match (which, pending) {
-        (Which::BackendToClient, Pending::Recv) => true,
-        (Which::ClientToBackend, Pending::Send) => result == -libc::ECONNRESET || result == -libc::EPIPE,
+    match (dir, pending) {
+        (Dir::ToClient, Pending::Recv) => true,
+        (Dir::ToBackend, Pending::Send) => result == -libc::ECONNRESET || result == -libc::EPIPE,
         _ => false,
     }
 }
@@ -320,11 +314,11 @@ impl Worker {
         conn.phase = Phase::Relaying;
         conn.entry = None;
         conn.last_activity = self.now;
-        for which in [Which::ClientToBackend, Which::BackendToClient] {
+        for dir in Dir::BOTH {
             // Without a pipe (out of descriptors, or over the budget) a direction copies instead.
             let pipe = if path == Path::Splice { self.take_pipe() } else { None };
             let Some(conn) = self.conns.get_mut(index, generation) else { return };
-            let direction = conn.direction(which);
+            let direction = conn.direction(dir);
             // A copy direction takes no buffer yet: its receive draws one when data arrives.
             if let Some(pipe) = pipe {
                 direction.pipe = Some(pipe);
@@ -332,8 +326,8 @@ impl Worker {
             }
         }
         self.update_pool_gauges();
-        for which in [Which::ClientToBackend, Which::BackendToClient] {
-            if !self.step(index, generation, which, Next::Advance) {
+        for dir in Dir::BOTH {
+            if !self.step(index, generation, dir, Next::Advance) {
                 return;
             }
         }
@@ -342,10 +336,10 @@ impl Worker {
     /// Moves an adaptive direction that proved bulk from copy to splice: its (empty) buffer goes back
     /// to the pool and a pipe takes its place. Without a pipe (out of fds) it keeps copying and only
     /// tries again once it has proved bulk anew, not on every receive.
-    fn switch_to_splice(&mut self, index: u32, generation: u32, which: Which) {
+    fn switch_to_splice(&mut self, index: u32, generation: u32, dir: Dir) {
         let Some(pipe) = self.take_pipe() else {
             if let Some(conn) = self.conns.get_mut(index, generation) {
-                conn.direction(which).full_reads = 0;
+                conn.direction(dir).full_reads = 0;
             }
             return;
         };
@@ -353,7 +347,7 @@ impl Worker {
             self.pipes.give(pipe);
             return;
         };
-        let direction = conn.direction(which);
+        let direction = conn.direction(dir);
         direction.pipe = Some(pipe);
         direction.spliced = true;
         self.buffers.release(&mut direction.held);
@@ -363,24 +357,21 @@ impl Worker {
 
     /// Issues the operation `next` asks for on one direction. Returns false if the connection was
     /// closed as a consequence.
-    fn step(&mut self, index: u32, generation: u32, which: Which, next: Next) -> bool {
+    fn step(&mut self, index: u32, generation: u32, dir: Dir, next: Next) -> bool {
         if next == Next::Advance
             && self
                 .conns
                 .get_mut(index, generation)
-                .is_some_and(|conn| relay::wants_splice(self.settings.path, conn.direction(which)))
+                .is_some_and(|conn| relay::wants_splice(self.settings.path, conn.direction(dir)))
         {
-            self.switch_to_splice(index, generation, which);
+            self.switch_to_splice(index, generation, dir);
         }
         let Some(conn) = self.conns.get_mut(index, generation) else { return false };
         let Some(backend) = conn.backend.as_ref() else { return false };
         let (client_fd, backend_fd) = (conn.client.as_raw_fd(), backend.as_raw_fd());
-        let (source, destination) = match which {
-            Which::ClientToBackend => (client_fd, backend_fd),
-            Which::BackendToClient => (backend_fd, client_fd),
-        };
-        let user_data = UserData::new(direction_kind(which), index, generation).encode();
-        let direction = conn.direction(which);
+        let (source, destination) = dir.ends(client_fd, backend_fd);
+        let user_data = UserData::new(OpKind::tcp_relay(dir), index, generation).encode();
+        let direction = conn.direction(dir);
         let issued = match next {
             Next::Advance => {
                 relay::advance(&mut self.ring, direction, &mut self.buffers, source, destination, user_data)
@@ -425,19 +416,16 @@ impl Worker {
         }
     }
 
-    pub(crate) fn on_direction(&mut self, data: UserData, which: Which, result: i32, flags: u32) {
+    pub(crate) fn on_direction(&mut self, data: UserData, dir: Dir, result: i32, flags: u32) {
         let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
         conn.in_flight -= 1;
-        let pending = conn.direction(which).pending;
-        let mut backend_reset = backend_failed(which, pending, result);
-        let mut completed = relay::complete(conn.direction(which), &mut self.buffers, result, flags);
+        let pending = conn.direction(dir).pending;
+        let mut backend_reset = backend_failed(dir, pending, result);
+        let mut completed = relay::complete(conn.direction(dir), &mut self.buffers, result, flags);
         let (client_fd, backend_fd) = (conn.client.as_raw_fd(), conn.backend.as_ref().map(|b| b.as_raw_fd()));
-        let (source, destination) = match which {
-            Which::ClientToBackend => (Some(client_fd), backend_fd),
-            Which::BackendToClient => (backend_fd, Some(client_fd)),
-        };
+        let (source, destination) = dir.ends(Some(client_fd), backend_fd);
         let closing = conn.phase == Phase::Closing;
-        let direction = conn.direction(which);
+        let direction = conn.direction(dir);
         if direction.spliced
             && !closing
             && matches!(completed.next, Next::ReadNow | Next::Advance)
@@ -445,11 +433,11 @@ impl Worker {
             && let (Some(source), Some(destination)) = (source, destination)
         {
             // The poll said the source is readable (or the destination writable): move the bytes now.
-            let direction = conn.direction(which);
+            let direction = conn.direction(dir);
             let pumped = relay::splice::pump(direction, source, destination, relay::SPLICE_BUDGET);
             completed = pumped.completed;
             if let Some((failed, errno)) = pumped.failure {
-                backend_reset |= backend_failed(which, failed, errno);
+                backend_reset |= backend_failed(dir, failed, errno);
             }
             if relay::wants_copy(
                 self.settings.path,
@@ -472,13 +460,10 @@ impl Worker {
         if completed.eof {
             // The state tells a reset apart only while we have not sent our own FIN on the source:
             // after it, the peer's FIN moves the socket to TIME_WAIT, which leaves it in TCP_CLOSE too.
-            let fin_sent = match which {
-                Which::ClientToBackend => conn.backend_to_client.done,
-                Which::BackendToClient => conn.client_to_backend.done,
-            };
+            let fin_sent = conn.direction(dir.reverse()).done;
             if !fin_sent && source.is_some_and(relay::source_was_reset) {
                 completed.next = Next::Reset;
-                backend_reset |= which == Which::BackendToClient;
+                backend_reset |= dir == Dir::ToClient;
             }
         }
         if let (true, Some(backend)) = (backend_reset && conn.phase != Phase::Closing, conn.backend_id) {
@@ -489,9 +474,9 @@ impl Worker {
             conn.last_activity = self.now;
         }
         if completed.written > 0 {
-            let counter = match which {
-                Which::ClientToBackend => &self.counters.bytes_client_to_backend,
-                Which::BackendToClient => &self.counters.bytes_backend_to_client,
+            let counter = match dir {
+                Dir::ToBackend => &self.counters.bytes_client_to_backend,
+                Dir::ToClient => &self.counters.bytes_backend_to_client,
             };
             stats::add(counter, completed.written);
         }
@@ -499,7 +484,7 @@ impl Worker {
             self.release_if_idle(data.slot, data.generation);
             return;
         }
-        self.step(data.slot, data.generation, which, completed.next);
+        self.step(data.slot, data.generation, dir, completed.next);
     }
 
     /// Starts tearing a connection down: cancels what is in flight and releases it once nothing is.
@@ -545,8 +530,8 @@ impl Worker {
         if let Some(load) = conn.counted.take() {
             self.selection.close(load, &self.counters);
         }
-        for which in [Which::ClientToBackend, Which::BackendToClient] {
-            let direction = conn.direction(which);
+        for dir in Dir::BOTH {
+            let direction = conn.direction(dir);
             self.buffers.release(&mut direction.held);
             if let Some(pipe) = direction.pipe.take() {
                 self.pipes.give(pipe);

@@ -24,6 +24,8 @@ use io_uring::types::{Fd, Timespec};
 use io_uring::{IoUring, Probe, opcode};
 use socket2::SockAddr;
 
+use crate::dir::Dir;
+
 /// What a completion belongs to. Stored in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -48,7 +50,7 @@ pub(crate) enum OpKind {
     UdpVip = 9,
     /// The receive armed on a UDP flow's upstream socket (slot = flow table slot).
     UdpFlow = 10,
-    /// A UDP send from a receive buffer (slot = buffer id, generation = direction).
+    /// A UDP send from a receive buffer (slot = buffer id, generation = [`Dir::index`]).
     UdpSend = 11,
     /// An accept on an SCTP listener slot.
     SctpAccept = 12,
@@ -63,6 +65,24 @@ pub(crate) enum OpKind {
 }
 
 impl OpKind {
+    /// The kind of a TCP connection's relay operation in `dir`.
+    #[inline]
+    pub fn tcp_relay(dir: Dir) -> OpKind {
+        match dir {
+            Dir::ToBackend => OpKind::ClientToBackend,
+            Dir::ToClient => OpKind::BackendToClient,
+        }
+    }
+
+    /// The kind of an SCTP association's relay operation in `dir`.
+    #[inline]
+    pub fn sctp_relay(dir: Dir) -> OpKind {
+        match dir {
+            Dir::ToBackend => OpKind::SctpClientToBackend,
+            Dir::ToClient => OpKind::SctpBackendToClient,
+        }
+    }
+
     fn from_u8(value: u8) -> Option<OpKind> {
         Some(match value {
             1 => OpKind::Wake,

@@ -23,6 +23,7 @@ use socket2::Socket;
 
 use crate::bufring::BufRing;
 use crate::connection::ConnTable;
+use crate::dir::Dir;
 use crate::engine::Shared;
 use crate::events::EventBuffer;
 use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, is_wildcard};
@@ -223,12 +224,8 @@ impl Worker {
             OpKind::Accept => self.on_accept(data, result, flags),
             OpKind::Connect => self.on_connect(data, result),
             OpKind::ConnectTimeout => self.on_connect_timeout(data),
-            OpKind::ClientToBackend => {
-                self.on_direction(data, crate::connection::Which::ClientToBackend, result, flags)
-            }
-            OpKind::BackendToClient => {
-                self.on_direction(data, crate::connection::Which::BackendToClient, result, flags)
-            }
+            OpKind::ClientToBackend => self.on_direction(data, Dir::ToBackend, result, flags),
+            OpKind::BackendToClient => self.on_direction(data, Dir::ToClient, result, flags),
             OpKind::UdpVip => self.on_udp_vip(data, result, flags),
             OpKind::UdpFlow => self.on_udp_flow(data, result, flags),
             OpKind::UdpSend => self.on_udp_send(data, result),

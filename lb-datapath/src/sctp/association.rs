@@ -13,8 +13,9 @@ use lb_core::{LocalResource, VipKey};
 use socket2::{Domain, Socket};
 
 use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
-use super::{Assoc, B2C, C2B, Direction, Pending, abort_socket, dir_kind};
+use super::{Assoc, Direction, Pending, abort_socket};
 use crate::connection::MAX_ATTEMPTS;
+use crate::dir::Dir;
 use crate::proxy::{Attempt, Failure};
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::stats;
@@ -141,27 +142,27 @@ impl Worker {
         assoc.relaying = true;
         assoc.entry = None;
         assoc.last_activity = self.now;
-        for dir in [C2B, B2C] {
+        for dir in Dir::BOTH {
             if !self.arm_sctp_recv(data.slot, data.generation, dir) {
                 return;
             }
         }
     }
 
-    fn sctp_fds(assoc: &Assoc, dir: usize) -> Option<(i32, i32)> {
+    fn sctp_fds(assoc: &Assoc, dir: Dir) -> Option<(i32, i32)> {
         let client = assoc.client.as_raw_fd();
         let backend = assoc.backend.as_ref()?.as_raw_fd();
-        Some(if dir == C2B { (client, backend) } else { (backend, client) })
+        Some(dir.ends(client, backend))
     }
 
-    pub(super) fn arm_sctp_recv(&mut self, index: u32, generation: u32, dir: usize) -> bool {
+    pub(super) fn arm_sctp_recv(&mut self, index: u32, generation: u32, dir: Dir) -> bool {
         let Some(assoc) = self.sctp.get(index, generation) else { return false };
         let Some((source, _)) = Self::sctp_fds(assoc, dir) else { return false };
-        let direction = &mut assoc.dirs[dir];
+        let direction = &mut assoc.dirs[dir.index()];
         let header = direction.buf.prepare_recv();
         let entry = opcode::RecvMsg::new(Fd(source), header)
             .build()
-            .user_data(UserData::new(dir_kind(dir), index, generation).encode());
+            .user_data(UserData::new(OpKind::sctp_relay(dir), index, generation).encode());
         // SAFETY: the msghdr, iovec, control and data live in the boxed association's boxed
         // buffer, which is not released while this receive is in flight.
         match unsafe { self.ring.push(&entry) } {
@@ -178,15 +179,15 @@ impl Worker {
         }
     }
 
-    pub(super) fn arm_sctp_send(&mut self, index: u32, generation: u32, dir: usize) {
+    pub(super) fn arm_sctp_send(&mut self, index: u32, generation: u32, dir: Dir) {
         let Some(assoc) = self.sctp.get(index, generation) else { return };
         let Some((_, destination)) = Self::sctp_fds(assoc, dir) else { return };
-        let direction = &mut assoc.dirs[dir];
+        let direction = &mut assoc.dirs[dir.index()];
         let header = direction.buf.prepare_send();
         let entry = opcode::SendMsg::new(Fd(destination), header)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()
-            .user_data(UserData::new(dir_kind(dir), index, generation).encode());
+            .user_data(UserData::new(OpKind::sctp_relay(dir), index, generation).encode());
         // SAFETY: as for the receive: everything the msghdr points to lives in the boxed buffer.
         match unsafe { self.ring.push(&entry) } {
             Ok(()) => {
@@ -200,11 +201,11 @@ impl Worker {
         }
     }
 
-    pub(super) fn on_sctp_direction(&mut self, data: UserData, dir: usize, result: i32) {
+    pub(super) fn on_sctp_direction(&mut self, data: UserData, dir: Dir, result: i32) {
         let (index, generation) = (data.slot, data.generation);
         let Some(assoc) = self.sctp.get(index, generation) else { return };
         assoc.in_flight -= 1;
-        let pending = std::mem::replace(&mut assoc.dirs[dir].pending, Pending::None);
+        let pending = std::mem::replace(&mut assoc.dirs[dir.index()].pending, Pending::None);
         if assoc.closing {
             self.release_sctp_if_idle(index, generation);
             return;
@@ -217,13 +218,13 @@ impl Worker {
         assoc.last_activity = self.now;
         match pending {
             Pending::Send => {
-                let direction = &mut assoc.dirs[dir];
+                let direction = &mut assoc.dirs[dir.index()];
                 if result as usize != direction.buf.filled {
                     // SCTP sends a message whole or not at all; anything else is a broken association.
                     self.begin_sctp_close(index, generation, true);
                     return;
                 }
-                let counter = if dir == C2B {
+                let counter = if dir == Dir::ToBackend {
                     &self.counters.sctp_messages_client_to_backend
                 } else {
                     &self.counters.sctp_messages_backend_to_client
@@ -233,7 +234,8 @@ impl Worker {
                 self.arm_sctp_recv(index, generation, dir);
             }
             Pending::Recv if result == 0 => {
-                let destination = if dir == C2B { assoc.backend.as_ref() } else { Some(&assoc.client) };
+                let destination =
+                    if dir == Dir::ToBackend { assoc.backend.as_ref() } else { Some(&assoc.client) };
                 if let Some(destination) = destination {
                     // SHUT_WR on a one-to-one SCTP socket starts the SHUTDOWN sequence.
                     let _ = destination.shutdown(std::net::Shutdown::Write);
@@ -245,7 +247,7 @@ impl Worker {
                 self.begin_sctp_close(index, generation, false);
             }
             Pending::Recv => {
-                let buf = &mut assoc.dirs[dir].buf;
+                let buf = &mut assoc.dirs[dir.index()].buf;
                 let flags = buf.received_flags();
                 if flags & MSG_NOTIFICATION != 0 {
                     // None is subscribed; should one arrive, it is not payload.
@@ -283,9 +285,9 @@ impl Worker {
         if assoc.connect_pending {
             targets.push(OpKind::SctpConnect);
         }
-        for dir in [C2B, B2C] {
-            if assoc.dirs[dir].pending != Pending::None {
-                targets.push(dir_kind(dir));
+        for dir in Dir::BOTH {
+            if assoc.dirs[dir.index()].pending != Pending::None {
+                targets.push(OpKind::sctp_relay(dir));
             }
         }
         for kind in targets {

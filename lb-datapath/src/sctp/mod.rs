@@ -32,6 +32,7 @@ use socket2::Socket;
 
 use self::socket::{MsgBuf, bind_sctp_listener};
 use crate::connection::MAX_ATTEMPTS;
+use crate::dir::Dir;
 use crate::listener::{Listener, ListenerTable};
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::slots::{Pinned, Slots};
@@ -81,7 +82,7 @@ struct Assoc {
     /// Set while the key or the backend is missing from the snapshot (aborted when it passes).
     drain_deadline: Option<Instant>,
     last_activity: Instant,
-    /// [client→backend, backend→client]
+    /// By [`Dir::index`].
     dirs: [Direction; 2],
 }
 
@@ -94,13 +95,6 @@ pub(crate) struct SctpState {
     unsupported: bool,
     /// Pinned: the kernel reads the connect target inside an association.
     assocs: Slots<Assoc, (), Pinned<Assoc>>,
-}
-
-const C2B: usize = 0;
-const B2C: usize = 1;
-
-fn dir_kind(dir: usize) -> OpKind {
-    if dir == C2B { OpKind::SctpClientToBackend } else { OpKind::SctpBackendToClient }
 }
 
 fn abort_socket(socket: &Socket) {
@@ -285,8 +279,8 @@ impl Worker {
                 assoc.in_flight -= 1;
                 self.release_sctp_if_idle(data.slot, data.generation);
             }
-            OpKind::SctpClientToBackend => self.on_sctp_direction(data, C2B, result),
-            OpKind::SctpBackendToClient => self.on_sctp_direction(data, B2C, result),
+            OpKind::SctpClientToBackend => self.on_sctp_direction(data, Dir::ToBackend, result),
+            OpKind::SctpBackendToClient => self.on_sctp_direction(data, Dir::ToClient, result),
             _ => {}
         }
     }

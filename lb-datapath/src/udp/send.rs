@@ -28,6 +28,7 @@ use socket2::SockAddr;
 
 use super::flow_table::FlowHandle;
 use super::{FlowEnd, UdpFlow};
+use crate::dir::Dir;
 use crate::ring::{OpKind, UserData};
 use crate::stats;
 use crate::worker::Worker;
@@ -37,15 +38,6 @@ pub(crate) const MAX_SEGMENTS: usize = 64;
 /// Most payload bytes one send carries: what fits one IPv4 packet (the GSO packet is one IP packet
 /// until it is split).
 pub(crate) const MAX_SEND_BYTES: usize = 65_507;
-
-/// Which way a send goes; also its `UserData::generation` and its index in `UdpFlow::open_sends`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    /// `sendmsg` on the flow's connected upstream socket.
-    ToBackend = 0,
-    /// `sendmsg` from the flow's VIP socket to the client's address.
-    ToClient = 1,
-}
 
 /// Room for one `cmsghdr` carrying a `u16` (`CMSG_SPACE(2)` is 24 on 64-bit Linux), aligned for it.
 #[repr(C, align(8))]
@@ -60,7 +52,7 @@ struct SendSlot {
     control: Control,
     address: libc::sockaddr_storage,
     flow: FlowHandle,
-    direction: Direction,
+    direction: Dir,
     /// Datagrams carried (iovecs and buffers in use).
     count: usize,
     /// Size of the first datagram: the GSO segment size once a second one joins.
@@ -78,7 +70,7 @@ impl SendSlot {
     fn start(
         &mut self,
         flow: FlowHandle,
-        direction: Direction,
+        direction: Dir,
         bid: u16,
         payload: *const u8,
         len: usize,
@@ -123,7 +115,7 @@ impl SendSlot {
 
     /// Whether `len` more bytes of `flow` going `direction` may join this send before submission
     /// `now`.
-    fn admits(&self, flow: FlowHandle, direction: Direction, now: u64, len: usize) -> bool {
+    fn admits(&self, flow: FlowHandle, direction: Dir, now: u64, len: usize) -> bool {
         self.open
             && self.queued_at == now
             && self.flow == flow
@@ -193,7 +185,7 @@ impl SendSlots {
                 // SAFETY: as above.
                 address: unsafe { std::mem::zeroed() },
                 flow: FlowHandle { index: 0, generation: 0 },
-                direction: Direction::ToBackend,
+                direction: Dir::ToBackend,
                 count: 0,
                 segment: 0,
                 bytes: 0,
@@ -215,7 +207,7 @@ impl Worker {
         payload: *const u8,
         len: usize,
     ) -> bool {
-        self.send_datagram(Direction::ToBackend, flow, bid, payload, len)
+        self.send_datagram(Dir::ToBackend, flow, bid, payload, len)
     }
 
     /// Sends `len` bytes at `payload` (inside receive buffer `bid`) from the flow's VIP socket to its
@@ -227,23 +219,23 @@ impl Worker {
         payload: *const u8,
         len: usize,
     ) -> bool {
-        self.send_datagram(Direction::ToClient, flow, bid, payload, len)
+        self.send_datagram(Dir::ToClient, flow, bid, payload, len)
     }
 
     /// Adds the datagram to the flow's queued send in `direction` if it may join (see the module
     /// doc), else queues a new send headed by its buffer.
     fn send_datagram(
         &mut self,
-        direction: Direction,
+        direction: Dir,
         handle: FlowHandle,
         bid: u16,
         payload: *const u8,
         len: usize,
     ) -> bool {
         let now = self.ring.submissions();
-        let to_client = direction == Direction::ToClient;
+        let to_client = direction == Dir::ToClient;
         let Some(flow) = self.udp.flows.get_mut(handle) else { return false };
-        let open = &mut flow.open_sends[direction as usize];
+        let open = &mut flow.open_sends[direction.index()];
         if let Some(slot) = open.and_then(|head| self.udp.sends.slots.get_mut(usize::from(head)))
             && slot.admits(handle, direction, now, len)
         {
@@ -255,10 +247,10 @@ impl Worker {
             return true;
         }
         *open = None;
-        let max_segment = usize::from(flow.max_segment[direction as usize]);
+        let max_segment = usize::from(flow.max_segment[direction.index()]);
         let (fd, client) = match direction {
-            Direction::ToBackend => (flow.upstream.as_raw_fd(), None),
-            Direction::ToClient => {
+            Dir::ToBackend => (flow.upstream.as_raw_fd(), None),
+            Dir::ToClient => {
                 let Some(vip) = self.udp.vips.at(flow.vip_slot) else {
                     return false;
                 };
@@ -270,7 +262,7 @@ impl Worker {
         slot.address(client);
         let entry = opcode::SendMsg::new(Fd(fd), &slot.header)
             .build()
-            .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), direction as u32).encode());
+            .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), direction.index() as u32).encode());
         // SAFETY: header, iovecs, control message and address live in the boxed send slot of buffer
         // `bid`, the payloads in the buffers the slot lists; none is reused before this send's
         // completion, and they change only before the next submission (module doc). The kernel holds
@@ -283,11 +275,11 @@ impl Worker {
             slot.open = joinable;
         }
         if let (true, Some(flow)) = (queued, self.udp.flows.get_mut(handle)) {
-            if direction == Direction::ToBackend {
+            if direction == Dir::ToBackend {
                 flow.fd_queued_at = Some(now);
             }
             if joinable {
-                flow.open_sends[direction as usize] = Some(bid);
+                flow.open_sends[direction.index()] = Some(bid);
             }
         }
         self.udp.flows.touch(handle, self.now, to_client);
@@ -319,7 +311,8 @@ impl Worker {
         if let Some(buffers) = self.udp.buffers.as_mut() {
             buffers.recycle_all(&slot.bids[..count]);
         }
-        let to_backend = data.generation == Direction::ToBackend as u32;
+        let direction = Dir::from_index(data.generation);
+        let to_backend = direction == Dir::ToBackend;
         if result >= 0 {
             let (datagrams, bytes) = if to_backend {
                 (&self.counters.udp_datagrams_client_to_backend, &self.counters.udp_bytes_client_to_backend)
@@ -338,9 +331,8 @@ impl Worker {
         } else if count > 1 && matches!(-result, libc::EMSGSIZE | libc::EINVAL | libc::EIO) {
             // The path MTU shrank below the segment size, or the route cannot segment (IPsec): send
             // this flow's datagrams one by one from now on.
-            let direction = if to_backend { Direction::ToBackend } else { Direction::ToClient };
             if let Some(UdpFlow { max_segment, .. }) = self.udp.flows.get_mut(flow) {
-                max_segment[direction as usize] = 0;
+                max_segment[direction.index()] = 0;
             }
         }
     }
@@ -349,6 +341,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dir::Dir as Direction;
 
     fn queued(len: usize, max_segment: usize) -> SendSlot {
         let mut slot = SendSlots::new(1).slots.into_vec().pop().expect("one slot");
