@@ -5,30 +5,24 @@
 //! listeners of ten thousand VIPs took every descriptor, accepts failed on every loop turn, the admin
 //! listener spun. So the limit is split up front ([`DescriptorBudget`]): a reserve for the control
 //! thread (admin, health probes, sources, logs), the rest in equal shares per worker. A worker
-//! accounts what it holds ([`Worker::descriptors`]) and, before taking more, checks its share: a
-//! client it has no room for is reset at accept, a new UDP flow's datagram is dropped, a relay
-//! direction stays on copy instead of taking a pipe, and listeners stop short of the share so that
-//! connections always keep some room. Each refusal is counted (`budget_refusals`) and warned about
-//! through the worker's throttle.
+//! accounts what it holds (each component is lent the [`Room`] the others leave it) and, before
+//! taking more, checks its share: a client it has no room for is reset at accept, a new UDP flow's
+//! datagram is dropped, a relay direction stays on copy instead of taking a pipe, and listeners
+//! stop short of the share so that connections always keep some room. Each refusal is counted (`budget_refusals`) and warned about
+//! through the worker's throttle (`Ctx::refuse_for_budget`).
 //!
 //! A failure for lack of a local resource anyway (`EMFILE`, `ENOBUFS`, `EADDRNOTAVAIL`, see
 //! `lb_core::LocalResource`) is the load balancer's trouble: it is counted apart (`local_*`), never
-//! reported as a backend event, and an accept that hits it backs off until the next housekeeping
-//! tick instead of being retried at once.
+//! reported as a backend event (`Ctx::local_failure`), and an accept that hits it backs off until
+//! the next housekeeping tick instead of being retried at once.
 
 use std::io;
-
-use lb_core::LocalResource;
-
-use crate::stats;
-use crate::warnings::{Warning, warn_limited};
-use crate::worker::Worker;
 
 /// The smallest reserve of descriptors kept for the control thread.
 const CONTROL_RESERVE_MIN: u64 = 64;
 
 /// Descriptors a worker holds whatever it serves: its ring and its wake-up eventfd.
-const WORKER_FIXED: usize = 2;
+pub(crate) const WORKER_FIXED: usize = 2;
 
 /// How the process's descriptors are shared out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,53 +106,37 @@ pub fn raise_descriptor_limit() -> io::Result<(u64, u64)> {
     Ok((soft, descriptor_limit()?.0))
 }
 
-impl Worker {
-    /// Descriptors this worker holds now, as counted against its budget. A connection counts two
-    /// from its accept on (its backend socket comes next), a pipe two, whether in use or pooled.
-    pub(crate) fn descriptors(&self) -> usize {
-        WORKER_FIXED
-            + self.listeners.len()
-            + 2 * self.conns.len()
-            + 2 * (self.pipes.in_use + self.pipes.idle())
-            + self.udp.descriptors()
-            + self.sctp.descriptors()
+/// What one component may take of its worker's share (see [`crate::context::Ctx`]): the share, and
+/// what the rest of the worker held (descriptors, listening sockets) when the component was called.
+/// The component adds what it holds itself, so what it takes during the call is counted too.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Room {
+    budget: DescriptorBudget,
+    held_elsewhere: usize,
+    listening_elsewhere: usize,
+}
+
+impl Room {
+    pub fn new(budget: DescriptorBudget, held_elsewhere: usize, listening_elsewhere: usize) -> Room {
+        Room { budget, held_elsewhere, listening_elsewhere }
     }
 
-    /// Whether `more` descriptors fit in this worker's budget.
-    pub(crate) fn fits(&self, more: usize) -> bool {
-        self.descriptors() + more <= self.settings.budget.per_worker
+    /// The descriptors the worker may hold.
+    pub fn per_worker(&self) -> usize {
+        self.budget.per_worker
     }
 
-    /// Whether one more listening socket may be bound (see [`DescriptorBudget::max_listeners`]).
-    pub(crate) fn may_listen(&self) -> bool {
-        let listening = self.listeners.len() + self.udp.listeners() + self.sctp.listeners();
-        listening < self.settings.budget.max_listeners() && self.fits(1)
+    /// Whether `more` descriptors fit, the caller holding `held_here`. A connection counts two from
+    /// its accept on (its backend socket comes next), a pipe two, whether in use or pooled.
+    #[inline]
+    pub fn fits(&self, held_here: usize, more: usize) -> bool {
+        self.held_elsewhere + held_here + more <= self.budget.per_worker
     }
 
-    /// Counts and warns about `what` being refused for the budget.
-    pub(crate) fn refuse_for_budget(&mut self, what: &'static str) {
-        stats::add(&self.counters.budget_refusals, 1);
-        let budget = self.settings.budget.per_worker;
-        warn_limited!(self, Warning::Budget, budget, "descriptor budget reached: {what}");
-    }
-
-    /// Counts a failure of `what` for lack of a local resource (never a backend's failure) and
-    /// warns, throttled.
-    pub(crate) fn local_failure(&mut self, resource: LocalResource, what: &'static str, errno: i32) {
-        let counter = match resource {
-            LocalResource::SourcePorts => &self.counters.local_no_source_port,
-            LocalResource::Descriptors => &self.counters.local_no_descriptors,
-            LocalResource::Memory => &self.counters.local_no_memory,
-        };
-        stats::add(counter, 1);
-        let error = io::Error::from_raw_os_error(errno);
-        warn_limited!(self, Warning::Resources, %error, "{what} failed: no {} left here", resource.name());
-    }
-
-    /// Housekeeping: the descriptor gauges.
-    pub(crate) fn update_descriptor_gauges(&self) {
-        stats::set(&self.counters.descriptors, self.descriptors() as u64);
-        stats::set(&self.counters.descriptor_budget, self.settings.budget.per_worker as u64);
+    /// Whether one more listening socket may be bound (see [`DescriptorBudget::max_listeners`]), the
+    /// caller holding `held_here` descriptors of which `listening_here` listen.
+    pub fn may_listen(&self, held_here: usize, listening_here: usize) -> bool {
+        self.listening_elsewhere + listening_here < self.budget.max_listeners() && self.fits(held_here, 1)
     }
 }
 

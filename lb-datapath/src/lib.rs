@@ -6,7 +6,9 @@
 //! decide policy (timeouts, attempts and backends come from the snapshot's entries).
 //!
 //! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
-//! `proxy` (one connection's life), `relay` (copy and splice paths), `connection` (state and slab),
+//! `context` (what a protocol component may use of its worker), `tcp` (TCP connections: one
+//! connection's life, its state), `connect` (backend attempts, shared by TCP and SCTP), `relay`
+//! (copy and splice paths), `dir` (the relay direction),
 //! `listener` (socket setup), `slots` (the one slot table, by generation and key), `budget`
 //! (descriptors, local shortages),
 //! `warnings` (throttled), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
@@ -19,19 +21,20 @@
 mod affinity;
 mod budget;
 mod bufring;
-mod connection;
+mod connect;
+mod context;
 mod dir;
 mod engine;
 mod events;
 mod listener;
 mod pool;
-mod proxy;
 mod relay;
 mod ring;
 mod sctp;
 mod selection;
 mod slots;
 mod stats;
+mod tcp;
 mod udp;
 mod warnings;
 mod worker;

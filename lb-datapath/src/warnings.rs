@@ -51,6 +51,11 @@ impl Warnings {
         Warnings { worker, gates: std::array::from_fn(|_| LogThrottle::default()) }
     }
 
+    /// The index of the worker these throttles belong to.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
     /// An occurrence of `warning` at `now`: `Some(held_back)` when it is to be logged (see
     /// [`warn_limited`]).
     pub fn admit(&mut self, warning: Warning, now: Instant) -> Option<u64> {
@@ -68,11 +73,12 @@ impl Warnings {
 }
 
 /// `tracing::warn!` through the worker's throttle for `$warning`: logs with a `held_back` count, or
-/// counts the line and logs nothing. `$worker` is the `Worker` (for its warnings, index and clock).
+/// counts the line and logs nothing. `$on` is anything with the worker's `warnings` and its clock
+/// `now` (the worker, or a component's [`crate::context::Ctx`]).
 macro_rules! warn_limited {
-    ($worker:expr, $warning:expr, $($rest:tt)+) => {
-        if let Some(held_back) = $worker.warnings.admit($warning, $worker.now) {
-            tracing::warn!(worker = $worker.settings.index, held_back, $($rest)+);
+    ($on:expr, $warning:expr, $($rest:tt)+) => {
+        if let Some(held_back) = $on.warnings.admit($warning, $on.now) {
+            tracing::warn!(worker = $on.warnings.worker(), held_back, $($rest)+);
         }
     };
 }

@@ -2,8 +2,12 @@
 //!
 //! The loop submits, waits for completions and dispatches them by [`OpKind`]. Wake-ups (eventfd)
 //! bring a new snapshot to reconcile listeners against, or the stop request; a coarse timer drives
-//! idle and drain checks and bind retries. Per-connection handling lives in [`crate::proxy`], UDP
-//! sockets and flows in [`crate::udp`], SCTP listeners and associations in [`crate::sctp`].
+//! idle and drain checks and bind retries. The worker owns the ring and the pieces every protocol
+//! shares ([`Core`]: counters, pick state, backend events, warnings, descriptor budget, snapshot
+//! store) and one component per protocol: TCP connections ([`crate::tcp::Connections`]), UDP
+//! sockets and flows ([`crate::udp`]), SCTP listeners and associations ([`crate::sctp`]). It hands
+//! each completion to its component with a [`Ctx`] lent from the core (see [`crate::context`]);
+//! components never import this module.
 //! Never blocks except in `submit_and_wait`; never locks; logs nothing per connection at info level.
 //! Invariant: after reconciling generation `g`, every TCP key of that snapshot is served by a
 //! listener of the worker's [`ListenPlan`] (its own, or its port's wildcard) or that listen key is
@@ -21,8 +25,9 @@ use io_uring::{cqueue, opcode};
 use lb_core::{LocalResource, Protocol, ServiceEntry, Snapshot, VipKey};
 use socket2::Socket;
 
+use crate::budget::{Room, WORKER_FIXED};
 use crate::bufring::BufRing;
-use crate::connection::ConnTable;
+use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::engine::Shared;
 use crate::events::EventBuffer;
@@ -33,14 +38,12 @@ use crate::ring::{OpKind, Ring, UserData};
 use crate::sctp::SctpState;
 use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
+use crate::tcp::Connections;
 use crate::udp::UdpState;
 use crate::warnings::{Warning, Warnings, warn_limited};
 
 /// How long a stopping worker waits for cancelled operations before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-
-/// How often the kernel's ephemeral port range is read again (an operator may change it).
-const EPHEMERAL_REFRESH: Duration = Duration::from_secs(10);
 
 /// Settings a worker needs from the engine configuration.
 #[derive(Debug, Clone)]
@@ -66,43 +69,60 @@ pub(crate) struct WorkerSettings {
     pub events: std::sync::mpsc::SyncSender<Vec<lb_core::health::BackendEvent>>,
 }
 
-pub(crate) struct Worker {
+/// The pieces of a worker that every protocol component may use, lent to one at a time as a
+/// [`Ctx`].
+pub(crate) struct Core {
     pub ring: Ring,
     pub settings: WorkerSettings,
     pub shared: Arc<Shared>,
     pub counters: Arc<WorkerCounters>,
-    pub reconciled: Arc<AtomicU64>,
-    pub wake_fd: RawFd,
+    /// Pick states, load counts and affinity of this worker (every protocol alike).
+    pub selection: Selection,
+    pub events: EventBuffer,
+    /// Throttles for the warnings that can repeat per connection, accept or key.
+    pub warnings: Warnings,
+    pub now: Instant,
+    stopping: bool,
+    /// Graceful shutdown: no new listeners, connections or flows (see `begin_drain`).
+    draining: bool,
+}
+
+impl Core {
+    /// What a component may use for one call, with the descriptor `room` the rest leaves it.
+    #[inline]
+    pub(crate) fn ctx(&mut self, room: Room) -> Ctx<'_> {
+        Ctx {
+            ring: &mut self.ring,
+            now: self.now,
+            counters: &self.counters,
+            shared: &self.shared,
+            selection: &mut self.selection,
+            events: &mut self.events,
+            warnings: &mut self.warnings,
+            room,
+        }
+    }
+}
+
+/// One worker: the shared pieces, its TCP listeners, and one component per protocol.
+pub(crate) struct Worker {
+    pub core: Core,
+    reconciled: Arc<AtomicU64>,
+    wake_fd: RawFd,
     /// Leaked on purpose: the kernel may still own a read into it when the ring is torn down.
     wake_buffer: &'static mut u64,
     tick: Box<Timespec>,
-    pub listeners: ListenerTable,
+    listeners: ListenerTable,
     /// Where this worker listens for the TCP keys of the snapshot last reconciled.
     plan: ListenPlan,
     /// Wildcards whose bind collided with another socket on the host: their groups bind exactly.
     exact_only: HashSet<VipKey>,
     /// Listen keys (TCP keys or wildcards) of the plan whose bind failed; retried every tick.
     unbound: Vec<VipKey>,
-    pub conns: ConnTable,
-    /// Pick states, load counts and affinity of this worker (TCP and UDP alike).
-    pub selection: Selection,
-    pub buffers: RelayBuffers,
-    pub pipes: PipePool,
-    pub multishot_accept: bool,
-    pub now: Instant,
+    multishot_accept: bool,
+    tcp: Connections,
     pub udp: UdpState,
     pub sctp: SctpState,
-    stopping: bool,
-    /// Graceful shutdown: no new listeners, connections or flows (see `begin_drain`).
-    draining: bool,
-    scratch: Vec<(u32, u32)>,
-    pub events: EventBuffer,
-    /// Throttles for the warnings that can repeat per connection, accept or key.
-    pub warnings: Warnings,
-    /// The kernel's ephemeral ports (see `proxy::connected_to_itself`), re-read every
-    /// [`EPHEMERAL_REFRESH`] by housekeeping: never on a connection's path, nor per publish.
-    pub ephemeral_ports: std::ops::RangeInclusive<u16>,
-    ephemeral_read_at: Instant,
     /// The snapshot last reconciled: the next one is compared with it.
     applied: Arc<Snapshot>,
 }
@@ -137,15 +157,27 @@ impl Worker {
                 None
             }
         };
-        let settings_events = settings.events.clone();
-        let settings_index = settings.index;
+        let tcp = Connections::new(
+            settings.path,
+            settings.max_connections,
+            RelayBuffers::new(relay_ring, settings.buffer_size),
+            PipePool::new(settings.pipe_size),
+        );
+        let events = EventBuffer::new(settings.events.clone());
+        let warnings = Warnings::new(settings.index);
         Worker {
-            ring,
-            buffers: RelayBuffers::new(relay_ring, settings.buffer_size),
-            pipes: PipePool::new(settings.pipe_size),
-            settings,
-            shared,
-            counters,
+            core: Core {
+                ring,
+                settings,
+                shared,
+                counters,
+                selection,
+                events,
+                warnings,
+                now: Instant::now(),
+                stopping: false,
+                draining: false,
+            },
             reconciled,
             wake_fd,
             wake_buffer: Box::leak(Box::new(0u64)),
@@ -154,19 +186,10 @@ impl Worker {
             plan: ListenPlan::default(),
             exact_only: HashSet::new(),
             unbound: Vec::new(),
-            conns: ConnTable::default(),
-            selection,
             multishot_accept,
-            now: Instant::now(),
+            tcp,
             udp,
             sctp: SctpState::new(),
-            stopping: false,
-            draining: false,
-            scratch: Vec::new(),
-            events: EventBuffer::new(settings_events),
-            warnings: Warnings::new(settings_index),
-            ephemeral_ports: crate::proxy::ephemeral_port_range(),
-            ephemeral_read_at: Instant::now(),
             applied: Arc::new(Snapshot::empty()),
         }
     }
@@ -174,31 +197,34 @@ impl Worker {
     /// Runs until the engine asks to stop and every connection and listener is gone.
     pub fn run(mut self) {
         if let Err(err) = self.arm_wake().and_then(|()| self.arm_tick()) {
-            tracing::error!(worker = self.settings.index, error = %err, "cannot arm worker ring");
+            tracing::error!(worker = self.core.settings.index, error = %err, "cannot arm worker ring");
             return;
         }
         self.sync_with_engine();
         let mut completions = Vec::with_capacity(1024);
         let mut stop_deadline = None;
-        stats::set(&self.counters.ring_completion_entries, u64::from(self.ring.completion_capacity()));
+        stats::set(
+            &self.core.counters.ring_completion_entries,
+            u64::from(self.core.ring.completion_capacity()),
+        );
         self.update_descriptor_gauges();
         loop {
-            if let Err(error) = self.ring.submit_and_wait(1) {
+            if let Err(error) = self.core.ring.submit_and_wait(1) {
                 self.abandon(error);
                 return;
             }
-            self.now = Instant::now();
-            self.ring.reap(&mut completions);
+            self.core.now = Instant::now();
+            self.core.ring.reap(&mut completions);
             for &(user_data, result, flags) in &completions {
                 self.dispatch(user_data, result, flags);
             }
-            if self.stopping {
-                let deadline = *stop_deadline.get_or_insert(self.now + STOP_GRACE);
-                let idle = self.conns.is_empty()
+            if self.core.stopping {
+                let deadline = *stop_deadline.get_or_insert(self.core.now + STOP_GRACE);
+                let idle = self.tcp.is_empty()
                     && self.listeners.is_empty()
                     && self.udp.is_idle()
                     && self.sctp.is_idle();
-                if idle || self.now >= deadline {
+                if idle || self.core.now >= deadline {
                     self.finish_stop();
                     return;
                 }
@@ -211,21 +237,33 @@ impl Worker {
         match data.kind {
             OpKind::Wake => {
                 if let Err(err) = self.arm_wake() {
-                    tracing::error!(worker = self.settings.index, error = %err, "cannot re-arm wake-up read");
+                    tracing::error!(worker = self.core.settings.index, error = %err, "cannot re-arm wake-up read");
                 }
                 self.sync_with_engine();
             }
             OpKind::Tick => {
                 if let Err(err) = self.arm_tick() {
-                    tracing::error!(worker = self.settings.index, error = %err, "cannot re-arm housekeeping");
+                    tracing::error!(worker = self.core.settings.index, error = %err, "cannot re-arm housekeeping");
                 }
                 self.housekeeping();
             }
             OpKind::Accept => self.on_accept(data, result, flags),
-            OpKind::Connect => self.on_connect(data, result),
-            OpKind::ConnectTimeout => self.on_connect_timeout(data),
-            OpKind::ClientToBackend => self.on_direction(data, Dir::ToBackend, result, flags),
-            OpKind::BackendToClient => self.on_direction(data, Dir::ToClient, result, flags),
+            OpKind::Connect => {
+                let room = self.tcp_room();
+                self.tcp.on_connect(&mut self.core.ctx(room), data, result);
+            }
+            OpKind::ConnectTimeout => {
+                let room = self.tcp_room();
+                self.tcp.on_connect_timeout(&mut self.core.ctx(room), data);
+            }
+            OpKind::ClientToBackend => {
+                let room = self.tcp_room();
+                self.tcp.on_direction(&mut self.core.ctx(room), data, Dir::ToBackend, result, flags);
+            }
+            OpKind::BackendToClient => {
+                let room = self.tcp_room();
+                self.tcp.on_direction(&mut self.core.ctx(room), data, Dir::ToClient, result, flags);
+            }
             OpKind::UdpVip => self.on_udp_vip(data, result, flags),
             OpKind::UdpFlow => self.on_udp_flow(data, result, flags),
             OpKind::UdpSend => self.on_udp_send(data, result),
@@ -245,30 +283,30 @@ impl Worker {
             .user_data(UserData::new(OpKind::Wake, 0, 0).encode());
         // SAFETY: the buffer is leaked ('static) and the eventfd is owned by the engine, which joins
         // this thread before closing it.
-        unsafe { self.ring.push(&entry) }
+        unsafe { self.core.ring.push(&entry) }
     }
 
     fn arm_tick(&mut self) -> std::io::Result<()> {
         let entry =
             opcode::Timeout::new(&*self.tick).build().user_data(UserData::new(OpKind::Tick, 0, 0).encode());
         // SAFETY: the timespec is boxed in the worker and read by the kernel at submission.
-        unsafe { self.ring.push(&entry) }
+        unsafe { self.core.ring.push(&entry) }
     }
 
     /// Applies a newly published snapshot (if any) or the stop request.
     fn sync_with_engine(&mut self) {
-        if self.shared.stop.load(Ordering::Acquire) {
+        if self.core.shared.stop.load(Ordering::Acquire) {
             self.begin_stop();
             return;
         }
-        if self.shared.draining.load(Ordering::Acquire) && !self.draining {
+        if self.core.shared.draining.load(Ordering::Acquire) && !self.core.draining {
             self.begin_drain();
         }
-        let generation = self.shared.generation.load(Ordering::Acquire);
+        let generation = self.core.shared.generation.load(Ordering::Acquire);
         if generation == self.reconciled.load(Ordering::Relaxed) {
             return;
         }
-        let snapshot = self.shared.snapshot.load_full();
+        let snapshot = self.core.shared.snapshot.load_full();
         self.reconcile(&snapshot);
         self.applied = snapshot;
         self.reconciled.store(generation, Ordering::Release);
@@ -296,8 +334,8 @@ impl Worker {
         }
         let other_sockets = snapshot.keys().filter(|key| key.protocol != Protocol::Tcp).count();
         let tcp = snapshot.keys().filter(|key| key.protocol == Protocol::Tcp);
-        let room = self.settings.budget.max_listeners().saturating_sub(other_sockets);
-        self.plan = ListenPlan::new(tcp, self.settings.listen_mode, room, &mut self.exact_only);
+        let room = self.core.settings.budget.max_listeners().saturating_sub(other_sockets);
+        self.plan = ListenPlan::new(tcp, self.core.settings.listen_mode, room, &mut self.exact_only);
         self.warn_if_listeners_cannot_fit(self.plan.sockets() + other_sockets);
         // New sockets open before unwanted ones close, so a group moving between exact sockets and
         // a wildcard never stops accepting. `bind_unbound` pops from the end: wildcards, pushed
@@ -308,7 +346,7 @@ impl Worker {
                 self.unbound.push(*listen);
             }
         }
-        self.selection.retain_keys(|key| snapshot.get(key).is_some());
+        self.core.selection.retain_keys(|key| snapshot.get(key).is_some());
         self.bind_unbound(true);
         let mut unwanted = Vec::new();
         for (index, listener) in self.listeners.iter_mut() {
@@ -320,9 +358,11 @@ impl Worker {
             self.close_listener(index);
         }
         self.update_descriptor_gauges();
-        self.mark_draining(snapshot);
+        let room = self.tcp_room();
+        let ctx = &mut self.core.ctx(room);
+        self.tcp.mark_draining(ctx, snapshot);
         // A drain of zero (`not-ready-connections: close`) closes now, not at the next tick.
-        self.expire_connections();
+        self.tcp.expire(ctx);
         self.reconcile_udp(snapshot);
         self.reconcile_sctp(snapshot);
     }
@@ -331,8 +371,10 @@ impl Worker {
     /// (of the UDP ones, `changed_udp`), so listeners stay and the keys whose bind failed stay
     /// queued for the tick's retry.
     fn reconcile_entries(&mut self, snapshot: &Snapshot, changed_udp: &[Arc<ServiceEntry>]) {
-        self.mark_draining(snapshot);
-        self.expire_connections();
+        let room = self.tcp_room();
+        let ctx = &mut self.core.ctx(room);
+        self.tcp.mark_draining(ctx, snapshot);
+        self.tcp.expire(ctx);
         for entry in changed_udp {
             self.refresh_udp_entry(entry);
         }
@@ -340,7 +382,7 @@ impl Worker {
     }
 
     fn bind_unbound(&mut self, first_try: bool) {
-        if self.draining {
+        if self.core.draining {
             self.unbound.clear();
         }
         // A stack: the keys of a wildcard that collides are pushed to be bound exactly.
@@ -364,35 +406,35 @@ impl Worker {
                     // VIP then, as long as the group exists.
                     self.exact_only.insert(key);
                     let group = self.plan.fall_back(&key);
-                    if self.settings.index == 0 {
+                    if self.core.settings.index == 0 {
                         tracing::info!(%key, vips = group.len(), "the port is taken on some address of this host; listening on each VIP of it instead of the wildcard");
                     }
                     keys.extend(group.into_iter().filter(|vip| self.listeners.find(vip).is_none()));
                 }
                 Err(error) => {
-                    stats::add(&self.counters.bind_failures, 1);
+                    stats::add(&self.core.counters.bind_failures, 1);
                     if first_try {
-                        warn_limited!(self, Warning::Bind, %key, %error, "cannot listen; retrying every housekeeping tick");
+                        warn_limited!(self.core, Warning::Bind, %key, %error, "cannot listen; retrying every housekeeping tick");
                     } else {
-                        tracing::debug!(worker = self.settings.index, %key, %error, "listen retry failed");
+                        tracing::debug!(worker = self.core.settings.index, %key, %error, "listen retry failed");
                     }
                     self.unbound.push(key);
                 }
             }
         }
-        stats::set(&self.counters.listeners, self.listeners.len() as u64);
+        stats::set(&self.core.counters.listeners, self.listeners.len() as u64);
     }
 
     /// Says, throttled, that the VIPs need more listening sockets than the descriptor budget lets
     /// a worker bind (the rest stay unbound, retried every tick), and the limit that would fit.
     fn warn_if_listeners_cannot_fit(&mut self, needed: usize) {
-        let allowed = self.settings.budget.max_listeners();
-        if needed <= allowed || self.settings.index != 0 {
+        let allowed = self.core.settings.budget.max_listeners();
+        if needed <= allowed || self.core.settings.index != 0 {
             return;
         }
-        let limit = crate::budget::DescriptorBudget::limit_for_listeners(needed, self.settings.workers);
+        let limit = crate::budget::DescriptorBudget::limit_for_listeners(needed, self.core.settings.workers);
         warn_limited!(
-            self,
+            self.core,
             Warning::Budget,
             needed,
             allowed,
@@ -418,7 +460,7 @@ impl Worker {
         };
         // SAFETY: no user memory is passed (null address pointers); the listening socket is only
         // dropped once the accept's final completion (no IORING_CQE_F_MORE) was reaped.
-        unsafe { listener.arm(&mut self.ring, &entry, multishot, self.settings.index) };
+        unsafe { listener.arm(&mut self.core.ring, &entry, multishot, self.core.settings.index) };
     }
 
     /// Stops accepting on a listener: the kernel stops listening at once (`shutdown(SHUT_RD)` on a
@@ -434,11 +476,11 @@ impl Worker {
                 .build()
                 .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
             // SAFETY: a cancel request references no memory.
-            let _ = unsafe { self.ring.push(&entry) };
+            let _ = unsafe { self.core.ring.push(&entry) };
         } else {
             self.listeners.remove(index);
         }
-        stats::set(&self.counters.listeners, self.listeners.len() as u64);
+        stats::set(&self.core.counters.listeners, self.listeners.len() as u64);
     }
 
     fn on_accept(&mut self, data: UserData, result: i32, flags: u32) {
@@ -455,10 +497,11 @@ impl Worker {
         if result >= 0 {
             // SAFETY: a non-negative accept result is a new fd that nothing else owns.
             let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(result) };
-            if closing || self.stopping {
+            if closing || self.core.stopping {
                 drop(socket);
             } else {
-                self.new_connection(key, socket);
+                let room = self.tcp_room();
+                self.tcp.new_connection(&mut self.core.ctx(room), key, socket);
             }
         } else {
             let errno = -result;
@@ -476,23 +519,15 @@ impl Worker {
         if !listener.armed {
             if listener.closing {
                 self.listeners.remove(data.slot);
-                stats::set(&self.counters.listeners, self.listeners.len() as u64);
+                stats::set(&self.core.counters.listeners, self.listeners.len() as u64);
             } else if !listener.rearm_at_tick {
                 self.arm_accept(data.slot);
             }
         }
     }
 
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping
-    }
-
     fn housekeeping(&mut self) {
-        if self.now.saturating_duration_since(self.ephemeral_read_at) >= EPHEMERAL_REFRESH {
-            self.ephemeral_ports = crate::proxy::ephemeral_port_range();
-            self.ephemeral_read_at = self.now;
-        }
-        if !self.unbound.is_empty() && !self.stopping {
+        if !self.unbound.is_empty() && !self.core.stopping {
             self.bind_unbound(false);
         }
         let mut rearm = Vec::new();
@@ -504,87 +539,27 @@ impl Worker {
         for index in rearm {
             self.arm_accept(index);
         }
-        self.expire_connections();
-        self.selection.expire(self.now);
-        self.events.flush(&self.counters);
-        self.warnings.flush(self.now);
+        let room = self.tcp_room();
+        self.tcp.housekeeping(&mut self.core.ctx(room));
+        self.core.selection.expire(self.core.now);
+        self.core.events.flush(&self.core.counters);
+        self.core.warnings.flush(self.core.now);
         self.update_descriptor_gauges();
-        // Buffers are lent and given back per receive: the gauges follow at the tick, not per op.
-        self.update_pool_gauges();
-        let ring = self.ring.counters;
-        stats::set(&self.counters.ring_cq_overflowed, ring.overflowed);
-        stats::set(&self.counters.ring_cq_dropped, ring.dropped);
-        stats::set(&self.counters.ring_submit_retries, ring.retried);
-        if !self.stopping {
+        let ring = self.core.ring.counters;
+        stats::set(&self.core.counters.ring_cq_overflowed, ring.overflowed);
+        stats::set(&self.core.counters.ring_cq_dropped, ring.dropped);
+        stats::set(&self.core.counters.ring_submit_retries, ring.retried);
+        if !self.core.stopping {
             self.udp_housekeeping();
             self.sctp_housekeeping();
         }
-    }
-
-    /// Closes idle connections and those whose drain deadline passed.
-    fn expire_connections(&mut self) {
-        let mut live = std::mem::take(&mut self.scratch);
-        self.conns.live(&mut live);
-        let now = self.now;
-        for &(index, generation) in &live {
-            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
-            if conn.phase == crate::connection::Phase::Closing {
-                continue;
-            }
-            if conn.drain_deadline.is_some_and(|deadline| now >= deadline) {
-                stats::add(&self.counters.drain_closes, 1);
-                self.begin_close(index, generation, true);
-            } else if conn.phase == crate::connection::Phase::Relaying
-                && now.saturating_duration_since(conn.last_activity) >= conn.policy.idle_timeout
-            {
-                stats::add(&self.counters.idle_timeouts, 1);
-                self.begin_close(index, generation, false);
-            }
-        }
-        self.scratch = live;
-        self.count_draining();
-    }
-
-    /// Gives connections whose VIP or backend left the snapshot, or whose backend turned not ready
-    /// (terminating, failing readiness), a drain deadline; takes it back if they return.
-    fn mark_draining(&mut self, snapshot: &Snapshot) {
-        let mut live = std::mem::take(&mut self.scratch);
-        self.conns.live(&mut live);
-        for &(index, generation) in &live {
-            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
-            conn.drain_deadline = drain_deadline(
-                snapshot,
-                conn.key,
-                conn.backend_id,
-                conn.drain_deadline,
-                self.now,
-                conn.policy.drain_timeout,
-            );
-        }
-        self.scratch = live;
-        self.count_draining();
-    }
-
-    /// Sets the `draining` gauge: connections with a drain deadline that are not closing yet.
-    fn count_draining(&mut self) {
-        let mut live = std::mem::take(&mut self.scratch);
-        self.conns.live(&mut live);
-        let mut draining = 0u64;
-        for &(index, generation) in &live {
-            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
-            if conn.phase != crate::connection::Phase::Closing && conn.drain_deadline.is_some() {
-                draining += 1;
-            }
-        }
-        stats::set(&self.counters.draining, draining);
-        self.scratch = live;
     }
 
     /// Graceful shutdown begins: every TCP and SCTP listener closes at once (the kernel refuses
     /// new connections, so clients go to another instance), no listener is bound again and no UDP
     /// flow is created, while established connections, associations and flows go on.
     fn begin_drain(&mut self) {
-        self.draining = true;
+        self.core.draining = true;
         self.unbound.clear();
         let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
         for index in open {
@@ -596,15 +571,19 @@ impl Worker {
 
     /// Whether graceful shutdown has begun (see [`Worker::begin_drain`]).
     pub(crate) fn is_draining(&self) -> bool {
-        self.draining
+        self.core.draining
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.core.stopping
     }
 
     fn begin_stop(&mut self) {
-        if self.stopping {
+        if self.core.stopping {
             return;
         }
-        self.stopping = true;
-        self.draining = true;
+        self.core.stopping = true;
+        self.core.draining = true;
         self.unbound.clear();
         let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
         for index in open {
@@ -612,12 +591,8 @@ impl Worker {
         }
         self.stop_udp();
         self.stop_sctp();
-        let mut live = std::mem::take(&mut self.scratch);
-        self.conns.live(&mut live);
-        for &(index, generation) in &live {
-            self.begin_close(index, generation, true);
-        }
-        self.scratch = live;
+        let room = self.tcp_room();
+        self.tcp.close_all(&mut self.core.ctx(room));
     }
 
     /// The ring failed for good (its submissions are refused): this worker can neither learn the
@@ -627,69 +602,92 @@ impl Worker {
     /// relay and UDP buffers, the slots) is leaked on purpose rather than freed under the kernel.
     fn abandon(mut self, error: std::io::Error) {
         tracing::error!(
-            worker = self.settings.index,
+            worker = self.core.settings.index,
             %error,
-            connections = self.conns.len(),
+            connections = self.tcp.len(),
             "io_uring failed; this worker shuts its sockets down and stops (its buffers are leaked)"
         );
         for (_, listener) in self.listeners.iter_mut() {
             let _ = listener.socket.shutdown(std::net::Shutdown::Read);
         }
-        let mut live = Vec::new();
-        self.conns.live(&mut live);
-        for (index, generation) in live {
-            if let Some(conn) = self.conns.get_mut(index, generation) {
-                let _ = conn.client.shutdown(std::net::Shutdown::Both);
-                if let Some(backend) = &conn.backend {
-                    let _ = backend.shutdown(std::net::Shutdown::Both);
-                }
-            }
-        }
+        self.tcp.shut_down_sockets();
         self.udp.shut_down_sockets();
         self.sctp.shut_down_sockets();
-        stats::set(&self.counters.ring_failed, 1);
-        stats::set(&self.counters.listeners, 0);
+        stats::set(&self.core.counters.ring_failed, 1);
+        stats::set(&self.core.counters.listeners, 0);
         std::mem::forget(self);
     }
 
     /// Leaves the loop. Connections whose cancelled operations never completed are leaked on
     /// purpose: their buffers may still be owned by the kernel.
     fn finish_stop(mut self) {
-        stats::set(&self.counters.listeners, 0);
+        stats::set(&self.core.counters.listeners, 0);
         self.udp.leak_if_busy();
         self.sctp.leak_if_busy();
-        if !self.conns.is_empty() {
-            tracing::warn!(
-                worker = self.settings.index,
-                left = self.conns.len(),
-                "operations outlived the stop grace; leaking their buffers"
-            );
-            std::mem::forget(self.conns);
-            self.buffers.leak_ring();
-        }
+        self.tcp.leak_if_busy(self.core.settings.index);
     }
-}
 
-/// The drain deadline of an established TCP or SCTP connection after a snapshot change: none while
-/// the entry lets it continue (see `lb_core::ServiceEntry::established`), else the one it already
-/// has or `now` plus what the entry allows; a removed VIP drains by the connection's own policy.
-pub(crate) fn drain_deadline(
-    snapshot: &Snapshot,
-    key: VipKey,
-    backend: Option<lb_core::BackendId>,
-    current: Option<Instant>,
-    now: Instant,
-    own_drain: Duration,
-) -> Option<Instant> {
-    let verdict = match (snapshot.get(&key), backend) {
-        (None, _) => lb_core::Established::Drain(own_drain),
-        // Still connecting: the connect's outcome decides, not the table.
-        (Some(_), None) => lb_core::Established::Continue,
-        (Some(entry), Some(id)) => entry.established(id),
-    };
-    match verdict {
-        lb_core::Established::Continue => None,
-        lb_core::Established::Drain(limit) => current.or(Some(now + limit)),
+    /// Descriptors this worker holds now, as counted against its budget (see [`crate::budget`]).
+    fn descriptors(&self) -> usize {
+        WORKER_FIXED
+            + self.listeners.len()
+            + self.tcp.descriptors()
+            + self.udp.descriptors()
+            + self.sctp.descriptors()
+    }
+
+    /// Listening sockets this worker holds (open or closing).
+    fn listening(&self) -> usize {
+        self.listeners.len() + self.udp.listeners() + self.sctp.listeners()
+    }
+
+    /// The descriptor room left to a component that holds `held_here` descriptors of which
+    /// `listening_here` listen.
+    #[inline]
+    fn room(&self, held_here: usize, listening_here: usize) -> Room {
+        Room::new(
+            self.core.settings.budget,
+            self.descriptors() - held_here,
+            self.listening() - listening_here,
+        )
+    }
+
+    /// Until SCTP is a component of its own.
+    pub(crate) fn room_for_sctp(&self) -> Room {
+        self.room(0, 0)
+    }
+
+    #[inline]
+    fn tcp_room(&self) -> Room {
+        self.room(self.tcp.descriptors(), 0)
+    }
+
+    /// Whether `more` descriptors fit in this worker's budget.
+    pub(crate) fn fits(&self, more: usize) -> bool {
+        self.room(0, 0).fits(0, more)
+    }
+
+    /// Whether one more listening socket may be bound (see `DescriptorBudget::max_listeners`).
+    pub(crate) fn may_listen(&self) -> bool {
+        self.room(0, 0).may_listen(0, 0)
+    }
+
+    /// Counts and warns about `what` being refused for the budget.
+    pub(crate) fn refuse_for_budget(&mut self, what: &'static str) {
+        let room = self.room(0, 0);
+        self.core.ctx(room).refuse_for_budget(what);
+    }
+
+    /// Counts a failure of `what` for lack of a local resource and warns, throttled.
+    pub(crate) fn local_failure(&mut self, resource: LocalResource, what: &'static str, errno: i32) {
+        let room = self.room(0, 0);
+        self.core.ctx(room).local_failure(resource, what, errno);
+    }
+
+    /// Housekeeping: the descriptor gauges.
+    fn update_descriptor_gauges(&self) {
+        stats::set(&self.core.counters.descriptors, self.descriptors() as u64);
+        stats::set(&self.core.counters.descriptor_budget, self.core.settings.budget.per_worker as u64);
     }
 }
 

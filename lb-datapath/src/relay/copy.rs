@@ -10,9 +10,9 @@ use std::os::fd::RawFd;
 
 use io_uring::{opcode, types::Fd};
 
-use crate::connection::{Direction, Pending};
 use crate::pool::RelayBuffers;
 use crate::ring::Ring;
+use crate::tcp::connection::{Direction, Pending};
 
 pub(crate) fn recv(
     ring: &mut Ring,

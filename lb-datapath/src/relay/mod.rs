@@ -24,9 +24,9 @@ pub(crate) mod splice;
 use std::io;
 use std::os::fd::RawFd;
 
-use crate::connection::{Direction, Pending};
 use crate::pool::RelayBuffers;
 use crate::ring::Ring;
+use crate::tcp::connection::{Direction, Pending};
 
 /// How a worker relays its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use super::{Completed, Next};
-use crate::connection::{Direction, Pending};
+use crate::tcp::connection::{Direction, Pending};
 
 const FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
 
@@ -26,7 +26,7 @@ pub(crate) struct Pumped {
     /// Bytes read from the source in this turn.
     pub read: usize,
     /// `Some((Pending::Recv, -errno))` when reading the source failed, `Some((Pending::Send,
-    /// -errno))` when writing the destination failed: the shape `proxy::backend_failed` takes.
+    /// -errno))` when writing the destination failed: the shape `tcp::backend_failed` takes.
     pub failure: Option<(Pending, i32)>,
 }
 

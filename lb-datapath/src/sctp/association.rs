@@ -14,9 +14,9 @@ use socket2::{Domain, Socket};
 
 use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
 use super::{Assoc, Direction, Pending, abort_socket};
-use crate::connection::MAX_ATTEMPTS;
+use crate::connect::MAX_ATTEMPTS;
+use crate::connect::{Attempt, Failure};
 use crate::dir::Dir;
-use crate::proxy::{Attempt, Failure};
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::stats;
 use crate::warnings::{Warning, warn_limited};
@@ -24,14 +24,14 @@ use crate::worker::Worker;
 
 impl Worker {
     pub(super) fn new_sctp_association(&mut self, key: VipKey, client: Socket) {
-        stats::add(&self.counters.sctp_accepted, 1);
-        let entry = self.shared.snapshot.load().get(&key).cloned();
+        stats::add(&self.core.counters.sctp_accepted, 1);
+        let entry = self.core.shared.snapshot.load().get(&key).cloned();
         let client_addr = client
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
-        let over_budget = self.sctp.assocs.len() >= self.settings.max_connections || !self.fits(2);
+        let over_budget = self.sctp.assocs.len() >= self.core.settings.max_connections || !self.fits(2);
         if over_budget && entry.is_some() {
             self.refuse_for_budget("an SCTP association was aborted at accept");
         }
@@ -42,7 +42,7 @@ impl Worker {
         // Accepted sockets inherit the listener's options on Linux; set again so a kernel that does
         // not copy them still delivers SCTP_RCVINFO.
         let Some(entry) = entry.filter(|_| !refuse && enable_rcvinfo(&client).is_ok()) else {
-            stats::add(&self.counters.sctp_aborts, 1);
+            stats::add(&self.core.counters.sctp_aborts, 1);
             abort_socket(&client);
             return;
         };
@@ -65,11 +65,11 @@ impl Worker {
             closing: false,
             reset: false,
             in_flight: 0,
-            last_activity: self.now,
+            last_activity: self.core.now,
             dirs: [Direction::new(), Direction::new()],
         };
         let (index, generation) = self.sctp.assocs.insert(assoc);
-        stats::set(&self.counters.sctp_active, self.sctp.assocs.len() as u64);
+        stats::set(&self.core.counters.sctp_active, self.sctp.assocs.len() as u64);
         self.try_sctp_connect(index, generation);
     }
 
@@ -77,7 +77,8 @@ impl Worker {
     /// bound), or aborts the client when none is left.
     pub(super) fn try_sctp_connect(&mut self, index: u32, generation: u32) {
         if let Err(failure) = self.sctp_connect_next(index, generation) {
-            self.report_connect_failure(failure, "an SCTP backend socket");
+            let room = self.room_for_sctp();
+            failure.report(&mut self.core.ctx(room), "an SCTP backend socket");
             self.begin_sctp_close(index, generation, true);
         }
     }
@@ -89,7 +90,7 @@ impl Worker {
         let Some(entry) = assoc.entry.clone() else { return Ok(()) };
         let attempt =
             Attempt { client: assoc.client_addr, tried: &mut assoc.tried, tried_len: &mut assoc.tried_len };
-        let backend = attempt.next(&mut self.selection, &self.counters, self.now, &entry)?;
+        let backend = attempt.next(&mut self.core.selection, &self.core.counters, self.core.now, &entry)?;
         let addr = backend.addr();
         let socket = sctp_socket(Domain::for_address(addr)).map_err(Failure::local)?;
         assoc.backend_id = Some(backend.id);
@@ -98,7 +99,7 @@ impl Worker {
         // SAFETY: the target lives in the boxed association, released only after both completions
         // were reaped; the socket is owned by it for as long.
         unsafe {
-            self.ring.push_connect(
+            self.core.ring.push_connect(
                 fd,
                 &mut assoc.connect_target,
                 addr,
@@ -110,7 +111,7 @@ impl Worker {
         .map_err(Failure::Submit)?;
         assoc.in_flight += 2;
         assoc.connect_pending = true;
-        assoc.counted = Some(self.selection.open(backend, &self.counters));
+        assoc.counted = Some(self.core.selection.open(backend, &self.core.counters));
         Ok(())
     }
 
@@ -127,21 +128,21 @@ impl Worker {
         if result < 0 && result != -libc::EISCONN {
             match LocalResource::of_errno(-result) {
                 Some(resource) => self.local_failure(resource, "an SCTP backend connect", -result),
-                None => stats::add(&self.counters.connect_failures, 1),
+                None => stats::add(&self.core.counters.connect_failures, 1),
             }
             let Some(assoc) = self.sctp.get(data.slot, data.generation) else { return };
             if let Some(backend) = assoc.backend.take() {
                 abort_socket(&backend);
             }
             if let Some(load) = assoc.counted.take() {
-                self.selection.close(load, &self.counters);
+                self.core.selection.close(load, &self.core.counters);
             }
             self.try_sctp_connect(data.slot, data.generation);
             return;
         }
         assoc.relaying = true;
         assoc.entry = None;
-        assoc.last_activity = self.now;
+        assoc.last_activity = self.core.now;
         for dir in Dir::BOTH {
             if !self.arm_sctp_recv(data.slot, data.generation, dir) {
                 return;
@@ -165,14 +166,14 @@ impl Worker {
             .user_data(UserData::new(OpKind::sctp_relay(dir), index, generation).encode());
         // SAFETY: the msghdr, iovec, control and data live in the boxed association's boxed
         // buffer, which is not released while this receive is in flight.
-        match unsafe { self.ring.push(&entry) } {
+        match unsafe { self.core.ring.push(&entry) } {
             Ok(()) => {
                 direction.pending = Pending::Recv;
                 assoc.in_flight += 1;
                 true
             }
             Err(error) => {
-                warn_limited!(self, Warning::Submit, %error, "cannot submit an SCTP receive");
+                warn_limited!(self.core, Warning::Submit, %error, "cannot submit an SCTP receive");
                 self.begin_sctp_close(index, generation, true);
                 false
             }
@@ -189,13 +190,13 @@ impl Worker {
             .build()
             .user_data(UserData::new(OpKind::sctp_relay(dir), index, generation).encode());
         // SAFETY: as for the receive: everything the msghdr points to lives in the boxed buffer.
-        match unsafe { self.ring.push(&entry) } {
+        match unsafe { self.core.ring.push(&entry) } {
             Ok(()) => {
                 direction.pending = Pending::Send;
                 assoc.in_flight += 1;
             }
             Err(error) => {
-                warn_limited!(self, Warning::Submit, %error, "cannot submit an SCTP send");
+                warn_limited!(self.core, Warning::Submit, %error, "cannot submit an SCTP send");
                 self.begin_sctp_close(index, generation, true);
             }
         }
@@ -215,7 +216,7 @@ impl Worker {
             self.begin_sctp_close(index, generation, true);
             return;
         }
-        assoc.last_activity = self.now;
+        assoc.last_activity = self.core.now;
         match pending {
             Pending::Send => {
                 let direction = &mut assoc.dirs[dir.index()];
@@ -225,9 +226,9 @@ impl Worker {
                     return;
                 }
                 let counter = if dir == Dir::ToBackend {
-                    &self.counters.sctp_messages_client_to_backend
+                    &self.core.counters.sctp_messages_client_to_backend
                 } else {
-                    &self.counters.sctp_messages_backend_to_client
+                    &self.core.counters.sctp_messages_backend_to_client
                 };
                 stats::add(counter, 1);
                 direction.buf.filled = 0;
@@ -261,7 +262,7 @@ impl Worker {
                 if flags & libc::MSG_EOR != 0 {
                     self.arm_sctp_send(index, generation, dir);
                 } else if buf.is_full() {
-                    stats::add(&self.counters.sctp_too_large, 1);
+                    stats::add(&self.core.counters.sctp_too_large, 1);
                     self.begin_sctp_close(index, generation, true);
                 } else {
                     self.arm_sctp_recv(index, generation, dir);
@@ -303,16 +304,16 @@ impl Worker {
         }
         let Some(mut assoc) = self.sctp.assocs.remove(index) else { return };
         if assoc.reset {
-            stats::add(&self.counters.sctp_aborts, 1);
+            stats::add(&self.core.counters.sctp_aborts, 1);
             abort_socket(&assoc.client);
             if let Some(backend) = &assoc.backend {
                 abort_socket(backend);
             }
         }
         if let Some(load) = assoc.counted.take() {
-            self.selection.close(load, &self.counters);
+            self.core.selection.close(load, &self.core.counters);
         }
-        stats::set(&self.counters.sctp_active, self.sctp.assocs.len() as u64);
+        stats::set(&self.core.counters.sctp_active, self.sctp.assocs.len() as u64);
         drop(assoc);
     }
 }

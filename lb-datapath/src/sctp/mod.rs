@@ -31,7 +31,7 @@ use lb_core::{BackendId, BackendIdx, LocalResource, Protocol, ServiceEntry, Snap
 use socket2::Socket;
 
 use self::socket::{MsgBuf, bind_sctp_listener};
-use crate::connection::MAX_ATTEMPTS;
+use crate::connect::MAX_ATTEMPTS;
 use crate::dir::Dir;
 use crate::listener::{Listener, ListenerTable};
 use crate::ring::{ConnectTarget, OpKind, UserData};
@@ -183,9 +183,9 @@ impl Worker {
     /// Gives associations whose key or backend left the snapshot, or whose backend turned not ready,
     /// a drain deadline (and takes it back if they return), as TCP connections get.
     pub(crate) fn mark_sctp_draining(&mut self, snapshot: &Snapshot) {
-        let now = self.now;
+        let now = self.core.now;
         for (_, assoc) in self.sctp.assocs.iter_mut() {
-            assoc.drain_deadline = crate::worker::drain_deadline(
+            assoc.drain_deadline = crate::connect::drain_deadline(
                 snapshot,
                 assoc.key,
                 assoc.backend_id,
@@ -218,21 +218,21 @@ impl Worker {
                 Err(err) => {
                     let unsupported = err.raw_os_error() == Some(libc::EPROTONOSUPPORT);
                     if first_try {
-                        stats::add(&self.counters.bind_failures, 1);
+                        stats::add(&self.core.counters.bind_failures, 1);
                     }
                     if unsupported {
                         if !self.sctp.unsupported {
                             self.sctp.unsupported = true;
-                            tracing::warn!(worker = self.settings.index, %key, error = %err, "kernel has no SCTP; SCTP keys are not served");
+                            tracing::warn!(worker = self.core.settings.index, %key, error = %err, "kernel has no SCTP; SCTP keys are not served");
                         }
                     } else if first_try {
-                        warn_limited!(self, Warning::Bind, %key, error = %err, "cannot listen (SCTP); retrying every housekeeping tick");
+                        warn_limited!(self.core, Warning::Bind, %key, error = %err, "cannot listen (SCTP); retrying every housekeeping tick");
                     }
                     self.sctp.unbound.push(key);
                 }
             }
         }
-        stats::set(&self.counters.sctp_listeners, self.sctp.listeners.len() as u64);
+        stats::set(&self.core.counters.sctp_listeners, self.sctp.listeners.len() as u64);
     }
 
     fn arm_sctp_accept(&mut self, index: u32) {
@@ -245,7 +245,7 @@ impl Worker {
                 .user_data(UserData::new(OpKind::SctpAccept, index, generation).encode());
         // SAFETY: no user memory is passed; the listening socket is dropped only after the accept's
         // completion was reaped.
-        unsafe { listener.arm(&mut self.ring, &entry, false, self.settings.index) };
+        unsafe { listener.arm(&mut self.core.ring, &entry, false, self.core.settings.index) };
     }
 
     fn close_sctp_listener(&mut self, index: u32) {
@@ -256,7 +256,7 @@ impl Worker {
         } else {
             self.sctp.listeners.remove(index);
         }
-        stats::set(&self.counters.sctp_listeners, self.sctp.listeners.len() as u64);
+        stats::set(&self.core.counters.sctp_listeners, self.sctp.listeners.len() as u64);
     }
 
     fn cancel(&mut self, target: UserData) {
@@ -264,8 +264,8 @@ impl Worker {
             .build()
             .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
         // SAFETY: a cancel request references no memory.
-        if let Err(error) = unsafe { self.ring.push(&entry) } {
-            warn_limited!(self, Warning::Submit, %error, "cannot submit a cancel");
+        if let Err(error) = unsafe { self.core.ring.push(&entry) } {
+            warn_limited!(self.core, Warning::Submit, %error, "cannot submit a cancel");
         }
     }
 
@@ -311,7 +311,7 @@ impl Worker {
         let Some(listener) = self.sctp.listeners.get_mut(data.slot, data.generation) else { return };
         if listener.closing {
             self.sctp.listeners.remove(data.slot);
-            stats::set(&self.counters.sctp_listeners, self.sctp.listeners.len() as u64);
+            stats::set(&self.core.counters.sctp_listeners, self.sctp.listeners.len() as u64);
         } else if !listener.rearm_at_tick {
             self.arm_sctp_accept(data.slot);
         }
@@ -333,20 +333,20 @@ impl Worker {
         for index in rearm {
             self.arm_sctp_accept(index);
         }
-        let now = self.now;
+        let now = self.core.now;
         for (index, generation) in self.sctp.live() {
             let Some(assoc) = self.sctp.get(index, generation) else { continue };
             if assoc.closing {
                 continue;
             }
             if assoc.drain_deadline.is_some_and(|deadline| now >= deadline) {
-                stats::add(&self.counters.drain_closes, 1);
+                stats::add(&self.core.counters.drain_closes, 1);
                 self.begin_sctp_close(index, generation, true);
             } else if assoc.relaying
                 && !assoc.closing
                 && now.saturating_duration_since(assoc.last_activity) >= assoc.idle_timeout
             {
-                stats::add(&self.counters.idle_timeouts, 1);
+                stats::add(&self.core.counters.idle_timeouts, 1);
                 self.begin_sctp_close(index, generation, false);
             }
         }

@@ -116,7 +116,7 @@ impl Worker {
         }
         match rearm {
             Rearm::Now => {
-                stats::add(&self.counters.udp_recv_rearms, 1);
+                stats::add(&self.core.counters.udp_recv_rearms, 1);
                 self.arm_udp_vip(data.slot);
             }
             Rearm::AtTick => vip.rearm_at_tick = true,
@@ -129,7 +129,7 @@ impl Worker {
         if errno == libc::EINVAL && self.udp.multishot {
             // Kernels before 6.0 reject IORING_RECV_MULTISHOT: fall back to single-shot receives.
             tracing::info!(
-                worker = self.settings.index,
+                worker = self.core.settings.index,
                 "multishot recvmsg refused; using single-shot receives"
             );
             self.udp.multishot = false;
@@ -159,7 +159,7 @@ impl Worker {
                 return false;
             };
             if datagram.truncated {
-                stats::add(&self.counters.udp_drops_truncated, 1);
+                stats::add(&self.core.counters.udp_drops_truncated, 1);
                 return false;
             }
             let Some(client) = datagram.source else { return false };
@@ -169,7 +169,8 @@ impl Worker {
         };
         if let Some(existing) = handle {
             let entry = self.udp.vips.at(vip_slot).map(|vip| Arc::clone(&vip.entry));
-            if entry.is_some_and(|entry| flow_must_move(&mut self.udp.flows, self.now, existing, &entry)) {
+            if entry.is_some_and(|entry| flow_must_move(&mut self.udp.flows, self.core.now, existing, &entry))
+            {
                 self.end_flow(existing, FlowEnd::Moved);
                 handle = None;
             }
@@ -200,31 +201,34 @@ impl Worker {
         let vip = self.udp.vips.at(vip_slot)?;
         let entry = &vip.entry;
         if !entry.allows(key.client.ip()) {
-            stats::add(&self.counters.udp_drops_source_range, 1);
+            stats::add(&self.core.counters.udp_drops_source_range, 1);
             return None;
         }
         if self.is_draining() {
             // Shutting down: established flows go on, new clients are not taken.
-            stats::add(&self.counters.udp_drops_no_backend, 1);
+            stats::add(&self.core.counters.udp_drops_no_backend, 1);
             return None;
         }
         if !self.fits(1) {
-            stats::add(&self.counters.udp_drops_no_backend, 1);
+            stats::add(&self.core.counters.udp_drops_no_backend, 1);
             self.refuse_for_budget("a datagram of a new UDP flow was dropped");
             return None;
         }
         let vip = self.udp.vips.at(vip_slot)?;
         let entry = &vip.entry;
-        let backend =
-            self.selection.pick(self.now, entry, key.client, &[]).and_then(|idx| entry.backend(idx));
+        let backend = self
+            .core
+            .selection
+            .pick(self.core.now, entry, key.client, &[])
+            .and_then(|idx| entry.backend(idx));
         let Some(backend) = backend else {
-            stats::add(&self.counters.udp_drops_no_backend, 1);
+            stats::add(&self.core.counters.udp_drops_no_backend, 1);
             return None;
         };
         let upstream = match socket::connect_upstream(backend.addr()) {
             Ok(upstream) => upstream,
             Err(error) => {
-                stats::add(&self.counters.udp_drops_no_backend, 1);
+                stats::add(&self.core.counters.udp_drops_no_backend, 1);
                 let errno = error.raw_os_error().unwrap_or(0);
                 if let Some(resource) = LocalResource::of_errno(errno) {
                     self.local_failure(resource, "a UDP upstream socket", errno);
@@ -233,7 +237,7 @@ impl Worker {
             }
         };
         let to_backend = socket::segment_limit(&upstream);
-        let load = self.selection.open(backend, &self.counters);
+        let load = self.core.selection.open(backend, &self.core.counters);
         let flow = UdpFlow {
             upstream,
             backend: backend.id,
@@ -248,10 +252,10 @@ impl Worker {
             max_segment: [to_backend, socket::CLIENT_SEGMENT_LIMIT],
         };
         let timeouts = FlowTimeouts::of(&entry.policy);
-        let (handle, evicted) = self.udp.flows.insert(key, flow, self.now, timeouts);
-        stats::add(&self.counters.flows_created, 1);
+        let (handle, evicted) = self.udp.flows.insert(key, flow, self.core.now, timeouts);
+        stats::add(&self.core.counters.flows_created, 1);
         if let Some(evicted) = evicted {
-            count_end(&self.counters, FlowEnd::Evicted);
+            count_end(&self.core.counters, FlowEnd::Evicted);
             self.release_flow(evicted.handle, evicted.value);
         }
         self.arm_udp_flow(handle);
@@ -262,12 +266,12 @@ impl Worker {
     fn sent_to_backend(&mut self, handle: FlowHandle, sent: std::io::Result<usize>) {
         match sent {
             Ok(bytes) => {
-                stats::add(&self.counters.udp_datagrams_client_to_backend, 1);
-                stats::add(&self.counters.udp_bytes_client_to_backend, bytes as u64);
-                self.udp.flows.touch(handle, self.now, false);
+                stats::add(&self.core.counters.udp_datagrams_client_to_backend, 1);
+                stats::add(&self.core.counters.udp_bytes_client_to_backend, bytes as u64);
+                self.udp.flows.touch(handle, self.core.now, false);
             }
             Err(err) => {
-                stats::add(&self.counters.udp_drops_send, 1);
+                stats::add(&self.core.counters.udp_drops_send, 1);
                 if err.raw_os_error() == Some(libc::ECONNREFUSED) {
                     // An ICMP error answered an earlier datagram: this backend's port is closed.
                     self.end_flow(handle, FlowEnd::Failed);
@@ -317,7 +321,7 @@ impl Worker {
         }
         match rearm {
             Rearm::Now => {
-                stats::add(&self.counters.udp_recv_rearms, 1);
+                stats::add(&self.core.counters.udp_recv_rearms, 1);
                 self.arm_udp_flow(handle);
             }
             Rearm::AtTick => flow.rearm_at_tick = true,
@@ -334,7 +338,7 @@ impl Worker {
                 return false;
             };
             if datagram.truncated {
-                stats::add(&self.counters.udp_drops_truncated, 1);
+                stats::add(&self.core.counters.udp_drops_truncated, 1);
                 return false;
             }
             (datagram.payload.as_ptr(), datagram.payload.len())
@@ -352,10 +356,10 @@ impl Worker {
         };
         match sent {
             Ok(_) => {
-                stats::add(&self.counters.udp_datagrams_backend_to_client, 1);
-                self.udp.flows.touch(handle, self.now, true);
+                stats::add(&self.core.counters.udp_datagrams_backend_to_client, 1);
+                self.udp.flows.touch(handle, self.core.now, true);
             }
-            Err(_) => stats::add(&self.counters.udp_drops_send, 1),
+            Err(_) => stats::add(&self.core.counters.udp_drops_send, 1),
         }
         false
     }

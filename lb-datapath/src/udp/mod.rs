@@ -328,7 +328,7 @@ impl Worker {
                 Ok(socket) => {
                     if let Err(err) = socket::set_receive_buffer(&socket, self.udp.config.vip_receive_buffer)
                     {
-                        tracing::debug!(worker = self.settings.index, %key, error = %err, "VIP receive buffer not enlarged");
+                        tracing::debug!(worker = self.core.settings.index, %key, error = %err, "VIP receive buffer not enlarged");
                     }
                     let vip = UdpVip {
                         key,
@@ -343,9 +343,9 @@ impl Worker {
                     self.arm_udp_vip(index);
                 }
                 Err(error) => {
-                    stats::add(&self.counters.bind_failures, 1);
+                    stats::add(&self.core.counters.bind_failures, 1);
                     if first_try {
-                        warn_limited!(self, Warning::Bind, %key, %error, "cannot bind UDP VIP; retrying every housekeeping tick");
+                        warn_limited!(self.core, Warning::Bind, %key, %error, "cannot bind UDP VIP; retrying every housekeeping tick");
                     }
                     self.udp.unbound.push(key);
                 }
@@ -362,7 +362,7 @@ impl Worker {
         let user_data = UserData::new(OpKind::UdpVip, index, generation).encode();
         let header = vip.header.prepare();
         match arm_receive(
-            &mut self.ring,
+            &mut self.core.ring,
             vip.socket.as_raw_fd(),
             multishot,
             multishot_header,
@@ -377,7 +377,7 @@ impl Worker {
             Err(error) => {
                 vip.rearm_at_tick = true;
                 let key = vip.key;
-                warn_limited!(self, Warning::Submit, %key, %error, "cannot arm a UDP receive");
+                warn_limited!(self.core, Warning::Submit, %key, %error, "cannot arm a UDP receive");
             }
         }
     }
@@ -388,7 +388,7 @@ impl Worker {
         let Some(flow) = self.udp.flows.get_mut(handle) else { return };
         let user_data = UserData::new(OpKind::UdpFlow, handle.index, handle.generation).encode();
         match arm_receive(
-            &mut self.ring,
+            &mut self.core.ring,
             flow.upstream.as_raw_fd(),
             multishot,
             multishot_header,
@@ -398,7 +398,7 @@ impl Worker {
             Ok(()) => {
                 flow.armed = true;
                 flow.rearm_at_tick = false;
-                flow.fd_queued_at = Some(self.ring.submissions());
+                flow.fd_queued_at = Some(self.core.ring.submissions());
                 self.udp.in_flight += 1;
             }
             Err(_) => flow.rearm_at_tick = true,
@@ -419,7 +419,7 @@ impl Worker {
                 .build()
                 .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
             // SAFETY: a cancel request references no memory.
-            let _ = unsafe { self.ring.push(&cancel) };
+            let _ = unsafe { self.core.ring.push(&cancel) };
         } else {
             self.udp.vips.remove(index);
         }
@@ -435,27 +435,29 @@ impl Worker {
 
     fn end_flow(&mut self, handle: FlowHandle, end: FlowEnd) {
         if let Some((_, flow)) = self.udp.flows.remove(handle) {
-            count_end(&self.counters, end);
+            count_end(&self.core.counters, end);
             self.release_flow(handle, flow);
         }
     }
 
     /// [`release_flow`], warning (throttled) when the ring refused what the flow queued.
     pub(super) fn release_flow(&mut self, handle: FlowHandle, flow: UdpFlow) {
-        if let Err(error) = release_flow(&mut self.ring, &mut self.selection, &self.counters, handle, flow) {
-            warn_limited!(self, Warning::Submit, %error, "cannot submit a UDP flow's last operations");
+        if let Err(error) =
+            release_flow(&mut self.core.ring, &mut self.core.selection, &self.core.counters, handle, flow)
+        {
+            warn_limited!(self.core, Warning::Submit, %error, "cannot submit a UDP flow's last operations");
         }
     }
 
     fn update_udp_gauges(&self) {
-        stats::set(&self.counters.udp_listeners, self.udp.vips.len() as u64);
-        stats::set(&self.counters.flows_active, self.udp.flows.len() as u64);
+        stats::set(&self.core.counters.udp_listeners, self.udp.vips.len() as u64);
+        stats::set(&self.core.counters.flows_active, self.udp.flows.len() as u64);
     }
 
     /// Ends idle flows, re-arms receives that failed for lack of resources, retries binds.
     pub(crate) fn udp_housekeeping(&mut self) {
         if !self.udp.unbound.is_empty() {
-            let snapshot = self.shared.snapshot.load_full();
+            let snapshot = self.core.shared.snapshot.load_full();
             self.bind_unbound_udp(&snapshot, false);
         }
         let rearm: Vec<u32> = self
@@ -470,7 +472,7 @@ impl Worker {
         }
         let mut handles = std::mem::take(&mut self.udp.scratch);
         handles.clear();
-        self.udp.flows.expired(self.now, &mut handles);
+        self.udp.flows.expired(self.core.now, &mut handles);
         for &handle in &handles {
             self.end_flow(handle, FlowEnd::Expired);
         }

@@ -232,7 +232,7 @@ impl Worker {
         payload: *const u8,
         len: usize,
     ) -> bool {
-        let now = self.ring.submissions();
+        let now = self.core.ring.submissions();
         let to_client = direction == Dir::ToClient;
         let Some(flow) = self.udp.flows.get_mut(handle) else { return false };
         let open = &mut flow.open_sends[direction.index()];
@@ -243,7 +243,7 @@ impl Worker {
             if !slot.open {
                 *open = None;
             }
-            self.udp.flows.touch(handle, self.now, to_client);
+            self.udp.flows.touch(handle, self.core.now, to_client);
             return true;
         }
         *open = None;
@@ -267,10 +267,10 @@ impl Worker {
         // `bid`, the payloads in the buffers the slot lists; none is reused before this send's
         // completion, and they change only before the next submission (module doc). The kernel holds
         // the socket's file while the send is in flight.
-        let pushed = unsafe { self.ring.push(&entry) };
+        let pushed = unsafe { self.core.ring.push(&entry) };
         let queued = self.submitted(pushed);
         // Only a send still waiting in the queue may grow (`push` submits when the queue is full).
-        let joinable = queued && len > 0 && len <= max_segment && self.ring.submissions() == now;
+        let joinable = queued && len > 0 && len <= max_segment && self.core.ring.submissions() == now;
         if let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) {
             slot.open = joinable;
         }
@@ -282,7 +282,7 @@ impl Worker {
                 flow.open_sends[direction.index()] = Some(bid);
             }
         }
-        self.udp.flows.touch(handle, self.now, to_client);
+        self.udp.flows.touch(handle, self.core.now, to_client);
         queued
     }
 
@@ -293,7 +293,7 @@ impl Worker {
                 true
             }
             Err(_) => {
-                stats::add(&self.counters.udp_drops_send, 1);
+                stats::add(&self.core.counters.udp_drops_send, 1);
                 false
             }
         }
@@ -315,16 +315,22 @@ impl Worker {
         let to_backend = direction == Dir::ToBackend;
         if result >= 0 {
             let (datagrams, bytes) = if to_backend {
-                (&self.counters.udp_datagrams_client_to_backend, &self.counters.udp_bytes_client_to_backend)
+                (
+                    &self.core.counters.udp_datagrams_client_to_backend,
+                    &self.core.counters.udp_bytes_client_to_backend,
+                )
             } else {
-                (&self.counters.udp_datagrams_backend_to_client, &self.counters.udp_bytes_backend_to_client)
+                (
+                    &self.core.counters.udp_datagrams_backend_to_client,
+                    &self.core.counters.udp_bytes_backend_to_client,
+                )
             };
             stats::add(datagrams, count as u64);
             stats::add(bytes, result as u64);
-            stats::add(&self.counters.udp_sends, 1);
+            stats::add(&self.core.counters.udp_sends, 1);
             return;
         }
-        stats::add(&self.counters.udp_drops_send, count as u64);
+        stats::add(&self.core.counters.udp_drops_send, count as u64);
         if to_backend && result == -libc::ECONNREFUSED {
             self.end_flow(flow, FlowEnd::Failed);
             self.update_udp_gauges();

@@ -7,79 +7,59 @@
 //! hanging; a connection is released only when `in_flight == 0`, and releasing returns every buffer
 //! and pipe and closes both sockets; a reset on one side is propagated as a reset to the other.
 
+//! The TCP connections of a worker, one component: accept → pick → connect (with timeout and
+//! bounded retries on other backends) → relay both directions → half-close / reset / idle → release.
+//!
+//! [`Connections`] owns the connection table, the copy relay's buffers and the splice relay's pipes
+//! (nothing else uses them); the worker hands it each accepted client and each completion of a
+//! connection's operations, with a [`Ctx`] of what it may use besides (ring, counters, pick state,
+//! backend events, warnings, descriptor room). `connection` is one connection's state, `crate::relay`
+//! the byte-moving steps of one direction.
+//! Never blocks, never logs per connection above debug, never allocates in steady state (slots,
+//! buffers and pipes come from the table and pools).
+//! Invariants: a client that cannot be served is reset at once (`SO_LINGER {on, 0}`), never left
+//! hanging; a connection is released only when `in_flight == 0`, and releasing returns every buffer
+//! and pipe and closes both sockets; a reset on one side is propagated as a reset to the other.
+
+pub(crate) mod connection;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use io_uring::opcode;
 use lb_core::health::{BackendEvent, BackendOutcome};
-use lb_core::{Backend, BackendIdx, LocalResource, ServiceEntry, VipKey};
+use lb_core::{LocalResource, Snapshot, VipKey};
 use socket2::{Domain, Socket, Type};
 
-use crate::connection::{Conn, MAX_ATTEMPTS, Pending, Phase};
+use self::connection::{Conn, ConnTable, Pending, Phase};
+use crate::connect::{Attempt, Failure, drain_deadline};
+use crate::context::Ctx;
 use crate::dir::Dir;
+use crate::pool::{Pipe, PipePool, RelayBuffers};
 use crate::relay::{self, Advanced, Next, Path};
 use crate::ring::{OpKind, UserData};
-use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::warnings::{Warning, warn_limited};
-use crate::worker::Worker;
 
-/// Why no backend connect could be started for a client (TCP or SCTP).
-pub(crate) enum Failure {
-    /// Every eligible backend was tried, or none is left.
-    Exhausted,
-    /// The backend socket could not be made for lack of a local resource.
-    Local(LocalResource, i32),
-    /// The ring refused the connect.
-    Submit(std::io::Error),
-}
+/// How often the kernel's ephemeral port range is read again (an operator may change it).
+const EPHEMERAL_REFRESH: Duration = Duration::from_secs(10);
 
-/// The backends one client connection (or SCTP association) has tried so far.
-pub(crate) struct Attempt<'a> {
-    pub client: SocketAddr,
-    pub tried: &'a mut [BackendIdx; MAX_ATTEMPTS],
-    pub tried_len: &'a mut usize,
-}
-
-impl Attempt<'_> {
-    /// The next backend to try: the entry's pick among those not tried yet, within its
-    /// `connect-attempts`; recorded as tried. Counts retries, and clients no backend was left for.
-    pub fn next<'e>(
-        self,
-        selection: &mut Selection,
-        counters: &WorkerCounters,
-        now: Instant,
-        entry: &'e ServiceEntry,
-    ) -> Result<&'e Backend, Failure> {
-        let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
-        if *self.tried_len >= attempts {
-            return Err(Failure::Exhausted);
-        }
-        let exclude = &self.tried[..*self.tried_len];
-        let Some(picked) = selection.pick(now, entry, self.client, exclude) else {
-            if *self.tried_len == 0 {
-                stats::add(&counters.no_backend, 1);
-            }
-            return Err(Failure::Exhausted);
-        };
-        let backend = entry.backend(picked).ok_or(Failure::Exhausted)?;
-        self.tried[*self.tried_len] = picked;
-        *self.tried_len += 1;
-        if *self.tried_len > 1 {
-            stats::add(&counters.retries, 1);
-        }
-        Ok(backend)
-    }
-}
-
-impl Failure {
-    /// A socket that could not be made: a local shortage whatever the error (memory, say, when the
-    /// errno is not one of them), never the backend's fault.
-    pub(crate) fn local(error: std::io::Error) -> Failure {
-        let errno = error.raw_os_error().unwrap_or(libc::ENOMEM);
-        Failure::Local(LocalResource::of_errno(errno).unwrap_or(LocalResource::Memory), errno)
-    }
+/// The TCP connections of one worker. See the module doc.
+pub(crate) struct Connections {
+    conns: ConnTable,
+    /// The copy relay's buffers (a provided-buffer ring, and pool buffers beyond it).
+    buffers: RelayBuffers,
+    /// The splice relay's pipes.
+    pipes: PipePool,
+    path: Path,
+    /// Upper bound of open client connections (the descriptor budget may allow fewer).
+    max_connections: usize,
+    /// The kernel's ephemeral ports (see `connected_to_itself`), re-read every
+    /// [`EPHEMERAL_REFRESH`] by housekeeping: never on a connection's path, nor per publish.
+    ephemeral_ports: std::ops::RangeInclusive<u16>,
+    ephemeral_read_at: Instant,
+    /// Reused by the walks over every connection.
+    scratch: Vec<(u32, u32)>,
 }
 
 /// A connect to a local port nobody listens on can pick that same port as its source and "succeed"
@@ -135,12 +115,47 @@ fn reset_socket(socket: Socket) {
     drop(socket);
 }
 
-impl Worker {
+/// Buffers a backend event for passive outlier detection (see [`crate::events`]).
+fn report(ctx: &mut Ctx<'_>, key: VipKey, backend: Option<lb_core::BackendId>, outcome: BackendOutcome) {
+    if let Some(backend) = backend {
+        ctx.report(BackendEvent { key, backend, outcome });
+    }
+}
+
+impl Connections {
+    pub fn new(path: Path, max_connections: usize, buffers: RelayBuffers, pipes: PipePool) -> Connections {
+        Connections {
+            conns: ConnTable::default(),
+            buffers,
+            pipes,
+            path,
+            max_connections,
+            ephemeral_ports: ephemeral_port_range(),
+            ephemeral_read_at: Instant::now(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Open connections (closing ones included).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Descriptors held: a client and a backend socket per connection (counted from the accept on,
+    /// as the backend socket comes next), two per pipe, whether in use or pooled.
+    pub fn descriptors(&self) -> usize {
+        2 * self.conns.len() + 2 * (self.pipes.in_use + self.pipes.idle())
+    }
+
     /// Takes a client freshly accepted on the listener of `listen` (a VIP key, or a wildcard whose
     /// VIP is the connection's local address): picks a backend from the current snapshot and
     /// connects.
-    pub(crate) fn new_connection(&mut self, listen: VipKey, client: Socket) {
-        stats::add(&self.counters.accepted, 1);
+    pub fn new_connection(&mut self, ctx: &mut Ctx<'_>, listen: VipKey, client: Socket) {
+        stats::add(&ctx.counters.accepted, 1);
         let wildcard = crate::listener::is_wildcard(&listen);
         let key = if wildcard {
             match client.local_addr().ok().and_then(|a| a.as_socket()) {
@@ -150,14 +165,14 @@ impl Worker {
         } else {
             listen
         };
-        let entry = self.shared.snapshot.load().get(&key).cloned();
+        let entry = ctx.shared.snapshot.load().get(&key).cloned();
         let Some(entry) = entry else {
             // On a wildcard: an address of this host that is no VIP of the port. Otherwise the key
             // left the snapshot between the accept and now.
             if wildcard {
-                stats::add(&self.counters.tcp_refused_not_a_vip, 1);
+                stats::add(&ctx.counters.tcp_refused_not_a_vip, 1);
             }
-            stats::add(&self.counters.resets, 1);
+            stats::add(&ctx.counters.resets, 1);
             reset_socket(client);
             return;
         };
@@ -171,54 +186,43 @@ impl Worker {
         // `loadBalancerSourceRanges` comes before anything else: no slot, no pick, no backend connect.
         // (A client whose address cannot be read is refused when ranges are set: it is gone anyway.)
         if !entry.allows(client_addr.ip()) {
-            stats::add(&self.counters.tcp_refused_source_range, 1);
-            stats::add(&self.counters.resets, 1);
+            stats::add(&ctx.counters.tcp_refused_source_range, 1);
+            stats::add(&ctx.counters.resets, 1);
             reset_socket(client);
             return;
         }
         // The client's socket and its backend's: both must fit (the accept already took the first,
         // which the reserve above the budget covers).
-        if self.conns.len() >= self.settings.max_connections || !self.fits(2) {
-            stats::add(&self.counters.resets, 1);
+        if self.conns.len() >= self.max_connections || !ctx.room.fits(self.descriptors(), 2) {
+            stats::add(&ctx.counters.resets, 1);
             reset_socket(client);
-            self.refuse_for_budget("a client connection was reset at accept");
+            ctx.refuse_for_budget("a client connection was reset at accept");
             return;
         }
-        let conn = Conn::new(key, client, client_addr, entry, self.now);
+        let conn = Conn::new(key, client, client_addr, entry, ctx.now);
         let (index, generation) = self.conns.insert(conn);
-        stats::set(&self.counters.active, self.conns.len() as u64);
-        self.try_connect(index, generation);
+        stats::set(&ctx.counters.active, self.conns.len() as u64);
+        self.try_connect(ctx, index, generation);
     }
 
     /// Starts a connect to the next eligible backend not tried yet, or resets the client when the
     /// attempts are used up, no eligible backend is left, or a local shortage (no descriptor for
     /// the backend socket) would fail every backend alike.
-    fn try_connect(&mut self, index: u32, generation: u32) {
-        if let Err(failure) = self.connect_next(index, generation) {
-            self.report_connect_failure(failure, "a backend socket");
-            self.begin_close(index, generation, true);
+    fn try_connect(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) {
+        if let Err(failure) = self.connect_next(ctx, index, generation) {
+            failure.report(ctx, "a backend socket");
+            self.begin_close(ctx, index, generation, true);
         }
     }
 
-    /// Counts and warns about why no connect could be started (TCP and SCTP alike).
-    pub(crate) fn report_connect_failure(&mut self, failure: Failure, socket: &'static str) {
-        match failure {
-            Failure::Local(resource, errno) => self.local_failure(resource, socket, errno),
-            Failure::Submit(error) => {
-                warn_limited!(self, Warning::Submit, %error, "cannot submit a backend connect")
-            }
-            Failure::Exhausted => {}
-        }
-    }
-
-    /// One attempt of [`Worker::try_connect`]: `Ok` with a connect in flight (or the connection
+    /// One attempt of [`Connections::try_connect`]: `Ok` with a connect in flight (or the connection
     /// gone). A failed connect comes back through `on_connect`, which tries again.
-    fn connect_next(&mut self, index: u32, generation: u32) -> Result<(), Failure> {
+    fn connect_next(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) -> Result<(), Failure> {
         let Some(conn) = self.conns.get_mut(index, generation) else { return Ok(()) };
         let Some(entry) = conn.entry.clone() else { return Ok(()) };
         let attempt =
             Attempt { client: conn.client_addr, tried: &mut conn.tried, tried_len: &mut conn.tried_len };
-        let backend = attempt.next(&mut self.selection, &self.counters, self.now, &entry)?;
+        let backend = attempt.next(ctx.selection, ctx.counters, ctx.now, &entry)?;
         let addr = backend.addr();
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)
             .map_err(Failure::local)?;
@@ -229,7 +233,7 @@ impl Worker {
         // SAFETY: the target lives in the connection's boxed slot, which is not released before
         // both completions are reaped; the socket is owned by the connection for as long.
         unsafe {
-            self.ring.push_connect(
+            ctx.ring.push_connect(
                 fd,
                 &mut conn.connect_target,
                 addr,
@@ -243,16 +247,16 @@ impl Worker {
         conn.connect_pending = true;
         // Counted from the submission (not the completion) so that a burst of accepts handled in
         // one batch already sees each other's load.
-        conn.counted = Some(self.selection.open(backend, &self.counters));
+        conn.counted = Some(ctx.selection.open(backend, ctx.counters));
         Ok(())
     }
 
-    pub(crate) fn on_connect(&mut self, data: UserData, result: i32) {
+    pub fn on_connect(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32) {
         let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
         conn.in_flight -= 1;
         conn.connect_pending = false;
         if conn.phase == Phase::Closing {
-            self.release_if_idle(data.slot, data.generation);
+            self.release_if_idle(ctx, data.slot, data.generation);
             return;
         }
         let local = if result < 0 { LocalResource::of_errno(-result) } else { None };
@@ -265,58 +269,51 @@ impl Worker {
             let (key, backend) = (conn.key, conn.backend_id);
             conn.backend = None;
             if let Some(load) = conn.counted.take() {
-                self.selection.close(load, &self.counters);
+                ctx.selection.close(load, ctx.counters);
             }
             match local {
                 // No source port towards this backend: another backend has its own ports; nothing
                 // here is the backend's fault.
                 Some(LocalResource::SourcePorts) => {
-                    self.local_failure(LocalResource::SourcePorts, "a backend connect", -result);
-                    self.try_connect(data.slot, data.generation);
+                    ctx.local_failure(LocalResource::SourcePorts, "a backend connect", -result);
+                    self.try_connect(ctx, data.slot, data.generation);
                 }
                 // No memory or descriptors: every backend would fail alike.
                 Some(resource) => {
-                    self.local_failure(resource, "a backend connect", -result);
-                    self.begin_close(data.slot, data.generation, true);
+                    ctx.local_failure(resource, "a backend connect", -result);
+                    self.begin_close(ctx, data.slot, data.generation, true);
                 }
                 // Refused, unreachable, -ECANCELED when the link timeout fired, or a self-connect.
                 None => {
-                    stats::add(&self.counters.connect_failures, 1);
-                    self.report(key, backend, BackendOutcome::ConnectFailed);
-                    self.try_connect(data.slot, data.generation);
+                    stats::add(&ctx.counters.connect_failures, 1);
+                    report(ctx, key, backend, BackendOutcome::ConnectFailed);
+                    self.try_connect(ctx, data.slot, data.generation);
                 }
             }
             return;
         }
         let (key, backend) = (conn.key, conn.backend_id);
-        self.report(key, backend, BackendOutcome::Connected);
-        self.start_relay(data.slot, data.generation);
+        report(ctx, key, backend, BackendOutcome::Connected);
+        self.start_relay(ctx, data.slot, data.generation);
     }
 
-    /// Buffers a backend event for passive outlier detection (see [`crate::events`]).
-    fn report(&mut self, key: VipKey, backend: Option<lb_core::BackendId>, outcome: BackendOutcome) {
-        if let Some(backend) = backend {
-            self.events.record(&self.shared, &self.counters, BackendEvent { key, backend, outcome });
-        }
-    }
-
-    pub(crate) fn on_connect_timeout(&mut self, data: UserData) {
+    pub fn on_connect_timeout(&mut self, ctx: &mut Ctx<'_>, data: UserData) {
         let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
         conn.in_flight -= 1;
         if conn.phase == Phase::Closing {
-            self.release_if_idle(data.slot, data.generation);
+            self.release_if_idle(ctx, data.slot, data.generation);
         }
     }
 
-    fn start_relay(&mut self, index: u32, generation: u32) {
-        let path = self.settings.path;
+    fn start_relay(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) {
+        let path = self.path;
         let Some(conn) = self.conns.get_mut(index, generation) else { return };
         conn.phase = Phase::Relaying;
         conn.entry = None;
-        conn.last_activity = self.now;
+        conn.last_activity = ctx.now;
         for dir in Dir::BOTH {
             // Without a pipe (out of descriptors, or over the budget) a direction copies instead.
-            let pipe = if path == Path::Splice { self.take_pipe() } else { None };
+            let pipe = if path == Path::Splice { self.take_pipe(ctx) } else { None };
             let Some(conn) = self.conns.get_mut(index, generation) else { return };
             let direction = conn.direction(dir);
             // A copy direction takes no buffer yet: its receive draws one when data arrives.
@@ -325,9 +322,9 @@ impl Worker {
                 direction.spliced = true;
             }
         }
-        self.update_pool_gauges();
+        self.update_pool_gauges(ctx.counters);
         for dir in Dir::BOTH {
-            if !self.step(index, generation, dir, Next::Advance) {
+            if !self.step(ctx, index, generation, dir, Next::Advance) {
                 return;
             }
         }
@@ -336,8 +333,8 @@ impl Worker {
     /// Moves an adaptive direction that proved bulk from copy to splice: its (empty) buffer goes back
     /// to the pool and a pipe takes its place. Without a pipe (out of fds) it keeps copying and only
     /// tries again once it has proved bulk anew, not on every receive.
-    fn switch_to_splice(&mut self, index: u32, generation: u32, dir: Dir) {
-        let Some(pipe) = self.take_pipe() else {
+    fn switch_to_splice(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32, dir: Dir) {
+        let Some(pipe) = self.take_pipe(ctx) else {
             if let Some(conn) = self.conns.get_mut(index, generation) {
                 conn.direction(dir).full_reads = 0;
             }
@@ -351,20 +348,20 @@ impl Worker {
         direction.pipe = Some(pipe);
         direction.spliced = true;
         self.buffers.release(&mut direction.held);
-        stats::add(&self.counters.relay_spliced, 1);
-        self.update_pool_gauges();
+        stats::add(&ctx.counters.relay_spliced, 1);
+        self.update_pool_gauges(ctx.counters);
     }
 
     /// Issues the operation `next` asks for on one direction. Returns false if the connection was
     /// closed as a consequence.
-    fn step(&mut self, index: u32, generation: u32, dir: Dir, next: Next) -> bool {
+    fn step(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32, dir: Dir, next: Next) -> bool {
         if next == Next::Advance
             && self
                 .conns
                 .get_mut(index, generation)
-                .is_some_and(|conn| relay::wants_splice(self.settings.path, conn.direction(dir)))
+                .is_some_and(|conn| relay::wants_splice(self.path, conn.direction(dir)))
         {
-            self.switch_to_splice(index, generation, dir);
+            self.switch_to_splice(ctx, index, generation, dir);
         }
         let Some(conn) = self.conns.get_mut(index, generation) else { return false };
         let Some(backend) = conn.backend.as_ref() else { return false };
@@ -374,25 +371,20 @@ impl Worker {
         let direction = conn.direction(dir);
         let issued = match next {
             Next::Advance => {
-                relay::advance(&mut self.ring, direction, &mut self.buffers, source, destination, user_data)
+                relay::advance(ctx.ring, direction, &mut self.buffers, source, destination, user_data)
             }
-            Next::ReadNow => relay::read_now(&mut self.ring, direction, &mut self.buffers, source, user_data)
+            Next::ReadNow => relay::read_now(ctx.ring, direction, &mut self.buffers, source, user_data)
                 .map(|()| Advanced::Issued),
             Next::PollIn => {
-                relay::poll(&mut self.ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)
+                relay::poll(ctx.ring, direction, source, libc::POLLIN, Pending::PollIn, user_data)
                     .map(|()| Advanced::Issued)
             }
-            Next::PollOut => relay::poll(
-                &mut self.ring,
-                direction,
-                destination,
-                libc::POLLOUT,
-                Pending::PollOut,
-                user_data,
-            )
-            .map(|()| Advanced::Issued),
+            Next::PollOut => {
+                relay::poll(ctx.ring, direction, destination, libc::POLLOUT, Pending::PollOut, user_data)
+                    .map(|()| Advanced::Issued)
+            }
             Next::Reset | Next::Cancelled => {
-                self.begin_close(index, generation, true);
+                self.begin_close(ctx, index, generation, true);
                 return false;
             }
         };
@@ -403,20 +395,20 @@ impl Worker {
             }
             Ok(Advanced::Finished) => {
                 if conn.client_to_backend.done && conn.backend_to_client.done {
-                    self.begin_close(index, generation, false);
+                    self.begin_close(ctx, index, generation, false);
                     return false;
                 }
                 true
             }
             Err(error) => {
-                warn_limited!(self, Warning::Submit, %error, "cannot submit a relay operation");
-                self.begin_close(index, generation, true);
+                warn_limited!(ctx, Warning::Submit, %error, "cannot submit a relay operation");
+                self.begin_close(ctx, index, generation, true);
                 false
             }
         }
     }
 
-    pub(crate) fn on_direction(&mut self, data: UserData, dir: Dir, result: i32, flags: u32) {
+    pub fn on_direction(&mut self, ctx: &mut Ctx<'_>, data: UserData, dir: Dir, result: i32, flags: u32) {
         let Some(conn) = self.conns.get_mut(data.slot, data.generation) else { return };
         conn.in_flight -= 1;
         let pending = conn.direction(dir).pending;
@@ -439,13 +431,7 @@ impl Worker {
             if let Some((failed, errno)) = pumped.failure {
                 backend_reset |= backend_failed(dir, failed, errno);
             }
-            if relay::wants_copy(
-                self.settings.path,
-                direction,
-                completed.next,
-                pumped.read,
-                self.buffers.size(),
-            ) {
+            if relay::wants_copy(self.path, direction, completed.next, pumped.read, self.buffers.size()) {
                 // Back to copy: the pipe goes back and the next receive waits without a buffer.
                 if let Some(pipe) = direction.pipe.take() {
                     self.pipes.give(pipe);
@@ -454,7 +440,7 @@ impl Worker {
                 direction.drained = true;
                 direction.full_reads = 0;
                 completed.next = Next::Advance;
-                stats::add(&self.counters.relay_unspliced, 1);
+                stats::add(&ctx.counters.relay_unspliced, 1);
             }
         }
         if completed.eof {
@@ -468,28 +454,28 @@ impl Worker {
         }
         if let (true, Some(backend)) = (backend_reset && conn.phase != Phase::Closing, conn.backend_id) {
             let event = BackendEvent { key: conn.key, backend, outcome: BackendOutcome::Reset };
-            self.events.record(&self.shared, &self.counters, event);
+            ctx.report(event);
         }
         if completed.active {
-            conn.last_activity = self.now;
+            conn.last_activity = ctx.now;
         }
         if completed.written > 0 {
             let counter = match dir {
-                Dir::ToBackend => &self.counters.bytes_client_to_backend,
-                Dir::ToClient => &self.counters.bytes_backend_to_client,
+                Dir::ToBackend => &ctx.counters.bytes_client_to_backend,
+                Dir::ToClient => &ctx.counters.bytes_backend_to_client,
             };
             stats::add(counter, completed.written);
         }
         if conn.phase == Phase::Closing {
-            self.release_if_idle(data.slot, data.generation);
+            self.release_if_idle(ctx, data.slot, data.generation);
             return;
         }
-        self.step(data.slot, data.generation, dir, completed.next);
+        self.step(ctx, data.slot, data.generation, dir, completed.next);
     }
 
     /// Starts tearing a connection down: cancels what is in flight and releases it once nothing is.
     /// With `reset`, both sockets are closed with `SO_LINGER {on, 0}` so the peers see a reset.
-    pub(crate) fn begin_close(&mut self, index: u32, generation: u32, reset: bool) {
+    pub fn begin_close(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32, reset: bool) {
         let Some(conn) = self.conns.get_mut(index, generation) else { return };
         if conn.phase == Phase::Closing {
             conn.reset |= reset;
@@ -508,27 +494,20 @@ impl Worker {
             targets[2] = Some(OpKind::BackendToClient);
         }
         for kind in targets.into_iter().flatten() {
-            let target = UserData::new(kind, index, generation).encode();
-            let entry = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-            // SAFETY: a cancel request references no memory.
-            if let Err(error) = unsafe { self.ring.push(&entry) } {
-                warn_limited!(self, Warning::Submit, %error, "cannot submit a cancel");
-            }
+            ctx.cancel(UserData::new(kind, index, generation));
         }
-        self.release_if_idle(index, generation);
+        self.release_if_idle(ctx, index, generation);
     }
 
     /// Releases a closing connection once none of its operations is in flight.
-    fn release_if_idle(&mut self, index: u32, generation: u32) {
+    fn release_if_idle(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) {
         let Some(conn) = self.conns.get_mut(index, generation) else { return };
         if conn.in_flight > 0 {
             return;
         }
         let Some(mut conn) = self.conns.remove(index) else { return };
         if let Some(load) = conn.counted.take() {
-            self.selection.close(load, &self.counters);
+            ctx.selection.close(load, ctx.counters);
         }
         for dir in Dir::BOTH {
             let direction = conn.direction(dir);
@@ -538,22 +517,22 @@ impl Worker {
             }
         }
         if conn.reset {
-            stats::add(&self.counters.resets, 1);
+            stats::add(&ctx.counters.resets, 1);
             let _ = conn.client.set_linger(Some(Duration::ZERO));
             if let Some(backend) = conn.backend.as_ref() {
                 let _ = backend.set_linger(Some(Duration::ZERO));
             }
         }
         drop(conn);
-        stats::set(&self.counters.active, self.conns.len() as u64);
-        self.update_pool_gauges();
+        stats::set(&ctx.counters.active, self.conns.len() as u64);
+        self.update_pool_gauges(ctx.counters);
     }
 
     /// A pipe for a splice direction, if the budget has room and the kernel gives one; `None` keeps
     /// the direction on copy (counted as a refusal or a local shortage).
-    fn take_pipe(&mut self) -> Option<crate::pool::Pipe> {
-        if !self.fits(2) {
-            self.refuse_for_budget("a relay direction keeps copying instead of taking a pipe");
+    fn take_pipe(&mut self, ctx: &mut Ctx<'_>) -> Option<Pipe> {
+        if !ctx.room.fits(self.descriptors(), 2) {
+            ctx.refuse_for_budget("a relay direction keeps copying instead of taking a pipe");
             return None;
         }
         match self.pipes.take() {
@@ -561,17 +540,122 @@ impl Worker {
             Err(error) => {
                 let errno = error.raw_os_error().unwrap_or(libc::ENOMEM);
                 let resource = LocalResource::of_errno(errno).unwrap_or(LocalResource::Memory);
-                self.local_failure(resource, "a relay pipe", errno);
+                ctx.local_failure(resource, "a relay pipe", errno);
                 None
             }
         }
     }
 
-    pub(crate) fn update_pool_gauges(&self) {
-        stats::set(&self.counters.buffers_in_use, self.buffers.in_use as u64);
-        stats::set(&self.counters.relay_buffers_exhausted, self.buffers.exhausted);
-        stats::set(&self.counters.pipes_in_use, self.pipes.in_use as u64);
-        stats::set(&self.counters.pipes_idle, self.pipes.idle() as u64);
+    pub fn update_pool_gauges(&self, counters: &WorkerCounters) {
+        stats::set(&counters.buffers_in_use, self.buffers.in_use as u64);
+        stats::set(&counters.relay_buffers_exhausted, self.buffers.exhausted);
+        stats::set(&counters.pipes_in_use, self.pipes.in_use as u64);
+        stats::set(&counters.pipes_idle, self.pipes.idle() as u64);
+    }
+
+    /// Housekeeping: re-reads the ephemeral ports now and then, closes idle connections and those
+    /// whose drain deadline passed, and sets the pool gauges (buffers are lent and given back per
+    /// receive: the gauges follow at the tick, not per operation).
+    pub fn housekeeping(&mut self, ctx: &mut Ctx<'_>) {
+        if ctx.now.saturating_duration_since(self.ephemeral_read_at) >= EPHEMERAL_REFRESH {
+            self.ephemeral_ports = ephemeral_port_range();
+            self.ephemeral_read_at = ctx.now;
+        }
+        self.expire(ctx);
+        self.update_pool_gauges(ctx.counters);
+    }
+
+    /// Closes idle connections and those whose drain deadline passed.
+    pub fn expire(&mut self, ctx: &mut Ctx<'_>) {
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        let now = ctx.now;
+        for &(index, generation) in &live {
+            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
+            if conn.phase == Phase::Closing {
+                continue;
+            }
+            if conn.drain_deadline.is_some_and(|deadline| now >= deadline) {
+                stats::add(&ctx.counters.drain_closes, 1);
+                self.begin_close(ctx, index, generation, true);
+            } else if conn.phase == Phase::Relaying
+                && now.saturating_duration_since(conn.last_activity) >= conn.policy.idle_timeout
+            {
+                stats::add(&ctx.counters.idle_timeouts, 1);
+                self.begin_close(ctx, index, generation, false);
+            }
+        }
+        self.scratch = live;
+        self.count_draining(ctx.counters);
+    }
+
+    /// Gives connections whose VIP or backend left the snapshot, or whose backend turned not ready
+    /// (terminating, failing readiness), a drain deadline; takes it back if they return.
+    pub fn mark_draining(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot) {
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        for &(index, generation) in &live {
+            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
+            conn.drain_deadline = drain_deadline(
+                snapshot,
+                conn.key,
+                conn.backend_id,
+                conn.drain_deadline,
+                ctx.now,
+                conn.policy.drain_timeout,
+            );
+        }
+        self.scratch = live;
+        self.count_draining(ctx.counters);
+    }
+
+    /// Sets the `draining` gauge: connections with a drain deadline that are not closing yet.
+    fn count_draining(&mut self, counters: &WorkerCounters) {
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        let mut draining = 0u64;
+        for &(index, generation) in &live {
+            let Some(conn) = self.conns.get_mut(index, generation) else { continue };
+            if conn.phase != Phase::Closing && conn.drain_deadline.is_some() {
+                draining += 1;
+            }
+        }
+        stats::set(&counters.draining, draining);
+        self.scratch = live;
+    }
+
+    /// The worker stops: every connection is reset.
+    pub fn close_all(&mut self, ctx: &mut Ctx<'_>) {
+        let mut live = std::mem::take(&mut self.scratch);
+        self.conns.live(&mut live);
+        for &(index, generation) in &live {
+            self.begin_close(ctx, index, generation, true);
+        }
+        self.scratch = live;
+    }
+
+    /// Shuts both sockets of every connection down (the ring failed; see `Worker::abandon`).
+    pub fn shut_down_sockets(&mut self) {
+        for (_, conn) in self.conns.iter_mut() {
+            let _ = conn.client.shutdown(std::net::Shutdown::Both);
+            if let Some(backend) = &conn.backend {
+                let _ = backend.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// The stop grace is over: connections whose cancelled operations never completed are leaked on
+    /// purpose, with the relay's buffer ring, as the kernel may still write into their buffers.
+    pub fn leak_if_busy(&mut self, worker: usize) {
+        if !self.conns.is_empty() {
+            tracing::warn!(
+                worker,
+                left = self.conns.len(),
+                "operations outlived the stop grace; leaking their buffers"
+            );
+            std::mem::forget(std::mem::take(&mut self.conns));
+            self.buffers.leak_ring();
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::connect::MAX_ATTEMPTS;
 use crate::ring::ConnectTarget;
 use lb_core::{BackendId, BackendIdx, BackendLoad, EntryPolicy, ServiceEntry, VipKey};
 use socket2::Socket;
@@ -16,9 +17,6 @@ use socket2::Socket;
 use crate::dir::Dir;
 use crate::pool::{Held, Pipe};
 use crate::slots::{Pinned, Slots};
-
-/// Backends one connection may try at most, whatever `policy.connect_attempts` says.
-pub(crate) const MAX_ATTEMPTS: usize = 16;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,76 @@
+//! What a protocol component (TCP connections, UDP flows, SCTP associations) may use of its worker
+//! while it handles a completion, a tick or a snapshot: [`Ctx`].
+//!
+//! The worker owns the ring and the pieces every protocol shares (counters, the pick state, the
+//! backend events, the warning throttles, the descriptor budget, the snapshot store); a component
+//! owns its own table and is lent a `Ctx` for one call. So a component never reaches into another
+//! one, nor into the worker, and never imports `crate::worker`. Building a `Ctx` is a handful of
+//! pointer copies per completion: no allocation, no dynamic dispatch.
+
+use std::io;
+use std::time::Instant;
+
+use lb_core::LocalResource;
+use lb_core::health::BackendEvent;
+
+use crate::budget::Room;
+use crate::engine::Shared;
+use crate::events::EventBuffer;
+use crate::ring::{OpKind, Ring, UserData};
+use crate::selection::Selection;
+use crate::stats::{self, WorkerCounters};
+use crate::warnings::{Warning, Warnings, warn_limited};
+
+/// The worker's shared pieces, lent to one component for one call. See the module doc.
+pub(crate) struct Ctx<'a> {
+    pub ring: &'a mut Ring,
+    /// The time of the completion batch being handled.
+    pub now: Instant,
+    pub counters: &'a WorkerCounters,
+    /// The snapshot store, and whether anyone collects backend events.
+    pub shared: &'a Shared,
+    /// Pick states, load counts and affinity of the worker (every protocol alike).
+    pub selection: &'a mut Selection,
+    pub events: &'a mut EventBuffer,
+    pub warnings: &'a mut Warnings,
+    /// What the rest of the worker leaves of the descriptor budget.
+    pub room: Room,
+}
+
+impl Ctx<'_> {
+    /// Counts and warns about `what` being refused for the descriptor budget.
+    pub fn refuse_for_budget(&mut self, what: &'static str) {
+        stats::add(&self.counters.budget_refusals, 1);
+        let budget = self.room.per_worker();
+        warn_limited!(self, Warning::Budget, budget, "descriptor budget reached: {what}");
+    }
+
+    /// Counts a failure of `what` for lack of a local resource (never a backend's failure) and
+    /// warns, throttled.
+    pub fn local_failure(&mut self, resource: LocalResource, what: &'static str, errno: i32) {
+        let counter = match resource {
+            LocalResource::SourcePorts => &self.counters.local_no_source_port,
+            LocalResource::Descriptors => &self.counters.local_no_descriptors,
+            LocalResource::Memory => &self.counters.local_no_memory,
+        };
+        stats::add(counter, 1);
+        let error = io::Error::from_raw_os_error(errno);
+        warn_limited!(self, Warning::Resources, %error, "{what} failed: no {} left here", resource.name());
+    }
+
+    /// Buffers a backend event for passive outlier detection (see [`crate::events`]).
+    pub fn report(&mut self, event: BackendEvent) {
+        self.events.record(self.shared, self.counters, event);
+    }
+
+    /// Asks the kernel to cancel the operation of `target`; warns (throttled) if the ring refuses.
+    pub fn cancel(&mut self, target: UserData) {
+        let entry = io_uring::opcode::AsyncCancel::new(target.encode())
+            .build()
+            .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
+        // SAFETY: a cancel request references no memory.
+        if let Err(error) = unsafe { self.ring.push(&entry) } {
+            warn_limited!(self, Warning::Submit, %error, "cannot submit a cancel");
+        }
+    }
+}
