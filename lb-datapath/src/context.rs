@@ -26,6 +26,8 @@ pub(crate) struct Ctx<'a> {
     pub ring: &'a mut Ring,
     /// The time of the completion batch being handled.
     pub now: Instant,
+    /// The worker's index (for log lines).
+    pub worker: usize,
     pub counters: &'a WorkerCounters,
     /// The snapshot store, and whether anyone collects backend events.
     pub shared: &'a Shared,
@@ -35,6 +37,10 @@ pub(crate) struct Ctx<'a> {
     pub warnings: &'a mut Warnings,
     /// What the rest of the worker leaves of the descriptor budget.
     pub room: Room,
+    /// Graceful shutdown began: nothing new is bound or created.
+    pub draining: bool,
+    /// The worker stops: nothing new is accepted.
+    pub stopping: bool,
 }
 
 impl Ctx<'_> {

@@ -39,7 +39,7 @@ use crate::sctp::SctpState;
 use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::tcp::Connections;
-use crate::udp::UdpState;
+use crate::udp::Flows;
 use crate::warnings::{Warning, Warnings, warn_limited};
 
 /// How long a stopping worker waits for cancelled operations before giving up on them.
@@ -94,12 +94,15 @@ impl Core {
         Ctx {
             ring: &mut self.ring,
             now: self.now,
+            worker: self.settings.index,
             counters: &self.counters,
             shared: &self.shared,
             selection: &mut self.selection,
             events: &mut self.events,
             warnings: &mut self.warnings,
             room,
+            draining: self.draining,
+            stopping: self.stopping,
         }
     }
 }
@@ -121,7 +124,7 @@ pub(crate) struct Worker {
     unbound: Vec<VipKey>,
     multishot_accept: bool,
     tcp: Connections,
-    pub udp: UdpState,
+    udp: Flows,
     pub sctp: SctpState,
     /// The snapshot last reconciled: the next one is compared with it.
     applied: Arc<Snapshot>,
@@ -138,7 +141,7 @@ impl Worker {
     ) -> Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
-        let udp = UdpState::new(&ring, settings.udp.clone(), settings.index);
+        let udp = Flows::new(&ring, settings.udp.clone(), settings.index);
         let selection = Selection::new(
             settings.index,
             settings.workers,
@@ -264,9 +267,18 @@ impl Worker {
                 let room = self.tcp_room();
                 self.tcp.on_direction(&mut self.core.ctx(room), data, Dir::ToClient, result, flags);
             }
-            OpKind::UdpVip => self.on_udp_vip(data, result, flags),
-            OpKind::UdpFlow => self.on_udp_flow(data, result, flags),
-            OpKind::UdpSend => self.on_udp_send(data, result),
+            OpKind::UdpVip => {
+                let room = self.udp_room();
+                self.udp.on_vip_receive(&mut self.core.ctx(room), data, result, flags);
+            }
+            OpKind::UdpFlow => {
+                let room = self.udp_room();
+                self.udp.on_flow_receive(&mut self.core.ctx(room), data, result, flags);
+            }
+            OpKind::UdpSend => {
+                let room = self.udp_room();
+                self.udp.on_send(&mut self.core.ctx(room), data, result);
+            }
             OpKind::SctpAccept
             | OpKind::SctpConnect
             | OpKind::SctpConnectTimeout
@@ -363,7 +375,8 @@ impl Worker {
         self.tcp.mark_draining(ctx, snapshot);
         // A drain of zero (`not-ready-connections: close`) closes now, not at the next tick.
         self.tcp.expire(ctx);
-        self.reconcile_udp(snapshot);
+        let room = self.udp_room();
+        self.udp.reconcile(&mut self.core.ctx(room), snapshot);
         self.reconcile_sctp(snapshot);
     }
 
@@ -376,7 +389,7 @@ impl Worker {
         self.tcp.mark_draining(ctx, snapshot);
         self.tcp.expire(ctx);
         for entry in changed_udp {
-            self.refresh_udp_entry(entry);
+            self.udp.refresh_entry(entry);
         }
         self.mark_sctp_draining(snapshot);
     }
@@ -550,7 +563,8 @@ impl Worker {
         stats::set(&self.core.counters.ring_cq_dropped, ring.dropped);
         stats::set(&self.core.counters.ring_submit_retries, ring.retried);
         if !self.core.stopping {
-            self.udp_housekeeping();
+            let room = self.udp_room();
+            self.udp.housekeeping(&mut self.core.ctx(room));
             self.sctp_housekeeping();
         }
     }
@@ -589,7 +603,8 @@ impl Worker {
         for index in open {
             self.close_listener(index);
         }
-        self.stop_udp();
+        let room = self.udp_room();
+        self.udp.stop(&mut self.core.ctx(room));
         self.stop_sctp();
         let room = self.tcp_room();
         self.tcp.close_all(&mut self.core.ctx(room));
@@ -650,6 +665,11 @@ impl Worker {
             self.descriptors() - held_here,
             self.listening() - listening_here,
         )
+    }
+
+    #[inline]
+    fn udp_room(&self) -> Room {
+        self.room(self.udp.descriptors(), self.udp.listeners())
     }
 
     /// Until SCTP is a component of its own.

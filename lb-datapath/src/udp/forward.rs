@@ -14,13 +14,14 @@ use io_uring::types::RecvMsgOut;
 use lb_core::{Established, LocalResource, ServiceEntry};
 use socket2::SockAddr;
 
+use super::Flows;
 use super::flow_table::{FlowHandle, FlowKey, FlowTable, FlowTimeouts};
 use super::socket::{self, BUFFER_SIZE};
 use super::{FlowEnd, UdpFlow, count_end};
 use crate::bufring::BufRing;
+use crate::context::Ctx;
 use crate::ring::UserData;
 use crate::stats;
-use crate::worker::Worker;
 
 /// A datagram as received: its source (VIP sockets) and payload, or why it cannot be used.
 struct Received<'a> {
@@ -72,16 +73,16 @@ fn received<'a>(
     }
 }
 
-impl Worker {
+impl Flows {
     /// A completion of a VIP socket's receive: a client datagram (or the receive's end).
-    pub(crate) fn on_udp_vip(&mut self, data: UserData, result: i32, flags: u32) {
+    pub(crate) fn on_vip_receive(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32, flags: u32) {
         let more = cqueue::more(flags);
         let bid = cqueue::buffer_select(flags);
         if !more {
-            self.udp.in_flight = self.udp.in_flight.saturating_sub(1);
+            self.in_flight = self.in_flight.saturating_sub(1);
         }
-        let stopping = self.is_stopping();
-        let closing = self.udp.vips.get_mut(data.slot, data.generation).map(|vip| {
+        let stopping = ctx.stopping;
+        let closing = self.vips.get_mut(data.slot, data.generation).map(|vip| {
             if !more {
                 vip.armed = false;
             }
@@ -94,45 +95,42 @@ impl Worker {
         let mut sending = false;
         if let Some(closing) = closing {
             match (result, bid) {
-                (len, _) if len >= 0 && (bid.is_some() || !self.udp.multishot) => {
+                (len, _) if len >= 0 && (bid.is_some() || !self.multishot) => {
                     if !closing && !stopping {
-                        sending = self.client_datagram(data.slot, bid, len as usize);
+                        sending = self.client_datagram(ctx, data.slot, bid, len as usize);
                     }
                 }
-                _ => rearm = self.receive_failed(result),
+                _ => rearm = self.receive_failed(ctx, result),
             }
         }
-        if let (Some(bid), Some(buffers), false) = (bid, self.udp.buffers.as_mut(), sending) {
+        if let (Some(bid), Some(buffers), false) = (bid, self.buffers.as_mut(), sending) {
             buffers.recycle(bid);
         }
-        let Some(vip) = self.udp.vips.get_mut(data.slot, data.generation) else { return };
+        let Some(vip) = self.vips.get_mut(data.slot, data.generation) else { return };
         if vip.armed {
             return;
         }
         if vip.closing {
-            self.udp.vips.remove(data.slot);
-            self.update_udp_gauges();
+            self.vips.remove(data.slot);
+            self.update_gauges(ctx);
             return;
         }
         match rearm {
             Rearm::Now => {
-                stats::add(&self.core.counters.udp_recv_rearms, 1);
-                self.arm_udp_vip(data.slot);
+                stats::add(&ctx.counters.udp_recv_rearms, 1);
+                self.arm_vip(ctx, data.slot);
             }
             Rearm::AtTick => vip.rearm_at_tick = true,
         }
     }
 
     /// A receive ended without a datagram: decides when it is re-armed.
-    fn receive_failed(&mut self, result: i32) -> Rearm {
+    fn receive_failed(&mut self, ctx: &mut Ctx<'_>, result: i32) -> Rearm {
         let errno = -result;
-        if errno == libc::EINVAL && self.udp.multishot {
+        if errno == libc::EINVAL && self.multishot {
             // Kernels before 6.0 reject IORING_RECV_MULTISHOT: fall back to single-shot receives.
-            tracing::info!(
-                worker = self.core.settings.index,
-                "multishot recvmsg refused; using single-shot receives"
-            );
-            self.udp.multishot = false;
+            tracing::info!(worker = ctx.worker, "multishot recvmsg refused; using single-shot receives");
+            self.multishot = false;
             Rearm::Now
         } else if errno == libc::ENOBUFS || result >= 0 {
             // Every buffer was in use and the datagram waits in the socket: the buffers of the
@@ -146,49 +144,47 @@ impl Worker {
 
     /// Forwards a client datagram to its flow's backend, creating (or moving) the flow if needed.
     /// Returns true if a send now owns the receive buffer.
-    fn client_datagram(&mut self, vip_slot: u32, bid: Option<u16>, len: usize) -> bool {
+    fn client_datagram(&mut self, ctx: &mut Ctx<'_>, vip_slot: u32, bid: Option<u16>, len: usize) -> bool {
         let (key, mut handle, payload) = {
-            let Some(buffers) = self.udp.buffers.as_ref() else { return false };
-            let Some(vip) = self.udp.vips.at(vip_slot) else {
+            let Some(buffers) = self.buffers.as_ref() else { return false };
+            let Some(vip) = self.vips.at(vip_slot) else {
                 return false;
             };
-            let multishot_header = self.udp.multishot_header;
+            let multishot_header = self.multishot_header;
             let name = Some(&vip.header.name);
-            let Some(datagram) = received(buffers, multishot_header, name, self.udp.multishot, bid, len)
-            else {
+            let Some(datagram) = received(buffers, multishot_header, name, self.multishot, bid, len) else {
                 return false;
             };
             if datagram.truncated {
-                stats::add(&self.core.counters.udp_drops_truncated, 1);
+                stats::add(&ctx.counters.udp_drops_truncated, 1);
                 return false;
             }
             let Some(client) = datagram.source else { return false };
             let key = FlowKey { vip: vip.key, client };
-            let handle = self.udp.flows.find(&key);
+            let handle = self.flows.find(&key);
             (key, handle, (datagram.payload.as_ptr(), datagram.payload.len()))
         };
         if let Some(existing) = handle {
-            let entry = self.udp.vips.at(vip_slot).map(|vip| Arc::clone(&vip.entry));
-            if entry.is_some_and(|entry| flow_must_move(&mut self.udp.flows, self.core.now, existing, &entry))
-            {
-                self.end_flow(existing, FlowEnd::Moved);
+            let entry = self.vips.at(vip_slot).map(|vip| Arc::clone(&vip.entry));
+            if entry.is_some_and(|entry| flow_must_move(&mut self.flows, ctx.now, existing, &entry)) {
+                self.end_flow(ctx, existing, FlowEnd::Moved);
                 handle = None;
             }
         }
         let handle = match handle {
             Some(handle) => handle,
-            None => match self.create_flow(vip_slot, key) {
+            None => match self.create_flow(ctx, vip_slot, key) {
                 Some(handle) => handle,
                 None => return false,
             },
         };
         match bid {
-            Some(bid) => self.send_to_backend(handle, bid, payload.0, payload.1),
+            Some(bid) => self.send_to_backend(ctx, handle, bid, payload.0, payload.1),
             None => {
                 // A zero-length datagram of a single-shot receive has no buffer to send from.
-                let sent = self.udp.flows.get(handle).map(|flow| flow.upstream.send(&[]));
+                let sent = self.flows.get(handle).map(|flow| flow.upstream.send(&[]));
                 if let Some(sent) = sent {
-                    self.sent_to_backend(handle, sent);
+                    self.sent_to_backend(ctx, handle, sent);
                 }
                 false
             }
@@ -197,47 +193,43 @@ impl Worker {
 
     /// Picks a backend for a new flow and opens its upstream socket (evicting the least recently
     /// used flow if the table is full).
-    fn create_flow(&mut self, vip_slot: u32, key: FlowKey) -> Option<FlowHandle> {
-        let vip = self.udp.vips.at(vip_slot)?;
+    fn create_flow(&mut self, ctx: &mut Ctx<'_>, vip_slot: u32, key: FlowKey) -> Option<FlowHandle> {
+        let vip = self.vips.at(vip_slot)?;
         let entry = &vip.entry;
         if !entry.allows(key.client.ip()) {
-            stats::add(&self.core.counters.udp_drops_source_range, 1);
+            stats::add(&ctx.counters.udp_drops_source_range, 1);
             return None;
         }
-        if self.is_draining() {
+        if ctx.draining {
             // Shutting down: established flows go on, new clients are not taken.
-            stats::add(&self.core.counters.udp_drops_no_backend, 1);
+            stats::add(&ctx.counters.udp_drops_no_backend, 1);
             return None;
         }
-        if !self.fits(1) {
-            stats::add(&self.core.counters.udp_drops_no_backend, 1);
-            self.refuse_for_budget("a datagram of a new UDP flow was dropped");
+        if !ctx.room.fits(self.descriptors(), 1) {
+            stats::add(&ctx.counters.udp_drops_no_backend, 1);
+            ctx.refuse_for_budget("a datagram of a new UDP flow was dropped");
             return None;
         }
-        let vip = self.udp.vips.at(vip_slot)?;
+        let vip = self.vips.at(vip_slot)?;
         let entry = &vip.entry;
-        let backend = self
-            .core
-            .selection
-            .pick(self.core.now, entry, key.client, &[])
-            .and_then(|idx| entry.backend(idx));
+        let backend = ctx.selection.pick(ctx.now, entry, key.client, &[]).and_then(|idx| entry.backend(idx));
         let Some(backend) = backend else {
-            stats::add(&self.core.counters.udp_drops_no_backend, 1);
+            stats::add(&ctx.counters.udp_drops_no_backend, 1);
             return None;
         };
         let upstream = match socket::connect_upstream(backend.addr()) {
             Ok(upstream) => upstream,
             Err(error) => {
-                stats::add(&self.core.counters.udp_drops_no_backend, 1);
+                stats::add(&ctx.counters.udp_drops_no_backend, 1);
                 let errno = error.raw_os_error().unwrap_or(0);
                 if let Some(resource) = LocalResource::of_errno(errno) {
-                    self.local_failure(resource, "a UDP upstream socket", errno);
+                    ctx.local_failure(resource, "a UDP upstream socket", errno);
                 }
                 return None;
             }
         };
         let to_backend = socket::segment_limit(&upstream);
-        let load = self.core.selection.open(backend, &self.core.counters);
+        let load = ctx.selection.open(backend, ctx.counters);
         let flow = UdpFlow {
             upstream,
             backend: backend.id,
@@ -252,44 +244,44 @@ impl Worker {
             max_segment: [to_backend, socket::CLIENT_SEGMENT_LIMIT],
         };
         let timeouts = FlowTimeouts::of(&entry.policy);
-        let (handle, evicted) = self.udp.flows.insert(key, flow, self.core.now, timeouts);
-        stats::add(&self.core.counters.flows_created, 1);
+        let (handle, evicted) = self.flows.insert(key, flow, ctx.now, timeouts);
+        stats::add(&ctx.counters.flows_created, 1);
         if let Some(evicted) = evicted {
-            count_end(&self.core.counters, FlowEnd::Evicted);
-            self.release_flow(evicted.handle, evicted.value);
+            count_end(ctx.counters, FlowEnd::Evicted);
+            self.release_flow(ctx, evicted.handle, evicted.value);
         }
-        self.arm_udp_flow(handle);
-        self.update_udp_gauges();
+        self.arm_flow(ctx, handle);
+        self.update_gauges(ctx);
         Some(handle)
     }
 
-    fn sent_to_backend(&mut self, handle: FlowHandle, sent: std::io::Result<usize>) {
+    fn sent_to_backend(&mut self, ctx: &mut Ctx<'_>, handle: FlowHandle, sent: std::io::Result<usize>) {
         match sent {
             Ok(bytes) => {
-                stats::add(&self.core.counters.udp_datagrams_client_to_backend, 1);
-                stats::add(&self.core.counters.udp_bytes_client_to_backend, bytes as u64);
-                self.udp.flows.touch(handle, self.core.now, false);
+                stats::add(&ctx.counters.udp_datagrams_client_to_backend, 1);
+                stats::add(&ctx.counters.udp_bytes_client_to_backend, bytes as u64);
+                self.flows.touch(handle, ctx.now, false);
             }
             Err(err) => {
-                stats::add(&self.core.counters.udp_drops_send, 1);
+                stats::add(&ctx.counters.udp_drops_send, 1);
                 if err.raw_os_error() == Some(libc::ECONNREFUSED) {
                     // An ICMP error answered an earlier datagram: this backend's port is closed.
-                    self.end_flow(handle, FlowEnd::Failed);
-                    self.update_udp_gauges();
+                    self.end_flow(ctx, handle, FlowEnd::Failed);
+                    self.update_gauges(ctx);
                 }
             }
         }
     }
 
     /// A completion of a flow's upstream receive: a backend reply (or the receive's end).
-    pub(crate) fn on_udp_flow(&mut self, data: UserData, result: i32, flags: u32) {
+    pub(crate) fn on_flow_receive(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32, flags: u32) {
         let more = cqueue::more(flags);
         let bid = cqueue::buffer_select(flags);
         if !more {
-            self.udp.in_flight = self.udp.in_flight.saturating_sub(1);
+            self.in_flight = self.in_flight.saturating_sub(1);
         }
         let handle = FlowHandle { index: data.slot, generation: data.generation };
-        let live = self.udp.flows.get_mut(handle).map(|flow| {
+        let live = self.flows.get_mut(handle).map(|flow| {
             if !more {
                 flow.armed = false;
             }
@@ -298,68 +290,73 @@ impl Worker {
         let mut sending = false;
         if live.is_some() {
             match (result, bid) {
-                (len, _) if len >= 0 && (bid.is_some() || !self.udp.multishot) => {
-                    sending = self.backend_datagram(handle, bid, len as usize)
+                (len, _) if len >= 0 && (bid.is_some() || !self.multishot) => {
+                    sending = self.backend_datagram(ctx, handle, bid, len as usize)
                 }
                 _ if result == -libc::ECONNREFUSED => {
                     // ICMP port unreachable from this flow's backend: only this flow ends.
-                    self.end_flow(handle, FlowEnd::Failed);
-                    self.update_udp_gauges();
+                    self.end_flow(ctx, handle, FlowEnd::Failed);
+                    self.update_gauges(ctx);
                 }
-                _ => rearm = self.receive_failed(result),
+                _ => rearm = self.receive_failed(ctx, result),
             }
         }
-        if let (Some(bid), Some(buffers), false) = (bid, self.udp.buffers.as_mut(), sending) {
+        if let (Some(bid), Some(buffers), false) = (bid, self.buffers.as_mut(), sending) {
             buffers.recycle(bid);
         }
-        if self.is_stopping() {
+        if ctx.stopping {
             return;
         }
-        let Some(flow) = self.udp.flows.get_mut(handle) else { return };
+        let Some(flow) = self.flows.get_mut(handle) else { return };
         if flow.armed {
             return;
         }
         match rearm {
             Rearm::Now => {
-                stats::add(&self.core.counters.udp_recv_rearms, 1);
-                self.arm_udp_flow(handle);
+                stats::add(&ctx.counters.udp_recv_rearms, 1);
+                self.arm_flow(ctx, handle);
             }
             Rearm::AtTick => flow.rearm_at_tick = true,
         }
     }
 
     /// Sends a backend datagram to its flow's client. Returns true if a send now owns the buffer.
-    fn backend_datagram(&mut self, handle: FlowHandle, bid: Option<u16>, len: usize) -> bool {
+    fn backend_datagram(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        handle: FlowHandle,
+        bid: Option<u16>,
+        len: usize,
+    ) -> bool {
         let payload = {
-            let Some(buffers) = self.udp.buffers.as_ref() else { return false };
-            let multishot = self.udp.multishot;
-            let Some(datagram) = received(buffers, self.udp.multishot_header, None, multishot, bid, len)
-            else {
+            let Some(buffers) = self.buffers.as_ref() else { return false };
+            let multishot = self.multishot;
+            let Some(datagram) = received(buffers, self.multishot_header, None, multishot, bid, len) else {
                 return false;
             };
             if datagram.truncated {
-                stats::add(&self.core.counters.udp_drops_truncated, 1);
+                stats::add(&ctx.counters.udp_drops_truncated, 1);
                 return false;
             }
             (datagram.payload.as_ptr(), datagram.payload.len())
         };
         if let Some(bid) = bid {
-            return self.send_to_client(handle, bid, payload.0, payload.1);
+            return self.send_to_client(ctx, handle, bid, payload.0, payload.1);
         }
         // A zero-length datagram of a single-shot receive has no buffer to send from.
         let sent = {
-            let Some(flow) = self.udp.flows.get(handle) else { return false };
-            let Some(vip) = self.udp.vips.at(flow.vip_slot) else {
+            let Some(flow) = self.flows.get(handle) else { return false };
+            let Some(vip) = self.vips.at(flow.vip_slot) else {
                 return false;
             };
             vip.socket.send_to(&[], &flow.client)
         };
         match sent {
             Ok(_) => {
-                stats::add(&self.core.counters.udp_datagrams_backend_to_client, 1);
-                self.udp.flows.touch(handle, self.core.now, true);
+                stats::add(&ctx.counters.udp_datagrams_backend_to_client, 1);
+                self.flows.touch(handle, ctx.now, true);
             }
-            Err(_) => stats::add(&self.core.counters.udp_drops_send, 1),
+            Err(_) => stats::add(&ctx.counters.udp_drops_send, 1),
         }
         false
     }

@@ -16,9 +16,9 @@
 //! error. Invariants: every received buffer is recycled on every path (flow gone or not); a flow's
 //! socket is closed when the flow leaves the table (its cancelled receive holds the file until done);
 //! `in_flight` counts armed receives, and buffers are only freed once it is zero.
-//! This file: UDP state, VIP sockets' life (reconcile, bind retry, close), arming receives, flow
-//! expiry; `forward` is the per-datagram path, `send` the sends and their slots, `flow_table` the
-//! pure table, `socket` sockets and the buffer ring, `config` the settings.
+//! This file: the component ([`Flows`]), VIP sockets' life (reconcile, bind retry, close), arming
+//! receives, flow expiry; `forward` is the per-datagram path, `send` the sends and their slots,
+//! `flow_table` the pure table, `socket` sockets and the buffer ring, `config` the settings.
 
 mod config;
 pub(crate) mod flow_table;
@@ -41,12 +41,12 @@ use socket2::{SockAddr, Socket};
 use self::flow_table::{FlowHandle, FlowTable};
 use self::socket::{BUFFER_GROUP, BUFFER_SIZE};
 use crate::bufring::BufRing;
+use crate::context::Ctx;
 use crate::ring::{OpKind, Ring, UserData};
 use crate::selection::Selection;
 use crate::slots::KeyedSlots;
 use crate::stats::{self, WorkerCounters};
 use crate::warnings::{Warning, warn_limited};
-use crate::worker::Worker;
 
 /// The `msghdr` (with its name storage and iovec) a single-shot receive of one VIP socket uses;
 /// boxed so its address stays put while the receive is in flight.
@@ -110,8 +110,10 @@ pub(crate) struct UdpFlow {
     max_segment: [u16; 2],
 }
 
-/// Everything UDP a worker owns.
-pub(crate) struct UdpState {
+/// Everything UDP a worker owns, one component: the VIP sockets, the flow table with each flow's
+/// upstream socket, the receive buffers and the sends. The worker calls it with a [`Ctx`] for each
+/// completion, snapshot and tick; it reaches nothing else of the worker.
+pub(crate) struct Flows {
     config: UdpConfig,
     /// `None` when the kernel refused the buffer ring (before 5.19): UDP keys are then not served.
     buffers: Option<BufRing>,
@@ -133,8 +135,8 @@ pub(crate) struct UdpState {
     scratch: Vec<FlowHandle>,
 }
 
-impl UdpState {
-    pub fn new(ring: &Ring, config: UdpConfig, worker: usize) -> UdpState {
+impl Flows {
+    pub fn new(ring: &Ring, config: UdpConfig, worker: usize) -> Flows {
         let buffers = match BufRing::register(ring, config.recv_buffers, BUFFER_SIZE, BUFFER_GROUP) {
             Ok(buffers) => Some(buffers),
             Err(err) => {
@@ -152,7 +154,7 @@ impl UdpState {
             header.msg_iovlen = 1;
             Box::into_raw(Box::new(header))
         };
-        UdpState {
+        Flows {
             multishot: ring.features.multishot_recvmsg && config.multishot_recv,
             flows: FlowTable::new(config.max_flows_per_worker),
             config,
@@ -284,51 +286,50 @@ fn release_flow(
     outcome
 }
 
-impl Worker {
+impl Flows {
     /// Points the VIP socket of `entry`'s key (if bound) at `entry`.
-    pub(crate) fn refresh_udp_entry(&mut self, entry: &Arc<ServiceEntry>) {
-        let Some(index) = self.udp.vips.find(&entry.key) else { return };
-        let generation = self.udp.vips.generation(index);
-        if let Some(vip) = self.udp.vips.get_mut(index, generation) {
+    pub(crate) fn refresh_entry(&mut self, entry: &Arc<ServiceEntry>) {
+        let Some(index) = self.vips.find(&entry.key) else { return };
+        let generation = self.vips.generation(index);
+        if let Some(vip) = self.vips.get_mut(index, generation) {
             vip.entry = Arc::clone(entry);
         }
     }
 
     /// Opens sockets for new UDP keys, closes those (and their flows) of removed keys, and hands
     /// every open VIP the entry of `snapshot`.
-    pub(crate) fn reconcile_udp(&mut self, snapshot: &Snapshot) {
+    pub(crate) fn reconcile(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot) {
         let mut removed = Vec::new();
-        for (index, vip) in self.udp.vips.iter_mut().filter(|(_, v)| !v.closing) {
+        for (index, vip) in self.vips.iter_mut().filter(|(_, v)| !v.closing) {
             match snapshot.get(&vip.key) {
                 Some(entry) => vip.entry = entry.clone(),
                 None => removed.push(index),
             }
         }
         for index in removed {
-            self.close_udp_vip(index);
+            self.close_vip(ctx, index);
         }
-        self.udp.unbound.clear();
+        self.unbound.clear();
         for key in snapshot.keys().filter(|k| k.protocol == Protocol::Udp) {
-            if self.udp.vips.find(key).is_none() {
-                self.udp.unbound.push(*key);
+            if self.vips.find(key).is_none() {
+                self.unbound.push(*key);
             }
         }
-        self.bind_unbound_udp(snapshot, true);
+        self.bind_unbound(ctx, snapshot, true);
     }
 
-    fn bind_unbound_udp(&mut self, snapshot: &Snapshot, first_try: bool) {
-        if self.udp.buffers.is_none() || self.is_draining() {
-            self.udp.unbound.clear();
+    fn bind_unbound(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot, first_try: bool) {
+        if self.buffers.is_none() || ctx.draining {
+            self.unbound.clear();
             return;
         }
-        let keys = std::mem::take(&mut self.udp.unbound);
+        let keys = std::mem::take(&mut self.unbound);
         for key in keys {
             let Some(entry) = snapshot.get(&key) else { continue };
             match socket::bind_vip(key.socket_addr()) {
                 Ok(socket) => {
-                    if let Err(err) = socket::set_receive_buffer(&socket, self.udp.config.vip_receive_buffer)
-                    {
-                        tracing::debug!(worker = self.core.settings.index, %key, error = %err, "VIP receive buffer not enlarged");
+                    if let Err(err) = socket::set_receive_buffer(&socket, self.config.vip_receive_buffer) {
+                        tracing::debug!(worker = ctx.worker, %key, error = %err, "VIP receive buffer not enlarged");
                     }
                     let vip = UdpVip {
                         key,
@@ -339,56 +340,49 @@ impl Worker {
                         closing: false,
                         rearm_at_tick: false,
                     };
-                    let (index, _) = self.udp.vips.insert(key, vip);
-                    self.arm_udp_vip(index);
+                    let (index, _) = self.vips.insert(key, vip);
+                    self.arm_vip(ctx, index);
                 }
                 Err(error) => {
-                    stats::add(&self.core.counters.bind_failures, 1);
+                    stats::add(&ctx.counters.bind_failures, 1);
                     if first_try {
-                        warn_limited!(self.core, Warning::Bind, %key, %error, "cannot bind UDP VIP; retrying every housekeeping tick");
+                        warn_limited!(ctx, Warning::Bind, %key, %error, "cannot bind UDP VIP; retrying every housekeeping tick");
                     }
-                    self.udp.unbound.push(key);
+                    self.unbound.push(key);
                 }
             }
         }
-        self.update_udp_gauges();
+        self.update_gauges(ctx);
     }
 
-    fn arm_udp_vip(&mut self, index: u32) {
-        let multishot = self.udp.multishot;
-        let multishot_header = self.udp.multishot_header;
-        let generation = self.udp.vips.generation(index);
-        let Some(vip) = self.udp.vips.get_mut(index, generation) else { return };
+    fn arm_vip(&mut self, ctx: &mut Ctx<'_>, index: u32) {
+        let multishot = self.multishot;
+        let multishot_header = self.multishot_header;
+        let generation = self.vips.generation(index);
+        let Some(vip) = self.vips.get_mut(index, generation) else { return };
         let user_data = UserData::new(OpKind::UdpVip, index, generation).encode();
         let header = vip.header.prepare();
-        match arm_receive(
-            &mut self.core.ring,
-            vip.socket.as_raw_fd(),
-            multishot,
-            multishot_header,
-            header,
-            user_data,
-        ) {
+        match arm_receive(ctx.ring, vip.socket.as_raw_fd(), multishot, multishot_header, header, user_data) {
             Ok(()) => {
                 vip.armed = true;
                 vip.rearm_at_tick = false;
-                self.udp.in_flight += 1;
+                self.in_flight += 1;
             }
             Err(error) => {
                 vip.rearm_at_tick = true;
                 let key = vip.key;
-                warn_limited!(self.core, Warning::Submit, %key, %error, "cannot arm a UDP receive");
+                warn_limited!(ctx, Warning::Submit, %key, %error, "cannot arm a UDP receive");
             }
         }
     }
 
-    fn arm_udp_flow(&mut self, handle: FlowHandle) {
-        let multishot = self.udp.multishot;
-        let (multishot_header, upstream_header) = (self.udp.multishot_header, self.udp.upstream_header);
-        let Some(flow) = self.udp.flows.get_mut(handle) else { return };
+    fn arm_flow(&mut self, ctx: &mut Ctx<'_>, handle: FlowHandle) {
+        let multishot = self.multishot;
+        let (multishot_header, upstream_header) = (self.multishot_header, self.upstream_header);
+        let Some(flow) = self.flows.get_mut(handle) else { return };
         let user_data = UserData::new(OpKind::UdpFlow, handle.index, handle.generation).encode();
         match arm_receive(
-            &mut self.core.ring,
+            ctx.ring,
             flow.upstream.as_raw_fd(),
             multishot,
             multishot_header,
@@ -398,8 +392,8 @@ impl Worker {
             Ok(()) => {
                 flow.armed = true;
                 flow.rearm_at_tick = false;
-                flow.fd_queued_at = Some(self.core.ring.submissions());
-                self.udp.in_flight += 1;
+                flow.fd_queued_at = Some(ctx.ring.submissions());
+                self.in_flight += 1;
             }
             Err(_) => flow.rearm_at_tick = true,
         }
@@ -407,10 +401,10 @@ impl Worker {
 
     /// Stops receiving on a VIP socket and ends its flows; the slot is freed with the receive's
     /// last completion.
-    fn close_udp_vip(&mut self, index: u32) {
-        let generation = self.udp.vips.generation(index);
-        self.udp.vips.retire(index);
-        let Some(vip) = self.udp.vips.get_mut(index, generation) else { return };
+    fn close_vip(&mut self, ctx: &mut Ctx<'_>, index: u32) {
+        let generation = self.vips.generation(index);
+        self.vips.retire(index);
+        let Some(vip) = self.vips.get_mut(index, generation) else { return };
         vip.closing = true;
         let key = vip.key;
         if vip.armed {
@@ -419,79 +413,76 @@ impl Worker {
                 .build()
                 .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
             // SAFETY: a cancel request references no memory.
-            let _ = unsafe { self.core.ring.push(&cancel) };
+            let _ = unsafe { ctx.ring.push(&cancel) };
         } else {
-            self.udp.vips.remove(index);
+            self.vips.remove(index);
         }
-        let mut doomed = std::mem::take(&mut self.udp.scratch);
+        let mut doomed = std::mem::take(&mut self.scratch);
         doomed.clear();
-        self.udp.flows.select(&mut doomed, |flow_key, _| flow_key.vip == key);
+        self.flows.select(&mut doomed, |flow_key, _| flow_key.vip == key);
         for &handle in &doomed {
-            self.end_flow(handle, FlowEnd::Closed);
+            self.end_flow(ctx, handle, FlowEnd::Closed);
         }
-        self.udp.scratch = doomed;
-        self.update_udp_gauges();
+        self.scratch = doomed;
+        self.update_gauges(ctx);
     }
 
-    fn end_flow(&mut self, handle: FlowHandle, end: FlowEnd) {
-        if let Some((_, flow)) = self.udp.flows.remove(handle) {
-            count_end(&self.core.counters, end);
-            self.release_flow(handle, flow);
+    fn end_flow(&mut self, ctx: &mut Ctx<'_>, handle: FlowHandle, end: FlowEnd) {
+        if let Some((_, flow)) = self.flows.remove(handle) {
+            count_end(ctx.counters, end);
+            self.release_flow(ctx, handle, flow);
         }
     }
 
     /// [`release_flow`], warning (throttled) when the ring refused what the flow queued.
-    pub(super) fn release_flow(&mut self, handle: FlowHandle, flow: UdpFlow) {
-        if let Err(error) =
-            release_flow(&mut self.core.ring, &mut self.core.selection, &self.core.counters, handle, flow)
-        {
-            warn_limited!(self.core, Warning::Submit, %error, "cannot submit a UDP flow's last operations");
+    pub(super) fn release_flow(&mut self, ctx: &mut Ctx<'_>, handle: FlowHandle, flow: UdpFlow) {
+        if let Err(error) = release_flow(ctx.ring, ctx.selection, ctx.counters, handle, flow) {
+            warn_limited!(ctx, Warning::Submit, %error, "cannot submit a UDP flow's last operations");
         }
     }
 
-    fn update_udp_gauges(&self) {
-        stats::set(&self.core.counters.udp_listeners, self.udp.vips.len() as u64);
-        stats::set(&self.core.counters.flows_active, self.udp.flows.len() as u64);
+    fn update_gauges(&self, ctx: &mut Ctx<'_>) {
+        stats::set(&ctx.counters.udp_listeners, self.vips.len() as u64);
+        stats::set(&ctx.counters.flows_active, self.flows.len() as u64);
     }
 
     /// Ends idle flows, re-arms receives that failed for lack of resources, retries binds.
-    pub(crate) fn udp_housekeeping(&mut self) {
-        if !self.udp.unbound.is_empty() {
-            let snapshot = self.core.shared.snapshot.load_full();
-            self.bind_unbound_udp(&snapshot, false);
+    pub(crate) fn housekeeping(&mut self, ctx: &mut Ctx<'_>) {
+        if !self.unbound.is_empty() {
+            let snapshot = ctx.shared.snapshot.load_full();
+            self.bind_unbound(ctx, &snapshot, false);
         }
         let rearm: Vec<u32> = self
-            .udp
             .vips
             .iter_mut()
             .filter(|(_, v)| v.rearm_at_tick && !v.armed && !v.closing)
             .map(|(index, _)| index)
             .collect();
         for index in rearm {
-            self.arm_udp_vip(index);
+            self.arm_vip(ctx, index);
         }
-        let mut handles = std::mem::take(&mut self.udp.scratch);
+        let mut handles = std::mem::take(&mut self.scratch);
         handles.clear();
-        self.udp.flows.expired(self.core.now, &mut handles);
+        self.flows.expired(ctx.now, &mut handles);
         for &handle in &handles {
-            self.end_flow(handle, FlowEnd::Expired);
+            self.end_flow(ctx, handle, FlowEnd::Expired);
         }
         handles.clear();
-        self.udp.flows.select(&mut handles, |_, flow| flow.rearm_at_tick && !flow.armed);
+        self.flows.select(&mut handles, |_, flow| flow.rearm_at_tick && !flow.armed);
         for &handle in &handles {
-            self.arm_udp_flow(handle);
+            self.arm_flow(ctx, handle);
         }
-        self.udp.scratch = handles;
-        self.update_udp_gauges();
+        self.scratch = handles;
+        self.update_gauges(ctx);
     }
 
     /// Closes every UDP socket (worker stopping).
-    pub(crate) fn stop_udp(&mut self) {
-        self.udp.unbound.clear();
+    pub(crate) fn stop(&mut self, ctx: &mut Ctx<'_>) {
+        self.unbound.clear();
         let open: Vec<u32> =
-            self.udp.vips.iter_mut().filter(|(_, v)| !v.closing).map(|(index, _)| index).collect();
+            self.vips.iter_mut().filter(|(_, v)| !v.closing).map(|(index, _)| index).collect();
         for index in open {
-            self.close_udp_vip(index);
+            self.close_vip(ctx, index);
         }
     }
 }

@@ -26,12 +26,13 @@ use io_uring::opcode;
 use io_uring::types::Fd;
 use socket2::SockAddr;
 
+use super::Flows;
 use super::flow_table::FlowHandle;
 use super::{FlowEnd, UdpFlow};
+use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::ring::{OpKind, UserData};
 use crate::stats;
-use crate::worker::Worker;
 
 /// Most datagrams one send carries: the kernel's `UDP_MAX_SEGMENTS` (64 before Linux 6.11, 128 since).
 pub(crate) const MAX_SEGMENTS: usize = 64;
@@ -197,53 +198,56 @@ impl SendSlots {
     }
 }
 
-impl Worker {
+impl Flows {
     /// Sends `len` bytes at `payload` (inside receive buffer `bid`) to a flow's backend. Returns true
     /// if a send now owns the buffer (the caller must not recycle it).
     pub(super) fn send_to_backend(
         &mut self,
+        ctx: &mut Ctx<'_>,
         flow: FlowHandle,
         bid: u16,
         payload: *const u8,
         len: usize,
     ) -> bool {
-        self.send_datagram(Dir::ToBackend, flow, bid, payload, len)
+        self.send_datagram(ctx, Dir::ToBackend, flow, bid, payload, len)
     }
 
     /// Sends `len` bytes at `payload` (inside receive buffer `bid`) from the flow's VIP socket to its
     /// client. Returns true if a send now owns the buffer.
     pub(super) fn send_to_client(
         &mut self,
+        ctx: &mut Ctx<'_>,
         flow: FlowHandle,
         bid: u16,
         payload: *const u8,
         len: usize,
     ) -> bool {
-        self.send_datagram(Dir::ToClient, flow, bid, payload, len)
+        self.send_datagram(ctx, Dir::ToClient, flow, bid, payload, len)
     }
 
     /// Adds the datagram to the flow's queued send in `direction` if it may join (see the module
     /// doc), else queues a new send headed by its buffer.
     fn send_datagram(
         &mut self,
+        ctx: &mut Ctx<'_>,
         direction: Dir,
         handle: FlowHandle,
         bid: u16,
         payload: *const u8,
         len: usize,
     ) -> bool {
-        let now = self.core.ring.submissions();
+        let now = ctx.ring.submissions();
         let to_client = direction == Dir::ToClient;
-        let Some(flow) = self.udp.flows.get_mut(handle) else { return false };
+        let Some(flow) = self.flows.get_mut(handle) else { return false };
         let open = &mut flow.open_sends[direction.index()];
-        if let Some(slot) = open.and_then(|head| self.udp.sends.slots.get_mut(usize::from(head)))
+        if let Some(slot) = open.and_then(|head| self.sends.slots.get_mut(usize::from(head)))
             && slot.admits(handle, direction, now, len)
         {
             slot.join(bid, payload, len);
             if !slot.open {
                 *open = None;
             }
-            self.udp.flows.touch(handle, self.core.now, to_client);
+            self.flows.touch(handle, ctx.now, to_client);
             return true;
         }
         *open = None;
@@ -251,13 +255,13 @@ impl Worker {
         let (fd, client) = match direction {
             Dir::ToBackend => (flow.upstream.as_raw_fd(), None),
             Dir::ToClient => {
-                let Some(vip) = self.udp.vips.at(flow.vip_slot) else {
+                let Some(vip) = self.vips.at(flow.vip_slot) else {
                     return false;
                 };
                 (vip.socket.as_raw_fd(), Some(&flow.client))
             }
         };
-        let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) else { return false };
+        let Some(slot) = self.sends.slots.get_mut(usize::from(bid)) else { return false };
         slot.start(handle, direction, bid, payload, len, now);
         slot.address(client);
         let entry = opcode::SendMsg::new(Fd(fd), &slot.header)
@@ -267,14 +271,14 @@ impl Worker {
         // `bid`, the payloads in the buffers the slot lists; none is reused before this send's
         // completion, and they change only before the next submission (module doc). The kernel holds
         // the socket's file while the send is in flight.
-        let pushed = unsafe { self.core.ring.push(&entry) };
-        let queued = self.submitted(pushed);
+        let pushed = unsafe { ctx.ring.push(&entry) };
+        let queued = self.submitted(ctx, pushed);
         // Only a send still waiting in the queue may grow (`push` submits when the queue is full).
-        let joinable = queued && len > 0 && len <= max_segment && self.core.ring.submissions() == now;
-        if let Some(slot) = self.udp.sends.slots.get_mut(usize::from(bid)) {
+        let joinable = queued && len > 0 && len <= max_segment && ctx.ring.submissions() == now;
+        if let Some(slot) = self.sends.slots.get_mut(usize::from(bid)) {
             slot.open = joinable;
         }
-        if let (true, Some(flow)) = (queued, self.udp.flows.get_mut(handle)) {
+        if let (true, Some(flow)) = (queued, self.flows.get_mut(handle)) {
             if direction == Dir::ToBackend {
                 flow.fd_queued_at = Some(now);
             }
@@ -282,18 +286,18 @@ impl Worker {
                 flow.open_sends[direction.index()] = Some(bid);
             }
         }
-        self.udp.flows.touch(handle, self.core.now, to_client);
+        self.flows.touch(handle, ctx.now, to_client);
         queued
     }
 
-    fn submitted(&mut self, pushed: std::io::Result<()>) -> bool {
+    fn submitted(&mut self, ctx: &mut Ctx<'_>, pushed: std::io::Result<()>) -> bool {
         match pushed {
             Ok(()) => {
-                self.udp.in_flight += 1;
+                self.in_flight += 1;
                 true
             }
             Err(_) => {
-                stats::add(&self.core.counters.udp_drops_send, 1);
+                stats::add(&ctx.counters.udp_drops_send, 1);
                 false
             }
         }
@@ -302,42 +306,36 @@ impl Worker {
     /// A send completed: count its datagrams, hand their buffers back, end the flow if the backend's
     /// port is closed (an ICMP error reported on the connected upstream socket), and stop grouping a
     /// flow's datagrams if the kernel refused a grouped send.
-    pub(crate) fn on_udp_send(&mut self, data: UserData, result: i32) {
-        self.udp.in_flight = self.udp.in_flight.saturating_sub(1);
-        let Some(slot) = self.udp.sends.slots.get_mut(data.slot as usize) else { return };
+    pub(crate) fn on_send(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let Some(slot) = self.sends.slots.get_mut(data.slot as usize) else { return };
         let (flow, count) = (slot.flow, slot.count.max(1));
         // A slot is reused only after this completion; mark it empty so nothing joins it meanwhile.
         slot.open = false;
-        if let Some(buffers) = self.udp.buffers.as_mut() {
+        if let Some(buffers) = self.buffers.as_mut() {
             buffers.recycle_all(&slot.bids[..count]);
         }
         let direction = Dir::from_index(data.generation);
         let to_backend = direction == Dir::ToBackend;
         if result >= 0 {
             let (datagrams, bytes) = if to_backend {
-                (
-                    &self.core.counters.udp_datagrams_client_to_backend,
-                    &self.core.counters.udp_bytes_client_to_backend,
-                )
+                (&ctx.counters.udp_datagrams_client_to_backend, &ctx.counters.udp_bytes_client_to_backend)
             } else {
-                (
-                    &self.core.counters.udp_datagrams_backend_to_client,
-                    &self.core.counters.udp_bytes_backend_to_client,
-                )
+                (&ctx.counters.udp_datagrams_backend_to_client, &ctx.counters.udp_bytes_backend_to_client)
             };
             stats::add(datagrams, count as u64);
             stats::add(bytes, result as u64);
-            stats::add(&self.core.counters.udp_sends, 1);
+            stats::add(&ctx.counters.udp_sends, 1);
             return;
         }
-        stats::add(&self.core.counters.udp_drops_send, count as u64);
+        stats::add(&ctx.counters.udp_drops_send, count as u64);
         if to_backend && result == -libc::ECONNREFUSED {
-            self.end_flow(flow, FlowEnd::Failed);
-            self.update_udp_gauges();
+            self.end_flow(ctx, flow, FlowEnd::Failed);
+            self.update_gauges(ctx);
         } else if count > 1 && matches!(-result, libc::EMSGSIZE | libc::EINVAL | libc::EIO) {
             // The path MTU shrank below the segment size, or the route cannot segment (IPsec): send
             // this flow's datagrams one by one from now on.
-            if let Some(UdpFlow { max_segment, .. }) = self.udp.flows.get_mut(flow) {
+            if let Some(UdpFlow { max_segment, .. }) = self.flows.get_mut(flow) {
                 max_segment[direction.index()] = 0;
             }
         }
