@@ -35,7 +35,7 @@ use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, is_wil
 use crate::pool::{PipePool, RELAY_BUFFER_GROUP, RelayBuffers};
 use crate::relay::Path;
 use crate::ring::{OpKind, Ring, UserData};
-use crate::sctp::SctpState;
+use crate::sctp::Associations;
 use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::tcp::Connections;
@@ -71,17 +71,17 @@ pub(crate) struct WorkerSettings {
 
 /// The pieces of a worker that every protocol component may use, lent to one at a time as a
 /// [`Ctx`].
-pub(crate) struct Core {
-    pub ring: Ring,
-    pub settings: WorkerSettings,
-    pub shared: Arc<Shared>,
-    pub counters: Arc<WorkerCounters>,
+struct Core {
+    ring: Ring,
+    settings: WorkerSettings,
+    shared: Arc<Shared>,
+    counters: Arc<WorkerCounters>,
     /// Pick states, load counts and affinity of this worker (every protocol alike).
-    pub selection: Selection,
-    pub events: EventBuffer,
+    selection: Selection,
+    events: EventBuffer,
     /// Throttles for the warnings that can repeat per connection, accept or key.
-    pub warnings: Warnings,
-    pub now: Instant,
+    warnings: Warnings,
+    now: Instant,
     stopping: bool,
     /// Graceful shutdown: no new listeners, connections or flows (see `begin_drain`).
     draining: bool,
@@ -90,7 +90,7 @@ pub(crate) struct Core {
 impl Core {
     /// What a component may use for one call, with the descriptor `room` the rest leaves it.
     #[inline]
-    pub(crate) fn ctx(&mut self, room: Room) -> Ctx<'_> {
+    fn ctx(&mut self, room: Room) -> Ctx<'_> {
         Ctx {
             ring: &mut self.ring,
             now: self.now,
@@ -109,7 +109,7 @@ impl Core {
 
 /// One worker: the shared pieces, its TCP listeners, and one component per protocol.
 pub(crate) struct Worker {
-    pub core: Core,
+    core: Core,
     reconciled: Arc<AtomicU64>,
     wake_fd: RawFd,
     /// Leaked on purpose: the kernel may still own a read into it when the ring is torn down.
@@ -125,7 +125,7 @@ pub(crate) struct Worker {
     multishot_accept: bool,
     tcp: Connections,
     udp: Flows,
-    pub sctp: SctpState,
+    sctp: Associations,
     /// The snapshot last reconciled: the next one is compared with it.
     applied: Arc<Snapshot>,
 }
@@ -142,6 +142,7 @@ impl Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
         let udp = Flows::new(&ring, settings.udp.clone(), settings.index);
+        let max_connections = settings.max_connections;
         let selection = Selection::new(
             settings.index,
             settings.workers,
@@ -192,7 +193,7 @@ impl Worker {
             multishot_accept,
             tcp,
             udp,
-            sctp: SctpState::new(),
+            sctp: Associations::new(max_connections),
             applied: Arc::new(Snapshot::empty()),
         }
     }
@@ -283,7 +284,10 @@ impl Worker {
             | OpKind::SctpConnect
             | OpKind::SctpConnectTimeout
             | OpKind::SctpClientToBackend
-            | OpKind::SctpBackendToClient => self.on_sctp(data, result),
+            | OpKind::SctpBackendToClient => {
+                let room = self.sctp_room();
+                self.sctp.on_completion(&mut self.core.ctx(room), data, result);
+            }
             OpKind::Cancel => {}
         }
     }
@@ -377,7 +381,8 @@ impl Worker {
         self.tcp.expire(ctx);
         let room = self.udp_room();
         self.udp.reconcile(&mut self.core.ctx(room), snapshot);
-        self.reconcile_sctp(snapshot);
+        let room = self.sctp_room();
+        self.sctp.reconcile(&mut self.core.ctx(room), snapshot);
     }
 
     /// [`Worker::reconcile`] for a snapshot with the keys of the last one: only entries changed
@@ -391,7 +396,8 @@ impl Worker {
         for entry in changed_udp {
             self.udp.refresh_entry(entry);
         }
-        self.mark_sctp_draining(snapshot);
+        let room = self.sctp_room();
+        self.sctp.mark_draining(&mut self.core.ctx(room), snapshot);
     }
 
     fn bind_unbound(&mut self, first_try: bool) {
@@ -456,7 +462,7 @@ impl Worker {
         );
     }
 
-    pub fn arm_accept(&mut self, index: u32) {
+    fn arm_accept(&mut self, index: u32) {
         let generation = self.listeners.generation(index);
         let multishot = self.multishot_accept;
         let Some(listener) = self.listeners.get_mut(index, generation) else { return };
@@ -565,7 +571,8 @@ impl Worker {
         if !self.core.stopping {
             let room = self.udp_room();
             self.udp.housekeeping(&mut self.core.ctx(room));
-            self.sctp_housekeeping();
+            let room = self.sctp_room();
+            self.sctp.housekeeping(&mut self.core.ctx(room));
         }
     }
 
@@ -579,17 +586,9 @@ impl Worker {
         for index in open {
             self.close_listener(index);
         }
-        self.close_sctp_listeners();
+        let room = self.sctp_room();
+        self.sctp.close_listeners(&mut self.core.ctx(room));
         self.udp.stop_binding();
-    }
-
-    /// Whether graceful shutdown has begun (see [`Worker::begin_drain`]).
-    pub(crate) fn is_draining(&self) -> bool {
-        self.core.draining
-    }
-
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.core.stopping
     }
 
     fn begin_stop(&mut self) {
@@ -605,7 +604,8 @@ impl Worker {
         }
         let room = self.udp_room();
         self.udp.stop(&mut self.core.ctx(room));
-        self.stop_sctp();
+        let room = self.sctp_room();
+        self.sctp.stop(&mut self.core.ctx(room));
         let room = self.tcp_room();
         self.tcp.close_all(&mut self.core.ctx(room));
     }
@@ -672,9 +672,9 @@ impl Worker {
         self.room(self.udp.descriptors(), self.udp.listeners())
     }
 
-    /// Until SCTP is a component of its own.
-    pub(crate) fn room_for_sctp(&self) -> Room {
-        self.room(0, 0)
+    #[inline]
+    fn sctp_room(&self) -> Room {
+        self.room(self.sctp.descriptors(), self.sctp.listeners())
     }
 
     #[inline]
@@ -682,24 +682,19 @@ impl Worker {
         self.room(self.tcp.descriptors(), 0)
     }
 
-    /// Whether `more` descriptors fit in this worker's budget.
-    pub(crate) fn fits(&self, more: usize) -> bool {
-        self.room(0, 0).fits(0, more)
-    }
-
     /// Whether one more listening socket may be bound (see `DescriptorBudget::max_listeners`).
-    pub(crate) fn may_listen(&self) -> bool {
+    fn may_listen(&self) -> bool {
         self.room(0, 0).may_listen(0, 0)
     }
 
     /// Counts and warns about `what` being refused for the budget.
-    pub(crate) fn refuse_for_budget(&mut self, what: &'static str) {
+    fn refuse_for_budget(&mut self, what: &'static str) {
         let room = self.room(0, 0);
         self.core.ctx(room).refuse_for_budget(what);
     }
 
     /// Counts a failure of `what` for lack of a local resource and warns, throttled.
-    pub(crate) fn local_failure(&mut self, resource: LocalResource, what: &'static str, errno: i32) {
+    fn local_failure(&mut self, resource: LocalResource, what: &'static str, errno: i32) {
         let room = self.room(0, 0);
         self.core.ctx(room).local_failure(resource, what, errno);
     }

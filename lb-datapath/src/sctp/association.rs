@@ -13,27 +13,27 @@ use lb_core::{LocalResource, VipKey};
 use socket2::{Domain, Socket};
 
 use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
-use super::{Assoc, Direction, Pending, abort_socket};
+use super::{Assoc, Associations, Direction, Pending, abort_socket};
 use crate::connect::MAX_ATTEMPTS;
 use crate::connect::{Attempt, Failure};
+use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::stats;
 use crate::warnings::{Warning, warn_limited};
-use crate::worker::Worker;
 
-impl Worker {
-    pub(super) fn new_sctp_association(&mut self, key: VipKey, client: Socket) {
-        stats::add(&self.core.counters.sctp_accepted, 1);
-        let entry = self.core.shared.snapshot.load().get(&key).cloned();
+impl Associations {
+    pub(super) fn new_association(&mut self, ctx: &mut Ctx<'_>, key: VipKey, client: Socket) {
+        stats::add(&ctx.counters.sctp_accepted, 1);
+        let entry = ctx.shared.snapshot.load().get(&key).cloned();
         let client_addr = client
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
-        let over_budget = self.sctp.assocs.len() >= self.core.settings.max_connections || !self.fits(2);
+        let over_budget = self.assocs.len() >= self.max_connections || !ctx.room.fits(self.descriptors(), 2);
         if over_budget && entry.is_some() {
-            self.refuse_for_budget("an SCTP association was aborted at accept");
+            ctx.refuse_for_budget("an SCTP association was aborted at accept");
         }
         let refuse = match &entry {
             None => true,
@@ -42,7 +42,7 @@ impl Worker {
         // Accepted sockets inherit the listener's options on Linux; set again so a kernel that does
         // not copy them still delivers SCTP_RCVINFO.
         let Some(entry) = entry.filter(|_| !refuse && enable_rcvinfo(&client).is_ok()) else {
-            stats::add(&self.core.counters.sctp_aborts, 1);
+            stats::add(&ctx.counters.sctp_aborts, 1);
             abort_socket(&client);
             return;
         };
@@ -65,32 +65,31 @@ impl Worker {
             closing: false,
             reset: false,
             in_flight: 0,
-            last_activity: self.core.now,
+            last_activity: ctx.now,
             dirs: [Direction::new(), Direction::new()],
         };
-        let (index, generation) = self.sctp.assocs.insert(assoc);
-        stats::set(&self.core.counters.sctp_active, self.sctp.assocs.len() as u64);
-        self.try_sctp_connect(index, generation);
+        let (index, generation) = self.assocs.insert(assoc);
+        stats::set(&ctx.counters.sctp_active, self.assocs.len() as u64);
+        self.try_connect(ctx, index, generation);
     }
 
     /// Connects to the next eligible backend not tried yet (the TCP path's selection and attempt
     /// bound), or aborts the client when none is left.
-    pub(super) fn try_sctp_connect(&mut self, index: u32, generation: u32) {
-        if let Err(failure) = self.sctp_connect_next(index, generation) {
-            let room = self.room_for_sctp();
-            failure.report(&mut self.core.ctx(room), "an SCTP backend socket");
-            self.begin_sctp_close(index, generation, true);
+    pub(super) fn try_connect(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) {
+        if let Err(failure) = self.connect_next(ctx, index, generation) {
+            failure.report(ctx, "an SCTP backend socket");
+            self.begin_close(ctx, index, generation, true);
         }
     }
 
-    /// One attempt of [`Worker::try_sctp_connect`]: `Ok` with a connect in flight (or the
-    /// association gone). A failed connect comes back through `on_sctp_connect`.
-    fn sctp_connect_next(&mut self, index: u32, generation: u32) -> Result<(), Failure> {
-        let Some(assoc) = self.sctp.get(index, generation) else { return Ok(()) };
+    /// One attempt of [`Associations::try_connect`]: `Ok` with a connect in flight (or the
+    /// association gone). A failed connect comes back through `on_connect`.
+    fn connect_next(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) -> Result<(), Failure> {
+        let Some(assoc) = self.get(index, generation) else { return Ok(()) };
         let Some(entry) = assoc.entry.clone() else { return Ok(()) };
         let attempt =
             Attempt { client: assoc.client_addr, tried: &mut assoc.tried, tried_len: &mut assoc.tried_len };
-        let backend = attempt.next(&mut self.core.selection, &self.core.counters, self.core.now, &entry)?;
+        let backend = attempt.next(ctx.selection, ctx.counters, ctx.now, &entry)?;
         let addr = backend.addr();
         let socket = sctp_socket(Domain::for_address(addr)).map_err(Failure::local)?;
         assoc.backend_id = Some(backend.id);
@@ -99,7 +98,7 @@ impl Worker {
         // SAFETY: the target lives in the boxed association, released only after both completions
         // were reaped; the socket is owned by it for as long.
         unsafe {
-            self.core.ring.push_connect(
+            ctx.ring.push_connect(
                 fd,
                 &mut assoc.connect_target,
                 addr,
@@ -111,40 +110,40 @@ impl Worker {
         .map_err(Failure::Submit)?;
         assoc.in_flight += 2;
         assoc.connect_pending = true;
-        assoc.counted = Some(self.core.selection.open(backend, &self.core.counters));
+        assoc.counted = Some(ctx.selection.open(backend, ctx.counters));
         Ok(())
     }
 
-    pub(super) fn on_sctp_connect(&mut self, data: UserData, result: i32) {
-        let Some(assoc) = self.sctp.get(data.slot, data.generation) else { return };
+    pub(super) fn on_connect(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32) {
+        let Some(assoc) = self.get(data.slot, data.generation) else { return };
         assoc.in_flight -= 1;
         assoc.connect_pending = false;
         if assoc.closing {
-            self.release_sctp_if_idle(data.slot, data.generation);
+            self.release_if_idle(ctx, data.slot, data.generation);
             return;
         }
         // io_uring retries a connect that reported EINPROGRESS once the socket is writable; SCTP
         // answers that second connect with EISCONN when the association is up.
         if result < 0 && result != -libc::EISCONN {
             match LocalResource::of_errno(-result) {
-                Some(resource) => self.local_failure(resource, "an SCTP backend connect", -result),
-                None => stats::add(&self.core.counters.connect_failures, 1),
+                Some(resource) => ctx.local_failure(resource, "an SCTP backend connect", -result),
+                None => stats::add(&ctx.counters.connect_failures, 1),
             }
-            let Some(assoc) = self.sctp.get(data.slot, data.generation) else { return };
+            let Some(assoc) = self.get(data.slot, data.generation) else { return };
             if let Some(backend) = assoc.backend.take() {
                 abort_socket(&backend);
             }
             if let Some(load) = assoc.counted.take() {
-                self.core.selection.close(load, &self.core.counters);
+                ctx.selection.close(load, ctx.counters);
             }
-            self.try_sctp_connect(data.slot, data.generation);
+            self.try_connect(ctx, data.slot, data.generation);
             return;
         }
         assoc.relaying = true;
         assoc.entry = None;
-        assoc.last_activity = self.core.now;
+        assoc.last_activity = ctx.now;
         for dir in Dir::BOTH {
-            if !self.arm_sctp_recv(data.slot, data.generation, dir) {
+            if !self.arm_recv(ctx, data.slot, data.generation, dir) {
                 return;
             }
         }
@@ -156,8 +155,8 @@ impl Worker {
         Some(dir.ends(client, backend))
     }
 
-    pub(super) fn arm_sctp_recv(&mut self, index: u32, generation: u32, dir: Dir) -> bool {
-        let Some(assoc) = self.sctp.get(index, generation) else { return false };
+    pub(super) fn arm_recv(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32, dir: Dir) -> bool {
+        let Some(assoc) = self.get(index, generation) else { return false };
         let Some((source, _)) = Self::sctp_fds(assoc, dir) else { return false };
         let direction = &mut assoc.dirs[dir.index()];
         let header = direction.buf.prepare_recv();
@@ -166,22 +165,22 @@ impl Worker {
             .user_data(UserData::new(OpKind::sctp_relay(dir), index, generation).encode());
         // SAFETY: the msghdr, iovec, control and data live in the boxed association's boxed
         // buffer, which is not released while this receive is in flight.
-        match unsafe { self.core.ring.push(&entry) } {
+        match unsafe { ctx.ring.push(&entry) } {
             Ok(()) => {
                 direction.pending = Pending::Recv;
                 assoc.in_flight += 1;
                 true
             }
             Err(error) => {
-                warn_limited!(self.core, Warning::Submit, %error, "cannot submit an SCTP receive");
-                self.begin_sctp_close(index, generation, true);
+                warn_limited!(ctx, Warning::Submit, %error, "cannot submit an SCTP receive");
+                self.begin_close(ctx, index, generation, true);
                 false
             }
         }
     }
 
-    pub(super) fn arm_sctp_send(&mut self, index: u32, generation: u32, dir: Dir) {
-        let Some(assoc) = self.sctp.get(index, generation) else { return };
+    pub(super) fn arm_send(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32, dir: Dir) {
+        let Some(assoc) = self.get(index, generation) else { return };
         let Some((_, destination)) = Self::sctp_fds(assoc, dir) else { return };
         let direction = &mut assoc.dirs[dir.index()];
         let header = direction.buf.prepare_send();
@@ -190,49 +189,49 @@ impl Worker {
             .build()
             .user_data(UserData::new(OpKind::sctp_relay(dir), index, generation).encode());
         // SAFETY: as for the receive: everything the msghdr points to lives in the boxed buffer.
-        match unsafe { self.core.ring.push(&entry) } {
+        match unsafe { ctx.ring.push(&entry) } {
             Ok(()) => {
                 direction.pending = Pending::Send;
                 assoc.in_flight += 1;
             }
             Err(error) => {
-                warn_limited!(self.core, Warning::Submit, %error, "cannot submit an SCTP send");
-                self.begin_sctp_close(index, generation, true);
+                warn_limited!(ctx, Warning::Submit, %error, "cannot submit an SCTP send");
+                self.begin_close(ctx, index, generation, true);
             }
         }
     }
 
-    pub(super) fn on_sctp_direction(&mut self, data: UserData, dir: Dir, result: i32) {
+    pub(super) fn on_direction(&mut self, ctx: &mut Ctx<'_>, data: UserData, dir: Dir, result: i32) {
         let (index, generation) = (data.slot, data.generation);
-        let Some(assoc) = self.sctp.get(index, generation) else { return };
+        let Some(assoc) = self.get(index, generation) else { return };
         assoc.in_flight -= 1;
         let pending = std::mem::replace(&mut assoc.dirs[dir.index()].pending, Pending::None);
         if assoc.closing {
-            self.release_sctp_if_idle(index, generation);
+            self.release_if_idle(ctx, index, generation);
             return;
         }
         if result < 0 {
             // ECONNRESET (the peer aborted), EPIPE, or anything else: abort both sides.
-            self.begin_sctp_close(index, generation, true);
+            self.begin_close(ctx, index, generation, true);
             return;
         }
-        assoc.last_activity = self.core.now;
+        assoc.last_activity = ctx.now;
         match pending {
             Pending::Send => {
                 let direction = &mut assoc.dirs[dir.index()];
                 if result as usize != direction.buf.filled {
                     // SCTP sends a message whole or not at all; anything else is a broken association.
-                    self.begin_sctp_close(index, generation, true);
+                    self.begin_close(ctx, index, generation, true);
                     return;
                 }
                 let counter = if dir == Dir::ToBackend {
-                    &self.core.counters.sctp_messages_client_to_backend
+                    &ctx.counters.sctp_messages_client_to_backend
                 } else {
-                    &self.core.counters.sctp_messages_backend_to_client
+                    &ctx.counters.sctp_messages_backend_to_client
                 };
                 stats::add(counter, 1);
                 direction.buf.filled = 0;
-                self.arm_sctp_recv(index, generation, dir);
+                self.arm_recv(ctx, index, generation, dir);
             }
             Pending::Recv if result == 0 => {
                 let destination =
@@ -245,14 +244,14 @@ impl Worker {
                 // gone, and the side that sent it never reports EOF on our end (no RCV_SHUTDOWN is
                 // set for a SHUTDOWN we initiate). So the whole pair ends here, gracefully: the
                 // kernel finishes each SHUTDOWN after the close.
-                self.begin_sctp_close(index, generation, false);
+                self.begin_close(ctx, index, generation, false);
             }
             Pending::Recv => {
                 let buf = &mut assoc.dirs[dir.index()].buf;
                 let flags = buf.received_flags();
                 if flags & MSG_NOTIFICATION != 0 {
                     // None is subscribed; should one arrive, it is not payload.
-                    self.arm_sctp_recv(index, generation, dir);
+                    self.arm_recv(ctx, index, generation, dir);
                     return;
                 }
                 if buf.filled == 0 {
@@ -260,12 +259,12 @@ impl Worker {
                 }
                 buf.filled += result as usize;
                 if flags & libc::MSG_EOR != 0 {
-                    self.arm_sctp_send(index, generation, dir);
+                    self.arm_send(ctx, index, generation, dir);
                 } else if buf.is_full() {
-                    stats::add(&self.core.counters.sctp_too_large, 1);
-                    self.begin_sctp_close(index, generation, true);
+                    stats::add(&ctx.counters.sctp_too_large, 1);
+                    self.begin_close(ctx, index, generation, true);
                 } else {
-                    self.arm_sctp_recv(index, generation, dir);
+                    self.arm_recv(ctx, index, generation, dir);
                 }
             }
             Pending::None => {}
@@ -274,8 +273,8 @@ impl Worker {
 
     /// Cancels what is in flight; the association is released once nothing is. With `reset`, both
     /// sockets are closed with `SO_LINGER {on, 0}`, which sends ABORT.
-    pub(super) fn begin_sctp_close(&mut self, index: u32, generation: u32, reset: bool) {
-        let Some(assoc) = self.sctp.get(index, generation) else { return };
+    pub(super) fn begin_close(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32, reset: bool) {
+        let Some(assoc) = self.get(index, generation) else { return };
         if assoc.closing {
             assoc.reset |= reset;
             return;
@@ -292,28 +291,28 @@ impl Worker {
             }
         }
         for kind in targets {
-            self.cancel(UserData::new(kind, index, generation));
+            ctx.cancel(UserData::new(kind, index, generation));
         }
-        self.release_sctp_if_idle(index, generation);
+        self.release_if_idle(ctx, index, generation);
     }
 
-    pub(super) fn release_sctp_if_idle(&mut self, index: u32, generation: u32) {
-        let Some(assoc) = self.sctp.get(index, generation) else { return };
+    pub(super) fn release_if_idle(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) {
+        let Some(assoc) = self.get(index, generation) else { return };
         if !assoc.closing || assoc.in_flight > 0 {
             return;
         }
-        let Some(mut assoc) = self.sctp.assocs.remove(index) else { return };
+        let Some(mut assoc) = self.assocs.remove(index) else { return };
         if assoc.reset {
-            stats::add(&self.core.counters.sctp_aborts, 1);
+            stats::add(&ctx.counters.sctp_aborts, 1);
             abort_socket(&assoc.client);
             if let Some(backend) = &assoc.backend {
                 abort_socket(backend);
             }
         }
         if let Some(load) = assoc.counted.take() {
-            self.core.selection.close(load, &self.core.counters);
+            ctx.selection.close(load, ctx.counters);
         }
-        stats::set(&self.core.counters.sctp_active, self.sctp.assocs.len() as u64);
+        stats::set(&ctx.counters.sctp_active, self.assocs.len() as u64);
         drop(assoc);
     }
 }

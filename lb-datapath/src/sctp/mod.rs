@@ -32,13 +32,13 @@ use socket2::Socket;
 
 use self::socket::{MsgBuf, bind_sctp_listener};
 use crate::connect::MAX_ATTEMPTS;
+use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::listener::{Listener, ListenerTable};
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::slots::{Pinned, Slots};
 use crate::stats;
 use crate::warnings::{Warning, warn_limited};
-use crate::worker::Worker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
@@ -86,8 +86,10 @@ struct Assoc {
     dirs: [Direction; 2],
 }
 
-/// Everything SCTP a worker owns.
-pub(crate) struct SctpState {
+/// Everything SCTP a worker owns, one component: its listeners and the association pairs. The worker
+/// calls it with a [`Ctx`] for each completion, snapshot and tick; it reaches nothing else of the
+/// worker.
+pub(crate) struct Associations {
     listeners: ListenerTable,
     /// Keys of the current snapshot without a listener; retried every tick (unless unsupported).
     unbound: Vec<VipKey>,
@@ -95,15 +97,18 @@ pub(crate) struct SctpState {
     unsupported: bool,
     /// Pinned: the kernel reads the connect target inside an association.
     assocs: Slots<Assoc, (), Pinned<Assoc>>,
+    /// Upper bound of open associations, as for TCP connections (the budget may allow fewer).
+    max_connections: usize,
 }
 
 fn abort_socket(socket: &Socket) {
     let _ = socket.set_linger(Some(Duration::ZERO));
 }
 
-impl SctpState {
-    pub fn new() -> SctpState {
-        SctpState {
+impl Associations {
+    pub fn new(max_connections: usize) -> Associations {
+        Associations {
+            max_connections,
             listeners: ListenerTable::default(),
             unbound: Vec::new(),
             unsupported: false,
@@ -111,7 +116,6 @@ impl SctpState {
         }
     }
 
-    /// No listener and no association left (the stopping worker may leave).
     /// Descriptors held: listeners, and a client and a backend socket per association.
     pub fn descriptors(&self) -> usize {
         self.listeners.len() + 2 * self.assocs.len()
@@ -122,6 +126,7 @@ impl SctpState {
         self.listeners.len()
     }
 
+    /// No listener and no association left (the stopping worker may leave).
     pub fn is_idle(&self) -> bool {
         self.listeners.is_empty() && self.assocs.is_empty()
     }
@@ -158,33 +163,33 @@ impl SctpState {
     }
 }
 
-impl Worker {
+impl Associations {
     /// Opens listeners for new SCTP keys and closes those of removed keys.
-    pub(crate) fn reconcile_sctp(&mut self, snapshot: &Snapshot) {
+    pub(crate) fn reconcile(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot) {
         let mut removed = Vec::new();
-        for (index, listener) in self.sctp.listeners.iter_mut() {
+        for (index, listener) in self.listeners.iter_mut() {
             if !listener.closing && snapshot.get(&listener.key).is_none() {
                 removed.push(index);
             }
         }
         for index in removed {
-            self.close_sctp_listener(index);
+            self.close_listener(ctx, index);
         }
-        self.sctp.unbound.clear();
+        self.unbound.clear();
         for key in snapshot.keys() {
-            if key.protocol == Protocol::Sctp && self.sctp.listeners.find(key).is_none() {
-                self.sctp.unbound.push(*key);
+            if key.protocol == Protocol::Sctp && self.listeners.find(key).is_none() {
+                self.unbound.push(*key);
             }
         }
-        self.bind_unbound_sctp(true);
-        self.mark_sctp_draining(snapshot);
+        self.bind_unbound(ctx, true);
+        self.mark_draining(ctx, snapshot);
     }
 
     /// Gives associations whose key or backend left the snapshot, or whose backend turned not ready,
     /// a drain deadline (and takes it back if they return), as TCP connections get.
-    pub(crate) fn mark_sctp_draining(&mut self, snapshot: &Snapshot) {
-        let now = self.core.now;
-        for (_, assoc) in self.sctp.assocs.iter_mut() {
+    pub(crate) fn mark_draining(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot) {
+        let now = ctx.now;
+        for (_, assoc) in self.assocs.iter_mut() {
             assoc.drain_deadline = crate::connect::drain_deadline(
                 snapshot,
                 assoc.key,
@@ -196,48 +201,48 @@ impl Worker {
         }
     }
 
-    fn bind_unbound_sctp(&mut self, first_try: bool) {
-        if self.is_draining() {
-            self.sctp.unbound.clear();
+    fn bind_unbound(&mut self, ctx: &mut Ctx<'_>, first_try: bool) {
+        if ctx.draining {
+            self.unbound.clear();
         }
-        let keys = std::mem::take(&mut self.sctp.unbound);
+        let keys = std::mem::take(&mut self.unbound);
         for key in keys {
-            if !self.may_listen() {
+            if !ctx.room.may_listen(self.descriptors(), self.listeners()) {
                 if first_try {
-                    self.refuse_for_budget("an SCTP VIP is left unbound (retried every tick)");
+                    ctx.refuse_for_budget("an SCTP VIP is left unbound (retried every tick)");
                 }
-                self.sctp.unbound.push(key);
+                self.unbound.push(key);
                 continue;
             }
             match bind_sctp_listener(key.socket_addr()) {
                 Ok(socket) => {
                     let listener = Listener::new(key, socket);
-                    let (index, _) = self.sctp.listeners.insert(key, listener);
-                    self.arm_sctp_accept(index);
+                    let (index, _) = self.listeners.insert(key, listener);
+                    self.arm_accept(ctx, index);
                 }
                 Err(err) => {
                     let unsupported = err.raw_os_error() == Some(libc::EPROTONOSUPPORT);
                     if first_try {
-                        stats::add(&self.core.counters.bind_failures, 1);
+                        stats::add(&ctx.counters.bind_failures, 1);
                     }
                     if unsupported {
-                        if !self.sctp.unsupported {
-                            self.sctp.unsupported = true;
-                            tracing::warn!(worker = self.core.settings.index, %key, error = %err, "kernel has no SCTP; SCTP keys are not served");
+                        if !self.unsupported {
+                            self.unsupported = true;
+                            tracing::warn!(worker = ctx.worker, %key, error = %err, "kernel has no SCTP; SCTP keys are not served");
                         }
                     } else if first_try {
-                        warn_limited!(self.core, Warning::Bind, %key, error = %err, "cannot listen (SCTP); retrying every housekeeping tick");
+                        warn_limited!(ctx, Warning::Bind, %key, error = %err, "cannot listen (SCTP); retrying every housekeeping tick");
                     }
-                    self.sctp.unbound.push(key);
+                    self.unbound.push(key);
                 }
             }
         }
-        stats::set(&self.core.counters.sctp_listeners, self.sctp.listeners.len() as u64);
+        stats::set(&ctx.counters.sctp_listeners, self.listeners.len() as u64);
     }
 
-    fn arm_sctp_accept(&mut self, index: u32) {
-        let generation = self.sctp.listeners.generation(index);
-        let Some(listener) = self.sctp.listeners.get_mut(index, generation) else { return };
+    fn arm_accept(&mut self, ctx: &mut Ctx<'_>, index: u32) {
+        let generation = self.listeners.generation(index);
+        let Some(listener) = self.listeners.get_mut(index, generation) else { return };
         let entry =
             opcode::Accept::new(Fd(listener.socket.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
                 .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
@@ -245,48 +250,38 @@ impl Worker {
                 .user_data(UserData::new(OpKind::SctpAccept, index, generation).encode());
         // SAFETY: no user memory is passed; the listening socket is dropped only after the accept's
         // completion was reaped.
-        unsafe { listener.arm(&mut self.core.ring, &entry, false, self.core.settings.index) };
+        unsafe { listener.arm(ctx.ring, &entry, false, ctx.worker) };
     }
 
-    fn close_sctp_listener(&mut self, index: u32) {
-        let generation = self.sctp.listeners.generation(index);
-        let Some(listener) = self.sctp.listeners.close(index) else { return };
+    fn close_listener(&mut self, ctx: &mut Ctx<'_>, index: u32) {
+        let generation = self.listeners.generation(index);
+        let Some(listener) = self.listeners.close(index) else { return };
         if listener.armed {
-            self.cancel(UserData::new(OpKind::SctpAccept, index, generation));
+            ctx.cancel(UserData::new(OpKind::SctpAccept, index, generation));
         } else {
-            self.sctp.listeners.remove(index);
+            self.listeners.remove(index);
         }
-        stats::set(&self.core.counters.sctp_listeners, self.sctp.listeners.len() as u64);
-    }
-
-    fn cancel(&mut self, target: UserData) {
-        let entry = opcode::AsyncCancel::new(target.encode())
-            .build()
-            .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-        // SAFETY: a cancel request references no memory.
-        if let Err(error) = unsafe { self.core.ring.push(&entry) } {
-            warn_limited!(self.core, Warning::Submit, %error, "cannot submit a cancel");
-        }
+        stats::set(&ctx.counters.sctp_listeners, self.listeners.len() as u64);
     }
 
     /// Dispatches every SCTP completion.
-    pub(crate) fn on_sctp(&mut self, data: UserData, result: i32) {
+    pub(crate) fn on_completion(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32) {
         match data.kind {
-            OpKind::SctpAccept => self.on_sctp_accept(data, result),
-            OpKind::SctpConnect => self.on_sctp_connect(data, result),
+            OpKind::SctpAccept => self.on_accept(ctx, data, result),
+            OpKind::SctpConnect => self.on_connect(ctx, data, result),
             OpKind::SctpConnectTimeout => {
-                let Some(assoc) = self.sctp.get(data.slot, data.generation) else { return };
+                let Some(assoc) = self.get(data.slot, data.generation) else { return };
                 assoc.in_flight -= 1;
-                self.release_sctp_if_idle(data.slot, data.generation);
+                self.release_if_idle(ctx, data.slot, data.generation);
             }
-            OpKind::SctpClientToBackend => self.on_sctp_direction(data, Dir::ToBackend, result),
-            OpKind::SctpBackendToClient => self.on_sctp_direction(data, Dir::ToClient, result),
+            OpKind::SctpClientToBackend => self.on_direction(ctx, data, Dir::ToBackend, result),
+            OpKind::SctpBackendToClient => self.on_direction(ctx, data, Dir::ToClient, result),
             _ => {}
         }
     }
 
-    fn on_sctp_accept(&mut self, data: UserData, result: i32) {
-        let Some(listener) = self.sctp.listeners.get_mut(data.slot, data.generation) else {
+    fn on_accept(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32) {
+        let Some(listener) = self.listeners.get_mut(data.slot, data.generation) else {
             if result >= 0 {
                 // SAFETY: an accepted fd for a listener no longer tracked; nothing else owns it.
                 unsafe { libc::close(result) };
@@ -298,75 +293,73 @@ impl Worker {
         if result >= 0 {
             // SAFETY: a non-negative accept result is a new fd that nothing else owns.
             let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(result) };
-            if closing || self.is_stopping() {
+            if closing || ctx.stopping {
                 abort_socket(&socket);
             } else {
-                self.new_sctp_association(key, socket);
+                self.new_association(ctx, key, socket);
             }
         } else if let Some(resource) = LocalResource::of_errno(-result) {
             // Back off until the next tick: the accept would fail again at once.
             listener.rearm_at_tick = true;
-            self.local_failure(resource, "an SCTP accept", -result);
+            ctx.local_failure(resource, "an SCTP accept", -result);
         }
-        let Some(listener) = self.sctp.listeners.get_mut(data.slot, data.generation) else { return };
+        let Some(listener) = self.listeners.get_mut(data.slot, data.generation) else { return };
         if listener.closing {
-            self.sctp.listeners.remove(data.slot);
-            stats::set(&self.core.counters.sctp_listeners, self.sctp.listeners.len() as u64);
+            self.listeners.remove(data.slot);
+            stats::set(&ctx.counters.sctp_listeners, self.listeners.len() as u64);
         } else if !listener.rearm_at_tick {
-            self.arm_sctp_accept(data.slot);
+            self.arm_accept(ctx, data.slot);
         }
     }
 
     /// Housekeeping: bind retries (not where SCTP is unsupported), accept re-arms, drain deadlines,
     /// idle timeouts.
-    pub(crate) fn sctp_housekeeping(&mut self) {
-        if !self.sctp.unbound.is_empty() && !self.sctp.unsupported {
-            self.bind_unbound_sctp(false);
+    pub(crate) fn housekeeping(&mut self, ctx: &mut Ctx<'_>) {
+        if !self.unbound.is_empty() && !self.unsupported {
+            self.bind_unbound(ctx, false);
         }
         let rearm: Vec<u32> = self
-            .sctp
             .listeners
             .iter_mut()
             .filter(|(_, l)| l.rearm_at_tick && !l.armed && !l.closing)
             .map(|(i, _)| i)
             .collect();
         for index in rearm {
-            self.arm_sctp_accept(index);
+            self.arm_accept(ctx, index);
         }
-        let now = self.core.now;
-        for (index, generation) in self.sctp.live() {
-            let Some(assoc) = self.sctp.get(index, generation) else { continue };
+        let now = ctx.now;
+        for (index, generation) in self.live() {
+            let Some(assoc) = self.get(index, generation) else { continue };
             if assoc.closing {
                 continue;
             }
             if assoc.drain_deadline.is_some_and(|deadline| now >= deadline) {
-                stats::add(&self.core.counters.drain_closes, 1);
-                self.begin_sctp_close(index, generation, true);
+                stats::add(&ctx.counters.drain_closes, 1);
+                self.begin_close(ctx, index, generation, true);
             } else if assoc.relaying
                 && !assoc.closing
                 && now.saturating_duration_since(assoc.last_activity) >= assoc.idle_timeout
             {
-                stats::add(&self.core.counters.idle_timeouts, 1);
-                self.begin_sctp_close(index, generation, false);
+                stats::add(&ctx.counters.idle_timeouts, 1);
+                self.begin_close(ctx, index, generation, false);
             }
         }
     }
 
     /// Stop: listeners close, associations are aborted.
     /// Closes every SCTP listener and binds none again (graceful shutdown, or stop).
-    pub(crate) fn close_sctp_listeners(&mut self) {
-        self.sctp.unbound.clear();
-        let open: Vec<u32> =
-            self.sctp.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
+    pub(crate) fn close_listeners(&mut self, ctx: &mut Ctx<'_>) {
+        self.unbound.clear();
+        let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
         for index in open {
-            self.close_sctp_listener(index);
+            self.close_listener(ctx, index);
         }
     }
 
-    pub(crate) fn stop_sctp(&mut self) {
-        self.close_sctp_listeners();
-        for (index, generation) in self.sctp.live() {
-            self.begin_sctp_close(index, generation, true);
+    pub(crate) fn stop(&mut self, ctx: &mut Ctx<'_>) {
+        self.close_listeners(ctx);
+        for (index, generation) in self.live() {
+            self.begin_close(ctx, index, generation, true);
         }
     }
 }
