@@ -2,7 +2,7 @@
 //! from only when data arrives, so a receive that waits holds no memory.
 //!
 //! A worker registers one ring per use, each under its own buffer group: UDP datagrams
-//! ([`crate::udp`]) and copy-relay receives of TCP connections ([`crate::relay::copy`]). The
+//! ([`crate::udp`]) and copy-relay receives of TCP connections ([`crate::tcp::relay::copy`]). The
 //! memory is one anonymous mapping per ring: a page is resident only once the kernel has written
 //! into it, so a ring of large buffers that only ever carries small messages stays small.
 //!

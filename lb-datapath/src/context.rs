@@ -14,10 +14,10 @@ use lb_core::LocalResource;
 use lb_core::health::BackendEvent;
 
 use crate::budget::Room;
-use crate::engine::Shared;
 use crate::events::EventBuffer;
 use crate::ring::{OpKind, Ring, UserData};
 use crate::selection::Selection;
+use crate::shared::Shared;
 use crate::stats::{self, WorkerCounters};
 use crate::warnings::{Warning, Warnings, warn_limited};
 

@@ -17,28 +17,15 @@ use lb_core::Snapshot;
 use crate::affinity::{AFFINITY_CAPACITY, SharedAffinity};
 use crate::budget::{DescriptorBudget, descriptor_limit};
 use crate::events::{BackendEvents, CHANNEL_BATCHES};
-use crate::relay::Path;
 use crate::ring::{Ring, RingFeatures, completion_entries};
+use crate::shared::Shared;
 use crate::stats::{EngineStats, WorkerCounters};
+use crate::tcp::relay::Path;
 use crate::worker::{Worker, WorkerSettings};
 use crate::{DatapathError, EngineConfig, RelayMode};
 
 /// How long `start` waits for a worker to report its ring set up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// State shared between the engine handle and its workers.
-pub(crate) struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Bumped by every publish; workers report the generation they reconciled with.
-    pub generation: AtomicU64,
-    pub stop: AtomicBool,
-    /// Graceful shutdown has begun: listeners close, established connections and flows go on.
-    pub draining: AtomicBool,
-    /// Set once the control side took the backend events' receiver; workers collect only then.
-    pub backend_events_wanted: AtomicBool,
-    /// `sessionAffinity: ClientIP` bindings, shared by every worker (see [`crate::affinity`]).
-    pub affinity: Arc<SharedAffinity>,
-}
 
 struct WorkerHandle {
     wake: OwnedFd,

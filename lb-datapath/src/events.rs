@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
 use lb_core::health::BackendEvent;
 
-use crate::engine::Shared;
+use crate::shared::Shared;
 use crate::stats::{self, WorkerCounters};
 
 /// Batches (one per worker per tick at most) the channel holds before workers drop.

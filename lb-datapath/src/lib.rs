@@ -5,17 +5,19 @@
 //! (an `arc-swap` store plus a wake-up of every worker); workers never talk to Kubernetes and never
 //! decide policy (timeouts, attempts and backends come from the snapshot's entries).
 //!
-//! Modules: [`engine`](Engine) (threads, publish), `worker` (event loop, listeners, housekeeping),
-//! `context` (what a protocol component may use of its worker), `tcp` (TCP connections: one
-//! connection's life, its state), `connect` (backend attempts, shared by TCP and SCTP), `relay`
-//! (copy and splice paths), `dir` (the relay direction),
-//! `listener` (socket setup), `slots` (the one slot table, by generation and key), `budget`
-//! (descriptors, local shortages),
-//! `warnings` (throttled), `pool` (buffers and pipes), `ring` (probe, `user_data`), `selection`
-//! (per-worker pick state, counting on the backends' shared loads), `affinity` (the
-//! session-affinity table all workers share), `stats`, `events` (backend events for outlier
-//! detection), `udp` (VIP sockets, flow table, upstream sockets, buffer ring), `sctp` (listeners,
-//! associations, message relay keeping stream ids and PPIDs).
+//! Modules: [`engine`](Engine) (threads, publish), `shared` (what the engine and its workers
+//! share), `worker` (event loop, TCP listeners, housekeeping; owns the ring and the pieces every
+//! protocol shares, and one component per protocol), `context` (the narrow `Ctx` a component is
+//! lent for one call), the components `tcp` (connections: their life, `connection` state, `relay`
+//! copy and splice paths), `udp` (VIP sockets, flow table, upstream sockets, buffer ring, sends)
+//! and `sctp` (listeners, associations, message relay keeping stream ids and PPIDs); what they
+//! share: `connect` (backend attempts, shared by TCP and SCTP), `dir` (the one relay direction),
+//! `slots` (the one slot table, by generation and key), `listener` (socket setup), `budget`
+//! (descriptors, local shortages), `warnings` (throttled), `pool` (buffers and pipes), `bufring`
+//! (provided-buffer rings), `ring` (probe, `user_data`), `selection` (per-worker pick state,
+//! counting on the backends' shared loads), `affinity` (the session-affinity table all workers
+//! share), `stats`, `events` (backend events for outlier detection).
+//! Components never import `worker`; the worker imports them.
 //! `unsafe` lives only where io_uring and libc need it, each block with a `// SAFETY:` note.
 
 mod affinity;
@@ -28,10 +30,10 @@ mod engine;
 mod events;
 mod listener;
 mod pool;
-mod relay;
 mod ring;
 mod sctp;
 mod selection;
+mod shared;
 mod slots;
 mod stats;
 mod tcp;

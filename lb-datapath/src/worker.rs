@@ -29,16 +29,16 @@ use crate::budget::{Room, WORKER_FIXED};
 use crate::bufring::BufRing;
 use crate::context::Ctx;
 use crate::dir::Dir;
-use crate::engine::Shared;
 use crate::events::EventBuffer;
 use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, is_wildcard};
 use crate::pool::{PipePool, RELAY_BUFFER_GROUP, RelayBuffers};
-use crate::relay::Path;
 use crate::ring::{OpKind, Ring, UserData};
 use crate::sctp::Associations;
 use crate::selection::Selection;
+use crate::shared::Shared;
 use crate::stats::{self, WorkerCounters};
 use crate::tcp::Connections;
+use crate::tcp::relay::Path;
 use crate::udp::Flows;
 use crate::warnings::{Warning, Warnings, warn_limited};
 

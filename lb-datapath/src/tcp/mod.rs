@@ -13,7 +13,7 @@
 //! [`Connections`] owns the connection table, the copy relay's buffers and the splice relay's pipes
 //! (nothing else uses them); the worker hands it each accepted client and each completion of a
 //! connection's operations, with a [`Ctx`] of what it may use besides (ring, counters, pick state,
-//! backend events, warnings, descriptor room). `connection` is one connection's state, `crate::relay`
+//! backend events, warnings, descriptor room). `connection` is one connection's state, `relay`
 //! the byte-moving steps of one direction.
 //! Never blocks, never logs per connection above debug, never allocates in steady state (slots,
 //! buffers and pipes come from the table and pools).
@@ -22,6 +22,7 @@
 //! and pipe and closes both sockets; a reset on one side is propagated as a reset to the other.
 
 pub(crate) mod connection;
+pub(crate) mod relay;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -32,11 +33,11 @@ use lb_core::{LocalResource, Snapshot, VipKey};
 use socket2::{Domain, Socket, Type};
 
 use self::connection::{Conn, ConnTable, Pending, Phase};
+use self::relay::{Advanced, Next, Path};
 use crate::connect::{Attempt, Failure, drain_deadline};
 use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::pool::{Pipe, PipePool, RelayBuffers};
-use crate::relay::{self, Advanced, Next, Path};
 use crate::ring::{OpKind, UserData};
 use crate::stats::{self, WorkerCounters};
 use crate::warnings::{Warning, warn_limited};

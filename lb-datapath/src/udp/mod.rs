@@ -103,9 +103,9 @@ pub(crate) struct UdpFlow {
     /// before the fd is closed, or it would name a closed fd, or another flow's socket that reuses the
     /// number.
     fd_queued_at: Option<u64>,
-    /// By [`Dir::index`]: the head buffer of the queued send later datagrams may join, if any.
+    /// By [`crate::dir::Dir::index`]: the head buffer of the queued send later datagrams may join, if any.
     open_sends: [Option<u16>; 2],
-    /// By [`Dir::index`]: largest datagram that may be a GSO segment (0: never group), so that
+    /// By [`crate::dir::Dir::index`]: largest datagram that may be a GSO segment (0: never group), so that
     /// every segment fits the path MTU unfragmented.
     max_segment: [u16; 2],
 }

@@ -16,7 +16,8 @@
 //! with nothing buffered, so no byte is reordered.
 //!
 //! Invariant: a direction has at most one operation in flight, recorded in [`Direction::pending`].
-//! This module never closes sockets or frees slots; it reports what happened and the worker acts.
+//! This module never closes sockets or frees slots; it reports what happened and the connection
+//! ([`crate::tcp`]) acts.
 
 pub(crate) mod copy;
 pub(crate) mod splice;

@@ -1,0 +1,27 @@
+//! The state the engine handle and its workers share: the snapshot store, the publish generation,
+//! the stop and drain requests, and the session-affinity table.
+//!
+//! Its own module so that the workers and their components read it without importing the engine
+//! that spawns them. Everything here is lock-free: atomics and one `ArcSwap`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use arc_swap::ArcSwap;
+use lb_core::Snapshot;
+
+use crate::affinity::SharedAffinity;
+
+/// State shared between the engine handle and its workers.
+pub(crate) struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Bumped by every publish; workers report the generation they reconciled with.
+    pub generation: AtomicU64,
+    pub stop: AtomicBool,
+    /// Graceful shutdown has begun: listeners close, established connections and flows go on.
+    pub draining: AtomicBool,
+    /// Set once the control side took the backend events' receiver; workers collect only then.
+    pub backend_events_wanted: AtomicBool,
+    /// `sessionAffinity: ClientIP` bindings, shared by every worker (see [`crate::affinity`]).
+    pub affinity: Arc<SharedAffinity>,
+}
