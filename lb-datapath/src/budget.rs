@@ -126,6 +126,11 @@ impl Room {
         self.budget.per_worker
     }
 
+    /// Listening sockets a worker binds at most (see [`DescriptorBudget::max_listeners`]).
+    pub fn max_listeners(&self) -> usize {
+        self.budget.max_listeners()
+    }
+
     /// Whether `more` descriptors fit, the caller holding `held_here`. A connection counts two from
     /// its accept on (its backend socket comes next), a pipe two, whether in use or pooled.
     #[inline]

@@ -73,9 +73,7 @@ impl Failure {
         let errno = error.raw_os_error().unwrap_or(libc::ENOMEM);
         Failure::Local(LocalResource::of_errno(errno).unwrap_or(LocalResource::Memory), errno)
     }
-}
 
-impl Failure {
     /// Counts and warns about why no connect could be started for want of a `socket`.
     pub fn report(self, ctx: &mut Ctx<'_>, socket: &'static str) {
         match self {

@@ -1,46 +1,43 @@
-//! One worker: its ring, event loop, listeners and housekeeping.
+//! One worker: its ring, event loop and housekeeping, and the wiring of its components.
 //!
 //! The loop submits, waits for completions and dispatches them by [`OpKind`]. Wake-ups (eventfd)
-//! bring a new snapshot to reconcile listeners against, or the stop request; a coarse timer drives
-//! idle and drain checks and bind retries. The worker owns the ring and the pieces every protocol
-//! shares ([`Core`]: counters, pick state, backend events, warnings, descriptor budget, snapshot
-//! store) and one component per protocol: TCP connections ([`crate::tcp::Connections`]), UDP
-//! sockets and flows ([`crate::udp`]), SCTP listeners and associations ([`crate::sctp`]). It hands
-//! each completion to its component with a [`Ctx`] lent from the core (see [`crate::context`]);
-//! components never import this module.
+//! bring a new snapshot to reconcile against, or the stop request; a coarse timer drives idle and
+//! drain checks and bind retries. The worker owns the ring and the pieces every protocol shares
+//! ([`Core`]: counters, pick state, backend events, warnings, descriptor budget, snapshot store)
+//! and one component per protocol: TCP listeners and connections ([`crate::tcp::Listeners`],
+//! [`crate::tcp::Connections`]), UDP sockets and flows ([`crate::udp::Flows`]), SCTP listeners and
+//! associations ([`crate::sctp::Associations`]). It hands each completion to its component with a
+//! [`Ctx`] lent from the core (see [`crate::context`]), whose descriptor [`Room`] counts what the
+//! other components hold; components never import this module.
 //! Never blocks except in `submit_and_wait`; never locks; logs nothing per connection at info level.
-//! Invariant: after reconciling generation `g`, every TCP key of that snapshot is served by a
-//! listener of the worker's [`ListenPlan`] (its own, or its port's wildcard) or that listen key is
-//! in `unbound` (retried every tick), and no open listener is outside the plan; likewise every UDP
-//! (SCTP) key has a VIP socket (listener) or waits for one, and none exists for a key outside it.
+//! Invariant: after reconciling generation `g`, every TCP, UDP and SCTP key of that snapshot has a
+//! listener or VIP socket of this worker or waits for one (retried every tick), and none exists for
+//! a key outside it (see each component for how).
 
-use std::collections::HashSet;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use io_uring::opcode;
 use io_uring::types::{Fd, Timespec};
-use io_uring::{cqueue, opcode};
-use lb_core::{LocalResource, Protocol, ServiceEntry, Snapshot, VipKey};
-use socket2::Socket;
+use lb_core::{Protocol, ServiceEntry, Snapshot};
 
 use crate::budget::{Room, WORKER_FIXED};
 use crate::bufring::BufRing;
 use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::events::EventBuffer;
-use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, is_wildcard};
 use crate::pool::{PipePool, RELAY_BUFFER_GROUP, RelayBuffers};
 use crate::ring::{OpKind, Ring, UserData};
 use crate::sctp::Associations;
 use crate::selection::Selection;
 use crate::shared::Shared;
 use crate::stats::{self, WorkerCounters};
-use crate::tcp::Connections;
 use crate::tcp::relay::Path;
+use crate::tcp::{Connections, Listeners};
 use crate::udp::Flows;
-use crate::warnings::{Warning, Warnings, warn_limited};
+use crate::warnings::Warnings;
 
 /// How long a stopping worker waits for cancelled operations before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -115,14 +112,7 @@ pub(crate) struct Worker {
     /// Leaked on purpose: the kernel may still own a read into it when the ring is torn down.
     wake_buffer: &'static mut u64,
     tick: Box<Timespec>,
-    listeners: ListenerTable,
-    /// Where this worker listens for the TCP keys of the snapshot last reconciled.
-    plan: ListenPlan,
-    /// Wildcards whose bind collided with another socket on the host: their groups bind exactly.
-    exact_only: HashSet<VipKey>,
-    /// Listen keys (TCP keys or wildcards) of the plan whose bind failed; retried every tick.
-    unbound: Vec<VipKey>,
-    multishot_accept: bool,
+    listeners: Listeners,
     tcp: Connections,
     udp: Flows,
     sctp: Associations,
@@ -141,8 +131,9 @@ impl Worker {
     ) -> Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
+        let listeners = Listeners::new(settings.listen_mode, multishot_accept, settings.workers);
         let udp = Flows::new(&ring, settings.udp.clone(), settings.index);
-        let max_connections = settings.max_connections;
+        let sctp = Associations::new(settings.max_connections);
         let selection = Selection::new(
             settings.index,
             settings.workers,
@@ -186,14 +177,10 @@ impl Worker {
             wake_fd,
             wake_buffer: Box::leak(Box::new(0u64)),
             tick: Box::new(Timespec::new().sec(interval.as_secs()).nsec(interval.subsec_nanos())),
-            listeners: ListenerTable::default(),
-            plan: ListenPlan::default(),
-            exact_only: HashSet::new(),
-            unbound: Vec::new(),
-            multishot_accept,
+            listeners,
             tcp,
             udp,
-            sctp: Associations::new(max_connections),
+            sctp,
             applied: Arc::new(Snapshot::empty()),
         }
     }
@@ -251,7 +238,12 @@ impl Worker {
                 }
                 self.housekeeping();
             }
-            OpKind::Accept => self.on_accept(data, result, flags),
+            OpKind::Accept => {
+                let room = self.tcp_room();
+                let tcp = &mut self.tcp;
+                let accepted = |ctx: &mut Ctx<'_>, key, client| tcp.new_connection(ctx, key, client);
+                self.listeners.on_accept(&mut self.core.ctx(room), data, result, flags, accepted);
+            }
             OpKind::Connect => {
                 let room = self.tcp_room();
                 self.tcp.on_connect(&mut self.core.ctx(room), data, result);
@@ -348,31 +340,9 @@ impl Worker {
             self.reconcile_entries(snapshot, &changed_udp);
             return;
         }
-        let other_sockets = snapshot.keys().filter(|key| key.protocol != Protocol::Tcp).count();
-        let tcp = snapshot.keys().filter(|key| key.protocol == Protocol::Tcp);
-        let room = self.core.settings.budget.max_listeners().saturating_sub(other_sockets);
-        self.plan = ListenPlan::new(tcp, self.core.settings.listen_mode, room, &mut self.exact_only);
-        self.warn_if_listeners_cannot_fit(self.plan.sockets() + other_sockets);
-        // New sockets open before unwanted ones close, so a group moving between exact sockets and
-        // a wildcard never stops accepting. `bind_unbound` pops from the end: wildcards, pushed
-        // last, are bound first, as they serve the most keys.
-        self.unbound.clear();
-        for listen in self.plan.exact.iter().chain(self.plan.wildcards.keys()) {
-            if self.listeners.find(listen).is_none() {
-                self.unbound.push(*listen);
-            }
-        }
         self.core.selection.retain_keys(|key| snapshot.get(key).is_some());
-        self.bind_unbound(true);
-        let mut unwanted = Vec::new();
-        for (index, listener) in self.listeners.iter_mut() {
-            if !listener.closing && !self.plan.wants(&listener.key) {
-                unwanted.push(index);
-            }
-        }
-        for index in unwanted {
-            self.close_listener(index);
-        }
+        let room = self.listeners_room();
+        self.listeners.reconcile(&mut self.core.ctx(room), snapshot);
         self.update_descriptor_gauges();
         let room = self.tcp_room();
         let ctx = &mut self.core.ctx(room);
@@ -400,164 +370,9 @@ impl Worker {
         self.sctp.mark_draining(&mut self.core.ctx(room), snapshot);
     }
 
-    fn bind_unbound(&mut self, first_try: bool) {
-        if self.core.draining {
-            self.unbound.clear();
-        }
-        // A stack: the keys of a wildcard that collides are pushed to be bound exactly.
-        let mut keys = std::mem::take(&mut self.unbound);
-        while let Some(key) = keys.pop() {
-            if !self.may_listen() {
-                if first_try {
-                    self.refuse_for_budget("a TCP VIP is left unbound (retried every tick)");
-                }
-                self.unbound.push(key);
-                continue;
-            }
-            match bind_listener(key.socket_addr()) {
-                Ok(socket) => {
-                    let listener = Listener::new(key, socket);
-                    let (index, _) = self.listeners.insert(key, listener);
-                    self.arm_accept(index);
-                }
-                Err(error) if is_wildcard(&key) && error.raw_os_error() == Some(libc::EADDRINUSE) => {
-                    // Another socket on the host holds this port on some address: one socket per
-                    // VIP then, as long as the group exists.
-                    self.exact_only.insert(key);
-                    let group = self.plan.fall_back(&key);
-                    if self.core.settings.index == 0 {
-                        tracing::info!(%key, vips = group.len(), "the port is taken on some address of this host; listening on each VIP of it instead of the wildcard");
-                    }
-                    keys.extend(group.into_iter().filter(|vip| self.listeners.find(vip).is_none()));
-                }
-                Err(error) => {
-                    stats::add(&self.core.counters.bind_failures, 1);
-                    if first_try {
-                        warn_limited!(self.core, Warning::Bind, %key, %error, "cannot listen; retrying every housekeeping tick");
-                    } else {
-                        tracing::debug!(worker = self.core.settings.index, %key, %error, "listen retry failed");
-                    }
-                    self.unbound.push(key);
-                }
-            }
-        }
-        stats::set(&self.core.counters.listeners, self.listeners.len() as u64);
-    }
-
-    /// Says, throttled, that the VIPs need more listening sockets than the descriptor budget lets
-    /// a worker bind (the rest stay unbound, retried every tick), and the limit that would fit.
-    fn warn_if_listeners_cannot_fit(&mut self, needed: usize) {
-        let allowed = self.core.settings.budget.max_listeners();
-        if needed <= allowed || self.core.settings.index != 0 {
-            return;
-        }
-        let limit = crate::budget::DescriptorBudget::limit_for_listeners(needed, self.core.settings.workers);
-        warn_limited!(
-            self.core,
-            Warning::Budget,
-            needed,
-            allowed,
-            limit,
-            "the VIPs need {needed} listening sockets per worker but the descriptor budget allows {allowed}; the rest stay unbound: raise the descriptor limit to {limit}, or run fewer workers"
-        );
-    }
-
-    fn arm_accept(&mut self, index: u32) {
-        let generation = self.listeners.generation(index);
-        let multishot = self.multishot_accept;
-        let Some(listener) = self.listeners.get_mut(index, generation) else { return };
-        let fd = Fd(listener.socket.as_raw_fd());
-        let accept_flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        let user_data = UserData::new(OpKind::Accept, index, generation).encode();
-        let entry = if multishot {
-            opcode::AcceptMulti::new(fd).flags(accept_flags).build().user_data(user_data)
-        } else {
-            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
-                .flags(accept_flags)
-                .build()
-                .user_data(user_data)
-        };
-        // SAFETY: no user memory is passed (null address pointers); the listening socket is only
-        // dropped once the accept's final completion (no IORING_CQE_F_MORE) was reaped.
-        unsafe { listener.arm(&mut self.core.ring, &entry, multishot, self.core.settings.index) };
-    }
-
-    /// Stops accepting on a listener: the kernel stops listening at once (`shutdown(SHUT_RD)` on a
-    /// listening socket leaves the listen state, so new SYNs are refused), the armed accept is cancelled,
-    /// and the slot is freed when its last completion arrives.
-    fn close_listener(&mut self, index: u32) {
-        let generation = self.listeners.generation(index);
-        let Some(listener) = self.listeners.close(index) else { return };
-        let _ = listener.socket.shutdown(std::net::Shutdown::Read);
-        if listener.armed {
-            let target = UserData::new(OpKind::Accept, index, generation).encode();
-            let entry = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-            // SAFETY: a cancel request references no memory.
-            let _ = unsafe { self.core.ring.push(&entry) };
-        } else {
-            self.listeners.remove(index);
-        }
-        stats::set(&self.core.counters.listeners, self.listeners.len() as u64);
-    }
-
-    fn on_accept(&mut self, data: UserData, result: i32, flags: u32) {
-        let more = cqueue::more(flags);
-        let Some(listener) = self.listeners.get_mut(data.slot, data.generation) else {
-            close_raw(result);
-            return;
-        };
-        if !more {
-            listener.armed = false;
-        }
-        let key = listener.key;
-        let closing = listener.closing;
-        if result >= 0 {
-            // SAFETY: a non-negative accept result is a new fd that nothing else owns.
-            let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(result) };
-            if closing || self.core.stopping {
-                drop(socket);
-            } else {
-                let room = self.tcp_room();
-                self.tcp.new_connection(&mut self.core.ctx(room), key, socket);
-            }
-        } else {
-            let errno = -result;
-            if errno == libc::EINVAL && listener.multishot && !closing {
-                // Kernels before 5.19 reject IORING_ACCEPT_MULTISHOT; fall back to re-armed accepts.
-                self.multishot_accept = false;
-            } else if let Some(resource) = LocalResource::of_errno(errno) {
-                // Back off until the next tick: the accept would fail again at once (the client
-                // waits in the backlog meanwhile).
-                listener.rearm_at_tick = true;
-                self.local_failure(resource, "an accept", errno);
-            }
-        }
-        let Some(listener) = self.listeners.get_mut(data.slot, data.generation) else { return };
-        if !listener.armed {
-            if listener.closing {
-                self.listeners.remove(data.slot);
-                stats::set(&self.core.counters.listeners, self.listeners.len() as u64);
-            } else if !listener.rearm_at_tick {
-                self.arm_accept(data.slot);
-            }
-        }
-    }
-
     fn housekeeping(&mut self) {
-        if !self.unbound.is_empty() && !self.core.stopping {
-            self.bind_unbound(false);
-        }
-        let mut rearm = Vec::new();
-        for (index, listener) in self.listeners.iter_mut() {
-            if listener.rearm_at_tick && !listener.armed && !listener.closing {
-                rearm.push(index);
-            }
-        }
-        for index in rearm {
-            self.arm_accept(index);
-        }
+        let room = self.listeners_room();
+        self.listeners.housekeeping(&mut self.core.ctx(room));
         let room = self.tcp_room();
         self.tcp.housekeeping(&mut self.core.ctx(room));
         self.core.selection.expire(self.core.now);
@@ -581,11 +396,8 @@ impl Worker {
     /// flow is created, while established connections, associations and flows go on.
     fn begin_drain(&mut self) {
         self.core.draining = true;
-        self.unbound.clear();
-        let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
-        for index in open {
-            self.close_listener(index);
-        }
+        let room = self.listeners_room();
+        self.listeners.close_all(&mut self.core.ctx(room));
         let room = self.sctp_room();
         self.sctp.close_listeners(&mut self.core.ctx(room));
         self.udp.stop_binding();
@@ -597,11 +409,8 @@ impl Worker {
         }
         self.core.stopping = true;
         self.core.draining = true;
-        self.unbound.clear();
-        let open: Vec<u32> = self.listeners.iter_mut().filter(|(_, l)| !l.closing).map(|(i, _)| i).collect();
-        for index in open {
-            self.close_listener(index);
-        }
+        let room = self.listeners_room();
+        self.listeners.close_all(&mut self.core.ctx(room));
         let room = self.udp_room();
         self.udp.stop(&mut self.core.ctx(room));
         let room = self.sctp_room();
@@ -622,9 +431,7 @@ impl Worker {
             connections = self.tcp.len(),
             "io_uring failed; this worker shuts its sockets down and stops (its buffers are leaked)"
         );
-        for (_, listener) in self.listeners.iter_mut() {
-            let _ = listener.socket.shutdown(std::net::Shutdown::Read);
-        }
+        self.listeners.shut_down_sockets();
         self.tcp.shut_down_sockets();
         self.udp.shut_down_sockets();
         self.sctp.shut_down_sockets();
@@ -667,6 +474,10 @@ impl Worker {
         )
     }
 
+    fn listeners_room(&self) -> Room {
+        self.room(self.listeners.len(), self.listeners.len())
+    }
+
     #[inline]
     fn udp_room(&self) -> Room {
         self.room(self.udp.descriptors(), self.udp.listeners())
@@ -682,23 +493,6 @@ impl Worker {
         self.room(self.tcp.descriptors(), 0)
     }
 
-    /// Whether one more listening socket may be bound (see `DescriptorBudget::max_listeners`).
-    fn may_listen(&self) -> bool {
-        self.room(0, 0).may_listen(0, 0)
-    }
-
-    /// Counts and warns about `what` being refused for the budget.
-    fn refuse_for_budget(&mut self, what: &'static str) {
-        let room = self.room(0, 0);
-        self.core.ctx(room).refuse_for_budget(what);
-    }
-
-    /// Counts a failure of `what` for lack of a local resource and warns, throttled.
-    fn local_failure(&mut self, resource: LocalResource, what: &'static str, errno: i32) {
-        let room = self.room(0, 0);
-        self.core.ctx(room).local_failure(resource, what, errno);
-    }
-
     /// Housekeeping: the descriptor gauges.
     fn update_descriptor_gauges(&self) {
         stats::set(&self.core.counters.descriptors, self.descriptors() as u64);
@@ -712,11 +506,4 @@ fn worker_seed(index: usize) -> u64 {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 32) ^ index as u64
-}
-
-fn close_raw(fd: i32) {
-    if fd >= 0 {
-        // SAFETY: an accepted fd for a listener we no longer track; nothing else owns it.
-        unsafe { libc::close(fd) };
-    }
 }

@@ -1,16 +1,8 @@
-//! The life of one proxied connection inside a worker: accept → pick → connect (with timeout and
-//! bounded retries on other backends) → relay both directions → half-close / reset / idle → release.
-//!
-//! Never blocks, never logs per connection above debug, never allocates in steady state (slots,
-//! buffers and pipes come from the worker's slab and pools).
-//! Invariants: a client that cannot be served is reset at once (`SO_LINGER {on, 0}`), never left
-//! hanging; a connection is released only when `in_flight == 0`, and releasing returns every buffer
-//! and pipe and closes both sockets; a reset on one side is propagated as a reset to the other.
-
 //! The TCP connections of a worker, one component: accept → pick → connect (with timeout and
 //! bounded retries on other backends) → relay both directions → half-close / reset / idle → release.
 //!
-//! [`Connections`] owns the connection table, the copy relay's buffers and the splice relay's pipes
+//! [`Listeners`] (`listeners`) are the worker's listening sockets for TCP keys, which hand each
+//! accepted client on; [`Connections`] owns the connection table, the copy relay's buffers and the splice relay's pipes
 //! (nothing else uses them); the worker hands it each accepted client and each completion of a
 //! connection's operations, with a [`Ctx`] of what it may use besides (ring, counters, pick state,
 //! backend events, warnings, descriptor room). `connection` is one connection's state, `relay`
@@ -22,7 +14,10 @@
 //! and pipe and closes both sockets; a reset on one side is propagated as a reset to the other.
 
 pub(crate) mod connection;
+mod listeners;
 pub(crate) mod relay;
+
+pub(crate) use self::listeners::Listeners;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -81,7 +76,7 @@ fn connected_to_itself(
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`, which IPv6 shares). Unreadable:
 /// every port, so the self-connect check errs on the side of checking.
-pub(crate) fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
+fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|text| {
