@@ -117,6 +117,7 @@ pub(crate) struct Room {
 }
 
 impl Room {
+    #[inline]
     pub fn new(budget: DescriptorBudget, held_elsewhere: usize, listening_elsewhere: usize) -> Room {
         Room { budget, held_elsewhere, listening_elsewhere }
     }

@@ -203,6 +203,7 @@ impl PipePool {
     }
 
     /// Pipes kept open for reuse.
+    #[inline]
     pub fn idle(&self) -> usize {
         self.free.len()
     }

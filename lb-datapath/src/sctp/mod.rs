@@ -117,11 +117,13 @@ impl Associations {
     }
 
     /// Descriptors held: listeners, and a client and a backend socket per association.
+    #[inline]
     pub fn descriptors(&self) -> usize {
         self.listeners.len() + 2 * self.assocs.len()
     }
 
     /// Listening sockets held (open or closing).
+    #[inline]
     pub fn listeners(&self) -> usize {
         self.listeners.len()
     }

@@ -54,6 +54,7 @@ impl Listeners {
     }
 
     /// Listening sockets held (open or closing), one descriptor each.
+    #[inline]
     pub fn len(&self) -> usize {
         self.table.len()
     }

@@ -133,6 +133,7 @@ impl Connections {
     }
 
     /// Open connections (closing ones included).
+    #[inline]
     pub fn len(&self) -> usize {
         self.conns.len()
     }
@@ -143,6 +144,7 @@ impl Connections {
 
     /// Descriptors held: a client and a backend socket per connection (counted from the accept on,
     /// as the backend socket comes next), two per pipe, whether in use or pooled.
+    #[inline]
     pub fn descriptors(&self) -> usize {
         2 * self.conns.len() + 2 * (self.pipes.in_use + self.pipes.idle())
     }

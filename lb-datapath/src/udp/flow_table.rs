@@ -100,6 +100,7 @@ impl<V> FlowTable<V> {
         FlowTable { slots: Slots::default(), classes: Vec::new(), capacity: capacity.max(1) }
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.slots.len()
     }

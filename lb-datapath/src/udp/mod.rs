@@ -170,11 +170,13 @@ impl Flows {
     }
 
     /// Descriptors held: one per VIP socket and one per flow's upstream socket.
+    #[inline]
     pub fn descriptors(&self) -> usize {
         self.vips.len() + self.flows.len()
     }
 
     /// VIP sockets held (open or closing).
+    #[inline]
     pub fn listeners(&self) -> usize {
         self.vips.len()
     }
