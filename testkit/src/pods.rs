@@ -45,9 +45,8 @@ impl PodNetwork {
                 continue;
             }
             let name = format!("{PREFIX}{pid}-{third}");
-            let host_link = format!("rlt{}h{third}", pid % 100_000);
-            let pod_link = format!("rlt{}p{third}", pid % 100_000);
             let network = PodNetwork { name, subnet, added: Mutex::new(Vec::new()) };
+            let (host_link, pod_link) = (network.host_link(), network.pod_link());
             ip(&["netns", "add", &network.name])?;
             ip(&["link", "add", &host_link, "type", "veth", "peer", "name", &pod_link])?;
             ip(&["link", "set", &pod_link, "netns", &network.name])?;
@@ -112,9 +111,19 @@ impl PodNetwork {
         &self.name
     }
 
-    fn pod_link(&self) -> String {
+    /// The namespace end of the veth pair (in the namespace).
+    pub fn pod_link(&self) -> String {
+        self.link('p')
+    }
+
+    /// The host end of the veth pair.
+    pub fn host_link(&self) -> String {
+        self.link('h')
+    }
+
+    fn link(&self, end: char) -> String {
         let (pid, third) = self.name[PREFIX.len()..].split_once('-').expect("named by create");
-        format!("rlt{}p{third}", pid.parse::<u32>().expect("a pid") % 100_000)
+        format!("rlt{}{end}{third}", pid.parse::<u32>().expect("a pid") % 100_000)
     }
 }
 
