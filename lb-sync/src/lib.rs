@@ -18,6 +18,7 @@
 pub mod allocator;
 mod control;
 pub mod events;
+pub mod garp;
 mod health;
 pub mod kubeconfig;
 pub mod leader;

@@ -17,7 +17,8 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -27,6 +28,8 @@ use rtnetlink::packet_route::address::{
 };
 use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
 use tokio::sync::watch;
+
+use crate::garp::{self, Announcer};
 
 /// The `IFA_PROTO` value of ringlb's addresses (`'R'`): how it knows which addresses are its own.
 pub const ADDRESS_PROTOCOL: u8 = 0x52;
@@ -137,8 +140,10 @@ impl VipLink {
     }
 
     /// Makes the tagged addresses `wanted`: adds what is missing, removes what is no longer
-    /// wanted. Goes on past a failed address; the first failure is returned once all were tried.
-    pub async fn set(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<(), VipLinkError> {
+    /// wanted; returns the addresses added. Goes on past a failed address; the first failure is
+    /// returned once all were tried (the next call tries the rest again).
+    pub async fn set(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<Vec<IpAddr>, VipLinkError> {
+        let mut added = Vec::new();
         let mut first_error = None;
         let tagged = self.tagged().await?;
         self.ours = tagged.iter().map(|(address, _)| *address).collect();
@@ -164,6 +169,7 @@ impl VipLink {
             match self.add(address).await {
                 Ok(()) => {
                     self.ours.insert(address);
+                    added.push(address);
                     tracing::debug!(link = %self.name, %address, "VIP address added");
                 }
                 Err(error) => {
@@ -171,12 +177,12 @@ impl VipLink {
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(added), Err)
     }
 
     /// Removes every tagged address, then the link if this process created it.
     pub async fn close(mut self) -> Result<(), VipLinkError> {
-        let cleared = self.set(&BTreeSet::new()).await;
+        let cleared = self.set(&BTreeSet::new()).await.map(drop);
         let deleted = if self.created {
             let deleted = self.handle.link().del(self.index).execute().await;
             deleted.map_err(|error| self.error("delete", error))
@@ -226,9 +232,11 @@ impl VipLink {
 /// of the published snapshot) until `stop` resolves, then closes the link (see
 /// [`VipLink::close`]). Netlink is asked only when the addresses differ from those last set; a
 /// failed change is logged (the same failure at most every [`LOG_EVERY`]) and retried after
-/// [`RETRY_AFTER`].
+/// [`RETRY_AFTER`]. With an `announcer`, each IPv4 address added is announced by gratuitous ARP
+/// ([`crate::garp`]).
 pub async fn run<T>(
     mut link: VipLink,
+    announcer: Option<Arc<Announcer>>,
     mut wanted: watch::Receiver<T>,
     addresses: impl Fn(&T) -> BTreeSet<IpAddr>,
     stop: impl Future,
@@ -243,7 +251,10 @@ pub async fn run<T>(
             false
         } else {
             match link.set(&target).await {
-                Ok(()) => {
+                Ok(added) => {
+                    if let Some(announcer) = &announcer {
+                        tokio::spawn(announce(Arc::clone(announcer), added));
+                    }
                     applied = Some(target);
                     false
                 }
@@ -274,6 +285,32 @@ pub async fn run<T>(
     if let Err(error) = link.close().await {
         tracing::warn!(%error, "cannot release the VIP link");
     }
+}
+
+/// Announces the IPv4 addresses of `added` [`garp::REPEATS`] times, [`garp::SPACING`] apart;
+/// logs the first failure of each batch.
+async fn announce(announcer: Arc<Announcer>, added: Vec<IpAddr>) {
+    let vips: Vec<Ipv4Addr> = added
+        .into_iter()
+        .filter_map(|address| if let IpAddr::V4(v4) = address { Some(v4) } else { None })
+        .collect();
+    if vips.is_empty() {
+        return;
+    }
+    let mut failed = false;
+    for round in 0..garp::REPEATS {
+        if round > 0 {
+            tokio::time::sleep(garp::SPACING).await;
+        }
+        for &vip in &vips {
+            if let Err(error) = announcer.announce(vip)
+                && !std::mem::replace(&mut failed, true)
+            {
+                tracing::warn!(interface = announcer.interface(), %vip, %error, "cannot send gratuitous ARP");
+            }
+        }
+    }
+    tracing::debug!(interface = announcer.interface(), vips = vips.len(), "VIPs announced");
 }
 
 /// The VIP addresses of a snapshot: what the link should hold.

@@ -111,7 +111,7 @@ fn the_run_loop_follows_the_wanted_set_and_releases_on_stop() {
             let link = VipLink::open(&config()).await.expect("open the VIP link");
             let (wanted, watched) = tokio::sync::watch::channel(set(&[vip(6)]));
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(vip_link::run(link, watched, BTreeSet::clone, stopped));
+            let task = tokio::spawn(vip_link::run(link, None, watched, BTreeSet::clone, stopped));
             until(|shown| shown.contains("192.0.2.6/32")).await;
             wanted.send_replace(set(&[vip(7)]));
             until(|shown| shown.contains("192.0.2.7/32") && !shown.contains("192.0.2.6/32")).await;
