@@ -18,6 +18,7 @@ use lb_core::{
 };
 use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
+use lb_sync::garp::Announcer;
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
 use lb_sync::{ControlLoop, HealthStatus, KubeSource, ManifestSource, Readiness, SnapshotSink};
@@ -38,6 +39,12 @@ pub enum Source {
     Cluster(Cluster, ControlLoop),
     /// One snapshot built up front (the demo).
     Fixed(Snapshot),
+}
+
+/// Where the VIPs live on the host (`--vip-link`) and who is told (`--announce-interface`).
+pub struct Vips {
+    pub link: VipLinkConfig,
+    pub announce_interface: Option<String>,
 }
 
 /// What serving a cluster needs besides the control loop.
@@ -70,14 +77,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             Source::Cluster(cluster, ControlLoop::new(options))
         }
     };
-    let vip_link = args.vips.vip_link.as_ref().map(|name| VipLinkConfig {
-        name: name.clone(),
-        kind: match args.vips.vip_link_kind {
-            VipLinkKindArg::Dummy => LinkKind::Dummy,
-            VipLinkKindArg::Bridge => LinkKind::Bridge,
+    let vips = args.vips.vip_link.as_ref().map(|name| Vips {
+        link: VipLinkConfig {
+            name: name.clone(),
+            kind: match args.vips.vip_link_kind {
+                VipLinkKindArg::Dummy => LinkKind::Dummy,
+                VipLinkKindArg::Bridge => LinkKind::Bridge,
+            },
         },
+        announce_interface: args.vips.announce_interface.clone(),
     });
-    serve(source, &args.engine, &args.admin, vip_link)
+    serve(source, &args.engine, &args.admin, vips)
 }
 
 /// `$POD_NAME` is the usual identity; outside a pod, the host name and PID.
@@ -226,7 +236,7 @@ pub fn serve(
     source: Source,
     engine_args: &EngineArgs,
     admin_args: &AdminArgs,
-    vip_link: Option<VipLinkConfig>,
+    vips_on_host: Option<Vips>,
 ) -> anyhow::Result<ExitCode> {
     let admin_addr = admin::listen_addr(admin_args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -258,7 +268,7 @@ pub fn serve(
     );
     let published = Arc::new(AtomicBool::new(false));
     let (vips, vips_wanted) = tokio::sync::watch::channel(Arc::new(Snapshot::empty()));
-    let vips = vip_link.is_some().then_some(vips);
+    let vips = vips_on_host.is_some().then_some(vips);
     let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published), vips };
 
     let grace = engine_args.shutdown_grace;
@@ -266,13 +276,19 @@ pub fn serve(
         let mut signals = Signals::new();
         // The VIPs stay on the link until the connections on them have drained.
         let (release_vips, vips_released) = tokio::sync::oneshot::channel::<()>();
-        let vip_task = match &vip_link {
-            Some(config) => {
-                let link = VipLink::open(config)
-                    .await
-                    .with_context(|| format!("preparing the VIP link {}", config.name))?;
+        let vip_task = match &vips_on_host {
+            Some(Vips { link, announce_interface }) => {
+                let announcer = match announce_interface {
+                    Some(interface) => Some(Arc::new(
+                        Announcer::new(interface)
+                            .with_context(|| format!("preparing gratuitous ARP on {interface}"))?,
+                    )),
+                    None => None,
+                };
+                let link =
+                    VipLink::open(link).await.with_context(|| format!("preparing the VIP link {}", link.name))?;
                 let addresses = |snapshot: &Arc<Snapshot>| vip_link::vip_addresses(snapshot);
-                Some(tokio::spawn(vip_link::run(link, vips_wanted, addresses, vips_released)))
+                Some(tokio::spawn(vip_link::run(link, announcer, vips_wanted, addresses, vips_released)))
             }
             None => None,
         };

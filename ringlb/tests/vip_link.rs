@@ -1,8 +1,10 @@
 //! `ringlb run --vip-link`: ringlb in a network namespace of the test's own holds its VIPs as
 //! addresses of a link it creates, so the namespace's kernel answers ARP for them and a client
 //! on the host reaches the VIP across the veth pair; the addresses follow the manifest, and a
-//! graceful stop removes them with the link. A port-less bridge stands in for a dummy link (this
-//! machine's kernel has no dummy driver).
+//! graceful stop removes them with the link. With `--announce-interface`, the host's neighbour
+//! entry for a VIP, planted with a stranger's MAC, follows ringlb's gratuitous ARP before any
+//! traffic. A port-less bridge stands in for a dummy link (this machine's kernel has no dummy
+//! driver).
 
 mod support;
 
@@ -31,6 +33,35 @@ fn link_addresses(network: &PodNetwork) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A neighbour entry on the host for `vip` at a MAC nobody has.
+fn plant_stranger(network: &PodNetwork, vip: IpAddr) {
+    let (vip, link) = (vip.to_string(), network.host_link());
+    let args = ["neigh", "replace", &vip, "lladdr", STRANGER, "dev", &link, "nud", "stale"];
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(output.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+const STRANGER: &str = "02:00:00:00:00:99";
+
+/// The MAC the host's neighbour table holds for `vip`, if any.
+fn neighbour(network: &PodNetwork, vip: IpAddr) -> Option<String> {
+    let output = Command::new("ip")
+        .args(["neigh", "show", &vip.to_string(), "dev", &network.host_link()])
+        .output()
+        .expect("run ip");
+    let shown = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut words = shown.split_whitespace();
+    words.find(|word| *word == "lladdr").and_then(|_| words.next()).map(str::to_owned)
+}
+
+/// The MAC of the namespace end of the veth pair.
+fn mac_of(network: &PodNetwork) -> String {
+    let output = ip_in(network, &["link", "show", "dev", &network.pod_link()]);
+    let shown = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut words = shown.split_whitespace();
+    words.find(|word| *word == "link/ether").and_then(|_| words.next()).expect("a MAC").to_owned()
+}
+
 #[test]
 fn the_vips_of_a_ringlb_in_a_namespace_are_reachable_from_the_host_and_go_away_with_it() {
     let network = PodNetwork::create().expect("a network namespace");
@@ -46,15 +77,23 @@ fn the_vips_of_a_ringlb_in_a_namespace_are_reachable_from_the_host_and_go_away_w
         support::web_manifest(SocketAddr::new(vip, 80), backend.addr().port(), &[(backend.addr().ip(), true)])
     };
     save(&manifest, &web(first));
+    // The host believes the VIPs live at a stranger's MAC; a stale entry changes only when told.
+    plant_stranger(&network, first);
+    plant_stranger(&network, second);
+    let ours = mac_of(&network);
 
     let mut command = Command::new("ip");
     command.args(["netns", "exec", network.name(), env!("CARGO_BIN_EXE_ringlb"), "run"]);
     command.args(["--manifests".as_ref(), manifest.as_os_str()]);
     command.args(["--vip-link", LINK, "--vip-link-kind", "bridge", "--admin", "off"]);
+    command.args(["--announce-interface", &network.pod_link()]);
     command.args(["--workers", "1", "--shutdown-grace", "1s", "--log-level", "warn"]);
     // `ip netns exec` execs ringlb itself, so signals reach it; the admin address is unused.
     let ringlb = Ringlb::spawn(command, SocketAddr::from(([127, 0, 0, 1], 0)));
 
+    poll_until("the host's entry for the VIP to follow the gratuitous ARP", || {
+        (neighbour(&network, first).as_deref() == Some(ours.as_str())).then_some(())
+    });
     // From the host, across the veth: only a local address of the namespace answers ARP.
     let (name, _) =
         poll_until("the VIP to answer from the host", || greeting(SocketAddr::new(first, 80)).ok());
@@ -65,6 +104,9 @@ fn the_vips_of_a_ringlb_in_a_namespace_are_reachable_from_the_host_and_go_away_w
     poll_until("the link to follow the manifest", || {
         let shown = link_addresses(&network);
         (shown.contains(&format!("{second}/32")) && !shown.contains(&format!("{first}/32"))).then_some(())
+    });
+    poll_until("the entry for the new VIP to follow", || {
+        (neighbour(&network, second).as_deref() == Some(ours.as_str())).then_some(())
     });
     let (name, _) = poll_until("the new VIP to answer", || greeting(SocketAddr::new(second, 80)).ok());
     assert_eq!(name, "pod-a");
