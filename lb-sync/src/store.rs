@@ -47,7 +47,37 @@ pub fn slimmed(mut object: Object) -> Object {
             annotations.remove(LAST_APPLIED);
         }
     }
+    if let Object::Service(service) = &mut object {
+        shrink_lists(service);
+    }
     object
+}
+
+/// A decoded list has room for 4 entries at least (JSON does not say its length up front): a
+/// one-port Service's `ports` takes 600 bytes, its one ingress 400. Stored Services keep theirs
+/// for as long as they exist, 10,000 of them in a large cluster.
+fn shrink_lists(service: &mut Service) {
+    fn shrink<T>(list: &mut Option<Vec<T>>) {
+        if let Some(list) = list {
+            list.shrink_to_fit();
+        }
+    }
+    if let Some(spec) = service.spec.as_mut() {
+        shrink(&mut spec.ports);
+        shrink(&mut spec.cluster_ips);
+        shrink(&mut spec.external_ips);
+        shrink(&mut spec.ip_families);
+        shrink(&mut spec.load_balancer_source_ranges);
+    }
+    if let Some(status) = service.status.as_mut() {
+        shrink(&mut status.conditions);
+        if let Some(balancer) = status.load_balancer.as_mut() {
+            shrink(&mut balancer.ingress);
+            for ingress in balancer.ingress.iter_mut().flatten() {
+                shrink(&mut ingress.ports);
+            }
+        }
+    }
 }
 
 /// Parses EndpointSlices as the store keeps them; keep one per source, so that its slices share

@@ -190,8 +190,8 @@ fn parse_one(object: ObjectRef, slice: &EndpointSlice, names: &mut SliceNames) -
         errors.push(error);
         1
     });
-    let ports = parse_ports(slice, &object, errors);
-    let endpoints = slice
+    let mut ports = parse_ports(slice, &object, errors);
+    let mut endpoints: Vec<ParsedEndpoint> = slice
         .endpoints
         .iter()
         .flatten()
@@ -204,6 +204,10 @@ fn parse_one(object: ObjectRef, slice: &EndpointSlice, names: &mut SliceNames) -
             }
         })
         .collect();
+    // Kept for the slice's life: a filtered collect leaves up to twice the room (10 endpoints
+    // take 16 slots), 4 MB over a cluster's 100,000 endpoints.
+    endpoints.shrink_to_fit();
+    ports.shrink_to_fit();
     let declares_ports = slice.ports.as_ref().is_some_and(|p| !p.is_empty());
     let key = (object.namespace.clone(), service.clone());
     let parsed = ParsedSlice { name: object.name.clone(), ipv6, declares_ports, ports, weight, endpoints };
