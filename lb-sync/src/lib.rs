@@ -16,9 +16,9 @@
 //!   [`HealthStatus`]: their counters.
 
 pub mod allocator;
+pub mod announce;
 mod control;
 pub mod events;
-pub mod garp;
 mod health;
 pub mod kubeconfig;
 pub mod leader;

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ use rtnetlink::packet_route::address::{
 use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
 use tokio::sync::watch;
 
-use crate::garp::{self, Announcer};
+use crate::announce::{self, Announcer};
 
 /// The `IFA_PROTO` value of ringlb's addresses (`'R'`): how it knows which addresses are its own.
 pub const ADDRESS_PROTOCOL: u8 = 0x52;
@@ -232,8 +232,8 @@ impl VipLink {
 /// of the published snapshot) until `stop` resolves, then closes the link (see
 /// [`VipLink::close`]). Netlink is asked only when the addresses differ from those last set; a
 /// failed change is logged (the same failure at most every [`LOG_EVERY`]) and retried after
-/// [`RETRY_AFTER`]. With an `announcer`, each IPv4 address added is announced by gratuitous ARP
-/// ([`crate::garp`]).
+/// [`RETRY_AFTER`]. With an `announcer`, each address added is announced to the neighbours
+/// ([`crate::announce`]).
 pub async fn run<T>(
     mut link: VipLink,
     announcer: Option<Arc<Announcer>>,
@@ -287,30 +287,26 @@ pub async fn run<T>(
     }
 }
 
-/// Announces the IPv4 addresses of `added` [`garp::REPEATS`] times, [`garp::SPACING`] apart;
-/// logs the first failure of each batch.
+/// Announces `added` [`announce::REPEATS`] times, [`announce::SPACING`] apart; logs the first
+/// failure of each batch.
 async fn announce(announcer: Arc<Announcer>, added: Vec<IpAddr>) {
-    let vips: Vec<Ipv4Addr> = added
-        .into_iter()
-        .filter_map(|address| if let IpAddr::V4(v4) = address { Some(v4) } else { None })
-        .collect();
-    if vips.is_empty() {
+    if added.is_empty() {
         return;
     }
     let mut failed = false;
-    for round in 0..garp::REPEATS {
+    for round in 0..announce::REPEATS {
         if round > 0 {
-            tokio::time::sleep(garp::SPACING).await;
+            tokio::time::sleep(announce::SPACING).await;
         }
-        for &vip in &vips {
+        for &vip in &added {
             if let Err(error) = announcer.announce(vip)
                 && !std::mem::replace(&mut failed, true)
             {
-                tracing::warn!(interface = announcer.interface(), %vip, %error, "cannot send gratuitous ARP");
+                tracing::warn!(interface = announcer.interface(), %vip, %error, "cannot announce a VIP");
             }
         }
     }
-    tracing::debug!(interface = announcer.interface(), vips = vips.len(), "VIPs announced");
+    tracing::debug!(interface = announcer.interface(), vips = added.len(), "VIPs announced");
 }
 
 /// The VIP addresses of a snapshot: what the link should hold.

@@ -3,12 +3,14 @@
 //! while they are there), an address ringlb did not add is never touched, a restart adopts what
 //! the previous run left (told apart by their `IFA_PROTO` tag, which Debian 12's iproute2 cannot
 //! show), and closing removes ringlb's addresses and the link it created.
+//! Acquired VIPs of both families are announced, and the host's neighbour entries follow.
 //! Bridges stand in for dummy links: this machine's kernel has no dummy driver.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::process::Command;
 
+use lb_sync::announce::Announcer;
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
 use testkit::pods::PodNetwork;
 
@@ -134,3 +136,64 @@ async fn until(condition: impl Fn(&str) -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[test]
+fn acquired_vips_of_both_families_are_announced_and_the_hosts_neighbour_entries_follow() {
+    let network = PodNetwork::create().expect("a network namespace");
+    let (pod_link, host_link) = (network.pod_link(), network.host_link());
+    let IpAddr::V4(host) = network.host_ip() else { unreachable!("the pod network is IPv4") };
+    let [a, b, c, _] = host.octets();
+    let v4 = IpAddr::V4(Ipv4Addr::new(a, b, c, 250));
+    let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, u16::from(b), u16::from(c), 0, 0, 0, 0x250));
+    // The host believes both live at a stranger's MAC; a stale entry changes only when told.
+    for vip in [v4, v6] {
+        ip(&["neigh", "replace", &vip.to_string(), "lladdr", STRANGER, "dev", &host_link, "nud", "stale"]);
+    }
+    // An advertisement's source is the link-local address, usable once duplicate detection is over.
+    let namespace = network.name().to_owned();
+    let link_local_ready = || {
+        let shown = ip(&["-n", &namespace, "-6", "address", "show", "dev", &pod_link]);
+        shown.contains("fe80") && !shown.contains("tentative")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !link_local_ready() {
+        assert!(std::time::Instant::now() < deadline, "the link-local address never left DAD");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // the polling interval
+    }
+    let ours = {
+        let shown = ip(&["-n", &namespace, "link", "show", "dev", &pod_link]);
+        let mut words = shown.split_whitespace();
+        words.find(|word| *word == "link/ether").and_then(|_| words.next()).expect("a MAC").to_owned()
+    };
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let path = format!("/run/netns/{namespace}");
+    let announcing = std::thread::spawn(move || {
+        let namespace = std::fs::File::open(path).expect("open the namespace");
+        // SAFETY: setns(2) on a descriptor we own; it changes only this thread's namespace.
+        let entered = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&namespace), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+        runtime().block_on(async {
+            let link = VipLink::open(&config()).await.expect("open the VIP link");
+            let announcer = Announcer::new(&pod_link).expect("an announcer on the pod link");
+            let (_wanted, watched) = tokio::sync::watch::channel(set(&[v4, v6]));
+            vip_link::run(link, Some(std::sync::Arc::new(announcer)), watched, BTreeSet::clone, stopped)
+                .await;
+        });
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for vip in [v4, v6] {
+        loop {
+            let shown = ip(&["neigh", "show", &vip.to_string(), "dev", &host_link]);
+            if shown.contains(&ours) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the host's entry for {vip} stayed: {shown}");
+            std::thread::sleep(std::time::Duration::from_millis(20)); // the polling interval
+        }
+    }
+    stop.send(()).expect("the loop runs");
+    announcing.join().expect("the announcing thread");
+}
+
+const STRANGER: &str = "02:00:00:00:00:99";

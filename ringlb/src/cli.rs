@@ -74,9 +74,10 @@ pub struct VipArgs {
     /// bridge, for kernels without the dummy driver).
     #[arg(long, value_enum, default_value_t = VipLinkKindArg::Dummy, requires = "vip_link")]
     pub vip_link_kind: VipLinkKindArg,
-    /// Announce each IPv4 VIP added to --vip-link by gratuitous ARP on this interface (3 times,
-    /// 500 ms apart), so neighbours that cached another owner switch at once. Needs CAP_NET_RAW.
-    /// For one ringlb per network segment: several replicas would announce the same VIPs.
+    /// Announce each VIP added to --vip-link on this interface, 3 times 500 ms apart (IPv4:
+    /// gratuitous ARP; IPv6: unsolicited neighbour advertisements), so neighbours that cached
+    /// another owner switch at once. Needs CAP_NET_RAW. For one ringlb per network segment:
+    /// several replicas would announce the same VIPs.
     #[arg(long, value_name = "INTERFACE", requires = "vip_link")]
     pub announce_interface: Option<String>,
 }

@@ -18,7 +18,7 @@ use lb_core::{
 };
 use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
-use lb_sync::garp::Announcer;
+use lb_sync::announce::Announcer;
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
 use lb_sync::{ControlLoop, HealthStatus, KubeSource, ManifestSource, Readiness, SnapshotSink};
