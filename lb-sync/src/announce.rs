@@ -89,18 +89,7 @@ impl Announcer {
         to.sin6_family = libc::AF_INET6 as u16;
         to.sin6_addr.s6_addr = ALL_NODES.octets();
         to.sin6_scope_id = self.index as u32;
-        // SAFETY: `message` and `to` outlive the call, and the lengths are theirs.
-        let sent = unsafe {
-            libc::sendto(
-                self.icmpv6.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-                std::ptr::from_ref(&to).cast(),
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        send_to(&self.icmpv6, &message, &to)
     }
 
     fn arp(&self, vip: Ipv4Addr) -> io::Result<()> {
@@ -112,19 +101,25 @@ impl Announcer {
         to.sll_ifindex = self.index;
         to.sll_halen = 6;
         to.sll_addr[..6].copy_from_slice(&BROADCAST);
-        // SAFETY: `frame` and `to` outlive the call, and the lengths are theirs.
-        let sent = unsafe {
-            libc::sendto(
-                self.socket.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                std::ptr::from_ref(&to).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        send_to(&self.socket, &frame, &to)
     }
+}
+
+/// Sends `message` to the socket address `to` (a `sockaddr_ll` or `sockaddr_in6`).
+fn send_to<A>(socket: &OwnedFd, message: &[u8], to: &A) -> io::Result<()> {
+    // SAFETY: `message` and `to` outlive the call, the lengths are theirs, and `A` is a socket
+    // address type the socket's family takes (the callers' types).
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            message.as_ptr().cast(),
+            message.len(),
+            0,
+            std::ptr::from_ref(to).cast(),
+            std::mem::size_of::<A>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// The ARP payload announcing `vip` at `mac` (the kernel adds the Ethernet header).
