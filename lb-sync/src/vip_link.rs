@@ -87,6 +87,8 @@ pub struct VipLink {
     created: bool,
     /// The tagged addresses on the link, as last listed or changed.
     ours: BTreeSet<IpAddr>,
+    /// Added since [`VipLink::take_added`] last took them.
+    added: Vec<IpAddr>,
     connection: tokio::task::JoinHandle<()>,
 }
 
@@ -123,10 +125,16 @@ impl VipLink {
             .execute()
             .await
             .map_err(fail("bring up"))?;
-        let mut link = VipLink { handle, name, index, created, ours: BTreeSet::new(), connection };
+        let mut link =
+            VipLink { handle, name, index, created, ours: BTreeSet::new(), added: Vec::new(), connection };
         link.ours = link.tagged().await?.into_iter().map(|(address, _)| address).collect();
         tracing::info!(link = %link.name, created, adopted = link.ours.len(), "VIP link ready");
         Ok(link)
+    }
+
+    /// The addresses added since the last call (what is to be announced).
+    pub fn take_added(&mut self) -> Vec<IpAddr> {
+        std::mem::take(&mut self.added)
     }
 
     /// The link's name.
@@ -140,10 +148,10 @@ impl VipLink {
     }
 
     /// Makes the tagged addresses `wanted`: adds what is missing, removes what is no longer
-    /// wanted; returns the addresses added. Goes on past a failed address; the first failure is
-    /// returned once all were tried (the next call tries the rest again).
-    pub async fn set(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<Vec<IpAddr>, VipLinkError> {
-        let mut added = Vec::new();
+    /// wanted. Goes on past a failed address; the first failure is returned once all were tried
+    /// (the next call tries the rest again). What was added, failure or not, waits in
+    /// [`VipLink::take_added`].
+    pub async fn set(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<(), VipLinkError> {
         let mut first_error = None;
         let tagged = self.tagged().await?;
         self.ours = tagged.iter().map(|(address, _)| *address).collect();
@@ -169,7 +177,7 @@ impl VipLink {
             match self.add(address).await {
                 Ok(()) => {
                     self.ours.insert(address);
-                    added.push(address);
+                    self.added.push(address);
                     tracing::debug!(link = %self.name, %address, "VIP address added");
                 }
                 Err(error) => {
@@ -177,12 +185,12 @@ impl VipLink {
                 }
             }
         }
-        first_error.map_or(Ok(added), Err)
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Removes every tagged address, then the link if this process created it.
     pub async fn close(mut self) -> Result<(), VipLinkError> {
-        let cleared = self.set(&BTreeSet::new()).await.map(drop);
+        let cleared = self.set(&BTreeSet::new()).await;
         let deleted = if self.created {
             let deleted = self.handle.link().del(self.index).execute().await;
             deleted.map_err(|error| self.error("delete", error))
@@ -250,11 +258,14 @@ pub async fn run<T>(
         let failing = if applied.as_ref() == Some(&target) {
             false
         } else {
-            match link.set(&target).await {
-                Ok(added) => {
-                    if let Some(announcer) = &announcer {
-                        tokio::spawn(announce(Arc::clone(announcer), added));
-                    }
+            let outcome = link.set(&target).await;
+            // Also after a partial failure: what went onto the link is announced.
+            let added = link.take_added();
+            if let Some(announcer) = &announcer {
+                tokio::spawn(announce(Arc::clone(announcer), added));
+            }
+            match outcome {
+                Ok(()) => {
                     applied = Some(target);
                     false
                 }
