@@ -274,24 +274,6 @@ pub fn serve(
     let grace = engine_args.shutdown_grace;
     let outcome = runtime.block_on(async {
         let mut signals = Signals::new();
-        // The VIPs stay on the link until the connections on them have drained.
-        let (release_vips, vips_released) = tokio::sync::oneshot::channel::<()>();
-        let vip_task = match &vips_on_host {
-            Some(Vips { link, announce_interface }) => {
-                let announcer = match announce_interface {
-                    Some(interface) => Some(Arc::new(
-                        Announcer::new(interface)
-                            .with_context(|| format!("preparing gratuitous ARP on {interface}"))?,
-                    )),
-                    None => None,
-                };
-                let link =
-                    VipLink::open(link).await.with_context(|| format!("preparing the VIP link {}", link.name))?;
-                let addresses = |snapshot: &Arc<Snapshot>| vip_link::vip_addresses(snapshot);
-                Some(tokio::spawn(vip_link::run(link, announcer, vips_wanted, addresses, vips_released)))
-            }
-            None => None,
-        };
         // Passive outlier detection: the workers' connect outcomes and resets flow back to the
         // control loop's health monitor, whose ejections join the one health overlay.
         let events = engine.take_backend_events();
@@ -342,6 +324,25 @@ pub fn serve(
             tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
         }
+        // Last before serving, so that no later start-up error leaves the link behind; the VIPs
+        // stay on it until the connections on them have drained.
+        let (release_vips, vips_released) = tokio::sync::oneshot::channel::<()>();
+        let vip_task = match &vips_on_host {
+            Some(Vips { link, announce_interface }) => {
+                let announcer = match announce_interface {
+                    Some(interface) => Some(Arc::new(
+                        Announcer::new(interface)
+                            .with_context(|| format!("preparing announcements on {interface}"))?,
+                    )),
+                    None => None,
+                };
+                let link =
+                    VipLink::open(link).await.with_context(|| format!("preparing the VIP link {}", link.name))?;
+                let addresses = |snapshot: &Arc<Snapshot>| vip_link::vip_addresses(snapshot);
+                Some(tokio::spawn(vip_link::run(link, announcer, vips_wanted, addresses, vips_released)))
+            }
+            None => None,
+        };
         let served = match source {
             Running::Manifests(source, control) => {
                 control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)
