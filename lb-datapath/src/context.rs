@@ -15,7 +15,7 @@ use lb_core::health::BackendEvent;
 
 use crate::budget::Room;
 use crate::events::EventBuffer;
-use crate::ring::{OpKind, Ring, UserData};
+use crate::ring::{Ring, UserData};
 use crate::selection::Selection;
 use crate::shared::Shared;
 use crate::stats::{self, WorkerCounters};
@@ -71,11 +71,7 @@ impl Ctx<'_> {
 
     /// Asks the kernel to cancel the operation of `target`; warns (throttled) if the ring refuses.
     pub fn cancel(&mut self, target: UserData) {
-        let entry = io_uring::opcode::AsyncCancel::new(target.encode())
-            .build()
-            .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-        // SAFETY: a cancel request references no memory.
-        if let Err(error) = unsafe { self.ring.push(&entry) } {
+        if let Err(error) = self.ring.push_cancel(target) {
             warn_limited!(self, Warning::Submit, %error, "cannot submit a cancel");
         }
     }

@@ -328,6 +328,16 @@ impl Ring {
         Err(io::Error::new(io::ErrorKind::WouldBlock, "the kernel takes no submissions"))
     }
 
+    /// Asks the kernel to cancel the operation of `target`; the cancel's own completion is
+    /// [`OpKind::Cancel`] and carries no state.
+    pub fn push_cancel(&mut self, target: UserData) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(target.encode())
+            .build()
+            .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
+        // SAFETY: a cancel request references no memory.
+        unsafe { self.push(&entry) }
+    }
+
     /// Makes room for `n` entries that must reach the kernel in the same submission (a linked
     /// chain: a chain cut at a submission boundary loses its link, e.g. a connect its timeout).
     pub fn reserve(&mut self, n: usize) -> io::Result<()> {

@@ -180,12 +180,7 @@ impl Listeners {
         let Some(listener) = self.table.close(index) else { return };
         let _ = listener.socket.shutdown(std::net::Shutdown::Read);
         if listener.armed {
-            let target = UserData::new(OpKind::Accept, index, generation).encode();
-            let entry = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-            // SAFETY: a cancel request references no memory.
-            let _ = unsafe { ctx.ring.push(&entry) };
+            let _ = ctx.ring.push_cancel(UserData::new(OpKind::Accept, index, generation));
         } else {
             self.table.remove(index);
         }

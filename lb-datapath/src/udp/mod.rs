@@ -277,11 +277,8 @@ fn release_flow(
         outcome = ring.submit().map(drop);
     }
     if flow.armed {
-        let target = UserData::new(OpKind::UdpFlow, handle.index, handle.generation).encode();
-        let cancel =
-            opcode::AsyncCancel::new(target).build().user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-        // SAFETY: a cancel request references no memory.
-        outcome = outcome.and(unsafe { ring.push(&cancel) });
+        outcome =
+            outcome.and(ring.push_cancel(UserData::new(OpKind::UdpFlow, handle.index, handle.generation)));
     }
     // Closes the socket; its cancelled receive holds the file until it completes.
     drop(flow.upstream);
@@ -410,12 +407,7 @@ impl Flows {
         vip.closing = true;
         let key = vip.key;
         if vip.armed {
-            let target = UserData::new(OpKind::UdpVip, index, generation).encode();
-            let cancel = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(UserData::new(OpKind::Cancel, 0, 0).encode());
-            // SAFETY: a cancel request references no memory.
-            let _ = unsafe { ctx.ring.push(&cancel) };
+            let _ = ctx.ring.push_cancel(UserData::new(OpKind::UdpVip, index, generation));
         } else {
             self.vips.remove(index);
         }
