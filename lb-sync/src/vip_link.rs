@@ -127,7 +127,7 @@ impl VipLink {
             .map_err(fail("bring up"))?;
         let mut link =
             VipLink { handle, name, index, created, ours: BTreeSet::new(), added: Vec::new(), connection };
-        link.ours = link.tagged().await?.into_iter().map(|(address, _)| address).collect();
+        link.ours = tagged(link.list().await?).into_iter().map(|(address, _)| address).collect();
         tracing::info!(link = %link.name, created, adopted = link.ours.len(), "VIP link ready");
         Ok(link)
     }
@@ -153,7 +153,10 @@ impl VipLink {
     /// [`VipLink::take_added`].
     pub async fn set(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<(), VipLinkError> {
         let mut first_error = None;
-        let tagged = self.tagged().await?;
+        // One listing serves both passes: what is removed here is not wanted, so never re-added.
+        let messages = self.list().await?;
+        let present: BTreeSet<IpAddr> = messages.iter().filter_map(address_of).collect();
+        let tagged = tagged(messages);
         self.ours = tagged.iter().map(|(address, _)| *address).collect();
         for (address, message) in tagged {
             if wanted.contains(&address) {
@@ -169,7 +172,6 @@ impl VipLink {
                 }
             }
         }
-        let present = self.present().await?;
         for &address in wanted {
             if present.contains(&address) {
                 continue;
@@ -212,18 +214,6 @@ impl VipLink {
             message.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         request.execute().await
-    }
-
-    /// Every address on the link.
-    async fn present(&self) -> Result<BTreeSet<IpAddr>, VipLinkError> {
-        let messages = self.list().await?;
-        Ok(messages.iter().filter_map(address_of).collect())
-    }
-
-    /// The tagged addresses on the link, each with the message that deletes it.
-    async fn tagged(&self) -> Result<Vec<(IpAddr, AddressMessage)>, VipLinkError> {
-        let messages = self.list().await?;
-        Ok(messages.into_iter().filter(is_ours).filter_map(|m| Some((address_of(&m)?, m))).collect())
     }
 
     async fn list(&self) -> Result<Vec<AddressMessage>, VipLinkError> {
@@ -348,6 +338,11 @@ fn address_of(message: &AddressMessage) -> Option<IpAddr> {
             _ => None,
         })
     })
+}
+
+/// The tagged addresses of a listing, each with the message that deletes it.
+fn tagged(messages: Vec<AddressMessage>) -> Vec<(IpAddr, AddressMessage)> {
+    messages.into_iter().filter(is_ours).filter_map(|m| Some((address_of(&m)?, m))).collect()
 }
 
 fn is_ours(message: &AddressMessage) -> bool {
