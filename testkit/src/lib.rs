@@ -5,11 +5,14 @@
 //! - [`descriptors`]: running a test process out of file descriptors on purpose;
 //! - [`apiserver`]: a Kubernetes API server emulator (HTTPS on loopback) held to recorded exchanges;
 //! - [`kubectl`]: kubectl as a test's operator;
-//! - [`pods`]: where tests put pods (network namespaces; never loopback, which API servers refuse).
+//! - [`pods`]: where tests put pods (network namespaces; never loopback, which API servers refuse);
+//! - [`lab`]: multi-node networks of namespaces on shared segments (routers, nodes, clients).
 
 pub mod apiserver;
 pub mod backends;
 pub mod descriptors;
 pub mod kubectl;
+pub mod lab;
+mod netns;
 pub mod objects;
 pub mod pods;
