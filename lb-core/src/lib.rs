@@ -21,6 +21,7 @@ pub mod error;
 pub mod hash;
 pub mod health;
 pub mod ipam;
+pub mod l2;
 pub mod labels;
 pub mod lifecycle;
 pub mod local;

@@ -18,7 +18,7 @@
 #![allow(clippy::result_large_err, reason = "cold path; errors carry the object and field by value")]
 
 mod cache;
-mod endpoints;
+pub(crate) mod endpoints;
 mod health_overlay;
 mod health_policy;
 mod mirror;

@@ -1,0 +1,262 @@
+//! L2 mode's one rule: which node answers for each IP. One announcer per IP, never per Service
+//! (two Services sharing an IP must not be announced from two nodes), spread over the nodes by
+//! rendezvous hashing, and handed over between live replicas without a moment where two claim it.
+//!
+//! - **Candidates** of an IP come from the snapshot's entries on it: an entry with
+//!   `externalTrafficPolicy: Local` can be served only by the nodes that hold one of its
+//!   serviceable endpoints (ready, else serving and terminating: kube-proxy's per-node fallback);
+//!   any other entry by every node, as long as it has an eligible backend at all. An IP shared by
+//!   several entries goes to the nodes every one of them admits, or, when no node does, to those
+//!   that some admit. An IP no entry can be served on is announced by nobody.
+//! - **Winner**: among the live members a candidate admits, the one with the highest
+//!   `xxh64(ip ‖ node)` ([`crate::hash`], stable across builds and platforms), ties to the greater
+//!   name. A member leaving moves only the IPs it held; one joining takes about `1/n` of them.
+//! - **Liveness** ([`Peers`]): each replica hears the others' heartbeats; a peer not heard for
+//!   `timeout` is gone. A heartbeat says who its sender counts as live and whether it has settled
+//!   (heard everyone or waited one `timeout` since it started). Only settled members are counted,
+//!   so a starting replica takes nothing from the others until it knows who is there.
+//! - **Handover without overlap**: a node claims an IP only if it wins it among its live members
+//!   *and* no live peer would still win it by that peer's own last word. When a replica joins,
+//!   the old owner sees it, releases, says so in its next heartbeat (sent at once on a change), and
+//!   only then does the newcomer claim. When an owner dies, the survivors drop it after `timeout`
+//!   and the new winner claims at once (the other survivors' last word names the dead owner, not
+//!   themselves).
+//! - **Isolation** ([`Peers::claims`]'s `quorum`): with a quorum rule, a replica that hears no
+//!   more than half of the members claims nothing, so the minority side of a partition falls
+//!   silent while the majority takes its IPs over. Without it (two appliance nodes: a survivor
+//!   never has a majority) a partition can make both sides answer, as with VRRP.
+//!
+//! All of it is a function of the members' heartbeats, the snapshot and the clock passed in, so
+//! every replica with the same snapshot decides alike. Replicas whose snapshots differ for a
+//! moment (an endpoint change reaching one first) can disagree about an IP's candidates for that
+//! moment.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::builder::endpoints::{is_ready, is_serving_terminating};
+use crate::hash::{encode_ip, xxh64};
+use crate::model::{ServiceEntry, Snapshot};
+
+/// The seed of [`score`]; changing it moves every IP.
+const SEED: u64 = 0x004c_326f_776e_6572; // "L2owner"
+
+/// The nodes that may announce one IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Candidates {
+    /// Every node.
+    Any,
+    /// Only these nodes.
+    Nodes(BTreeSet<Arc<str>>),
+}
+
+impl Candidates {
+    pub fn admits(&self, node: &str) -> bool {
+        match self {
+            Candidates::Any => true,
+            Candidates::Nodes(nodes) => nodes.contains(node),
+        }
+    }
+}
+
+/// The nodes that may serve `entry`, if any may.
+fn entry_candidates(entry: &ServiceEntry) -> Option<Candidates> {
+    if !entry.traffic.node_local {
+        return (!entry.eligible.is_empty()).then_some(Candidates::Any);
+    }
+    let on = |wanted: fn(&crate::model::EndpointConditions) -> bool| -> BTreeSet<Arc<str>> {
+        entry.backends.iter().filter(|b| wanted(&b.conditions)).filter_map(|b| b.node_name.clone()).collect()
+    };
+    // kube-proxy falls back to serving-terminating endpoints per node: a node whose endpoints
+    // all terminate still serves with them.
+    let mut nodes = on(is_ready);
+    nodes.extend(on(is_serving_terminating));
+    (!nodes.is_empty()).then_some(Candidates::Nodes(nodes))
+}
+
+/// The candidates of every IP of `snapshot` that some node can serve (see the module doc).
+pub fn candidates(snapshot: &Snapshot) -> BTreeMap<IpAddr, Candidates> {
+    let mut per_ip: BTreeMap<IpAddr, Vec<Candidates>> = BTreeMap::new();
+    for entry in snapshot.entries() {
+        if let Some(candidates) = entry_candidates(entry) {
+            per_ip.entry(entry.key.addr).or_default().push(candidates);
+        }
+    }
+    per_ip.into_iter().map(|(ip, all)| (ip, combine(all))).collect()
+}
+
+/// The nodes every entry admits, else those some entry admits.
+fn combine(all: Vec<Candidates>) -> Candidates {
+    let sets: Vec<&BTreeSet<Arc<str>>> = all
+        .iter()
+        .filter_map(|c| match c {
+            Candidates::Any => None,
+            Candidates::Nodes(nodes) => Some(nodes),
+        })
+        .collect();
+    let Some((first, rest)) = sets.split_first() else { return Candidates::Any };
+    let every: BTreeSet<Arc<str>> =
+        first.iter().filter(|node| rest.iter().all(|set| set.contains(*node))).cloned().collect();
+    if !every.is_empty() {
+        return Candidates::Nodes(every);
+    }
+    Candidates::Nodes(sets.into_iter().flatten().cloned().collect())
+}
+
+/// The rendezvous score of `node` for `ip`.
+pub fn score(ip: IpAddr, node: &str) -> u64 {
+    let mut encoded = [0u8; 18];
+    let len = encode_ip(ip, &mut encoded);
+    let mut input = Vec::with_capacity(len + node.len());
+    input.extend_from_slice(&encoded[..len]);
+    input.extend_from_slice(node.as_bytes());
+    xxh64(&input, SEED)
+}
+
+/// The member of `members` that announces `ip`: the highest score among those `candidates` admit.
+pub fn winner<'a>(
+    ip: IpAddr,
+    members: impl IntoIterator<Item = &'a str>,
+    candidates: &Candidates,
+) -> Option<&'a str> {
+    members.into_iter().filter(|node| candidates.admits(node)).max_by_key(|node| (score(ip, node), *node))
+}
+
+/// What one peer last said.
+#[derive(Debug, Clone)]
+struct Peer {
+    heard: Instant,
+    incarnation: u64,
+    settled: bool,
+    /// The members it counts as live (itself included).
+    live: BTreeSet<Arc<str>>,
+}
+
+/// One peer's heartbeat, as received.
+#[derive(Debug, Clone)]
+pub struct Heartbeat<'a> {
+    pub node: &'a str,
+    /// Grows with each start of the peer's process: a heartbeat of an older start is ignored.
+    pub incarnation: u64,
+    pub settled: bool,
+    pub live: &'a [String],
+}
+
+/// This replica's knowledge of its peers (see the module doc).
+#[derive(Debug)]
+pub struct Peers {
+    me: Arc<str>,
+    timeout: Duration,
+    started: Instant,
+    peers: BTreeMap<Arc<str>, Peer>,
+}
+
+impl Peers {
+    /// `me`, started at `now`; a peer unheard for `timeout` is gone.
+    pub fn new(me: &str, timeout: Duration, now: Instant) -> Peers {
+        Peers { me: Arc::from(me), timeout, started: now, peers: BTreeMap::new() }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Takes in a heartbeat; returns whether what this replica counts as live may have changed.
+    pub fn heard(&mut self, now: Instant, heartbeat: &Heartbeat<'_>) -> bool {
+        if heartbeat.node == &*self.me {
+            return false;
+        }
+        let live: BTreeSet<Arc<str>> = heartbeat.live.iter().map(|n| Arc::from(n.as_str())).collect();
+        match self.peers.get_mut(heartbeat.node) {
+            Some(peer) if heartbeat.incarnation < peer.incarnation => false,
+            Some(peer) => {
+                let was_live = now.duration_since(peer.heard) < self.timeout;
+                let changed = !was_live || peer.settled != heartbeat.settled || peer.live != live;
+                *peer =
+                    Peer { heard: now, incarnation: heartbeat.incarnation, settled: heartbeat.settled, live };
+                changed
+            }
+            None => {
+                let peer =
+                    Peer { heard: now, incarnation: heartbeat.incarnation, settled: heartbeat.settled, live };
+                self.peers.insert(Arc::from(heartbeat.node), peer);
+                true
+            }
+        }
+    }
+
+    /// Forgets `node` (no longer a member).
+    pub fn forget(&mut self, node: &str) {
+        self.peers.remove(node);
+    }
+
+    fn is_live(&self, peer: &Peer, now: Instant) -> bool {
+        now.duration_since(peer.heard) < self.timeout
+    }
+
+    /// Whether this replica has settled: it heard every one of `expected` (other than itself), or
+    /// waited one `timeout` since it started.
+    pub fn settled<'a>(&self, now: Instant, expected: impl IntoIterator<Item = &'a str>) -> bool {
+        now.duration_since(self.started) >= self.timeout
+            || expected
+                .into_iter()
+                .filter(|node| *node != &*self.me)
+                .all(|node| self.peers.get(node).is_some_and(|peer| self.is_live(peer, now)))
+    }
+
+    /// The settled peers heard within `timeout`, and this replica: who shares the IPs.
+    pub fn live(&self, now: Instant) -> BTreeSet<Arc<str>> {
+        let peers = self.peers.iter().filter(|(_, peer)| peer.settled && self.is_live(peer, now));
+        peers.map(|(node, _)| Arc::clone(node)).chain([Arc::clone(&self.me)]).collect()
+    }
+
+    /// Peers heard within `timeout`, settled or not, and this replica: what a heartbeat tells.
+    pub fn heard_from(&self, now: Instant) -> usize {
+        1 + self.peers.values().filter(|peer| self.is_live(peer, now)).count()
+    }
+
+    /// The earliest moment after `now` when a live peer would be gone, or this replica settles.
+    pub fn next_change(&self, now: Instant) -> Option<Instant> {
+        let expiries = self.peers.values().map(|peer| peer.heard + self.timeout);
+        expiries.chain([self.started + self.timeout]).filter(|at| *at > now).min()
+    }
+
+    /// The IPs this replica announces now, of `candidates`: none before it settled, none without
+    /// a quorum when `quorum` counts `members` (a replica hearing half of them or fewer falls
+    /// silent), else those it wins among [`Peers::live`] that no live peer still claims by its
+    /// last heartbeat.
+    pub fn claims(
+        &self,
+        now: Instant,
+        settled: bool,
+        quorum: Option<usize>,
+        candidates: &BTreeMap<IpAddr, Candidates>,
+    ) -> BTreeSet<IpAddr> {
+        if !settled {
+            return BTreeSet::new();
+        }
+        let live = self.live(now);
+        if let Some(members) = quorum
+            && live.len() * 2 <= members
+        {
+            return BTreeSet::new();
+        }
+        let others: Vec<(&Arc<str>, &Peer)> =
+            self.peers.iter().filter(|(node, _)| live.contains(*node)).collect();
+        candidates
+            .iter()
+            .filter(|(ip, c)| winner(**ip, live.iter().map(|n| &**n), c) == Some(&*self.me))
+            .filter(|(ip, c)| {
+                others
+                    .iter()
+                    .all(|(node, peer)| winner(**ip, peer.live.iter().map(|n| &**n), c) != Some(&***node))
+            })
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
