@@ -26,10 +26,13 @@
 //!   silent while the majority takes its IPs over. Without it (two appliance nodes: a survivor
 //!   never has a majority) a partition can make both sides answer, as with VRRP.
 //!
-//! All of it is a function of the members' heartbeats, the snapshot and the clock passed in, so
-//! every replica with the same snapshot decides alike. Replicas whose snapshots differ for a
-//! moment (an endpoint change reaching one first) can disagree about an IP's candidates for that
-//! moment.
+//! - **Same inputs**: replicas whose snapshots differ for a moment (an endpoint change reaching
+//!   one first) would disagree about an IP's candidates, so heartbeats carry a [`digest`] of the
+//!   candidates, and a replica takes no new IP while a live peer's digest differs from its own
+//!   (it keeps what it holds and may release); the caller bounds that wait, for replicas whose
+//!   inputs differ for good.
+//!
+//! All of it is a function of the members' heartbeats, the snapshot and the clock passed in.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -105,6 +108,27 @@ fn combine(all: Vec<Candidates>) -> Candidates {
     Candidates::Nodes(sets.into_iter().flatten().cloned().collect())
 }
 
+/// A digest of `candidates` that replicas compare in heartbeats: equal digests, equal decisions.
+pub fn digest(candidates: &BTreeMap<IpAddr, Candidates>) -> u64 {
+    let mut input = Vec::with_capacity(candidates.len() * 24);
+    let mut encoded = [0u8; 18];
+    for (ip, candidates) in candidates {
+        let len = encode_ip(*ip, &mut encoded);
+        input.extend_from_slice(&encoded[..len]);
+        match candidates {
+            Candidates::Any => input.push(0),
+            Candidates::Nodes(nodes) => {
+                for node in nodes {
+                    input.push(1);
+                    input.extend_from_slice(node.as_bytes());
+                }
+                input.push(2);
+            }
+        }
+    }
+    xxh64(&input, SEED)
+}
+
 /// The rendezvous score of `node` for `ip`.
 pub fn score(ip: IpAddr, node: &str) -> u64 {
     let mut encoded = [0u8; 18];
@@ -132,6 +156,15 @@ struct Peer {
     settled: bool,
     /// The members it counts as live (itself included).
     live: BTreeSet<Arc<str>>,
+    /// Its [`digest`] of the candidates.
+    digest: u64,
+}
+
+impl Peer {
+    fn from(now: Instant, heartbeat: &Heartbeat<'_>, live: BTreeSet<Arc<str>>) -> Peer {
+        let (incarnation, settled, digest) = (heartbeat.incarnation, heartbeat.settled, heartbeat.digest);
+        Peer { heard: now, incarnation, settled, live, digest }
+    }
 }
 
 /// One peer's heartbeat, as received.
@@ -142,6 +175,8 @@ pub struct Heartbeat<'a> {
     pub incarnation: u64,
     pub settled: bool,
     pub live: &'a [String],
+    /// The sender's [`digest`] of the candidates.
+    pub digest: u64,
 }
 
 /// This replica's knowledge of its peers (see the module doc).
@@ -173,14 +208,15 @@ impl Peers {
             Some(peer) if heartbeat.incarnation < peer.incarnation => false,
             Some(peer) => {
                 let was_live = now.duration_since(peer.heard) < self.timeout;
-                let changed = !was_live || peer.settled != heartbeat.settled || peer.live != live;
-                *peer =
-                    Peer { heard: now, incarnation: heartbeat.incarnation, settled: heartbeat.settled, live };
+                let changed = !was_live
+                    || peer.settled != heartbeat.settled
+                    || peer.live != live
+                    || peer.digest != heartbeat.digest;
+                *peer = Peer::from(now, heartbeat, live);
                 changed
             }
             None => {
-                let peer =
-                    Peer { heard: now, incarnation: heartbeat.incarnation, settled: heartbeat.settled, live };
+                let peer = Peer::from(now, heartbeat, live);
                 self.peers.insert(Arc::from(heartbeat.node), peer);
                 true
             }
@@ -196,14 +232,10 @@ impl Peers {
         now.duration_since(peer.heard) < self.timeout
     }
 
-    /// Whether this replica has settled: it heard every one of `expected` (other than itself), or
-    /// waited one `timeout` since it started.
-    pub fn settled<'a>(&self, now: Instant, expected: impl IntoIterator<Item = &'a str>) -> bool {
-        now.duration_since(self.started) >= self.timeout
-            || expected
-                .into_iter()
-                .filter(|node| *node != &*self.me)
-                .all(|node| self.peers.get(node).is_some_and(|peer| self.is_live(peer, now)))
+    /// Whether this replica has settled: it hears `expected` peers, or waited one `timeout` since
+    /// it started.
+    pub fn settled(&self, now: Instant, expected: usize) -> bool {
+        now.duration_since(self.started) >= self.timeout || self.heard_from(now) > expected
     }
 
     /// The settled peers heard within `timeout`, and this replica: who shares the IPs.
@@ -223,16 +255,25 @@ impl Peers {
         expiries.chain([self.started + self.timeout]).filter(|at| *at > now).min()
     }
 
+    /// Whether every live peer computed the candidates this replica did (`digest`).
+    pub fn agreed(&self, now: Instant, digest: u64) -> bool {
+        let live = self.live(now);
+        self.peers.iter().filter(|(node, _)| live.contains(*node)).all(|(_, peer)| peer.digest == digest)
+    }
+
     /// The IPs this replica announces now, of `candidates`: none before it settled, none without
     /// a quorum when `quorum` counts `members` (a replica hearing half of them or fewer falls
     /// silent), else those it wins among [`Peers::live`] that no live peer still claims by its
-    /// last heartbeat.
+    /// last heartbeat; and, unless `may_take` (the caller's judgement of [`Peers::agreed`]), only
+    /// those it already `held`: a peer that computed other candidates may still hold the rest.
     pub fn claims(
         &self,
         now: Instant,
         settled: bool,
         quorum: Option<usize>,
         candidates: &BTreeMap<IpAddr, Candidates>,
+        held: &BTreeSet<IpAddr>,
+        may_take: bool,
     ) -> BTreeSet<IpAddr> {
         if !settled {
             return BTreeSet::new();
@@ -254,6 +295,7 @@ impl Peers {
                     .all(|(node, peer)| winner(**ip, peer.live.iter().map(|n| &**n), c) != Some(&***node))
             })
             .map(|(ip, _)| *ip)
+            .filter(|ip| may_take || held.contains(ip))
             .collect()
     }
 }

@@ -21,6 +21,7 @@ mod control;
 pub mod events;
 mod health;
 pub mod kubeconfig;
+pub mod l2;
 pub mod leader;
 pub mod manifest;
 mod readiness;

@@ -89,6 +89,9 @@ pub struct VipLink {
     ours: BTreeSet<IpAddr>,
     /// Added since [`VipLink::take_added`] last took them.
     added: Vec<IpAddr>,
+    /// `ours`, for whoever must know what is on the link (L2 agreement tells its peers only
+    /// once what it let go is gone).
+    held: watch::Sender<BTreeSet<IpAddr>>,
     connection: tokio::task::JoinHandle<()>,
 }
 
@@ -125,9 +128,10 @@ impl VipLink {
             .execute()
             .await
             .map_err(fail("bring up"))?;
-        let mut link =
-            VipLink { handle, name, index, created, ours: BTreeSet::new(), added: Vec::new(), connection };
+        let (ours, added, held) = (BTreeSet::new(), Vec::new(), watch::Sender::new(BTreeSet::new()));
+        let mut link = VipLink { handle, name, index, created, ours, added, held, connection };
         link.ours = tagged(link.list().await?).into_iter().map(|(address, _)| address).collect();
+        link.held.send_replace(link.ours.clone());
         tracing::info!(link = %link.name, created, adopted = link.ours.len(), "VIP link ready");
         Ok(link)
     }
@@ -145,6 +149,11 @@ impl VipLink {
     /// The addresses ringlb holds on the link.
     pub fn addresses(&self) -> &BTreeSet<IpAddr> {
         &self.ours
+    }
+
+    /// [`VipLink::addresses`] as they change (after each [`VipLink::set`]).
+    pub fn held(&self) -> watch::Receiver<BTreeSet<IpAddr>> {
+        self.held.subscribe()
     }
 
     /// Makes the tagged addresses `wanted`: adds what is missing, removes what is no longer
@@ -187,6 +196,14 @@ impl VipLink {
                 }
             }
         }
+        let ours = &self.ours;
+        self.held.send_if_modified(|held| {
+            let changed = held != ours;
+            if changed {
+                held.clone_from(ours);
+            }
+            changed
+        });
         first_error.map_or(Ok(()), Err)
     }
 

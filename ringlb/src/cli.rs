@@ -80,6 +80,30 @@ pub struct VipArgs {
     /// several replicas would announce the same VIPs.
     #[arg(long, value_name = "INTERFACE", requires = "vip_link")]
     pub announce_interface: Option<String>,
+    /// L2 mode with several ringlb replicas on one segment: take the peers' heartbeats on this UDP
+    /// address, and hold (and announce) on --vip-link only the VIPs this replica owns, one owner
+    /// per IP, moved to a survivor when its owner dies.
+    #[arg(long, value_name = "IP:PORT", requires = "vip_link")]
+    pub l2_listen: Option<SocketAddr>,
+    /// Another replica's --l2-listen address (repeatable). Heartbeats from any other address are
+    /// ignored.
+    #[arg(long = "l2-peer", value_name = "IP:PORT", requires = "l2_listen")]
+    pub l2_peers: Vec<SocketAddr>,
+    /// This replica's name in the owner hash [default: --node-name, else the host name]; unique
+    /// among the replicas.
+    #[arg(long, value_name = "NAME", requires = "l2_listen")]
+    pub l2_node: Option<String>,
+    /// How often heartbeats are sent.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub l2_interval: Duration,
+    /// A peer unheard for this long is gone and its VIPs move: the failover time, less the
+    /// announcement's few milliseconds.
+    #[arg(long, value_parser = parse_duration, default_value = "400ms")]
+    pub l2_timeout: Duration,
+    /// Announce nothing while hearing half of the replicas or fewer, so the minority side of a
+    /// partition falls silent (for 3 replicas or more; with 2, a survivor would never announce).
+    #[arg(long, requires = "l2_listen")]
+    pub l2_quorum: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

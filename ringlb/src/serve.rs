@@ -7,6 +7,8 @@
 //! The main thread becomes the control thread; datapath workers are the engine's own pinned threads.
 //! The only thing handed from control to datapath is a `Snapshot`, through `Engine::publish`.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +21,7 @@ use lb_core::{
 use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
+use lb_sync::l2::{L2, L2Config};
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
 use lb_sync::{ControlLoop, HealthStatus, KubeSource, ManifestSource, Readiness, SnapshotSink};
@@ -41,10 +44,12 @@ pub enum Source {
     Fixed(Snapshot),
 }
 
-/// Where the VIPs live on the host (`--vip-link`) and who is told (`--announce-interface`).
+/// Where the VIPs live on the host (`--vip-link`), who is told (`--announce-interface`), and
+/// which of them this replica holds when it shares a segment with others (`--l2-listen`).
 pub struct Vips {
     pub link: VipLinkConfig,
     pub announce_interface: Option<String>,
+    pub l2: Option<L2Config>,
 }
 
 /// What serving a cluster needs besides the control loop.
@@ -86,14 +91,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             },
         },
         announce_interface: args.vips.announce_interface.clone(),
+        l2: args.vips.l2_listen.map(|listen| L2Config {
+            node: args
+                .vips
+                .l2_node
+                .clone()
+                .or_else(|| args.defaults.node_name.clone())
+                .unwrap_or_else(host_name),
+            listen,
+            peers: args.vips.l2_peers.clone(),
+            interval: args.vips.l2_interval,
+            timeout: args.vips.l2_timeout,
+            quorum: args.vips.l2_quorum,
+        }),
     });
     serve(source, &args.engine, &args.admin, vips)
 }
 
 /// `$POD_NAME` is the usual identity; outside a pod, the host name and PID.
 fn default_identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{}-{}", host.trim(), std::process::id())
+    format!("{}-{}", host_name(), std::process::id())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned()
 }
 
 /// Which Services are ringlb's: in a cluster only allocated IPs are served and classless
@@ -327,19 +348,38 @@ pub fn serve(
         // Last before serving, so that no later start-up error leaves the link behind; the VIPs
         // stay on it until the connections on them have drained.
         let (release_vips, vips_released) = tokio::sync::oneshot::channel::<()>();
-        let vip_task = match &vips_on_host {
-            Some(Vips { link, announce_interface }) => {
-                let announcer = match announce_interface {
+        let vip_task = match vips_on_host {
+            Some(Vips { link, announce_interface, l2 }) => {
+                let announcer = match &announce_interface {
                     Some(interface) => Some(Arc::new(
                         Announcer::new(interface)
                             .with_context(|| format!("preparing announcements on {interface}"))?,
                     )),
                     None => None,
                 };
+                let l2 = match l2 {
+                    Some(config) => {
+                        let listen = config.listen;
+                        Some(L2::bind(config).await.with_context(|| format!("binding the L2 heartbeats on {listen}"))?)
+                    }
+                    None => None,
+                };
                 let link =
-                    VipLink::open(link).await.with_context(|| format!("preparing the VIP link {}", link.name))?;
-                let addresses = |snapshot: &Arc<Snapshot>| vip_link::vip_addresses(snapshot);
-                Some(tokio::spawn(vip_link::run(link, announcer, vips_wanted, addresses, vips_released)))
+                    VipLink::open(&link).await.with_context(|| format!("preparing the VIP link {}", link.name))?;
+                Some(match l2 {
+                    // Only the VIPs this replica owns go onto the link; on the way out it lets
+                    // them go at once, so a peer takes them while this one drains.
+                    Some(l2) => {
+                        let (owned, owned_wanted) = tokio::sync::watch::channel(BTreeSet::new());
+                        tokio::spawn(l2.run(vips_wanted, owned, link.held(), until_stopped()));
+                        let addresses = |owned: &BTreeSet<IpAddr>| owned.clone();
+                        tokio::spawn(vip_link::run(link, announcer, owned_wanted, addresses, vips_released))
+                    }
+                    None => {
+                        let addresses = |snapshot: &Arc<Snapshot>| vip_link::vip_addresses(snapshot);
+                        tokio::spawn(vip_link::run(link, announcer, vips_wanted, addresses, vips_released))
+                    }
+                })
             }
             None => None,
         };

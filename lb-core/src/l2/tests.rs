@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::*;
 use crate::model::{Backend, EndpointConditions, Protocol, TrafficPolicy, VipKey};
@@ -41,9 +41,20 @@ fn placed(vip: IpAddr, protocol: Protocol, local: bool, on: &[(&str, bool)]) -> 
     entry
 }
 
+/// What `peers` claims holding nothing yet, free to take.
+fn free(
+    peers: &Peers,
+    now: Instant,
+    settled: bool,
+    quorum: Option<usize>,
+    candidates: &BTreeMap<IpAddr, Candidates>,
+) -> BTreeSet<IpAddr> {
+    peers.claims(now, settled, quorum, candidates, &BTreeSet::new(), true)
+}
+
 /// A heartbeat of `node` counting `live` as live.
 fn beat<'a>(node: &'a str, settled: bool, live: &'a [String]) -> Heartbeat<'a> {
-    Heartbeat { node, incarnation: 1, settled, live }
+    Heartbeat { node, incarnation: 1, settled, live, digest: 0 }
 }
 
 fn names(list: &[&str]) -> Vec<String> {
@@ -128,10 +139,10 @@ fn a_starting_replica_claims_nothing_until_it_settled() {
     let t0 = origin();
     let peers = Peers::new("node-a", TIMEOUT, t0);
     let all = any((0..32).map(ip));
-    assert!(!peers.settled(t0, ["node-a", "node-b"]));
-    assert!(peers.claims(t0, false, None, &all).is_empty());
-    assert!(peers.settled(t0 + TIMEOUT, ["node-a", "node-b"]), "settles after one timeout alone");
-    assert_eq!(peers.claims(t0 + TIMEOUT, true, None, &all).len(), 32, "alone, it holds everything");
+    assert!(!peers.settled(t0, 1));
+    assert!(free(&peers, t0, false, None, &all).is_empty());
+    assert!(peers.settled(t0 + TIMEOUT, 1), "settles after one timeout alone");
+    assert_eq!(free(&peers, t0 + TIMEOUT, true, None, &all).len(), 32, "alone, it holds everything");
 }
 
 #[test]
@@ -142,7 +153,7 @@ fn two_live_replicas_split_the_ips_and_never_both_claim_one() {
     a.heard(t0, &beat("node-b", true, &both));
     b.heard(t0, &beat("node-a", true, &both));
     let all = any((0..64).map(ip));
-    let (claims_a, claims_b) = (a.claims(t0, true, None, &all), b.claims(t0, true, None, &all));
+    let (claims_a, claims_b) = (free(&a, t0, true, None, &all), free(&b, t0, true, None, &all));
     assert!(claims_a.is_disjoint(&claims_b));
     assert_eq!(claims_a.len() + claims_b.len(), 64, "every IP is someone's");
     assert!(!claims_a.is_empty() && !claims_b.is_empty());
@@ -153,24 +164,25 @@ fn a_joining_replica_takes_an_ip_only_after_its_owner_released_it() {
     let t0 = origin();
     let all = any((0..64).map(ip));
     let mut a = Peers::new("node-a", TIMEOUT, t0);
-    let held = a.claims(t0 + TIMEOUT, true, None, &all);
+    let held = free(&a, t0 + TIMEOUT, true, None, &all);
     assert_eq!(held.len(), 64);
     // node-b starts: unsettled, it takes nothing and costs node-a nothing.
     let t1 = t0 + TIMEOUT * 2;
     let (alone, both) = (names(&["node-b"]), names(&["node-a", "node-b"]));
     a.heard(t1, &beat("node-b", false, &alone));
-    assert_eq!(a.claims(t1, true, None, &all), held);
+    assert_eq!(free(&a, t1, true, None, &all), held);
     // node-b heard node-a and settled, but node-a's last word still counts only itself.
     let mut b = Peers::new("node-b", TIMEOUT, t1);
     b.heard(t1, &beat("node-a", true, &names(&["node-a"])));
-    assert!(b.claims(t1, true, None, &all).is_empty(), "node-a has not released yet");
+    assert!(b.settled(t1, 1), "settled at once: it hears the one peer it expects");
+    assert!(free(&b, t1, true, None, &all).is_empty(), "node-a has not released yet");
     // node-a hears node-b settled and releases node-b's share...
     a.heard(t1, &beat("node-b", true, &both));
-    let kept = a.claims(t1, true, None, &all);
+    let kept = free(&a, t1, true, None, &all);
     assert!(kept.len() < 64);
     // ...and once node-b hears that, it takes exactly the rest.
     b.heard(t1, &beat("node-a", true, &both));
-    let taken = b.claims(t1, true, None, &all);
+    let taken = free(&b, t1, true, None, &all);
     assert!(taken.is_disjoint(&kept));
     assert_eq!(taken.len() + kept.len(), 64);
 }
@@ -183,13 +195,13 @@ fn a_dead_owners_ips_go_to_the_survivors_after_one_timeout() {
     let mut a = Peers::new("node-a", TIMEOUT, t0);
     a.heard(t0, &beat("node-b", true, &three));
     a.heard(t0, &beat("node-c", true, &three));
-    let before = a.claims(t0, true, None, &all);
+    let before = free(&a, t0, true, None, &all);
     // node-c dies: its heartbeats stop; node-b keeps beating, still counting node-c for a while.
     let later = t0 + TIMEOUT / 2;
     a.heard(later, &beat("node-b", true, &three));
-    assert_eq!(a.claims(t0 + TIMEOUT - Duration::from_millis(1), true, None, &all), before);
+    assert_eq!(free(&a, t0 + TIMEOUT - Duration::from_millis(1), true, None, &all), before);
     assert_eq!(a.next_change(t0), Some(t0 + TIMEOUT), "re-decided when node-c would be gone");
-    let after = a.claims(t0 + TIMEOUT, true, None, &all);
+    let after = free(&a, t0 + TIMEOUT, true, None, &all);
     let c_held: BTreeSet<IpAddr> = all
         .keys()
         .copied()
@@ -212,9 +224,9 @@ fn without_a_quorum_a_replica_falls_silent() {
     let mut a = Peers::new("node-a", TIMEOUT, t0);
     let three = names(&["node-a", "node-b", "node-c"]);
     a.heard(t0, &beat("node-b", true, &three));
-    assert!(!a.claims(t0, true, Some(3), &all).is_empty(), "2 of 3 is a majority");
-    assert!(a.claims(t0 + TIMEOUT, true, Some(3), &all).is_empty(), "1 of 3 is not");
-    assert_eq!(a.claims(t0 + TIMEOUT, true, None, &all).len(), 16, "without the rule it holds all");
+    assert!(!free(&a, t0, true, Some(3), &all).is_empty(), "2 of 3 is a majority");
+    assert!(free(&a, t0 + TIMEOUT, true, Some(3), &all).is_empty(), "1 of 3 is not");
+    assert_eq!(free(&a, t0 + TIMEOUT, true, None, &all).len(), 16, "without the rule it holds all");
 }
 
 #[test]
@@ -222,8 +234,40 @@ fn an_older_incarnations_heartbeat_is_ignored() {
     let t0 = origin();
     let mut a = Peers::new("node-a", TIMEOUT, t0);
     let live = names(&["node-b"]);
-    assert!(a.heard(t0, &Heartbeat { node: "node-b", incarnation: 2, settled: true, live: &live }));
-    assert!(!a.heard(t0, &Heartbeat { node: "node-b", incarnation: 1, settled: false, live: &live }));
+    assert!(
+        a.heard(t0, &Heartbeat { node: "node-b", incarnation: 2, settled: true, live: &live, digest: 0 })
+    );
+    assert!(
+        !a.heard(t0, &Heartbeat { node: "node-b", incarnation: 1, settled: false, live: &live, digest: 0 })
+    );
     assert_eq!(a.live(t0), nodes(&["node-a", "node-b"]), "still the settled incarnation 2");
     assert!(!a.heard(t0, &beat("node-a", true, &live)), "its own heartbeat is no peer");
+}
+
+#[test]
+fn a_replica_whose_peer_computed_other_candidates_takes_nothing_new() {
+    let t0 = origin();
+    let mut a = Peers::new("node-a", TIMEOUT, t0);
+    let both = names(&["node-a", "node-b"]);
+    let all = any((0..16).map(ip));
+    let ours = digest(&all);
+    let stale = Heartbeat { node: "node-b", incarnation: 1, settled: true, live: &both, digest: ours ^ 1 };
+    a.heard(t0, &stale);
+    assert!(!a.agreed(t0, ours));
+    let wins = free(&a, t0, true, None, &all);
+    assert!(!wins.is_empty());
+    let kept: BTreeSet<IpAddr> = wins.iter().copied().take(1).collect();
+    assert_eq!(a.claims(t0, true, None, &all, &kept, false), kept, "keeps what it holds, takes nothing new");
+    a.heard(t0, &Heartbeat { digest: ours, ..stale });
+    assert!(a.agreed(t0, ours));
+}
+
+#[test]
+fn the_digest_follows_the_candidates() {
+    let all = any((0..4).map(ip));
+    let mut local = all.clone();
+    local.insert(ip(1), Candidates::Nodes(nodes(&["node-a"])));
+    assert_eq!(digest(&all), digest(&all.clone()));
+    assert_ne!(digest(&all), digest(&local));
+    assert_ne!(digest(&all), digest(&any((0..3).map(ip))));
 }

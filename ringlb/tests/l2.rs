@@ -1,0 +1,367 @@
+//! L2 mode with several ringlb replicas on one segment (`--l2-listen`, `--l2-peer`): a lab of
+//! network namespaces holds a client, a backend host and three ringlb nodes on one bridge. Each
+//! VIP is held (as an address of the node's VIP link, announced by gratuitous ARP) by exactly one
+//! node; two Services sharing an IP are on the same node; killing the owner moves its VIPs to a
+//! survivor, and the client's neighbour entry follows the survivor's announcement; a node that
+//! joins takes its share only after the owner let go; an `externalTrafficPolicy: Local` VIP is
+//! held only by a node with a ready local endpoint and follows it.
+//!
+//! A sampler lists every node's VIP addresses one after the other the whole time; a VIP listed on
+//! node X, then on another node, then on X again was on both at once (X never gives a VIP back
+//! and retakes it within a round of the sampler in these tests).
+//!
+//! Failover times are printed (`failover: … ms`); `bench/l2-failover.sh` collects them.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use support::{Ringlb, greeting, http_get, poll_until, save};
+use testkit::backends::{Server, named_server_on};
+use testkit::lab::{Host, Lab, Segment};
+
+const LINK: &str = "ringlb-vips";
+const HEARTBEATS: u16 = 7946;
+const BACKEND_PORT: u16 = 8080;
+const ADMIN: &str = "127.0.0.1:9901";
+
+/// A Service with external IP `vip`:`port` and one endpoint at `backend` (on `node`, if given).
+fn service(name: &str, vip: IpAddr, port: u16, backend: IpAddr, node: Option<&str>, local: bool) -> String {
+    let policy = if local { "\n  externalTrafficPolicy: Local" } else { "" };
+    let node = node.map(|node| format!("\n  nodeName: {node}")).unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  \
+         externalIPs: [\"{vip}\"]{policy}\n  ports:\n  - name: http\n    port: {port}\n    targetPort: \
+         {BACKEND_PORT}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: \
+         {name}-1\n  namespace: shop\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: \
+         IPv4\nports:\n- name: http\n  port: {BACKEND_PORT}\n  protocol: TCP\nendpoints:\n- addresses: \
+         [\"{backend}\"]\n  conditions: {{ready: true}}{node}\n---\n"
+    )
+}
+
+/// The lab: a segment with a client, a backend host (its server answers `backend`) and room for
+/// ringlb nodes.
+struct Setup {
+    lab: Lab,
+    segment: Segment,
+    client: Host,
+    backend: Host,
+    backend_ip: IpAddr,
+    server: Option<Server>,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let lab = Lab::create().expect("a lab");
+        let segment = lab.segment().expect("a segment");
+        let client = lab.host("client").expect("a host");
+        lab.join(&client, &segment).expect("join");
+        let backend = lab.host("backend").expect("a host");
+        let backend_ip = lab.join(&backend, &segment).expect("join");
+        let server = backend
+            .enter(|| named_server_on(SocketAddr::new(backend_ip, BACKEND_PORT), "backend"))
+            .expect("a backend");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        Setup { lab, segment, client, backend, backend_ip, server: Some(server), dir }
+    }
+
+    fn manifest(&self) -> PathBuf {
+        self.dir.path().join("services.yaml")
+    }
+
+    /// A ringlb node named `name`, joined to the segment (not started).
+    fn node(&self, name: &str) -> Node {
+        let host = self.lab.host(name).expect("a host");
+        let ip = self.lab.join(&host, &self.segment).expect("join");
+        Node { name: name.to_owned(), host, ip, ringlb: None }
+    }
+
+    /// Connects from the client to `vip` and returns the backend's greeting.
+    fn reach(&self, vip: SocketAddr) -> std::io::Result<String> {
+        self.client.enter(|| greeting(vip)).map(|(name, _)| name)
+    }
+
+    /// The MAC the client's neighbour table holds for `vip`.
+    fn client_neighbour(&self, vip: IpAddr) -> Option<String> {
+        self.client.neighbour(vip, &self.segment.interface())
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // A server made in a namespace stops by connecting to itself: from inside.
+        let server = self.server.take();
+        self.backend.enter(move || drop(server));
+    }
+}
+
+struct Node {
+    name: String,
+    host: Host,
+    ip: IpAddr,
+    ringlb: Option<Ringlb>,
+}
+
+impl Node {
+    fn heartbeats(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, HEARTBEATS)
+    }
+
+    /// Starts ringlb on this node with `peers` as the other replicas, and waits until it serves.
+    fn start(&mut self, manifest: &Path, interface: &str, peers: &[SocketAddr]) {
+        let mut command = self.host.command(env!("CARGO_BIN_EXE_ringlb"));
+        command.arg("run").args(["--manifests".as_ref(), manifest.as_os_str()]);
+        command.args(["--vip-link", LINK, "--vip-link-kind", "bridge", "--announce-interface", interface]);
+        command.args(["--l2-listen", &self.heartbeats().to_string(), "--node-name", &self.name]);
+        for peer in peers {
+            command.args(["--l2-peer", &peer.to_string()]);
+        }
+        command.args(["--admin", ADMIN, "--workers", "1", "--shutdown-grace", "1s", "--log-level", "warn"]);
+        // `ip netns exec` execs ringlb itself, so signals reach it. The admin address is inside
+        // the namespace: asked from a thread there.
+        let mut ringlb = Ringlb::spawn(command, ADMIN.parse().expect("literal"));
+        let admin: SocketAddr = ADMIN.parse().expect("literal");
+        poll_until("ringlb to answer /readyz with 200", || {
+            assert!(ringlb.is_running(), "ringlb on {} exited before it was ready", self.name);
+            self.host.enter(|| http_get(admin, "/readyz")).ok().filter(|(status, _)| *status == 200)
+        });
+        self.ringlb = Some(ringlb);
+    }
+
+    /// The VIPs on this node's link now.
+    fn held(&self) -> BTreeSet<IpAddr> {
+        held_in(self.host.name())
+    }
+
+    fn mac(&self, interface: &str) -> String {
+        self.host.mac(interface).expect("a MAC")
+    }
+}
+
+fn held_in(namespace: &str) -> BTreeSet<IpAddr> {
+    let output = Command::new("ip").args(["-n", namespace, "-o", "-4", "addr", "show", "dev", LINK]).output();
+    let Ok(output) = output else { return BTreeSet::new() };
+    let shown = String::from_utf8_lossy(&output.stdout).into_owned();
+    shown
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet").and_then(|_| words.next())?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Lists every node's VIPs in turn until dropped, and remembers any VIP seen on two nodes at once.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    overlaps: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(namespaces: Vec<(String, String)>) -> Sampler {
+        let (stop, overlaps) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (stopping, found) = (Arc::clone(&stop), Arc::clone(&overlaps));
+        let thread = std::thread::spawn(move || {
+            // The last sample of each node, and the samples of the others since.
+            let mut history: Vec<(usize, BTreeSet<IpAddr>)> = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                for (index, (_, namespace)) in namespaces.iter().enumerate() {
+                    let now = held_in(namespace);
+                    // Held by this node at its previous sample and now: held throughout, so
+                    // every other node's sample in between that lists it is an overlap.
+                    if let Some(previous) = history.iter().rposition(|(node, _)| *node == index) {
+                        for vip in now.intersection(&history[previous].1) {
+                            for (other, seen) in &history[previous + 1..] {
+                                if seen.contains(vip) {
+                                    let (a, b) = (&namespaces[index].0, &namespaces[*other].0);
+                                    found.lock().expect("not poisoned").push(format!("{vip} on {a} and {b}"));
+                                }
+                            }
+                        }
+                    }
+                    history.push((index, now));
+                    if history.len() > 4 * namespaces.len() {
+                        history.drain(..namespaces.len());
+                    }
+                }
+            }
+        });
+        Sampler { stop, overlaps, thread: Some(thread) }
+    }
+
+    /// Stops sampling; the overlaps seen.
+    fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the sampler panicked");
+        }
+        self.overlaps.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The one node holding `vip` (panics if two do), if any.
+fn holder(nodes: &[Node], vip: IpAddr) -> Option<usize> {
+    let holding: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].held().contains(&vip)).collect();
+    assert!(
+        holding.len() <= 1,
+        "{vip} is on {:?}",
+        holding.iter().map(|&i| &nodes[i].name).collect::<Vec<_>>()
+    );
+    holding.first().copied()
+}
+
+fn peers_of(nodes: &[Node], me: usize) -> Vec<SocketAddr> {
+    (0..nodes.len()).filter(|&i| i != me).map(|i| nodes[i].heartbeats()).collect()
+}
+
+fn sampler(nodes: &[Node]) -> Sampler {
+    Sampler::start(nodes.iter().map(|n| (n.name.clone(), n.host.name().to_owned())).collect())
+}
+
+#[test]
+fn each_vip_has_one_owner_and_moves_to_a_survivor_when_its_owner_is_killed() {
+    let setup = Setup::new();
+    let (shared, other, third) = (setup.segment.spare(0), setup.segment.spare(1), setup.segment.spare(2));
+    let backend = setup.backend_ip;
+    let text = [
+        service("dns-tcp", shared, 80, backend, None, false),
+        service("dns-udp", shared, 81, backend, None, false),
+        service("web", other, 80, backend, None, false),
+        service("api", third, 80, backend, None, false),
+    ]
+    .concat();
+    save(&setup.manifest(), &text);
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"].iter().map(|name| setup.node(name)).collect();
+    let interface = setup.segment.interface();
+    let sampling = sampler(&nodes);
+    for i in 0..nodes.len() {
+        let peers = peers_of(&nodes, i);
+        nodes[i].start(&setup.manifest(), &interface, &peers);
+    }
+    let vips = [shared, other, third];
+    poll_until("every VIP to have an owner", || {
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+    });
+    for vip in vips {
+        assert_eq!(setup.reach(SocketAddr::new(vip, 80)).expect("the VIP answers"), "backend");
+    }
+    assert_eq!(setup.reach(SocketAddr::new(shared, 81)).expect("the shared VIP's second port"), "backend");
+    let owner = holder(&nodes, shared).expect("owned");
+    assert_eq!(setup.client_neighbour(shared), Some(nodes[owner].mac(&interface)));
+
+    // The owner of the shared IP dies: ringlb killed outright (no goodbye, its heartbeats just
+    // stop) and the node's link down, as with a node that lost power.
+    let killed = Instant::now();
+    nodes[owner].ringlb.take().expect("running").signal(libc::SIGKILL);
+    nodes[owner].host.ip(&["link", "set", &interface, "down"]).expect("the dead node's link down");
+    let (survivor, mac) = poll_until("a survivor to hold the shared VIP and the client to follow", || {
+        let survivor = (0..nodes.len()).find(|&i| i != owner && nodes[i].held().contains(&shared))?;
+        let mac = nodes[survivor].mac(&interface);
+        (setup.client_neighbour(shared).as_deref() == Some(mac.as_str())).then_some((survivor, mac))
+    });
+    let failover = killed.elapsed();
+    eprintln!("failover: {} ms (SIGKILL of the owner to the client's neighbour entry)", failover.as_millis());
+    assert_ne!(survivor, owner);
+    assert_eq!(setup.client_neighbour(shared), Some(mac));
+    let (name, _) = poll_until("the survivor to carry new connections", || {
+        setup.client.enter(|| greeting(SocketAddr::new(shared, 81))).ok()
+    });
+    assert_eq!(name, "backend");
+    // The dead node's VIP link still holds what it had (nobody removed it), so it is left out.
+    let survivors: Vec<usize> = (0..nodes.len()).filter(|&i| i != owner).collect();
+    for vip in vips {
+        let holding = survivors.iter().filter(|&&i| nodes[i].held().contains(&vip)).count();
+        assert!(holding <= 1, "{vip} on {holding} survivors");
+    }
+    let overlaps = sampling.finish();
+    // Once killed, the owner's addresses stay on its link without anyone answering for the
+    // namespace's ringlb: only overlaps among live nodes count.
+    let dead = &nodes[owner].name;
+    let live_overlaps: Vec<&String> = overlaps.iter().filter(|o| !o.contains(dead.as_str())).collect();
+    assert!(live_overlaps.is_empty(), "a VIP was on two live nodes at once: {live_overlaps:?}");
+}
+
+#[test]
+fn a_joining_node_takes_its_share_only_after_the_owner_let_go_and_a_stopped_one_hands_over() {
+    let setup = Setup::new();
+    let vips: Vec<IpAddr> = (0..12).map(|n| setup.segment.spare(n)).collect();
+    let text: String = vips
+        .iter()
+        .enumerate()
+        .map(|(n, vip)| service(&format!("web-{n}"), *vip, 80, setup.backend_ip, None, false))
+        .collect();
+    save(&setup.manifest(), &text);
+    let mut nodes: Vec<Node> = ["node-a", "node-b"].iter().map(|name| setup.node(name)).collect();
+    let interface = setup.segment.interface();
+    let sampling = sampler(&nodes);
+    let peers = peers_of(&nodes, 0);
+    nodes[0].start(&setup.manifest(), &interface, &peers);
+    poll_until("node-a alone to hold every VIP", || (nodes[0].held().len() == vips.len()).then_some(()));
+
+    let peers = peers_of(&nodes, 1);
+    nodes[1].start(&setup.manifest(), &interface, &peers);
+    poll_until("node-b to take its share", || {
+        let (a, b) = (nodes[0].held(), nodes[1].held());
+        (!b.is_empty() && a.len() + b.len() == vips.len() && a.is_disjoint(&b)).then_some(())
+    });
+    for vip in &vips {
+        assert_eq!(setup.reach(SocketAddr::new(*vip, 80)).expect("every VIP answers"), "backend");
+    }
+
+    // A graceful stop hands node-b's VIPs back to node-a without waiting for the timeout.
+    let taken_back = nodes[1].held();
+    let stopped = Instant::now();
+    let status = nodes[1].ringlb.take().expect("running").terminate();
+    assert!(status.success(), "ringlb exits 0 on SIGTERM: {status}");
+    poll_until("node-a to hold every VIP again", || (nodes[0].held().len() == vips.len()).then_some(()));
+    eprintln!("handover: {} ms (SIGTERM of a node to its VIPs on the other)", stopped.elapsed().as_millis());
+    for vip in &taken_back {
+        let mac = nodes[0].mac(&interface);
+        poll_until("the client to follow node-a's announcement", || {
+            (setup.client_neighbour(*vip).as_deref() == Some(mac.as_str())).then_some(())
+        });
+    }
+    assert!(nodes[1].held().is_empty(), "the stopped node left nothing on its link");
+    let overlaps = sampling.finish();
+    assert!(overlaps.is_empty(), "a VIP was on two nodes at once: {overlaps:?}");
+}
+
+#[test]
+fn a_local_traffic_vip_is_held_where_its_endpoint_is_and_follows_it() {
+    let setup = Setup::new();
+    let vip = setup.segment.spare(0);
+    let on = |node: &str| service("local", vip, 80, setup.backend_ip, Some(node), true);
+    save(&setup.manifest(), &on("node-b"));
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"].iter().map(|name| setup.node(name)).collect();
+    let interface = setup.segment.interface();
+    for i in 0..nodes.len() {
+        let peers = peers_of(&nodes, i);
+        nodes[i].start(&setup.manifest(), &interface, &peers);
+    }
+    poll_until("node-b to hold the Local VIP", || (holder(&nodes, vip) == Some(1)).then_some(()));
+    assert_eq!(setup.reach(SocketAddr::new(vip, 80)).expect("the VIP answers"), "backend");
+    save(&setup.manifest(), &on("node-c"));
+    poll_until("the VIP to follow its endpoint to node-c", || (holder(&nodes, vip) == Some(2)).then_some(()));
+    let mac = nodes[2].mac(&interface);
+    poll_until("the client to follow", || {
+        (setup.client_neighbour(vip).as_deref() == Some(mac.as_str())).then_some(())
+    });
+    assert_eq!(setup.reach(SocketAddr::new(vip, 80)).expect("the VIP answers from node-c"), "backend");
+}
