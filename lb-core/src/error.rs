@@ -38,6 +38,13 @@ pub enum BuildError {
     /// this key of `object` is not served; its other keys are.
     #[error("{object}: {key} is already served by {owner}; not served for this Service")]
     ConflictingVip { object: ObjectRef, owner: ObjectRef, key: VipKey },
+    /// `spec.healthCheckNodePort` `port` is claimed by `object` but answered for `owner` (which had
+    /// it before, or comes first by namespace/name). Only the health check of `object` is lost; its
+    /// VIPs are served.
+    #[error(
+        "{object}: healthCheckNodePort {port} is already answered for {owner}; not answered for this Service"
+    )]
+    ConflictingHealthCheckNodePort { object: ObjectRef, owner: ObjectRef, port: u16 },
 }
 
 impl BuildError {
@@ -51,7 +58,8 @@ impl BuildError {
             | BuildError::UnknownProtocol { object, .. }
             | BuildError::InvalidAnnotation { object, .. }
             | BuildError::InvalidField { object, .. }
-            | BuildError::ConflictingVip { object, .. } => object,
+            | BuildError::ConflictingVip { object, .. }
+            | BuildError::ConflictingHealthCheckNodePort { object, .. } => object,
         }
     }
 
@@ -68,6 +76,7 @@ impl BuildError {
                 format!("metadata.annotations[{annotation:?}]")
             }
             BuildError::ConflictingVip { .. } => "spec".to_owned(),
+            BuildError::ConflictingHealthCheckNodePort { .. } => "spec.healthCheckNodePort".to_owned(),
         }
     }
 
@@ -82,6 +91,7 @@ impl BuildError {
             BuildError::InvalidAnnotation { .. } => "invalid-annotation",
             BuildError::InvalidField { .. } => "invalid-field",
             BuildError::ConflictingVip { .. } => "conflicting-vip",
+            BuildError::ConflictingHealthCheckNodePort { .. } => "conflicting-health-check-node-port",
         }
     }
 }

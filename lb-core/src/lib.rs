@@ -44,8 +44,8 @@ pub use health::HealthOverlay;
 pub use lifecycle::{Established, NotReadyConnections, StaleFlowPolicy};
 pub use local::LocalResource;
 pub use model::{
-    Backend, BackendId, BackendIdx, EndpointConditions, EntryChanges, EntryPolicy, ObjectRef, Protocol,
-    ServiceEntry, Snapshot, TrafficPolicy, VipKey,
+    Backend, BackendId, BackendIdx, EndpointConditions, EntryChanges, EntryPolicy, HealthCheckNodePort,
+    ObjectRef, Protocol, ServiceEntry, Snapshot, TrafficPolicy, VipKey,
 };
 pub use scheduler::{
     BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,

@@ -10,7 +10,9 @@
 //! - a backend's identity ([`BackendId`]) is its socket address, so per-worker state keyed by it stays
 //!   valid across snapshot swaps;
 //! - the only mutable part of a snapshot is each backend's [`BackendLoad`]: live connection counts
-//!   shared with the datapath by design (everything else is fixed once built).
+//!   shared with the datapath by design (everything else is fixed once built);
+//! - [`Snapshot::health_check_node_ports`] is sorted by port, one Service per port, and counts the
+//!   same backends the entries list (it is built from them).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -311,7 +313,18 @@ impl ServiceEntry {
     }
 }
 
-/// The last good spec of every Service a snapshot was built from, by Service.
+/// One Service's `spec.healthCheckNodePort` as this node answers it (kube-proxy's contract for
+/// external load balancers, see `crate::builder` and its `health_check_node_ports` rule): an HTTP
+/// server on `port` says 200 while `local_endpoints` is not zero, 503 otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheckNodePort {
+    pub port: u16,
+    pub service: ObjectRef,
+    /// The Service's ready (and not terminating) endpoints on this node, counted once per IP
+    /// whatever the number of ports and VIPs (as kube-proxy counts them).
+    pub local_endpoints: u32,
+}
+
 /// What [`Snapshot::changes_from`] yields.
 pub struct EntryChanges<'a> {
     before: std::iter::Peekable<std::collections::btree_map::Iter<'a, VipKey, Arc<ServiceEntry>>>,
@@ -344,6 +357,7 @@ impl<'a> Iterator for EntryChanges<'a> {
     }
 }
 
+/// The last good spec of every Service a snapshot was built from, by Service.
 pub(crate) type LastGood = BTreeMap<ObjectRef, Arc<ParsedService>>;
 
 /// The immutable table the datapath serves: one [`ServiceEntry`] per [`VipKey`].
@@ -354,6 +368,9 @@ pub struct Snapshot {
     /// Serialised as a list in key order: JSON map keys must be strings and a `VipKey` is a struct.
     #[serde(serialize_with = "serialize_entries")]
     entries: BTreeMap<VipKey, Arc<ServiceEntry>>,
+    /// The health-check node ports this node answers, sorted by port (see [`HealthCheckNodePort`]).
+    /// Empty without a node name: `externalTrafficPolicy: Local` is then ignored.
+    health_check_node_ports: Arc<[HealthCheckNodePort]>,
     /// What the next build needs of this one: the spec each Service was served from, so that a
     /// Service rejected next time keeps its policy (see [`crate::build`]). Not served, not shown.
     #[serde(skip)]
@@ -374,7 +391,7 @@ impl Snapshot {
 
     pub fn from_entries(version: u64, entries: impl IntoIterator<Item = ServiceEntry>) -> Self {
         let entries = entries.into_iter().map(|e| (e.key, Arc::new(e))).collect();
-        Snapshot { version, entries, last_good: Arc::default() }
+        Snapshot { version, entries, health_check_node_ports: Arc::default(), last_good: Arc::default() }
     }
 
     pub(crate) fn from_parts(
@@ -382,7 +399,19 @@ impl Snapshot {
         entries: BTreeMap<VipKey, Arc<ServiceEntry>>,
         last_good: Arc<LastGood>,
     ) -> Self {
-        Snapshot { version, entries, last_good }
+        Snapshot { version, entries, health_check_node_ports: Arc::default(), last_good }
+    }
+
+    /// This snapshot with `ports` (sorted by port, one Service each) as its health-check node ports.
+    pub(crate) fn with_health_check_node_ports(self, ports: Arc<[HealthCheckNodePort]>) -> Self {
+        debug_assert!(ports.windows(2).all(|w| w[0].port < w[1].port), "sorted, one Service per port");
+        Snapshot { health_check_node_ports: ports, ..self }
+    }
+
+    /// The `spec.healthCheckNodePort`s this node answers, sorted by port; what an external load
+    /// balancer probes to learn whether this node has an endpoint of a Service.
+    pub fn health_check_node_ports(&self) -> &Arc<[HealthCheckNodePort]> {
+        &self.health_check_node_ports
     }
 
     pub(crate) fn last_good(&self) -> &Arc<LastGood> {

@@ -173,6 +173,12 @@ impl ServiceBuilder {
         self
     }
 
+    /// `spec.healthCheckNodePort` (any number, for bad input).
+    pub fn health_check_node_port(mut self, port: i32) -> Self {
+        self.spec().health_check_node_port = Some(port);
+        self
+    }
+
     /// Direct access for anything the builder does not cover.
     pub fn with(mut self, edit: impl FnOnce(&mut Service)) -> Self {
         edit(&mut self.service);

@@ -11,7 +11,8 @@
 //! its policy and VIPs but follows its *current* endpoints (a bad edit must not pin new connections
 //! to pods that have since rolled); resolve `VipKey` claims between Services (the previous owner,
 //! then the older Service, then namespace/name order); join
-//! each served port with its Service's slices of the VIP's address family (`endpoints`).
+//! each served port with its Service's slices of the VIP's address family (`endpoints`); count
+//! the local endpoints behind each health-check node port (`health_check_node_ports`).
 
 // Building runs once per object change, not per packet, and errors are the rare path: returning the
 // full error by value keeps every site simple.
@@ -19,6 +20,7 @@
 
 mod cache;
 pub(crate) mod endpoints;
+mod health_check_node_ports;
 mod health_overlay;
 mod health_policy;
 mod mirror;
@@ -240,6 +242,13 @@ fn build_inner(
     let mut cache = cache.map(|(cache, _)| cache);
     let table =
         assign_keys(&candidates, &slices_by_service, options, previous, cache.as_deref_mut(), &mut errors);
+    let health_check_node_ports = health_check_node_ports::health_check_node_ports(
+        &candidates,
+        &table,
+        options.node_name.as_deref(),
+        previous,
+        &mut errors,
+    );
     if keep_slices && let Some(cache) = cache {
         cache.keep_slices_by_service(slices_by_service);
     }
@@ -258,7 +267,8 @@ fn build_inner(
     errors.dedup();
     skipped.sort_by(|a, b| (&a.service, &a.reason).cmp(&(&b.service, &b.reason)));
     skipped.dedup();
-    let snapshot = Snapshot::from_parts(version, table, last_good);
+    let snapshot =
+        Snapshot::from_parts(version, table, last_good).with_health_check_node_ports(health_check_node_ports);
     BuildReport { snapshot, errors, skipped, kept_previous }
 }
 

@@ -49,6 +49,10 @@ pub(crate) struct ParsedService {
     /// Never empty; (port, protocol) and names unique.
     pub ports: Vec<PortSpec>,
     pub policy: ServicePolicy,
+    /// `spec.healthCheckNodePort`, when this node answers it: a `LoadBalancer` Service ringlb serves
+    /// as such, with `externalTrafficPolicy: Local` and a known node (see
+    /// `builder::health_check_node_ports`).
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -137,6 +141,8 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
     policy.traffic.source_ranges = traffic.source_ranges;
     policy.traffic.session_affinity = traffic.session_affinity;
     policy.traffic.node_local = traffic.external_local && options.node_name.is_some();
+    let health_check_node_port =
+        traffic.health_check_node_port.filter(|_| load_balancer && policy.traffic.node_local);
     if !errors.is_empty() {
         return Outcome::Rejected(errors);
     }
@@ -150,7 +156,7 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
         return Outcome::Skipped("no ports in spec.ports");
     }
     let created = svc.metadata.creation_timestamp.clone();
-    Outcome::Served(Arc::new(ParsedService { object, created, vips, ports, policy }))
+    Outcome::Served(Arc::new(ParsedService { object, created, vips, ports, policy, health_check_node_port }))
 }
 
 fn parse_ports(ports: &[ServicePort], object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<PortSpec> {

@@ -1,7 +1,9 @@
 //! Parses the Service fields that decide who may connect and how clients stick to backends:
 //! `spec.loadBalancerSourceRanges` (or, when empty, the `service.beta.kubernetes.io/
 //! load-balancer-source-ranges` annotation), `spec.sessionAffinity` with
-//! `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, and `spec.externalTrafficPolicy`.
+//! `spec.sessionAffinityConfig.clientIP.timeoutSeconds`, `spec.externalTrafficPolicy`, and with it
+//! `spec.healthCheckNodePort` (read only where kube-proxy reads it: a `LoadBalancer` Service with
+//! `externalTrafficPolicy: Local`; elsewhere the API server refuses it and ringlb ignores it).
 //!
 //! An invalid value rejects the Service with an error naming the field (`spec.loadBalancerSourceRanges[2]`).
 //! `externalTrafficPolicy` is honoured whatever the Service type (ringlb serves external IPs the way
@@ -25,6 +27,8 @@ pub(super) struct SpecTraffic {
     pub session_affinity: Option<Duration>,
     /// `externalTrafficPolicy: Local`.
     pub external_local: bool,
+    /// `spec.healthCheckNodePort` of a `LoadBalancer` Service with `externalTrafficPolicy: Local`.
+    pub health_check_node_port: Option<u16>,
 }
 
 pub(super) fn parse_traffic(svc: &Service, object: &ObjectRef, errors: &mut Vec<BuildError>) -> SpecTraffic {
@@ -102,6 +106,20 @@ pub(super) fn parse_traffic(svc: &Service, object: &ObjectRef, errors: &mut Vec<
             other,
             "must be Cluster or Local".to_owned(),
         )),
+    }
+
+    let load_balancer = spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
+    if traffic.external_local && load_balancer {
+        // Unset (or 0, "not allocated yet") means there is nothing to answer on.
+        match spec.and_then(|s| s.health_check_node_port).filter(|&port| port != 0) {
+            None => {}
+            Some(port) => {
+                match super::parse_port(port.into(), object, || "spec.healthCheckNodePort".to_owned()) {
+                    Ok(port) => traffic.health_check_node_port = Some(port),
+                    Err(error) => errors.push(error),
+                }
+            }
+        }
     }
     traffic
 }
