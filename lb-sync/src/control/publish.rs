@@ -95,13 +95,15 @@ fn new_skips<'a>(known: &[Skipped], skipped: &'a [Skipped]) -> Vec<&'a Skipped> 
 /// Up to this many new skips of one build get a line each; more get one line per reason.
 const SKIPS_LOGGED_ONE_BY_ONE: usize = 8;
 
-/// Whether two snapshots serve the same (everything but the version); entries shared between them
-/// (`Arc`) are equal without a look.
+/// Whether two snapshots serve the same (everything but the version): entries, and the health-check
+/// node ports that external balancers probe. Entries shared between them (`Arc`) are equal without
+/// a look.
 fn same_entries(current: &Snapshot, next: &Snapshot) -> bool {
-    next.changes_from(current).all(|change| match change {
-        (Some(before), Some(after)) => before.serves_like(after),
-        _ => false,
-    })
+    current.health_check_node_ports() == next.health_check_node_ports()
+        && next.changes_from(current).all(|change| match change {
+            (Some(before), Some(after)) => before.serves_like(after),
+            _ => false,
+        })
 }
 
 #[cfg(test)]
@@ -175,5 +177,31 @@ mod tests {
             flipped.map(|s| (s.version, s.entries().map(|e| e.eligible.len()).sum::<usize>())),
             Some((2, 0))
         );
+    }
+
+    #[test]
+    fn a_build_that_changes_only_a_health_check_node_port_is_published() {
+        use testkit::objects::{Cond, ServiceBuilder, SliceBuilder, TargetPort};
+        let service = |port: i32| {
+            ServiceBuilder::new("shop", "web")
+                .service_type("LoadBalancer")
+                .ingress_ips(["192.0.2.1"])
+                .port("http", 80, "TCP", TargetPort::Int(8080))
+                .external_traffic_policy("Local")
+                .health_check_node_port(port)
+                .build()
+        };
+        let slices = [SliceBuilder::new("shop", "web-1", "web")
+            .port("http", 8080, "TCP")
+            .pod_endpoint("10.1.0.1", Cond::ready(), "node-a", "web-0")
+            .build()];
+        let options = lb_core::BuildOptions { node_name: Some("node-a".to_owned()), ..Default::default() };
+        let build =
+            |port: i32, version: u64| lb_core::build(&[service(port)], &slices, &[], &options, None, version);
+        let mut publisher = Publisher::default();
+        assert!(publisher.accept(build(31000, 1)).is_some());
+        assert!(publisher.accept(build(31000, 2)).is_none(), "nothing changed");
+        let moved = publisher.accept(build(31001, 2)).expect("the port moved: published");
+        assert_eq!(moved.health_check_node_ports().iter().map(|p| p.port).collect::<Vec<_>>(), [31001]);
     }
 }
