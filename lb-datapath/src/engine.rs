@@ -191,11 +191,15 @@ impl Engine {
     /// True once every worker runs and has reconciled its listeners with the current snapshot,
     /// and the engine is neither stopping nor draining.
     pub fn is_ready(&self) -> bool {
+        self.is_serving() && self.is_reconciled()
+    }
+
+    /// True while every worker runs (none has failed) and the engine is neither stopping nor
+    /// draining. Unlike [`Engine::is_ready`] it stays true while workers catch up with a snapshot
+    /// just published, so a health answer built on it does not blink at every table change.
+    pub fn is_serving(&self) -> bool {
         let running = self.threads.lock().map(|t| t.iter().all(|t| !t.is_finished())).unwrap_or(false);
-        running
-            && !self.shared.stop.load(Ordering::Acquire)
-            && !self.shared.draining.load(Ordering::Acquire)
-            && self.is_reconciled()
+        running && !self.shared.stop.load(Ordering::Acquire) && !self.shared.draining.load(Ordering::Acquire)
     }
 
     /// Whether every worker has reconciled with the snapshot published last (draining or not).
