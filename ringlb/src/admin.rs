@@ -5,22 +5,16 @@
 //! It listens on loopback unless the operator explicitly allows another address, because it will
 //! expose internals (metrics, tables) that should not be reachable from the VIP side.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use lb_core::LogThrottle;
+use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::cli::{AdminAddr, AdminArgs};
+use crate::http_server::{self, Answer, respond, text};
 
 /// What the admin endpoints report; implemented by the serving wiring.
 pub trait AdminState: Send + Sync + 'static {
@@ -46,45 +40,12 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding the admin listener on {addr}"))
 }
 
-/// The first pause after a failed accept; each failure in a row doubles it up to [`ACCEPT_BACKOFF_MAX`].
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Serves admin requests on `listener` until the task is dropped. A failing accept (out of
-/// descriptors: the connection waits in the backlog) pauses accepting with a growing back-off
-/// instead of retrying at once, and is logged at most once per interval.
+/// Serves admin requests on `listener` until the task is dropped (see [`http_server::serve`]).
 pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>) {
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut warnings = LogThrottle::default();
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                accepted
-            }
-            Err(error) => {
-                if let Some(held_back) = warnings.admit(Instant::now()) {
-                    tracing::warn!(%error, held_back, ?backoff, "admin accept failed; pausing accepts");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&request, state.as_ref())) }
-            });
-            if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(%error, "admin connection ended with an error");
-            }
-        });
-    }
+    http_server::serve(listener, "admin", None, move |request| route(request, state.as_ref())).await;
 }
 
-fn route(request: &Request<Incoming>, state: &dyn AdminState) -> Response<Full<Bytes>> {
+fn route(request: &Request<Incoming>, state: &dyn AdminState) -> Answer {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
@@ -99,17 +60,4 @@ fn route(request: &Request<Incoming>, state: &dyn AdminState) -> Response<Full<B
         }
         _ => text(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz or /status\n"),
     }
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    respond(status, "text/plain", Bytes::from_static(body.as_bytes()))
-}
-
-fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
-    response
 }

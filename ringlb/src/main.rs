@@ -5,6 +5,7 @@ mod admin;
 mod check;
 mod cli;
 mod demo;
+mod http_server;
 mod logging;
 mod serve;
 mod table;
