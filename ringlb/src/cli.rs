@@ -61,6 +61,28 @@ pub struct RunArgs {
     pub defaults: DefaultsArgs,
     #[command(flatten)]
     pub vips: VipArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
+}
+
+/// What external load balancers probe, as they probe kube-proxy.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Serve kube-proxy's node health check on this address (e.g. 0.0.0.0:10256): `GET /healthz`
+    /// and `/livez` answer 200 while ringlb serves and 503 before the first table is served and
+    /// from the first shutdown signal on (the whole grace period), with kube-proxy's JSON body.
+    /// Meant to be reachable by external load balancers, unlike --admin. Where kube-proxy runs it
+    /// holds 10256 itself: pick another port. [default: off]
+    #[arg(long, value_name = "IP:PORT")]
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// Answer the `spec.healthCheckNodePort` of every served LoadBalancer Service with
+    /// `externalTrafficPolicy: Local`, on all addresses, as kube-proxy does: 200 while this node
+    /// has a ready endpoint of the Service, else 503 (always 503 while shutting down). Needs
+    /// --node-name: without it (appliance mode) that policy is ignored and no port is answered.
+    /// A port that cannot be bound (e.g. kube-proxy holds it) is counted in /status and retried.
+    /// `--service-health-checks=false` turns it off.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub service_health_checks: bool,
 }
 
 #[derive(Debug, Args)]
@@ -275,8 +297,9 @@ pub struct DefaultsArgs {
     #[arg(long, value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
     /// The Kubernetes node ringlb runs on (set it from the downward API when ringlb runs on cluster
-    /// nodes). With it, Services with `externalTrafficPolicy: Local` use only this node's endpoints;
-    /// without it (appliance mode) that policy is ignored.
+    /// nodes). With it, Services with `externalTrafficPolicy: Local` use only this node's endpoints
+    /// and `run` answers their `healthCheckNodePort` (see --service-health-checks); without it
+    /// (appliance mode) that policy is ignored and no health-check node port is answered.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// What happens to established TCP/SCTP connections of a backend that turns not ready, for

@@ -7,7 +7,9 @@ mod cli;
 mod demo;
 mod http_server;
 mod logging;
+mod node_health;
 mod serve;
+mod service_health;
 mod table;
 
 use clap::Parser;

@@ -1,17 +1,17 @@
 //! `ringlb run` and the serving half of `ringlb demo`: start the datapath engine, run the control
-//! thread (a current-thread tokio runtime: the source, its health probes, the admin listener,
-//! signals) until SIGINT or SIGTERM, then shut down gracefully: the listeners close at once
-//! (`/readyz` turns 503), established connections and UDP flows go on for `--shutdown-grace`, then
-//! what is left is closed and ringlb exits 0; a second signal closes everything at once.
+//! thread (a current-thread tokio runtime: the source, its health probes, the admin listener, the
+//! health servers external load balancers probe, signals) until SIGINT or SIGTERM, then shut down
+//! gracefully: the node health answers turn 503 and the listeners close at once (`/readyz` turns
+//! 503), established connections and UDP flows go on for `--shutdown-grace`, then what is left is
+//! closed and ringlb exits 0; a second signal closes everything at once.
 //!
 //! The main thread becomes the control thread; datapath workers are the engine's own pinned threads.
 //! The only thing handed from control to datapath is a `Snapshot`, through `Engine::publish`.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,6 +32,8 @@ use crate::cli::{
     AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, ListenersArg, NotReadyArg, RelayArg, RunArgs,
     StaleFlowsArg, VipLinkKindArg,
 };
+use crate::node_health::{self, NodeHealth};
+use crate::service_health::{self, ServiceHealthStatus};
 
 /// Where the served snapshots come from.
 #[allow(clippy::large_enum_variant, reason = "one value per process, moved once")]
@@ -50,6 +52,15 @@ pub struct Vips {
     pub link: VipLinkConfig,
     pub announce_interface: Option<String>,
     pub l2: Option<L2Config>,
+}
+
+/// The health servers external load balancers probe (see `node_health` and `service_health`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HealthServers {
+    /// `--healthz-bind-address`: the node health server.
+    pub node: Option<SocketAddr>,
+    /// Answer the snapshots' health-check node ports (`--service-health-checks` with a node name).
+    pub service_ports: bool,
 }
 
 /// What serving a cluster needs besides the control loop.
@@ -105,7 +116,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             quorum: args.vips.l2_quorum,
         }),
     });
-    serve(source, &args.engine, &args.admin, vips)
+    let health = HealthServers {
+        node: args.health.healthz_bind_address,
+        // Without a node name the builder ignores externalTrafficPolicy: Local, so there is
+        // nothing to answer; no task either.
+        service_ports: args.health.service_health_checks && args.defaults.node_name.is_some(),
+    };
+    serve(source, &args.engine, &args.admin, vips, health)
 }
 
 /// `$POD_NAME` is the usual identity; outside a pod, the host name and PID.
@@ -179,39 +196,42 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
     }
 }
 
-/// Publishes every snapshot the source produces to the engine, and remembers that one arrived;
-/// with `--vip-link`, also to the task that holds the VIPs on the link.
+/// Publishes every snapshot the source produces to the engine, and records in the node's health
+/// that one arrived; when some task follows the served table (`--vip-link`, the health-check node
+/// ports), also to their `watch`.
 struct EngineSink {
     engine: Arc<Engine>,
-    published: Arc<AtomicBool>,
-    vips: Option<tokio::sync::watch::Sender<Arc<Snapshot>>>,
+    node: Arc<NodeHealth>,
+    followers: Option<tokio::sync::watch::Sender<Arc<Snapshot>>>,
 }
 
 impl SnapshotSink for EngineSink {
     fn publish(&self, snapshot: Arc<Snapshot>) {
-        if let Some(vips) = &self.vips {
-            vips.send_replace(Arc::clone(&snapshot));
+        if let Some(followers) = &self.followers {
+            followers.send_replace(Arc::clone(&snapshot));
         }
         self.engine.publish(snapshot);
-        self.published.store(true, Ordering::Release);
+        self.node.published();
     }
 }
 
 /// What the admin endpoints see of a serving ringlb.
 struct ServeState {
     engine: Arc<Engine>,
-    published: Arc<AtomicBool>,
+    node: Arc<NodeHealth>,
     /// Progress of the manifest source; `None` for a fixed snapshot.
     source: Option<Readiness>,
     /// Counters of the active health checks; `None` for a fixed snapshot (nothing is probed).
     health: Option<HealthStatus>,
     /// Whether this replica leads (allocates and writes statuses); `None` outside a cluster.
     leading: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The health-check node ports; `None` when they are not answered.
+    service_health: Option<Arc<ServiceHealthStatus>>,
 }
 
 impl AdminState for ServeState {
     fn is_ready(&self) -> bool {
-        self.published.load(Ordering::Acquire) && self.engine.is_ready()
+        self.node.has_published() && self.engine.is_ready()
     }
 
     fn status(&self) -> serde_json::Value {
@@ -248,6 +268,8 @@ impl AdminState for ServeState {
             "source": source,
             "health": health,
             "leader": self.leading.as_ref().map(|leading| *leading.borrow()),
+            "node_healthy": self.node.is_healthy(),
+            "service_health": self.service_health.as_ref().map(|status| status.to_json()),
             "workers": workers,
         })
     }
@@ -258,6 +280,7 @@ pub fn serve(
     engine_args: &EngineArgs,
     admin_args: &AdminArgs,
     vips_on_host: Option<Vips>,
+    health: HealthServers,
 ) -> anyhow::Result<ExitCode> {
     let admin_addr = admin::listen_addr(admin_args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -287,10 +310,11 @@ pub fn serve(
         max_listeners_per_worker = budget.max_listeners(),
         "descriptor budget"
     );
-    let published = Arc::new(AtomicBool::new(false));
-    let (vips, vips_wanted) = tokio::sync::watch::channel(Arc::new(Snapshot::empty()));
-    let vips = vips_on_host.is_some().then_some(vips);
-    let sink = EngineSink { engine: Arc::clone(&engine), published: Arc::clone(&published), vips };
+    let node = Arc::new(NodeHealth::new(Arc::clone(&engine)));
+    let (followers, vips_wanted) = tokio::sync::watch::channel(Arc::new(Snapshot::empty()));
+    let ports_wanted = followers.subscribe();
+    let followers = (vips_on_host.is_some() || health.service_ports).then_some(followers);
+    let sink = EngineSink { engine: Arc::clone(&engine), node: Arc::clone(&node), followers };
 
     let grace = engine_args.shutdown_grace;
     let outcome = runtime.block_on(async {
@@ -333,17 +357,29 @@ pub fn serve(
             Running::Manifests(_, control) | Running::Cluster(_, control) => Some(control),
             Running::Fixed(_) => None,
         };
+        let service_health = health.service_ports.then(|| Arc::new(ServiceHealthStatus::default()));
         if let Some(addr) = admin_addr {
             let listener = admin::bind(addr).await?;
             let state = ServeState {
                 engine: Arc::clone(&engine),
-                published: Arc::clone(&published),
+                node: Arc::clone(&node),
                 source: control.map(ControlLoop::readiness),
                 health: control.map(ControlLoop::health_status),
                 leading,
+                service_health: service_health.clone(),
             };
             tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
+        }
+        if let Some(addr) = health.node {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the node health server on {addr}"))?;
+            tracing::info!(%addr, "node health listening (/healthz, /livez)");
+            tokio::spawn(node_health::serve(listener, Arc::clone(&node)));
+        }
+        if let Some(status) = service_health {
+            tokio::spawn(service_health::run(ports_wanted, Arc::clone(&node), status));
         }
         // Last before serving, so that no later start-up error leaves the link behind; the VIPs
         // stay on it until the connections on them have drained.
@@ -396,6 +432,9 @@ pub fn serve(
                 Ok(())
             }
         };
+        // External balancers are told at once (before the Lease and the listeners go), so they
+        // move new traffic elsewhere while established connections drain.
+        node.begin_drain();
         // A leader gives the Lease up now, so another replica takes over while this one drains.
         let _ = stop.send(true);
         for duty in duties {

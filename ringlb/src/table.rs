@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use lb_core::{Backend, BuildReport, ServiceEntry};
 
-/// One line per VIP entry, one indented line per backend, then rejections and skipped Services.
+/// One line per VIP entry, one indented line per backend, the health-check node ports this node
+/// would answer, then rejections and skipped Services.
 pub fn render(report: &BuildReport) -> String {
     let mut out = String::new();
     let snapshot = &report.snapshot;
@@ -18,6 +19,14 @@ pub fn render(report: &BuildReport) -> String {
     }
     if snapshot.is_empty() {
         let _ = writeln!(out, "(no VIPs to serve)");
+    }
+    for check in snapshot.health_check_node_ports().iter() {
+        let answer = if check.local_endpoints > 0 { 200 } else { 503 };
+        let _ = writeln!(
+            out,
+            "health check: port {} {}: {} local endpoints ({answer})",
+            check.port, check.service, check.local_endpoints
+        );
     }
     for skipped in &report.skipped {
         let _ = writeln!(out, "skipped: {}: {}", skipped.service, skipped.reason);
