@@ -82,17 +82,29 @@ impl Cluster {
 
     /// Applies `service`'s EndpointSlice: pods `(n, ready)` on the pod port named `http`.
     pub fn endpoints(&self, service: &str, pods: &[(u8, bool)]) {
-        let slice = pods.iter().fold(
-            SliceBuilder::new("shop", &format!("{service}-abcde"), service).port(
-                "http",
-                POD_PORT.into(),
-                "TCP",
-            ),
-            |slice, (pod, ready)| {
-                let conditions = if *ready { Cond::ready() } else { Cond::not_ready() };
-                slice.endpoint(&self.pods.pod_ip(*pod).to_string(), conditions)
-            },
+        self.apply_slice(service, pods.iter().map(|&(pod, ready)| (pod, ready, None)));
+    }
+
+    /// [`Cluster::endpoints`] of pods `(n, ready, node)`, each on its node (as the EndpointSlice
+    /// controller writes `nodeName`, with the pod as `targetRef`).
+    pub fn endpoints_on_nodes(&self, service: &str, pods: &[(u8, bool, &str)]) {
+        self.apply_slice(service, pods.iter().map(|&(pod, ready, node)| (pod, ready, Some(node))));
+    }
+
+    fn apply_slice<'a>(&self, service: &str, pods: impl Iterator<Item = (u8, bool, Option<&'a str>)>) {
+        let slice = SliceBuilder::new("shop", &format!("{service}-abcde"), service).port(
+            "http",
+            POD_PORT.into(),
+            "TCP",
         );
+        let slice = pods.fold(slice, |slice, (pod, ready, node)| {
+            let conditions = if ready { Cond::ready() } else { Cond::not_ready() };
+            let ip = self.pods.pod_ip(pod).to_string();
+            match node {
+                Some(node) => slice.pod_endpoint(&ip, conditions, node, &format!("{service}-{pod}")),
+                None => slice.endpoint(&ip, conditions),
+            }
+        });
         let slice: EndpointSlice = slice.build();
         self.apply_json(&slice);
     }

@@ -147,6 +147,31 @@ pub fn poll_until<T>(what: &str, mut condition: impl FnMut() -> Option<T>) -> T 
 
 /// A minimal HTTP/1.1 GET; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_response(addr, path).map(|response| (response.status, response.body))
+}
+
+/// An HTTP response as [`http_get_response`] reads it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, value)| value.as_str())
+    }
+
+    /// The body as JSON; panics (naming the body) when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// A minimal HTTP/1.1 GET, headers included.
+pub fn http_get_response(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")?;
@@ -157,8 +182,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response.as_str(), ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse { status, headers, body: body.to_owned() })
+}
+
+/// A port of the Kubernetes node port range (30000-32767) that no socket of the host holds right
+/// now on any address, tried from `30000 + seed` on: tests give different seeds so that they do
+/// not pick the same port before ringlb binds it.
+pub fn free_node_port(seed: u16) -> u16 {
+    (0..2768u16)
+        .map(|i| 30_000 + (seed.wrapping_add(i) % 2768))
+        .find(|&port| {
+            let any = |ip: IpAddr| TcpListener::bind(SocketAddr::new(ip, port)).is_ok();
+            any(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) && any(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+        })
+        .expect("a free port in the node port range")
 }
 
 /// Connects to `vip` and reads the one-line greeting of a `testkit` named server.
