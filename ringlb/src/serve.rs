@@ -21,6 +21,7 @@ use lb_core::{
 use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
+use lb_sync::announce::responder::Responder;
 use lb_sync::l2::{L2, L2Config};
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
@@ -402,6 +403,14 @@ pub fn serve(
                 };
                 let link =
                     VipLink::open(&link).await.with_context(|| format!("preparing the VIP link {}", link.name))?;
+                // Who asks for a held VIP is answered where the kernel would not (IPv6 always,
+                // IPv4 under arp_ignore), for as long as the link holds it.
+                if let Some(announcer) = &announcer {
+                    let responder = Responder::new(Arc::clone(announcer)).with_context(|| {
+                        format!("preparing ARP and neighbour answers on {}", announcer.interface())
+                    })?;
+                    tokio::spawn(responder.run(link.held(), std::future::pending::<()>()));
+                }
                 Some(match l2 {
                     // Only the VIPs this replica owns go onto the link; on the way out it lets
                     // them go at once, so a peer takes them while this one drains.

@@ -3,15 +3,17 @@
 //! [`crate::netns`]. ringlb nodes, routers, clients and backends of one test each get a host;
 //! nothing a test sends leaves the namespaces it created.
 //!
-//! Addresses: host `n`-th to join a segment gets `.n` (from 1, in join order); [`Segment::spare`]
-//! gives addresses from `.200` up that no host holds (VIPs announced on the segment).
+//! Addresses: host `n`-th to join a segment gets `.n` (from 1, in join order) and the IPv6
+//! `fd00:0:b:c::n` of the segment's `/64` (`b.c` from its /24); [`Segment::spare`] and
+//! [`Segment::spare6`] give addresses from `.200` (`::200`) up that no host holds (VIPs
+//! announced on the segment).
 //!
 //! Invariants: every namespace (switch and hosts) is deleted on drop, which deletes the veth
 //! pairs; processes a test starts inside a host are the test's to stop (a namespace lives on
 //! while a process is in it, until that process ends).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -76,6 +78,8 @@ impl Lab {
         host.namespace.ip(&["link", "set", &inside, "name", &interface])?;
         let address = segment.ip(n);
         host.namespace.ip(&["addr", "add", &format!("{address}/24"), "dev", &interface])?;
+        let v6 = segment.ip6(u16::from(n));
+        host.namespace.ip(&["addr", "add", &format!("{v6}/64"), "dev", &interface, "nodad"])?;
         host.namespace.ip(&["link", "set", &interface, "up"])?;
         Ok(address)
     }
@@ -91,6 +95,18 @@ impl Segment {
     pub fn ip(&self, n: u8) -> IpAddr {
         let [a, b, c] = self.subnet;
         IpAddr::V4(Ipv4Addr::new(a, b, c, n))
+    }
+
+    /// The segment's IPv6 `::n`.
+    pub fn ip6(&self, n: u16) -> IpAddr {
+        let [_, b, c] = self.subnet;
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0, u16::from(b), u16::from(c), 0, 0, 0, n))
+    }
+
+    /// An IPv6 address of the segment that no host holds (`::200 + n`, hexadecimal), for VIPs.
+    pub fn spare6(&self, n: u16) -> IpAddr {
+        assert!(n < 0x100, "spare IPv6 addresses are ::200 to ::2ff");
+        self.ip6(0x200 + n)
     }
 
     /// An address of the segment that no host holds (`.200 + n`), for VIPs.

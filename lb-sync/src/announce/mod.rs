@@ -9,16 +9,17 @@
 //!   the Override flag and the target link-layer address, hop limit 255 (receivers drop anything
 //!   else); the kernel fills in the checksum and the interface's link-local source.
 //!
-//! Each is sent [`REPEATS`] times, [`SPACING`] apart, because a single frame can be lost. The
-//! kernel itself answers ARP requests and neighbour solicitations for an address of any of its
-//! links (`arp_ignore=0`, the default), so a VIP on ringlb's VIP link is answered on the
-//! announcing interface without help.
+//! Each is sent [`REPEATS`] times, [`SPACING`] apart, because a single frame can be lost. Who
+//! asks later is answered by [`responder::Responder`] where the kernel would not: IPv6
+//! solicitations for a VIP on the VIP link always, ARP requests under `arp_ignore` 1 or more.
 
 use std::ffi::CString;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
+
+pub mod responder;
 
 /// How many times each announcement is sent.
 pub const REPEATS: usize = 3;
@@ -33,6 +34,7 @@ const BROADCAST: [u8; 6] = [0xff; 6];
 
 const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 const ND_OVERRIDE: u8 = 0x20;
+const ND_SOLICITED: u8 = 0x40;
 const ND_TARGET_LINK_LAYER_ADDRESS: u8 = 2;
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 
@@ -55,15 +57,7 @@ impl Announcer {
         if index == 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: socket(2) with constant arguments; the descriptor is owned right away.
-        let fd = unsafe {
-            libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, i32::from(ETH_P_ARP.to_be()))
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = packet_socket(0)?;
         let mac = hardware_address(&socket, &name)?;
         let icmpv6 = icmpv6_socket(index)?;
         Ok(Announcer { socket, icmpv6, interface: interface.to_owned(), index: index as i32, mac })
@@ -83,7 +77,7 @@ impl Announcer {
     }
 
     fn advertise(&self, vip: Ipv6Addr) -> io::Result<()> {
-        let message = advertisement(self.mac, vip);
+        let message = advertisement(self.mac, vip, false);
         // SAFETY: sockaddr_in6 is plain data; all-zero is a valid start.
         let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
         to.sin6_family = libc::AF_INET6 as u16;
@@ -137,46 +131,67 @@ pub fn announcement(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 28] {
     frame
 }
 
-/// The ICMPv6 neighbour advertisement of `vip` at `mac` (checksum left to the kernel).
-pub fn advertisement(mac: [u8; 6], vip: Ipv6Addr) -> [u8; 32] {
+/// The ICMPv6 neighbour advertisement of `target` at `mac`, with the Override flag, solicited
+/// (an answer) or not (an announcement); the checksum is left to the kernel.
+pub fn advertisement(mac: [u8; 6], target: Ipv6Addr, solicited: bool) -> [u8; 32] {
     let mut message = [0u8; 32];
     message[0] = ICMPV6_NEIGHBOUR_ADVERTISEMENT;
-    message[4] = ND_OVERRIDE; // not a router, not solicited
-    message[8..24].copy_from_slice(&vip.octets());
+    message[4] = ND_OVERRIDE | if solicited { ND_SOLICITED } else { 0 }; // never a router
+    message[8..24].copy_from_slice(&target.octets());
     message[24] = ND_TARGET_LINK_LAYER_ADDRESS;
     message[25] = 1; // in units of 8 bytes
     message[26..32].copy_from_slice(&mac);
     message
 }
 
-/// A raw ICMPv6 socket that sends on interface `index` with the hop limit neighbour discovery
-/// requires.
-fn icmpv6_socket(index: u32) -> io::Result<OwnedFd> {
+/// An `AF_PACKET` datagram socket for ARP frames, with `flags` (e.g. `SOCK_NONBLOCK`).
+fn packet_socket(flags: libc::c_int) -> io::Result<OwnedFd> {
+    let kind = libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | flags;
     // SAFETY: socket(2) with constant arguments; the descriptor is owned right away.
-    let fd =
-        unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMPV6) };
+    let fd = unsafe { libc::socket(libc::AF_PACKET, kind, i32::from(ETH_P_ARP.to_be())) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let hops: libc::c_int = 255;
-    let interface = index as libc::c_int;
-    for (option, value) in [(libc::IPV6_MULTICAST_HOPS, hops), (libc::IPV6_MULTICAST_IF, interface)] {
-        // SAFETY: an int option whose value outlives the call.
-        let set = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                option,
-                std::ptr::from_ref(&value).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if set < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A raw ICMPv6 socket, with `flags`.
+fn raw_icmpv6(flags: libc::c_int) -> io::Result<OwnedFd> {
+    let kind = libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags;
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET6, kind, libc::IPPROTO_ICMPV6) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// setsockopt(2) of a plain-data `value`.
+fn set_option<T>(socket: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` outlives the call and its size is given; `T` is the option's C type (the
+    // callers').
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if set < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A raw ICMPv6 socket that sends on interface `index` with the hop limit neighbour discovery
+/// requires, to multicast and unicast destinations alike.
+fn icmpv6_socket(index: u32) -> io::Result<OwnedFd> {
+    let socket = raw_icmpv6(0)?;
+    let hops: libc::c_int = 255;
+    set_option(&socket, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, &hops)?;
+    set_option(&socket, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, &hops)?;
+    set_option(&socket, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF, &(index as libc::c_int))?;
     Ok(socket)
 }
 
@@ -234,8 +249,9 @@ mod tests {
     fn an_advertisement_overrides_with_the_target_link_layer_address() {
         let mac = [0x02, 0, 0, 0, 0, 0x42];
         let vip = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
-        let message = advertisement(mac, vip);
+        let message = advertisement(mac, vip, false);
         assert_eq!(&message[..8], &[136, 0, 0, 0, 0x20, 0, 0, 0], "NA, Override only");
+        assert_eq!(advertisement(mac, vip, true)[4], 0x60, "an answer is Solicited too");
         assert_eq!(&message[8..24], &vip.octets());
         assert_eq!(&message[24..26], &[2, 1], "one 8-byte target link-layer address option");
         assert_eq!(&message[26..32], &mac);
