@@ -129,14 +129,19 @@ pub fn digest(candidates: &BTreeMap<IpAddr, Candidates>) -> u64 {
     xxh64(&input, SEED)
 }
 
-/// The rendezvous score of `node` for `ip`.
+/// The rendezvous score of `node` for `ip`. Computed for every IP and member on each decision,
+/// so without allocating for any node name Kubernetes allows (253 bytes).
 pub fn score(ip: IpAddr, node: &str) -> u64 {
-    let mut encoded = [0u8; 18];
-    let len = encode_ip(ip, &mut encoded);
-    let mut input = Vec::with_capacity(len + node.len());
-    input.extend_from_slice(&encoded[..len]);
-    input.extend_from_slice(node.as_bytes());
-    xxh64(&input, SEED)
+    let mut input = [0u8; 18 + 253];
+    let len = encode_ip(ip, (&mut input[..18]).try_into().expect("18 bytes"));
+    let name = node.as_bytes();
+    match input.get_mut(len..len + name.len()) {
+        Some(rest) => {
+            rest.copy_from_slice(name);
+            xxh64(&input[..len + name.len()], SEED)
+        }
+        None => xxh64(&[&input[..len], name].concat(), SEED),
+    }
 }
 
 /// The member of `members` that announces `ip`: the highest score among those `candidates` admit.
