@@ -12,6 +12,7 @@
 //! Health verdicts come back through the sans-IO machines of [`health`] and enter the next build as
 //! a [`HealthOverlay`] in [`BuildOptions`].
 
+pub mod advertise;
 pub mod affinity;
 pub mod annotations;
 pub mod builder;
@@ -32,6 +33,7 @@ pub mod selection;
 mod testing;
 pub mod throttle;
 
+pub use advertise::advertised_vips;
 pub use affinity::AffinityTable;
 pub use builder::{
     BuildCache, BuildOptions, BuildReport, ParsedEndpointSlice, Revised, Skipped, SliceNames, apply_health,
