@@ -17,6 +17,7 @@
 
 pub mod allocator;
 pub mod announce;
+pub mod bird;
 mod control;
 pub mod events;
 mod health;
