@@ -63,6 +63,8 @@ pub struct RunArgs {
     pub vips: VipArgs,
     #[command(flatten)]
     pub health: HealthArgs,
+    #[command(flatten)]
+    pub bgp: BgpArgs,
 }
 
 /// What external load balancers probe, as they probe kube-proxy.
@@ -83,6 +85,23 @@ pub struct HealthArgs {
     /// `--service-health-checks=false` turns it off.
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub service_health_checks: bool,
+}
+
+/// BGP mode: advertising VIPs through BIRD 2.
+#[derive(Debug, Args)]
+pub struct BgpArgs {
+    /// Advertise every VIP with an eligible backend as a /32 (/128) route of BIRD 2: ringlb
+    /// writes them to this file (static protocols `ringlb_vips4` and `ringlb_vips6`), which the
+    /// node's bird.conf includes and exports to its BGP peers (see deploy/bird/), and reloads BIRD
+    /// after each change. Every route is withdrawn on shutdown.
+    #[arg(long, value_name = "PATH")]
+    pub bird_include: Option<PathBuf>,
+    /// BIRD's control socket.
+    #[arg(long, value_name = "PATH", default_value = lb_sync::bird::DEFAULT_SOCKET, requires = "bird_include")]
+    pub bird_socket: PathBuf,
+    /// The birdc program that reloads BIRD (`birdc -s SOCKET configure`).
+    #[arg(long, value_name = "PROGRAM", default_value = "birdc", requires = "bird_include")]
+    pub birdc: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -45,7 +45,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("\nTry it (backend-4 is not ready, so it never answers):\n");
     println!("    for i in 1 2 3 4 5 6; do curl -s http://127.0.0.1:{}/; done\n", args.port);
     println!("Health: curl -s http://127.0.0.1:9901/readyz   Stop: Ctrl-C\n");
-    serve(Source::Fixed(report.snapshot), &args.engine, &args.admin, None, Default::default())
+    serve(Source::Fixed(report.snapshot), &args.engine, &args.admin, None, Default::default(), None)
 }
 
 /// The demo Service and EndpointSlice, as `kubectl get -o yaml` would show them.

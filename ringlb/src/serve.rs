@@ -22,6 +22,7 @@ use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
 use lb_sync::announce::responder::Responder;
+use lb_sync::bird::{self, Bird, BirdConfig};
 use lb_sync::l2::{L2, L2Config};
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
@@ -123,7 +124,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // nothing to answer; no task either.
         service_ports: args.health.service_health_checks && args.defaults.node_name.is_some(),
     };
-    serve(source, &args.engine, &args.admin, vips, health)
+    let routes = args.bgp.bird_include.clone().map(|include| BirdConfig {
+        include,
+        socket: args.bgp.bird_socket.clone(),
+        birdc: args.bgp.birdc.clone(),
+    });
+    serve(source, &args.engine, &args.admin, vips, health, routes)
 }
 
 /// `$POD_NAME` is the usual identity; outside a pod, the host name and PID.
@@ -282,6 +288,7 @@ pub fn serve(
     admin_args: &AdminArgs,
     vips_on_host: Option<Vips>,
     health: HealthServers,
+    routes: Option<BirdConfig>,
 ) -> anyhow::Result<ExitCode> {
     let admin_addr = admin::listen_addr(admin_args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -314,7 +321,8 @@ pub fn serve(
     let node = Arc::new(NodeHealth::new(Arc::clone(&engine)));
     let (followers, vips_wanted) = tokio::sync::watch::channel(Arc::new(Snapshot::empty()));
     let ports_wanted = followers.subscribe();
-    let followers = (vips_on_host.is_some() || health.service_ports).then_some(followers);
+    let routes_wanted = followers.subscribe();
+    let followers = (vips_on_host.is_some() || health.service_ports || routes.is_some()).then_some(followers);
     let sink = EngineSink { engine: Arc::clone(&engine), node: Arc::clone(&node), followers };
 
     let grace = engine_args.shutdown_grace;
@@ -428,6 +436,12 @@ pub fn serve(
             }
             None => None,
         };
+        // BGP mode: the routes follow the table and are withdrawn as soon as serving ends (the
+        // listeners close then), before the drain.
+        let routes_task = routes.map(|config| {
+            let vips = |snapshot: &Arc<Snapshot>| lb_core::advertised_vips(snapshot);
+            tokio::spawn(bird::run(Bird::new(config), routes_wanted, vips, until_stopped()))
+        });
         let served = match source {
             Running::Manifests(source, control) => {
                 control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)
@@ -453,6 +467,11 @@ pub fn serve(
         }
         if served.is_ok() {
             drain(&engine, grace, &mut signals).await;
+        }
+        if let Some(task) = routes_task
+            && tokio::time::timeout(Duration::from_secs(10), task).await.is_err()
+        {
+            tracing::warn!("BIRD's routes were not withdrawn within 10 s");
         }
         if let Some(task) = vip_task {
             let _ = release_vips.send(());

@@ -4,6 +4,7 @@
 //! Every wait is bounded by a deadline and polls a real condition; nothing sleeps as synchronisation.
 #![allow(dead_code)]
 
+pub mod bgp;
 pub mod cluster;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,166 @@
+//! BGP mode end to end: ringlb nodes advertise their VIPs through real BIRD 2 daemons to a router
+//! that runs BIRD too and spreads the client's connections over every node by ECMP (see
+//! `support::bgp` for the fabric). Needs `bird` and `birdc` (Debian's `bird2`) and root for the
+//! network namespaces. Failover times are printed (`--nocapture` shows them).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+use support::bgp::{Fabric, PORT, service, vip};
+use support::{IO_TIMEOUT, greeting, poll_until};
+
+fn ready(backends: &[IpAddr]) -> Vec<(IpAddr, bool)> {
+    backends.iter().map(|ip| (*ip, true)).collect()
+}
+
+/// Connects from the client through the router and reads the backend's name.
+fn through_router(fabric: &Fabric, vip: IpAddr) -> String {
+    let (name, _) = fabric.client.enter(|| greeting(SocketAddr::new(vip, PORT))).expect("reach the VIP");
+    name
+}
+
+#[test]
+fn every_node_advertises_the_vip_and_the_client_reaches_it_through_each_of_them() {
+    let fabric = Fabric::new(3, |backends| service("web", vip(0), &[], &ready(backends)));
+    let settled = fabric.wait_next_hops(vip(0), &fabric.node_addresses());
+    eprintln!("the router has a next hop per node {settled:?} after the last node was ready");
+
+    // The router hashes each connection's 5-tuple: new source ports land on every node in turn.
+    let mut names = BTreeSet::new();
+    poll_until("every node to carry a connection", || {
+        names.insert(through_router(&fabric, vip(0)));
+        fabric.nodes.iter().all(|node| node.accepted() > 0).then_some(())
+    });
+    let accepted: Vec<u64> = fabric.nodes.iter().map(|node| node.accepted()).collect();
+    eprintln!("connections per node: {accepted:?}; backends seen: {names:?}");
+    assert!(names.iter().all(|name| name.starts_with("backend-")), "{names:?}");
+}
+
+/// Connects from `port` of the prober to `vip` and reads the backend's name; the close resets, so
+/// the same source port is free again at once.
+fn from_port(port: u16, vip: IpAddr) -> std::io::Result<String> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.connect_timeout(&SocketAddr::new(vip, PORT).into(), IO_TIMEOUT)?;
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+#[test]
+fn with_maglev_every_node_picks_the_same_backend_for_a_client_address_and_port() {
+    let maglev = [("ringlb.io/scheduler", "maglev"), ("ringlb.io/hash-key", "ip-port")];
+    let fabric = Fabric::new(3, |backends| service("web", vip(0), &maglev, &ready(backends)));
+    let ports: Vec<u16> = (41000..41024).collect();
+    // Each node in turn: the prober's route to the VIP goes through that node only.
+    let choices: Vec<Vec<String>> = fabric
+        .nodes
+        .iter()
+        .map(|node| {
+            let route = ["route", "replace", &format!("{}/32", vip(0)), "via", &node.address.to_string()];
+            fabric.prober.ip(&route).expect("route the VIP through one node");
+            let names = fabric.prober.enter(|| {
+                ports.iter().map(|port| from_port(*port, vip(0)).expect("reach the VIP")).collect::<Vec<_>>()
+            });
+            let accepted = node.accepted();
+            assert!(accepted >= ports.len() as u64, "{} carried the connections: {accepted}", node.peer);
+            names
+        })
+        .collect();
+    for (node, names) in fabric.nodes.iter().zip(&choices).skip(1) {
+        assert_eq!(names, &choices[0], "{} picks as node1 does for every source port", node.peer);
+    }
+    let distinct: BTreeSet<&String> = choices[0].iter().collect();
+    assert!(distinct.len() >= 2, "the ports spread over the backends: {distinct:?}");
+}
+
+#[test]
+fn a_node_that_dies_is_withdrawn_within_bfds_detection_time_and_the_survivors_carry_new_connections() {
+    let mut fabric = Fabric::new(3, |backends| service("web", vip(0), &[], &ready(backends)));
+    fabric.wait_next_hops(vip(0), &fabric.node_addresses());
+    let survivors: Vec<IpAddr> = fabric.nodes[1..].iter().map(|node| node.address).collect();
+    let mut survivors_sorted = survivors.clone();
+    survivors_sorted.sort();
+
+    // A node that loses power says nothing: its link goes silent, then its processes are gone.
+    let dead = &mut fabric.nodes[0];
+    let interface = fabric.b.interface();
+    let start = Instant::now();
+    dead.host.ip(&["link", "set", &interface, "down"]).expect("cut the node's link");
+    drop(dead.ringlb.take());
+    dead.bird.kill();
+    poll_until("the router to withdraw the dead node's next hop", || {
+        (fabric.next_hops(vip(0)) == survivors_sorted).then_some(())
+    });
+    let withdrawn = start.elapsed();
+    eprintln!("a dead node's next hop was withdrawn {withdrawn:?} after its link went silent");
+    // BFD (100 ms × 3) detects it; the 3 s hold timer could not before 2 s.
+    assert!(withdrawn < Duration::from_millis(1500), "withdrawn after {withdrawn:?}");
+
+    let before: u64 = fabric.nodes[1..].iter().map(|node| node.accepted()).sum();
+    for _ in 0..20 {
+        through_router(&fabric, vip(0));
+    }
+    let after: u64 = fabric.nodes[1..].iter().map(|node| node.accepted()).sum();
+    assert_eq!(after - before, 20, "the survivors carry every new connection");
+}
+
+#[test]
+fn a_node_stopped_gracefully_withdraws_its_routes_at_once_and_its_bgp_session_stays_up() {
+    let mut fabric = Fabric::new(2, |backends| service("web", vip(0), &[], &ready(backends)));
+    fabric.wait_next_hops(vip(0), &fabric.node_addresses());
+    let survivor = vec![fabric.nodes[1].address];
+
+    let leaving = fabric.nodes[0].ringlb.take().expect("running");
+    let start = Instant::now();
+    leaving.signal(libc::SIGTERM);
+    poll_until("the router to withdraw the stopping node's next hop", || {
+        (fabric.next_hops(vip(0)) == survivor).then_some(())
+    });
+    let withdrawn = start.elapsed();
+    eprintln!("a node stopped by SIGTERM withdrew its next hop {withdrawn:?} after the signal");
+    assert!(withdrawn < Duration::from_secs(1), "withdrawn after {withdrawn:?}");
+    let status = leaving.wait();
+    assert!(status.success(), "ringlb exits 0 on SIGTERM: {status}");
+    let peer = &fabric.nodes[0].peer;
+    assert!(fabric.router_bird.established(peer), "ringlb withdrew the route, BIRD kept the session");
+    let include = std::fs::read_to_string(&fabric.nodes[0].include).expect("the include file");
+    assert!(!include.contains("route "), "no route is left: {include}");
+    for _ in 0..10 {
+        through_router(&fabric, vip(0));
+    }
+}
+
+#[test]
+fn a_vip_whose_service_loses_every_eligible_endpoint_is_withdrawn_and_comes_back() {
+    let backends = std::cell::RefCell::new(Vec::new());
+    let manifest = |backends: &[IpAddr], web_ready: bool| {
+        let web: Vec<(IpAddr, bool)> = backends.iter().map(|ip| (*ip, web_ready)).collect();
+        format!("{}---\n{}", service("web", vip(0), &[], &web), service("api", vip(1), &[], &ready(backends)))
+    };
+    let fabric = Fabric::new(2, |ips| {
+        backends.replace(ips.to_vec());
+        manifest(ips, true)
+    });
+    let backends = backends.into_inner();
+    let everyone = fabric.node_addresses();
+    fabric.wait_next_hops(vip(0), &everyone);
+    fabric.wait_next_hops(vip(1), &everyone);
+
+    fabric.save_manifest(&manifest(&backends, false));
+    let withdrawn = fabric.wait_next_hops(vip(0), &[]);
+    eprintln!("a VIP without eligible endpoints was withdrawn {withdrawn:?} after the manifest changed");
+    assert_eq!(fabric.next_hops(vip(1)), everyone, "the other Service's VIP stays");
+
+    fabric.save_manifest(&manifest(&backends, true));
+    fabric.wait_next_hops(vip(0), &everyone);
+    assert!(through_router(&fabric, vip(0)).starts_with("backend-"));
+}

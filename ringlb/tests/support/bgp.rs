@@ -1,0 +1,355 @@
+//! A BGP fabric in network namespaces (`testkit::lab`) for the BGP mode's tests: a client, a router
+//! running BIRD 2 with ECMP into its kernel, ringlb nodes each running BIRD and `ringlb run
+//! --bird-include`, and named backends.
+//!
+//! ```text
+//!  segment A               segment B
+//!  client ── router ─┬── node 1 (BIRD + ringlb) ─┐
+//!   .1       .2 | .1 ├── node 2 (BIRD + ringlb) ─┼── backend-1, backend-2, backend-3
+//!                    ├── node …                  │
+//!                    └── prober (routes chosen by a test: one node at a time)
+//! ```
+//!
+//! The client's default route is the router, so it reaches the VIPs only through the router's BGP
+//! routes (ECMP, L4 hash: `fib_multipath_hash_policy=1`); each node holds the VIPs on a link of its
+//! own (`--vip-link`, a port-less bridge) so its kernel takes their traffic as local. Sessions: eBGP,
+//! router AS [`ROUTER_ASN`] (passive), nodes AS [`NODE_ASN`], BFD at 100 ms × 3 on both sides and a
+//! 3 s hold time. VIPs are from TEST-NET-2, a range no segment uses, inside the namespaces only.
+//!
+//! Every process is killed and reaped on drop, before the namespaces go (field order), and
+//! backends made inside a namespace are stopped inside it.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::backends::{Server, named_server_on};
+use testkit::lab::{Host, Lab, Segment};
+
+use super::{Ringlb, http_get, poll_until, save};
+
+pub const ROUTER_ASN: u32 = 64512;
+pub const NODE_ASN: u32 = 64513;
+/// The VIPs' port; backends listen on [`BACKEND_PORT`].
+pub const PORT: u16 = 80;
+pub const BACKEND_PORT: u16 = 8080;
+/// ringlb's admin address inside each node.
+const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
+
+/// The `n`-th VIP (198.51.100.10 + n).
+pub fn vip(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10 + n))
+}
+
+/// A BIRD process (`bird -f`, in a namespace); killed and reaped on drop.
+pub struct Bird {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Bird {
+    /// Writes `config` to `dir/bird.conf` and starts BIRD on it inside `host`, its control socket
+    /// in `dir`; waits until the socket answers.
+    pub fn start(host: &Host, dir: &Path, config: &str) -> Bird {
+        let (conf, socket, pid) = (dir.join("bird.conf"), dir.join("bird.ctl"), dir.join("bird.pid"));
+        std::fs::write(&conf, config).expect("write bird.conf");
+        let mut command = host.command("bird");
+        command.arg("-f").arg("-c").arg(&conf).arg("-s").arg(&socket).arg("-P").arg(&pid);
+        command.stdin(Stdio::null()).stdout(Stdio::null());
+        let child = command.spawn().expect("spawn bird (apt-get install bird2)");
+        let mut bird = Bird { child: Some(child), socket };
+        poll_until("BIRD to answer on its control socket", || {
+            if let Some(Ok(Some(status))) = bird.child.as_mut().map(Child::try_wait) {
+                panic!("bird exited at start: {status} (config: {})", conf.display());
+            }
+            bird.birdc(&["show", "status"]).contains("Daemon is up").then_some(())
+        });
+        bird
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `birdc -s SOCKET args…`: what it printed.
+    pub fn birdc(&self, args: &[&str]) -> String {
+        let output =
+            Command::new("birdc").arg("-s").arg(&self.socket).args(args).output().expect("run birdc");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Whether the BGP protocol `name` is Established.
+    pub fn established(&self, name: &str) -> bool {
+        self.birdc(&["show", "protocols", name]).lines().any(|line| {
+            line.split_whitespace().next() == Some(name)
+                && line.split_whitespace().any(|word| word == "Established")
+        })
+    }
+
+    /// SIGKILL, reaped.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One ringlb node: its host, BIRD and ringlb.
+pub struct Node {
+    pub ringlb: Option<Ringlb>,
+    pub bird: Bird,
+    pub host: Host,
+    pub address: IpAddr,
+    /// The include file ringlb writes.
+    pub include: PathBuf,
+    /// The name of the router's BGP protocol for this node.
+    pub peer: String,
+}
+
+impl Node {
+    /// Client connections this node's ringlb accepted (summed over its workers).
+    pub fn accepted(&self) -> u64 {
+        let status = self.status();
+        status["workers"]
+            .as_array()
+            .expect("/status has workers")
+            .iter()
+            .map(|worker| worker["accepted"].as_u64().expect("a counter"))
+            .sum()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.host.enter(|| http_get(ADMIN, "/status")).expect("GET /status");
+        assert_eq!(code, 200, "/status answers: {body}");
+        serde_json::from_str(&body).expect("/status is JSON")
+    }
+
+    fn wait_ready(&mut self) {
+        let ringlb = self.ringlb.as_mut().expect("running");
+        poll_until("ringlb to answer /readyz with 200", || {
+            assert!(ringlb.is_running(), "ringlb exited before it was ready");
+            self.host.enter(|| http_get(ADMIN, "/readyz")).ok().filter(|(status, _)| *status == 200)
+        });
+    }
+}
+
+/// A backend made inside its host, stopped there too (it stops by connecting to itself).
+struct Backend {
+    server: Option<Server>,
+    host: Host,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let server = self.server.take();
+        self.host.enter(move || drop(server));
+    }
+}
+
+/// See the module doc.
+pub struct Fabric {
+    pub nodes: Vec<Node>,
+    pub router_bird: Bird,
+    backends: Vec<Backend>,
+    pub client: Host,
+    pub router: Host,
+    pub prober: Host,
+    pub a: Segment,
+    pub b: Segment,
+    _lab: Lab,
+    pub manifest: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Fabric {
+    /// A fabric of `nodes` ringlb nodes and three backends (`backend-1` …), serving what
+    /// `manifest(backend addresses)` says; returns once every node is ready.
+    pub fn new(nodes: usize, manifest: impl Fn(&[IpAddr]) -> String) -> Fabric {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let lab = Lab::create().expect("a lab");
+        let (a, b) = (lab.segment().expect("segment A"), lab.segment().expect("segment B"));
+        let (client, router) = (lab.host("client").expect("a host"), lab.host("router").expect("a host"));
+        lab.join(&client, &a).expect("join");
+        let router_a = lab.join(&router, &a).expect("join");
+        let router_b = lab.join(&router, &b).expect("join");
+        client.ip(&["route", "add", "default", "via", &router_a.to_string()]).expect("client route");
+        router.sysctl("net.ipv4.ip_forward", "1").expect("sysctl");
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1").expect("sysctl");
+        let hosts: Vec<(Host, IpAddr)> = (1..=nodes)
+            .map(|n| {
+                let host = lab.host(&format!("node{n}")).expect("a host");
+                let address = lab.join(&host, &b).expect("join");
+                host.ip(&["route", "add", &a.cidr(), "via", &router_b.to_string()]).expect("node route");
+                (host, address)
+            })
+            .collect();
+        let prober = lab.host("prober").expect("a host");
+        lab.join(&prober, &b).expect("join");
+        let backends: Vec<Backend> = (1..=3)
+            .map(|n| {
+                let host = lab.host(&format!("backend{n}")).expect("a host");
+                let address = lab.join(&host, &b).expect("join");
+                let name = format!("backend-{n}");
+                let server = host
+                    .enter(|| named_server_on(SocketAddr::new(address, BACKEND_PORT), &name))
+                    .expect("a backend");
+                Backend { server: Some(server), host }
+            })
+            .collect();
+        let backend_ips: Vec<IpAddr> =
+            backends.iter().map(|backend| backend.server.as_ref().expect("running").addr().ip()).collect();
+        let manifest_path = dir.path().join("services.yaml");
+        save(&manifest_path, &manifest(&backend_ips));
+
+        let router_dir = dir.path().join("router");
+        std::fs::create_dir(&router_dir).expect("mkdir");
+        let peers: Vec<(String, IpAddr)> =
+            hosts.iter().enumerate().map(|(i, (_, address))| (format!("node{}", i + 1), *address)).collect();
+        let router_bird = Bird::start(&router, &router_dir, &router_config(router_b, &peers));
+
+        let nodes = hosts
+            .into_iter()
+            .zip(peers)
+            .map(|((host, address), (peer, _))| {
+                let node_dir = dir.path().join(&peer);
+                std::fs::create_dir(&node_dir).expect("mkdir");
+                // The operator's part: the include file exists before BIRD first reads it.
+                let include = node_dir.join("ringlb.conf");
+                std::fs::write(&include, "").expect("an empty include file");
+                let bird = Bird::start(&host, &node_dir, &node_config(address, router_b, &include));
+                let mut command = host.command(env!("CARGO_BIN_EXE_ringlb"));
+                command.arg("run").arg("--manifests").arg(&manifest_path);
+                command.arg("--bird-include").arg(&include).arg("--bird-socket").arg(bird.socket());
+                command.args(["--vip-link", "ringlb-vips", "--vip-link-kind", "bridge"]);
+                command.args(["--admin", &ADMIN.to_string(), "--workers", "1", "--no-pin"]);
+                command.args(["--shutdown-grace", "1s", "--log-level", "warn"]);
+                let ringlb = Ringlb::spawn(command, ADMIN);
+                let mut node = Node { ringlb: Some(ringlb), bird, host, address, include, peer };
+                node.wait_ready();
+                node
+            })
+            .collect();
+        Fabric {
+            nodes,
+            router_bird,
+            backends,
+            client,
+            router,
+            prober,
+            a,
+            b,
+            _lab: lab,
+            manifest: manifest_path,
+            _dir: dir,
+        }
+    }
+
+    /// The next hops of the router's kernel route to `vip` (empty: no route).
+    pub fn next_hops(&self, vip: IpAddr) -> Vec<IpAddr> {
+        let output = self
+            .router
+            .command("ip")
+            .args(["route", "show", "to", "exact", &format!("{vip}/32")])
+            .output()
+            .expect("run ip");
+        let shown = String::from_utf8_lossy(&output.stdout).into_owned();
+        let words: Vec<&str> = shown.split_whitespace().collect();
+        let mut hops: Vec<IpAddr> = words
+            .windows(2)
+            .filter(|pair| pair[0] == "via")
+            .filter_map(|pair| pair[1].parse().ok())
+            .collect();
+        hops.sort();
+        hops
+    }
+
+    /// The node addresses, sorted (what [`Fabric::next_hops`] shows with every node up).
+    pub fn node_addresses(&self) -> Vec<IpAddr> {
+        let mut addresses: Vec<IpAddr> = self.nodes.iter().map(|node| node.address).collect();
+        addresses.sort();
+        addresses
+    }
+
+    /// Polls until the router's next hops to `vip` are `expected`; returns how long that took.
+    pub fn wait_next_hops(&self, vip: IpAddr, expected: &[IpAddr]) -> Duration {
+        let start = Instant::now();
+        poll_until(&format!("the router's next hops to {vip} to be {expected:?}"), || {
+            (self.next_hops(vip) == expected).then_some(())
+        });
+        start.elapsed()
+    }
+
+    /// Rewrites the manifest every node serves.
+    pub fn save_manifest(&self, text: &str) {
+        save(&self.manifest, text);
+    }
+}
+
+fn router_config(router: IpAddr, peers: &[(String, IpAddr)]) -> String {
+    let mut text = format!(
+        "log stderr {{ warning, error, fatal, bug }};\n\
+         router id {router};\n\
+         protocol device {{ }}\n\
+         # ECMP: BGP routes of equal merit become one multipath route in the kernel.\n\
+         protocol kernel {{\n  merge paths on;\n  ipv4 {{ import none; export all; }};\n}}\n\
+         protocol bfd {{\n  interface \"*\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }};\n}}\n\
+         template bgp ringlb_node {{\n  local {router} as {ROUTER_ASN};\n  passive on;\n  hold time 3;\n  \
+         bfd on;\n  ipv4 {{ import all; export none; }};\n}}\n"
+    );
+    for (name, address) in peers {
+        let _ =
+            writeln!(text, "protocol bgp {name} from ringlb_node {{ neighbor {address} as {NODE_ASN}; }}");
+    }
+    text
+}
+
+fn node_config(node: IpAddr, router: IpAddr, include: &Path) -> String {
+    format!(
+        "log stderr {{ warning, error, fatal, bug }};\n\
+         router id {node};\n\
+         protocol device {{ }}\n\
+         include \"{include}\";\n\
+         protocol bfd {{\n  interface \"*\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }};\n}}\n\
+         protocol bgp tor {{\n  local {node} as {NODE_ASN};\n  neighbor {router} as {ROUTER_ASN};\n  \
+         hold time 3;\n  connect delay time 1;\n  connect retry time 1;\n  error wait time 1, 5;\n  bfd on;\n  \
+         ipv4 {{ import none; export where proto = \"ringlb_vips4\"; }};\n}}\n",
+        include = include.display()
+    )
+}
+
+/// A Service `shop/<name>` with external IP `vip` on [`PORT`], `annotations` (`key: value` lines)
+/// and one slice of `(ip, ready)` endpoints on [`BACKEND_PORT`].
+pub fn service(
+    name: &str,
+    vip: IpAddr,
+    annotations: &[(&str, &str)],
+    endpoints: &[(IpAddr, bool)],
+) -> String {
+    let mut text = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n");
+    if !annotations.is_empty() {
+        text.push_str("  annotations:\n");
+        for (key, value) in annotations {
+            let _ = writeln!(text, "    {key}: \"{value}\"");
+        }
+    }
+    let _ = write!(
+        text,
+        "spec:\n  externalIPs: [\"{vip}\"]\n  ports:\n  - name: http\n    port: {PORT}\n    targetPort: http\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abc12\n  \
+         namespace: shop\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\n\
+         ports:\n- name: http\n  port: {BACKEND_PORT}\n  protocol: TCP\nendpoints:\n"
+    );
+    for (ip, ready) in endpoints {
+        let _ = writeln!(text, "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}");
+    }
+    text
+}
