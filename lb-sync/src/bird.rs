@@ -2,11 +2,13 @@
 //! the routing daemon that speaks BGP (and BFD) to the network for this node.
 //!
 //! ringlb owns one file, the include file (`--bird-include`): two static protocols,
-//! [`PROTOCOL_V4`] and [`PROTOCOL_V6`], with one `unreachable` route per VIP. The operator's
-//! `bird.conf` includes it and exports those protocols to its BGP peers (see `deploy/bird/`); BIRD
-//! sets itself as the next hop, and routes that leave the file are withdrawn. After each change ringlb
-//! asks BIRD to reread its configuration through the control socket (`birdc -s SOCKET configure`),
-//! which changes only the static routes and keeps every BGP session up.
+//! [`PROTOCOL_V4`] and [`PROTOCOL_V6`], with one route per VIP: `unreachable`, or through the
+//! liveness link (`--bird-liveness-link`, see [`crate::liveness_link`]) so that the routes of a ringlb
+//! that died without withdrawing them go with it. The operator's `bird.conf` includes the file and
+//! exports those protocols to its BGP peers (see `deploy/bird/`); BIRD sets itself as the next hop,
+//! and routes that leave the file are withdrawn. After each change ringlb asks BIRD to reread its
+//! configuration through the control socket (`birdc -s SOCKET configure`), which changes only the
+//! static routes and keeps every BGP session up.
 //!
 //! Invariants:
 //! - the file is replaced atomically (a temporary sibling renamed over it), so BIRD never reads half of
@@ -27,6 +29,8 @@ use std::time::Duration;
 
 use lb_core::LogThrottle;
 use tokio::sync::watch;
+
+use crate::liveness_link::LivenessLink;
 
 /// The static protocol of the IPv4 VIPs in the include file.
 pub const PROTOCOL_V4: &str = "ringlb_vips4";
@@ -78,23 +82,31 @@ pub enum BirdError {
 }
 
 /// The include file for `vips`: both static protocols, always present (an empty protocol is valid),
-/// so the operator's export filters never name a protocol that does not exist.
+/// so the operator's export filters never name a protocol that does not exist. With a liveness link
+/// (see [`crate::liveness_link`]) each route goes through it, and lives only while it is up.
 ///
 /// ```
 /// let vips = ["192.0.2.7".parse().unwrap()].into();
-/// let text = lb_sync::bird::render(&vips);
-/// assert!(text.contains("route 192.0.2.7/32 unreachable;"));
+/// assert!(lb_sync::bird::render(&vips, None).contains("route 192.0.2.7/32 unreachable;"));
+/// let live = lb_sync::bird::render(&vips, Some("ringlb-live"));
+/// assert!(live.contains("route 192.0.2.7/32 via \"ringlb-live\";"));
 /// ```
-pub fn render(vips: &BTreeSet<IpAddr>) -> String {
+pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>) -> String {
     let mut text = String::from(
         "# Written by ringlb (--bird-include): the VIPs this node advertises. Do not edit: ringlb\n\
          # replaces this file whenever they change, then runs `birdc configure`.\n",
     );
     for (protocol, channel, v4) in [(PROTOCOL_V4, "ipv4", true), (PROTOCOL_V6, "ipv6", false)] {
         let _ = writeln!(text, "protocol static {protocol} {{\n  {channel};");
+        if liveness_link.is_some() {
+            text.push_str("  check link;\n");
+        }
         for vip in vips.iter().filter(|vip| vip.is_ipv4() == v4) {
             let prefix = if v4 { 32 } else { 128 };
-            let _ = writeln!(text, "  route {vip}/{prefix} unreachable;");
+            match liveness_link {
+                Some(link) => _ = writeln!(text, "  route {vip}/{prefix} via \"{link}\";"),
+                None => _ = writeln!(text, "  route {vip}/{prefix} unreachable;"),
+            }
         }
         text.push_str("}\n");
     }
@@ -102,14 +114,21 @@ pub fn render(vips: &BTreeSet<IpAddr>) -> String {
 }
 
 /// Writes the include file and has BIRD reread its configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Bird {
     config: BirdConfig,
+    /// Dropped (the interface deleted) only after the routes were withdrawn, or with the process.
+    liveness_link: Option<LivenessLink>,
 }
 
 impl Bird {
     pub fn new(config: BirdConfig) -> Bird {
-        Bird { config }
+        Bird { config, liveness_link: None }
+    }
+
+    /// Routes through `link` from now on: BIRD drops them when the link goes with this process.
+    pub fn with_liveness_link(self, link: LivenessLink) -> Bird {
+        Bird { liveness_link: Some(link), ..self }
     }
 
     pub fn config(&self) -> &BirdConfig {
@@ -118,7 +137,8 @@ impl Bird {
 
     /// Makes `vips` BIRD's routes: writes the include file, then `birdc configure`.
     pub async fn apply(&self, vips: &BTreeSet<IpAddr>) -> Result<(), BirdError> {
-        write_atomically(&self.config.include, &render(vips))
+        let text = render(vips, self.liveness_link.as_ref().map(LivenessLink::name));
+        write_atomically(&self.config.include, &text)
             .map_err(|error| BirdError::Write { path: self.config.include.clone(), error })?;
         self.reconfigure().await
     }
@@ -261,7 +281,7 @@ mod tests {
 
     #[test]
     fn the_include_file_holds_one_unreachable_route_per_vip_in_its_familys_protocol() {
-        let text = render(&vips(&["192.0.2.7", "2001:db8::5", "192.0.2.1"]));
+        let text = render(&vips(&["192.0.2.7", "2001:db8::5", "192.0.2.1"]), None);
         let body: Vec<&str> = text.lines().filter(|line| !line.starts_with('#')).collect();
         assert_eq!(
             body,
@@ -277,9 +297,30 @@ mod tests {
                 "}",
             ]
         );
-        let empty = render(&BTreeSet::new());
+        let empty = render(&BTreeSet::new(), None);
         assert!(empty.contains("protocol static ringlb_vips4 {\n  ipv4;\n}"), "{empty}");
         assert!(empty.contains("protocol static ringlb_vips6 {\n  ipv6;\n}"), "{empty}");
+    }
+
+    #[test]
+    fn with_a_liveness_link_every_route_goes_through_it_and_follows_its_link_state() {
+        let text = render(&vips(&["192.0.2.7", "2001:db8::5"]), Some("ringlb-live"));
+        let body: Vec<&str> = text.lines().filter(|line| !line.starts_with('#')).collect();
+        assert_eq!(
+            body,
+            [
+                "protocol static ringlb_vips4 {",
+                "  ipv4;",
+                "  check link;",
+                "  route 192.0.2.7/32 via \"ringlb-live\";",
+                "}",
+                "protocol static ringlb_vips6 {",
+                "  ipv6;",
+                "  check link;",
+                "  route 2001:db8::5/128 via \"ringlb-live\";",
+                "}",
+            ]
+        );
     }
 
     #[test]
@@ -289,7 +330,7 @@ mod tests {
         std::fs::write(dir.path().join("ringlb.conf"), "old").expect("write");
         runtime().block_on(bird.apply(&vips(&["192.0.2.7"]))).expect("applied");
         let written = std::fs::read_to_string(dir.path().join("ringlb.conf")).expect("read");
-        assert_eq!(written, render(&vips(&["192.0.2.7"])));
+        assert_eq!(written, render(&vips(&["192.0.2.7"]), None));
         let socket = dir.path().join("bird.ctl");
         assert_eq!(calls(dir.path()), [format!("-s {} configure", socket.display())]);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -353,7 +394,7 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), task).await.expect("run ends").expect("no panic");
         });
         let text = std::fs::read_to_string(&include).expect("read");
-        assert_eq!(text, render(&BTreeSet::new()), "everything withdrawn at stop");
+        assert_eq!(text, render(&BTreeSet::new(), None), "everything withdrawn at stop");
     }
 
     /// Polls `done` every 10 ms; panics naming `what` after 10 s.

@@ -24,6 +24,7 @@ mod health;
 pub mod kubeconfig;
 pub mod l2;
 pub mod leader;
+pub mod liveness_link;
 pub mod manifest;
 mod readiness;
 mod sink;

@@ -102,6 +102,11 @@ pub struct BgpArgs {
     /// The birdc program that reloads BIRD (`birdc -s SOCKET configure`).
     #[arg(long, value_name = "PROGRAM", default_value = "birdc", requires = "bird_include")]
     pub birdc: PathBuf,
+    /// Route the VIPs through a TUN interface of this name that ringlb creates and that the kernel
+    /// deletes when ringlb ends, however it ends: BIRD then withdraws the routes of a ringlb that
+    /// was killed or crashed. Needs /dev/net/tun and CAP_NET_ADMIN.
+    #[arg(long, value_name = "NAME", requires = "bird_include")]
+    pub bird_liveness_link: Option<String>,
 }
 
 #[derive(Debug, Args)]

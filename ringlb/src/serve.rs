@@ -25,6 +25,7 @@ use lb_sync::announce::responder::Responder;
 use lb_sync::bird::{self, Bird, BirdConfig};
 use lb_sync::l2::{L2, L2Config};
 use lb_sync::leader::{self, LeaseConfig};
+use lb_sync::liveness_link::LivenessLink;
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
 use lb_sync::{ControlLoop, HealthStatus, KubeSource, ManifestSource, Readiness, SnapshotSink};
 use serde_json::json;
@@ -63,6 +64,12 @@ pub struct HealthServers {
     pub node: Option<SocketAddr>,
     /// Answer the snapshots' health-check node ports (`--service-health-checks` with a node name).
     pub service_ports: bool,
+}
+
+/// BGP mode: how BIRD learns the routes (`--bird-include` …), and the liveness link's name.
+pub struct Routes {
+    pub bird: BirdConfig,
+    pub liveness_link: Option<String>,
 }
 
 /// What serving a cluster needs besides the control loop.
@@ -124,10 +131,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // nothing to answer; no task either.
         service_ports: args.health.service_health_checks && args.defaults.node_name.is_some(),
     };
-    let routes = args.bgp.bird_include.clone().map(|include| BirdConfig {
-        include,
-        socket: args.bgp.bird_socket.clone(),
-        birdc: args.bgp.birdc.clone(),
+    let routes = args.bgp.bird_include.clone().map(|include| Routes {
+        bird: BirdConfig { include, socket: args.bgp.bird_socket.clone(), birdc: args.bgp.birdc.clone() },
+        liveness_link: args.bgp.bird_liveness_link.clone(),
     });
     serve(source, &args.engine, &args.admin, vips, health, routes)
 }
@@ -288,7 +294,7 @@ pub fn serve(
     admin_args: &AdminArgs,
     vips_on_host: Option<Vips>,
     health: HealthServers,
-    routes: Option<BirdConfig>,
+    routes: Option<Routes>,
 ) -> anyhow::Result<ExitCode> {
     let admin_addr = admin::listen_addr(admin_args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -390,6 +396,23 @@ pub fn serve(
         if let Some(status) = service_health {
             tokio::spawn(service_health::run(ports_wanted, Arc::clone(&node), status));
         }
+        // BGP mode: the routes follow the table and are withdrawn as soon as serving ends (the
+        // listeners close then), before the drain. Nothing is advertised before the first table,
+        // so a start-up error below leaves no route behind.
+        let routes_task = match routes {
+            Some(Routes { bird: config, liveness_link }) => {
+                let mut routing = Bird::new(config);
+                if let Some(name) = liveness_link {
+                    let link = LivenessLink::open(&name)
+                        .await
+                        .with_context(|| format!("preparing the liveness link {name}"))?;
+                    routing = routing.with_liveness_link(link);
+                }
+                let vips = |snapshot: &Arc<Snapshot>| lb_core::advertised_vips(snapshot);
+                Some(tokio::spawn(bird::run(routing, routes_wanted, vips, until_stopped())))
+            }
+            None => None,
+        };
         // Last before serving, so that no later start-up error leaves the link behind; the VIPs
         // stay on it until the connections on them have drained.
         let (release_vips, vips_released) = tokio::sync::oneshot::channel::<()>();
@@ -436,12 +459,6 @@ pub fn serve(
             }
             None => None,
         };
-        // BGP mode: the routes follow the table and are withdrawn as soon as serving ends (the
-        // listeners close then), before the drain.
-        let routes_task = routes.map(|config| {
-            let vips = |snapshot: &Arc<Snapshot>| lb_core::advertised_vips(snapshot);
-            tokio::spawn(bird::run(Bird::new(config), routes_wanted, vips, until_stopped()))
-        });
         let served = match source {
             Running::Manifests(source, control) => {
                 control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)

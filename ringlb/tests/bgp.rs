@@ -118,8 +118,12 @@ fn a_node_stopped_gracefully_withdraws_its_routes_at_once_and_its_bgp_session_st
     let mut fabric = Fabric::new(2, |backends| service("web", vip(0), &[], &ready(backends)));
     fabric.wait_next_hops(vip(0), &fabric.node_addresses());
     let survivor = vec![fabric.nodes[1].address];
+    // A connection through the leaving node holds its drain open (`--shutdown-grace 1s`).
+    let route = ["route", "replace", &format!("{}/32", vip(0)), "via", &fabric.nodes[0].address.to_string()];
+    fabric.prober.ip(&route).expect("route the VIP through the leaving node");
+    let (_, open) = fabric.prober.enter(|| greeting(SocketAddr::new(vip(0), PORT))).expect("reach the VIP");
 
-    let leaving = fabric.nodes[0].ringlb.take().expect("running");
+    let mut leaving = fabric.nodes[0].ringlb.take().expect("running");
     let start = Instant::now();
     leaving.signal(libc::SIGTERM);
     poll_until("the router to withdraw the stopping node's next hop", || {
@@ -128,12 +132,38 @@ fn a_node_stopped_gracefully_withdraws_its_routes_at_once_and_its_bgp_session_st
     let withdrawn = start.elapsed();
     eprintln!("a node stopped by SIGTERM withdrew its next hop {withdrawn:?} after the signal");
     assert!(withdrawn < Duration::from_secs(1), "withdrawn after {withdrawn:?}");
-    let status = leaving.wait();
-    assert!(status.success(), "ringlb exits 0 on SIGTERM: {status}");
+    assert!(leaving.is_running(), "ringlb withdrew while it drained, not by exiting");
     let peer = &fabric.nodes[0].peer;
     assert!(fabric.router_bird.established(peer), "ringlb withdrew the route, BIRD kept the session");
     let include = std::fs::read_to_string(&fabric.nodes[0].include).expect("the include file");
     assert!(!include.contains("route "), "no route is left: {include}");
+    drop(open);
+    let status = leaving.wait();
+    assert!(status.success(), "ringlb exits 0 on SIGTERM: {status}");
+    for _ in 0..10 {
+        through_router(&fabric, vip(0));
+    }
+}
+
+#[test]
+fn a_ringlb_killed_while_its_bird_runs_on_has_its_routes_withdrawn_through_the_liveness_link() {
+    let mut fabric = Fabric::new(2, |backends| service("web", vip(0), &[], &ready(backends)));
+    fabric.wait_next_hops(vip(0), &fabric.node_addresses());
+    let survivor = vec![fabric.nodes[1].address];
+
+    let killed = fabric.nodes[0].ringlb.take().expect("running");
+    let start = Instant::now();
+    // SIGKILL: ringlb withdraws nothing itself; its TUN link goes with its descriptors.
+    drop(killed);
+    poll_until("the router to withdraw the killed ringlb's next hop", || {
+        (fabric.next_hops(vip(0)) == survivor).then_some(())
+    });
+    let withdrawn = start.elapsed();
+    eprintln!("a SIGKILLed ringlb's next hop was withdrawn {withdrawn:?} after the kill");
+    assert!(withdrawn < Duration::from_secs(1), "withdrawn after {withdrawn:?}");
+    let include = std::fs::read_to_string(&fabric.nodes[0].include).expect("the include file");
+    assert!(include.contains(&format!("route {}/32", vip(0))), "the file still names the route: {include}");
+    assert!(fabric.router_bird.established(&fabric.nodes[0].peer), "only the route went, not the session");
     for _ in 0..10 {
         through_router(&fabric, vip(0));
     }

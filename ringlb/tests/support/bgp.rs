@@ -12,7 +12,8 @@
 //!
 //! The client's default route is the router, so it reaches the VIPs only through the router's BGP
 //! routes (ECMP, L4 hash: `fib_multipath_hash_policy=1`); each node holds the VIPs on a link of its
-//! own (`--vip-link`, a port-less bridge) so its kernel takes their traffic as local. Sessions: eBGP,
+//! own (`--vip-link`, a port-less bridge) so its kernel takes their traffic as local, and routes
+//! them through a liveness link (`--bird-liveness-link`) that dies with it. Sessions: eBGP,
 //! router AS [`ROUTER_ASN`] (passive), nodes AS [`NODE_ASN`], BFD at 100 ms × 3 on both sides and a
 //! 3 s hold time. VIPs are from TEST-NET-2, a range no segment uses, inside the namespaces only.
 //!
@@ -35,6 +36,8 @@ pub const NODE_ASN: u32 = 64513;
 /// The VIPs' port; backends listen on [`BACKEND_PORT`].
 pub const PORT: u16 = 80;
 pub const BACKEND_PORT: u16 = 8080;
+/// The TUN interface each node's ringlb routes its VIPs through (`--bird-liveness-link`).
+pub const LIVENESS_LINK: &str = "ringlb-live";
 /// ringlb's admin address inside each node.
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
 
@@ -229,6 +232,7 @@ impl Fabric {
                 let mut command = host.command(env!("CARGO_BIN_EXE_ringlb"));
                 command.arg("run").arg("--manifests").arg(&manifest_path);
                 command.arg("--bird-include").arg(&include).arg("--bird-socket").arg(bird.socket());
+                command.args(["--bird-liveness-link", LIVENESS_LINK]);
                 command.args(["--vip-link", "ringlb-vips", "--vip-link-kind", "bridge"]);
                 command.args(["--admin", &ADMIN.to_string(), "--workers", "1", "--no-pin"]);
                 command.args(["--shutdown-grace", "1s", "--log-level", "warn"]);
