@@ -107,6 +107,18 @@ pub struct BgpArgs {
     /// was killed or crashed. Needs /dev/net/tun and CAP_NET_ADMIN.
     #[arg(long, value_name = "NAME", requires = "bird_include")]
     pub bird_liveness_link: Option<String>,
+    /// This node's AS number, for the BGP sessions ringlb renders itself (--bgp-peer): then
+    /// bird.conf needs only a router id, `protocol device` and the include.
+    #[arg(long, value_name = "ASN", requires_all = ["bird_include", "bgp_peers"])]
+    pub bgp_asn: Option<u32>,
+    /// A BGP neighbour as ADDRESS:ASN (repeatable), rendered into --bird-include; it gets the
+    /// VIPs of its address family and nothing is imported from it.
+    #[arg(long = "bgp-peer", value_name = "ADDRESS:ASN", requires = "bgp_asn", value_parser = parse_peer)]
+    pub bgp_peers: Vec<lb_sync::bird::BgpPeer>,
+    /// Guard the rendered sessions with BFD (100 ms x 3): renders a BFD protocol of ringlb's own, so
+    /// bird.conf must have none.
+    #[arg(long, requires = "bgp_asn")]
+    pub bgp_bfd: bool,
 }
 
 #[derive(Debug, Args)]
@@ -353,6 +365,10 @@ pub enum NotReadyArg {
     Close,
 }
 
+fn parse_peer(value: &str) -> Result<lb_sync::bird::BgpPeer, String> {
+    value.parse().map_err(|e: lb_sync::bird::peers::InvalidPeer| e.to_string())
+}
+
 fn parse_scheduler(value: &str) -> Result<SchedulerKind, String> {
     value.parse().map_err(|e: lb_core::scheduler::UnknownScheduler| e.to_string())
 }
@@ -372,6 +388,21 @@ mod tests {
         assert_eq!(parse_admin("off"), Ok(AdminAddr::Off));
         assert_eq!(parse_admin("127.0.0.1:9901"), Ok(AdminAddr::Listen("127.0.0.1:9901".parse().unwrap())));
         assert!(parse_admin("localhost").is_err());
+    }
+
+    #[test]
+    fn bgp_peers_need_an_asn_and_an_include_file() {
+        let run =
+            |flags: &[&str]| Cli::try_parse_from(["ringlb", "run", "--manifests", "m"].iter().chain(flags));
+        let parsed = run(&["--bird-include", "f", "--bgp-asn", "64513", "--bgp-peer", "192.0.2.1:64512"]);
+        let Command::Run(args) = parsed.expect("valid flags").command else { panic!("not run") };
+        assert_eq!((args.bgp.bgp_asn, args.bgp.bgp_peers.len(), args.bgp.bgp_bfd), (Some(64513), 1, false));
+        assert!(run(&["--bird-include", "f", "--bgp-peer", "192.0.2.1:64512"]).is_err(), "no --bgp-asn");
+        assert!(run(&["--bird-include", "f", "--bgp-asn", "64513"]).is_err(), "no --bgp-peer");
+        assert!(run(&["--bgp-asn", "64513", "--bgp-peer", "192.0.2.1:64512"]).is_err(), "no include");
+        let bad =
+            run(&["--bird-include", "f", "--bgp-asn", "1", "--bgp-peer", "192.0.2.1"]).expect_err("bad");
+        assert!(bad.to_string().contains("no :ASN"), "{bad}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
 use lb_sync::announce::responder::Responder;
-use lb_sync::bird::{self, Bird, BirdConfig};
+use lb_sync::bird::{self, Bird, BirdConfig, Peering};
 use lb_sync::l2::{L2, L2Config};
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::liveness_link::LivenessLink;
@@ -132,7 +132,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         service_ports: args.health.service_health_checks && args.defaults.node_name.is_some(),
     };
     let routes = args.bgp.bird_include.clone().map(|include| Routes {
-        bird: BirdConfig { include, socket: args.bgp.bird_socket.clone(), birdc: args.bgp.birdc.clone() },
+        bird: BirdConfig {
+            include,
+            socket: args.bgp.bird_socket.clone(),
+            birdc: args.bgp.birdc.clone(),
+            peering: args.bgp.bgp_asn.map(|local_asn| Peering {
+                local_asn,
+                peers: args.bgp.bgp_peers.clone(),
+                bfd: args.bgp.bgp_bfd,
+            }),
+        },
         liveness_link: args.bgp.bird_liveness_link.clone(),
     });
     serve(source, &args.engine, &args.admin, vips, health, routes)

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
-use support::bgp::{Fabric, PORT, service, vip};
+use support::bgp::{Fabric, PORT, Sessions, service, vip};
 use support::{IO_TIMEOUT, greeting, poll_until};
 
 fn ready(backends: &[IpAddr]) -> Vec<(IpAddr, bool)> {
@@ -193,4 +193,25 @@ fn a_vip_whose_service_loses_every_eligible_endpoint_is_withdrawn_and_comes_back
     fabric.save_manifest(&manifest(&backends, true));
     fabric.wait_next_hops(vip(0), &everyone);
     assert!(through_router(&fabric, vip(0)).starts_with("backend-"));
+}
+
+#[test]
+fn ringlb_renders_the_bgp_session_itself_when_given_peers_and_a_stop_withdraws_only_the_routes() {
+    let fabric =
+        Fabric::with(2, Sessions::RenderedByRinglb, |backends| service("web", vip(0), &[], &ready(backends)));
+    fabric.wait_next_hops(vip(0), &fabric.node_addresses());
+    assert!(through_router(&fabric, vip(0)).starts_with("backend-"));
+    for node in &fabric.nodes {
+        let bfd = fabric.router_bird.birdc(&["show", "bfd", "sessions"]);
+        assert!(bfd.contains(&node.address.to_string()) && bfd.contains("Up"), "BFD to {}: {bfd}", node.peer);
+    }
+
+    let mut fabric = fabric;
+    let leaving = fabric.nodes[0].ringlb.take().expect("running");
+    let status = leaving.terminate();
+    assert!(status.success(), "ringlb exits 0 on SIGTERM: {status}");
+    fabric.wait_next_hops(vip(0), &[fabric.nodes[1].address]);
+    let include = std::fs::read_to_string(&fabric.nodes[0].include).expect("the include file");
+    assert!(!include.contains("route ") && include.contains("protocol bgp ringlb_peer1"), "{include}");
+    assert!(fabric.router_bird.established(&fabric.nodes[0].peer), "the session outlives the routes");
 }

@@ -173,10 +173,24 @@ pub struct Fabric {
     _dir: tempfile::TempDir,
 }
 
+/// Who configures a node's BGP session to the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sessions {
+    /// The node's bird.conf (the deploy/bird/node.conf way).
+    InBirdConf,
+    /// ringlb renders it into its include file (`--bgp-asn`, `--bgp-peer`, `--bgp-bfd`).
+    RenderedByRinglb,
+}
+
 impl Fabric {
     /// A fabric of `nodes` ringlb nodes and three backends (`backend-1` …), serving what
     /// `manifest(backend addresses)` says; returns once every node is ready.
     pub fn new(nodes: usize, manifest: impl Fn(&[IpAddr]) -> String) -> Fabric {
+        Fabric::with(nodes, Sessions::InBirdConf, manifest)
+    }
+
+    /// [`Fabric::new`] with the nodes' BGP sessions configured as `sessions` says.
+    pub fn with(nodes: usize, sessions: Sessions, manifest: impl Fn(&[IpAddr]) -> String) -> Fabric {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let lab = Lab::create().expect("a lab");
         let (a, b) = (lab.segment().expect("segment A"), lab.segment().expect("segment B"));
@@ -228,11 +242,19 @@ impl Fabric {
                 // The operator's part: the include file exists before BIRD first reads it.
                 let include = node_dir.join("ringlb.conf");
                 std::fs::write(&include, "").expect("an empty include file");
-                let bird = Bird::start(&host, &node_dir, &node_config(address, router_b, &include));
+                let config = match sessions {
+                    Sessions::InBirdConf => node_config(address, router_b, &include),
+                    Sessions::RenderedByRinglb => bare_node_config(address, &include),
+                };
+                let bird = Bird::start(&host, &node_dir, &config);
                 let mut command = host.command(env!("CARGO_BIN_EXE_ringlb"));
                 command.arg("run").arg("--manifests").arg(&manifest_path);
                 command.arg("--bird-include").arg(&include).arg("--bird-socket").arg(bird.socket());
                 command.args(["--bird-liveness-link", LIVENESS_LINK]);
+                if sessions == Sessions::RenderedByRinglb {
+                    command.args(["--bgp-asn", &NODE_ASN.to_string(), "--bgp-bfd"]);
+                    command.args(["--bgp-peer", &format!("{router_b}:{ROUTER_ASN}")]);
+                }
                 command.args(["--vip-link", "ringlb-vips", "--vip-link-kind", "bridge"]);
                 command.args(["--admin", &ADMIN.to_string(), "--workers", "1", "--no-pin"]);
                 command.args(["--shutdown-grace", "1s", "--log-level", "warn"]);
@@ -327,6 +349,14 @@ fn node_config(node: IpAddr, router: IpAddr, include: &Path) -> String {
          hold time 3;\n  connect delay time 1;\n  connect retry time 1;\n  error wait time 1, 5;\n  bfd on;\n  \
          ipv4 {{ import none; export where proto = \"ringlb_vips4\"; }};\n}}\n",
         include = include.display()
+    )
+}
+
+/// A node's bird.conf when ringlb renders the session: nothing but the include.
+fn bare_node_config(node: IpAddr, include: &Path) -> String {
+    format!(
+        "log stderr {{ warning, error, fatal, bug }};\nrouter id {node};\nprotocol device {{ }}\ninclude \"{}\";\n",
+        include.display()
     )
 }
 

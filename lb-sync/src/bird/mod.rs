@@ -32,6 +32,10 @@ use tokio::sync::watch;
 
 use crate::liveness_link::LivenessLink;
 
+pub mod peers;
+
+pub use peers::{BgpPeer, Peering};
+
 /// The static protocol of the IPv4 VIPs in the include file.
 pub const PROTOCOL_V4: &str = "ringlb_vips4";
 /// The static protocol of the IPv6 VIPs in the include file.
@@ -58,6 +62,9 @@ pub struct BirdConfig {
     pub socket: PathBuf,
     /// The `birdc` program (`--birdc`): a name looked up in `PATH`, or a path.
     pub birdc: PathBuf,
+    /// BGP sessions ringlb renders itself (`--bgp-asn`, `--bgp-peer`; see [`peers`]); `None` when
+    /// `bird.conf` has them.
+    pub peering: Option<Peering>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,15 +90,16 @@ pub enum BirdError {
 
 /// The include file for `vips`: both static protocols, always present (an empty protocol is valid),
 /// so the operator's export filters never name a protocol that does not exist. With a liveness link
-/// (see [`crate::liveness_link`]) each route goes through it, and lives only while it is up.
+/// (see [`crate::liveness_link`]) each route goes through it, and lives only while it is up. With a
+/// `peering`, the BGP sessions follow (see [`peers`]).
 ///
 /// ```
 /// let vips = ["192.0.2.7".parse().unwrap()].into();
-/// assert!(lb_sync::bird::render(&vips, None).contains("route 192.0.2.7/32 unreachable;"));
-/// let live = lb_sync::bird::render(&vips, Some("ringlb-live"));
+/// assert!(lb_sync::bird::render(&vips, None, None).contains("route 192.0.2.7/32 unreachable;"));
+/// let live = lb_sync::bird::render(&vips, Some("ringlb-live"), None);
 /// assert!(live.contains("route 192.0.2.7/32 via \"ringlb-live\";"));
 /// ```
-pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>) -> String {
+pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>, peering: Option<&Peering>) -> String {
     let mut text = String::from(
         "# Written by ringlb (--bird-include): the VIPs this node advertises. Do not edit: ringlb\n\
          # replaces this file whenever they change, then runs `birdc configure`.\n",
@@ -109,6 +117,9 @@ pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>) -> String {
             }
         }
         text.push_str("}\n");
+    }
+    if let Some(peering) = peering {
+        peers::render(peering, &mut text);
     }
     text
 }
@@ -137,7 +148,8 @@ impl Bird {
 
     /// Makes `vips` BIRD's routes: writes the include file, then `birdc configure`.
     pub async fn apply(&self, vips: &BTreeSet<IpAddr>) -> Result<(), BirdError> {
-        let text = render(vips, self.liveness_link.as_ref().map(LivenessLink::name));
+        let link = self.liveness_link.as_ref().map(LivenessLink::name);
+        let text = render(vips, link, self.config.peering.as_ref());
         write_atomically(&self.config.include, &text)
             .map_err(|error| BirdError::Write { path: self.config.include.clone(), error })?;
         self.reconfigure().await
@@ -272,7 +284,8 @@ mod tests {
     }
 
     fn bird(dir: &Path, birdc: PathBuf) -> Bird {
-        Bird::new(BirdConfig { include: dir.join("ringlb.conf"), socket: dir.join("bird.ctl"), birdc })
+        let (include, socket) = (dir.join("ringlb.conf"), dir.join("bird.ctl"));
+        Bird::new(BirdConfig { include, socket, birdc, peering: None })
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -281,7 +294,7 @@ mod tests {
 
     #[test]
     fn the_include_file_holds_one_unreachable_route_per_vip_in_its_familys_protocol() {
-        let text = render(&vips(&["192.0.2.7", "2001:db8::5", "192.0.2.1"]), None);
+        let text = render(&vips(&["192.0.2.7", "2001:db8::5", "192.0.2.1"]), None, None);
         let body: Vec<&str> = text.lines().filter(|line| !line.starts_with('#')).collect();
         assert_eq!(
             body,
@@ -297,14 +310,14 @@ mod tests {
                 "}",
             ]
         );
-        let empty = render(&BTreeSet::new(), None);
+        let empty = render(&BTreeSet::new(), None, None);
         assert!(empty.contains("protocol static ringlb_vips4 {\n  ipv4;\n}"), "{empty}");
         assert!(empty.contains("protocol static ringlb_vips6 {\n  ipv6;\n}"), "{empty}");
     }
 
     #[test]
     fn with_a_liveness_link_every_route_goes_through_it_and_follows_its_link_state() {
-        let text = render(&vips(&["192.0.2.7", "2001:db8::5"]), Some("ringlb-live"));
+        let text = render(&vips(&["192.0.2.7", "2001:db8::5"]), Some("ringlb-live"), None);
         let body: Vec<&str> = text.lines().filter(|line| !line.starts_with('#')).collect();
         assert_eq!(
             body,
@@ -330,7 +343,7 @@ mod tests {
         std::fs::write(dir.path().join("ringlb.conf"), "old").expect("write");
         runtime().block_on(bird.apply(&vips(&["192.0.2.7"]))).expect("applied");
         let written = std::fs::read_to_string(dir.path().join("ringlb.conf")).expect("read");
-        assert_eq!(written, render(&vips(&["192.0.2.7"]), None));
+        assert_eq!(written, render(&vips(&["192.0.2.7"]), None, None));
         let socket = dir.path().join("bird.ctl");
         assert_eq!(calls(dir.path()), [format!("-s {} configure", socket.display())]);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -394,7 +407,7 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), task).await.expect("run ends").expect("no panic");
         });
         let text = std::fs::read_to_string(&include).expect("read");
-        assert_eq!(text, render(&BTreeSet::new(), None), "everything withdrawn at stop");
+        assert_eq!(text, render(&BTreeSet::new(), None, None), "everything withdrawn at stop");
     }
 
     /// Polls `done` every 10 ms; panics naming `what` after 10 s.
