@@ -405,9 +405,9 @@ pub fn serve(
         if let Some(status) = service_health {
             tokio::spawn(service_health::run(ports_wanted, Arc::clone(&node), status));
         }
-        // BGP mode: the routes follow the table and are withdrawn as soon as serving ends (the
-        // listeners close then), before the drain. Nothing is advertised before the first table,
-        // so a start-up error below leaves no route behind.
+        // BGP mode: the routes follow the table and are withdrawn as soon as serving ends, before
+        // the listeners close. Nothing is advertised before the first table, so a start-up error
+        // below leaves no route behind.
         let routes_task = match routes {
             Some(Routes { bird: config, liveness_link }) => {
                 let mut routing = Bird::new(config);
@@ -486,6 +486,13 @@ pub fn serve(
         node.begin_drain();
         // A leader gives the Lease up now, so another replica takes over while this one drains.
         let _ = stop.send(true);
+        // BGP mode: the routes go before the listeners close, so that a connection the router still
+        // sends here meanwhile is accepted (and then drained) rather than refused.
+        if let Some(task) = routes_task
+            && tokio::time::timeout(Duration::from_secs(6), task).await.is_err()
+        {
+            tracing::warn!("BIRD's routes were not withdrawn within 6 s");
+        }
         for duty in duties {
             if tokio::time::timeout(Duration::from_secs(5), duty).await.is_err() {
                 tracing::warn!("a cluster task did not stop within 5 s");
@@ -493,11 +500,6 @@ pub fn serve(
         }
         if served.is_ok() {
             drain(&engine, grace, &mut signals).await;
-        }
-        if let Some(task) = routes_task
-            && tokio::time::timeout(Duration::from_secs(10), task).await.is_err()
-        {
-            tracing::warn!("BIRD's routes were not withdrawn within 10 s");
         }
         if let Some(task) = vip_task {
             let _ = release_vips.send(());

@@ -146,6 +146,29 @@ fn a_node_stopped_gracefully_withdraws_its_routes_at_once_and_its_bgp_session_st
 }
 
 #[test]
+fn a_stopping_node_accepts_new_connections_until_bird_has_taken_its_routes_back() {
+    let mut fabric = Fabric::new(1, |backends| service("web", vip(0), &[], &ready(backends)));
+    fabric.wait_next_hops(vip(0), &fabric.node_addresses());
+    let route = ["route", "replace", &format!("{}/32", vip(0)), "via", &fabric.nodes[0].address.to_string()];
+    fabric.prober.ip(&route).expect("route the VIP through the node");
+    fabric.slow_down_birdc();
+
+    let leaving = fabric.nodes[0].ringlb.take().expect("running");
+    leaving.signal(libc::SIGTERM);
+    let include = fabric.nodes[0].include.clone();
+    poll_until("ringlb to write the empty set (its birdc now takes a second)", || {
+        std::fs::read_to_string(&include).is_ok_and(|text| !text.contains("route ")).then_some(())
+    });
+    // The withdrawal is under way and the router still routes here: the listeners must be open.
+    assert_eq!(fabric.next_hops(vip(0)), fabric.node_addresses(), "not withdrawn yet");
+    let (name, _) = fabric.prober.enter(|| greeting(SocketAddr::new(vip(0), PORT))).expect("still accepted");
+    assert!(name.starts_with("backend-"), "{name}");
+    fabric.wait_next_hops(vip(0), &[]);
+    let status = leaving.wait();
+    assert!(status.success(), "ringlb exits 0 on SIGTERM: {status}");
+}
+
+#[test]
 fn a_ringlb_killed_while_its_bird_runs_on_has_its_routes_withdrawn_through_the_liveness_link() {
     let mut fabric = Fabric::new(2, |backends| service("web", vip(0), &[], &ready(backends)));
     fabric.wait_next_hops(vip(0), &fabric.node_addresses());

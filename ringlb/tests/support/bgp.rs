@@ -224,6 +224,13 @@ impl Fabric {
             .collect();
         let backend_ips: Vec<IpAddr> =
             backends.iter().map(|backend| backend.server.as_ref().expect("running").addr().ip()).collect();
+        // Every node's ringlb runs birdc through this, which waits a second first while
+        // `slow-birdc` exists (see [`Fabric::slow_down_birdc`]).
+        let birdc = dir.path().join("birdc");
+        let marker = dir.path().join("slow-birdc");
+        let script = format!("#!/bin/sh\n[ -e '{}' ] && sleep 1\nexec birdc \"$@\"\n", marker.display());
+        std::fs::write(&birdc, script).expect("write the birdc wrapper");
+        std::fs::set_permissions(&birdc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let manifest_path = dir.path().join("services.yaml");
         save(&manifest_path, &manifest(&backend_ips));
 
@@ -250,6 +257,7 @@ impl Fabric {
                 let mut command = host.command(env!("CARGO_BIN_EXE_ringlb"));
                 command.arg("run").arg("--manifests").arg(&manifest_path);
                 command.arg("--bird-include").arg(&include).arg("--bird-socket").arg(bird.socket());
+                command.arg("--birdc").arg(&birdc);
                 command.args(["--bird-liveness-link", LIVENESS_LINK]);
                 if sessions == Sessions::RenderedByRinglb {
                     command.args(["--bgp-asn", &NODE_ASN.to_string(), "--bgp-bfd"]);
@@ -312,6 +320,11 @@ impl Fabric {
             (self.next_hops(vip) == expected).then_some(())
         });
         start.elapsed()
+    }
+
+    /// From now on every node's `birdc configure` takes a second more.
+    pub fn slow_down_birdc(&self) {
+        std::fs::write(self._dir.path().join("slow-birdc"), "").expect("write the marker");
     }
 
     /// Rewrites the manifest every node serves.
