@@ -225,8 +225,12 @@ fn ringlb_renders_the_bgp_session_itself_when_given_peers_and_a_stop_withdraws_o
     fabric.wait_next_hops(vip(0), &fabric.node_addresses());
     assert!(through_router(&fabric, vip(0)).starts_with("backend-"));
     for node in &fabric.nodes {
-        let bfd = fabric.router_bird.birdc(&["show", "bfd", "sessions"]);
-        assert!(bfd.contains(&node.address.to_string()) && bfd.contains("Up"), "BFD to {}: {bfd}", node.peer);
+        poll_until(&format!("the router's BFD session to {} to be up", node.peer), || {
+            let bfd = fabric.router_bird.birdc(&["show", "bfd", "sessions"]);
+            bfd.lines()
+                .any(|line| line.starts_with(&node.address.to_string()) && line.contains(" Up "))
+                .then_some(())
+        });
     }
 
     let mut fabric = fabric;
