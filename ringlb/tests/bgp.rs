@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
-use support::bgp::{Fabric, PORT, Sessions, service, vip};
+use support::bgp::{Fabric, PORT, Sessions, service, v6_of, vip, vip6};
 use support::{IO_TIMEOUT, greeting, poll_until};
 
 fn ready(backends: &[IpAddr]) -> Vec<(IpAddr, bool)> {
@@ -38,6 +38,26 @@ fn every_node_advertises_the_vip_and_the_client_reaches_it_through_each_of_them(
     let accepted: Vec<u64> = fabric.nodes.iter().map(|node| node.accepted()).collect();
     eprintln!("connections per node: {accepted:?}; backends seen: {names:?}");
     assert!(names.iter().all(|name| name.starts_with("backend-")), "{names:?}");
+}
+
+#[test]
+fn an_ipv6_vip_is_advertised_as_a_128_and_reached_through_every_node() {
+    let fabric = Fabric::new(2, |backends| {
+        let backends6: Vec<IpAddr> = backends.iter().map(|ip| v6_of(*ip)).collect();
+        format!(
+            "{}---\n{}",
+            service("web", vip(0), &[], &ready(backends)),
+            service("web6", vip6(0), &[], &ready(&backends6))
+        )
+    });
+    fabric.wait_next_hops(vip6(0), &fabric.node_addresses6());
+    fabric.wait_next_hops(vip(0), &fabric.node_addresses());
+    poll_until("every node to carry an IPv6 connection", || {
+        assert!(through_router(&fabric, vip6(0)).starts_with("backend-"));
+        fabric.nodes.iter().all(|node| node.accepted() > 0).then_some(())
+    });
+    let include = std::fs::read_to_string(&fabric.nodes[0].include).expect("the include file");
+    assert!(include.contains(&format!("route {}/128 via", vip6(0))), "{include}");
 }
 
 /// Connects from `port` of the prober to `vip` and reads the backend's name; the close resets, so
