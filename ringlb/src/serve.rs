@@ -22,7 +22,7 @@ use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
 use lb_sync::announce::responder::Responder;
-use lb_sync::bird::{self, Bird, BirdConfig, Peering};
+use lb_sync::bird::{self, Bird, BirdConfig, BirdStatus, Peering};
 use lb_sync::l2::{L2, L2Config};
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::liveness_link::LivenessLink;
@@ -249,6 +249,8 @@ struct ServeState {
     leading: Option<tokio::sync::watch::Receiver<bool>>,
     /// The health-check node ports; `None` when they are not answered.
     service_health: Option<Arc<ServiceHealthStatus>>,
+    /// BGP mode's routes in BIRD; `None` without `--bird-include`.
+    bgp: Option<BirdStatus>,
 }
 
 impl AdminState for ServeState {
@@ -290,6 +292,12 @@ impl AdminState for ServeState {
             "source": source,
             "health": health,
             "leader": self.leading.as_ref().map(|leading| *leading.borrow()),
+            "bgp": self.bgp.as_ref().map(|bgp| json!({
+                "routes": bgp.routes(),
+                "reconfigurations": bgp.reconfigurations(),
+                "failures": bgp.failures(),
+                "failing": bgp.failing(),
+            })),
             "node_healthy": self.node.is_healthy(),
             "service_health": self.service_health.as_ref().map(|status| status.to_json()),
             "workers": workers,
@@ -340,6 +348,7 @@ pub fn serve(
     let followers = (vips_on_host.is_some() || health.service_ports || routes.is_some()).then_some(followers);
     let sink = EngineSink { engine: Arc::clone(&engine), node: Arc::clone(&node), followers };
 
+    let bgp_status = routes.as_ref().map(|_| BirdStatus::default());
     let grace = engine_args.shutdown_grace;
     let outcome = runtime.block_on(async {
         let mut signals = Signals::new();
@@ -391,6 +400,7 @@ pub fn serve(
                 health: control.map(ControlLoop::health_status),
                 leading,
                 service_health: service_health.clone(),
+                bgp: bgp_status.clone(),
             };
             tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
@@ -410,7 +420,7 @@ pub fn serve(
         // below leaves no route behind.
         let routes_task = match routes {
             Some(Routes { bird: config, liveness_link }) => {
-                let mut routing = Bird::new(config);
+                let mut routing = Bird::new(config).with_status(bgp_status.clone().unwrap_or_default());
                 if let Some(name) = liveness_link {
                     let link = LivenessLink::open(&name)
                         .await

@@ -35,6 +35,10 @@ fn every_node_advertises_the_vip_and_the_client_reaches_it_through_each_of_them(
         names.insert(through_router(&fabric, vip(0)));
         fabric.nodes.iter().all(|node| node.accepted() > 0).then_some(())
     });
+    for node in &fabric.nodes {
+        let bgp = &node.status()["bgp"];
+        assert_eq!((bgp["routes"].as_u64(), bgp["failing"].as_bool()), (Some(1), Some(false)), "{bgp}");
+    }
     let accepted: Vec<u64> = fabric.nodes.iter().map(|node| node.accepted()).collect();
     eprintln!("connections per node: {accepted:?}; backends seen: {names:?}");
     assert!(names.iter().all(|name| name.starts_with("backend-")), "{names:?}");

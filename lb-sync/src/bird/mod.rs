@@ -25,6 +25,8 @@ use std::fmt::Write as _;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use lb_core::LogThrottle;
@@ -124,17 +126,74 @@ pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>, peering: Opt
     text
 }
 
+/// What [`run`] has done, for the admin endpoint (`/status` → `bgp`); clones share the counters.
+#[derive(Debug, Clone, Default)]
+pub struct BirdStatus(Arc<BirdCounters>);
+
+#[derive(Debug, Default)]
+struct BirdCounters {
+    routes: AtomicU64,
+    reconfigurations: AtomicU64,
+    failures: AtomicU64,
+    failing: AtomicBool,
+}
+
+impl BirdStatus {
+    /// The routes of the set BIRD last accepted.
+    pub fn routes(&self) -> u64 {
+        self.0.routes.load(Ordering::Relaxed)
+    }
+
+    /// Changes BIRD accepted (file written, `birdc configure` succeeded).
+    pub fn reconfigurations(&self) -> u64 {
+        self.0.reconfigurations.load(Ordering::Relaxed)
+    }
+
+    /// Attempts that failed (each retried).
+    pub fn failures(&self) -> u64 {
+        self.0.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last attempt failed: BIRD's routes may differ from the served table.
+    pub fn failing(&self) -> bool {
+        self.0.failing.load(Ordering::Relaxed)
+    }
+
+    /// One attempt: the routes BIRD accepted, or `None` when it failed.
+    fn record(&self, accepted: Option<usize>) {
+        let counters = &self.0;
+        match accepted {
+            Some(routes) => {
+                counters.routes.store(routes as u64, Ordering::Relaxed);
+                counters.reconfigurations.fetch_add(1, Ordering::Relaxed);
+            }
+            None => _ = counters.failures.fetch_add(1, Ordering::Relaxed),
+        }
+        counters.failing.store(accepted.is_none(), Ordering::Relaxed);
+    }
+}
+
 /// Writes the include file and has BIRD reread its configuration.
 #[derive(Debug)]
 pub struct Bird {
     config: BirdConfig,
     /// Dropped (the interface deleted) only after the routes were withdrawn, or with the process.
     liveness_link: Option<LivenessLink>,
+    status: BirdStatus,
 }
 
 impl Bird {
     pub fn new(config: BirdConfig) -> Bird {
-        Bird { config, liveness_link: None }
+        Bird { config, liveness_link: None, status: BirdStatus::default() }
+    }
+
+    /// Reports to `status` (e.g. one the admin endpoint already shows) from now on.
+    pub fn with_status(self, status: BirdStatus) -> Bird {
+        Bird { status, ..self }
+    }
+
+    pub fn status(&self) -> &BirdStatus {
+        &self.status
     }
 
     /// Routes through `link` from now on: BIRD drops them when the link goes with this process.
@@ -219,7 +278,9 @@ pub async fn run<T>(
         let failing = if applied.as_ref() == Some(&target) {
             false
         } else {
-            match bird.apply(&target).await {
+            let outcome = bird.apply(&target).await;
+            bird.status.record(outcome.is_ok().then_some(target.len()));
+            match outcome {
                 Ok(()) => {
                     tracing::debug!(%include, routes = target.len(), "BIRD routes updated");
                     if applied.is_none() {
@@ -250,7 +311,9 @@ pub async fn run<T>(
             () = retry => {}
         }
     }
-    match bird.apply(&BTreeSet::new()).await {
+    let withdrawn = bird.apply(&BTreeSet::new()).await;
+    bird.status.record(withdrawn.is_ok().then_some(0));
+    match withdrawn {
         Ok(()) => tracing::info!(%include, "BIRD routes withdrawn"),
         Err(error) => tracing::warn!(%error, "cannot withdraw BIRD's routes"),
     }
@@ -382,19 +445,22 @@ mod tests {
         let healthy = dir.path().join("healthy");
         let script = std::fs::read_to_string(&failing)
             .expect("read")
-            .replace("[ 1 -eq 0 ]", &format!("[ -e '{}' ]", healthy.display()));
+            .replace("exit 1", &format!("[ -e '{}' ]", healthy.display()));
         std::fs::write(&failing, script).expect("write");
         let bird = bird(dir.path(), failing);
+        let status = bird.status().clone();
         let (wanted, receiver) = watch::channel(vips(&["192.0.2.1"]));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let calls = || calls(dir.path());
         let written = || std::fs::read_to_string(&include).unwrap_or_default();
         runtime().block_on(async {
             let task = tokio::spawn(run(bird, receiver, BTreeSet::clone, stopped));
-            until("a first, failing attempt", || !calls().is_empty()).await;
+            until("a first, failing attempt", || status.failing()).await;
             assert!(written().contains("192.0.2.1/32"));
+            assert_eq!((status.routes(), status.reconfigurations()), (0, 0));
             std::fs::write(&healthy, "").expect("heal birdc");
-            until("the retry", || calls().len() >= 2).await;
+            until("the retry", || !status.failing()).await;
+            assert_eq!((status.routes(), status.reconfigurations(), status.failures()), (1, 1, 1));
             let settled = calls().len();
             wanted.send_replace(vips(&["192.0.2.1"]));
             wanted.send_replace(vips(&["192.0.2.2"]));
@@ -408,6 +474,7 @@ mod tests {
         });
         let text = std::fs::read_to_string(&include).expect("read");
         assert_eq!(text, render(&BTreeSet::new(), None, None), "everything withdrawn at stop");
+        assert_eq!((status.routes(), status.reconfigurations(), status.failing()), (0, 3, false));
     }
 
     /// Polls `done` every 10 ms; panics naming `what` after 10 s.
