@@ -146,3 +146,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Longest duration any timeout annotation accepts (30 days), so adding it to an `Instant` in the
 /// datapath can never overflow.
 pub const MAX_DURATION_SECS: u64 = 30 * 24 * 3600;
+
+/// On the member Lease of L2 cluster mode (`<--lease-name>-l2`): the members as a JSON object of
+/// node name → heartbeat address, `{"node-a": "10.0.0.1:7946"}`. Written by ringlb only (see
+/// [`crate::l2::members`]); a value that does not parse counts as an empty list, logged.
+pub const L2_MEMBERS: &str = "ringlb.io/l2-members";

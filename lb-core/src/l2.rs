@@ -21,10 +21,12 @@
 //!   only then does the newcomer claim. When an owner dies, the survivors drop it after `timeout`
 //!   and the new winner claims at once (the other survivors' last word names the dead owner, not
 //!   themselves).
-//! - **Isolation** ([`Peers::claims`]'s `quorum`): with a quorum rule, a replica that hears no
-//!   more than half of the members claims nothing, so the minority side of a partition falls
-//!   silent while the majority takes its IPs over. Without it (two appliance nodes: a survivor
-//!   never has a majority) a partition can make both sides answer, as with VRRP.
+//! - **Isolation** ([`Peers::claims`]'s `may_claim`, decided by the caller): with static peers
+//!   and a quorum rule ([`Peers::has_quorum`]), a replica that hears no more than half of the
+//!   members claims nothing, so the minority side of a partition falls silent while the majority
+//!   takes its IPs over. Without it (two appliance nodes: a survivor never has a majority) a
+//!   partition can make both sides answer, as with VRRP. In a cluster the Kubernetes API
+//!   arbitrates instead: [`members`] (who is listed, and the gate).
 //!
 //! - **Same inputs**: replicas whose snapshots differ for a moment (an endpoint change reaching
 //!   one first) would disagree about an IP's candidates, so heartbeats carry a [`digest`] of the
@@ -42,6 +44,8 @@ use std::time::{Duration, Instant};
 use crate::builder::endpoints::{is_ready, is_serving_terminating};
 use crate::hash::{encode_ip, xxh64};
 use crate::model::{ServiceEntry, Snapshot};
+
+pub mod members;
 
 /// The seed of [`score`]; changing it moves every IP.
 const SEED: u64 = 0x004c_326f_776e_6572; // "L2owner"
@@ -204,7 +208,7 @@ impl Peers {
     }
 
     /// Takes in a heartbeat; returns whether what this replica counts as live may have changed.
-    pub fn heard(&mut self, now: Instant, heartbeat: &Heartbeat<'_>) -> bool {
+    pub fn handle_heartbeat(&mut self, now: Instant, heartbeat: &Heartbeat<'_>) -> bool {
         if heartbeat.node == &*self.me {
             return false;
         }
@@ -254,6 +258,21 @@ impl Peers {
         1 + self.peers.values().filter(|peer| self.is_live(peer, now)).count()
     }
 
+    /// The peers heard within `timeout`, settled or not (this replica not included).
+    pub fn heard(&self, now: Instant) -> BTreeSet<Arc<str>> {
+        self.peers
+            .iter()
+            .filter(|(_, peer)| self.is_live(peer, now))
+            .map(|(node, _)| Arc::clone(node))
+            .collect()
+    }
+
+    /// The static quorum rule: whether this replica counts more than half of `members` (itself
+    /// included) as live.
+    pub fn has_quorum(&self, now: Instant, members: usize) -> bool {
+        self.live(now).len() * 2 > members
+    }
+
     /// The earliest moment after `now` when a live peer would be gone, or this replica settles.
     pub fn next_change(&self, now: Instant) -> Option<Instant> {
         let expiries = self.peers.values().map(|peer| peer.heard + self.timeout);
@@ -266,29 +285,23 @@ impl Peers {
         self.peers.iter().filter(|(node, _)| live.contains(*node)).all(|(_, peer)| peer.digest == digest)
     }
 
-    /// The IPs this replica announces now, of `candidates`: none before it settled, none without
-    /// a quorum when `quorum` counts `members` (a replica hearing half of them or fewer falls
-    /// silent), else those it wins among [`Peers::live`] that no live peer still claims by its
-    /// last heartbeat; and, unless `may_take` (the caller's judgement of [`Peers::agreed`]), only
+    /// The IPs this replica announces now, of `candidates`: none unless `may_claim` (it settled
+    /// and its isolation rule lets it: [`Peers::has_quorum`], [`members::Membership::admits`]),
+    /// else those it wins among [`Peers::live`] that no live peer still claims by its last
+    /// heartbeat; and, unless `may_take` (the caller's judgement of [`Peers::agreed`]), only
     /// those it already `held`: a peer that computed other candidates may still hold the rest.
     pub fn claims(
         &self,
         now: Instant,
-        settled: bool,
-        quorum: Option<usize>,
+        may_claim: bool,
         candidates: &BTreeMap<IpAddr, Candidates>,
         held: &BTreeSet<IpAddr>,
         may_take: bool,
     ) -> BTreeSet<IpAddr> {
-        if !settled {
+        if !may_claim {
             return BTreeSet::new();
         }
         let live = self.live(now);
-        if let Some(members) = quorum
-            && live.len() * 2 <= members
-        {
-            return BTreeSet::new();
-        }
         let others: Vec<(&Arc<str>, &Peer)> =
             self.peers.iter().filter(|(node, _)| live.contains(*node)).collect();
         candidates

@@ -127,11 +127,6 @@ impl L2 {
         let mut unsent = true;
         let mut disagreeing_since: Option<Instant> = None;
         let (mut open, mut link_open) = (true, true);
-        // The decision is redone only when an input changed: with thousands of VIPs it costs
-        // milliseconds, and most heartbeats change nothing.
-        let mut dirty = true;
-        let mut claims = BTreeSet::new();
-        let mut last_timed = None;
         tracing::info!(node = %config.node, listen = %config.listen, peers = ?config.peers, "L2 agreement");
         loop {
             let now = Instant::now();
@@ -147,17 +142,8 @@ impl L2 {
                 );
             }
             let holding = held.borrow_and_update().clone();
-            // What time alone changes (settling, a peer going quiet, patience running out) is
-            // compared rather than tied to the timer, which another branch may beat.
-            let timed = (settled, peers.live(now), agreed || patience_over);
-            if last_timed.as_ref() != Some(&timed) {
-                last_timed = Some(timed);
-                dirty = true;
-            }
-            if std::mem::take(&mut dirty) {
-                let quorum = config.quorum.then_some(members);
-                claims = peers.claims(now, settled, quorum, &candidates, &holding, agreed || patience_over);
-            }
+            let may_claim = settled && (!config.quorum || peers.has_quorum(now, members));
+            let claims = peers.claims(now, may_claim, &candidates, &holding, agreed || patience_over);
             owned.send_if_modified(|current| {
                 if *current == claims {
                     return false;
@@ -214,7 +200,7 @@ impl L2 {
                                 live: &wire.live,
                                 digest: wire.digest,
                             };
-                            dirty = peers.heard(Instant::now(), &heartbeat);
+                            peers.handle_heartbeat(Instant::now(), &heartbeat);
                         }
                         None => {
                             counters.heartbeats_rejected.fetch_add(1, Ordering::Relaxed);
@@ -224,15 +210,9 @@ impl L2 {
                         }
                     }
                 }
-                changed = held.changed(), if link_open => {
-                    link_open = changed.is_ok();
-                    dirty = true;
-                }
+                changed = held.changed(), if link_open => link_open = changed.is_ok(),
                 changed = snapshots.changed(), if open => match changed {
-                    Ok(()) => {
-                        (candidates, digest) = candidates_of(&snapshots.borrow_and_update());
-                        dirty = true;
-                    }
+                    Ok(()) => (candidates, digest) = candidates_of(&snapshots.borrow_and_update()),
                     Err(_) => open = false,
                 },
                 () = expiry => {}

@@ -41,15 +41,14 @@ fn placed(vip: IpAddr, protocol: Protocol, local: bool, on: &[(&str, bool)]) -> 
     entry
 }
 
-/// What `peers` claims holding nothing yet, free to take.
+/// What `peers` claims holding nothing yet, free to take, if `may_claim`.
 fn free(
     peers: &Peers,
     now: Instant,
-    settled: bool,
-    quorum: Option<usize>,
+    may_claim: bool,
     candidates: &BTreeMap<IpAddr, Candidates>,
 ) -> BTreeSet<IpAddr> {
-    peers.claims(now, settled, quorum, candidates, &BTreeSet::new(), true)
+    peers.claims(now, may_claim, candidates, &BTreeSet::new(), true)
 }
 
 /// A heartbeat of `node` counting `live` as live.
@@ -140,9 +139,9 @@ fn a_starting_replica_claims_nothing_until_it_settled() {
     let peers = Peers::new("node-a", TIMEOUT, t0);
     let all = any((0..32).map(ip));
     assert!(!peers.settled(t0, 1));
-    assert!(free(&peers, t0, false, None, &all).is_empty());
+    assert!(free(&peers, t0, false, &all).is_empty());
     assert!(peers.settled(t0 + TIMEOUT, 1), "settles after one timeout alone");
-    assert_eq!(free(&peers, t0 + TIMEOUT, true, None, &all).len(), 32, "alone, it holds everything");
+    assert_eq!(free(&peers, t0 + TIMEOUT, true, &all).len(), 32, "alone, it holds everything");
 }
 
 #[test]
@@ -150,10 +149,10 @@ fn two_live_replicas_split_the_ips_and_never_both_claim_one() {
     let t0 = origin();
     let (mut a, mut b) = (Peers::new("node-a", TIMEOUT, t0), Peers::new("node-b", TIMEOUT, t0));
     let both = names(&["node-a", "node-b"]);
-    a.heard(t0, &beat("node-b", true, &both));
-    b.heard(t0, &beat("node-a", true, &both));
+    a.handle_heartbeat(t0, &beat("node-b", true, &both));
+    b.handle_heartbeat(t0, &beat("node-a", true, &both));
     let all = any((0..64).map(ip));
-    let (claims_a, claims_b) = (free(&a, t0, true, None, &all), free(&b, t0, true, None, &all));
+    let (claims_a, claims_b) = (free(&a, t0, true, &all), free(&b, t0, true, &all));
     assert!(claims_a.is_disjoint(&claims_b));
     assert_eq!(claims_a.len() + claims_b.len(), 64, "every IP is someone's");
     assert!(!claims_a.is_empty() && !claims_b.is_empty());
@@ -164,25 +163,25 @@ fn a_joining_replica_takes_an_ip_only_after_its_owner_released_it() {
     let t0 = origin();
     let all = any((0..64).map(ip));
     let mut a = Peers::new("node-a", TIMEOUT, t0);
-    let held = free(&a, t0 + TIMEOUT, true, None, &all);
+    let held = free(&a, t0 + TIMEOUT, true, &all);
     assert_eq!(held.len(), 64);
     // node-b starts: unsettled, it takes nothing and costs node-a nothing.
     let t1 = t0 + TIMEOUT * 2;
     let (alone, both) = (names(&["node-b"]), names(&["node-a", "node-b"]));
-    a.heard(t1, &beat("node-b", false, &alone));
-    assert_eq!(free(&a, t1, true, None, &all), held);
+    a.handle_heartbeat(t1, &beat("node-b", false, &alone));
+    assert_eq!(free(&a, t1, true, &all), held);
     // node-b heard node-a and settled, but node-a's last word still counts only itself.
     let mut b = Peers::new("node-b", TIMEOUT, t1);
-    b.heard(t1, &beat("node-a", true, &names(&["node-a"])));
+    b.handle_heartbeat(t1, &beat("node-a", true, &names(&["node-a"])));
     assert!(b.settled(t1, 1), "settled at once: it hears the one peer it expects");
-    assert!(free(&b, t1, true, None, &all).is_empty(), "node-a has not released yet");
+    assert!(free(&b, t1, true, &all).is_empty(), "node-a has not released yet");
     // node-a hears node-b settled and releases node-b's share...
-    a.heard(t1, &beat("node-b", true, &both));
-    let kept = free(&a, t1, true, None, &all);
+    a.handle_heartbeat(t1, &beat("node-b", true, &both));
+    let kept = free(&a, t1, true, &all);
     assert!(kept.len() < 64);
     // ...and once node-b hears that, it takes exactly the rest.
-    b.heard(t1, &beat("node-a", true, &both));
-    let taken = free(&b, t1, true, None, &all);
+    b.handle_heartbeat(t1, &beat("node-a", true, &both));
+    let taken = free(&b, t1, true, &all);
     assert!(taken.is_disjoint(&kept));
     assert_eq!(taken.len() + kept.len(), 64);
 }
@@ -193,15 +192,15 @@ fn a_dead_owners_ips_go_to_the_survivors_after_one_timeout() {
     let all = any((0..64).map(ip));
     let three = names(&["node-a", "node-b", "node-c"]);
     let mut a = Peers::new("node-a", TIMEOUT, t0);
-    a.heard(t0, &beat("node-b", true, &three));
-    a.heard(t0, &beat("node-c", true, &three));
-    let before = free(&a, t0, true, None, &all);
+    a.handle_heartbeat(t0, &beat("node-b", true, &three));
+    a.handle_heartbeat(t0, &beat("node-c", true, &three));
+    let before = free(&a, t0, true, &all);
     // node-c dies: its heartbeats stop; node-b keeps beating, still counting node-c for a while.
     let later = t0 + TIMEOUT / 2;
-    a.heard(later, &beat("node-b", true, &three));
-    assert_eq!(free(&a, t0 + TIMEOUT - Duration::from_millis(1), true, None, &all), before);
+    a.handle_heartbeat(later, &beat("node-b", true, &three));
+    assert_eq!(free(&a, t0 + TIMEOUT - Duration::from_millis(1), true, &all), before);
     assert_eq!(a.next_change(t0), Some(t0 + TIMEOUT), "re-decided when node-c would be gone");
-    let after = free(&a, t0 + TIMEOUT, true, None, &all);
+    let after = free(&a, t0 + TIMEOUT, true, &all);
     let c_held: BTreeSet<IpAddr> = all
         .keys()
         .copied()
@@ -223,10 +222,11 @@ fn without_a_quorum_a_replica_falls_silent() {
     let all = any((0..16).map(ip));
     let mut a = Peers::new("node-a", TIMEOUT, t0);
     let three = names(&["node-a", "node-b", "node-c"]);
-    a.heard(t0, &beat("node-b", true, &three));
-    assert!(!free(&a, t0, true, Some(3), &all).is_empty(), "2 of 3 is a majority");
-    assert!(free(&a, t0 + TIMEOUT, true, Some(3), &all).is_empty(), "1 of 3 is not");
-    assert_eq!(free(&a, t0 + TIMEOUT, true, None, &all).len(), 16, "without the rule it holds all");
+    a.handle_heartbeat(t0, &beat("node-b", true, &three));
+    assert!(a.has_quorum(t0, 3), "2 of 3 is a majority");
+    assert!(!a.has_quorum(t0 + TIMEOUT, 3), "1 of 3 is not");
+    assert_eq!(free(&a, t0 + TIMEOUT, true, &all).len(), 16, "without the rule it holds all");
+    assert!(free(&a, t0 + TIMEOUT, false, &all).is_empty(), "a closed gate claims nothing");
 }
 
 #[test]
@@ -234,14 +234,16 @@ fn an_older_incarnations_heartbeat_is_ignored() {
     let t0 = origin();
     let mut a = Peers::new("node-a", TIMEOUT, t0);
     let live = names(&["node-b"]);
-    assert!(
-        a.heard(t0, &Heartbeat { node: "node-b", incarnation: 2, settled: true, live: &live, digest: 0 })
-    );
-    assert!(
-        !a.heard(t0, &Heartbeat { node: "node-b", incarnation: 1, settled: false, live: &live, digest: 0 })
-    );
+    assert!(a.handle_heartbeat(
+        t0,
+        &Heartbeat { node: "node-b", incarnation: 2, settled: true, live: &live, digest: 0 }
+    ));
+    assert!(!a.handle_heartbeat(
+        t0,
+        &Heartbeat { node: "node-b", incarnation: 1, settled: false, live: &live, digest: 0 }
+    ));
     assert_eq!(a.live(t0), nodes(&["node-a", "node-b"]), "still the settled incarnation 2");
-    assert!(!a.heard(t0, &beat("node-a", true, &live)), "its own heartbeat is no peer");
+    assert!(!a.handle_heartbeat(t0, &beat("node-a", true, &live)), "its own heartbeat is no peer");
 }
 
 #[test]
@@ -252,13 +254,13 @@ fn a_replica_whose_peer_computed_other_candidates_takes_nothing_new() {
     let all = any((0..16).map(ip));
     let ours = digest(&all);
     let stale = Heartbeat { node: "node-b", incarnation: 1, settled: true, live: &both, digest: ours ^ 1 };
-    a.heard(t0, &stale);
+    a.handle_heartbeat(t0, &stale);
     assert!(!a.agreed(t0, ours));
-    let wins = free(&a, t0, true, None, &all);
+    let wins = free(&a, t0, true, &all);
     assert!(!wins.is_empty());
     let kept: BTreeSet<IpAddr> = wins.iter().copied().take(1).collect();
-    assert_eq!(a.claims(t0, true, None, &all, &kept, false), kept, "keeps what it holds, takes nothing new");
-    a.heard(t0, &Heartbeat { digest: ours, ..stale });
+    assert_eq!(a.claims(t0, true, &all, &kept, false), kept, "keeps what it holds, takes nothing new");
+    a.handle_heartbeat(t0, &Heartbeat { digest: ours, ..stale });
     assert!(a.agreed(t0, ours));
 }
 
