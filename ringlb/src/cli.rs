@@ -140,11 +140,14 @@ pub struct VipArgs {
     pub announce_interface: Option<String>,
     /// L2 mode with several ringlb replicas on one segment: take the peers' heartbeats on this UDP
     /// address, and hold (and announce) on --vip-link only the VIPs this replica owns, one owner
-    /// per IP, moved to a survivor when its owner dies.
+    /// per IP, moved to a survivor when its owner dies. In a cluster the replicas find each other
+    /// through the member Lease `<--lease-name>-l2` (give this node's own IP, e.g.
+    /// `$(NODE_IP):7946`), which the API arbitrates: only listed replicas that hear all or a
+    /// majority of the list announce, and the leader removes those it no longer hears.
     #[arg(long, value_name = "IP:PORT", requires = "vip_link")]
     pub l2_listen: Option<SocketAddr>,
-    /// Another replica's --l2-listen address (repeatable). Heartbeats from any other address are
-    /// ignored.
+    /// With --manifests: another replica's --l2-listen address (repeatable). Heartbeats from any
+    /// other address are ignored.
     #[arg(long = "l2-peer", value_name = "IP:PORT", requires = "l2_listen")]
     pub l2_peers: Vec<SocketAddr>,
     /// This replica's name in the owner hash [default: --node-name, else the host name]; unique
@@ -158,8 +161,9 @@ pub struct VipArgs {
     /// announcement's few milliseconds.
     #[arg(long, value_parser = parse_duration, default_value = "400ms")]
     pub l2_timeout: Duration,
-    /// Announce nothing while hearing half of the replicas or fewer, so the minority side of a
-    /// partition falls silent (for 3 replicas or more; with 2, a survivor would never announce).
+    /// With --l2-peer: announce nothing while hearing half of the replicas or fewer, so the
+    /// minority side of a partition falls silent (for 3 replicas or more; with 2, a survivor would
+    /// never announce). A cluster's member Lease has a gate of its own.
     #[arg(long, requires = "l2_listen")]
     pub l2_quorum: bool,
 }

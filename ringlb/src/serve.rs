@@ -23,7 +23,8 @@ use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
 use lb_sync::announce::responder::Responder;
 use lb_sync::bird::{self, Bird, BirdConfig, BirdStatus, Peering};
-use lb_sync::l2::{L2, L2Config};
+use lb_sync::l2::members::{self, MemberLease};
+use lb_sync::l2::{Arbiter, L2, L2Config, L2Counters, L2State, MemberList};
 use lb_sync::leader::{self, LeaseConfig};
 use lb_sync::liveness_link::LivenessLink;
 use lb_sync::vip_link::{self, LinkKind, VipLink, VipLinkConfig};
@@ -50,11 +51,13 @@ pub enum Source {
 }
 
 /// Where the VIPs live on the host (`--vip-link`), who is told (`--announce-interface`), and
-/// which of them this replica holds when it shares a segment with others (`--l2-listen`).
+/// which of them this replica holds when it shares a segment with others (`--l2-listen`): with
+/// manifests among the `--l2-peer`s (`l2_peers`), in a cluster among the member Lease's.
 pub struct Vips {
     pub link: VipLinkConfig,
     pub announce_interface: Option<String>,
     pub l2: Option<L2Config>,
+    pub l2_peers: Vec<SocketAddr>,
 }
 
 /// The health servers external load balancers probe (see `node_health` and `service_health`).
@@ -82,6 +85,7 @@ pub struct Cluster {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let in_cluster = args.manifests.is_none();
     let source = match args.manifests {
         Some(path) => {
             let control = ControlLoop::new(build_options(&args.defaults, &args.cluster, false));
@@ -119,12 +123,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .or_else(|| args.defaults.node_name.clone())
                 .unwrap_or_else(host_name),
             listen,
-            peers: args.vips.l2_peers.clone(),
             interval: args.vips.l2_interval,
             timeout: args.vips.l2_timeout,
             quorum: args.vips.l2_quorum,
         }),
+        l2_peers: args.vips.l2_peers.clone(),
     });
+    if in_cluster
+        && let Some(vips) = &vips
+        && let Some(l2) = &vips.l2
+    {
+        // In a cluster the member Lease lists the replicas, each at its --l2-listen address.
+        anyhow::ensure!(
+            vips.l2_peers.is_empty(),
+            "--l2-peer is for --manifests; in a cluster the replicas find each other through the member Lease"
+        );
+        anyhow::ensure!(
+            !l2.listen.ip().is_unspecified(),
+            "--l2-listen {} is what the peers are told: in a cluster give this node's own address",
+            l2.listen
+        );
+    }
     let health = HealthServers {
         node: args.health.healthz_bind_address,
         // Without a node name the builder ignores externalTrafficPolicy: Local, so there is
@@ -251,6 +270,8 @@ struct ServeState {
     service_health: Option<Arc<ServiceHealthStatus>>,
     /// BGP mode's routes in BIRD; `None` without `--bird-include`.
     bgp: Option<BirdStatus>,
+    /// The L2 agreement; `None` without `--l2-listen`.
+    l2: Option<(Arc<std::sync::Mutex<L2State>>, Arc<L2Counters>)>,
 }
 
 impl AdminState for ServeState {
@@ -300,9 +321,26 @@ impl AdminState for ServeState {
             })),
             "node_healthy": self.node.is_healthy(),
             "service_health": self.service_health.as_ref().map(|status| status.to_json()),
+            "l2": self.l2.as_ref().map(|(state, counters)| l2_status(state, counters)),
             "workers": workers,
         })
     }
+}
+
+/// The L2 agreement's part of `/status`: its state and counters.
+fn l2_status(state: &std::sync::Mutex<L2State>, counters: &L2Counters) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let state = state.lock().map(|state| state.clone()).unwrap_or_default();
+    let mut shown = serde_json::to_value(state).unwrap_or_default();
+    shown["counters"] = json!({
+        "heartbeats_sent": counters.heartbeats_sent.load(Relaxed),
+        "heartbeats_received": counters.heartbeats_received.load(Relaxed),
+        "heartbeats_rejected": counters.heartbeats_rejected.load(Relaxed),
+        "joiners_answered": counters.joiners_answered.load(Relaxed),
+        "send_errors": counters.send_errors.load(Relaxed),
+        "ownership_changes": counters.ownership_changes.load(Relaxed),
+    });
+    shown
 }
 
 pub fn serve(
@@ -369,6 +407,8 @@ pub fn serve(
         // In a cluster: the API client, leader election and the allocator, beside the control loop.
         let mut duties = Vec::new();
         let mut leading = None;
+        // For L2 cluster mode: the API and where the member Lease goes.
+        let mut arbitration = None;
         let source = match source {
             Source::Manifests(source, control) => Running::Manifests(source, with_events(control)),
             Source::Cluster(cluster, control) => {
@@ -378,8 +418,10 @@ pub fn serve(
                 let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
                 tracing::info!(identity = %cluster.lease.identity, lease = %cluster.lease.name, namespace = %cluster.lease.namespace, "leader election");
                 let allocator = Allocator::new(client.clone(), cluster.selection.clone(), &cluster.lease.identity);
+                let member_lease = MemberLease::beside(&cluster.lease.namespace, &cluster.lease.name);
                 duties.push(tokio::spawn(leader::run(client.clone(), cluster.lease, leader_tx, until_stopped())));
                 duties.push(tokio::spawn(allocator.run(objects, leader_rx.clone(), until_stopped())));
+                arbitration = Some((client.clone(), member_lease, leader_rx.clone()));
                 leading = Some(leader_rx);
                 let source = KubeSource::new(client, cluster.namespaces).with_pools(cluster.pool_namespace);
                 Running::Cluster(source, control)
@@ -391,6 +433,14 @@ pub fn serve(
             Running::Fixed(_) => None,
         };
         let service_health = health.service_ports.then(|| Arc::new(ServiceHealthStatus::default()));
+        let (vips_on_host, l2) = match vips_on_host {
+            Some(Vips { link, announce_interface, l2: Some(config), l2_peers }) => {
+                let listen = config.listen;
+                let l2 = L2::bind(config).await.with_context(|| format!("binding the L2 heartbeats on {listen}"))?;
+                (Some(Vips { link, announce_interface, l2: None, l2_peers }), Some(l2))
+            }
+            other => (other, None),
+        };
         if let Some(addr) = admin_addr {
             let listener = admin::bind(addr).await?;
             let state = ServeState {
@@ -401,6 +451,7 @@ pub fn serve(
                 leading,
                 service_health: service_health.clone(),
                 bgp: bgp_status.clone(),
+                l2: l2.as_ref().map(|l2| (l2.state(), l2.counters())),
             };
             tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
@@ -436,19 +487,12 @@ pub fn serve(
         // stay on it until the connections on them have drained.
         let (release_vips, vips_released) = tokio::sync::oneshot::channel::<()>();
         let vip_task = match vips_on_host {
-            Some(Vips { link, announce_interface, l2 }) => {
+            Some(Vips { link, announce_interface, l2: _, l2_peers }) => {
                 let announcer = match &announce_interface {
                     Some(interface) => Some(Arc::new(
                         Announcer::new(interface)
                             .with_context(|| format!("preparing announcements on {interface}"))?,
                     )),
-                    None => None,
-                };
-                let l2 = match l2 {
-                    Some(config) => {
-                        let listen = config.listen;
-                        Some(L2::bind(config).await.with_context(|| format!("binding the L2 heartbeats on {listen}"))?)
-                    }
                     None => None,
                 };
                 let link =
@@ -466,7 +510,22 @@ pub fn serve(
                     // them go at once, so a peer takes them while this one drains.
                     Some(l2) => {
                         let (owned, owned_wanted) = tokio::sync::watch::channel(BTreeSet::new());
-                        tokio::spawn(l2.run(vips_wanted, owned, link.held(), until_stopped()));
+                        // One agreement, two sources of its members: the configured peers, or
+                        // the cluster's member Lease (written on joins and removals only).
+                        let (members, arbiter) = match arbitration.take() {
+                            Some((client, lease, leading)) => {
+                                let (list, members) = tokio::sync::watch::channel(MemberList::Leased {
+                                    members: Default::default(),
+                                    version: None,
+                                });
+                                let (proposals, proposed) = tokio::sync::watch::channel(None);
+                                let me = l2.node().to_owned();
+                                duties.push(tokio::spawn(members::run(client, lease, me, list, proposed, until_stopped())));
+                                (members, Some(Arbiter { leading, proposals }))
+                            }
+                            None => (tokio::sync::watch::channel(MemberList::Configured(l2_peers)).1, None),
+                        };
+                        tokio::spawn(l2.run(vips_wanted, members, arbiter, owned, link.held(), until_stopped()));
                         let addresses = |owned: &BTreeSet<IpAddr>| owned.clone();
                         tokio::spawn(vip_link::run(link, announcer, owned_wanted, addresses, vips_released))
                     }
