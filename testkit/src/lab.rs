@@ -8,15 +8,20 @@
 //! [`Segment::spare6`] give addresses from `.200` (`::200`) up that no host holds (VIPs
 //! announced on the segment).
 //!
+//! A lab's Kubernetes API ([`Lab::api_server`]) is the emulator in a host of its own on a
+//! segment: the hosts reach it at that host's address, the test process (kubectl) on loopback.
+//!
 //! Invariants: every namespace (switch and hosts) is deleted on drop, which deletes the veth
 //! pairs; processes a test starts inside a host are the test's to stop (a namespace lives on
 //! while a process is in it, until that process ends).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use crate::apiserver::ApiServer;
 use crate::netns::{Namespace, free_subnet, ip, link_name};
 
 /// A lab: the switch namespace that holds the segments' bridges.
@@ -82,6 +87,34 @@ impl Lab {
         host.namespace.ip(&["addr", "add", &format!("{v6}/64"), "dev", &interface, "nodad"])?;
         host.namespace.ip(&["link", "set", &interface, "up"])?;
         Ok(address)
+    }
+}
+
+/// The emulated API server of a lab (see [`Lab::api_server`]). The server stops before its host
+/// goes.
+pub struct LabApiServer {
+    pub server: ApiServer,
+    /// Where the lab's hosts reach it.
+    pub addr: SocketAddr,
+    pub host: Host,
+}
+
+impl LabApiServer {
+    /// A kubeconfig for the administrator that reaches the server from the lab's hosts.
+    pub fn write_kubeconfig(&self, path: &Path) -> PathBuf {
+        self.server.write_kubeconfig_at(path, self.addr)
+    }
+}
+
+impl Lab {
+    /// The API server emulator, reachable from every host of `segment` (at the address of its own
+    /// host, `apiserver`, which joins the segment) and from the test process on loopback.
+    pub fn api_server(&self, segment: &Segment) -> io::Result<LabApiServer> {
+        let host = self.host("apiserver")?;
+        let ip = self.join(&host, segment)?;
+        let listener = host.enter(|| TcpListener::bind(SocketAddr::new(ip, 0)))?;
+        let addr = listener.local_addr()?;
+        Ok(LabApiServer { server: ApiServer::start_also_on(listener), addr, host })
     }
 }
 

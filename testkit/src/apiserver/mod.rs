@@ -20,7 +20,9 @@
 //! Protobuf request bodies are refused (415): kubectl's `create namespace`-style generators send
 //! them, `kubectl apply` does not. Test controls: [`ApiServer::stop`] and [`ApiServer::restart`]
 //! on the same port and state, [`ApiServer::compact`] (resuming a watch from before answers 410),
-//! [`ApiServer::cut_watches`].
+//! [`ApiServer::cut_watches`]. [`ApiServer::start_also_on`] adds a listener made elsewhere (e.g.
+//! inside a network namespace of a [`crate::lab`], which a socket keeps), so hosts that cannot
+//! reach the test process's loopback reach the emulator too.
 //!
 //! ```no_run
 //! let server = testkit::apiserver::ApiServer::start();
@@ -78,6 +80,9 @@ struct Running {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// A listener besides the loopback one, and its address.
+type Extra = (StdListener, SocketAddr);
+
 impl ApiServer {
     /// Starts on a free port of 127.0.0.1 with the administrator token [`ADMIN_TOKEN`].
     pub fn start() -> ApiServer {
@@ -87,6 +92,18 @@ impl ApiServer {
     /// [`ApiServer::start`] with a watch timeout (for watches without `timeoutSeconds`) and a
     /// bookmark interval of its own.
     pub fn start_with(watch_timeout: Duration, bookmark_interval: Duration) -> ApiServer {
+        ApiServer::start_full(watch_timeout, bookmark_interval, None)
+    }
+
+    /// [`ApiServer::start`], also serving on `listener` (bound wherever the caller chose: a
+    /// socket keeps the network namespace it was made in), whose IP the server's certificate
+    /// names too. [`ApiServer::restart`] listens again on loopback only.
+    pub fn start_also_on(listener: StdListener) -> ApiServer {
+        let addr = listener.local_addr().expect("a bound listener");
+        ApiServer::start_full(Duration::from_secs(1800), Duration::from_secs(60), Some((listener, addr)))
+    }
+
+    fn start_full(watch_timeout: Duration, bookmark_interval: Duration, extra: Option<Extra>) -> ApiServer {
         let admin = Identity::new("kubernetes-admin", &["system:masters"]);
         let tokens = HashMap::from([(ADMIN_TOKEN.to_owned(), admin)]);
         let listener = StdListener::bind("127.0.0.1:0").expect("bind the emulator");
@@ -99,14 +116,18 @@ impl ApiServer {
             bookmark_interval,
             requests: Mutex::new(Vec::new()),
         });
-        let authority = Arc::new(tls::Authority::new());
+        let extra_ip = extra.as_ref().map(|(_, addr)| addr.ip().to_string());
+        let authority = Arc::new(tls::Authority::new(extra_ip.as_deref()));
         let mut server = ApiServer { shared, authority, addr, running: None };
-        server.serve(listener);
+        let extra = extra.map(|(listener, _)| listener);
+        server.serve(std::iter::once(listener).chain(extra).collect());
         server
     }
 
-    fn serve(&mut self, listener: StdListener) {
-        listener.set_nonblocking(true).expect("non-blocking listener");
+    fn serve(&mut self, listeners: Vec<StdListener>) {
+        for listener in &listeners {
+            listener.set_nonblocking(true).expect("non-blocking listener");
+        }
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let shared = Arc::clone(&self.shared);
         let acceptor = TlsAcceptor::from(self.authority.server_config());
@@ -115,12 +136,26 @@ impl ApiServer {
             .spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
                 runtime.block_on(async move {
-                    let listener = TcpListener::from_std(listener).expect("tokio listener");
+                    // One accepting task per listener, all feeding the one loop below.
+                    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel(16);
+                    let mut accepting = tokio::task::JoinSet::new();
+                    for listener in listeners {
+                        let listener = TcpListener::from_std(listener).expect("tokio listener");
+                        let accepted_tx = accepted_tx.clone();
+                        accepting.spawn(async move {
+                            loop {
+                                if accepted_tx.send(listener.accept().await).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    drop(accepted_tx);
                     let mut connections = tokio::task::JoinSet::new();
                     loop {
                         tokio::select! {
                             _ = stopped.changed() => break,
-                            accepted = listener.accept() => {
+                            Some(accepted) = accepted_rx.recv() => {
                                 let Ok((stream, _)) = accepted else { continue };
                                 // As Go's net package does for every kube-apiserver connection: a
                                 // watch writes one small chunk per event, which Nagle's algorithm
@@ -143,7 +178,9 @@ impl ApiServer {
                     }
                     // Dropping the tasks closes every connection, watches included.
                     connections.abort_all();
-                    drop(listener);
+                    // The listeners close with their tasks.
+                    accepting.abort_all();
+                    while accepting.join_next().await.is_some() {}
                 });
             })
             .expect("spawn the emulator thread");
@@ -197,13 +234,26 @@ impl ApiServer {
         path.to_path_buf()
     }
 
+    /// A kubeconfig for the administrator that reaches the server at `addr` (the address of a
+    /// listener given to [`ApiServer::start_also_on`]).
+    pub fn write_kubeconfig_at(&self, path: &Path, addr: SocketAddr) -> PathBuf {
+        let config = self.kubeconfig_for(&format!("https://{addr}"), json!({"token": ADMIN_TOKEN}));
+        std::fs::write(path, serde_json::to_string_pretty(&config).expect("json"))
+            .expect("write the kubeconfig");
+        path.to_path_buf()
+    }
+
     fn kubeconfig(&self, user: Value) -> Value {
+        self.kubeconfig_for(&self.url(), user)
+    }
+
+    fn kubeconfig_for(&self, url: &str, user: Value) -> Value {
         use base64::Engine as _;
         let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem());
         json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url(), "certificate-authority-data": ca}}],
+            "clusters": [{"name": "emulator", "cluster": {"server": url, "certificate-authority-data": ca}}],
             "users": [{"name": "user", "user": user}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "user"}}],
             "current-context": "emulator",
@@ -235,7 +285,7 @@ impl ApiServer {
         self.stop();
         self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).restarted();
         let listener = bind_again(self.addr);
-        self.serve(listener);
+        self.serve(vec![listener]);
     }
 
     /// Forgets the event history: a watch that resumes from an older resourceVersion gets `410 Gone`

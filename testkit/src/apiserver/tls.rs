@@ -1,5 +1,5 @@
-//! The emulator's certificates: a self-signed CA, a server certificate for `127.0.0.1`, `::1` and
-//! `localhost` signed by it, and client certificates (for kubeconfigs that authenticate with one).
+//! The emulator's certificates: a self-signed CA, a server certificate for `127.0.0.1`, `::1`,
+//! `localhost` (and the IP of an extra listener, if any) signed by it, and client certificates (for kubeconfigs that authenticate with one).
 
 use std::sync::Arc;
 
@@ -19,12 +19,14 @@ pub struct Pem {
 /// The CA and what it signed.
 pub(crate) struct Authority {
     issuer: Issuer<'static, KeyPair>,
+    /// Another name the server's certificate carries (the IP of an extra listener).
+    extra_name: Option<String>,
     pub ca_pem: String,
     ca_der: CertificateDer<'static>,
 }
 
 impl Authority {
-    pub fn new() -> Authority {
+    pub fn new(extra_name: Option<&str>) -> Authority {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
@@ -38,6 +40,7 @@ impl Authority {
             ca_pem: certificate.pem(),
             ca_der: certificate.der().clone(),
             issuer: Issuer::new(params, key),
+            extra_name: extra_name.map(str::to_owned),
         }
     }
 
@@ -73,8 +76,9 @@ impl Authority {
     /// The server's TLS configuration: its own certificate, and client certificates signed by the CA
     /// accepted but not required (a request without one authenticates with a token, or is anonymous).
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let (_, certificate, key) =
-            self.issue(&["127.0.0.1", "::1", "localhost"], "kube-apiserver", &[], false);
+        let mut names = vec!["127.0.0.1", "::1", "localhost"];
+        names.extend(self.extra_name.as_deref());
+        let (_, certificate, key) = self.issue(&names, "kube-apiserver", &[], false);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).expect("the CA is a valid root");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
