@@ -6,31 +6,23 @@
 //! joins takes its share only after the owner let go; an `externalTrafficPolicy: Local` VIP is
 //! held only by a node with a ready local endpoint and follows it.
 //!
-//! A sampler lists every node's VIP addresses one after the other the whole time; a VIP listed on
-//! node X, then on another node, then on X again was on both at once (X never gives a VIP back
-//! and retakes it within a round of the sampler in these tests).
+//! A sampler (`support::l2`) catches any VIP on two nodes at once.
 //!
 //! Failover times are printed (`failover: … ms`); `bench/l2-failover.sh` collects them (and
 //! sets other heartbeat timings through `RINGLB_L2_INTERVAL` and `RINGLB_L2_TIMEOUT`).
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use support::{Ringlb, greeting, http_get, poll_until, save};
+use support::l2::{Node, holder};
+use support::{greeting, poll_until, save};
 use testkit::backends::{Server, named_server_on};
 use testkit::lab::{Host, Lab, Segment};
 
-const LINK: &str = "ringlb-vips";
-const HEARTBEATS: u16 = 7946;
 const BACKEND_PORT: u16 = 8080;
-const ADMIN: &str = "127.0.0.1:9901";
 
 /// A Service with external IP `vip`:`port` and one endpoint at `backend` (on `node`, if given).
 fn service(name: &str, vip: IpAddr, port: u16, backend: IpAddr, node: Option<&str>, local: bool) -> String {
@@ -79,9 +71,7 @@ impl Setup {
 
     /// A ringlb node named `name`, joined to the segment (not started).
     fn node(&self, name: &str) -> Node {
-        let host = self.lab.host(name).expect("a host");
-        let ip = self.lab.join(&host, &self.segment).expect("join");
-        Node { name: name.to_owned(), host, ip, ringlb: None }
+        Node::join(&self.lab, &self.segment, name)
     }
 
     /// Connects from the client to `vip` and returns the backend's greeting.
@@ -103,153 +93,21 @@ impl Drop for Setup {
     }
 }
 
-struct Node {
-    name: String,
-    host: Host,
-    ip: IpAddr,
-    ringlb: Option<Ringlb>,
-}
-
-impl Node {
-    fn heartbeats(&self) -> SocketAddr {
-        SocketAddr::new(self.ip, HEARTBEATS)
-    }
-
-    /// Starts ringlb on this node with `peers` as the other replicas, and waits until it serves.
-    fn start(&mut self, manifest: &Path, interface: &str, peers: &[SocketAddr]) {
-        let mut command = self.host.command(env!("CARGO_BIN_EXE_ringlb"));
-        command.arg("run").args(["--manifests".as_ref(), manifest.as_os_str()]);
-        command.args(["--vip-link", LINK, "--vip-link-kind", "bridge", "--announce-interface", interface]);
-        command.args(["--l2-listen", &self.heartbeats().to_string(), "--node-name", &self.name]);
-        for peer in peers {
-            command.args(["--l2-peer", &peer.to_string()]);
-        }
-        command.args(["--admin", ADMIN, "--workers", "1", "--shutdown-grace", "1s", "--log-level", "warn"]);
-        // bench/l2-failover.sh measures other timings through these.
-        for (variable, flag) in
-            [("RINGLB_L2_INTERVAL", "--l2-interval"), ("RINGLB_L2_TIMEOUT", "--l2-timeout")]
-        {
-            if let Ok(value) = std::env::var(variable) {
-                command.args([flag, &value]);
-            }
-        }
-        // `ip netns exec` execs ringlb itself, so signals reach it. The admin address is inside
-        // the namespace: asked from a thread there.
-        let mut ringlb = Ringlb::spawn(command, ADMIN.parse().expect("literal"));
-        let admin: SocketAddr = ADMIN.parse().expect("literal");
-        poll_until("ringlb to answer /readyz with 200", || {
-            assert!(ringlb.is_running(), "ringlb on {} exited before it was ready", self.name);
-            self.host.enter(|| http_get(admin, "/readyz")).ok().filter(|(status, _)| *status == 200)
-        });
-        self.ringlb = Some(ringlb);
-    }
-
-    /// The VIPs on this node's link now.
-    fn held(&self) -> BTreeSet<IpAddr> {
-        held_in(self.host.name())
-    }
-
-    fn mac(&self, interface: &str) -> String {
-        self.host.mac(interface).expect("a MAC")
-    }
-}
-
-fn held_in(namespace: &str) -> BTreeSet<IpAddr> {
-    let output = Command::new("ip").args(["-n", namespace, "-o", "-4", "addr", "show", "dev", LINK]).output();
-    let Ok(output) = output else { return BTreeSet::new() };
-    let shown = String::from_utf8_lossy(&output.stdout).into_owned();
-    shown
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            words.find(|w| *w == "inet").and_then(|_| words.next())?.split('/').next()?.parse().ok()
-        })
-        .collect()
-}
-
-/// Lists every node's VIPs in turn until dropped, and remembers any VIP seen on two nodes at once.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    overlaps: Arc<Mutex<Vec<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sampler {
-    fn start(namespaces: Vec<(String, String)>) -> Sampler {
-        let (stop, overlaps) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
-        let (stopping, found) = (Arc::clone(&stop), Arc::clone(&overlaps));
-        let thread = std::thread::spawn(move || {
-            // The last sample of each node, and the samples of the others since.
-            let mut history: Vec<(usize, BTreeSet<IpAddr>)> = Vec::new();
-            while !stopping.load(Ordering::Relaxed) {
-                for (index, (_, namespace)) in namespaces.iter().enumerate() {
-                    let now = held_in(namespace);
-                    // Held by this node at its previous sample and now: held throughout, so
-                    // every other node's sample in between that lists it is an overlap.
-                    if let Some(previous) = history.iter().rposition(|(node, _)| *node == index) {
-                        for vip in now.intersection(&history[previous].1) {
-                            for (other, seen) in &history[previous + 1..] {
-                                if seen.contains(vip) {
-                                    let (a, b) = (&namespaces[index].0, &namespaces[*other].0);
-                                    found.lock().expect("not poisoned").push(format!("{vip} on {a} and {b}"));
-                                }
-                            }
-                        }
-                    }
-                    history.push((index, now));
-                    if history.len() > 4 * namespaces.len() {
-                        history.drain(..namespaces.len());
-                    }
-                }
-            }
-        });
-        Sampler { stop, overlaps, thread: Some(thread) }
-    }
-
-    /// Stops sampling; the overlaps seen.
-    fn finish(mut self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("the sampler panicked");
-        }
-        self.overlaps.lock().expect("not poisoned").clone()
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The one node holding `vip` (panics if two do), if any. The nodes are listed one after the
-/// other, so a VIP seen on two may have moved in between: two hold it at once only if the first
-/// still does after the second was seen.
-fn holder(nodes: &[Node], vip: IpAddr) -> Option<usize> {
-    loop {
-        let holding: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].held().contains(&vip)).collect();
-        let (last, earlier) = holding.split_last()?;
-        let still: Vec<&str> = earlier
-            .iter()
-            .filter(|&&i| nodes[i].held().contains(&vip))
-            .map(|&i| nodes[i].name.as_str())
-            .collect();
-        assert!(still.is_empty(), "{vip} is on {still:?} and {}", nodes[*last].name);
-        if earlier.is_empty() {
-            return Some(*last);
-        }
-    }
-}
-
 fn peers_of(nodes: &[Node], me: usize) -> Vec<SocketAddr> {
     (0..nodes.len()).filter(|&i| i != me).map(|i| nodes[i].heartbeats()).collect()
 }
 
-fn sampler(nodes: &[Node]) -> Sampler {
-    Sampler::start(nodes.iter().map(|n| (n.name.clone(), n.host.name().to_owned())).collect())
+fn sampler(nodes: &[Node]) -> support::l2::Sampler {
+    support::l2::sampler(&nodes.iter().collect::<Vec<_>>())
+}
+
+/// Starts `node` on the manifest, with `peers` as the other replicas.
+fn start(node: &mut Node, manifest: &Path, interface: &str, peers: &[SocketAddr]) {
+    let mut source = vec!["--manifests".into(), manifest.as_os_str().to_owned()];
+    for peer in peers {
+        source.extend(["--l2-peer".into(), peer.to_string().into()]);
+    }
+    node.start::<std::ffi::OsString>(interface, source);
 }
 
 #[test]
@@ -270,7 +128,7 @@ fn each_vip_has_one_owner_and_moves_to_a_survivor_when_its_owner_is_killed() {
     let sampling = sampler(&nodes);
     for i in 0..nodes.len() {
         let peers = peers_of(&nodes, i);
-        nodes[i].start(&setup.manifest(), &interface, &peers);
+        start(&mut nodes[i], &setup.manifest(), &interface, &peers);
     }
     let vips = [shared, other, third];
     poll_until("every VIP to have an owner", || {
@@ -329,11 +187,11 @@ fn a_joining_node_takes_its_share_only_after_the_owner_let_go_and_a_stopped_one_
     let interface = setup.segment.interface();
     let sampling = sampler(&nodes);
     let peers = peers_of(&nodes, 0);
-    nodes[0].start(&setup.manifest(), &interface, &peers);
+    start(&mut nodes[0], &setup.manifest(), &interface, &peers);
     poll_until("node-a alone to hold every VIP", || (nodes[0].held().len() == vips.len()).then_some(()));
 
     let peers = peers_of(&nodes, 1);
-    nodes[1].start(&setup.manifest(), &interface, &peers);
+    start(&mut nodes[1], &setup.manifest(), &interface, &peers);
     poll_until("node-b to take its share", || {
         let (a, b) = (nodes[0].held(), nodes[1].held());
         (!b.is_empty() && a.len() + b.len() == vips.len() && a.is_disjoint(&b)).then_some(())
@@ -370,7 +228,7 @@ fn a_local_traffic_vip_is_held_where_its_endpoint_is_and_follows_it() {
     let interface = setup.segment.interface();
     for i in 0..nodes.len() {
         let peers = peers_of(&nodes, i);
-        nodes[i].start(&setup.manifest(), &interface, &peers);
+        start(&mut nodes[i], &setup.manifest(), &interface, &peers);
     }
     poll_until("node-b to hold the Local VIP", || (holder(&nodes, vip) == Some(1)).then_some(()));
     assert_eq!(setup.reach(SocketAddr::new(vip, 80)).expect("the VIP answers"), "backend");

@@ -6,6 +6,7 @@
 
 pub mod bgp;
 pub mod cluster;
+pub mod l2;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
