@@ -41,7 +41,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
-        let server = ApiServer::start();
+        Cluster::on(ApiServer::start())
+    }
+
+    /// [`Cluster::start`] on a server started otherwise (e.g. one a lab's hosts reach).
+    pub fn on(server: ApiServer) -> Cluster {
         let kubectl = Kubectl::for_server(&server);
         kubectl.apply(NAMESPACES);
         let pods = PodNetwork::create().expect("a pod network");

@@ -1,0 +1,220 @@
+//! L2 cluster mode: three ringlb nodes of a `testkit::lab` serve a cluster (the API server
+//! emulator in a lab host of its own) with `--l2-listen` and no configured peers. They find each
+//! other through the member Lease (`ringlb-l2`, annotation `ringlb.io/l2-members`); each VIP,
+//! allocated from a pool on the segment, is on exactly one node. A non-leader owner dies
+//! (SIGKILL and its link down): its VIPs move to a survivor and the client's neighbour entry
+//! follows, and the leader removes it from the list. Restarted, it joins the list again and
+//! takes its share back, without a VIP ever on two nodes (`support::l2::Sampler`).
+//!
+//! Times are printed (`failover: … ms`, `removal: … ms`, `rejoin: … ms`).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use support::cluster::{CLASS, Cluster, load_balancer};
+use support::l2::{LINK, Node, holder, sampler};
+use support::{greeting, poll_until};
+use testkit::backends::{Server, named_server_on};
+use testkit::lab::{Host, Lab, LabApiServer, Segment};
+use testkit::objects::{Cond, SliceBuilder};
+
+const BACKEND_PORT: u16 = 8080;
+const SERVICES: usize = 6;
+
+struct Setup {
+    cluster: Cluster,
+    kubeconfig: PathBuf,
+    client: Host,
+    backend: Host,
+    server: Option<Server>,
+    _api_host: Host,
+    segment: Segment,
+    lab: Lab,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let lab = Lab::create().expect("a lab");
+        let segment = lab.segment().expect("a segment");
+        let LabApiServer { server, addr, host: api_host } = lab.api_server(&segment).expect("an API server");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let kubeconfig = server.write_kubeconfig_at(&dir.path().join("kubeconfig"), addr);
+        let cluster = Cluster::on(server);
+        let client = lab.host("client").expect("a host");
+        lab.join(&client, &segment).expect("join");
+        let backend = lab.host("backend").expect("a host");
+        let backend_ip = lab.join(&backend, &segment).expect("join");
+        let server = backend
+            .enter(|| named_server_on(SocketAddr::new(backend_ip, BACKEND_PORT), "backend"))
+            .expect("a backend");
+        let first = segment.spare(0);
+        let last = segment.spare(SERVICES as u8 - 1);
+        cluster.pool("lan", &[&format!("{first}-{last}")]);
+        for n in 0..SERVICES {
+            let name = format!("web-{n}");
+            let service: Service = load_balancer(&name, Some(CLASS), &[("http", 80)]).build();
+            cluster.apply_json(&service);
+            let slice = SliceBuilder::new("shop", &format!("{name}-abcde"), &name)
+                .port("http", BACKEND_PORT.into(), "TCP")
+                .endpoint(&backend_ip.to_string(), Cond::ready());
+            let slice: EndpointSlice = slice.build();
+            cluster.apply_json(&slice);
+        }
+        Setup {
+            cluster,
+            kubeconfig,
+            client,
+            backend,
+            server: Some(server),
+            _api_host: api_host,
+            segment,
+            lab,
+            _dir: dir,
+        }
+    }
+
+    fn start(&self, node: &mut Node) {
+        let kubeconfig = self.kubeconfig.to_str().expect("a UTF-8 path");
+        let identity = node.name.clone();
+        let source = ["--kubeconfig", kubeconfig, "--identity", &identity, "--lease-duration", "3s"];
+        node.start(&self.segment.interface(), source);
+    }
+
+    /// The member Lease's list: node → address.
+    fn members(&self) -> BTreeMap<String, String> {
+        let (ok, out, _) = self
+            .cluster
+            .kubectl
+            .run(&["get", "lease", "-n", "ringlb-system", "ringlb-l2", "-o", "json"], None);
+        let lease: serde_json::Value =
+            if ok { serde_json::from_str(&out).unwrap_or_default() } else { return BTreeMap::new() };
+        let text = lease["metadata"]["annotations"]["ringlb.io/l2-members"].as_str().unwrap_or("{}");
+        serde_json::from_str(text).unwrap_or_default()
+    }
+
+    fn vips(&self) -> Vec<IpAddr> {
+        (0..SERVICES).map(|n| self.cluster.wait_ingress(&format!("web-{n}"))).collect()
+    }
+
+    fn client_neighbour(&self, vip: IpAddr) -> Option<String> {
+        self.client.neighbour(vip, &self.segment.interface())
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // A server made in a namespace stops by connecting to itself: from inside.
+        let server = self.server.take();
+        self.backend.enter(move || drop(server));
+    }
+}
+
+fn names(nodes: &[&Node]) -> BTreeSet<String> {
+    nodes.iter().map(|n| n.name.clone()).collect()
+}
+
+#[test]
+fn the_api_lists_the_members_fences_a_dead_one_and_lets_it_back_without_two_owners() {
+    let setup = Setup::new();
+    let interface = setup.segment.interface();
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|name| Node::join(&setup.lab, &setup.segment, name))
+        .collect();
+    for node in &mut nodes {
+        setup.start(node);
+    }
+    let everyone = names(&nodes.iter().collect::<Vec<_>>());
+    poll_until("the three nodes to be listed", || {
+        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+    });
+    for node in &nodes {
+        assert_eq!(setup.members()[&node.name], node.heartbeats().to_string());
+    }
+    let vips = setup.vips();
+    poll_until("every VIP on one node", || {
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+    });
+    for vip in &vips {
+        let (name, _) = setup.client.enter(|| greeting(SocketAddr::new(*vip, 80))).expect("the VIP answers");
+        assert_eq!(name, "backend");
+    }
+
+    // A non-leader that owns VIPs dies: ringlb killed (no goodbye) and its link down.
+    let leading = |node: &Node| node.status().is_some_and(|status| status["leader"] == true);
+    let leader = poll_until("one leader", || nodes.iter().position(leading));
+    let victim = (0..nodes.len())
+        .find(|&i| i != leader && !nodes[i].held().is_empty())
+        .expect("an owner that does not lead");
+    let taken = nodes[victim].held();
+    let survivors: Vec<usize> = (0..nodes.len()).filter(|&i| i != victim).collect();
+    let sampling = sampler(&survivors.iter().map(|&i| &nodes[i]).collect::<Vec<_>>());
+    let killed = Instant::now();
+    nodes[victim].ringlb.take().expect("running").signal(libc::SIGKILL);
+    nodes[victim].host.ip(&["link", "set", &interface, "down"]).expect("the dead node's link down");
+    let mut removed = None;
+    for vip in &taken {
+        poll_until("a survivor to hold the dead node's VIP and the client to follow", || {
+            if removed.is_none() && !setup.members().contains_key(&nodes[victim].name) {
+                removed = Some(killed.elapsed());
+            }
+            let survivor = survivors.iter().copied().find(|&i| nodes[i].held().contains(vip))?;
+            let mac = nodes[survivor].mac(&interface);
+            (setup.client_neighbour(*vip).as_deref() == Some(mac.as_str())).then_some(())
+        });
+    }
+    let failover = killed.elapsed();
+    eprintln!(
+        "failover: {} ms (SIGKILL of a non-leader owner to the client's neighbour entries)",
+        failover.as_millis()
+    );
+    poll_until("the leader to remove the dead node", || {
+        (!setup.members().contains_key(&nodes[victim].name)).then_some(())
+    });
+    let removal = removed.unwrap_or_else(|| killed.elapsed());
+    eprintln!("removal: {} ms (SIGKILL to the member list without it)", removal.as_millis());
+    for vip in &vips {
+        let (name, _) = poll_until("every VIP to answer from a survivor", || {
+            setup.client.enter(|| greeting(SocketAddr::new(*vip, 80))).ok()
+        });
+        assert_eq!(name, "backend");
+    }
+    let overlaps = sampling.finish();
+    assert!(overlaps.is_empty(), "a VIP was on two survivors at once: {overlaps:?}");
+
+    // The node comes back as after a reboot (its VIP link gone, its link up) and joins again.
+    nodes[victim].host.ip(&["link", "del", LINK]).expect("the stale VIP link removed");
+    nodes[victim].host.ip(&["link", "set", &interface, "up"]).expect("the link up");
+    let sampling = sampler(&nodes.iter().collect::<Vec<_>>());
+    let restarted = Instant::now();
+    let mut node = nodes.remove(victim);
+    setup.start(&mut node);
+    nodes.insert(victim, node);
+    poll_until("the restarted node to be listed again", || {
+        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+    });
+    poll_until("the restarted node to take its share back", || (nodes[victim].held() == taken).then_some(()));
+    eprintln!("rejoin: {} ms (ringlb started to its VIPs back on it)", restarted.elapsed().as_millis());
+    let mac = nodes[victim].mac(&interface);
+    for vip in &taken {
+        poll_until("the client to follow the rejoined node", || {
+            (setup.client_neighbour(*vip).as_deref() == Some(mac.as_str())).then_some(())
+        });
+    }
+    for vip in &vips {
+        assert!(holder(&nodes, *vip).is_some(), "{vip} has an owner");
+    }
+    let overlaps = sampling.finish();
+    assert!(overlaps.is_empty(), "a VIP was on two nodes at once: {overlaps:?}");
+    let status = nodes[victim].status().expect("/status");
+    assert_eq!(status["l2"]["source"], "leased");
+    assert_eq!(status["l2"]["listed"], true);
+    assert_eq!(status["l2"]["owned"], taken.len());
+}
