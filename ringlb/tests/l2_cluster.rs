@@ -218,3 +218,71 @@ fn the_api_lists_the_members_fences_a_dead_one_and_lets_it_back_without_two_owne
     assert_eq!(status["l2"]["listed"], true);
     assert_eq!(status["l2"]["owned"], taken.len());
 }
+
+/// Waits until `node` holds every one of `vips`; the time it took from `since`.
+fn wait_all_on(node: &Node, vips: &[IpAddr], since: Instant, what: &str) -> u128 {
+    let all: BTreeSet<IpAddr> = vips.iter().copied().collect();
+    poll_until(what, || (node.held() == all).then_some(()));
+    since.elapsed().as_millis()
+}
+
+#[test]
+fn in_a_pair_the_leader_goes_on_alone_and_a_lone_follower_waits_for_the_lease() {
+    let setup = Setup::new();
+    let interface = setup.segment.interface();
+    let mut nodes: Vec<Node> =
+        ["node-a", "node-b"].iter().map(|name| Node::join(&setup.lab, &setup.segment, name)).collect();
+    for node in &mut nodes {
+        setup.start(node);
+    }
+    let everyone = names(&nodes.iter().collect::<Vec<_>>());
+    poll_until("both nodes to be listed", || {
+        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+    });
+    let vips = setup.vips();
+    poll_until("every VIP on one node", || {
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+    });
+    let leading = |node: &Node| node.status().is_some_and(|status| status["leader"] == true);
+    let leader = poll_until("one leader", || nodes.iter().position(leading));
+    let follower = 1 - leader;
+
+    // The follower dies: the leader hears half of the pair, but leads it, so it goes on and
+    // takes the follower's VIPs after the heartbeat timeout; then it fences it.
+    let killed = Instant::now();
+    nodes[follower].ringlb.take().expect("running").signal(libc::SIGKILL);
+    nodes[follower].host.ip(&["link", "set", &interface, "down"]).expect("link down");
+    let failover = wait_all_on(&nodes[leader], &vips, killed, "the leader to hold every VIP");
+    eprintln!("failover: {failover} ms (pair, SIGKILL of the follower to every VIP on the leader)");
+    poll_until("the leader to remove the follower", || {
+        (!setup.members().contains_key(&nodes[follower].name)).then_some(())
+    });
+
+    // The follower comes back and joins; then the leader dies. The survivor, hearing half of
+    // the pair without leading it, falls silent until the election Lease (3 s) makes it the
+    // leader; then it goes on alone.
+    nodes[follower].host.ip(&["link", "del", LINK]).expect("the stale VIP link removed");
+    nodes[follower].host.ip(&["link", "set", &interface, "up"]).expect("link up");
+    setup.start(&mut nodes[follower]);
+    poll_until("the follower to be listed again", || {
+        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+    });
+    poll_until("the follower to hold its share", || (!nodes[follower].held().is_empty()).then_some(()));
+    let killed = Instant::now();
+    nodes[leader].ringlb.take().expect("running").signal(libc::SIGKILL);
+    nodes[leader].host.ip(&["link", "set", &interface, "down"]).expect("link down");
+    let silent = Instant::now();
+    poll_until("the lone follower to fall silent", || nodes[follower].held().is_empty().then_some(()));
+    eprintln!(
+        "silent: {} ms (pair, SIGKILL of the leader to the follower holding nothing)",
+        silent.elapsed().as_millis()
+    );
+    let failover = wait_all_on(&nodes[follower], &vips, killed, "the new leader to hold every VIP");
+    eprintln!(
+        "failover: {failover} ms (pair, SIGKILL of the leader to every VIP on the follower; --lease-duration 3s)"
+    );
+    assert!(leading(&nodes[follower]), "it took over as the leader");
+    poll_until("the new leader to remove the old one", || {
+        (!setup.members().contains_key(&nodes[leader].name)).then_some(())
+    });
+}
