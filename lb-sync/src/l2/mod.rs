@@ -205,6 +205,47 @@ struct Joiner {
     answered: Option<Instant>,
 }
 
+/// The replicas heard while not listed (cluster mode), by address; at most [`MAX_JOINERS`].
+#[derive(Default)]
+struct Joiners(BTreeMap<SocketAddr, Joiner>);
+
+impl Joiners {
+    /// Takes in `wire` from the unlisted `from`; returns whether to answer it now (at most
+    /// twice per interval per address).
+    fn heard(&mut self, now: Instant, from: SocketAddr, wire: Wire, config: &L2Config) -> bool {
+        let previous = self.0.get(&from).and_then(|joiner| joiner.answered);
+        let answer = previous.is_none_or(|at| now.duration_since(at) >= config.interval / 2);
+        if self.0.len() >= MAX_JOINERS && !self.0.contains_key(&from) {
+            self.0.retain(|_, joiner| now.duration_since(joiner.heard) < config.timeout);
+        }
+        if self.0.len() < MAX_JOINERS || self.0.contains_key(&from) {
+            let answered = if answer { Some(now) } else { previous };
+            self.0.insert(from, Joiner { heard: now, wire, answered });
+        }
+        answer
+    }
+
+    /// The heartbeats of `addressing`'s members heard within `timeout` of `now`, forgetting
+    /// every member's.
+    fn now_listed(
+        &mut self,
+        addressing: &Addressing,
+        now: Instant,
+        timeout: Duration,
+    ) -> Vec<(Instant, Wire)> {
+        let listed: Vec<SocketAddr> =
+            self.0.keys().filter(|addr| addressing.accept.contains_key(*addr)).copied().collect();
+        listed
+            .into_iter()
+            .filter_map(|addr| self.0.remove(&addr).map(|joiner| (addr, joiner)))
+            .filter(|(addr, joiner)| {
+                addressing.admits(*addr, &joiner.wire) && now.duration_since(joiner.heard) < timeout
+            })
+            .map(|(_, joiner)| (joiner.heard, joiner.wire))
+            .collect()
+    }
+}
+
 impl L2 {
     /// Binds the heartbeat socket (so that a taken port fails the start, not a later moment).
     pub async fn bind(config: L2Config) -> std::io::Result<L2> {
@@ -258,14 +299,14 @@ impl L2 {
             Some(Arbiter { leading, proposals }) => (Some(leading), Some(proposals)),
             None => (None, None),
         };
-        let mut joiners: BTreeMap<SocketAddr, Joiner> = BTreeMap::new();
+        let mut joiners = Joiners::default();
         let mut addressing = Addressing::default();
         adopt(
             &members.borrow_and_update(),
             &mut addressing,
             &mut membership,
             &mut peers,
-            &joiners,
+            &mut joiners,
             started,
             (&me, config.timeout),
         );
@@ -405,21 +446,10 @@ impl L2 {
                         Some(wire) if addressing.leased.is_some() && !addressing.accept.contains_key(&from) => {
                             // A replica that is not listed (yet): answered, so it hears a member.
                             counters.heartbeats_rejected.fetch_add(1, Ordering::Relaxed);
-                            let now = Instant::now();
-                            let answer = joiners.get(&from).is_none_or(|joiner| {
-                                joiner.answered.is_none_or(|at| now.duration_since(at) >= config.interval / 2)
-                            });
-                            if answer {
+                            if joiners.heard(Instant::now(), from, wire, &config) {
                                 let one = [from];
                                 beat(&socket, &config.node, incarnation, &told, &one, &counters, &mut send_log).await;
                                 counters.joiners_answered.fetch_add(1, Ordering::Relaxed);
-                            }
-                            let answered = if answer { Some(now) } else { joiners.get(&from).and_then(|j| j.answered) };
-                            if joiners.len() >= MAX_JOINERS && !joiners.contains_key(&from) {
-                                joiners.retain(|_, joiner| now.duration_since(joiner.heard) < config.timeout);
-                            }
-                            if joiners.len() < MAX_JOINERS || joiners.contains_key(&from) {
-                                joiners.insert(from, Joiner { heard: now, wire, answered });
                             }
                         }
                         _ => {
@@ -433,8 +463,7 @@ impl L2 {
                 changed = members.changed(), if members_open => match changed {
                     Ok(()) => {
                         let list = members.borrow_and_update().clone();
-                        adopt(&list, &mut addressing, &mut membership, &mut peers, &joiners, Instant::now(), (&me, config.timeout));
-                        joiners.retain(|addr, _| !addressing.accept.contains_key(addr));
+                        adopt(&list, &mut addressing, &mut membership, &mut peers, &mut joiners, Instant::now(), (&me, config.timeout));
                     }
                     Err(_) => members_open = false,
                 },
@@ -462,7 +491,7 @@ fn adopt(
     addressing: &mut Addressing,
     membership: &mut Membership,
     peers: &mut Peers,
-    joiners: &BTreeMap<SocketAddr, Joiner>,
+    joiners: &mut Joiners,
     now: Instant,
     (me, timeout): (&str, Duration),
 ) {
@@ -471,10 +500,8 @@ fn adopt(
         for node in membership.handle_list(now, members.clone()) {
             peers.forget(&node);
         }
-        for (addr, joiner) in joiners {
-            if addressing.admits(*addr, &joiner.wire) && now.duration_since(joiner.heard) < timeout {
-                peers.handle_heartbeat(joiner.heard, &joiner.wire.heartbeat());
-            }
+        for (heard, wire) in joiners.now_listed(addressing, now, timeout) {
+            peers.handle_heartbeat(heard, &wire.heartbeat());
         }
     }
 }
