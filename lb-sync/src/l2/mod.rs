@@ -321,6 +321,9 @@ impl L2 {
         let mut unsent = true;
         let mut disagreeing_since: Option<Instant> = None;
         let (mut open, mut link_open, mut members_open, mut leading_open) = (true, true, true, true);
+        // The decision is redone only when an input changed: with thousands of VIPs it is
+        // hundreds of thousands of hashes, and most heartbeats change nothing.
+        let (mut dirty, mut claims, mut last_timed) = (true, BTreeSet::new(), None);
         tracing::info!(node = %config.node, listen = %config.listen, members = ?*members.borrow(), "L2 agreement");
         loop {
             let now = Instant::now();
@@ -342,7 +345,16 @@ impl L2 {
                 );
             }
             let holding = held.borrow_and_update().clone();
-            let claims = peers.claims(now, settled && gate, &candidates, &holding, agreed || patience_over);
+            // What time alone changes (settling, a peer going quiet, patience running out) is
+            // compared rather than tied to the timer, which another branch may beat.
+            let timed = (settled && gate, peers.live(now), agreed || patience_over);
+            if last_timed.as_ref() != Some(&timed) {
+                last_timed = Some(timed);
+                dirty = true;
+            }
+            if std::mem::take(&mut dirty) {
+                claims = peers.claims(now, settled && gate, &candidates, &holding, agreed || patience_over);
+            }
             owned.send_if_modified(|current| {
                 if *current == claims {
                     return false;
@@ -441,7 +453,7 @@ impl L2 {
                     match wire {
                         Some(wire) if addressing.admits(from, &wire) => {
                             counters.heartbeats_received.fetch_add(1, Ordering::Relaxed);
-                            peers.handle_heartbeat(Instant::now(), &wire.heartbeat());
+                            dirty = peers.handle_heartbeat(Instant::now(), &wire.heartbeat());
                         }
                         Some(wire) if addressing.leased.is_some() && !addressing.accept.contains_key(&from) => {
                             // A replica that is not listed (yet): answered, so it hears a member.
@@ -464,13 +476,20 @@ impl L2 {
                     Ok(()) => {
                         let list = members.borrow_and_update().clone();
                         adopt(&list, &mut addressing, &mut membership, &mut peers, &mut joiners, Instant::now(), (&me, config.timeout));
+                        dirty = true;
                     }
                     Err(_) => members_open = false,
                 },
                 open_still = leadership => leading_open = open_still,
-                changed = held.changed(), if link_open => link_open = changed.is_ok(),
+                changed = held.changed(), if link_open => {
+                    link_open = changed.is_ok();
+                    dirty = true;
+                }
                 changed = snapshots.changed(), if open => match changed {
-                    Ok(()) => (candidates, digest) = candidates_of(&snapshots.borrow_and_update()),
+                    Ok(()) => {
+                        (candidates, digest) = candidates_of(&snapshots.borrow_and_update());
+                        dirty = true;
+                    }
                     Err(_) => open = false,
                 },
                 () = expiry => {}
