@@ -20,6 +20,7 @@ pub mod announce;
 pub mod bird;
 mod control;
 pub mod events;
+mod follow;
 mod health;
 pub mod kubeconfig;
 pub mod l2;

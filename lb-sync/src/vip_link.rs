@@ -19,10 +19,8 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::TryStreamExt;
-use lb_core::LogThrottle;
 use rtnetlink::packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
 };
@@ -30,15 +28,12 @@ use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec};
 use tokio::sync::watch;
 
 use crate::announce::{self, Announcer};
+use crate::follow::{Apply, follow};
+#[cfg(doc)]
+use crate::follow::{LOG_EVERY, RETRY_AFTER};
 
 /// The `IFA_PROTO` value of ringlb's addresses (`'R'`): how it knows which addresses are its own.
 pub const ADDRESS_PROTOCOL: u8 = 0x52;
-
-/// How often the same netlink failure is logged at most.
-const LOG_EVERY: Duration = Duration::from_secs(30);
-
-/// How long a failed change waits before the next attempt.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The kind of link ringlb creates when none of its name exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -252,56 +247,34 @@ impl VipLink {
 pub async fn run<T>(
     mut link: VipLink,
     announcer: Option<Arc<Announcer>>,
-    mut wanted: watch::Receiver<T>,
+    wanted: watch::Receiver<T>,
     addresses: impl Fn(&T) -> BTreeSet<IpAddr>,
     stop: impl Future,
 ) {
-    let mut stop = std::pin::pin!(stop);
-    let mut throttle = LogThrottle::new(LOG_EVERY);
-    let mut applied = None;
-    let mut open = true;
-    loop {
-        let target = addresses(&wanted.borrow_and_update());
-        let failing = if applied.as_ref() == Some(&target) {
-            false
-        } else {
-            let outcome = link.set(&target).await;
-            // Also after a partial failure: what went onto the link is announced.
-            let added = link.take_added();
-            if let Some(announcer) = &announcer {
-                tokio::spawn(announce(Arc::clone(announcer), added));
-            }
-            match outcome {
-                Ok(()) => {
-                    applied = Some(target);
-                    false
-                }
-                Err(error) => {
-                    if let Some(suppressed) = throttle.admit(std::time::Instant::now()) {
-                        tracing::warn!(%error, suppressed, "cannot update the VIP link; retrying");
-                    }
-                    applied = None;
-                    true
-                }
-            }
-        };
-        let retry = async {
-            if failing {
-                tokio::time::sleep(RETRY_AFTER).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = &mut stop => break,
-            // The sender gone (the control loop ended): the VIPs stay until `stop`, so that
-            // draining connections keep their addresses.
-            changed = wanted.changed(), if open => open = changed.is_ok(),
-            () = retry => {}
-        }
-    }
+    let mut announced = Announced { link: &mut link, announcer };
+    follow(wanted, addresses, &mut announced, "cannot update the VIP link", stop).await;
     if let Err(error) = link.close().await {
         tracing::warn!(%error, "cannot release the VIP link");
+    }
+}
+
+/// The VIP link with whoever announces what is added to it.
+struct Announced<'a> {
+    link: &'a mut VipLink,
+    announcer: Option<Arc<Announcer>>,
+}
+
+impl Apply<BTreeSet<IpAddr>> for Announced<'_> {
+    type Error = VipLinkError;
+
+    async fn apply(&mut self, target: &BTreeSet<IpAddr>) -> Result<(), VipLinkError> {
+        let outcome = self.link.set(target).await;
+        // Also after a partial failure: what went onto the link is announced.
+        let added = self.link.take_added();
+        if let Some(announcer) = &self.announcer {
+            tokio::spawn(announce(Arc::clone(announcer), added));
+        }
+        outcome
     }
 }
 

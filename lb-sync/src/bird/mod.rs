@@ -29,9 +29,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use lb_core::LogThrottle;
 use tokio::sync::watch;
 
+use crate::follow::{Apply, follow};
+#[cfg(doc)]
+use crate::follow::{LOG_EVERY, RETRY_AFTER};
 use crate::liveness_link::LivenessLink;
 
 pub mod peers;
@@ -45,12 +47,6 @@ pub const PROTOCOL_V6: &str = "ringlb_vips6";
 
 /// Where BIRD's control socket is by default (Debian's `bird2` package).
 pub const DEFAULT_SOCKET: &str = "/run/bird/bird.ctl";
-
-/// How often the same failure is logged at most.
-const LOG_EVERY: Duration = Duration::from_secs(30);
-
-/// How long a failed change waits before the next attempt.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// How long `birdc configure` may take before it counts as failed (and is killed).
 const BIRDC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -259,62 +255,44 @@ fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
         .inspect_err(|_| drop(std::fs::remove_file(&temporary)))
 }
 
+/// BIRD's routes as [`run`] keeps them, with whether BIRD has accepted them once (logged once).
+struct Routes<'a> {
+    bird: &'a Bird,
+    accepted: bool,
+}
+
+impl Apply<BTreeSet<IpAddr>> for Routes<'_> {
+    type Error = BirdError;
+
+    async fn apply(&mut self, target: &BTreeSet<IpAddr>) -> Result<(), BirdError> {
+        let outcome = self.bird.apply(target).await;
+        self.bird.status.record(outcome.is_ok().then_some(target.len()));
+        if outcome.is_ok() {
+            let include = self.bird.config().include.display();
+            tracing::debug!(%include, routes = target.len(), "BIRD routes updated");
+            if !std::mem::replace(&mut self.accepted, true) {
+                tracing::info!(%include, routes = target.len(), "BIRD accepted ringlb's routes");
+            }
+        }
+        outcome
+    }
+}
+
 /// Keeps BIRD's routes equal to `vips` of what `wanted` holds (e.g. [`lb_core::advertised_vips`] of
 /// the published snapshot) until `stop` resolves, then withdraws them all (see the module doc). The
 /// sender gone (the control loop ended), the routes stay until `stop`.
 pub async fn run<T>(
     bird: Bird,
-    mut wanted: watch::Receiver<T>,
+    wanted: watch::Receiver<T>,
     vips: impl Fn(&T) -> BTreeSet<IpAddr>,
     stop: impl Future,
 ) {
-    let mut stop = std::pin::pin!(stop);
-    let mut throttle = LogThrottle::new(LOG_EVERY);
-    let mut applied: Option<BTreeSet<IpAddr>> = None;
-    let mut open = true;
-    let include = bird.config().include.display().to_string();
-    loop {
-        let target = vips(&wanted.borrow_and_update());
-        let failing = if applied.as_ref() == Some(&target) {
-            false
-        } else {
-            let outcome = bird.apply(&target).await;
-            bird.status.record(outcome.is_ok().then_some(target.len()));
-            match outcome {
-                Ok(()) => {
-                    tracing::debug!(%include, routes = target.len(), "BIRD routes updated");
-                    if applied.is_none() {
-                        tracing::info!(%include, routes = target.len(), "BIRD accepted ringlb's routes");
-                    }
-                    applied = Some(target);
-                    false
-                }
-                Err(error) => {
-                    if let Some(suppressed) = throttle.admit(std::time::Instant::now()) {
-                        tracing::warn!(%error, suppressed, "cannot update BIRD's routes; retrying");
-                    }
-                    applied = None;
-                    true
-                }
-            }
-        };
-        let retry = async {
-            if failing {
-                tokio::time::sleep(RETRY_AFTER).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = &mut stop => break,
-            changed = wanted.changed(), if open => open = changed.is_ok(),
-            () = retry => {}
-        }
-    }
+    let mut routes = Routes { bird: &bird, accepted: false };
+    follow(wanted, vips, &mut routes, "cannot update BIRD's routes", stop).await;
     let withdrawn = bird.apply(&BTreeSet::new()).await;
     bird.status.record(withdrawn.is_ok().then_some(0));
     match withdrawn {
-        Ok(()) => tracing::info!(%include, "BIRD routes withdrawn"),
+        Ok(()) => tracing::info!(include = %bird.config().include.display(), "BIRD routes withdrawn"),
         Err(error) => tracing::warn!(%error, "cannot withdraw BIRD's routes"),
     }
 }
