@@ -1,7 +1,8 @@
 //! MetalLB's `IPAddressPool` (`metallb.io/v1beta1`), as ringlb reads it, and its parsed form.
 //!
-//! The type implements `k8s_openapi::Resource` and `Metadata` by hand, so kube-rs watches it like
-//! a built-in type while this crate stays free of kube. Only MetalLB's documented fields are read:
+//! The type implements `k8s_openapi::Resource` and `Metadata` by hand (as MetalLB's other CRDs
+//! in [`crate::metallb`] do), so kube-rs watches it like a built-in type while this crate stays
+//! free of kube. Only MetalLB's documented fields are read:
 //! `addresses` (CIDRs and `first-last` ranges), `autoAssign` (default true), `avoidBuggyIPs`
 //! (default false: skip `.0` and `.255` addresses) and `serviceAllocation` (`priority`, lower is
 //! preferred; `namespaces` and `namespaceSelectors`, either admitting a namespace; and
@@ -50,26 +51,7 @@ pub struct ServiceAllocation {
     pub service_selectors: Vec<LabelSelector>,
 }
 
-impl k8s_openapi::Resource for IpAddressPool {
-    const API_VERSION: &'static str = "metallb.io/v1beta1";
-    const GROUP: &'static str = "metallb.io";
-    const KIND: &'static str = "IPAddressPool";
-    const VERSION: &'static str = "v1beta1";
-    const URL_PATH_SEGMENT: &'static str = "ipaddresspools";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for IpAddressPool {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::metallb::metallb_resource!(IpAddressPool, "v1beta1", "IPAddressPool", "ipaddresspools");
 
 /// A contiguous run of addresses of one family, as integers (`first <= last`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
