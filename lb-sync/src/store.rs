@@ -1,6 +1,7 @@
 //! The objects the control loop builds from: every Service, EndpointSlice and core/v1 Endpoints a
 //! source reported, and what allocation reads besides (MetalLB `IPAddressPool`s, Namespaces for
-//! the pools' namespace selectors), by kind, namespace and name. EndpointSlices are kept as the
+//! the pools' namespace selectors) and announcement (MetalLB's advertisement, peer, community and
+//! BFD CRDs; the Nodes, of which only names and labels are kept), by kind, namespace and name. EndpointSlices are kept as the
 //! builder reads them ([`ParsedEndpointSlice`], parsed by the source as each arrives: a third of
 //! the decoded object); the other kinds as decoded, less what nothing reads ([`slimmed`]).
 //!
@@ -14,10 +15,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::Metadata;
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use lb_core::ipam::IpAddressPool;
+use lb_core::metallb::{BfdProfile, BgpAdvertisement, BgpPeer, Community, L2Advertisement};
 use lb_core::{ObjectRef, ParsedEndpointSlice, SliceNames};
 
 /// The namespace Kubernetes assumes when an object names none.
@@ -32,6 +34,12 @@ pub enum Object {
     Endpoints(Endpoints),
     Pool(IpAddressPool),
     Namespace(Namespace),
+    L2Advertisement(L2Advertisement),
+    BgpAdvertisement(BgpAdvertisement),
+    BgpPeer(BgpPeer),
+    Community(Community),
+    BfdProfile(BfdProfile),
+    Node(Node),
 }
 
 /// kubectl's copy of the last applied object, in an annotation.
@@ -47,8 +55,20 @@ pub fn slimmed(mut object: Object) -> Object {
             annotations.remove(LAST_APPLIED);
         }
     }
-    if let Object::Service(service) = &mut object {
-        shrink_lists(service);
+    match &mut object {
+        Object::Service(service) => shrink_lists(service),
+        // A Node's status (images, conditions) is kilobytes; node selectors read only labels.
+        Object::Node(node) => {
+            *node = Node {
+                metadata: ObjectMeta {
+                    name: node.metadata.name.take(),
+                    labels: node.metadata.labels.take(),
+                    ..ObjectMeta::default()
+                },
+                ..Node::default()
+            }
+        }
+        _ => {}
     }
     object
 }
@@ -117,11 +137,28 @@ pub enum Kind {
     Endpoints,
     Pool,
     Namespace,
+    L2Advertisement,
+    BgpAdvertisement,
+    BgpPeer,
+    Community,
+    BfdProfile,
+    Node,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] =
-        [Kind::Service, Kind::EndpointSlice, Kind::Endpoints, Kind::Pool, Kind::Namespace];
+    pub const ALL: [Kind; 11] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Endpoints,
+        Kind::Pool,
+        Kind::Namespace,
+        Kind::L2Advertisement,
+        Kind::BgpAdvertisement,
+        Kind::BgpPeer,
+        Kind::Community,
+        Kind::BfdProfile,
+        Kind::Node,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -130,6 +167,12 @@ impl Kind {
             Kind::Endpoints => "Endpoints",
             Kind::Pool => "IPAddressPool",
             Kind::Namespace => "Namespace",
+            Kind::L2Advertisement => "L2Advertisement",
+            Kind::BgpAdvertisement => "BGPAdvertisement",
+            Kind::BgpPeer => "BGPPeer",
+            Kind::Community => "Community",
+            Kind::BfdProfile => "BFDProfile",
+            Kind::Node => "Node",
         }
     }
 }
@@ -142,6 +185,12 @@ impl Object {
             Object::Endpoints(_) => Kind::Endpoints,
             Object::Pool(_) => Kind::Pool,
             Object::Namespace(_) => Kind::Namespace,
+            Object::L2Advertisement(_) => Kind::L2Advertisement,
+            Object::BgpAdvertisement(_) => Kind::BgpAdvertisement,
+            Object::BgpPeer(_) => Kind::BgpPeer,
+            Object::Community(_) => Kind::Community,
+            Object::BfdProfile(_) => Kind::BfdProfile,
+            Object::Node(_) => Kind::Node,
         }
     }
 
@@ -153,6 +202,12 @@ impl Object {
             Object::Endpoints(object) => Some(object.metadata_mut()),
             Object::Pool(object) => Some(object.metadata_mut()),
             Object::Namespace(object) => Some(object.metadata_mut()),
+            Object::L2Advertisement(object) => Some(object.metadata_mut()),
+            Object::BgpAdvertisement(object) => Some(object.metadata_mut()),
+            Object::BgpPeer(object) => Some(object.metadata_mut()),
+            Object::Community(object) => Some(object.metadata_mut()),
+            Object::BfdProfile(object) => Some(object.metadata_mut()),
+            Object::Node(object) => Some(object.metadata_mut()),
         }
     }
 
@@ -163,6 +218,12 @@ impl Object {
             Object::Endpoints(object) => Some(object.metadata()),
             Object::Pool(object) => Some(object.metadata()),
             Object::Namespace(object) => Some(object.metadata()),
+            Object::L2Advertisement(object) => Some(object.metadata()),
+            Object::BgpAdvertisement(object) => Some(object.metadata()),
+            Object::BgpPeer(object) => Some(object.metadata()),
+            Object::Community(object) => Some(object.metadata()),
+            Object::BfdProfile(object) => Some(object.metadata()),
+            Object::Node(object) => Some(object.metadata()),
         }
     }
 
@@ -175,9 +236,9 @@ impl Object {
             };
         };
         let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
-        // Namespaces are cluster-scoped: their reference has no namespace.
+        // Namespaces and Nodes are cluster-scoped: their reference has no namespace.
         let namespace = match self {
-            Object::Namespace(_) => "",
+            Object::Namespace(_) | Object::Node(_) => "",
             _ => meta.namespace.as_deref().filter(|ns| !ns.is_empty()).unwrap_or(DEFAULT_NAMESPACE),
         };
         Some(ObjectRef { kind: self.kind().name(), namespace: namespace.to_owned(), name: name.to_owned() })
@@ -244,6 +305,12 @@ pub struct ObjectStore {
     endpoints: BTreeMap<ObjectRef, Stored<Endpoints>>,
     pools: BTreeMap<ObjectRef, Stored<IpAddressPool>>,
     namespaces: BTreeMap<ObjectRef, Stored<Namespace>>,
+    l2_advertisements: BTreeMap<ObjectRef, Stored<L2Advertisement>>,
+    bgp_advertisements: BTreeMap<ObjectRef, Stored<BgpAdvertisement>>,
+    bgp_peers: BTreeMap<ObjectRef, Stored<BgpPeer>>,
+    communities: BTreeMap<ObjectRef, Stored<Community>>,
+    bfd_profiles: BTreeMap<ObjectRef, Stored<BfdProfile>>,
+    nodes: BTreeMap<ObjectRef, Stored<Node>>,
 }
 
 /// The objects of a store as the builder takes them (in namespace/name order).
@@ -254,9 +321,28 @@ pub struct Objects {
     pub endpoints: Vec<Stored<Endpoints>>,
     pub pools: Vec<Stored<IpAddressPool>>,
     pub namespaces: Vec<Stored<Namespace>>,
+    pub l2_advertisements: Vec<Stored<L2Advertisement>>,
+    pub bgp_advertisements: Vec<Stored<BgpAdvertisement>>,
+    pub bgp_peers: Vec<Stored<BgpPeer>>,
+    pub communities: Vec<Stored<Community>>,
+    pub bfd_profiles: Vec<Stored<BfdProfile>>,
+    pub nodes: Vec<Stored<Node>>,
 }
 
 impl Objects {
+    /// Each node's labels, as advertisements' and peers' `nodeSelectors` match them.
+    pub fn node_labels(&self) -> lb_core::announcement::NodeLabels {
+        self.nodes
+            .iter()
+            .filter_map(|node| {
+                Some((
+                    node.metadata.name.as_deref()?.into(),
+                    node.metadata.labels.clone().unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
     /// Each namespace's labels, as pools' `namespaceSelectors` match them.
     pub fn namespace_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
         self.namespaces
@@ -317,6 +403,42 @@ impl ObjectStore {
                             std::mem::take(&mut fresh.namespaces),
                             in_scope,
                         ),
+                        Kind::L2Advertisement => replace(
+                            &mut self.l2_advertisements,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.l2_advertisements),
+                            in_scope,
+                        ),
+                        Kind::BgpAdvertisement => replace(
+                            &mut self.bgp_advertisements,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.bgp_advertisements),
+                            in_scope,
+                        ),
+                        Kind::BgpPeer => replace(
+                            &mut self.bgp_peers,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.bgp_peers),
+                            in_scope,
+                        ),
+                        Kind::Community => replace(
+                            &mut self.communities,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.communities),
+                            in_scope,
+                        ),
+                        Kind::BfdProfile => replace(
+                            &mut self.bfd_profiles,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.bfd_profiles),
+                            in_scope,
+                        ),
+                        Kind::Node => replace(
+                            &mut self.nodes,
+                            &mut self.next_revision,
+                            std::mem::take(&mut fresh.nodes),
+                            in_scope,
+                        ),
                     };
                 }
                 changed
@@ -328,6 +450,12 @@ impl ObjectStore {
                 "Endpoints" => self.endpoints.remove(&object).is_some(),
                 "IPAddressPool" => self.pools.remove(&object).is_some(),
                 "Namespace" => self.namespaces.remove(&object).is_some(),
+                "L2Advertisement" => self.l2_advertisements.remove(&object).is_some(),
+                "BGPAdvertisement" => self.bgp_advertisements.remove(&object).is_some(),
+                "BGPPeer" => self.bgp_peers.remove(&object).is_some(),
+                "Community" => self.communities.remove(&object).is_some(),
+                "BFDProfile" => self.bfd_profiles.remove(&object).is_some(),
+                "Node" => self.nodes.remove(&object).is_some(),
                 _ => false,
             },
         }
@@ -350,6 +478,18 @@ impl ObjectStore {
             Object::Namespace(namespace) => {
                 insert(&mut self.namespaces, &mut self.next_revision, key, namespace)
             }
+            Object::L2Advertisement(object) => {
+                insert(&mut self.l2_advertisements, &mut self.next_revision, key, object)
+            }
+            Object::BgpAdvertisement(object) => {
+                insert(&mut self.bgp_advertisements, &mut self.next_revision, key, object)
+            }
+            Object::BgpPeer(object) => insert(&mut self.bgp_peers, &mut self.next_revision, key, object),
+            Object::Community(object) => insert(&mut self.communities, &mut self.next_revision, key, object),
+            Object::BfdProfile(object) => {
+                insert(&mut self.bfd_profiles, &mut self.next_revision, key, object)
+            }
+            Object::Node(object) => insert(&mut self.nodes, &mut self.next_revision, key, object),
         }
     }
 
@@ -361,6 +501,12 @@ impl ObjectStore {
             endpoints: self.endpoints.values().cloned().collect(),
             pools: self.pools.values().cloned().collect(),
             namespaces: self.namespaces.values().cloned().collect(),
+            l2_advertisements: self.l2_advertisements.values().cloned().collect(),
+            bgp_advertisements: self.bgp_advertisements.values().cloned().collect(),
+            bgp_peers: self.bgp_peers.values().cloned().collect(),
+            communities: self.communities.values().cloned().collect(),
+            bfd_profiles: self.bfd_profiles.values().cloned().collect(),
+            nodes: self.nodes.values().cloned().collect(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The Kubernetes API as a source: kube-rs watchers on Services and EndpointSlices (in every
 //! namespace, or in each of `--namespace`), and, for allocation, MetalLB `IPAddressPool`s in the
-//! pool namespace and the Namespaces (whose labels pools' `namespaceSelectors` match).
+//! pool namespace and the Namespaces (whose labels pools' `namespaceSelectors` match); for L2
+//! announcement, MetalLB `L2Advertisement`s in the pool namespace and the Nodes (whose labels
+//! their `nodeSelectors` match).
 //!
 //! Each watcher lists, then watches from the list's resourceVersion; a dropped connection, a
 //! watch error or `410 Gone` makes it relist, with kube-rs's exponential back-off. A relist of one
@@ -14,13 +16,14 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use lb_core::LogThrottle;
 use lb_core::ipam::IpAddressPool;
+use lb_core::metallb::L2Advertisement;
 
 use super::{Source, SyncError};
 use crate::control::SourceHandle;
@@ -39,17 +42,24 @@ pub struct KubeSource {
     client: Client,
     namespaces: Vec<String>,
     pool_namespace: Option<String>,
+    l2_advertisements: bool,
 }
 
 impl KubeSource {
     /// Watches Services and EndpointSlices in `namespaces` (every namespace when empty).
     pub fn new(client: Client, namespaces: Vec<String>) -> Self {
-        KubeSource { client, namespaces, pool_namespace: None }
+        KubeSource { client, namespaces, pool_namespace: None, l2_advertisements: false }
     }
 
     /// Also watches the `IPAddressPool`s of `namespace`, and the Namespaces, for allocation.
     pub fn with_pools(mut self, namespace: impl Into<String>) -> Self {
         self.pool_namespace = Some(namespace.into());
+        self
+    }
+
+    /// With pools, also watches the pool namespace's `L2Advertisement`s, and the Nodes.
+    pub fn with_l2_advertisements(mut self) -> Self {
+        self.l2_advertisements = true;
         self
     }
 }
@@ -132,6 +142,16 @@ impl KubeSource {
             streams.push(watch(scopes.len() - 1, Api::<Namespace>::all(self.client.clone()), |n| {
                 Some(Object::Namespace(n))
             }));
+            if self.l2_advertisements {
+                scopes.push(Scope { kind: Kind::L2Advertisement, namespace: Some(pools.clone()) });
+                streams.push(watch(scopes.len() - 1, self.api::<L2Advertisement>(Some(pools)), |a| {
+                    Some(Object::L2Advertisement(a))
+                }));
+                scopes.push(Scope { kind: Kind::Node, namespace: None });
+                streams.push(watch(scopes.len() - 1, Api::<Node>::all(self.client.clone()), |n| {
+                    Some(Object::Node(n))
+                }));
+            }
         }
         (scopes, streams)
     }

@@ -24,11 +24,19 @@ fn groups() -> Vec<&'static str> {
     groups
 }
 
+/// A group and its versions, newest first (metallb.io serves `BGPPeer` as v1beta2 and the rest
+/// as v1beta1; the newest is the preferred one, as the real server's priority order has it).
 pub(crate) fn group_of(group: &str) -> Option<Value> {
-    let version = TYPES.iter().find(|t| t.group == group)?.version;
-    let gv = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+    let mut versions: Vec<&str> = TYPES.iter().filter(|t| t.group == group).map(|t| t.version).collect();
+    versions.sort_unstable_by(|a, b| b.cmp(a));
+    versions.dedup();
+    let listed: Vec<Value> = versions
+        .iter()
+        .map(|version| json!({"groupVersion": format!("{group}/{version}"), "version": version}))
+        .collect();
+    let preferred = listed.first()?.clone();
     Some(
-        json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv], "preferredVersion": gv}),
+        json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": listed, "preferredVersion": preferred}),
     )
 }
 
