@@ -7,7 +7,8 @@
 //!   serviceable endpoints (ready, else serving and terminating: kube-proxy's per-node fallback);
 //!   any other entry by every node, as long as it has an eligible backend at all. An IP shared by
 //!   several entries goes to the nodes every one of them admits, or, when no node does, to those
-//!   that some admit. An IP no entry can be served on is announced by nobody.
+//!   that some admit. An IP no entry can be served on is announced by nobody. Of those, only the
+//!   nodes MetalLB's `L2Advertisement`s let announce it stay ([`crate::announcement`]).
 //! - **Winner**: among the live members a candidate admits, the one with the highest
 //!   `xxh64(ip ‖ node)` ([`crate::hash`], stable across builds and platforms), ties to the greater
 //!   name. A member leaving moves only the IPs it held; one joining takes about `1/n` of them.
@@ -66,6 +67,21 @@ impl Candidates {
             Candidates::Nodes(nodes) => nodes.contains(node),
         }
     }
+
+    /// The nodes both admit; `None` when none.
+    fn within(self, allowed: &Candidates) -> Option<Candidates> {
+        let both = match (self, allowed) {
+            (candidates, Candidates::Any) => candidates,
+            (Candidates::Any, allowed) => allowed.clone(),
+            (Candidates::Nodes(nodes), Candidates::Nodes(allowed)) => {
+                Candidates::Nodes(nodes.into_iter().filter(|node| allowed.contains(node)).collect())
+            }
+        };
+        match &both {
+            Candidates::Nodes(nodes) if nodes.is_empty() => None,
+            _ => Some(both),
+        }
+    }
 }
 
 /// The nodes that may serve `entry`, if any may.
@@ -83,15 +99,24 @@ fn entry_candidates(entry: &ServiceEntry) -> Option<Candidates> {
     (!nodes.is_empty()).then_some(Candidates::Nodes(nodes))
 }
 
-/// The candidates of every IP of `snapshot` that some node can serve (see the module doc).
-pub fn candidates(snapshot: &Snapshot) -> BTreeMap<IpAddr, Candidates> {
+/// The candidates of every IP of `snapshot` that some node can serve and that the snapshot's
+/// [`Announcements`](crate::announcement::Announcements) let some node announce on `interface`
+/// (see the module doc).
+pub fn candidates(snapshot: &Snapshot, interface: Option<&str>) -> BTreeMap<IpAddr, Candidates> {
     let mut per_ip: BTreeMap<IpAddr, Vec<Candidates>> = BTreeMap::new();
     for entry in snapshot.entries() {
         if let Some(candidates) = entry_candidates(entry) {
             per_ip.entry(entry.key.addr).or_default().push(candidates);
         }
     }
-    per_ip.into_iter().map(|(ip, all)| (ip, combine(all))).collect()
+    let announcements = snapshot.announcements();
+    per_ip
+        .into_iter()
+        .filter_map(|(ip, all)| {
+            let allowed = announcements.l2(ip, interface)?;
+            Some((ip, combine(all).within(&allowed)?))
+        })
+        .collect()
 }
 
 /// The nodes every entry admits, else those some entry admits.

@@ -15,6 +15,7 @@
 pub mod advertise;
 pub mod affinity;
 pub mod annotations;
+pub mod announcement;
 pub mod builder;
 pub mod cidr;
 pub mod duration;
@@ -26,6 +27,7 @@ pub mod l2;
 pub mod labels;
 pub mod lifecycle;
 pub mod local;
+pub mod metallb;
 pub mod model;
 pub mod scheduler;
 pub mod selection;

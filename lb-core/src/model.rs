@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::announcement::Announcements;
 use crate::builder::service::ParsedService;
 use crate::cidr::Cidr;
 use crate::health::{HealthCheckConfig, OutlierConfig};
@@ -371,6 +372,10 @@ pub struct Snapshot {
     /// The health-check node ports this node answers, sorted by port (see [`HealthCheckNodePort`]).
     /// Empty without a node name: `externalTrafficPolicy: Local` is then ignored.
     health_check_node_ports: Arc<[HealthCheckNodePort]>,
+    /// Which nodes may announce each IP (MetalLB's advertisement objects); set by the control loop
+    /// after a build, kept by [`crate::apply_health`]. Not served by the workers, not shown.
+    #[serde(skip)]
+    announcements: Arc<Announcements>,
     /// What the next build needs of this one: the spec each Service was served from, so that a
     /// Service rejected next time keeps its policy (see [`crate::build`]). Not served, not shown.
     #[serde(skip)]
@@ -391,7 +396,13 @@ impl Snapshot {
 
     pub fn from_entries(version: u64, entries: impl IntoIterator<Item = ServiceEntry>) -> Self {
         let entries = entries.into_iter().map(|e| (e.key, Arc::new(e))).collect();
-        Snapshot { version, entries, health_check_node_ports: Arc::default(), last_good: Arc::default() }
+        Snapshot {
+            version,
+            entries,
+            health_check_node_ports: Arc::default(),
+            announcements: Arc::default(),
+            last_good: Arc::default(),
+        }
     }
 
     pub(crate) fn from_parts(
@@ -399,7 +410,13 @@ impl Snapshot {
         entries: BTreeMap<VipKey, Arc<ServiceEntry>>,
         last_good: Arc<LastGood>,
     ) -> Self {
-        Snapshot { version, entries, health_check_node_ports: Arc::default(), last_good }
+        Snapshot {
+            version,
+            entries,
+            health_check_node_ports: Arc::default(),
+            announcements: Arc::default(),
+            last_good,
+        }
     }
 
     /// This snapshot with `ports` (sorted by port, one Service each) as its health-check node ports.
@@ -412,6 +429,16 @@ impl Snapshot {
     /// balancer probes to learn whether this node has an endpoint of a Service.
     pub fn health_check_node_ports(&self) -> &Arc<[HealthCheckNodePort]> {
         &self.health_check_node_ports
+    }
+
+    /// This snapshot with `announcements` saying which nodes may announce its IPs.
+    pub fn with_announcements(self, announcements: Arc<Announcements>) -> Self {
+        Snapshot { announcements, ..self }
+    }
+
+    /// Which nodes may announce each IP ([`Announcements::ungoverned`] unless a source set it).
+    pub fn announcements(&self) -> &Arc<Announcements> {
+        &self.announcements
     }
 
     pub(crate) fn last_good(&self) -> &Arc<LastGood> {

@@ -82,6 +82,8 @@ pub struct Cluster {
     pub pool_namespace: String,
     pub selection: ServiceSelection,
     pub lease: LeaseConfig,
+    /// Watch MetalLB's L2Advertisements and the Nodes, for L2 agreement (`--l2-listen`).
+    pub l2_advertisements: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -102,8 +104,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 pool_namespace: args.cluster.pool_namespace.clone(),
                 selection: options.selection.clone(),
                 lease,
+                l2_advertisements: args.vips.l2_listen.is_some(),
             };
-            Source::Cluster(cluster, ControlLoop::new(options))
+            let control = ControlLoop::new(options);
+            // L2 agreement follows MetalLB's L2Advertisements (which pools, nodes, interfaces).
+            let control = if cluster.l2_advertisements { control.with_announcements() } else { control };
+            Source::Cluster(cluster, control)
         }
     };
     let vips = args.vips.vip_link.as_ref().map(|name| Vips {
@@ -126,6 +132,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             interval: args.vips.l2_interval,
             timeout: args.vips.l2_timeout,
             quorum: args.vips.l2_quorum,
+            interface: args.vips.announce_interface.clone(),
         }),
         l2_peers: args.vips.l2_peers.clone(),
     });
@@ -424,6 +431,7 @@ pub fn serve(
                 arbitration = Some((client.clone(), member_lease, leader_rx.clone()));
                 leading = Some(leader_rx);
                 let source = KubeSource::new(client, cluster.namespaces).with_pools(cluster.pool_namespace);
+                let source = if cluster.l2_advertisements { source.with_l2_advertisements() } else { source };
                 Running::Cluster(source, control)
             }
             Source::Fixed(snapshot) => Running::Fixed(snapshot),

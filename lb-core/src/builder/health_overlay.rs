@@ -41,6 +41,7 @@ pub fn apply_health(snapshot: &Snapshot, options: &BuildOptions, version: u64) -
     // Health verdicts never change readiness, so the health-check node ports stay as they are.
     Snapshot::from_parts(version, table, Arc::clone(snapshot.last_good()))
         .with_health_check_node_ports(Arc::clone(snapshot.health_check_node_ports()))
+        .with_announcements(Arc::clone(snapshot.announcements()))
 }
 
 #[cfg(test)]

@@ -110,7 +110,7 @@ fn local_entries_are_announced_only_where_they_have_endpoints() {
             placed(ip(4), Protocol::Tcp, true, &[("node-a", false)]),
         ],
     );
-    let candidates = candidates(&snapshot);
+    let candidates = candidates(&snapshot, None);
     assert_eq!(candidates.get(&ip(1)), Some(&Candidates::Nodes(nodes(&["node-a"]))));
     assert_eq!(candidates.get(&ip(2)), Some(&Candidates::Any));
     assert_eq!(candidates.get(&ip(3)), None, "no eligible backend: not announced");
@@ -119,7 +119,8 @@ fn local_entries_are_announced_only_where_they_have_endpoints() {
 
 #[test]
 fn entries_sharing_an_ip_go_to_the_nodes_all_of_them_admit() {
-    let shared = |entries: Vec<ServiceEntry>| candidates(&Snapshot::from_entries(1, entries)).remove(&ip(1));
+    let shared =
+        |entries: Vec<ServiceEntry>| candidates(&Snapshot::from_entries(1, entries), None).remove(&ip(1));
     let dns_tcp = || placed(ip(1), Protocol::Tcp, true, &[("node-a", true), ("node-b", true)]);
     let dns_udp = placed(ip(1), Protocol::Udp, true, &[("node-b", true), ("node-c", true)]);
     assert_eq!(shared(vec![dns_tcp(), dns_udp]), Some(Candidates::Nodes(nodes(&["node-b"]))));

@@ -16,6 +16,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 
+use lb_core::announcement::Announcements;
 use lb_core::{BuildOptions, BuildReport, HealthOverlay, Snapshot};
 use tokio::sync::{mpsc, watch as channel};
 use tokio::task::JoinSet;
@@ -70,6 +71,7 @@ pub struct ControlLoop {
     health: HealthStatus,
     backend_events: Option<BackendEventReceiver>,
     objects: Option<channel::Sender<Arc<Objects>>>,
+    announcements: bool,
 }
 
 impl ControlLoop {
@@ -81,7 +83,16 @@ impl ControlLoop {
             health: HealthStatus::new(),
             backend_events: None,
             objects: None,
+            announcements: false,
         }
+    }
+
+    /// Says in every snapshot which nodes may announce each IP, as MetalLB's advertisement objects
+    /// and the Nodes' labels in the store say (`lb_core::announcement`; a cluster's source watches
+    /// them). Without it every node may announce every IP.
+    pub fn with_announcements(mut self) -> Self {
+        self.announcements = true;
+        self
     }
 
     /// The objects as the loop holds them, after every batch that changed them (what the leader
@@ -145,6 +156,7 @@ impl ControlLoop {
             options: self.options,
             readiness: self.readiness,
             objects: self.objects,
+            announcements: self.announcements,
         };
         let mut monitor_alive = true;
         // The source is polled beside the loop, not inside it: while a build runs, the source
@@ -217,6 +229,8 @@ struct Outlet<S> {
     options: BuildOptions,
     readiness: Readiness,
     objects: Option<channel::Sender<Arc<Objects>>>,
+    /// See [`ControlLoop::with_announcements`].
+    announcements: bool,
 }
 
 impl<S: SnapshotSink> Outlet<S> {
@@ -236,6 +250,7 @@ impl<S: SnapshotSink> Outlet<S> {
         let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
         let version = self.publisher.next_version();
         let mut cache = std::mem::take(&mut self.cache);
+        let governed = self.announcements;
         let built = blocking(move || {
             let services: Vec<_> = objects.services.iter().map(|o| o.revised()).collect();
             let slices: Vec<_> = objects.slices.iter().map(|o| o.revised()).collect();
@@ -249,6 +264,7 @@ impl<S: SnapshotSink> Outlet<S> {
                 version,
                 &mut cache,
             );
+            let report = if governed { with_announcements(report, &objects) } else { report };
             (report, cache)
         })
         .await;
@@ -289,6 +305,15 @@ impl<S: SnapshotSink> Outlet<S> {
         self.feed.send_replace(Some(snapshot));
         self.readiness.mark_published(version);
     }
+}
+
+/// `report` with its snapshot saying who may announce what, by `objects`' advertisements.
+fn with_announcements(mut report: BuildReport, objects: &Objects) -> BuildReport {
+    let pools: Vec<&_> = objects.pools.iter().map(|o| &**o).collect();
+    let l2: Vec<&_> = objects.l2_advertisements.iter().map(|o| &**o).collect();
+    let announcements = Announcements::governed(&pools, &l2, &objects.node_labels());
+    report.snapshot = report.snapshot.with_announcements(Arc::new(announcements));
+    report
 }
 
 /// How many objects `batch` brings (a relist brings all of its kind at once).

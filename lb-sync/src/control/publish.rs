@@ -95,11 +95,12 @@ fn new_skips<'a>(known: &[Skipped], skipped: &'a [Skipped]) -> Vec<&'a Skipped> 
 /// Up to this many new skips of one build get a line each; more get one line per reason.
 const SKIPS_LOGGED_ONE_BY_ONE: usize = 8;
 
-/// Whether two snapshots serve the same (everything but the version): entries, and the health-check
-/// node ports that external balancers probe. Entries shared between them (`Arc`) are equal without
+/// Whether two snapshots serve the same (everything but the version): entries, the health-check
+/// node ports that external balancers probe, and who may announce which IP. Entries shared between them (`Arc`) are equal without
 /// a look.
 fn same_entries(current: &Snapshot, next: &Snapshot) -> bool {
     current.health_check_node_ports() == next.health_check_node_ports()
+        && current.announcements() == next.announcements()
         && next.changes_from(current).all(|change| match change {
             (Some(before), Some(after)) => before.serves_like(after),
             _ => false,

@@ -65,6 +65,9 @@ pub struct L2Config {
     /// With configured peers: fall silent without hearing a majority of the members (this
     /// replica and its peers). The member list's own gate replaces it in cluster mode.
     pub quorum: bool,
+    /// The interface this replica announces on (`--announce-interface`), which MetalLB's
+    /// `L2Advertisement.interfaces` are compared with; the same on every replica.
+    pub interface: Option<String>,
 }
 
 /// The replicas the agreement runs among, as their source gives them.
@@ -310,7 +313,8 @@ impl L2 {
             started,
             (&me, config.timeout),
         );
-        let (mut candidates, mut digest) = candidates_of(&snapshots.borrow_and_update());
+        let (mut candidates, mut digest) =
+            candidates_of(&snapshots.borrow_and_update(), config.interface.as_deref());
         let mut ticker = tokio::time::interval(config.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buffer = vec![0u8; 64 * 1024];
@@ -487,7 +491,7 @@ impl L2 {
                 }
                 changed = snapshots.changed(), if open => match changed {
                     Ok(()) => {
-                        (candidates, digest) = candidates_of(&snapshots.borrow_and_update());
+                        (candidates, digest) = candidates_of(&snapshots.borrow_and_update(), config.interface.as_deref());
                         dirty = true;
                     }
                     Err(_) => open = false,
@@ -537,8 +541,8 @@ struct Told {
     digest: u64,
 }
 
-fn candidates_of(snapshot: &Snapshot) -> (BTreeMap<IpAddr, Candidates>, u64) {
-    let candidates = l2::candidates(snapshot);
+fn candidates_of(snapshot: &Snapshot, interface: Option<&str>) -> (BTreeMap<IpAddr, Candidates>, u64) {
+    let candidates = l2::candidates(snapshot, interface);
     let digest = l2::digest(&candidates);
     (candidates, digest)
 }
