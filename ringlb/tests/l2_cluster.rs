@@ -6,6 +6,10 @@
 //! follows, and the leader removes it from the list. Restarted, it joins the list again and
 //! takes its share back, without a VIP ever on two nodes (`support::l2::Sampler`).
 //!
+//! MetalLB's `L2Advertisement`s decide which nodes may announce: their node selectors (over the
+//! Nodes' labels, followed as they change) and interfaces confine the VIPs, and without one the
+//! pool is announced nowhere.
+//!
 //! Times are printed (`failover: … ms`, `removal: … ms`, `rejoin: … ms`).
 
 mod support;
@@ -57,6 +61,8 @@ impl Setup {
         let first = segment.spare(0);
         let last = segment.spare(SERVICES as u8 - 1);
         cluster.pool("lan", &[&format!("{first}-{last}")]);
+        // As in MetalLB, a pool no L2Advertisement selects is announced nowhere.
+        cluster.l2_advertisement("lan", serde_json::json!({"ipAddressPools": ["lan"]}));
         for n in 0..SERVICES {
             let name = format!("web-{n}");
             let service: Service = load_balancer(&name, Some(CLASS), &[("http", 80)]).build();
@@ -285,4 +291,72 @@ fn in_a_pair_the_leader_goes_on_alone_and_a_lone_follower_waits_for_the_lease() 
     poll_until("the new leader to remove the old one", || {
         (!setup.members().contains_key(&nodes[leader].name)).then_some(())
     });
+}
+
+/// The nodes that hold at least one VIP, by name.
+fn holding(nodes: &[Node]) -> BTreeSet<String> {
+    nodes.iter().filter(|node| !node.held().is_empty()).map(|node| node.name.clone()).collect()
+}
+
+#[test]
+fn l2_advertisements_confine_the_vips_to_the_selected_nodes_and_interfaces_and_follow_node_labels() {
+    let setup = Setup::new();
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|name| Node::join(&setup.lab, &setup.segment, name))
+        .collect();
+    for (name, edge) in [("node-a", "true"), ("node-b", "true"), ("node-c", "false")] {
+        setup.cluster.node(name, &[("edge", edge)]);
+    }
+    setup.cluster.l2_advertisement(
+        "lan",
+        serde_json::json!({"ipAddressPools": ["lan"], "nodeSelectors": [{"matchLabels": {"edge": "true"}}]}),
+    );
+    for node in &mut nodes {
+        setup.start(node);
+    }
+    let vips = setup.vips();
+    let every_vip_held_within = |allowed: &[&str]| {
+        let allowed: BTreeSet<String> = allowed.iter().map(|n| (*n).to_owned()).collect();
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()) && holding(&nodes).is_subset(&allowed)
+    };
+    poll_until("every VIP on the edge nodes only", || {
+        every_vip_held_within(&["node-a", "node-b"]).then_some(())
+    });
+    for vip in &vips {
+        let (name, _) = setup.client.enter(|| greeting(SocketAddr::new(*vip, 80))).expect("the VIP answers");
+        assert_eq!(name, "backend");
+    }
+
+    // The labels move: node-c becomes an edge node, node-a stops being one.
+    let sampling = sampler(&nodes.iter().collect::<Vec<_>>());
+    setup.cluster.node("node-a", &[("edge", "false")]);
+    setup.cluster.node("node-c", &[("edge", "true")]);
+    poll_until("every VIP on node-b and node-c only", || {
+        every_vip_held_within(&["node-b", "node-c"]).then_some(())
+    });
+    let overlaps = sampling.finish();
+    assert!(overlaps.is_empty(), "a VIP was on two nodes at once: {overlaps:?}");
+
+    // Interfaces: one ringlb does not announce on takes every VIP off; its own brings them back.
+    setup
+        .cluster
+        .l2_advertisement("lan", serde_json::json!({"ipAddressPools": ["lan"], "interfaces": ["eth9"]}));
+    poll_until("no VIP announced on an interface no advertisement lists", || {
+        holding(&nodes).is_empty().then_some(())
+    });
+    let interface = setup.segment.interface();
+    setup
+        .cluster
+        .l2_advertisement("lan", serde_json::json!({"ipAddressPools": ["lan"], "interfaces": [interface]}));
+    poll_until("every VIP announced again, from any node", || {
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+    });
+
+    // Without an L2Advertisement the pool is announced nowhere; the Services keep their IPs.
+    setup.cluster.kubectl.ok(&["delete", "l2advertisement", "-n", "metallb-system", "lan"], None);
+    poll_until("no VIP announced once no advertisement selects the pool", || {
+        holding(&nodes).is_empty().then_some(())
+    });
+    assert_eq!(setup.vips(), vips, "the allocation stays");
 }

@@ -78,6 +78,25 @@ impl Cluster {
         ));
     }
 
+    /// An `L2Advertisement` in the pool namespace with `spec` (JSON), as a MetalLB user writes it.
+    pub fn l2_advertisement(&self, name: &str, spec: serde_json::Value) {
+        let object = serde_json::json!({
+            "apiVersion": "metallb.io/v1beta1", "kind": "L2Advertisement",
+            "metadata": {"name": name, "namespace": "metallb-system"}, "spec": spec,
+        });
+        self.apply_json(&object);
+    }
+
+    /// A Node `name` with `labels` (what advertisements' node selectors match).
+    pub fn node(&self, name: &str, labels: &[(&str, &str)]) {
+        let labels: serde_json::Map<String, serde_json::Value> =
+            labels.iter().map(|(k, v)| ((*k).to_owned(), serde_json::json!(v))).collect();
+        let object = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+        });
+        self.apply_json(&object);
+    }
+
     /// A named backend (it greets with `name`) at pod `pod`'s address, inside the pod network.
     pub fn backend(&self, pod: u8, name: &str) -> Server {
         let addr = SocketAddr::new(self.pods.pod_ip(pod), POD_PORT);
