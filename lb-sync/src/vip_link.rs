@@ -3,7 +3,10 @@
 //! bound without `IP_FREEBIND`), added and removed through netlink as Services come and go.
 //!
 //! The link is found by name or created (kind `dummy`, or a port-less `bridge` where the kernel
-//! has no dummy driver) and brought up. Each VIP is a host address (/32, /128; IPv6 without
+//! has no dummy driver) and brought up; or it is a TUN interface of this process (kind `tun`,
+//! [`crate::liveness_link`]), which the kernel deletes with every address on it when the process
+//! ends however it ends: a ringlb that crashed or was SIGKILLed leaves no VIP behind for its node
+//! to keep answering ARP for while a peer has taken it over. Each VIP is a host address (/32, /128; IPv6 without
 //! duplicate address detection, which a link without carrier would never finish).
 //!
 //! Invariants:
@@ -31,6 +34,7 @@ use crate::announce::{self, Announcer};
 use crate::follow::{Apply, follow};
 #[cfg(doc)]
 use crate::follow::{LOG_EVERY, RETRY_AFTER};
+use crate::liveness_link::{LivenessLink, LivenessLinkError};
 
 /// The `IFA_PROTO` value of ringlb's addresses (`'R'`): how it knows which addresses are its own.
 pub const ADDRESS_PROTOCOL: u8 = 0x52;
@@ -43,6 +47,8 @@ pub enum LinkKind {
     Dummy,
     /// A bridge without ports: for kernels without the dummy driver.
     Bridge,
+    /// A TUN interface that lives exactly as long as this process (never adopted: created anew).
+    Tun,
 }
 
 impl fmt::Display for LinkKind {
@@ -50,6 +56,7 @@ impl fmt::Display for LinkKind {
         f.write_str(match self {
             LinkKind::Dummy => "dummy",
             LinkKind::Bridge => "bridge",
+            LinkKind::Tun => "tun",
         })
     }
 }
@@ -65,6 +72,8 @@ pub struct VipLinkConfig {
 pub enum VipLinkError {
     #[error("cannot open a netlink socket: {0}")]
     Socket(#[source] std::io::Error),
+    #[error(transparent)]
+    Tun(#[from] LivenessLinkError),
     #[error("link {link}: {operation}: {error}")]
     Netlink {
         link: String,
@@ -88,6 +97,8 @@ pub struct VipLink {
     /// once what it let go is gone).
     held: watch::Sender<BTreeSet<IpAddr>>,
     connection: tokio::task::JoinHandle<()>,
+    /// For [`LinkKind::Tun`]: the descriptor whose closing deletes the link.
+    _tun: Option<LivenessLink>,
 }
 
 impl VipLink {
@@ -100,12 +111,21 @@ impl VipLink {
             let (link, operation) = (name.clone(), operation.to_owned());
             move |error| VipLinkError::Netlink { link, operation, error }
         };
+        // A TUN link is this process's own: one of that name that exists is another's.
+        let tun = match config.kind {
+            LinkKind::Tun => Some(LivenessLink::open(&name).await?),
+            LinkKind::Dummy | LinkKind::Bridge => None,
+        };
         let (index, created) = match link_index(&handle, &name).await.map_err(fail("look up"))? {
-            Some(index) => (index, false),
+            Some(index) => (index, tun.is_some()),
+            None if tun.is_some() => {
+                return Err(fail("look up the TUN link just made")(rtnetlink::Error::RequestFailed));
+            }
             None => {
                 let message = match config.kind {
                     LinkKind::Dummy => LinkDummy::new(&name).up().build(),
-                    LinkKind::Bridge => LinkBridge::new(&name).up().build(),
+                    // (A TUN link was made above.)
+                    LinkKind::Bridge | LinkKind::Tun => LinkBridge::new(&name).up().build(),
                 };
                 handle
                     .link()
@@ -124,7 +144,7 @@ impl VipLink {
             .await
             .map_err(fail("bring up"))?;
         let (ours, added, held) = (BTreeSet::new(), Vec::new(), watch::Sender::new(BTreeSet::new()));
-        let mut link = VipLink { handle, name, index, created, ours, added, held, connection };
+        let mut link = VipLink { handle, name, index, created, ours, added, held, connection, _tun: tun };
         link.ours = tagged(link.list().await?).into_iter().map(|(address, _)| address).collect();
         link.held.send_replace(link.ours.clone());
         tracing::info!(link = %link.name, created, adopted = link.ours.len(), "VIP link ready");

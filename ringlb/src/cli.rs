@@ -129,7 +129,9 @@ pub struct VipArgs {
     #[arg(long, value_name = "NAME")]
     pub vip_link: Option<String>,
     /// The kind of link --vip-link creates when none of that name exists (bridge: a port-less
-    /// bridge, for kernels without the dummy driver).
+    /// bridge, for kernels without the dummy driver; tun: a TUN interface of the process, which
+    /// the kernel deletes with its VIPs however ringlb ends, so a crashed ringlb's node never
+    /// keeps answering for VIPs a peer took over: the choice for L2 mode).
     #[arg(long, value_enum, default_value_t = VipLinkKindArg::Dummy, requires = "vip_link")]
     pub vip_link_kind: VipLinkKindArg,
     /// Announce each VIP added to --vip-link on this interface, 3 times 500 ms apart (IPv4:
@@ -172,6 +174,7 @@ pub struct VipArgs {
 pub enum VipLinkKindArg {
     Dummy,
     Bridge,
+    Tun,
 }
 
 #[derive(Debug, Args)]

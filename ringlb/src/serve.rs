@@ -118,6 +118,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             kind: match args.vips.vip_link_kind {
                 VipLinkKindArg::Dummy => LinkKind::Dummy,
                 VipLinkKindArg::Bridge => LinkKind::Bridge,
+                VipLinkKindArg::Tun => LinkKind::Tun,
             },
         },
         announce_interface: args.vips.announce_interface.clone(),

@@ -240,3 +240,31 @@ fn a_local_traffic_vip_is_held_where_its_endpoint_is_and_follows_it() {
     });
     assert_eq!(setup.reach(SocketAddr::new(vip, 80)).expect("the VIP answers from node-c"), "backend");
 }
+
+#[test]
+fn a_ringlb_that_crashes_on_a_live_node_leaves_no_vip_there_on_a_tun_link() {
+    let setup = Setup::new();
+    let vip = setup.segment.spare(0);
+    save(&setup.manifest(), &service("web", vip, 80, setup.backend_ip, None, false));
+    let mut nodes: Vec<Node> = ["node-a", "node-b"].iter().map(|name| setup.node(name).on_tun()).collect();
+    let interface = setup.segment.interface();
+    for i in 0..nodes.len() {
+        let peers = peers_of(&nodes, i);
+        start(&mut nodes[i], &setup.manifest(), &interface, &peers);
+    }
+    let owner = poll_until("the VIP to have an owner", || holder(&nodes, vip));
+    let survivor = 1 - owner;
+    let sampling = sampler(&nodes);
+
+    // Only ringlb dies; the node, its link and its kernel live on. Its VIPs go with the process,
+    // so its kernel cannot answer ARP for a VIP the survivor now holds.
+    nodes[owner].ringlb.take().expect("running").signal(libc::SIGKILL);
+    poll_until("the dead ringlb's VIP link to be gone", || nodes[owner].held().is_empty().then_some(()));
+    poll_until("the survivor to hold the VIP", || nodes[survivor].held().contains(&vip).then_some(()));
+    // The client asks anew: only the survivor may answer.
+    setup.client.ip(&["neigh", "flush", "dev", &interface]).expect("flush the client's neighbours");
+    assert_eq!(setup.reach(SocketAddr::new(vip, 80)).expect("the VIP answers"), "backend");
+    assert_eq!(setup.client_neighbour(vip), Some(nodes[survivor].mac(&interface)));
+    let overlaps = sampling.finish();
+    assert!(overlaps.is_empty(), "the VIP was on both nodes at once: {overlaps:?}");
+}

@@ -4,7 +4,7 @@
 //! graceful stop removes them with the link. With `--announce-interface`, the host's neighbour
 //! entry for a VIP, planted with a stranger's MAC, follows ringlb's gratuitous ARP before any
 //! traffic. A port-less bridge stands in for a dummy link (this machine's kernel has no dummy
-//! driver).
+//! driver). A TUN VIP link (`--vip-link-kind tun`) goes with its VIPs when ringlb is SIGKILLed.
 
 mod support;
 
@@ -119,6 +119,49 @@ fn the_vips_of_a_ringlb_in_a_namespace_are_reachable_from_the_host_and_go_away_w
         "the link ringlb created is deleted: {}",
         String::from_utf8_lossy(&gone.stdout)
     );
+}
+
+#[test]
+fn on_a_tun_vip_link_the_vips_of_a_sigkilled_ringlb_go_with_it() {
+    let network = PodNetwork::create().expect("a network namespace");
+    let backend =
+        network.enter(|| named_server_on(SocketAddr::from(([127, 0, 0, 1], 0)), "pod-a")).expect("a backend");
+    let stopped_in_namespace = InNamespace { network: &network, server: Some(backend) };
+    let backend = stopped_in_namespace.server.as_ref().expect("just made");
+    let vip = vip_in(&network, 252);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let manifest = dir.path().join("services.yaml");
+    let web = support::web_manifest(
+        SocketAddr::new(vip, 80),
+        backend.addr().port(),
+        &[(backend.addr().ip(), true)],
+    );
+    save(&manifest, &web);
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", network.name(), env!("CARGO_BIN_EXE_ringlb"), "run"]);
+    command.args(["--manifests".as_ref(), manifest.as_os_str()]);
+    command.args(["--vip-link", LINK, "--vip-link-kind", "tun", "--admin", "off"]);
+    command.args(["--workers", "1", "--shutdown-grace", "1s", "--log-level", "warn"]);
+    let ringlb = Ringlb::spawn(command, SocketAddr::from(([127, 0, 0, 1], 0)));
+    // The namespace's kernel takes the VIP as local on the TUN link and answers ARP for it.
+    let (name, _) = poll_until("the VIP on the TUN link to answer from the host", || {
+        greeting(SocketAddr::new(vip, 80)).ok()
+    });
+    assert_eq!(name, "pod-a");
+    let shown = link_addresses(&network);
+    assert!(shown.contains(&format!("{vip}/32")), "{shown}");
+    let link =
+        String::from_utf8_lossy(&ip_in(&network, &["-d", "link", "show", "dev", LINK]).stdout).into_owned();
+    assert!(link.contains("tun"), "a TUN interface: {link}");
+
+    // No goodbye: the kernel closes the descriptor, and the link goes with every VIP on it.
+    ringlb.signal(libc::SIGKILL);
+    let status = ringlb.wait();
+    assert!(!status.success(), "killed: {status}");
+    let gone = ip_in(&network, &["link", "show", "dev", LINK]);
+    assert!(!gone.status.success(), "the link is gone: {}", String::from_utf8_lossy(&gone.stdout));
+    let local = ip_in(&network, &["route", "show", "table", "local", &vip.to_string()]);
+    assert_eq!(String::from_utf8_lossy(&local.stdout).trim(), "", "no local route is left for the VIP");
 }
 
 /// A server made inside the namespace, stopped there too (it stops by connecting to itself), also

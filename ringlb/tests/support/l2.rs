@@ -27,6 +27,8 @@ pub struct Node {
     pub host: Host,
     pub ip: IpAddr,
     pub ringlb: Option<Ringlb>,
+    /// `--vip-link-kind`: `bridge` (stands in for `dummy`) unless [`Node::on_tun`].
+    link_kind: &'static str,
 }
 
 impl Node {
@@ -34,7 +36,13 @@ impl Node {
     pub fn join(lab: &Lab, segment: &Segment, name: &str) -> Node {
         let host = lab.host(name).expect("a host");
         let ip = lab.join(&host, segment).expect("join");
-        Node { name: name.to_owned(), host, ip, ringlb: None }
+        Node { name: name.to_owned(), host, ip, ringlb: None, link_kind: "bridge" }
+    }
+
+    /// This node with its VIPs on a TUN link, which goes with them when ringlb dies.
+    pub fn on_tun(mut self) -> Node {
+        self.link_kind = "tun";
+        self
     }
 
     pub fn heartbeats(&self) -> SocketAddr {
@@ -46,7 +54,14 @@ impl Node {
     pub fn start<S: AsRef<OsStr>>(&mut self, interface: &str, source: impl IntoIterator<Item = S>) {
         let mut command = self.host.command(env!("CARGO_BIN_EXE_ringlb"));
         command.arg("run").args(source);
-        command.args(["--vip-link", LINK, "--vip-link-kind", "bridge", "--announce-interface", interface]);
+        command.args([
+            "--vip-link",
+            LINK,
+            "--vip-link-kind",
+            self.link_kind,
+            "--announce-interface",
+            interface,
+        ]);
         command.args(["--l2-listen", &self.heartbeats().to_string(), "--node-name", &self.name]);
         command.args(["--admin", ADMIN, "--workers", "1", "--shutdown-grace", "1s", "--log-level", "warn"]);
         // bench/l2-failover.sh measures other timings through these.
