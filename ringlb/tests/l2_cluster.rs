@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use support::cluster::{CLASS, Cluster, load_balancer};
 use support::l2::{LINK, Node, holder, sampler};
-use support::{greeting, poll_until};
+use support::{Ringlb, greeting, poll_until};
 use testkit::backends::{Server, named_server_on};
 use testkit::lab::{Host, Lab, LabApiServer, Segment};
 use testkit::objects::{Cond, SliceBuilder};
@@ -359,4 +359,46 @@ fn l2_advertisements_confine_the_vips_to_the_selected_nodes_and_interfaces_and_f
         holding(&nodes).is_empty().then_some(())
     });
     assert_eq!(setup.vips(), vips, "the allocation stays");
+}
+
+#[test]
+fn two_of_three_stopping_gracefully_at_once_leave_the_list_and_the_third_goes_on_alone() {
+    let setup = Setup::new();
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|name| Node::join(&setup.lab, &setup.segment, name))
+        .collect();
+    for node in &mut nodes {
+        setup.start(node);
+    }
+    let everyone = names(&nodes.iter().collect::<Vec<_>>());
+    poll_until("the three nodes to be listed", || {
+        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+    });
+    let vips = setup.vips();
+    poll_until("every VIP on one node", || {
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+    });
+
+    // Two stop together (a rolling maintenance gone fast): the third then hears one of three,
+    // a minority, unless the two took themselves off the list.
+    let stopping: Vec<Ringlb> =
+        nodes[..2].iter_mut().map(|node| node.ringlb.take().expect("running")).collect();
+    for ringlb in &stopping {
+        ringlb.signal(libc::SIGTERM);
+    }
+    for ringlb in stopping {
+        assert!(ringlb.wait().success(), "a graceful stop exits 0");
+    }
+    let survivor = &nodes[2];
+    poll_until("the list to hold the survivor only", || {
+        (setup.members().keys().cloned().collect::<Vec<_>>() == [survivor.name.clone()]).then_some(())
+    });
+    wait_all_on(survivor, &vips, Instant::now(), "the survivor to hold every VIP");
+    for vip in &vips {
+        let (name, _) = poll_until("every VIP to answer from the survivor", || {
+            setup.client.enter(|| greeting(SocketAddr::new(*vip, 80))).ok()
+        });
+        assert_eq!(name, "backend");
+    }
 }

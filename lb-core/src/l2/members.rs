@@ -15,6 +15,8 @@
 //!   `timeout` (counted from when this replica first saw them listed, for a newcomer), and only
 //!   while it hears a majority of the list or the list has at most two members: a leader cut off
 //!   from the majority cannot fence the side that serves. The leader never removes itself.
+//!   A replica that stops gracefully takes itself off (lb-sync), so members that stop together
+//!   do not leave the rest counting them.
 //!
 //! Every change is proposed against the list version it was decided on; the caller writes it
 //! with that version (compare-and-swap) and decides again on the list it then sees.

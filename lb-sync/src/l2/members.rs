@@ -8,7 +8,8 @@
 //! - every write is a PUT (or the first create) carrying the resourceVersion the change was
 //!   decided on: a change decided on an older list is never written (a 409, or a list seen newer
 //!   in the meantime, lets L2 decide again on the list it then sees);
-//! - writes happen only on joins, address changes and removals: no periodic or per-Service load;
+//! - writes happen only on joins, address changes and removals (a gracefully stopping replica
+//!   removes itself): no periodic or per-Service load;
 //! - an API failure (unreachable, 409, 422, 500) is logged throttled and the write retried with
 //!   back-off while it is still wanted; nothing here panics or stops L2.
 
@@ -33,6 +34,11 @@ const LOG_EVERY: Duration = Duration::from_secs(30);
 /// The first wait before a failed write is tried again; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a stopping replica tries to take itself off the list before it leaves that to the
+/// leader's fencing.
+const LEAVE_WITHIN: Duration = Duration::from_secs(2);
+/// Compare-and-swap attempts of that removal, at most.
+const LEAVE_ATTEMPTS: usize = 5;
 
 /// Where the member Lease is.
 #[derive(Debug, Clone)]
@@ -121,7 +127,10 @@ pub async fn run(
         };
         tokio::select! {
             biased;
-            _ = &mut stop => break,
+            _ = &mut stop => {
+                leave(&api, &lease.name, &me, &mut parse_log).await;
+                break;
+            }
             event = events.next() => match event {
                 Some(Ok(Event::Init)) => listing = None,
                 Some(Ok(Event::InitApply(object))) => listing = Some(object),
@@ -147,6 +156,38 @@ pub async fn run(
             changed = proposals.changed(), if open => open = changed.is_ok(),
             () = retry => retry_at = None,
         }
+    }
+}
+
+/// Takes `me` off the list on a graceful stop, so that the members who stay count without it:
+/// two of three stopping together would otherwise leave the third hearing a minority of a list
+/// of three, and silent. A compare-and-swap like every write, bounded by [`LEAVE_WITHIN`].
+async fn leave(api: &Api<Lease>, name: &str, me: &str, log: &mut LogThrottle) {
+    let attempt = async {
+        for _ in 0..LEAVE_ATTEMPTS {
+            let seen = api.get_opt(name).await?;
+            let mut roster = roster_of(seen.as_ref(), log);
+            if roster.remove(me).is_none() {
+                return Ok(false);
+            }
+            match write(api, name, seen.as_ref(), &roster).await {
+                Ok(_) => return Ok(true),
+                Err(Error::Api(status)) if status.code == 409 => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(false)
+    };
+    match tokio::time::timeout(LEAVE_WITHIN, attempt).await {
+        Ok(Ok(true)) => tracing::info!(lease = name, "left the L2 member list"),
+        Ok(Ok(false)) => tracing::debug!(lease = name, "not on the L2 member list (or it kept changing)"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, lease = name, "cannot leave the L2 member list; the leader removes this replica once unheard")
+        }
+        Err(_) => tracing::warn!(
+            lease = name,
+            "leaving the L2 member list timed out; the leader removes this replica once unheard"
+        ),
     }
 }
 
