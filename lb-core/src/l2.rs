@@ -25,7 +25,9 @@
 //! - **Isolation** ([`Peers::claims`]'s `may_claim`, decided by the caller): with static peers
 //!   and a quorum rule ([`Peers::has_quorum`]), a replica that hears no more than half of the
 //!   members claims nothing, so the minority side of a partition falls silent while the majority
-//!   takes its IPs over. Without it (two appliance nodes: a survivor never has a majority) a
+//!   takes its IPs over. The isolation rules count only peers heard within half of `timeout`,
+//!   so the minority falls silent before the majority counts it gone: a partition never puts an
+//!   IP on both sides at once. Without it (two appliance nodes: a survivor never has a majority) a
 //!   partition can make both sides answer, as with VRRP. In a cluster the Kubernetes API
 //!   arbitrates instead: [`members`] (who is listed, and the gate).
 //!
@@ -292,15 +294,39 @@ impl Peers {
             .collect()
     }
 
-    /// The static quorum rule: whether this replica counts more than half of `members` (itself
-    /// included) as live.
-    pub fn has_quorum(&self, now: Instant, members: usize) -> bool {
-        self.live(now).len() * 2 > members
+    /// How recently a peer must have been heard to count for the isolation rules: half of
+    /// `timeout`. A replica cut off from its peers so falls silent before they count it gone and
+    /// take its IPs, whatever the phase of their heartbeats, as long as the heartbeat interval is
+    /// at most a quarter of `timeout` (the rest is the time to take the IPs off the link).
+    fn isolation_window(&self) -> Duration {
+        self.timeout / 2
     }
 
-    /// The earliest moment after `now` when a live peer would be gone, or this replica settles.
+    /// The peers heard within the isolation window, settled or not (this replica not included):
+    /// what the member list's gate counts ([`members::Membership::admits`]).
+    pub fn heard_recently(&self, now: Instant) -> BTreeSet<Arc<str>> {
+        let window = self.isolation_window();
+        self.peers
+            .iter()
+            .filter(|(_, peer)| now.duration_since(peer.heard) < window)
+            .map(|(node, _)| Arc::clone(node))
+            .collect()
+    }
+
+    /// The static quorum rule: whether this replica counts more than half of `members` (itself
+    /// included) as live, by the isolation window.
+    pub fn has_quorum(&self, now: Instant, members: usize) -> bool {
+        let window = self.isolation_window();
+        let recent =
+            self.peers.values().filter(|peer| peer.settled && now.duration_since(peer.heard) < window);
+        (1 + recent.count()) * 2 > members
+    }
+
+    /// The earliest moment after `now` when a live peer would leave the isolation window or be
+    /// gone, or this replica settles.
     pub fn next_change(&self, now: Instant) -> Option<Instant> {
-        let expiries = self.peers.values().map(|peer| peer.heard + self.timeout);
+        let window = self.isolation_window();
+        let expiries = self.peers.values().flat_map(|peer| [peer.heard + window, peer.heard + self.timeout]);
         expiries.chain([self.started + self.timeout]).filter(|at| *at > now).min()
     }
 

@@ -160,7 +160,9 @@ pub struct VipArgs {
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     pub l2_interval: Duration,
     /// A peer unheard for this long is gone and its VIPs move: the failover time, less the
-    /// announcement's few milliseconds.
+    /// announcement's few milliseconds. A replica that hears too few peers for half of it falls
+    /// silent (so a cut-off one is silent before the others take over): keep --l2-interval at
+    /// most a quarter of it.
     #[arg(long, value_parser = parse_duration, default_value = "400ms")]
     pub l2_timeout: Duration,
     /// With --l2-peer: announce nothing while hearing half of the replicas or fewer, so the

@@ -137,6 +137,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }),
         l2_peers: args.vips.l2_peers.clone(),
     });
+    if let Some(l2) = vips.as_ref().and_then(|vips| vips.l2.as_ref()) {
+        // A cut-off replica falls silent after half of the timeout; its peers take over after all
+        // of it: the heartbeats' phase (one interval) must fit in between.
+        anyhow::ensure!(
+            l2.interval * 4 <= l2.timeout,
+            "--l2-interval {:?} must be at most a quarter of --l2-timeout {:?}",
+            l2.interval,
+            l2.timeout
+        );
+    }
     if in_cluster
         && let Some(vips) = &vips
         && let Some(l2) = &vips.l2

@@ -6,6 +6,10 @@
 //! follows, and the leader removes it from the list. Restarted, it joins the list again and
 //! takes its share back, without a VIP ever on two nodes (`support::l2::Sampler`).
 //!
+//! A node whose heartbeats are cut off (the API still reachable) falls silent, is fenced by the
+//! majority's leader and rejoins once healed; two of three stopping gracefully leave the third
+//! going on.
+//!
 //! MetalLB's `L2Advertisement`s decide which nodes may announce: their node selectors (over the
 //! Nodes' labels, followed as they change) and interfaces confine the VIPs, and without one the
 //! pool is announced nowhere.
@@ -401,4 +405,69 @@ fn two_of_three_stopping_gracefully_at_once_leave_the_list_and_the_third_goes_on
         });
         assert_eq!(name, "backend");
     }
+}
+
+/// Cuts (or heals) the heartbeats between `a` and `b` both ways, by blackhole routes to each
+/// other's address; the API server and the client stay reachable.
+fn cut(a: &Node, b: &Node, heal: bool) {
+    let verb = if heal { "del" } else { "add" };
+    for (from, to) in [(a, b), (b, a)] {
+        from.host.ip(&["route", verb, "blackhole", &format!("{}/32", to.ip)]).expect("a blackhole route");
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_its_peers_falls_silent_the_majority_fences_it_and_it_rejoins_when_healed() {
+    let setup = Setup::new();
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|name| Node::join(&setup.lab, &setup.segment, name))
+        .collect();
+    for node in &mut nodes {
+        setup.start(node);
+    }
+    let everyone = names(&nodes.iter().collect::<Vec<_>>());
+    poll_until("the three nodes to be listed", || {
+        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+    });
+    let vips = setup.vips();
+    poll_until("every VIP on one node", || {
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+    });
+    let leading = |node: &Node| node.status().is_some_and(|status| status["leader"] == true);
+    let leader = poll_until("one leader", || nodes.iter().position(leading));
+    let isolated = (0..nodes.len())
+        .find(|&i| i != leader && !nodes[i].held().is_empty())
+        .expect("an owner that does not lead");
+    let share = nodes[isolated].held();
+    let others: Vec<usize> = (0..nodes.len()).filter(|&i| i != isolated).collect();
+    let sampling = sampler(&nodes.iter().collect::<Vec<_>>());
+
+    // Heartbeats between the follower and the rest stop; everyone still reaches the API.
+    for &i in &others {
+        cut(&nodes[isolated], &nodes[i], false);
+    }
+    poll_until("the cut-off node to fall silent", || nodes[isolated].held().is_empty().then_some(()));
+    poll_until("the majority to hold every VIP", || {
+        vips.iter().all(|vip| others.iter().any(|&i| nodes[i].held().contains(vip))).then_some(())
+    });
+    poll_until("the leader to fence the cut-off node", || {
+        (!setup.members().contains_key(&nodes[isolated].name)).then_some(())
+    });
+    // Cut off, it does not push itself back in (it hears no listed member).
+    assert!(!setup.members().contains_key(&nodes[isolated].name), "still out");
+    assert!(nodes[isolated].held().is_empty(), "still silent");
+
+    for &i in &others {
+        cut(&nodes[isolated], &nodes[i], true);
+    }
+    poll_until("the healed node to be listed again", || {
+        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+    });
+    poll_until("the healed node to take its share back", || (nodes[isolated].held() == share).then_some(()));
+    poll_until("every VIP on one node", || {
+        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+    });
+    let overlaps = sampling.finish();
+    assert!(overlaps.is_empty(), "a VIP was on two nodes at once: {overlaps:?}");
 }

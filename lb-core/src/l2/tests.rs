@@ -200,7 +200,7 @@ fn a_dead_owners_ips_go_to_the_survivors_after_one_timeout() {
     let later = t0 + TIMEOUT / 2;
     a.handle_heartbeat(later, &beat("node-b", true, &three));
     assert_eq!(free(&a, t0 + TIMEOUT - Duration::from_millis(1), true, &all), before);
-    assert_eq!(a.next_change(t0), Some(t0 + TIMEOUT), "re-decided when node-c would be gone");
+    assert_eq!(a.next_change(later), Some(t0 + TIMEOUT), "re-decided when node-c would be gone");
     let after = free(&a, t0 + TIMEOUT, true, &all);
     let c_held: BTreeSet<IpAddr> = all
         .keys()
@@ -226,6 +226,13 @@ fn without_a_quorum_a_replica_falls_silent() {
     a.handle_heartbeat(t0, &beat("node-b", true, &three));
     assert!(a.has_quorum(t0, 3), "2 of 3 is a majority");
     assert!(!a.has_quorum(t0 + TIMEOUT, 3), "1 of 3 is not");
+    // Half a timeout unheard: node-b is still live (its IPs stay where they are), but node-a
+    // no longer counts it for its quorum, so a cut-off node-a is silent before node-b takes over.
+    let half = t0 + TIMEOUT / 2;
+    assert!(a.live(half).contains("node-b"), "still live");
+    assert!(!a.has_quorum(half, 3), "no longer a majority for the isolation rule");
+    assert!(a.heard_recently(half).is_empty() && a.heard_recently(t0).contains("node-b"));
+    assert_eq!(a.next_change(t0), Some(half), "woken when the isolation window closes");
     assert_eq!(free(&a, t0 + TIMEOUT, true, &all).len(), 16, "without the rule it holds all");
     assert!(free(&a, t0 + TIMEOUT, false, &all).is_empty(), "a closed gate claims nothing");
 }

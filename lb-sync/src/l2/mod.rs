@@ -336,7 +336,7 @@ impl L2 {
             let settled = peers.settled(now, addressing.send_to.len());
             let gate = match &addressing.leased {
                 None => !config.quorum || peers.has_quorum(now, addressing.send_to.len() + 1),
-                Some(_) => membership.admits(&heard, leader == Some(true)),
+                Some(_) => membership.admits(&peers.heard_recently(now), leader == Some(true)),
             };
             let agreed = peers.agreed(now, digest);
             disagreeing_since = if agreed { None } else { disagreeing_since.or(Some(now)) };
