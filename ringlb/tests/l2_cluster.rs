@@ -97,6 +97,26 @@ impl Setup {
         node.start(&self.segment.interface(), source);
     }
 
+    /// Three nodes started, listed and holding every VIP between them; and the VIPs.
+    fn three_serving(&self) -> (Vec<Node>, Vec<IpAddr>) {
+        let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+            .iter()
+            .map(|name| Node::join(&self.lab, &self.segment, name))
+            .collect();
+        for node in &mut nodes {
+            self.start(node);
+        }
+        let everyone = names(&nodes.iter().collect::<Vec<_>>());
+        poll_until("the three nodes to be listed", || {
+            (self.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
+        });
+        let vips = self.vips();
+        poll_until("every VIP on one node", || {
+            vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
+        });
+        (nodes, vips)
+    }
+
     /// The member Lease's list: node → address.
     fn members(&self) -> BTreeMap<String, String> {
         let (ok, out, _) = self
@@ -368,21 +388,7 @@ fn l2_advertisements_confine_the_vips_to_the_selected_nodes_and_interfaces_and_f
 #[test]
 fn two_of_three_stopping_gracefully_at_once_leave_the_list_and_the_third_goes_on_alone() {
     let setup = Setup::new();
-    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|name| Node::join(&setup.lab, &setup.segment, name))
-        .collect();
-    for node in &mut nodes {
-        setup.start(node);
-    }
-    let everyone = names(&nodes.iter().collect::<Vec<_>>());
-    poll_until("the three nodes to be listed", || {
-        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
-    });
-    let vips = setup.vips();
-    poll_until("every VIP on one node", || {
-        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
-    });
+    let (mut nodes, vips) = setup.three_serving();
 
     // Two stop together (a rolling maintenance gone fast): the third then hears one of three,
     // a minority, unless the two took themselves off the list.
@@ -419,21 +425,8 @@ fn cut(a: &Node, b: &Node, heal: bool) {
 #[test]
 fn a_node_cut_off_from_its_peers_falls_silent_the_majority_fences_it_and_it_rejoins_when_healed() {
     let setup = Setup::new();
-    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|name| Node::join(&setup.lab, &setup.segment, name))
-        .collect();
-    for node in &mut nodes {
-        setup.start(node);
-    }
+    let (nodes, vips) = setup.three_serving();
     let everyone = names(&nodes.iter().collect::<Vec<_>>());
-    poll_until("the three nodes to be listed", || {
-        (setup.members().keys().cloned().collect::<BTreeSet<_>>() == everyone).then_some(())
-    });
-    let vips = setup.vips();
-    poll_until("every VIP on one node", || {
-        vips.iter().all(|vip| holder(&nodes, *vip).is_some()).then_some(())
-    });
     let leading = |node: &Node| node.status().is_some_and(|status| status["leader"] == true);
     let leader = poll_until("one leader", || nodes.iter().position(leading));
     let isolated = (0..nodes.len())
