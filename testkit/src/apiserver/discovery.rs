@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde_json::{Value, json};
 
-use super::resources::TYPES;
+use super::resources::Installed;
 
 /// `/api`: the core group's versions, and the address clients are told to use.
 pub(crate) fn versions(addr: SocketAddr) -> Value {
@@ -16,8 +16,9 @@ pub(crate) fn version() -> Value {
     json!({"major": "1", "minor": "32", "gitVersion": "v1.32.13", "gitCommit": "63adf010aa20e104c0b7043b47f42f50c9f72b17", "gitTreeState": "clean", "buildDate": "2026-08-20T05:19:54Z", "goVersion": "go1.23.5", "compiler": "gc", "platform": "linux/amd64"})
 }
 
-fn groups() -> Vec<&'static str> {
-    let mut groups: Vec<&'static str> = TYPES.iter().map(|t| t.group).filter(|g| !g.is_empty()).collect();
+fn groups(installed: &Installed) -> Vec<&'static str> {
+    let mut groups: Vec<&'static str> =
+        installed.types().map(|t| t.group).filter(|g| !g.is_empty()).collect();
     groups.dedup();
     groups.sort_unstable();
     groups.dedup();
@@ -26,8 +27,8 @@ fn groups() -> Vec<&'static str> {
 
 /// A group and its versions, newest first (metallb.io serves `BGPPeer` as v1beta2 and the rest
 /// as v1beta1; the newest is the preferred one, as the real server's priority order has it).
-pub(crate) fn group_of(group: &str) -> Option<Value> {
-    let mut versions: Vec<&str> = TYPES.iter().filter(|t| t.group == group).map(|t| t.version).collect();
+pub(crate) fn group_of(installed: &Installed, group: &str) -> Option<Value> {
+    let mut versions: Vec<&str> = installed.types().filter(|t| t.group == group).map(|t| t.version).collect();
     versions.sort_unstable_by(|a, b| b.cmp(a));
     versions.dedup();
     let listed: Vec<Value> = versions
@@ -40,10 +41,10 @@ pub(crate) fn group_of(group: &str) -> Option<Value> {
     )
 }
 
-pub(crate) fn api_groups() -> Value {
-    let groups: Vec<Value> = groups()
+pub(crate) fn api_groups(installed: &Installed) -> Value {
+    let groups: Vec<Value> = groups(installed)
         .into_iter()
-        .filter_map(group_of)
+        .filter_map(|group| group_of(installed, group))
         .map(|mut g| {
             if let Some(o) = g.as_object_mut() {
                 o.remove("kind");
@@ -55,9 +56,9 @@ pub(crate) fn api_groups() -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-pub(crate) fn resource_list(group: &str, version: &str) -> Value {
+pub(crate) fn resource_list(installed: &Installed, group: &str, version: &str) -> Value {
     let mut resources = Vec::new();
-    for type_ in TYPES.iter().filter(|t| t.group == group && t.version == version) {
+    for type_ in installed.types().filter(|t| t.group == group && t.version == version) {
         let singular = type_.kind.to_lowercase();
         // A CRD's verbs come in the apiextensions server's order, the built-in ones sorted.
         let verbs = if type_.custom {

@@ -18,7 +18,7 @@ use super::discovery::{self, api_groups, group_of, resource_list};
 use super::openapi;
 use super::rbac::{self, Identity};
 use super::reads::{get, list, watch};
-use super::resources::{self, Cause, ResourceType, TYPES};
+use super::resources::{self, Cause, Installed, ResourceType, TYPES};
 use super::store::{Key, Store};
 use super::writes::{create, delete, delete_collection, patch, token_request, update};
 
@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub bookmark_interval: Duration,
     /// Every request's method and path with query, in order (for tests to see what a client did).
     pub requests: Mutex<Vec<String>>,
+    /// The CRDs installed: which custom types are served.
+    pub installed: Mutex<Installed>,
 }
 
 /// Who sent a request.
@@ -80,13 +82,14 @@ pub(crate) async fn handle(
     if path == "/healthz" || path == "/livez" || path == "/readyz" {
         return text_response(200, "ok");
     }
-    let route = route(&path);
+    let installed = shared.installed.lock().expect("installed").clone();
+    let route = route(&installed, &path);
     let identity = match caller {
         Caller::Known(identity) => identity,
         _ => return anonymous_refusal(&parts.method, route.as_ref(), &path, &query),
     };
     if let Some(rest) = path.strip_prefix("/openapi/v3") {
-        return match openapi::document(rest.trim_start_matches('/')) {
+        return match openapi::document(&installed, rest.trim_start_matches('/')) {
             Some(document) => json_response(200, &document),
             None => text_response(404, "404 page not found\n"),
         };
@@ -100,12 +103,14 @@ pub(crate) async fn handle(
     }
     match route {
         Route::Api => json_response(200, &discovery::versions(shared.addr)),
-        Route::Apis => json_response(200, &api_groups()),
-        Route::Group(group) => match group_of(&group) {
+        Route::Apis => json_response(200, &api_groups(&installed)),
+        Route::Group(group) => match group_of(&installed, &group) {
             Some(group) => json_response(200, &group),
             None => text_response(404, "404 page not found\n"),
         },
-        Route::GroupVersion(group, version) => json_response(200, &resource_list(&group, &version)),
+        Route::GroupVersion(group, version) => {
+            json_response(200, &resource_list(&installed, &group, &version))
+        }
         Route::UnknownResource => status(
             404,
             "NotFound",
@@ -242,17 +247,17 @@ impl Target {
     }
 }
 
-fn route(path: &str) -> Option<Route> {
+fn route(installed: &Installed, path: &str) -> Option<Route> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     let (group, version, rest) = match segments.as_slice() {
         ["api"] => return Some(Route::Api),
         ["apis"] => return Some(Route::Apis),
         ["api", "v1", rest @ ..] => ("", "v1", rest),
-        ["apis", group] => return group_of(group).map(|_| Route::Group((*group).to_owned())),
+        ["apis", group] => return group_of(installed, group).map(|_| Route::Group((*group).to_owned())),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return None,
     };
-    if !TYPES.iter().any(|t| t.group == group && t.version == version) {
+    if !installed.types().any(|t| t.group == group && t.version == version) {
         return None;
     }
     if rest.is_empty() {
@@ -260,13 +265,13 @@ fn route(path: &str) -> Option<Route> {
     }
     let namespaced = rest.len() >= 3
         && rest[0] == "namespaces"
-        && resources::find(group, version, rest[2]).is_some_and(|t| TYPES[t].namespaced);
+        && installed.find(group, version, rest[2]).is_some_and(|t| TYPES[t].namespaced);
     let (namespace, plural, name, subresource) = if namespaced {
         (Some(rest[1]), rest[2], rest.get(3).copied(), rest.get(4).copied())
     } else {
         (None, rest[0], rest.get(1).copied(), rest.get(2).copied())
     };
-    let Some(type_index) = resources::find(group, version, plural) else {
+    let Some(type_index) = installed.find(group, version, plural) else {
         return Some(Route::UnknownResource);
     };
     Some(Route::Resource {

@@ -62,6 +62,7 @@ pub use tls::Pem;
 
 use handler::Shared;
 use rbac::Identity;
+use resources::Installed;
 use store::Store;
 
 /// The token of the administrator every kubeconfig written by [`ApiServer::write_kubeconfig`] uses.
@@ -115,6 +116,7 @@ impl ApiServer {
             watch_timeout,
             bookmark_interval,
             requests: Mutex::new(Vec::new()),
+            installed: Mutex::new(Installed::all()),
         });
         let extra_ip = extra.as_ref().map(|(_, addr)| addr.ip().to_string());
         let authority = Arc::new(tls::Authority::new(extra_ip.as_deref()));
@@ -185,6 +187,13 @@ impl ApiServer {
             })
             .expect("spawn the emulator thread");
         self.running = Some(Running { stop, thread });
+    }
+
+    /// Installs the CustomResourceDefinitions of exactly these kinds (at start, every one the
+    /// emulator knows is in): the others' groups and resources leave discovery and answer 404, as
+    /// on a cluster without them. Their stored objects stay, as etcd keeps them for a CRD put back.
+    pub fn install_only(&self, kinds: &[&str]) {
+        *self.shared.installed.lock().expect("installed") = Installed::only(kinds);
     }
 
     /// `https://127.0.0.1:PORT`.

@@ -7,14 +7,14 @@
 
 use serde_json::{Map, Value, json};
 
-use super::resources::{ResourceType, TYPES};
+use super::resources::{Installed, ResourceType};
 
 /// The document at `/openapi/v3/{path}`: the index for `""`, a group-version's paths for
 /// `api/v1` or `apis/{group}/{version}`, `None` for anything else.
-pub(crate) fn document(path: &str) -> Option<Value> {
+pub(crate) fn document(installed: &Installed, path: &str) -> Option<Value> {
     if path.is_empty() {
         let mut paths = Map::new();
-        for prefix in prefixes() {
+        for prefix in prefixes(installed) {
             paths.insert(
                 prefix.clone(),
                 json!({"serverRelativeURL": format!("/openapi/v3/{prefix}?hash=ringlb-emulator")}),
@@ -22,7 +22,7 @@ pub(crate) fn document(path: &str) -> Option<Value> {
         }
         return Some(json!({"paths": paths}));
     }
-    let types: Vec<&ResourceType> = TYPES.iter().filter(|t| prefix(t) == path).collect();
+    let types: Vec<&ResourceType> = installed.types().filter(|t| prefix(t) == path).collect();
     if types.is_empty() {
         return None;
     }
@@ -74,8 +74,8 @@ fn prefix(type_: &ResourceType) -> String {
     }
 }
 
-fn prefixes() -> Vec<String> {
-    let mut prefixes: Vec<String> = TYPES.iter().map(prefix).collect();
+fn prefixes(installed: &Installed) -> Vec<String> {
+    let mut prefixes: Vec<String> = installed.types().map(prefix).collect();
     prefixes.sort_unstable();
     prefixes.dedup();
     prefixes

@@ -312,6 +312,49 @@ pub(crate) fn find(group: &str, version: &str, plural: &str) -> Option<usize> {
     TYPES.iter().position(|t| t.group == group && t.version == version && t.plural == plural)
 }
 
+/// The CustomResourceDefinitions a server has installed, by kind: the built-in types are always
+/// served, a custom one only while its CRD is in (a cluster without it answers 404 and leaves it
+/// out of discovery).
+#[derive(Debug, Clone)]
+pub(crate) struct Installed(Vec<&'static str>);
+
+impl Installed {
+    /// Every custom kind the emulator knows.
+    pub fn all() -> Installed {
+        Installed(TYPES.iter().filter(|t| t.custom).map(|t| t.kind).collect())
+    }
+
+    /// Just these kinds (each one the emulator knows).
+    pub fn only(kinds: &[&str]) -> Installed {
+        let known: Vec<&'static str> = TYPES.iter().filter(|t| t.custom).map(|t| t.kind).collect();
+        Installed(
+            kinds
+                .iter()
+                .map(|kind| {
+                    *known
+                        .iter()
+                        .find(|k| *k == kind)
+                        .unwrap_or_else(|| panic!("{kind} is not a custom kind the emulator knows"))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn serves(&self, type_: &ResourceType) -> bool {
+        !type_.custom || self.0.contains(&type_.kind)
+    }
+
+    /// The served types.
+    pub fn types(&self) -> impl Iterator<Item = &'static ResourceType> + '_ {
+        TYPES.iter().filter(|t| self.serves(t))
+    }
+
+    /// [`find`], among the served types.
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<usize> {
+        find(group, version, plural).filter(|index| self.serves(&TYPES[*index]))
+    }
+}
+
 /// One validation error, as a `details.causes[]` entry.
 #[derive(Debug, Clone)]
 pub(crate) struct Cause {
