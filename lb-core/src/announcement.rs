@@ -59,10 +59,11 @@ struct Selectors<'a> {
 impl Selectors<'_> {
     fn selects(&self, pool: &IpAddressPool) -> bool {
         let name = pool.metadata.name.as_deref().unwrap_or_default();
-        let pool_labels = pool.metadata.labels.clone().unwrap_or_default();
+        let no_labels = BTreeMap::new();
+        let pool_labels = pool.metadata.labels.as_ref().unwrap_or(&no_labels);
         (self.pools.is_empty() && self.pool_selectors.is_empty())
             || self.pools.iter().any(|selected| selected == name)
-            || self.pool_selectors.iter().any(|selector| labels::matches(selector, &pool_labels))
+            || self.pool_selectors.iter().any(|selector| labels::matches(selector, pool_labels))
     }
 
     fn nodes(&self, nodes: &NodeLabels) -> Candidates {

@@ -305,21 +305,19 @@ impl Peers {
     /// The peers heard within the isolation window, settled or not (this replica not included):
     /// what the member list's gate counts ([`members::Membership::admits`]).
     pub fn heard_recently(&self, now: Instant) -> BTreeSet<Arc<str>> {
+        self.recent(now).map(|(node, _)| Arc::clone(node)).collect()
+    }
+
+    /// The peers heard within the isolation window.
+    fn recent(&self, now: Instant) -> impl Iterator<Item = (&Arc<str>, &Peer)> {
         let window = self.isolation_window();
-        self.peers
-            .iter()
-            .filter(|(_, peer)| now.duration_since(peer.heard) < window)
-            .map(|(node, _)| Arc::clone(node))
-            .collect()
+        self.peers.iter().filter(move |(_, peer)| now.duration_since(peer.heard) < window)
     }
 
     /// The static quorum rule: whether this replica counts more than half of `members` (itself
     /// included) as live, by the isolation window.
     pub fn has_quorum(&self, now: Instant, members: usize) -> bool {
-        let window = self.isolation_window();
-        let recent =
-            self.peers.values().filter(|peer| peer.settled && now.duration_since(peer.heard) < window);
-        (1 + recent.count()) * 2 > members
+        (1 + self.recent(now).filter(|(_, peer)| peer.settled).count()) * 2 > members
     }
 
     /// The earliest moment after `now` when a live peer would leave the isolation window or be

@@ -1,9 +1,10 @@
 //! The objects the control loop builds from: every Service, EndpointSlice and core/v1 Endpoints a
 //! source reported, and what allocation reads besides (MetalLB `IPAddressPool`s, Namespaces for
 //! the pools' namespace selectors) and announcement (MetalLB's advertisement, peer, community and
-//! BFD CRDs; the Nodes, of which only names and labels are kept), by kind, namespace and name. EndpointSlices are kept as the
-//! builder reads them ([`ParsedEndpointSlice`], parsed by the source as each arrives: a third of
-//! the decoded object); the other kinds as decoded, less what nothing reads ([`slimmed`]).
+//! BFD CRDs; the Nodes, of which only names and labels are kept), by kind, namespace and name.
+//! EndpointSlices are kept as the builder reads them ([`ParsedEndpointSlice`], parsed by the source
+//! as each arrives: a third of the decoded object); the other kinds as decoded, less what nothing
+//! reads ([`slimmed`]).
 //!
 //! Sources say what changed ([`Change`]): one object created, changed or deleted (a watch event), or
 //! every object of some kinds replaced at once (a manifest reload, a relist after the watch was cut).

@@ -157,6 +157,7 @@ impl ControlLoop {
             readiness: self.readiness,
             objects: self.objects,
             announcements: self.announcements,
+            announced: None,
         };
         let mut monitor_alive = true;
         // The source is polled beside the loop, not inside it: while a build runs, the source
@@ -231,6 +232,9 @@ struct Outlet<S> {
     objects: Option<channel::Sender<Arc<Objects>>>,
     /// See [`ControlLoop::with_announcements`].
     announcements: bool,
+    /// The last announcements computed, and the revisions of the objects they came from: most
+    /// builds (an endpoint change) change none of those and reuse them.
+    announced: Option<(Vec<u64>, Arc<Announcements>)>,
 }
 
 impl<S: SnapshotSink> Outlet<S> {
@@ -250,7 +254,11 @@ impl<S: SnapshotSink> Outlet<S> {
         let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
         let version = self.publisher.next_version();
         let mut cache = std::mem::take(&mut self.cache);
-        let governed = self.announcements;
+        let announced = self.announcements.then(|| {
+            let revisions = announcement_revisions(&objects);
+            let reused = self.announced.take().filter(|(last, _)| *last == revisions).map(|(_, a)| a);
+            (revisions, reused)
+        });
         let built = blocking(move || {
             let services: Vec<_> = objects.services.iter().map(|o| o.revised()).collect();
             let slices: Vec<_> = objects.slices.iter().map(|o| o.revised()).collect();
@@ -264,13 +272,21 @@ impl<S: SnapshotSink> Outlet<S> {
                 version,
                 &mut cache,
             );
-            let report = if governed { with_announcements(report, &objects) } else { report };
-            (report, cache)
+            let (report, announced) = match announced {
+                Some((revisions, reused)) => {
+                    let announcements = reused.unwrap_or_else(|| Arc::new(announcements_of(&objects)));
+                    let snapshot = report.snapshot.with_announcements(Arc::clone(&announcements));
+                    (BuildReport { snapshot, ..report }, Some((revisions, announcements)))
+                }
+                None => (report, None),
+            };
+            (report, cache, announced)
         })
         .await;
         match built {
-            Ok((report, cache)) => {
+            Ok((report, cache, announced)) => {
                 self.cache = cache;
+                self.announced = announced;
                 self.publish_report(report);
             }
             Err(reason) => tracing::warn!(reason, "a build did not complete; the table stays as it is"),
@@ -307,13 +323,21 @@ impl<S: SnapshotSink> Outlet<S> {
     }
 }
 
-/// `report` with its snapshot saying who may announce what, by `objects`' advertisements.
-fn with_announcements(mut report: BuildReport, objects: &Objects) -> BuildReport {
+/// Who may announce what, by `objects`' pools, advertisements and Node labels.
+fn announcements_of(objects: &Objects) -> Announcements {
     let pools: Vec<&_> = objects.pools.iter().map(|o| &**o).collect();
     let l2: Vec<&_> = objects.l2_advertisements.iter().map(|o| &**o).collect();
-    let announcements = Announcements::governed(&pools, &l2, &objects.node_labels());
-    report.snapshot = report.snapshot.with_announcements(Arc::new(announcements));
-    report
+    Announcements::governed(&pools, &l2, &objects.node_labels())
+}
+
+/// The revisions of what [`announcements_of`] reads: equal lists, equal objects (a revision is
+/// never reused, and one deleted leaves the list).
+fn announcement_revisions(objects: &Objects) -> Vec<u64> {
+    let pools = objects.pools.iter().map(|o| o.revision);
+    let l2 = objects.l2_advertisements.iter().map(|o| o.revision);
+    let nodes = objects.nodes.iter().map(|o| o.revision);
+    // A separator between kinds, so that an object moving between lists cannot look the same.
+    pools.chain([0]).chain(l2).chain([0]).chain(nodes).collect()
 }
 
 /// How many objects `batch` brings (a relist brings all of its kind at once).

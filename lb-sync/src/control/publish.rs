@@ -100,7 +100,8 @@ const SKIPS_LOGGED_ONE_BY_ONE: usize = 8;
 /// a look.
 fn same_entries(current: &Snapshot, next: &Snapshot) -> bool {
     current.health_check_node_ports() == next.health_check_node_ports()
-        && current.announcements() == next.announcements()
+        && (Arc::ptr_eq(current.announcements(), next.announcements())
+            || current.announcements() == next.announcements())
         && next.changes_from(current).all(|change| match change {
             (Some(before), Some(after)) => before.serves_like(after),
             _ => false,
