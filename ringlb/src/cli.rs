@@ -119,6 +119,12 @@ pub struct BgpArgs {
     /// bird.conf must have none.
     #[arg(long, requires = "bgp_asn")]
     pub bgp_bfd: bool,
+    /// Take the BGP sessions and what each advertises from MetalLB's BGPPeer, BGPAdvertisement,
+    /// Community and BFDProfile objects in --pool-namespace (cluster mode), for the Node
+    /// --node-name: rendered into --bird-include, so bird.conf needs only a router id,
+    /// `protocol device` and the include. A pool no BGPAdvertisement selects is not advertised.
+    #[arg(long, requires_all = ["bird_include", "node_name"], conflicts_with_all = ["bgp_asn", "manifests"])]
+    pub bgp_from_cluster: bool,
 }
 
 #[derive(Debug, Args)]
@@ -412,6 +418,22 @@ mod tests {
         let bad =
             run(&["--bird-include", "f", "--bgp-asn", "1", "--bgp-peer", "192.0.2.1"]).expect_err("bad");
         assert!(bad.to_string().contains("no :ASN"), "{bad}");
+    }
+
+    #[test]
+    fn bgp_from_the_cluster_needs_an_include_file_and_a_node_and_excludes_the_other_sources_of_sessions() {
+        let run = |flags: &[&str]| Cli::try_parse_from(["ringlb", "run"].iter().chain(flags));
+        let parsed = run(&["--bgp-from-cluster", "--bird-include", "f", "--node-name", "node1"]);
+        let Command::Run(args) = parsed.expect("valid flags").command else { panic!("not run") };
+        assert!(args.bgp.bgp_from_cluster);
+        assert!(run(&["--bgp-from-cluster", "--node-name", "node1"]).is_err(), "no include");
+        assert!(run(&["--bgp-from-cluster", "--bird-include", "f"]).is_err(), "no node");
+        let asn = ["--bgp-asn", "64513", "--bgp-peer", "192.0.2.1:64512"];
+        let with_asn =
+            [&["--bgp-from-cluster", "--bird-include", "f", "--node-name", "n"][..], &asn].concat();
+        assert!(run(&with_asn).is_err(), "sessions from flags and from the cluster at once");
+        let manifests = ["--bgp-from-cluster", "--bird-include", "f", "--node-name", "n", "--manifests", "m"];
+        assert!(run(&manifests).is_err(), "no cluster to read them from");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
 use lb_sync::announce::responder::Responder;
-use lb_sync::bird::{self, Bird, BirdConfig, BirdStatus, Peering};
+use lb_sync::bird::{self, Advertised, Bird, BirdConfig, BirdStatus, Peering};
 use lb_sync::l2::members::{self, MemberLease};
 use lb_sync::l2::{Arbiter, L2, L2Config, L2Counters, L2State, MemberList};
 use lb_sync::leader::{self, LeaseConfig};
@@ -73,6 +73,8 @@ pub struct HealthServers {
 pub struct Routes {
     pub bird: BirdConfig,
     pub liveness_link: Option<String>,
+    /// `--bgp-from-cluster`: this Node's sessions and routes from MetalLB's BGP objects.
+    pub from_cluster: Option<String>,
 }
 
 /// What serving a cluster needs besides the control loop.
@@ -84,6 +86,8 @@ pub struct Cluster {
     pub lease: LeaseConfig,
     /// Watch MetalLB's L2Advertisements and the Nodes, for L2 agreement (`--l2-listen`).
     pub l2_advertisements: bool,
+    /// Watch MetalLB's BGP objects and the Nodes (`--bgp-from-cluster`).
+    pub bgp: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -105,10 +109,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 selection: options.selection.clone(),
                 lease,
                 l2_advertisements: args.vips.l2_listen.is_some(),
+                bgp: args.bgp.bgp_from_cluster,
             };
             let control = ControlLoop::new(options);
-            // L2 agreement follows MetalLB's L2Advertisements (which pools, nodes, interfaces).
-            let control = if cluster.l2_advertisements { control.with_announcements() } else { control };
+            // L2 agreement follows MetalLB's L2Advertisements (which pools, nodes, interfaces), BGP
+            // its BGP objects.
+            let governed = cluster.l2_advertisements || cluster.bgp;
+            let control = if governed { control.with_announcements() } else { control };
             Source::Cluster(cluster, control)
         }
     };
@@ -180,6 +187,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }),
         },
         liveness_link: args.bgp.bird_liveness_link.clone(),
+        from_cluster: args.bgp.bgp_from_cluster.then(|| args.defaults.node_name.clone()).flatten(),
     });
     serve(source, &args.engine, &args.admin, vips, health, routes)
 }
@@ -443,6 +451,7 @@ pub fn serve(
                 leading = Some(leader_rx);
                 let source = KubeSource::new(client, cluster.namespaces).with_pools(cluster.pool_namespace);
                 let source = if cluster.l2_advertisements { source.with_l2_advertisements() } else { source };
+                let source = if cluster.bgp { source.with_bgp() } else { source };
                 Running::Cluster(source, control)
             }
             Source::Fixed(snapshot) => Running::Fixed(snapshot),
@@ -489,7 +498,7 @@ pub fn serve(
         // the listeners close. Nothing is advertised before the first table, so a start-up error
         // below leaves no route behind.
         let routes_task = match routes {
-            Some(Routes { bird: config, liveness_link }) => {
+            Some(Routes { bird: config, liveness_link, from_cluster }) => {
                 let mut routing = Bird::new(config).with_status(bgp_status.clone().unwrap_or_default());
                 if let Some(name) = liveness_link {
                     let link = LivenessLink::open(&name)
@@ -497,8 +506,14 @@ pub fn serve(
                         .with_context(|| format!("preparing the liveness link {name}"))?;
                     routing = routing.with_liveness_link(link);
                 }
-                let vips = |snapshot: &Arc<Snapshot>| lb_core::advertised_vips(snapshot);
-                Some(tokio::spawn(bird::run(routing, routes_wanted, vips, until_stopped())))
+                let advertised = move |snapshot: &Arc<Snapshot>| {
+                    let vips = lb_core::advertised_vips(snapshot);
+                    match &from_cluster {
+                        Some(node) => Advertised::plan(snapshot.announcements().bgp(node, &vips)),
+                        None => Advertised::vips(&vips),
+                    }
+                };
+                Some(tokio::spawn(bird::run(routing, routes_wanted, advertised, until_stopped())))
             }
             None => None,
         };

@@ -17,7 +17,8 @@
 //!   reconfiguration is logged (the same failure at most every [`LOG_EVERY`]) and retried after
 //!   [`RETRY_AFTER`] until it succeeds;
 //! - the first set written is the one of the snapshot at start (empty until a table is served), so
-//!   routes a crashed predecessor left are withdrawn; on [`run`]'s stop the empty set is written, which
+//!   routes a crashed predecessor left are withdrawn; on [`run`]'s stop the empty set is written (the
+//!   sessions of a plan kept), which
 //!   withdraws every route.
 
 use std::collections::BTreeSet;
@@ -36,8 +37,11 @@ use crate::follow::{Apply, follow};
 use crate::follow::{LOG_EVERY, RETRY_AFTER};
 use crate::liveness_link::LivenessLink;
 
+mod cluster;
 pub mod peers;
 
+use lb_core::Cidr;
+use lb_core::announcement::BgpPlan;
 pub use peers::{BgpPeer, Peering};
 
 /// The static protocol of the IPv4 VIPs in the include file.
@@ -86,18 +90,19 @@ pub enum BirdError {
     Refused { program: PathBuf, socket: PathBuf, status: std::process::ExitStatus, output: String },
 }
 
-/// The include file for `vips`: both static protocols, always present (an empty protocol is valid),
-/// so the operator's export filters never name a protocol that does not exist. With a liveness link
-/// (see [`crate::liveness_link`]) each route goes through it, and lives only while it is up. With a
-/// `peering`, the BGP sessions follow (see [`peers`]).
+/// The include file for `advertised`: both static protocols, always present (an empty protocol is
+/// valid), so the operator's export filters never name a protocol that does not exist. With a
+/// liveness link (see [`crate::liveness_link`]) each route goes through it, and lives only while it
+/// is up. With a `peering`, the BGP sessions follow (see [`peers`]); with a plan, its sessions.
 ///
 /// ```
-/// let vips = ["192.0.2.7".parse().unwrap()].into();
-/// assert!(lb_sync::bird::render(&vips, None, None).contains("route 192.0.2.7/32 unreachable;"));
-/// let live = lb_sync::bird::render(&vips, Some("ringlb-live"), None);
+/// use lb_sync::bird::{Advertised, render};
+/// let vips = Advertised::vips(&["192.0.2.7".parse().unwrap()].into());
+/// assert!(render(&vips, None, None).contains("route 192.0.2.7/32 unreachable;"));
+/// let live = render(&vips, Some("ringlb-live"), None);
 /// assert!(live.contains("route 192.0.2.7/32 via \"ringlb-live\";"));
 /// ```
-pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>, peering: Option<&Peering>) -> String {
+pub fn render(advertised: &Advertised, liveness_link: Option<&str>, peering: Option<&Peering>) -> String {
     let mut text = String::from(
         "# Written by ringlb (--bird-include): the VIPs this node advertises. Do not edit: ringlb\n\
          # replaces this file whenever they change, then runs `birdc configure`.\n",
@@ -107,11 +112,10 @@ pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>, peering: Opt
         if liveness_link.is_some() {
             text.push_str("  check link;\n");
         }
-        for vip in vips.iter().filter(|vip| vip.is_ipv4() == v4) {
-            let prefix = if v4 { 32 } else { 128 };
+        for prefix in advertised.prefixes.iter().filter(|prefix| prefix.network().is_ipv4() == v4) {
             match liveness_link {
-                Some(link) => _ = writeln!(text, "  route {vip}/{prefix} via \"{link}\";"),
-                None => _ = writeln!(text, "  route {vip}/{prefix} unreachable;"),
+                Some(link) => _ = writeln!(text, "  route {prefix} via \"{link}\";"),
+                None => _ = writeln!(text, "  route {prefix} unreachable;"),
             }
         }
         text.push_str("}\n");
@@ -119,7 +123,48 @@ pub fn render(vips: &BTreeSet<IpAddr>, liveness_link: Option<&str>, peering: Opt
     if let Some(peering) = peering {
         peers::render(peering, &mut text);
     }
+    if let Some(plan) = &advertised.plan {
+        cluster::render(plan, &mut text);
+    }
     text
+}
+
+/// What BIRD is to announce: the prefixes of ringlb's static protocols and, with BGP from the
+/// cluster, the sessions that export them (see [`cluster`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Advertised {
+    pub prefixes: BTreeSet<Cidr>,
+    /// `None`: the sessions are `--bgp-peer`'s or `bird.conf`'s, and take every prefix.
+    pub plan: Option<BgpPlan>,
+}
+
+impl Advertised {
+    /// A host route (/32, /128) for each of `vips`.
+    pub fn vips(vips: &BTreeSet<IpAddr>) -> Advertised {
+        let host = |vip: &IpAddr| Cidr::new(*vip, if vip.is_ipv4() { 32 } else { 128 }).ok();
+        Advertised { prefixes: vips.iter().filter_map(host).collect(), plan: None }
+    }
+
+    /// The sessions and routes of `plan`.
+    pub fn plan(plan: BgpPlan) -> Advertised {
+        Advertised { prefixes: plan.prefixes(), plan: Some(plan) }
+    }
+
+    /// Nothing: every route withdrawn, every session of a plan kept (a withdrawal, not a session
+    /// loss, tells the peers at once).
+    fn withdrawn(&self) -> Advertised {
+        let plan = self.plan.as_ref().map(|plan| BgpPlan {
+            sessions: plan
+                .sessions
+                .iter()
+                .map(|s| lb_core::announcement::bgp::SessionRoutes {
+                    session: s.session.clone(),
+                    routes: Default::default(),
+                })
+                .collect(),
+        });
+        Advertised { prefixes: BTreeSet::new(), plan }
+    }
 }
 
 /// What [`run`] has done, for the admin endpoint (`/status` → `bgp`); clones share the counters.
@@ -201,10 +246,10 @@ impl Bird {
         &self.config
     }
 
-    /// Makes `vips` BIRD's routes: writes the include file, then `birdc configure`.
-    pub async fn apply(&self, vips: &BTreeSet<IpAddr>) -> Result<(), BirdError> {
+    /// Makes `advertised` BIRD's routes: writes the include file, then `birdc configure`.
+    pub async fn apply(&self, advertised: &Advertised) -> Result<(), BirdError> {
         let link = self.liveness_link.as_ref().map(LivenessLink::name);
-        let text = render(vips, link, self.config.peering.as_ref());
+        let text = render(advertised, link, self.config.peering.as_ref());
         write_atomically(&self.config.include, &text)
             .map_err(|error| BirdError::Write { path: self.config.include.clone(), error })?;
         self.reconfigure().await
@@ -259,37 +304,43 @@ fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
 struct Routes<'a> {
     bird: &'a Bird,
     accepted: bool,
+    /// The last target asked for, whose sessions stay when the routes are withdrawn.
+    last: Option<Advertised>,
 }
 
-impl Apply<BTreeSet<IpAddr>> for Routes<'_> {
+impl Apply<Advertised> for Routes<'_> {
     type Error = BirdError;
 
-    async fn apply(&mut self, target: &BTreeSet<IpAddr>) -> Result<(), BirdError> {
+    async fn apply(&mut self, target: &Advertised) -> Result<(), BirdError> {
         let outcome = self.bird.apply(target).await;
-        self.bird.status.record(outcome.is_ok().then_some(target.len()));
+        let routes = target.prefixes.len();
+        self.bird.status.record(outcome.is_ok().then_some(routes));
         if outcome.is_ok() {
             let include = self.bird.config().include.display();
-            tracing::debug!(%include, routes = target.len(), "BIRD routes updated");
+            tracing::debug!(%include, routes, "BIRD routes updated");
             if !std::mem::replace(&mut self.accepted, true) {
-                tracing::info!(%include, routes = target.len(), "BIRD accepted ringlb's routes");
+                tracing::info!(%include, routes, "BIRD accepted ringlb's routes");
             }
         }
+        self.last = Some(target.clone());
         outcome
     }
 }
 
-/// Keeps BIRD's routes equal to `vips` of what `wanted` holds (e.g. [`lb_core::advertised_vips`] of
-/// the published snapshot) until `stop` resolves, then withdraws them all (see the module doc). The
-/// sender gone (the control loop ended), the routes stay until `stop`.
+/// Keeps BIRD's routes equal to `advertised` of what `wanted` holds (e.g. the host routes of
+/// [`lb_core::advertised_vips`] of the published snapshot) until `stop` resolves, then withdraws
+/// them all (see the module doc). The sender gone (the control loop ended), the routes stay until
+/// `stop`.
 pub async fn run<T>(
     bird: Bird,
     wanted: watch::Receiver<T>,
-    vips: impl Fn(&T) -> BTreeSet<IpAddr>,
+    advertised: impl Fn(&T) -> Advertised,
     stop: impl Future,
 ) {
-    let mut routes = Routes { bird: &bird, accepted: false };
-    follow(wanted, vips, &mut routes, "cannot update BIRD's routes", stop).await;
-    let withdrawn = bird.apply(&BTreeSet::new()).await;
+    let mut routes = Routes { bird: &bird, accepted: false, last: None };
+    follow(wanted, advertised, &mut routes, "cannot update BIRD's routes", stop).await;
+    let withdrawn = routes.last.as_ref().map(Advertised::withdrawn).unwrap_or_default();
+    let withdrawn = bird.apply(&withdrawn).await;
     bird.status.record(withdrawn.is_ok().then_some(0));
     match withdrawn {
         Ok(()) => tracing::info!(include = %bird.config().include.display(), "BIRD routes withdrawn"),
@@ -303,8 +354,8 @@ mod tests {
 
     use super::*;
 
-    fn vips(addresses: &[&str]) -> BTreeSet<IpAddr> {
-        addresses.iter().map(|a| a.parse().expect("an address")).collect()
+    fn vips(addresses: &[&str]) -> Advertised {
+        Advertised::vips(&addresses.iter().map(|a| a.parse().expect("an address")).collect())
     }
 
     /// A stand-in for `birdc` that appends its arguments to `calls` and exits with `status`.
@@ -351,7 +402,7 @@ mod tests {
                 "}",
             ]
         );
-        let empty = render(&BTreeSet::new(), None, None);
+        let empty = render(&Advertised::default(), None, None);
         assert!(empty.contains("protocol static ringlb_vips4 {\n  ipv4;\n}"), "{empty}");
         assert!(empty.contains("protocol static ringlb_vips6 {\n  ipv6;\n}"), "{empty}");
     }
@@ -399,18 +450,21 @@ mod tests {
     fn every_failure_is_an_error_naming_what_failed_never_a_panic() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let runtime = runtime();
-        let refused = runtime.block_on(bird(dir.path(), fake_birdc(dir.path(), 1)).apply(&BTreeSet::new()));
+        let refused =
+            runtime.block_on(bird(dir.path(), fake_birdc(dir.path(), 1)).apply(&Advertised::default()));
         let message = refused.expect_err("birdc failed").to_string();
         assert!(message.contains("configure` failed") && message.contains("syntax error"), "{message}");
         assert!(!message.contains("BIRD 2.0.12"), "the banner is left out: {message}");
 
         let missing = bird(dir.path(), dir.path().join("no-such-birdc"));
-        let message = runtime.block_on(missing.apply(&BTreeSet::new())).expect_err("no birdc").to_string();
+        let message =
+            runtime.block_on(missing.apply(&Advertised::default())).expect_err("no birdc").to_string();
         assert!(message.contains("cannot run") && message.contains("no-such-birdc"), "{message}");
 
         let mut unwritable = bird(dir.path(), fake_birdc(dir.path(), 0));
         unwritable.config.include = dir.path().join("no-such-dir").join("ringlb.conf");
-        let message = runtime.block_on(unwritable.apply(&BTreeSet::new())).expect_err("no dir").to_string();
+        let message =
+            runtime.block_on(unwritable.apply(&Advertised::default())).expect_err("no dir").to_string();
         assert!(message.contains("cannot write the BIRD include file"), "{message}");
     }
 
@@ -432,7 +486,7 @@ mod tests {
         let calls = || calls(dir.path());
         let written = || std::fs::read_to_string(&include).unwrap_or_default();
         runtime().block_on(async {
-            let task = tokio::spawn(run(bird, receiver, BTreeSet::clone, stopped));
+            let task = tokio::spawn(run(bird, receiver, Advertised::clone, stopped));
             until("a first, failing attempt", || status.failing()).await;
             assert!(written().contains("192.0.2.1/32"));
             assert_eq!((status.routes(), status.reconfigurations()), (0, 0));
@@ -451,7 +505,7 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), task).await.expect("run ends").expect("no panic");
         });
         let text = std::fs::read_to_string(&include).expect("read");
-        assert_eq!(text, render(&BTreeSet::new(), None, None), "everything withdrawn at stop");
+        assert_eq!(text, render(&Advertised::default(), None, None), "everything withdrawn at stop");
         assert_eq!((status.routes(), status.reconfigurations(), status.failing()), (0, 3, false));
     }
 

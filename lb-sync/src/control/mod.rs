@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 
-use lb_core::announcement::Announcements;
+use lb_core::announcement::{Announcements, BgpObjects};
 use lb_core::{BuildOptions, BuildReport, HealthOverlay, Snapshot};
 use tokio::sync::{mpsc, watch as channel};
 use tokio::task::JoinSet;
@@ -323,21 +323,43 @@ impl<S: SnapshotSink> Outlet<S> {
     }
 }
 
-/// Who may announce what, by `objects`' pools, advertisements and Node labels.
+/// Who may announce what, by `objects`' pools, advertisements, BGP objects and Node labels; what
+/// they leave out is logged (this runs only when one of those objects changed).
 fn announcements_of(objects: &Objects) -> Announcements {
-    let pools: Vec<&_> = objects.pools.iter().map(|o| &**o).collect();
-    let l2: Vec<&_> = objects.l2_advertisements.iter().map(|o| &**o).collect();
-    Announcements::governed(&pools, &l2, &objects.node_labels())
+    fn refs<T>(stored: &[crate::store::Stored<T>]) -> Vec<&T> {
+        stored.iter().map(|o| &*o.object).collect()
+    }
+    let (pools, l2) = (refs(&objects.pools), refs(&objects.l2_advertisements));
+    let (peers, advertisements) = (refs(&objects.bgp_peers), refs(&objects.bgp_advertisements));
+    let (communities, bfd_profiles) = (refs(&objects.communities), refs(&objects.bfd_profiles));
+    let bgp = BgpObjects {
+        peers: &peers,
+        advertisements: &advertisements,
+        communities: &communities,
+        bfd_profiles: &bfd_profiles,
+    };
+    let announcements = Announcements::governed(&pools, &l2, &bgp, &objects.node_labels());
+    for problem in announcements.problems() {
+        tracing::warn!(%problem, "an announcement object is rejected");
+    }
+    announcements
 }
 
 /// The revisions of what [`announcements_of`] reads: equal lists, equal objects (a revision is
 /// never reused, and one deleted leaves the list).
 fn announcement_revisions(objects: &Objects) -> Vec<u64> {
-    let pools = objects.pools.iter().map(|o| o.revision);
-    let l2 = objects.l2_advertisements.iter().map(|o| o.revision);
-    let nodes = objects.nodes.iter().map(|o| o.revision);
-    // A separator between kinds, so that an object moving between lists cannot look the same.
-    pools.chain([0]).chain(l2).chain([0]).chain(nodes).collect()
+    fn revisions<T>(stored: &[crate::store::Stored<T>]) -> impl Iterator<Item = u64> + '_ {
+        // A separator ends each kind, so that an object moving between lists cannot look the same.
+        stored.iter().map(|o| o.revision).chain([0])
+    }
+    revisions(&objects.pools)
+        .chain(revisions(&objects.l2_advertisements))
+        .chain(revisions(&objects.bgp_peers))
+        .chain(revisions(&objects.bgp_advertisements))
+        .chain(revisions(&objects.communities))
+        .chain(revisions(&objects.bfd_profiles))
+        .chain(revisions(&objects.nodes))
+        .collect()
 }
 
 /// How many objects `batch` brings (a relist brings all of its kind at once).

@@ -2,7 +2,8 @@
 //! namespace, or in each of `--namespace`), and, for allocation, MetalLB `IPAddressPool`s in the
 //! pool namespace and the Namespaces (whose labels pools' `namespaceSelectors` match); for L2
 //! announcement, MetalLB `L2Advertisement`s in the pool namespace and the Nodes (whose labels
-//! their `nodeSelectors` match).
+//! their `nodeSelectors` match); for BGP from the cluster, MetalLB's `BGPPeer`s,
+//! `BGPAdvertisement`s, `Community`s and `BFDProfile`s there, and the Nodes.
 //!
 //! Each watcher lists, then watches from the list's resourceVersion; a dropped connection, a
 //! watch error or `410 Gone` makes it relist, with kube-rs's exponential back-off. A relist of one
@@ -23,7 +24,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use lb_core::LogThrottle;
 use lb_core::ipam::IpAddressPool;
-use lb_core::metallb::L2Advertisement;
+use lb_core::metallb::{BfdProfile, BgpAdvertisement, BgpPeer, Community, L2Advertisement};
 
 use super::{Source, SyncError};
 use crate::control::SourceHandle;
@@ -43,12 +44,13 @@ pub struct KubeSource {
     namespaces: Vec<String>,
     pool_namespace: Option<String>,
     l2_advertisements: bool,
+    bgp: bool,
 }
 
 impl KubeSource {
     /// Watches Services and EndpointSlices in `namespaces` (every namespace when empty).
     pub fn new(client: Client, namespaces: Vec<String>) -> Self {
-        KubeSource { client, namespaces, pool_namespace: None, l2_advertisements: false }
+        KubeSource { client, namespaces, pool_namespace: None, l2_advertisements: false, bgp: false }
     }
 
     /// Also watches the `IPAddressPool`s of `namespace`, and the Namespaces, for allocation.
@@ -60,6 +62,12 @@ impl KubeSource {
     /// With pools, also watches the pool namespace's `L2Advertisement`s, and the Nodes.
     pub fn with_l2_advertisements(mut self) -> Self {
         self.l2_advertisements = true;
+        self
+    }
+
+    /// With pools, also watches the pool namespace's BGP objects, and the Nodes.
+    pub fn with_bgp(mut self) -> Self {
+        self.bgp = true;
         self
     }
 }
@@ -147,6 +155,27 @@ impl KubeSource {
                 streams.push(watch(scopes.len() - 1, self.api::<L2Advertisement>(Some(pools)), |a| {
                     Some(Object::L2Advertisement(a))
                 }));
+            }
+            if self.bgp {
+                let namespace = Some(pools.clone());
+                scopes.push(Scope { kind: Kind::BgpPeer, namespace: namespace.clone() });
+                streams.push(watch(scopes.len() - 1, self.api::<BgpPeer>(Some(pools)), |p| {
+                    Some(Object::BgpPeer(p))
+                }));
+                scopes.push(Scope { kind: Kind::BgpAdvertisement, namespace: namespace.clone() });
+                streams.push(watch(scopes.len() - 1, self.api::<BgpAdvertisement>(Some(pools)), |a| {
+                    Some(Object::BgpAdvertisement(a))
+                }));
+                scopes.push(Scope { kind: Kind::Community, namespace: namespace.clone() });
+                streams.push(watch(scopes.len() - 1, self.api::<Community>(Some(pools)), |c| {
+                    Some(Object::Community(c))
+                }));
+                scopes.push(Scope { kind: Kind::BfdProfile, namespace });
+                streams.push(watch(scopes.len() - 1, self.api::<BfdProfile>(Some(pools)), |b| {
+                    Some(Object::BfdProfile(b))
+                }));
+            }
+            if self.l2_advertisements || self.bgp {
                 scopes.push(Scope { kind: Kind::Node, namespace: None });
                 streams.push(watch(scopes.len() - 1, Api::<Node>::all(self.client.clone()), |n| {
                     Some(Object::Node(n))

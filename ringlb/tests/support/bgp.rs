@@ -442,7 +442,7 @@ fn node_config(
 }
 
 /// A node's bird.conf when ringlb renders the session: nothing but the include.
-fn bare_node_config(node: IpAddr, include: &Path) -> String {
+pub fn bare_node_config(node: IpAddr, include: &Path) -> String {
     format!(
         "log stderr {{ warning, error, fatal, bug }};\nrouter id {node};\nprotocol device {{ }}\ninclude \"{}\";\n",
         include.display()
