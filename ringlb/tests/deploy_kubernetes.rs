@@ -72,14 +72,179 @@ fn the_deployment_and_the_daemonset_run_the_same_hardened_ringlb() {
     assert_eq!(appliance, per_node, "the two pod templates differ only in NODE_NAME and affinity");
 }
 
+/// The rendered CustomResourceDefinition named `name`.
+fn crd<'a>(documents: &'a [Value], name: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == "CustomResourceDefinition" && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no CustomResourceDefinition {name} rendered"))
+}
+
 #[test]
 fn the_shipped_crd_is_the_schema_the_emulator_validates_pools_against() {
     let rendered = render("");
-    let crd = of_kind(&rendered, "CustomResourceDefinition");
+    let crd = crd(&rendered, "ipaddresspools.metallb.io");
     let emulator: Value =
         serde_yaml_ng::from_str(include_str!("../../testkit/kube-fixtures/crd/ipaddresspool-crd.yaml"))
             .expect("the emulator's CRD");
     assert_eq!(crd["spec"], emulator["spec"]);
+}
+
+/// The names of the fields `T` (a struct) deserialises, as serde's derive lists them (renamed).
+fn fields_of<'de, T: serde::Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor, value};
+
+    struct Introspect<'a>(&'a std::cell::Cell<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Introspect<'_> {
+        type Error = value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, value::Error> {
+            Err(value::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, value::Error> {
+            self.0.set(fields);
+            Err(value::Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    let fields = std::cell::Cell::new(&[][..]);
+    let _ = T::deserialize(Introspect(&fields));
+    assert!(!fields.get().is_empty(), "{} is a struct with fields", std::any::type_name::<T>());
+    fields.get()
+}
+
+/// Every key of `value`, at any depth, is a property of `schema` (an object's `properties`, an
+/// array's `items`; a map's `additionalProperties` takes any key).
+fn assert_in_schema(value: &Value, schema: &Value, path: &str) {
+    match value {
+        Value::Object(map) if schema.get("additionalProperties").is_some() => {
+            for (key, item) in map {
+                assert_in_schema(item, &schema["additionalProperties"], &format!("{path}.{key}"));
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                let property = &schema["properties"][key.as_str()];
+                assert!(!property.is_null(), "the schema has no {path}.{key}: the API server would prune it");
+                assert_in_schema(item, property, &format!("{path}.{key}"));
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                assert_in_schema(item, &schema["items"], &format!("{path}[]"));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `T` has a shipped CRD of the group, version, kind and plural ringlb reads it as, whose schema
+/// keeps every field of `example` (a fully populated `T`, every field of `Spec` set).
+fn assert_shipped<T, Spec>(rendered: &[Value], example: Value)
+where
+    T: k8s_openapi::Resource + serde::de::DeserializeOwned + serde::Serialize,
+    Spec: serde::de::DeserializeOwned,
+{
+    let (group, version, kind, plural) = (T::GROUP, T::VERSION, T::KIND, T::URL_PATH_SEGMENT);
+    let crd = crd(rendered, &format!("{plural}.{group}"));
+    assert_eq!(crd["spec"]["group"], group);
+    assert_eq!(crd["spec"]["names"]["kind"], kind);
+    assert_eq!(crd["spec"]["names"]["plural"], plural);
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    let versions = crd["spec"]["versions"].as_array().expect("versions");
+    let shipped = versions
+        .iter()
+        .find(|v| v["name"] == version)
+        .unwrap_or_else(|| panic!("{kind}'s CRD has no version {version}"));
+    assert_eq!((&shipped["served"], &shipped["storage"]), (&Value::Bool(true), &Value::Bool(true)), "{kind}");
+    let schema = &shipped["schema"]["openAPIV3Schema"];
+    assert_eq!(schema["properties"]["status"]["type"], "object", "{kind} has a status");
+
+    // The example is what ringlb decodes: nothing in it is ignored, and it sets every field.
+    let object: T = serde_json::from_value(example.clone()).expect("the example decodes");
+    let spec = serde_json::to_value(&object).expect("JSON")["spec"].take();
+    assert_eq!(spec, example["spec"], "{kind}: the example round-trips (every field it sets is read)");
+    let keys: Vec<&str> = spec.as_object().expect("a spec").keys().map(String::as_str).collect();
+    for field in fields_of::<Spec>() {
+        assert!(keys.contains(field), "{kind}: the example sets spec.{field}");
+    }
+    assert_in_schema(&spec, &schema["properties"]["spec"], &format!("{kind}.spec"));
+}
+
+#[test]
+fn every_metallb_kind_ringlb_reads_has_a_shipped_crd_of_the_version_it_reads() {
+    use lb_core::ipam::{IpAddressPool, PoolSpec};
+    use lb_core::metallb::{
+        BfdProfile, BfdProfileSpec, BgpAdvertisement, BgpAdvertisementSpec, BgpPeer, BgpPeerSpec, Community,
+        CommunitySpec, L2Advertisement, L2AdvertisementSpec,
+    };
+    use serde_json::json;
+
+    let rendered = render("");
+    let selector = json!({
+        "matchLabels": {"zone": "a"},
+        "matchExpressions": [{"key": "edge", "operator": "In", "values": ["true"]}]
+    });
+    let metadata = json!({"name": "example", "namespace": "metallb-system"});
+    assert_shipped::<IpAddressPool, PoolSpec>(
+        &rendered,
+        json!({"metadata": metadata, "spec": {
+            "addresses": ["192.0.2.0/28", "198.51.100.10-198.51.100.20"],
+            "autoAssign": false,
+            "avoidBuggyIPs": true,
+            "serviceAllocation": {"priority": 1, "namespaces": ["web"],
+                                  "namespaceSelectors": [selector], "serviceSelectors": [selector]}
+        }}),
+    );
+    assert_shipped::<L2Advertisement, L2AdvertisementSpec>(
+        &rendered,
+        json!({"metadata": metadata, "spec": {
+            "ipAddressPools": ["lan"], "ipAddressPoolSelectors": [selector],
+            "nodeSelectors": [selector], "interfaces": ["eth1"]
+        }}),
+    );
+    assert_shipped::<BgpAdvertisement, BgpAdvertisementSpec>(
+        &rendered,
+        json!({"metadata": metadata, "spec": {
+            "aggregationLength": 32, "aggregationLengthV6": 128, "localPref": 100,
+            "communities": ["65535:65282", "no-advertise"], "ipAddressPools": ["wan"],
+            "ipAddressPoolSelectors": [selector], "nodeSelectors": [selector], "peers": ["tor"]
+        }}),
+    );
+    assert_shipped::<BgpPeer, BgpPeerSpec>(
+        &rendered,
+        json!({"metadata": metadata, "spec": {
+            "myASN": 4200000000u32, "peerASN": 64512, "peerAddress": "192.0.2.1", "peerPort": 1179,
+            "sourceAddress": "192.0.2.2", "holdTime": "90s", "keepaliveTime": "30s",
+            "routerID": "192.0.2.2", "nodeSelectors": [selector], "password": "secret",
+            "bfdProfile": "fast", "ebgpMultiHop": true
+        }}),
+    );
+    assert_shipped::<Community, CommunitySpec>(
+        &rendered,
+        json!({"metadata": metadata, "spec": {
+            "communities": [{"name": "no-advertise", "value": "65535:65282"}]
+        }}),
+    );
+    assert_shipped::<BfdProfile, BfdProfileSpec>(
+        &rendered,
+        json!({"metadata": metadata, "spec": {
+            "receiveInterval": 100, "transmitInterval": 100, "detectMultiplier": 3,
+            "passiveMode": false, "minimumTtl": 254
+        }}),
+    );
 }
 
 /// Files of an in-cluster ServiceAccount mount, and `sh` that puts them where every client looks
