@@ -2,6 +2,7 @@
 //! this binary only connects a source (lb-sync) to the datapath (lb-datapath) and serves the admin API.
 
 mod admin;
+mod allocator;
 mod check;
 mod cli;
 mod demo;

@@ -24,7 +24,11 @@ const PARALLEL_WRITES: usize = 32;
 pub struct Report {
     pub fill_seconds: f64,
     pub all_served_seconds: f64,
+    /// Once every VIP is served.
     pub rss_mib: f64,
+    /// After the timed changes, and the peak of the whole run (`VmHWM`).
+    pub rss_after_changes_mib: f64,
+    pub peak_rss_mib: f64,
     pub latencies: hdrhistogram::Histogram<u64>,
 }
 
@@ -49,10 +53,19 @@ fn status(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
 
 /// The resident set of process `pid`, from `/proc`.
 pub fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// The largest resident set process `pid` has had.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     kib / 1024.0
@@ -188,7 +201,16 @@ pub fn run(
         })?;
         latencies.record(sent.elapsed().as_micros() as u64)?;
     }
+    let rss_after_changes_mib = rss_mib(ringlb.0.id());
+    let peak_rss_mib = peak_rss_mib(ringlb.0.id());
     drop(ringlb);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(Report { fill_seconds, all_served_seconds, rss_mib: rss, latencies })
+    Ok(Report {
+        fill_seconds,
+        all_served_seconds,
+        rss_mib: rss,
+        rss_after_changes_mib,
+        peak_rss_mib,
+        latencies,
+    })
 }

@@ -183,6 +183,8 @@ fn main() -> anyhow::Result<()> {
                 "emulator_filled_s": report.fill_seconds,
                 "start_to_all_served_s": report.all_served_seconds,
                 "ringlb_rss_mib_all_served": report.rss_mib,
+                "ringlb_rss_mib_after_changes": report.rss_after_changes_mib,
+                "ringlb_peak_rss_mib": report.peak_rss_mib,
                 "one_slice_patch_to_published_ms": {
                     "p50": quantile(0.5), "p99": quantile(0.99), "max": report.latencies.max() as f64 / 1e3,
                     "count": report.latencies.len(),
