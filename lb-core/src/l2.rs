@@ -92,7 +92,12 @@ fn entry_candidates(entry: &ServiceEntry) -> Option<Candidates> {
         return (!entry.eligible.is_empty()).then_some(Candidates::Any);
     }
     let on = |wanted: fn(&crate::model::EndpointConditions) -> bool| -> BTreeSet<Arc<str>> {
-        entry.backends.iter().filter(|b| wanted(&b.conditions)).filter_map(|b| b.node_name.clone()).collect()
+        entry
+            .backends
+            .iter()
+            .filter(|b| wanted(&b.conditions))
+            .filter_map(|b| b.placement.node_name.clone())
+            .collect()
     };
     // kube-proxy falls back to serving-terminating endpoints per node: a node whose endpoints
     // all terminate still serves with them.

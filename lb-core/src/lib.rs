@@ -49,7 +49,7 @@ pub use lifecycle::{Established, NotReadyConnections, StaleFlowPolicy};
 pub use local::LocalResource;
 pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryChanges, EntryPolicy, HealthCheckNodePort,
-    ObjectRef, Protocol, ServiceEntry, Snapshot, TrafficPolicy, VipKey,
+    ObjectRef, Placement, Protocol, ServiceEntry, Snapshot, TrafficPolicy, VipKey,
 };
 pub use scheduler::{
     BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,

@@ -75,10 +75,10 @@ fn backend_line(backend: &Backend, eligible: bool) -> String {
         "not-ready"
     };
     let mut line = format!("{:<45} {:<11} weight={}", backend.addr().to_string(), state, backend.weight);
-    if let Some(node) = &backend.node_name {
+    if let Some(node) = backend.node_name() {
         let _ = write!(line, " node={node}");
     }
-    if let Some(target) = &backend.target {
+    if let Some(target) = &backend.placement.target {
         let _ = write!(line, " target={target}");
     }
     line

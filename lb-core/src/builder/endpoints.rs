@@ -76,9 +76,7 @@ pub(super) fn resolve_port(
             id,
             conditions: endpoint.conditions,
             weight,
-            node_name: endpoint.node_name.clone(),
-            zone: endpoint.zone.clone(),
-            target: endpoint.target.clone(),
+            placement: Arc::clone(&endpoint.placement),
             load,
         })
         .collect();
@@ -101,7 +99,7 @@ pub(super) fn eligible_of(
         backends
             .iter()
             .enumerate()
-            .filter(|(_, b)| node.is_none_or(|node| b.node_name.as_deref() == Some(node)))
+            .filter(|(_, b)| node.is_none_or(|node| b.node_name() == Some(node)))
             .filter(|(_, b)| wanted(&b.conditions))
             .filter_map(|(i, _)| BackendIdx::try_from(i).ok())
             .collect()

@@ -86,7 +86,7 @@ fn local_endpoints(svc: &ParsedService, table: &BTreeMap<VipKey, Arc<ServiceEntr
                 entry
                     .backends
                     .iter()
-                    .filter(|b| b.node_name.as_deref() == Some(node) && is_ready(&b.conditions))
+                    .filter(|b| b.node_name() == Some(node) && is_ready(&b.conditions))
                     .map(|b| b.addr().ip()),
             );
         }

@@ -136,9 +136,11 @@ fn mirror_address(
         addr: parse_family_ip(&address.ip, ipv6, object, field)?,
         // The controller sets only `ready`; unset `serving` reads as `ready`.
         conditions: EndpointConditions { ready, serving: ready, terminating: false },
-        node_name: address.node_name.as_deref().map(std::sync::Arc::from),
-        zone: None,
-        target: address.target_ref.as_ref().map(|t| std::sync::Arc::from(target_name(t, object))),
+        placement: std::sync::Arc::new(crate::model::Placement {
+            node_name: address.node_name.as_deref().map(std::sync::Arc::from),
+            zone: None,
+            target: address.target_ref.as_ref().map(|t| std::sync::Arc::from(target_name(t, object))),
+        }),
     })
 }
 
@@ -215,7 +217,7 @@ mod tests {
         let entry = report.snapshot.get(&key).expect("entry");
         let pod = entry.backends.iter().find(|b| b.addr() == addr("192.0.2.22:8080")).expect("pod");
         assert_eq!(
-            (pod.node_name.as_deref(), pod.target.as_deref()),
+            (pod.node_name(), pod.placement.target.as_deref()),
             (Some("node-b"), Some("Pod ringlb-fx/legacy-1"))
         );
     }

@@ -23,7 +23,7 @@ use super::policy::parse_slice_weight;
 use super::{Skipped, parse_ip, parse_port};
 use crate::annotations::SERVICE_NAME_LABEL;
 use crate::error::BuildError;
-use crate::model::{EndpointConditions, ObjectRef, Protocol};
+use crate::model::{EndpointConditions, ObjectRef, Placement, Protocol};
 
 /// One valid `ports[]` entry of a slice.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,9 +39,7 @@ pub(super) struct SlicePort {
 pub(super) struct ParsedEndpoint {
     pub addr: IpAddr,
     pub conditions: EndpointConditions,
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
-    pub target: Option<Arc<str>>,
+    pub placement: Arc<Placement>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -313,9 +311,11 @@ fn parse_endpoint(
     Ok(ParsedEndpoint {
         addr,
         conditions,
-        node_name: names.get(endpoint.node_name.as_deref()),
-        zone: names.get(endpoint.zone.as_deref()),
-        target: endpoint.target_ref.as_ref().map(|t| Arc::from(target_name(t, object))),
+        placement: Arc::new(Placement {
+            node_name: names.get(endpoint.node_name.as_deref()),
+            zone: names.get(endpoint.zone.as_deref()),
+            target: endpoint.target_ref.as_ref().map(|t| Arc::from(target_name(t, object))),
+        }),
     })
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::model::{Backend, EndpointConditions, Protocol, TrafficPolicy, VipKey};
+use crate::model::{Backend, EndpointConditions, Placement, Protocol, TrafficPolicy, VipKey};
 use crate::testing::{entry, origin};
 
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -32,7 +32,7 @@ fn placed(vip: IpAddr, protocol: Protocol, local: bool, on: &[(&str, bool)]) -> 
         .zip(on)
         .map(|(b, (node, ready))| {
             let mut b = b.clone().with_conditions(EndpointConditions { ready: *ready, ..Default::default() });
-            b.node_name = Some(Arc::from(*node));
+            b.placement = Arc::new(Placement { node_name: Some(Arc::from(*node)), ..Placement::default() });
             b
         })
         .collect();

@@ -58,9 +58,7 @@ pub fn entry(key: VipKey, backends: &[(SocketAddr, bool)], policy: EntryPolicy) 
             id: BackendId(addr),
             conditions: EndpointConditions { ready, serving: ready, terminating: false },
             weight: 1,
-            node_name: None,
-            zone: None,
-            target: None,
+            placement: Default::default(),
             load: LOADS.counter(BackendId(addr)),
         })
         .collect();
