@@ -79,9 +79,14 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept so the thread sees the stop flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(thread) = self.thread.take() {
+        // Wake the blocking accept so the thread sees the stop flag. A server whose address this
+        // thread cannot reach (dropped outside the network namespace it was bound in, as when a
+        // test panics half-way through its set-up) is left to the process's exit: joining it
+        // would wait forever.
+        let woken = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok();
+        if let Some(thread) = self.thread.take()
+            && woken
+        {
             let _ = thread.join();
         }
     }
