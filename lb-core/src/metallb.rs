@@ -140,6 +140,16 @@ pub struct BgpPeerSpec {
     pub bfd_profile: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ebgp_multi_hop: Option<bool>,
+    /// A Go duration of whole seconds: how long to wait between attempts to connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_graceful_restart: Option<bool>,
+    /// What ringlb cannot do yet; a peer that sets one is left out rather than half served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vrf: Option<String>,
 }
 
 metallb_resource!(BgpPeer, "v1beta2", "BGPPeer", "bgppeers");

@@ -115,7 +115,7 @@ impl Setup {
              spec:\n  communities: [{{name: no-export, value: \"65535:65281\"}}]\n\
              ---\napiVersion: metallb.io/v1beta2\nkind: BGPPeer\nmetadata: {{name: tor, namespace: metallb-system}}\n\
              spec:\n  myASN: {ASN}\n  peerASN: {ASN}\n  peerAddress: \"{router_address}\"\n  holdTime: 9s\n  \
-             bfdProfile: fast\n  nodeSelectors: [{{matchLabels: {{bgp: \"yes\"}}}}]\n\
+             connectTime: 2s\n  enableGracefulRestart: true\n  bfdProfile: fast\n  nodeSelectors: [{{matchLabels: {{bgp: \"yes\"}}}}]\n\
              ---\napiVersion: metallb.io/v1beta1\nkind: BGPAdvertisement\nmetadata: {{name: lan, namespace: metallb-system}}\n\
              spec:\n  ipAddressPools: [lan]\n  communities: [\"64512:100\", no-export]\n  localPref: 150\n"
         ));
@@ -261,6 +261,11 @@ fn sessions_and_routes_follow_metallbs_bgp_objects() {
     assert_eq!(name, "backend");
     let include = node1.include();
     assert!(include.contains(&format!("route {web}/32 via")), "{include}");
+    // The BGPPeer's connectTime and enableGracefulRestart, in the session BIRD runs.
+    assert!(
+        include.contains("connect retry time 2;") && include.contains("graceful restart on;"),
+        "{include}"
+    );
     assert!(!include.contains(&hidden.to_string()), "hidden is in no export: {include}");
     let exported = node1.bird.birdc(&["show", "route", "export", "ringlb_tor"]);
     assert!(exported.contains(&web.to_string()) && !exported.contains(&hidden.to_string()), "{exported}");

@@ -5,9 +5,11 @@
 //! - **Sessions**: a `BGPPeer` is a session of every node one of its `nodeSelectors` matches (none:
 //!   every node), with its `bfdProfile`'s timers when it names one. A peer that cannot be rendered
 //!   faithfully (no AS number, an address that does not parse, a `holdTime` under 3 s, a
-//!   `keepaliveTime` above it, an unknown BFD profile, multihop BFD without a `sourceAddress`, a
-//!   password BIRD cannot quote) is rejected
-//!   with a reason and left out; the others stay.
+//!   `keepaliveTime` above it, a `connectTime` that is not whole seconds from 1 to 65535, an
+//!   unknown BFD profile, multihop BFD without a `sourceAddress`, a password BIRD cannot quote, a
+//!   `passwordSecret` or a `vrf`, which ringlb does not do yet) is rejected with a reason and left
+//!   out; the others stay. A session carries its peer address's family only, as MetalLB's
+//!   `disableMP: true`.
 //! - **Routes**: an IP of a pool is advertised by a node only where a `BGPAdvertisement` selects
 //!   the pool (by name or labels; neither: every pool) and the node (`nodeSelectors`), to the
 //!   sessions it names in `peers` (none: all of the node's), as the prefix of
@@ -66,6 +68,10 @@ pub struct Session {
     pub password: Option<String>,
     pub bfd: Option<Bfd>,
     pub ebgp_multihop: bool,
+    /// Between attempts to connect; `None`: ringlb's default (5 s).
+    pub connect_time: Option<Duration>,
+    /// Ask the peer to keep this node's routes while its BGP restarts (RFC 4724).
+    pub graceful_restart: bool,
 }
 
 /// A `BFDProfile`'s timers, with MetalLB's defaults filled in.
@@ -252,6 +258,18 @@ pub(super) fn session(peer: &BgpPeer, profiles: &[&BfdProfile]) -> Result<Sessio
             "the password has a quote, a backslash or a control character, which BIRD cannot take".to_owned()
         );
     }
+    let connect_time = spec.connect_time.as_deref().map(|c| duration("connectTime", c)).transpose()?;
+    if let Some(connect) = connect_time
+        && (connect.subsec_nanos() != 0 || !(1..=65535).contains(&connect.as_secs()))
+    {
+        return Err(format!("connectTime {connect:?} is not a whole number of seconds from 1 to 65535"));
+    }
+    if spec.password_secret.is_some() {
+        return Err("passwordSecret is not supported yet (set password)".to_owned());
+    }
+    if spec.vrf.as_deref().is_some_and(|vrf| !vrf.is_empty()) {
+        return Err("vrf is not supported yet".to_owned());
+    }
     if spec.ebgp_multi_hop == Some(true) && spec.bfd_profile.is_some() && source_address.is_none() {
         return Err(
             "ebgpMultiHop with a bfdProfile needs a sourceAddress (multihop BFD binds to it)".to_owned()
@@ -286,6 +304,8 @@ pub(super) fn session(peer: &BgpPeer, profiles: &[&BfdProfile]) -> Result<Sessio
         password: spec.password.clone(),
         bfd,
         ebgp_multihop: spec.ebgp_multi_hop.unwrap_or(false),
+        connect_time,
+        graceful_restart: spec.enable_graceful_restart.unwrap_or(false),
     })
 }
 

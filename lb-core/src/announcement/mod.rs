@@ -367,6 +367,15 @@ mod tests {
         let bad_address = peer("typo", "192.0.2.300", vec![]);
         let mut short_hold = peer("hasty", "192.0.2.3", vec![]);
         short_hold.spec.hold_time = Some("1s".into());
+        tor.spec.connect_time = Some("10s".into());
+        tor.spec.enable_graceful_restart = Some(true);
+        let mut fractional_connect = peer("jittery", "192.0.2.4", vec![]);
+        fractional_connect.spec.connect_time = Some("1500ms".into());
+        let mut secret = peer("vault", "192.0.2.5", vec![]);
+        secret.spec.password_secret =
+            Some(serde_json::json!({"name": "bgp-auth", "namespace": "metallb-system"}));
+        let mut in_vrf = peer("red", "192.0.2.6", vec![]);
+        in_vrf.spec.vrf = Some("red".into());
         let fast = BfdProfile {
             metadata: ObjectMeta { name: Some("fast".into()), ..Default::default() },
             spec: BfdProfileSpec {
@@ -375,7 +384,16 @@ mod tests {
                 ..Default::default()
             },
         };
-        let peers = [&tor, &everywhere, &unknown_bfd, &bad_address, &short_hold];
+        let peers = [
+            &tor,
+            &everywhere,
+            &unknown_bfd,
+            &bad_address,
+            &short_hold,
+            &fractional_connect,
+            &secret,
+            &in_vrf,
+        ];
         let objects = BgpObjects { peers: &peers, bfd_profiles: &[&fast], ..Default::default() };
         let announcements = Announcements::governed(&[], &[], &objects, &nodes());
         let names = |node: &str| -> Vec<String> {
@@ -386,6 +404,7 @@ mod tests {
         let plan = announcements.bgp("edge-1", &BTreeSet::new());
         let session = &plan.sessions[0].session;
         assert_eq!(session.hold_time, Duration::from_secs(9));
+        assert_eq!((session.connect_time, session.graceful_restart), (Some(Duration::from_secs(10)), true));
         assert_eq!(
             session.bfd,
             Some(Bfd {
@@ -397,12 +416,21 @@ mod tests {
         );
         assert_eq!(plan.sessions[1].session.hold_time, Duration::from_secs(90), "MetalLB's default");
         let problems = announcements.problems().join("\n");
-        for expected in
-            ["metallb-system/lost", "\"missing\" names no BFDProfile", "metallb-system/typo", "under 3s"]
-        {
+        for expected in [
+            "metallb-system/lost",
+            "\"missing\" names no BFDProfile",
+            "metallb-system/typo",
+            "under 3s",
+            "metallb-system/jittery",
+            "connectTime",
+            "metallb-system/vault",
+            "passwordSecret is not supported",
+            "metallb-system/red",
+            "vrf is not supported",
+        ] {
             assert!(problems.contains(expected), "{expected} in {problems}");
         }
-        assert_eq!(announcements.problems().len(), 3);
+        assert_eq!(announcements.problems().len(), 6);
     }
 
     #[test]

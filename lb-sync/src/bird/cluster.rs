@@ -62,7 +62,11 @@ fn session(name: &str, routes: &SessionRoutes, text: &mut String) {
         let _ = write!(text, " keepalive time {};", keepalive.as_secs().max(1));
     }
     // BIRD waits 5 s before the first attempt and 120 s after a failed one.
-    text.push_str("\n  connect delay time 1;\n  connect retry time 5;\n");
+    let retry = session.connect_time.map_or(5, |connect| connect.as_secs());
+    let _ = writeln!(text, "\n  connect delay time 1;\n  connect retry time {retry};");
+    if session.graceful_restart {
+        text.push_str("  graceful restart on;\n");
+    }
     if let Some(password) = &session.password {
         let _ = writeln!(text, "  password \"{password}\";");
     }
@@ -141,6 +145,8 @@ mod tests {
             password: None,
             bfd: None,
             ebgp_multihop: false,
+            connect_time: None,
+            graceful_restart: false,
         }
     }
 
@@ -160,6 +166,8 @@ mod tests {
         tor.hold_time = Duration::from_secs(9);
         tor.keepalive_time = Some(Duration::from_secs(3));
         tor.password = Some("s3cret".to_owned());
+        tor.connect_time = Some(Duration::from_secs(10));
+        tor.graceful_restart = true;
         tor.bfd = Some(Bfd {
             receive_interval_ms: 100,
             transmit_interval_ms: 150,
@@ -194,7 +202,8 @@ mod tests {
                 "  source address 192.0.2.9;",
                 "  hold time 9; keepalive time 3;",
                 "  connect delay time 1;",
-                "  connect retry time 5;",
+                "  connect retry time 10;",
+                "  graceful restart on;",
                 "  password \"s3cret\";",
                 "  bfd { min rx interval 100 ms; min tx interval 150 ms; multiplier 4; passive on; };",
                 "  ipv4 {",
