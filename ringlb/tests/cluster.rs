@@ -504,3 +504,43 @@ fn a_clusters_first_allocation_writes_each_status_once() {
     assert_eq!(writes, SERVICES + 1, "each status is written once, not again while its event is on the way");
     assert!(ringlb.is_running());
 }
+
+/// A cluster without MetalLB's CRDs: the pool watch answers 404, ringlb's warning names the kind
+/// and where its CustomResourceDefinition comes from, and it stays not ready (the first complete
+/// view waits for every kind); once the CRDs are installed it lists them, becomes ready and serves.
+#[test]
+fn a_missing_custom_resource_definition_is_named_and_waited_for() {
+    let cluster = Cluster::start();
+    cluster.server.install_only(&[]);
+    let log = tempfile::NamedTempFile::new().expect("a log file");
+    let stderr = log.reopen().expect("the log file");
+    let kubeconfig = cluster.kubectl.kubeconfig().to_str().expect("a UTF-8 path").to_owned();
+    let args = ["run", "--kubeconfig", &kubeconfig, "--identity", "a", "--lease-duration", "3s"];
+    let mut ringlb = Ringlb::start_with(&args, |command| {
+        command.stderr(stderr);
+    });
+    let warning = poll_until("the warning about the missing pool CRD", || {
+        let text = std::fs::read_to_string(log.path()).ok()?;
+        text.lines()
+            .find(|line| line.contains("the API server has no IPAddressPool resource"))
+            .map(str::to_owned)
+    });
+    assert!(warning.contains("deploy/kubernetes/base/"), "{warning}");
+    let (code, _) = support::http_get(ringlb.admin, "/readyz").expect("GET /readyz");
+    assert_eq!(code, 503, "a kind it watches cannot be listed: not ready");
+
+    cluster.server.install_only(&[
+        "IPAddressPool",
+        "L2Advertisement",
+        "BGPPeer",
+        "BGPAdvertisement",
+        "Community",
+        "BFDProfile",
+    ]);
+    ringlb.wait_ready();
+    cluster.pool("front", &["127.0.118.0/29"]);
+    let _pod = cluster.backend(0, "pod-0");
+    cluster.apply_json(&load_balancer("web", Some(CLASS), &[("http", 80)]).build());
+    cluster.endpoints("web", &[(0, true)]);
+    wait_reached(SocketAddr::new(cluster.wait_ingress("web"), 80), &["pod-0"]);
+}

@@ -186,6 +186,33 @@ impl KubeSource {
     }
 }
 
+/// What to say when `error` is the API server not knowing `kind` at all: a MetalLB kind whose
+/// CustomResourceDefinition is not installed answers 404, and ringlb waits for it (the first
+/// complete view, hence `/readyz`, waits for every kind it watches).
+fn missing_definition(kind: Kind, error: &watcher::Error) -> Option<String> {
+    let crd = matches!(
+        kind,
+        Kind::Pool
+            | Kind::L2Advertisement
+            | Kind::BgpPeer
+            | Kind::BgpAdvertisement
+            | Kind::Community
+            | Kind::BfdProfile
+    );
+    let not_found = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    };
+    (crd && not_found).then(|| {
+        format!(
+            ": the API server has no {} resource; install its CustomResourceDefinition (MetalLB's, or \
+             deploy/kubernetes/base/ of ringlb)",
+            kind.name()
+        )
+    })
+}
+
 impl Source for KubeSource {
     async fn run(self, handle: SourceHandle) -> Result<(), SyncError> {
         let (scopes, mut streams) = self.streams();
@@ -222,12 +249,13 @@ impl Source for KubeSource {
                     }
                     Err(error) => {
                         if let Some(suppressed) = failures.admit(std::time::Instant::now()) {
+                            let hint = missing_definition(scope.kind, &error).unwrap_or_default();
                             tracing::warn!(
                                 kind = scope.kind.name(),
                                 namespace = ?scope.namespace,
                                 %error,
                                 suppressed,
-                                "watching the Kubernetes API failed; retrying with back-off, the table stays as it is"
+                                "watching the Kubernetes API failed; retrying with back-off, the table stays as it is{hint}"
                             );
                         }
                     }
