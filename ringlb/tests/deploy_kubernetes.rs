@@ -229,7 +229,8 @@ fn every_metallb_kind_ringlb_reads_has_a_shipped_crd_of_the_version_it_reads() {
             "myASN": 4200000000u32, "peerASN": 64512, "peerAddress": "192.0.2.1", "peerPort": 1179,
             "sourceAddress": "192.0.2.2", "holdTime": "90s", "keepaliveTime": "30s",
             "routerID": "192.0.2.2", "nodeSelectors": [selector], "password": "secret",
-            "bfdProfile": "fast", "ebgpMultiHop": true
+            "bfdProfile": "fast", "ebgpMultiHop": true, "connectTime": "5s", "enableGracefulRestart": true,
+            "passwordSecret": {"name": "bgp-auth", "namespace": "metallb-system"}, "vrf": "red"
         }}),
     );
     assert_shipped::<Community, CommunitySpec>(
