@@ -529,14 +529,7 @@ fn a_missing_custom_resource_definition_is_named_and_waited_for() {
     let (code, _) = support::http_get(ringlb.admin, "/readyz").expect("GET /readyz");
     assert_eq!(code, 503, "a kind it watches cannot be listed: not ready");
 
-    cluster.server.install_only(&[
-        "IPAddressPool",
-        "L2Advertisement",
-        "BGPPeer",
-        "BGPAdvertisement",
-        "Community",
-        "BFDProfile",
-    ]);
+    cluster.server.install_all();
     ringlb.wait_ready();
     cluster.pool("front", &["127.0.118.0/29"]);
     let _pod = cluster.backend(0, "pod-0");

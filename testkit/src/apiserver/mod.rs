@@ -196,6 +196,11 @@ impl ApiServer {
         *self.shared.installed.lock().expect("installed") = Installed::only(kinds);
     }
 
+    /// Installs every CustomResourceDefinition the emulator knows again, as at start.
+    pub fn install_all(&self) {
+        *self.shared.installed.lock().expect("installed") = Installed::all();
+    }
+
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
