@@ -31,11 +31,7 @@ pub const METALLB_DEPRECATED: &[(&str, &str)] = &[
 
 /// The value of MetalLB annotation `name` (one of the `METALLB_*` constants), under its current
 /// spelling or else its deprecated one, trimmed; `None` when absent or empty.
-pub fn metallb<'a>(
-    annotations: Option<&'a std::collections::BTreeMap<String, String>>,
-    name: &str,
-) -> Option<&'a str> {
-    let annotations = annotations?;
+pub fn metallb<'a>(annotations: &'a crate::Labels, name: &str) -> Option<&'a str> {
     let old = METALLB_DEPRECATED.iter().find(|(new, _)| *new == name).map(|(_, old)| *old);
     let value = annotations.get(name).or_else(|| old.and_then(|old| annotations.get(old)))?;
     Some(value.trim()).filter(|v| !v.is_empty())

@@ -18,6 +18,7 @@ pub mod annotations;
 pub mod announcement;
 pub mod builder;
 pub mod cidr;
+pub mod compact;
 pub mod duration;
 pub mod error;
 pub mod hash;
@@ -39,12 +40,14 @@ pub use advertise::advertised_vips;
 pub use affinity::AffinityTable;
 pub use builder::{
     BuildCache, BuildOptions, BuildReport, ParsedEndpointSlice, Revised, Skipped, SliceNames, apply_health,
-    build, build_incremental, build_refs,
+    build, build_incremental,
 };
 pub use cidr::Cidr;
+pub use compact::CompactService;
 pub use duration::parse_duration;
 pub use error::BuildError;
 pub use health::HealthOverlay;
+pub use labels::Labels;
 pub use lifecycle::{Established, NotReadyConnections, StaleFlowPolicy};
 pub use local::LocalResource;
 pub use model::{

@@ -11,7 +11,7 @@
 //! annotation is never served, since it may be another Service's. Standalone (manifests, nothing
 //! allocates) the requested IPs are served directly ([`VipSource::Requested`]).
 
-use k8s_openapi::api::core::v1::Service;
+use crate::compact::CompactService;
 
 /// ringlb's own class, the default of `--load-balancer-class`.
 pub const DEFAULT_CLASS: &str = "ringlb.io/lb";
@@ -62,12 +62,10 @@ pub enum Ownership {
 }
 
 impl ServiceSelection {
-    pub fn ownership(&self, svc: &Service) -> Ownership {
-        let spec = svc.spec.as_ref();
-        let is_load_balancer = spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
-        let class = spec.and_then(|s| s.load_balancer_class.as_deref()).filter(|c| !c.is_empty());
+    pub fn ownership(&self, svc: &CompactService) -> Ownership {
+        let is_load_balancer = svc.is_load_balancer();
         if is_load_balancer {
-            match class {
+            match svc.class() {
                 Some(class) if class == self.class => return Ownership::LoadBalancer,
                 None if self.default_class => return Ownership::LoadBalancer,
                 Some(_) => {
@@ -76,7 +74,7 @@ impl ServiceSelection {
                 None => {}
             }
         }
-        let has_external = spec.and_then(|s| s.external_ips.as_ref()).is_some_and(|ips| !ips.is_empty());
+        let has_external = !svc.spec.external_ips.is_empty();
         match (is_load_balancer, has_external, self.external_ips) {
             (_, true, true) => Ownership::ExternalIpsOnly,
             (true, _, _) => Ownership::NotOurs(
@@ -88,7 +86,7 @@ impl ServiceSelection {
     }
 
     /// Whether ringlb allocates for and writes the status of `svc`.
-    pub fn allocates_for(&self, svc: &Service) -> bool {
+    pub fn allocates_for(&self, svc: &CompactService) -> bool {
         self.ownership(svc) == Ownership::LoadBalancer
     }
 }
@@ -99,8 +97,8 @@ mod tests {
 
     use super::*;
 
-    fn service(type_: &str, class: Option<&str>, external: &[&str]) -> Service {
-        Service {
+    fn service(type_: &str, class: Option<&str>, external: &[&str]) -> CompactService {
+        CompactService::from(Service {
             spec: Some(ServiceSpec {
                 type_: Some(type_.to_owned()),
                 load_balancer_class: class.map(str::to_owned),
@@ -109,7 +107,7 @@ mod tests {
                 ..ServiceSpec::default()
             }),
             ..Service::default()
-        }
+        })
     }
 
     #[test]

@@ -402,7 +402,9 @@ proptest! {
             }
             let version = step as u64 + 1;
             let fresh = build(&services, &slices, &[], &options, fresh_previous.as_ref(), version);
-            let revised_services: Vec<lb_core::Revised<'_, Service>> = services
+            // As a store keeps them: compact.
+            let compact: Vec<lb_core::CompactService> = services.iter().map(lb_core::CompactService::from).collect();
+            let revised_services: Vec<lb_core::Revised<'_, lb_core::CompactService>> = compact
                 .iter()
                 .zip(service_revisions.of(&services, |s: &Service| name_of(&s.metadata)))
                 .map(|(object, revision)| lb_core::Revised { object, revision })

@@ -21,11 +21,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Resource};
 use lb_core::ipam::{self, IP_MODE, Inputs, IpAddressPool, Plan};
-use lb_core::{LogThrottle, ObjectRef, ServiceSelection};
+use lb_core::{CompactService, LogThrottle, ObjectRef, ServiceSelection};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -53,7 +52,7 @@ pub struct Allocator {
 #[derive(Debug)]
 struct Pending {
     ips: Vec<IpAddr>,
-    over: Option<String>,
+    over: Option<Box<str>>,
 }
 
 impl Allocator {
@@ -131,7 +130,7 @@ impl Allocator {
             }
             let Some(object) = reference(new) else { return false };
             let comes_back = self.pending.get(&object).is_some_and(|p| p.ips == status_ips(new));
-            if !comes_back || !same_but_status(old, new) {
+            if !comes_back || !old.same_but_status(new) {
                 return false;
             }
             acknowledged.push(object);
@@ -146,7 +145,7 @@ impl Allocator {
     pub async fn reconcile(&mut self, objects: &Objects) {
         self.retry_at = None;
         let labels = objects.namespace_labels();
-        let all: Vec<&Service> = objects.services.iter().map(|o| &**o).collect();
+        let all: Vec<&CompactService> = objects.services.iter().map(|o| &**o).collect();
         let pools: Vec<&IpAddressPool> = objects.pools.iter().map(|o| &**o).collect();
         let plan = ipam::plan(Inputs {
             services: &all,
@@ -157,7 +156,7 @@ impl Allocator {
         for error in &plan.pool_errors {
             self.complain(&format!("IPAddressPool {:?} is unusable: {}", error.pool, error.reason));
         }
-        let services: BTreeMap<ObjectRef, &Service> =
+        let services: BTreeMap<ObjectRef, &CompactService> =
             all.iter().filter_map(|&s| Some((reference(s)?, s))).collect();
         // A Service deleted before its write came back leaves nothing pending behind.
         self.pending.retain(|object, _| services.contains_key(object));
@@ -165,7 +164,7 @@ impl Allocator {
         self.tell(&plan, &services).await;
     }
 
-    async fn write_statuses(&mut self, plan: &Plan, services: &BTreeMap<ObjectRef, &Service>) {
+    async fn write_statuses(&mut self, plan: &Plan, services: &BTreeMap<ObjectRef, &CompactService>) {
         use futures::StreamExt as _;
         let releases = plan.releases.iter().map(|object| (object, Vec::new()));
         let assignments =
@@ -203,7 +202,8 @@ impl Allocator {
                 } else {
                     json!({"status": {"loadBalancer": {"ingress": ingress}}})
                 };
-                let api: Api<Service> = Api::namespaced(client.clone(), &object.namespace);
+                let api: Api<k8s_openapi::api::core::v1::Service> =
+                    Api::namespaced(client.clone(), &object.namespace);
                 let result = api.patch_status(&object.name, params, &Patch::Merge(&patch)).await.map(|_| ());
                 (object, write, result)
             })
@@ -232,7 +232,7 @@ impl Allocator {
     }
 
     /// Publishes an Event for every Service whose outcome changed since it was last told.
-    async fn tell(&mut self, plan: &Plan, services: &BTreeMap<ObjectRef, &Service>) {
+    async fn tell(&mut self, plan: &Plan, services: &BTreeMap<ObjectRef, &CompactService>) {
         let mut outcomes: BTreeMap<ObjectRef, (EventType, String, String)> = BTreeMap::new();
         for (object, assignment) in &plan.assignments {
             if !assignment.ips.is_empty() {
@@ -278,7 +278,7 @@ impl Allocator {
             }
             let Some(service) = services.get(&object) else { continue };
             let note = Note { type_, reason, action: "Allocate".to_owned(), note };
-            match events::publish(&self.client, &self.reporter, &note, &service.object_ref(&())).await {
+            match events::publish(&self.client, &self.reporter, &note, &service.object_reference()).await {
                 Ok(()) => {
                     self.told.insert(object, told);
                 }
@@ -310,30 +310,19 @@ const RETRY: Duration = Duration::from_secs(5);
 /// Status writes in flight at once.
 const STATUS_WRITES_IN_FLIGHT: usize = 16;
 
-/// Whether two versions of a Service differ in nothing allocation reads but the status.
-fn same_but_status(old: &Service, new: &Service) -> bool {
-    let (a, b) = (&old.metadata, &new.metadata);
-    old.spec == new.spec
-        && (&a.name, &a.namespace, &a.labels, &a.annotations)
-            == (&b.name, &b.namespace, &b.labels, &b.annotations)
-        && (&a.creation_timestamp, &a.deletion_timestamp) == (&b.creation_timestamp, &b.deletion_timestamp)
-}
-
 /// Whether two lists of stored objects hold the same revisions in the same order.
 fn same<T>(a: &[crate::store::Stored<T>], b: &[crate::store::Stored<T>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.revision == b.revision)
 }
 
-fn reference(service: &Service) -> Option<ObjectRef> {
-    let name = service.metadata.name.clone()?;
-    Some(ObjectRef::service(service.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned()), name))
+fn reference(service: &CompactService) -> Option<ObjectRef> {
+    let name = service.metadata.name.as_deref()?;
+    Some(ObjectRef::service(service.metadata.namespace.as_deref().unwrap_or("default"), name))
 }
 
 /// The addresses a Service's status holds with ringlb's `ipMode` (another mode is rewritten).
-fn status_ips(service: &Service) -> Vec<IpAddr> {
-    let ingress =
-        service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-    let entries: Vec<_> = ingress.into_iter().flatten().collect();
+fn status_ips(service: &CompactService) -> Vec<IpAddr> {
+    let entries = &service.ingress;
     if entries.iter().any(|i| i.ip_mode.as_deref() != Some(IP_MODE)) {
         return vec![];
     }

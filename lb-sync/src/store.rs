@@ -2,9 +2,9 @@
 //! source reported, and what allocation reads besides (MetalLB `IPAddressPool`s, Namespaces for
 //! the pools' namespace selectors) and announcement (MetalLB's advertisement, peer, community and
 //! BFD CRDs; the Nodes, of which only names and labels are kept), by kind, namespace and name.
-//! EndpointSlices are kept as the builder reads them ([`ParsedEndpointSlice`], parsed by the source
-//! as each arrives: a third of the decoded object); the other kinds as decoded, less what nothing
-//! reads ([`slimmed`]).
+//! Services and EndpointSlices are kept as the builder reads them ([`CompactService`], converted as
+//! each arrives, and [`ParsedEndpointSlice`], parsed by the source: a third of the decoded
+//! objects); the other kinds as decoded, less what nothing reads ([`slimmed`]).
 //!
 //! Sources say what changed ([`Change`]): one object created, changed or deleted (a watch event), or
 //! every object of some kinds replaced at once (a manifest reload, a relist after the watch was cut).
@@ -19,6 +19,7 @@ use k8s_openapi::Metadata;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use lb_core::CompactService;
 use lb_core::ipam::IpAddressPool;
 use lb_core::metallb::{BfdProfile, BgpAdvertisement, BgpPeer, Community, L2Advertisement};
 use lb_core::{ObjectRef, ParsedEndpointSlice, SliceNames};
@@ -30,7 +31,7 @@ const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant, reason = "moved once per change into the store; boxing buys nothing")]
 pub enum Object {
-    Service(Service),
+    Service(CompactService),
     EndpointSlice(ParsedEndpointSlice),
     Endpoints(Endpoints),
     Pool(IpAddressPool),
@@ -46,6 +47,13 @@ pub enum Object {
 /// kubectl's copy of the last applied object, in an annotation.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
+impl From<Service> for Object {
+    /// A Service as the store keeps it (compact: what nothing reads is gone).
+    fn from(service: Service) -> Self {
+        Object::Service(CompactService::from(service))
+    }
+}
+
 /// `object` without what no build or allocation reads and a cluster makes large: `managedFields`,
 /// kubectl's last-applied annotation, owner references. What a source of cluster objects stores.
 pub fn slimmed(mut object: Object) -> Object {
@@ -56,49 +64,18 @@ pub fn slimmed(mut object: Object) -> Object {
             annotations.remove(LAST_APPLIED);
         }
     }
-    match &mut object {
-        Object::Service(service) => shrink_lists(service),
-        // A Node's status (images, conditions) is kilobytes; node selectors read only labels.
-        Object::Node(node) => {
-            *node = Node {
-                metadata: ObjectMeta {
-                    name: node.metadata.name.take(),
-                    labels: node.metadata.labels.take(),
-                    ..ObjectMeta::default()
-                },
-                ..Node::default()
-            }
+    // A Node's status (images, conditions) is kilobytes; node selectors read only labels.
+    if let Object::Node(node) = &mut object {
+        *node = Node {
+            metadata: ObjectMeta {
+                name: node.metadata.name.take(),
+                labels: node.metadata.labels.take(),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
         }
-        _ => {}
     }
     object
-}
-
-/// A decoded list has room for 4 entries at least (JSON does not say its length up front): a
-/// one-port Service's `ports` takes 600 bytes, its one ingress 400. Stored Services keep theirs
-/// for as long as they exist, 10,000 of them in a large cluster.
-fn shrink_lists(service: &mut Service) {
-    fn shrink<T>(list: &mut Option<Vec<T>>) {
-        if let Some(list) = list {
-            list.shrink_to_fit();
-        }
-    }
-    if let Some(spec) = service.spec.as_mut() {
-        shrink(&mut spec.ports);
-        shrink(&mut spec.cluster_ips);
-        shrink(&mut spec.external_ips);
-        shrink(&mut spec.ip_families);
-        shrink(&mut spec.load_balancer_source_ranges);
-    }
-    if let Some(status) = service.status.as_mut() {
-        shrink(&mut status.conditions);
-        if let Some(balancer) = status.load_balancer.as_mut() {
-            shrink(&mut balancer.ingress);
-            for ingress in balancer.ingress.iter_mut().flatten() {
-                shrink(&mut ingress.ports);
-            }
-        }
-    }
 }
 
 /// Parses EndpointSlices as the store keeps them; keep one per source, so that its slices share
@@ -195,10 +172,10 @@ impl Object {
         }
     }
 
-    /// Its metadata; `None` for a parsed EndpointSlice, which keeps only its name.
+    /// Its metadata; `None` for a compact Service and a parsed EndpointSlice, which keep their own.
     fn metadata_mut(&mut self) -> Option<&mut ObjectMeta> {
         match self {
-            Object::Service(object) => Some(object.metadata_mut()),
+            Object::Service(_) => None,
             Object::EndpointSlice(_) => None,
             Object::Endpoints(object) => Some(object.metadata_mut()),
             Object::Pool(object) => Some(object.metadata_mut()),
@@ -214,7 +191,7 @@ impl Object {
 
     fn metadata(&self) -> Option<&ObjectMeta> {
         match self {
-            Object::Service(object) => Some(object.metadata()),
+            Object::Service(_) => None,
             Object::EndpointSlice(_) => None,
             Object::Endpoints(object) => Some(object.metadata()),
             Object::Pool(object) => Some(object.metadata()),
@@ -233,6 +210,12 @@ impl Object {
         let Some(meta) = self.metadata() else {
             return match self {
                 Object::EndpointSlice(slice) => Some(slice.object().clone()),
+                Object::Service(service) => {
+                    let meta = &service.metadata;
+                    let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
+                    let namespace = meta.namespace.as_deref().filter(|ns| !ns.is_empty());
+                    Some(ObjectRef::service(namespace.unwrap_or(DEFAULT_NAMESPACE), name))
+                }
                 _ => None,
             };
         };
@@ -301,7 +284,7 @@ impl<T> Stored<T> {
 pub struct ObjectStore {
     /// The revision the next changed object gets.
     next_revision: u64,
-    services: BTreeMap<ObjectRef, Stored<Service>>,
+    services: BTreeMap<ObjectRef, Stored<CompactService>>,
     slices: BTreeMap<ObjectRef, Stored<ParsedEndpointSlice>>,
     endpoints: BTreeMap<ObjectRef, Stored<Endpoints>>,
     pools: BTreeMap<ObjectRef, Stored<IpAddressPool>>,
@@ -317,7 +300,7 @@ pub struct ObjectStore {
 /// The objects of a store as the builder takes them (in namespace/name order).
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<Stored<Service>>,
+    pub services: Vec<Stored<CompactService>>,
     pub slices: Vec<Stored<ParsedEndpointSlice>>,
     pub endpoints: Vec<Stored<Endpoints>>,
     pub pools: Vec<Stored<IpAddressPool>>,
@@ -559,7 +542,7 @@ mod tests {
     use super::*;
 
     fn service(name: &str, ip: &str) -> Object {
-        Object::Service(simple_service("shop", name, ip, 80, 8080))
+        Object::from(simple_service("shop", name, ip, 80, 8080))
     }
 
     fn slice(slice: EndpointSlice) -> Object {
@@ -632,14 +615,14 @@ mod tests {
         assert_eq!(store.counts(), (2, 1, 0), "the slices were not part of the reset");
         assert!(store.apply(Change::everything(vec![service("a", "192.0.2.1")])));
         assert_eq!(store.counts(), (1, 0, 0));
-        let unnamed = Object::Service(ServiceBuilder::new("shop", "").build());
+        let unnamed = Object::from(ServiceBuilder::new("shop", "").build());
         assert!(!store.apply(Change::Applied(unnamed)));
     }
 
     #[test]
     fn a_scoped_reset_replaces_only_its_namespace() {
         let mut store = ObjectStore::new();
-        let elsewhere = Object::Service(simple_service("other", "api", "192.0.2.9", 80, 8080));
+        let elsewhere = Object::from(simple_service("other", "api", "192.0.2.9", 80, 8080));
         store.apply(Change::everything(vec![service("a", "192.0.2.1"), elsewhere]));
         let relist = Change::Reset {
             kinds: vec![Kind::Service],
@@ -647,8 +630,8 @@ mod tests {
             objects: vec![service("b", "192.0.2.2")],
         };
         assert!(store.apply(relist.clone()));
-        let names: Vec<String> =
-            store.objects().services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        let objects = store.objects();
+        let names: Vec<&str> = objects.services.iter().map(|s| s.metadata.name.as_deref().unwrap()).collect();
         assert_eq!(names, ["api", "b"], "shop's a is gone, other's api stays");
         assert!(!store.apply(relist));
     }

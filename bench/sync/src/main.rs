@@ -122,14 +122,6 @@ fn slice(i: usize, endpoints: usize, not_ready: Option<usize>) -> EndpointSlice 
         .build()
 }
 
-/// As the Kubernetes source stores them (`lb_sync::slimmed`).
-fn slim_service(service: Service) -> Service {
-    match lb_sync::slimmed(Object::Service(service)) {
-        Object::Service(service) => service,
-        _ => unreachable!("slimmed keeps the kind"),
-    }
-}
-
 fn options() -> BuildOptions {
     let selection = ServiceSelection { vips: VipSource::Allocated, ..ServiceSelection::default() };
     BuildOptions { selection, ..BuildOptions::default() }
@@ -211,7 +203,7 @@ fn main() -> anyhow::Result<()> {
     let (latencies, rss) = runtime.block_on(async {
         let initial: Vec<Object> = services
             .into_iter()
-            .map(Object::Service)
+            .map(Object::from)
             .chain(slices.into_iter().filter_map(|slice| parser.object(&slice)))
             .map(lb_sync::slimmed)
             .collect();
@@ -242,7 +234,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok((latencies, rss))
     })?;
 
-    let services: Vec<Service> = (0..args.services).map(|i| slim_service(service(i))).collect();
+    let services: Vec<Service> = (0..args.services).map(service).collect();
     let slices: Vec<EndpointSlice> = (0..args.services).map(|i| slice(i, args.endpoints, None)).collect();
     // Full builds, each from scratch with the previous snapshot (as a relist does).
     let mut previous: Option<Snapshot> = None;
@@ -266,7 +258,9 @@ fn main() -> anyhow::Result<()> {
         .collect();
     anyhow::ensure!(parsed.len() == slices.len(), "every slice is named");
     let revised = |revision: usize| revision as u64 + 1;
-    let services: Vec<_> = services
+    // As the store keeps them.
+    let compact: Vec<lb_core::CompactService> = services.iter().map(lb_core::CompactService::from).collect();
+    let services: Vec<_> = compact
         .iter()
         .enumerate()
         .map(|(i, object)| lb_core::Revised { object, revision: revised(i) })

@@ -85,7 +85,7 @@ impl Selectors<'_> {
         Candidates::Nodes(
             nodes
                 .iter()
-                .filter(|(_, node_labels)| self.nodes.iter().any(|s| labels::matches(s, node_labels)))
+                .filter(|(_, node_labels)| self.nodes.iter().any(|s| labels::matches(s, *node_labels)))
                 .map(|(name, _)| Arc::clone(name))
                 .collect(),
         )

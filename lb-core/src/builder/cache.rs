@@ -23,14 +23,13 @@ use foldhash::HashMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
-
 use super::endpoints::ResolvedPort;
 use super::service::ParsedService;
 use super::service::ParsedServices;
 use super::slices::{ParsedEndpointSlice, ParsedSlice, SlicesByService};
 use super::vips::Vip;
 use super::{BuildOptions, Skipped};
+use crate::compact::CompactService;
 use crate::error::BuildError;
 use crate::health::HealthOverlay;
 use crate::model::{EntryPolicy, ObjectRef, ServiceEntry, VipKey};
@@ -277,9 +276,9 @@ impl BuildCache {
     /// Services), else a pass through the per-Service memo, kept for the next build.
     pub(super) fn services_pass(
         &mut self,
-        services: &[&Service],
+        services: &[&CompactService],
         options: &BuildOptions,
-        revisions: &Revisions<Service>,
+        revisions: &Revisions<CompactService>,
         errors: &mut Vec<BuildError>,
         skipped: &mut Vec<Skipped>,
     ) -> (ParsedServices, Arc<BTreeSet<(String, String)>>) {
@@ -327,8 +326,8 @@ impl BuildCache {
 
     fn services<'c>(
         &'c mut self,
-        revisions: &'c Revisions<Service>,
-    ) -> ByRevision<'c, Service, super::service::Outcome> {
+        revisions: &'c Revisions<CompactService>,
+    ) -> ByRevision<'c, CompactService, super::service::Outcome> {
         ByRevision { revisions, slots: &mut self.services, generation: self.generation }
     }
 

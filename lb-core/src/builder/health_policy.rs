@@ -7,8 +7,6 @@
 //!
 //! [`TrafficPolicy`]: crate::model::TrafficPolicy
 
-use std::collections::BTreeMap;
-
 use super::policy::{parse_duration, parse_in_range, positive};
 use crate::annotations::{
     HEALTH_CHECK, HEALTH_CHECK_STATUS, HEALTH_FALL, HEALTH_INTERVAL, HEALTH_RISE, HEALTH_TIMEOUT,
@@ -23,7 +21,7 @@ const FAILURES_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
 const STATUS_RANGE: std::ops::RangeInclusive<u32> = 100..=599;
 
 pub(super) fn parse_health(
-    annotations: Option<&BTreeMap<String, String>>,
+    annotations: Option<&crate::Labels>,
     object: &ObjectRef,
     errors: &mut Vec<BuildError>,
 ) -> (Option<HealthCheckConfig>, OutlierConfig) {
@@ -82,11 +80,11 @@ pub(super) fn parse_health(
             u8::try_from(parse_in_range(v, 0..=100)?).map_err(|e| e.to_string())?;
         Ok(())
     });
-    if outlier.max_ejection < outlier.base_ejection && annotations.contains_key(OUTLIER_MAX_EJECTION) {
+    if outlier.max_ejection < outlier.base_ejection && annotations.get(OUTLIER_MAX_EJECTION).is_some() {
         errors.push(BuildError::InvalidAnnotation {
             object: object.clone(),
             annotation: OUTLIER_MAX_EJECTION,
-            value: annotations.get(OUTLIER_MAX_EJECTION).cloned().unwrap_or_default(),
+            value: annotations.get(OUTLIER_MAX_EJECTION).unwrap_or_default().to_owned(),
             reason: format!("shorter than {OUTLIER_BASE_EJECTION}"),
         });
     }
@@ -114,7 +112,12 @@ mod tests {
     use super::*;
 
     fn parse(pairs: &[(&str, &str)]) -> (Option<HealthCheckConfig>, OutlierConfig, Vec<String>) {
-        let annotations = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let annotations = crate::Labels::from(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        );
         let mut errors = Vec::new();
         let (check, outlier) =
             parse_health(Some(&annotations), &ObjectRef::service("default", "web"), &mut errors);

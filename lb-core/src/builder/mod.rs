@@ -40,6 +40,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::compact::CompactService;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -149,33 +150,22 @@ pub fn build(
     previous: Option<&Snapshot>,
     version: u64,
 ) -> BuildReport {
-    let services: Vec<&Service> = services.iter().collect();
+    let compact: Vec<CompactService> = services.iter().map(CompactService::from).collect();
+    let services: Vec<&CompactService> = compact.iter().collect();
     let slices: Vec<&EndpointSlice> = slices.iter().collect();
     let endpoints: Vec<&Endpoints> = endpoints.iter().collect();
-    build_refs(&services, &slices, &endpoints, options, previous, version)
-}
-
-/// [`build`] from borrowed objects, for a caller that keeps them elsewhere (e.g. shared with `Arc`
-/// in a store) and must not copy them per build.
-pub fn build_refs(
-    services: &[&Service],
-    slices: &[&EndpointSlice],
-    endpoints: &[&Endpoints],
-    options: &BuildOptions,
-    previous: Option<&Snapshot>,
-    version: u64,
-) -> BuildReport {
     let mut errors = Vec::new();
-    let parsed = slices::parse_named(slices, &mut errors);
+    let parsed = slices::parse_named(&slices, &mut errors);
     let slices: Vec<&ParsedEndpointSlice> = parsed.iter().collect();
-    build_inner(services, &slices, endpoints, options, previous, version, None, errors)
+    build_inner(&services, &slices, &endpoints, options, previous, version, None, errors)
 }
 
-/// [`build`] from slices parsed when they arrived ([`ParsedEndpointSlice::parse`]), reusing what
+/// [`build`] from Services kept compact ([`CompactService`]) and slices parsed when they arrived
+/// ([`ParsedEndpointSlice::parse`]), reusing what
 /// earlier builds with `cache` computed for objects of the same revision (see [`BuildCache`]); the
 /// result is the one [`build`] gives for the same objects.
 pub fn build_incremental(
-    services: &[Revised<'_, Service>],
+    services: &[Revised<'_, CompactService>],
     slices: &[Revised<'_, ParsedEndpointSlice>],
     endpoints: &[&Endpoints],
     options: &BuildOptions,
@@ -184,7 +174,7 @@ pub fn build_incremental(
     cache: &mut BuildCache,
 ) -> BuildReport {
     let revisions = (cache::Revisions::of(services), cache::Revisions::of(slices));
-    let services: Vec<&Service> = services.iter().map(|r| r.object).collect();
+    let services: Vec<&CompactService> = services.iter().map(|r| r.object).collect();
     let slices: Vec<&ParsedEndpointSlice> = slices.iter().map(|r| r.object).collect();
     cache.begin(options);
     let report = build_inner(
@@ -201,12 +191,14 @@ pub fn build_incremental(
     report
 }
 
-type CacheInput<'c> =
-    Option<(&'c mut BuildCache, &'c (cache::Revisions<Service>, cache::Revisions<ParsedEndpointSlice>))>;
+type CacheInput<'c> = Option<(
+    &'c mut BuildCache,
+    &'c (cache::Revisions<CompactService>, cache::Revisions<ParsedEndpointSlice>),
+)>;
 
 #[allow(clippy::too_many_arguments, reason = "the one build behind the three public entry points")]
 fn build_inner(
-    services: &[&Service],
+    services: &[&CompactService],
     slices: &[&ParsedEndpointSlice],
     endpoints: &[&Endpoints],
     options: &BuildOptions,
@@ -300,11 +292,11 @@ fn with_last_good(
 
 /// (namespace, name) of every Service with a non-empty `spec.selector`: their Endpoints objects are
 /// not mirrored (see `mirror`).
-pub(super) fn services_with_selector(services: &[&Service]) -> BTreeSet<(String, String)> {
+pub(super) fn services_with_selector(services: &[&CompactService]) -> BTreeSet<(String, String)> {
     services
         .iter()
-        .filter(|svc| svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty()))
-        .filter_map(|svc| object_ref("Service", &svc.metadata).ok())
+        .filter(|svc| svc.spec.selects)
+        .filter_map(|svc| svc.named().ok())
         .map(|object| (object.namespace, object.name))
         .collect()
 }
@@ -416,11 +408,32 @@ const DEFAULT_NAMESPACE: &str = "default";
 
 /// Names an object from its metadata; a missing or empty name is an error (the object is ignored).
 fn object_ref(kind: &'static str, meta: &ObjectMeta) -> Result<ObjectRef, BuildError> {
-    let namespace = meta.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or(DEFAULT_NAMESPACE);
+    name_of(kind, meta.namespace.as_deref(), meta.name.as_deref())
+}
+
+fn name_of(kind: &'static str, namespace: Option<&str>, name: Option<&str>) -> Result<ObjectRef, BuildError> {
+    let namespace = namespace.filter(|n| !n.is_empty()).unwrap_or(DEFAULT_NAMESPACE);
     let object = |name: &str| ObjectRef { kind, namespace: namespace.to_owned(), name: name.to_owned() };
-    match meta.name.as_deref() {
+    match name {
         Some(name) if !name.is_empty() => Ok(object(name)),
         _ => Err(BuildError::MissingName { object: object("<unnamed>"), field: "metadata.name".to_owned() }),
+    }
+}
+
+/// An object a build names (see [`object_ref`]).
+pub(super) trait Named {
+    fn named(&self) -> Result<ObjectRef, BuildError>;
+}
+
+impl<T: k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta>> Named for T {
+    fn named(&self) -> Result<ObjectRef, BuildError> {
+        object_ref(T::KIND, self.metadata())
+    }
+}
+
+impl Named for CompactService {
+    fn named(&self) -> Result<ObjectRef, BuildError> {
+        name_of("Service", self.metadata.namespace.as_deref(), self.metadata.name.as_deref())
     }
 }
 
@@ -432,11 +445,11 @@ fn unique_objects<'a, T>(
     errors: &mut Vec<BuildError>,
 ) -> (Vec<(ObjectRef, &'a T)>, BTreeSet<ObjectRef>)
 where
-    T: PartialEq + k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta>,
+    T: PartialEq + Named,
 {
     let mut by_name: BTreeMap<ObjectRef, Vec<&'a T>> = BTreeMap::new();
     for &value in objects {
-        match object_ref(T::KIND, value.metadata()) {
+        match value.named() {
             Ok(object) => by_name.entry(object).or_default().push(value),
             Err(error) => errors.push(error),
         }
@@ -459,7 +472,7 @@ where
 /// refuses becomes an [`BuildError::InvalidAnnotation`] naming the object, and the rest goes on.
 /// Every `ringlb.io/*` annotation is read through here.
 fn read_annotation(
-    annotations: &BTreeMap<String, String>,
+    annotations: &crate::Labels,
     object: &ObjectRef,
     errors: &mut Vec<BuildError>,
     annotation: &'static str,
@@ -470,7 +483,7 @@ fn read_annotation(
         errors.push(BuildError::InvalidAnnotation {
             object: object.clone(),
             annotation,
-            value: value.clone(),
+            value: value.to_owned(),
             reason,
         });
     }

@@ -36,7 +36,7 @@ pub(crate) struct ServicePolicy {
     pub backend_weights: BTreeMap<IpAddr, u32>,
 }
 
-type Annotations = BTreeMap<String, String>;
+type Annotations = crate::Labels;
 
 pub(super) fn parse_service_policy(
     annotations: Option<&Annotations>,
@@ -110,7 +110,7 @@ pub(super) fn parse_service_policy(
 
 /// The [`WEIGHT`] of an EndpointSlice; 1 when unset.
 pub(super) fn parse_slice_weight(
-    annotations: Option<&Annotations>,
+    annotations: Option<&BTreeMap<String, String>>,
     object: &ObjectRef,
 ) -> Result<u32, BuildError> {
     let Some(value) = annotations.and_then(|a| a.get(WEIGHT)) else { return Ok(1) };

@@ -8,13 +8,13 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::{self, ServicePolicy};
 use super::vips::{self, Vip};
 use super::{BuildOptions, Skipped, parse_port, traffic, unique_objects};
+use crate::compact::{CompactService, Port};
 use crate::error::BuildError;
 use crate::model::{ObjectRef, Protocol};
 use crate::selection::Ownership;
@@ -64,9 +64,9 @@ pub(super) struct ParsedServices {
 }
 
 pub(super) fn parse_all(
-    services: &[&Service],
+    services: &[&CompactService],
     options: &BuildOptions,
-    cache: &mut dyn super::cache::Memo<Service, Outcome>,
+    cache: &mut dyn super::cache::Memo<CompactService, Outcome>,
     errors: &mut Vec<BuildError>,
     skipped: &mut Vec<Skipped>,
 ) -> ParsedServices {
@@ -100,15 +100,10 @@ pub(super) enum Outcome {
     Rejected(Vec<BuildError>),
 }
 
-fn has_external_ips(spec: &ServiceSpec) -> bool {
-    spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty())
-}
-
-fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcome {
-    let default_spec = ServiceSpec::default();
-    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+fn parse_one(object: ObjectRef, svc: &CompactService, options: &BuildOptions) -> Outcome {
+    let spec = &svc.spec;
     let mut errors = Vec::new();
-    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let service_type = svc.service_type();
     match service_type {
         "ExternalName" => return Outcome::Skipped("type ExternalName has no endpoints to balance"),
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
@@ -121,22 +116,22 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
             }]);
         }
     }
-    if spec.cluster_ip.as_deref() == Some("None") {
+    if spec.headless {
         return Outcome::Skipped("headless (clusterIP: None): clients reach the endpoints directly");
     }
     let load_balancer = match options.selection.ownership(svc) {
         Ownership::LoadBalancer => true,
         Ownership::ExternalIpsOnly => false,
         // A Service with no address ringlb could serve is no concern of ringlb's: not listed.
-        Ownership::NotOurs(_) if service_type != "LoadBalancer" && !has_external_ips(spec) => {
+        Ownership::NotOurs(_) if service_type != "LoadBalancer" && spec.external_ips.is_empty() => {
             return Outcome::Ignored;
         }
         Ownership::NotOurs(reason) => return Outcome::Skipped(reason),
     };
     let vips = vips::service_vips(svc, load_balancer, options.selection.vips, &object, &mut errors);
-    let ports = parse_ports(spec.ports.as_deref().unwrap_or_default(), &object, &mut errors);
+    let ports = parse_ports(&spec.ports, &object, &mut errors);
     let mut policy =
-        policy::parse_service_policy(svc.metadata.annotations.as_ref(), &object, options, &mut errors);
+        policy::parse_service_policy(Some(&svc.metadata.annotations), &object, options, &mut errors);
     let traffic = traffic::parse_traffic(svc, &object, &mut errors);
     policy.traffic.source_ranges = traffic.source_ranges;
     policy.traffic.session_affinity = traffic.session_affinity;
@@ -159,7 +154,7 @@ fn parse_one(object: ObjectRef, svc: &Service, options: &BuildOptions) -> Outcom
     Outcome::Served(Arc::new(ParsedService { object, created, vips, ports, policy, health_check_node_port }))
 }
 
-fn parse_ports(ports: &[ServicePort], object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<PortSpec> {
+fn parse_ports(ports: &[Port], object: &ObjectRef, errors: &mut Vec<BuildError>) -> Vec<PortSpec> {
     let mut parsed = Vec::new();
     let mut names = BTreeSet::new();
     let mut keys = BTreeSet::new();
@@ -175,9 +170,9 @@ fn parse_ports(ports: &[ServicePort], object: &ObjectRef, errors: &mut Vec<Build
         let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| BuildError::UnknownProtocol {
             object: object.clone(),
             field: field("protocol"),
-            value: p.protocol.clone().unwrap_or_default(),
+            value: p.protocol.as_deref().unwrap_or_default().to_owned(),
         });
-        let name = p.name.clone().unwrap_or_default();
+        let name = p.name.as_deref().unwrap_or_default().to_owned();
         if name.is_empty() && ports.len() > 1 {
             errors.push(invalid("name", "", "required when the Service has more than one port"));
         } else if !names.insert(name.clone()) {

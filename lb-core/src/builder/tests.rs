@@ -315,8 +315,9 @@ fn copies_of_one_slice_collapse_when_equal_and_are_all_rejected_when_they_differ
     let (later_parsed, slice_parsed) = (parse(&later), parse(&slice));
     let (relabelled_parsed, moved_parsed) = (parse(&relabelled), parse(&moved));
     let web = tcp("127.0.0.10", 80);
+    let compact = CompactService::from(&service);
     let incremental = |slices: &[&ParsedEndpointSlice]| {
-        let services = [Revised { object: &service, revision: 1 }];
+        let services = [Revised { object: &compact, revision: 1 }];
         let revised: Vec<_> = slices
             .iter()
             .enumerate()

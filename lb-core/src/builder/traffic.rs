@@ -12,11 +12,10 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
-
 use crate::affinity::{DEFAULT_TIMEOUT, MAX_TIMEOUT};
 use crate::annotations::LOAD_BALANCER_SOURCE_RANGES;
 use crate::cidr::Cidr;
+use crate::compact::CompactService;
 use crate::error::BuildError;
 use crate::model::ObjectRef;
 
@@ -31,8 +30,12 @@ pub(super) struct SpecTraffic {
     pub health_check_node_port: Option<u16>,
 }
 
-pub(super) fn parse_traffic(svc: &Service, object: &ObjectRef, errors: &mut Vec<BuildError>) -> SpecTraffic {
-    let spec = svc.spec.as_ref();
+pub(super) fn parse_traffic(
+    svc: &CompactService,
+    object: &ObjectRef,
+    errors: &mut Vec<BuildError>,
+) -> SpecTraffic {
+    let spec = &svc.spec;
     let invalid = |field: String, value: &str, reason: String| BuildError::InvalidField {
         object: object.clone(),
         field,
@@ -41,9 +44,9 @@ pub(super) fn parse_traffic(svc: &Service, object: &ObjectRef, errors: &mut Vec<
     };
     let mut traffic = SpecTraffic::default();
 
-    let ranges = spec.and_then(|s| s.load_balancer_source_ranges.as_deref()).unwrap_or_default();
+    let ranges = &spec.load_balancer_source_ranges;
     if ranges.is_empty() {
-        let annotation = svc.metadata.annotations.as_ref().and_then(|a| a.get(LOAD_BALANCER_SOURCE_RANGES));
+        let annotation = svc.metadata.annotations.get(LOAD_BALANCER_SOURCE_RANGES);
         for item in annotation.into_iter().flat_map(|v| v.split(',')).map(str::trim).filter(|s| !s.is_empty())
         {
             match item.parse::<Cidr>() {
@@ -68,14 +71,10 @@ pub(super) fn parse_traffic(svc: &Service, object: &ObjectRef, errors: &mut Vec<
     traffic.source_ranges.sort();
     traffic.source_ranges.dedup();
 
-    match spec.and_then(|s| s.session_affinity.as_deref()) {
+    match spec.session_affinity.as_deref() {
         None | Some("None") => {}
         Some("ClientIP") => {
-            let seconds = spec
-                .and_then(|s| s.session_affinity_config.as_ref())
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            let timeout = match seconds {
+            let timeout = match spec.session_affinity_timeout {
                 None => Some(DEFAULT_TIMEOUT),
                 Some(s) if s >= 1 && u64::try_from(s).is_ok_and(|s| s <= MAX_TIMEOUT.as_secs()) => {
                     Some(Duration::from_secs(s.unsigned_abs().into()))
@@ -98,7 +97,7 @@ pub(super) fn parse_traffic(svc: &Service, object: &ObjectRef, errors: &mut Vec<
         )),
     }
 
-    match spec.and_then(|s| s.external_traffic_policy.as_deref()) {
+    match spec.external_traffic_policy.as_deref() {
         None | Some("Cluster") => {}
         Some("Local") => traffic.external_local = true,
         Some(other) => errors.push(invalid(
@@ -108,10 +107,9 @@ pub(super) fn parse_traffic(svc: &Service, object: &ObjectRef, errors: &mut Vec<
         )),
     }
 
-    let load_balancer = spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
-    if traffic.external_local && load_balancer {
+    if traffic.external_local && svc.is_load_balancer() {
         // Unset (or 0, "not allocated yet") means there is nothing to answer on.
-        match spec.and_then(|s| s.health_check_node_port).filter(|&port| port != 0) {
+        match spec.health_check_node_port.filter(|&port| port != 0) {
             None => {}
             Some(port) => {
                 match super::parse_port(port.into(), object, || "spec.healthCheckNodePort".to_owned()) {

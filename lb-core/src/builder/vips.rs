@@ -13,10 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
-
 use super::parse_ip;
 use crate::annotations::{self, METALLB_LOAD_BALANCER_IPS};
+use crate::compact::CompactService;
 use crate::error::BuildError;
 use crate::model::ObjectRef;
 use crate::selection::VipSource;
@@ -30,15 +29,14 @@ pub(crate) struct Vip {
 }
 
 pub(super) fn service_vips(
-    svc: &Service,
+    svc: &CompactService,
     load_balancer: bool,
     source: VipSource,
     object: &ObjectRef,
     errors: &mut Vec<BuildError>,
 ) -> Vec<Vip> {
     let mut external = BTreeSet::new();
-    let spec = svc.spec.as_ref();
-    for (i, value) in spec.and_then(|s| s.external_ips.as_ref()).into_iter().flatten().enumerate() {
+    for (i, value) in svc.spec.external_ips.iter().enumerate() {
         push(&mut external, errors, parse_ip(value, object, || format!("spec.externalIPs[{i}]")));
     }
     let mut balanced = BTreeSet::new();
@@ -51,16 +49,14 @@ pub(super) fn service_vips(
 }
 
 fn load_balancer_vips(
-    svc: &Service,
+    svc: &CompactService,
     source: VipSource,
     object: &ObjectRef,
     vips: &mut BTreeSet<IpAddr>,
     errors: &mut Vec<BuildError>,
 ) {
-    let ingress =
-        svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
     let mut from_status = false;
-    for (i, entry) in ingress.into_iter().flatten().enumerate() {
+    for (i, entry) in svc.ingress.iter().enumerate() {
         // A hostname-only ingress (cloud load balancers) names no address we could serve.
         if let Some(ip) = entry.ip.as_deref() {
             from_status = true;
@@ -70,7 +66,7 @@ fn load_balancer_vips(
     if from_status || source == VipSource::Allocated {
         return;
     }
-    let annotation = annotations::metallb(svc.metadata.annotations.as_ref(), METALLB_LOAD_BALANCER_IPS);
+    let annotation = annotations::metallb(&svc.metadata.annotations, METALLB_LOAD_BALANCER_IPS);
     let requested: Vec<&str> =
         annotation.into_iter().flat_map(|v| v.split(',')).map(str::trim).filter(|s| !s.is_empty()).collect();
     if !requested.is_empty() {
@@ -85,8 +81,7 @@ fn load_balancer_vips(
         }
         return;
     }
-    if let Some(ip) = svc.spec.as_ref().and_then(|s| s.load_balancer_ip.as_deref()).filter(|s| !s.is_empty())
-    {
+    if let Some(ip) = svc.spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()) {
         push(vips, errors, parse_ip(ip, object, || "spec.loadBalancerIP".to_owned()));
     }
 }

@@ -30,13 +30,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
 use serde::Serialize;
 
 pub use pool::{IpAddressPool, Pool, PoolError, PoolSpec, Range, ServiceAllocation};
 use pool::{from_u128, to_u128};
 
 use crate::annotations::{self, METALLB_ADDRESS_POOL, METALLB_ALLOW_SHARED_IP, METALLB_LOAD_BALANCER_IPS};
+use crate::compact::CompactService;
+use crate::labels::Labels;
 use crate::model::{ObjectRef, Protocol};
 use crate::selection::ServiceSelection;
 
@@ -47,7 +48,7 @@ pub const IP_MODE: &str = "Proxy";
 /// What allocation works from.
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs<'a> {
-    pub services: &'a [&'a Service],
+    pub services: &'a [&'a CompactService],
     pub pools: &'a [&'a IpAddressPool],
     /// Namespace name → its labels (for `namespaceSelectors`).
     pub namespace_labels: &'a BTreeMap<String, BTreeMap<String, String>>,
@@ -154,7 +155,7 @@ struct User {
 struct Claimant {
     object: ObjectRef,
     namespace: String,
-    labels: BTreeMap<String, String>,
+    labels: Labels,
     key: Option<String>,
     ports: BTreeSet<(u16, Protocol)>,
     /// `false` for IPv4, `true` for IPv6, in preference order.
@@ -180,7 +181,7 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
     let mut claimants = Vec::new();
     for svc in inputs.services {
         let Some(object) = object_of(svc) else { continue };
-        if svc.metadata.deletion_timestamp.is_some() {
+        if svc.metadata.deleting {
             continue;
         }
         if inputs.selection.allocates_for(svc) {
@@ -277,19 +278,18 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
     result
 }
 
-fn object_of(svc: &Service) -> Option<ObjectRef> {
+fn object_of(svc: &CompactService) -> Option<ObjectRef> {
     let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty())?;
     let namespace = svc.metadata.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or("default");
     Some(ObjectRef::service(namespace, name))
 }
 
-fn claimant(object: ObjectRef, svc: &Service) -> Result<Claimant, Problem> {
-    let spec = svc.spec.clone().unwrap_or_default();
-    let notes = svc.metadata.annotations.as_ref();
+fn claimant(object: ObjectRef, svc: &CompactService) -> Result<Claimant, Problem> {
+    let spec = &svc.spec;
+    let notes = &svc.metadata.annotations;
     let mut requested = Vec::new();
     let raw = annotations::metallb(notes, METALLB_LOAD_BALANCER_IPS)
-        .map(str::to_owned)
-        .or_else(|| spec.load_balancer_ip.clone().filter(|ip| !ip.trim().is_empty()));
+        .or_else(|| spec.load_balancer_ip.as_deref().filter(|ip| !ip.trim().is_empty()));
     for item in raw.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
         let invalid = |reason: &str| Problem::InvalidRequest {
             service: object.clone(),
@@ -306,10 +306,9 @@ fn claimant(object: ObjectRef, svc: &Service) -> Result<Claimant, Problem> {
     let ports = spec
         .ports
         .iter()
-        .flatten()
         .filter_map(|p| Some((u16::try_from(p.port).ok()?, Protocol::from_k8s(p.protocol.as_deref())?)))
         .collect();
-    let declared: Vec<bool> = spec.ip_families.iter().flatten().map(|f| f == "IPv6").collect();
+    let declared: Vec<bool> = spec.ip_families.iter().map(|f| &**f == "IPv6").collect();
     let first = declared.first().copied().unwrap_or(false);
     let (families, all_required) = match spec.ip_family_policy.as_deref() {
         Some("RequireDualStack") => (vec![first, !first], true),
@@ -322,19 +321,15 @@ fn claimant(object: ObjectRef, svc: &Service) -> Result<Claimant, Problem> {
         return Err(Problem::InvalidRequest { service: object, value, reason });
     }
     let current = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .into_iter()
-        .flatten()
+        .ingress
+        .iter()
         .filter_map(|i| i.ip.as_deref()?.parse::<IpAddr>().ok())
         .map(|ip| ip.to_canonical())
         .collect();
     Ok(Claimant {
         namespace: object.namespace.clone(),
         object,
-        labels: svc.metadata.labels.clone().unwrap_or_default(),
+        labels: svc.metadata.labels.clone(),
         key: annotations::metallb(notes, METALLB_ALLOW_SHARED_IP).map(str::to_owned),
         ports,
         families,
@@ -347,13 +342,10 @@ fn claimant(object: ObjectRef, svc: &Service) -> Result<Claimant, Problem> {
 
 /// Whether `svc`, which ringlb does not allocate for, holds a status ringlb wrote: a classless
 /// `LoadBalancer` (another class is never touched) with a `Proxy` ingress address from a pool.
-fn carries_our_status(svc: &Service, selection: &ServiceSelection, pools: &[Pool]) -> bool {
-    let spec = svc.spec.as_ref();
-    let classless = spec.and_then(|s| s.load_balancer_class.as_deref()).is_none_or(str::is_empty);
-    let load_balancer = spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
-    let ingress =
-        svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-    let ours = ingress.into_iter().flatten().any(|i| {
+fn carries_our_status(svc: &CompactService, selection: &ServiceSelection, pools: &[Pool]) -> bool {
+    let classless = svc.class().is_none();
+    let load_balancer = svc.is_load_balancer();
+    let ours = svc.ingress.iter().any(|i| {
         i.ip_mode.as_deref() == Some(IP_MODE)
             && i.ip
                 .as_deref()

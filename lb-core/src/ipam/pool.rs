@@ -135,7 +135,7 @@ impl Pool {
         &self,
         namespace: &str,
         namespace_labels: &BTreeMap<String, String>,
-        service_labels: &BTreeMap<String, String>,
+        service_labels: &(impl labels::Lookup + ?Sized),
     ) -> bool {
         let namespace_ok = (self.namespaces.is_empty() && self.namespace_selectors.is_empty())
             || self.namespaces.iter().any(|n| n == namespace)

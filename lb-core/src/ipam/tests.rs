@@ -56,7 +56,8 @@ fn with_status(mut service: Service, ips: &[&str]) -> Service {
 }
 
 fn run(services: &[Service], pools: &[IpAddressPool]) -> Plan {
-    let services: Vec<&Service> = services.iter().collect();
+    let services: Vec<CompactService> = services.iter().map(CompactService::from).collect();
+    let services: Vec<&CompactService> = services.iter().collect();
     let pools: Vec<&IpAddressPool> = pools.iter().collect();
     plan(Inputs {
         services: &services,
@@ -184,7 +185,8 @@ fn pools_admit_by_namespace_and_service_selectors_and_are_tried_by_priority() {
     let pinned = svc("pinned", 3, &[80]).annotation("metallb.io/address-pool", "manual").build();
     let lost = svc("lost", 4, &[80]).annotation("metallb.io/address-pool", "nope").build();
     let pools = [&public, &manual, &web_only, &private];
-    let services = [&web, &plain, &pinned, &lost];
+    let services = [&web, &plain, &pinned, &lost].map(CompactService::from);
+    let services: Vec<&CompactService> = services.iter().collect();
     let internal =
         BTreeMap::from([("shop".to_owned(), BTreeMap::from([("tier".to_owned(), "internal".to_owned())]))]);
     let plan = plan(Inputs {

@@ -133,8 +133,7 @@ impl KubeSource {
         for namespace in namespaces {
             let owned = namespace.map(str::to_owned);
             scopes.push(Scope { kind: Kind::Service, namespace: owned.clone() });
-            streams
-                .push(watch(scopes.len() - 1, self.api::<Service>(namespace), |s| Some(Object::Service(s))));
+            streams.push(watch(scopes.len() - 1, self.api::<Service>(namespace), |s| Some(Object::from(s))));
             scopes.push(Scope { kind: Kind::EndpointSlice, namespace: owned });
             let mut parser = SliceParser::default();
             streams.push(watch(scopes.len() - 1, self.api::<EndpointSlice>(namespace), move |slice| {

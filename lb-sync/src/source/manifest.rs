@@ -219,7 +219,7 @@ impl Source for ManifestSource {
 /// Every object of a load, replacing all the store held.
 fn everything(set: ManifestSet) -> Change {
     let mut parser = SliceParser::default();
-    let objects = (set.services.into_iter().map(Object::Service))
+    let objects = (set.services.into_iter().map(Object::from))
         .chain(set.slices.iter().filter_map(|slice| parser.object(slice)))
         .chain(set.endpoints.into_iter().map(Object::Endpoints))
         .collect();
