@@ -109,6 +109,8 @@ impl Engine {
                 multishot_accept: config.multishot_accept,
                 listen_mode: config.listen_mode,
                 udp: config.udp.clone(),
+                source_ports: config.source_ports,
+                source_port_range: config.source_port_range.clone(),
                 events: events_tx.clone(),
             };
             let core =

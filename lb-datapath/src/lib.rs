@@ -12,7 +12,8 @@
 //! copy and splice paths), `udp` (VIP sockets, flow table, upstream sockets, buffer ring, sends)
 //! and `sctp` (listeners, associations, message relay keeping stream ids and PPIDs); what they
 //! share: `connect` (backend attempts, shared by TCP and SCTP), `dir` (the one relay direction),
-//! `slots` (the one slot table, by generation and key), `listener` (socket setup), `budget`
+//! `slots` (the one slot table, by generation and key), `source_ports` (backend connects' source
+//! ports, chosen per worker), `listener` (socket setup), `budget`
 //! (descriptors, local shortages), `warnings` (throttled), `pool` (buffers and pipes), `bufring`
 //! (provided-buffer rings), `ring` (probe, `user_data`), `selection` (per-worker pick state,
 //! counting on the backends' shared loads), `affinity` (the session-affinity table all workers
@@ -35,6 +36,7 @@ mod sctp;
 mod selection;
 mod shared;
 mod slots;
+mod source_ports;
 mod stats;
 mod tcp;
 mod udp;
@@ -49,6 +51,7 @@ pub use events::BackendEvents;
 pub use lb_core::Snapshot;
 pub use listener::ListenMode;
 pub use ring::RingFeatures;
+pub use source_ports::SourcePortMode;
 pub use stats::{EngineStats, WorkerStats};
 pub use udp::UdpConfig;
 
@@ -110,6 +113,11 @@ pub struct EngineConfig {
     pub listen_mode: ListenMode,
     /// UDP flow table, timeouts and receive settings.
     pub udp: UdpConfig,
+    /// How backend TCP connects get their source ports (see [`SourcePortMode`]).
+    pub source_ports: SourcePortMode,
+    /// The source ports the workers share out for backend TCP connects; `None`: the kernel's
+    /// `ip_local_port_range`, re-read now and then.
+    pub source_port_range: Option<std::ops::RangeInclusive<u16>>,
 }
 
 impl Default for EngineConfig {
@@ -129,6 +137,8 @@ impl Default for EngineConfig {
             multishot_accept: true,
             listen_mode: ListenMode::Auto,
             udp: UdpConfig::default(),
+            source_ports: SourcePortMode::default(),
+            source_port_range: None,
         }
     }
 }

@@ -14,6 +14,7 @@ pub(crate) struct WorkerCounters {
     pub active: AtomicU64,
     pub connect_failures: AtomicU64,
     pub retries: AtomicU64,
+    pub source_port_collisions: AtomicU64,
     pub no_backend: AtomicU64,
     pub resets: AtomicU64,
     pub idle_timeouts: AtomicU64,
@@ -88,6 +89,7 @@ impl WorkerCounters {
             active: get(&self.active),
             connect_failures: get(&self.connect_failures),
             retries: get(&self.retries),
+            source_port_collisions: get(&self.source_port_collisions),
             no_backend: get(&self.no_backend),
             resets: get(&self.resets),
             idle_timeouts: get(&self.idle_timeouts),
@@ -157,6 +159,10 @@ pub struct WorkerStats {
     pub connect_failures: u64,
     /// Connect attempts made on another backend after a failure.
     pub retries: u64,
+    /// Backend connects made again to the same backend because the source port the worker chose
+    /// made a 4-tuple already in use (see `SourcePortMode::Worker`): neither a failure nor a
+    /// shortage.
+    pub source_port_collisions: u64,
     /// Client connections reset because no eligible backend was left.
     pub no_backend: u64,
     /// Connections ended by a reset (propagated, no backend, connect exhausted, drained).
@@ -297,6 +303,7 @@ impl EngineStats {
             active: a.active + w.active,
             connect_failures: a.connect_failures + w.connect_failures,
             retries: a.retries + w.retries,
+            source_port_collisions: a.source_port_collisions + w.source_port_collisions,
             no_backend: a.no_backend + w.no_backend,
             resets: a.resets + w.resets,
             idle_timeouts: a.idle_timeouts + w.idle_timeouts,

@@ -33,6 +33,7 @@ use crate::ring::{OpKind, Ring, UserData};
 use crate::sctp::Associations;
 use crate::selection::Selection;
 use crate::shared::Shared;
+use crate::source_ports::SourcePorts;
 use crate::stats::{self, WorkerCounters};
 use crate::tcp::relay::Path;
 use crate::tcp::{Connections, Listeners};
@@ -62,6 +63,9 @@ pub(crate) struct WorkerSettings {
     /// Where TCP VIPs listen (see [`crate::listener`]).
     pub listen_mode: crate::ListenMode,
     pub udp: crate::udp::UdpConfig,
+    /// How backend TCP connects get their source ports, and from which range.
+    pub source_ports: crate::SourcePortMode,
+    pub source_port_range: Option<std::ops::RangeInclusive<u16>>,
     /// Where backend events are flushed (see [`crate::events`]).
     pub events: std::sync::mpsc::SyncSender<Vec<lb_core::health::BackendEvent>>,
 }
@@ -157,6 +161,12 @@ impl Worker {
             settings.max_connections,
             RelayBuffers::new(relay_ring, settings.buffer_size),
             PipePool::new(settings.pipe_size),
+            SourcePorts::new(
+                settings.source_ports,
+                settings.source_port_range.clone(),
+                settings.index,
+                settings.workers,
+            ),
         );
         let events = EventBuffer::new(settings.events.clone());
         let warnings = Warnings::new(settings.index);

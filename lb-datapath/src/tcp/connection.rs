@@ -89,6 +89,11 @@ pub(crate) struct Conn {
     /// The entry current at accept time; kept while connecting so retries pick from the same set.
     pub entry: Option<Arc<ServiceEntry>>,
     pub backend_id: Option<BackendId>,
+    /// The source port the worker bound the backend socket to; `None`: the kernel's choice.
+    pub source_port: Option<u16>,
+    /// Connects to the current backend whose chosen source port was found taken (see
+    /// `crate::source_ports`).
+    pub source_port_collisions: u8,
     /// The load counter of the backend this connection is counted against, from its connect
     /// submission until the connect fails or the connection is released (closed exactly once).
     pub counted: Option<BackendLoad>,
@@ -126,6 +131,8 @@ impl Conn {
             backend: None,
             entry: Some(entry),
             backend_id: None,
+            source_port: None,
+            source_port_collisions: 0,
             counted: None,
             tried: [0; MAX_ATTEMPTS],
             tried_len: 0,

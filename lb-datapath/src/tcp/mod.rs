@@ -34,11 +34,13 @@ use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::pool::{Pipe, PipePool, RelayBuffers};
 use crate::ring::{OpKind, UserData};
+use crate::source_ports::{COLLISION_RETRIES, SourcePorts};
 use crate::stats::{self, WorkerCounters};
 use crate::warnings::{Warning, warn_limited};
 
-/// How often the kernel's ephemeral port range is read again (an operator may change it).
-const EPHEMERAL_REFRESH: Duration = Duration::from_secs(10);
+/// How often the kernel's ephemeral and reserved ports are read again (an operator may change
+/// them).
+const PORTS_REFRESH: Duration = Duration::from_secs(10);
 
 /// The TCP connections of one worker. See the module doc.
 pub(crate) struct Connections {
@@ -50,10 +52,11 @@ pub(crate) struct Connections {
     path: Path,
     /// Upper bound of open client connections (the descriptor budget may allow fewer).
     max_connections: usize,
-    /// The kernel's ephemeral ports (see `connected_to_itself`), re-read every
-    /// [`EPHEMERAL_REFRESH`] by housekeeping: never on a connection's path, nor per publish.
-    ephemeral_ports: std::ops::RangeInclusive<u16>,
-    ephemeral_read_at: Instant,
+    /// The backend connects' source ports (and the kernel's ephemeral range, see
+    /// `connected_to_itself`), re-read every [`PORTS_REFRESH`] by housekeeping: never on a
+    /// connection's path, nor per publish.
+    source_ports: SourcePorts,
+    ports_read_at: Instant,
     /// Reused by the walks over every connection.
     scratch: Vec<(u32, u32)>,
 }
@@ -72,18 +75,6 @@ fn connected_to_itself(
         return false;
     }
     socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(backend.0)
-}
-
-/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`, which IPv6 shares). Unreadable:
-/// every port, so the self-connect check errs on the side of checking.
-fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| {
-            let mut bounds = text.split_whitespace().map(|part| part.parse::<u16>().ok());
-            Some(bounds.next()??..=bounds.next()??)
-        })
-        .unwrap_or(0..=u16::MAX)
 }
 
 /// Whether a relay completion says the backend broke the connection: reading from it failed (not
@@ -118,16 +109,62 @@ fn report(ctx: &mut Ctx<'_>, key: VipKey, backend: Option<lb_core::BackendId>, o
     }
 }
 
+/// Makes the backend socket of `conn`, readies its source port and submits its connect to
+/// `backend`, counted against the backend's load from the submission on.
+fn start_connect(
+    conn: &mut Conn,
+    ports: &mut SourcePorts,
+    ctx: &mut Ctx<'_>,
+    index: u32,
+    generation: u32,
+    entry: &lb_core::ServiceEntry,
+    backend: &lb_core::Backend,
+) -> Result<(), Failure> {
+    let addr = backend.addr();
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)
+        .map_err(Failure::local)?;
+    let _ = socket.set_tcp_nodelay(true);
+    conn.source_port = ports.prepare(&socket, addr, conn.source_port_collisions < COLLISION_RETRIES);
+    conn.backend_id = Some(backend.id);
+    let fd = socket.as_raw_fd();
+    conn.backend = Some(socket);
+    // SAFETY: the target lives in the connection's boxed slot, which is not released before
+    // both completions are reaped; the socket is owned by the connection for as long.
+    unsafe {
+        ctx.ring.push_connect(
+            fd,
+            &mut conn.connect_target,
+            addr,
+            entry.policy.connect_timeout,
+            UserData::new(OpKind::Connect, index, generation).encode(),
+            UserData::new(OpKind::ConnectTimeout, index, generation).encode(),
+        )
+    }
+    .map_err(Failure::Submit)?;
+    conn.in_flight += 2;
+    conn.connect_pending = true;
+    // Counted from the submission (not the completion) so that a burst of accepts handled in
+    // one batch already sees each other's load.
+    conn.counted = Some(ctx.selection.open(backend, ctx.counters));
+    Ok(())
+}
+
 impl Connections {
-    pub fn new(path: Path, max_connections: usize, buffers: RelayBuffers, pipes: PipePool) -> Connections {
+    pub fn new(
+        path: Path,
+        max_connections: usize,
+        buffers: RelayBuffers,
+        pipes: PipePool,
+        source_ports: SourcePorts,
+    ) -> Connections {
         Connections {
             conns: ConnTable::default(),
             buffers,
             pipes,
             path,
             max_connections,
-            ephemeral_ports: ephemeral_port_range(),
-            ephemeral_read_at: Instant::now(),
+            source_ports,
+            ports_read_at: Instant::now(),
             scratch: Vec::new(),
         }
     }
@@ -221,32 +258,27 @@ impl Connections {
         let attempt =
             Attempt { client: conn.client_addr, tried: &mut conn.tried, tried_len: &mut conn.tried_len };
         let backend = attempt.next(ctx.selection, ctx.counters, ctx.now, &entry)?;
-        let addr = backend.addr();
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)
-            .map_err(Failure::local)?;
-        let _ = socket.set_tcp_nodelay(true);
-        conn.backend_id = Some(backend.id);
-        let fd = socket.as_raw_fd();
-        conn.backend = Some(socket);
-        // SAFETY: the target lives in the connection's boxed slot, which is not released before
-        // both completions are reaped; the socket is owned by the connection for as long.
-        unsafe {
-            ctx.ring.push_connect(
-                fd,
-                &mut conn.connect_target,
-                addr,
-                entry.policy.connect_timeout,
-                UserData::new(OpKind::Connect, index, generation).encode(),
-                UserData::new(OpKind::ConnectTimeout, index, generation).encode(),
-            )
+        conn.source_port_collisions = 0;
+        start_connect(conn, &mut self.source_ports, ctx, index, generation, &entry, backend)
+    }
+
+    /// The backend last tried again, on another source port: the one the worker chose made a
+    /// 4-tuple already in use (see [`crate::source_ports`]).
+    fn reconnect_same(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(index, generation) else { return };
+        let Some(entry) = conn.entry.clone() else { return };
+        let last = conn.tried_len.checked_sub(1).map(|i| conn.tried[i]);
+        let Some(backend) = last.and_then(|idx| entry.backend(idx)) else {
+            self.try_connect(ctx, index, generation);
+            return;
+        };
+        conn.source_port_collisions += 1;
+        if let Err(failure) =
+            start_connect(conn, &mut self.source_ports, ctx, index, generation, &entry, backend)
+        {
+            failure.report(ctx, "a backend socket");
+            self.begin_close(ctx, index, generation, true);
         }
-        .map_err(Failure::Submit)?;
-        conn.in_flight += 2;
-        conn.connect_pending = true;
-        // Counted from the submission (not the completion) so that a burst of accepts handled in
-        // one batch already sees each other's load.
-        conn.counted = Some(ctx.selection.open(backend, ctx.counters));
-        Ok(())
     }
 
     pub fn on_connect(&mut self, ctx: &mut Ctx<'_>, data: UserData, result: i32) {
@@ -258,11 +290,13 @@ impl Connections {
             return;
         }
         let local = if result < 0 { LocalResource::of_errno(-result) } else { None };
+        // A port the worker chose is never the backend's own: no self-connect to look for.
         if result < 0
-            || conn
-                .backend
-                .as_ref()
-                .is_some_and(|b| connected_to_itself(b, conn.backend_id, &self.ephemeral_ports))
+            || (conn.source_port.is_none()
+                && conn
+                    .backend
+                    .as_ref()
+                    .is_some_and(|b| connected_to_itself(b, conn.backend_id, self.source_ports.ephemeral())))
         {
             let (key, backend) = (conn.key, conn.backend_id);
             conn.backend = None;
@@ -270,6 +304,12 @@ impl Connections {
                 ctx.selection.close(load, ctx.counters);
             }
             match local {
+                // The port the worker chose makes a 4-tuple in use: the same backend again, on
+                // another port (or, after a few, the kernel's choice). Not a shortage yet.
+                Some(LocalResource::SourcePorts) if conn.source_port.is_some() => {
+                    stats::add(&ctx.counters.source_port_collisions, 1);
+                    self.reconnect_same(ctx, data.slot, data.generation);
+                }
                 // No source port towards this backend: another backend has its own ports; nothing
                 // here is the backend's fault.
                 Some(LocalResource::SourcePorts) => {
@@ -551,13 +591,13 @@ impl Connections {
         stats::set(&counters.pipes_idle, self.pipes.idle() as u64);
     }
 
-    /// Housekeeping: re-reads the ephemeral ports now and then, closes idle connections and those
+    /// Housekeeping: re-reads the source ports now and then, closes idle connections and those
     /// whose drain deadline passed, and sets the pool gauges (buffers are lent and given back per
     /// receive: the gauges follow at the tick, not per operation).
     pub fn housekeeping(&mut self, ctx: &mut Ctx<'_>) {
-        if ctx.now.saturating_duration_since(self.ephemeral_read_at) >= EPHEMERAL_REFRESH {
-            self.ephemeral_ports = ephemeral_port_range();
-            self.ephemeral_read_at = ctx.now;
+        if ctx.now.saturating_duration_since(self.ports_read_at) >= PORTS_REFRESH {
+            self.source_ports.refresh();
+            self.ports_read_at = ctx.now;
         }
         self.expire(ctx);
         self.update_pool_gauges(ctx.counters);
@@ -662,13 +702,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ephemeral_range_matches_the_kernels() {
-        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("procfs");
-        let bounds: Vec<u16> = text.split_whitespace().map(|p| p.parse().expect("port")).collect();
-        assert_eq!(ephemeral_port_range(), bounds[0]..=bounds[1]);
-    }
-
-    #[test]
     fn a_socket_connected_to_itself_is_recognised() {
         // Binding first to an ephemeral port and connecting to that same address is a TCP
         // simultaneous open with itself: exactly what a connect to an unused local port can become.
@@ -678,7 +711,7 @@ mod tests {
         socket.connect(&own.into()).expect("self-connect succeeds");
         let backend = Some(lb_core::BackendId(own));
         assert!(connected_to_itself(&socket, backend, &(own.port()..=own.port())));
-        assert!(connected_to_itself(&socket, backend, &ephemeral_port_range()));
+        assert!(connected_to_itself(&socket, backend, &(0..=u16::MAX)));
         // A port outside the ephemeral range cannot be a source port the kernel picked: not checked.
         assert!(!connected_to_itself(&socket, backend, &(1..=own.port() - 1)));
         let other = Some(lb_core::BackendId(SocketAddr::from(([127, 0, 0, 1], own.port() ^ 1))));
