@@ -285,6 +285,36 @@ pub struct EngineArgs {
     /// it absorbs bursts while a worker is busy. 0 keeps the kernel default [default: 16777216].
     #[arg(long)]
     pub udp_receive_buffer: Option<usize>,
+    /// How backend TCP connects get their source ports. kernel: the kernel searches its whole
+    /// net.ipv4.ip_local_port_range for a free one; kernel-per-worker: the kernel searches within
+    /// the worker's share of the range; worker: each worker binds the socket to the next port of
+    /// its share of --source-port-range, so the kernel only checks the 4-tuple. worker needs a
+    /// range of its own (outside ip_local_port_range, or listed in ip_local_reserved_ports): ports
+    /// bound that way, and their TIME_WAIT, are closed to every other process's connect.
+    #[arg(long, value_enum, default_value_t = SourcePortsArg::Kernel)]
+    pub source_ports: SourcePortsArg,
+    /// The source ports the workers share out for backend TCP connects, as LOW-HIGH [default: the
+    /// kernel's net.ipv4.ip_local_port_range; required by --source-ports worker].
+    #[arg(long, value_parser = parse_port_range, required_if_eq("source_ports", "worker"))]
+    pub source_port_range: Option<std::ops::RangeInclusive<u16>>,
+}
+
+/// `LOW-HIGH`, both ports, LOW at most HIGH.
+fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (low, high) = text.split_once('-').ok_or_else(|| format!("{text}: expected LOW-HIGH"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p}: {e}"));
+    let (low, high) = (port(low)?, port(high)?);
+    if low == 0 || low > high {
+        return Err(format!("{text}: expected 1 <= LOW <= HIGH"));
+    }
+    Ok(low..=high)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourcePortsArg {
+    Worker,
+    KernelPerWorker,
+    Kernel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

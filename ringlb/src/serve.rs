@@ -18,7 +18,7 @@ use anyhow::Context;
 use lb_core::{
     BuildOptions, EntryPolicy, NotReadyConnections, ServiceSelection, Snapshot, StaleFlowPolicy, VipSource,
 };
-use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, UdpConfig};
+use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, SourcePortMode, UdpConfig};
 use lb_sync::allocator::Allocator;
 use lb_sync::announce::Announcer;
 use lb_sync::announce::responder::Responder;
@@ -34,7 +34,7 @@ use serde_json::json;
 use crate::admin::{self, AdminState};
 use crate::cli::{
     AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, ListenersArg, NotReadyArg, RelayArg, RunArgs,
-    StaleFlowsArg, VipLinkKindArg,
+    SourcePortsArg, StaleFlowsArg, VipLinkKindArg,
 };
 use crate::node_health::{self, NodeHealth};
 use crate::service_health::{self, ServiceHealthStatus};
@@ -254,6 +254,12 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
             ListenersArg::Exact => ListenMode::Exact,
             ListenersArg::Wildcard => ListenMode::Wildcard,
         },
+        source_ports: match args.source_ports {
+            SourcePortsArg::Worker => SourcePortMode::Worker,
+            SourcePortsArg::KernelPerWorker => SourcePortMode::KernelPerWorker,
+            SourcePortsArg::Kernel => SourcePortMode::Kernel,
+        },
+        source_port_range: args.source_port_range.clone(),
         udp: UdpConfig {
             max_flows_per_worker: args.udp_max_flows.unwrap_or(defaults.udp.max_flows_per_worker).max(1),
             vip_receive_buffer: args.udp_receive_buffer.unwrap_or(defaults.udp.vip_receive_buffer),
