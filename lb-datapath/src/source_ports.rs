@@ -257,7 +257,7 @@ mod tests {
     fn worker_shares_are_disjoint_and_cover_the_range() {
         let range = 32768..=60999;
         let shares: Vec<_> = (0..3).map(|w| share_of(&range, w, 3)).collect();
-        assert_eq!(shares, vec![32768..=42178, 42179..=51589, 51590..=60999]);
+        assert_eq!(shares, vec![32768..=42177, 42178..=51587, 51588..=60999]);
         assert_eq!(share_of(&range, 0, 1), range);
         // Fewer ports than workers: everyone shares the range.
         assert_eq!(share_of(&(60000..=60000), 1, 2), 60000..=60000);
