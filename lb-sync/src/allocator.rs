@@ -124,7 +124,7 @@ impl Allocator {
             return false;
         }
         let mut acknowledged = Vec::new();
-        for (old, new) in before.services.iter().zip(&after.services) {
+        for (old, new) in before.services.iter().zip(after.services.iter()) {
             if old.revision == new.revision {
                 continue;
             }

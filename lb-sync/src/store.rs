@@ -295,22 +295,27 @@ pub struct ObjectStore {
     communities: BTreeMap<ObjectRef, Stored<Community>>,
     bfd_profiles: BTreeMap<ObjectRef, Stored<BfdProfile>>,
     nodes: BTreeMap<ObjectRef, Stored<Node>>,
+    /// The lists last handed out ([`ObjectStore::objects`]), and the kinds changed since.
+    lists: Objects,
+    stale: Vec<Kind>,
 }
 
-/// The objects of a store as the builder takes them (in namespace/name order).
+/// The objects of a store as the builder takes them (in namespace/name order). Each kind's list
+/// is shared with the store until that kind changes: a change of one slice copies the slices'
+/// list, not the Services'.
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<Stored<CompactService>>,
-    pub slices: Vec<Stored<ParsedEndpointSlice>>,
-    pub endpoints: Vec<Stored<Endpoints>>,
-    pub pools: Vec<Stored<IpAddressPool>>,
-    pub namespaces: Vec<Stored<Namespace>>,
-    pub l2_advertisements: Vec<Stored<L2Advertisement>>,
-    pub bgp_advertisements: Vec<Stored<BgpAdvertisement>>,
-    pub bgp_peers: Vec<Stored<BgpPeer>>,
-    pub communities: Vec<Stored<Community>>,
-    pub bfd_profiles: Vec<Stored<BfdProfile>>,
-    pub nodes: Vec<Stored<Node>>,
+    pub services: Arc<Vec<Stored<CompactService>>>,
+    pub slices: Arc<Vec<Stored<ParsedEndpointSlice>>>,
+    pub endpoints: Arc<Vec<Stored<Endpoints>>>,
+    pub pools: Arc<Vec<Stored<IpAddressPool>>>,
+    pub namespaces: Arc<Vec<Stored<Namespace>>>,
+    pub l2_advertisements: Arc<Vec<Stored<L2Advertisement>>>,
+    pub bgp_advertisements: Arc<Vec<Stored<BgpAdvertisement>>>,
+    pub bgp_peers: Arc<Vec<Stored<BgpPeer>>>,
+    pub communities: Arc<Vec<Stored<Community>>>,
+    pub bfd_profiles: Arc<Vec<Stored<BfdProfile>>>,
+    pub nodes: Arc<Vec<Stored<Node>>>,
 }
 
 impl Objects {
@@ -345,6 +350,23 @@ impl ObjectStore {
 
     /// Applies `change`; returns whether the objects differ afterwards.
     pub fn apply(&mut self, change: Change) -> bool {
+        let kinds = match &change {
+            Change::Reset { kinds, .. } => kinds.clone(),
+            Change::Applied(object) => vec![object.kind()],
+            Change::Deleted(object) => {
+                Kind::ALL.iter().copied().filter(|k| k.name() == object.kind).collect()
+            }
+        };
+        let changed = self.apply_change(change);
+        if changed {
+            for kind in kinds {
+                self.changed(kind);
+            }
+        }
+        changed
+    }
+
+    fn apply_change(&mut self, change: Change) -> bool {
         match change {
             Change::Reset { kinds, scope, objects } => {
                 let in_scope = |key: &ObjectRef| scope.as_ref().is_none_or(|ns| &key.namespace == ns);
@@ -478,19 +500,38 @@ impl ObjectStore {
     }
 
     /// Every object, shared with the store (a build or an allocation copies nothing).
-    pub fn objects(&self) -> Objects {
-        Objects {
-            services: self.services.values().cloned().collect(),
-            slices: self.slices.values().cloned().collect(),
-            endpoints: self.endpoints.values().cloned().collect(),
-            pools: self.pools.values().cloned().collect(),
-            namespaces: self.namespaces.values().cloned().collect(),
-            l2_advertisements: self.l2_advertisements.values().cloned().collect(),
-            bgp_advertisements: self.bgp_advertisements.values().cloned().collect(),
-            bgp_peers: self.bgp_peers.values().cloned().collect(),
-            communities: self.communities.values().cloned().collect(),
-            bfd_profiles: self.bfd_profiles.values().cloned().collect(),
-            nodes: self.nodes.values().cloned().collect(),
+    /// Every object, by kind; lists of kinds unchanged since the last call are shared with it.
+    pub fn objects(&mut self) -> Objects {
+        fn list<T: Send + Sync + 'static>(
+            map: &BTreeMap<ObjectRef, Stored<T>>,
+            old: &mut Arc<Vec<Stored<T>>>,
+        ) {
+            let old = std::mem::replace(old, Arc::new(map.values().cloned().collect()));
+            crate::control::drop_aside(old);
+        }
+        let lists = &mut self.lists;
+        for kind in std::mem::take(&mut self.stale) {
+            match kind {
+                Kind::Service => list(&self.services, &mut lists.services),
+                Kind::EndpointSlice => list(&self.slices, &mut lists.slices),
+                Kind::Endpoints => list(&self.endpoints, &mut lists.endpoints),
+                Kind::Pool => list(&self.pools, &mut lists.pools),
+                Kind::Namespace => list(&self.namespaces, &mut lists.namespaces),
+                Kind::L2Advertisement => list(&self.l2_advertisements, &mut lists.l2_advertisements),
+                Kind::BgpAdvertisement => list(&self.bgp_advertisements, &mut lists.bgp_advertisements),
+                Kind::BgpPeer => list(&self.bgp_peers, &mut lists.bgp_peers),
+                Kind::Community => list(&self.communities, &mut lists.communities),
+                Kind::BfdProfile => list(&self.bfd_profiles, &mut lists.bfd_profiles),
+                Kind::Node => list(&self.nodes, &mut lists.nodes),
+            }
+        }
+        lists.clone()
+    }
+
+    /// Notes that `kind`'s list must be made again.
+    fn changed(&mut self, kind: Kind) {
+        if !self.stale.contains(&kind) {
+            self.stale.push(kind);
         }
     }
 
@@ -582,6 +623,31 @@ mod tests {
         assert!(store.objects().slices[0].revision > revision);
         let unnamed = SliceBuilder::new("shop", "", "web").build();
         assert!(SliceParser::default().object(&unnamed).is_none());
+    }
+
+    #[test]
+    fn the_lists_of_unchanged_kinds_are_shared_and_changed_ones_are_current() {
+        let mut store = ObjectStore::new();
+        let web = |ready: &[&str]| slice(ready_slice("shop", "web-abcde", "web", 8080, ready));
+        let reset = Change::everything(vec![service("web", "192.0.2.1"), web(&["10.0.0.1"])]);
+        assert!(store.apply(reset));
+        let first = store.objects();
+        assert_eq!((first.services.len(), first.slices.len()), (1, 1));
+
+        assert!(store.apply(Change::Applied(web(&["10.0.0.1", "10.0.0.2"]))));
+        let second = store.objects();
+        assert!(Arc::ptr_eq(&first.services, &second.services), "no Service changed");
+        assert!(!Arc::ptr_eq(&first.slices, &second.slices));
+        assert!(second.slices[0].revision > first.slices[0].revision, "the slice's new revision");
+
+        assert!(!store.apply(Change::Applied(service("web", "192.0.2.1"))), "the same Service");
+        let third = store.objects();
+        assert!(Arc::ptr_eq(&second.services, &third.services) && Arc::ptr_eq(&second.slices, &third.slices));
+
+        assert!(store.apply(Change::Deleted(ObjectRef::service("shop", "web"))));
+        let fourth = store.objects();
+        assert!(fourth.services.is_empty() && Arc::ptr_eq(&third.slices, &fourth.slices));
+        assert_eq!(first.services.len(), 1, "a list handed out before stays as it was");
     }
 
     #[test]

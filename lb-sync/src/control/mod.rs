@@ -386,6 +386,18 @@ fn release_free_memory() {
 }
 
 /// Runs `work` on tokio's blocking pool; the error means the task itself was lost (it panicked).
+/// Drops `value` on the blocking pool when a runtime is at hand: the last reference to a table or
+/// an object list of a large cluster frees some 10,000 allocations (a millisecond), which the next
+/// change should not wait for.
+pub(crate) fn drop_aside<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || drop(value));
+        }
+        Err(_) => drop(value),
+    }
+}
+
 pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {

@@ -253,7 +253,7 @@ impl HealthMonitor {
             self.track_service(&service, &entries, now);
         }
         self.status.0.checked_backends.store(self.checked as u64, Ordering::Relaxed);
-        self.last = snapshot;
+        crate::control::drop_aside(std::mem::replace(&mut self.last, snapshot));
     }
 
     /// Brings `service`'s checker and detector in line with its `entries` (none: it is gone). The
