@@ -13,7 +13,9 @@
 //! only that is read (a Service with a selector gets its endpoints from the EndpointSlice
 //! controller, so its core/v1 Endpoints are not mirrored).
 
-use k8s_openapi::api::core::v1::{ObjectReference, Service, ServicePort};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -125,73 +127,78 @@ impl CompactService {
 /// kubectl's copy of the whole object, in an annotation: kilobytes that nothing reads.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-fn text(value: Option<String>) -> Option<Box<str>> {
-    value.map(String::into_boxed_str)
+fn text(value: &Option<String>) -> Option<Box<str>> {
+    value.as_deref().map(Box::from)
 }
 
-fn texts(values: Option<Vec<String>>) -> Box<[Box<str>]> {
-    values.into_iter().flatten().map(String::into_boxed_str).collect()
+fn texts(values: &Option<Vec<String>>) -> Box<[Box<str>]> {
+    values.iter().flatten().map(|value| Box::from(value.as_str())).collect()
 }
 
-impl From<Service> for CompactService {
-    fn from(service: Service) -> Self {
-        let Service { mut metadata, spec, status } = service;
-        if let Some(annotations) = metadata.annotations.as_mut() {
-            annotations.remove(LAST_APPLIED);
-        }
-        let spec = spec.unwrap_or_default();
-        let port = |p: ServicePort| Port {
-            name: text(p.name),
-            protocol: text(p.protocol),
+fn labels(map: &Option<BTreeMap<String, String>>, except: Option<&str>) -> Labels {
+    let kept = map.iter().flatten().filter(|(key, _)| Some(key.as_str()) != except);
+    Labels::from_sorted(
+        kept.map(|(key, value)| (Box::from(key.as_str()), Box::from(value.as_str()))).collect(),
+    )
+}
+
+/// Copies what is kept; the rest of `service` is not cloned.
+impl From<&Service> for CompactService {
+    fn from(service: &Service) -> Self {
+        let (metadata, default) = (&service.metadata, ServiceSpec::default());
+        let spec = service.spec.as_ref().unwrap_or(&default);
+        let port = |p: &ServicePort| Port {
+            name: text(&p.name),
+            protocol: text(&p.protocol),
             port: p.port,
-            target_port: p.target_port,
+            target_port: p.target_port.clone(),
         };
-        let ingress = status.and_then(|s| s.load_balancer).and_then(|lb| lb.ingress).into_iter().flatten();
+        let status = service.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+        let ingress = status.and_then(|lb| lb.ingress.as_ref()).into_iter().flatten();
         CompactService {
             metadata: Meta {
-                name: text(metadata.name),
-                namespace: text(metadata.namespace),
-                uid: text(metadata.uid),
-                resource_version: text(metadata.resource_version),
-                creation_timestamp: metadata.creation_timestamp,
+                name: text(&metadata.name),
+                namespace: text(&metadata.namespace),
+                uid: text(&metadata.uid),
+                resource_version: text(&metadata.resource_version),
+                creation_timestamp: metadata.creation_timestamp.clone(),
                 deleting: metadata.deletion_timestamp.is_some(),
-                labels: Labels::from(metadata.labels.unwrap_or_default()),
-                annotations: Labels::from(metadata.annotations.unwrap_or_default()),
+                labels: labels(&metadata.labels, None),
+                annotations: labels(&metadata.annotations, Some(LAST_APPLIED)),
             },
             spec: Spec {
-                type_: text(spec.type_),
+                type_: text(&spec.type_),
                 headless: spec.cluster_ip.as_deref() == Some("None"),
-                selects: spec.selector.is_some_and(|s| !s.is_empty()),
-                ports: spec.ports.into_iter().flatten().map(port).collect(),
-                external_ips: texts(spec.external_ips),
-                load_balancer_ip: text(spec.load_balancer_ip),
-                load_balancer_class: text(spec.load_balancer_class),
-                ip_families: texts(spec.ip_families),
-                ip_family_policy: text(spec.ip_family_policy),
-                load_balancer_source_ranges: texts(spec.load_balancer_source_ranges),
-                session_affinity: text(spec.session_affinity),
+                selects: spec.selector.as_ref().is_some_and(|s| !s.is_empty()),
+                ports: spec.ports.iter().flatten().map(port).collect(),
+                external_ips: texts(&spec.external_ips),
+                load_balancer_ip: text(&spec.load_balancer_ip),
+                load_balancer_class: text(&spec.load_balancer_class),
+                ip_families: texts(&spec.ip_families),
+                ip_family_policy: text(&spec.ip_family_policy),
+                load_balancer_source_ranges: texts(&spec.load_balancer_source_ranges),
+                session_affinity: text(&spec.session_affinity),
                 session_affinity_timeout: spec
                     .session_affinity_config
-                    .and_then(|c| c.client_ip)
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
                     .and_then(|c| c.timeout_seconds),
-                external_traffic_policy: text(spec.external_traffic_policy),
+                external_traffic_policy: text(&spec.external_traffic_policy),
                 health_check_node_port: spec.health_check_node_port,
             },
-            ingress: ingress.map(|i| Ingress { ip: text(i.ip), ip_mode: text(i.ip_mode) }).collect(),
+            ingress: ingress.map(|i| Ingress { ip: text(&i.ip), ip_mode: text(&i.ip_mode) }).collect(),
         }
     }
 }
 
-impl From<&Service> for CompactService {
-    fn from(service: &Service) -> Self {
-        CompactService::from(service.clone())
+impl From<Service> for CompactService {
+    fn from(service: Service) -> Self {
+        CompactService::from(&service)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     fn decoded(json: serde_json::Value) -> Service {

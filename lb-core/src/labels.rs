@@ -32,6 +32,12 @@ impl Labels {
         Some(&self.0[found].1)
     }
 
+    /// From pairs already sorted by key, keys unique (a `BTreeMap`'s order).
+    pub fn from_sorted(pairs: Box<[(Box<str>, Box<str>)]>) -> Labels {
+        debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0), "sorted, keys unique");
+        Labels(pairs)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
