@@ -11,7 +11,8 @@
 //! Objects: `--services` LoadBalancer Services of ringlb's class, each with an allocated address
 //! (`ipMode: Proxy`) and one port, each with one EndpointSlice of `--endpoints` ready endpoints,
 //! with the metadata an API server gives them (uid, resourceVersion, labels, owner references,
-//! node, zone and Pod of each endpoint), slimmed as the Kubernetes source stores them.
+//! node, zone and Pod of each endpoint), kept as the Kubernetes source keeps them (Services
+//! compact, slices parsed).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +52,8 @@ struct Args {
     ringlb_workers: usize,
 }
 
-/// Metadata as an API server returns it (what the source keeps of it is up to `lb_sync::slimmed`).
+/// Metadata as an API server returns it (what the source keeps of it is up to `lb_sync::slimmed`
+/// and `lb_core::CompactService`).
 fn metadata(meta: &mut ObjectMeta, i: usize, kind: &str) {
     meta.uid = Some(format!("{kind}-0000-4000-8000-{i:012}"));
     meta.resource_version = Some(format!("{}", 100_000 + i));
