@@ -440,6 +440,7 @@ impl Named for CompactService {
 /// Names every object of one kind (one without a name is an error and left out) and keeps one copy
 /// of each name; copies that differ are all rejected (no order-independent choice exists, they are
 /// returned as rejected), identical copies are harmless and collapse to one. In name order.
+/// Objects already named, one per name and in name order (a store's), are returned as they come.
 fn unique_objects<'a, T>(
     objects: &[&'a T],
     errors: &mut Vec<BuildError>,
@@ -447,6 +448,11 @@ fn unique_objects<'a, T>(
 where
     T: PartialEq + Named,
 {
+    let named: Vec<(ObjectRef, &'a T)> =
+        objects.iter().map_while(|&value| Some((value.named().ok()?, value))).collect();
+    if named.len() == objects.len() && named.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+        return (named, BTreeSet::new());
+    }
     let mut by_name: BTreeMap<ObjectRef, Vec<&'a T>> = BTreeMap::new();
     for &value in objects {
         match value.named() {
