@@ -499,7 +499,6 @@ impl ObjectStore {
         }
     }
 
-    /// Every object, shared with the store (a build or an allocation copies nothing).
     /// Every object, by kind; lists of kinds unchanged since the last call are shared with it.
     pub fn objects(&mut self) -> Objects {
         fn list<T: Send + Sync + 'static>(
