@@ -1,5 +1,6 @@
-//! Listening sockets: where a worker listens for the TCP keys of a snapshot ([`ListenPlan`]), setup
-//! of its `SO_REUSEPORT` sockets, and the worker's table of them (a [`crate::slots::KeyedSlots`]).
+//! Listening sockets: where a worker listens for the TCP and UDP keys of a snapshot ([`ListenPlan`],
+//! one per protocol; UDP's is used by [`crate::udp`]), setup of its `SO_REUSEPORT` TCP sockets, and
+//! the worker's table of them (a [`crate::slots::KeyedSlots`]).
 //!
 //! Every worker binds its own sockets, so the kernel spreads new connections over workers. A VIP
 //! gets a socket of its own per worker while they fit the worker's descriptor budget. When they do
@@ -61,7 +62,7 @@ pub(crate) fn bind_listener(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Where a worker's TCP VIPs listen (see the module doc).
+/// Where a worker's TCP and UDP VIPs listen (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ListenMode {
     /// A socket per VIP:port while they fit the descriptor budget; beyond, VIPs sharing a port
@@ -92,7 +93,19 @@ pub(crate) fn is_wildcard(key: &VipKey) -> bool {
     key.addr.is_unspecified()
 }
 
-/// Where a worker listens for the TCP keys of a snapshot. See the module doc.
+/// The fewest listening sockets `keys` of one protocol take per worker under `mode`: one per
+/// group that may share a wildcard, one per other key. What one protocol counts for another's
+/// sockets when it plans its own (TCP plans first; UDP then sees what TCP holds).
+pub(crate) fn fewest_sockets<'a>(keys: impl Iterator<Item = &'a VipKey>, mode: ListenMode) -> usize {
+    let mut groups: HashMap<VipKey, usize> = HashMap::new();
+    for key in keys {
+        *groups.entry(wildcard_of(key)).or_default() += 1;
+    }
+    let shared = |len: usize| mode != ListenMode::Exact && len >= WILDCARD_MIN_VIPS;
+    groups.into_values().map(|len| if shared(len) { 1 } else { len }).sum()
+}
+
+/// Where a worker listens for the TCP or UDP keys of a snapshot. See the module doc.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ListenPlan {
     /// Keys with a socket of their own.
@@ -256,6 +269,8 @@ mod tests {
         moved.sort();
         assert_eq!(moved, vec![tcp("fd00::1", 80), tcp("fd00::2", 80)]);
         assert_eq!((plan.exact.len(), plan.wildcards.len()), (5, 0));
+        assert_eq!(fewest_sockets(keys.iter(), ListenMode::Auto), 3);
+        assert_eq!(fewest_sockets(keys.iter(), ListenMode::Exact), 5);
     }
 
     #[test]

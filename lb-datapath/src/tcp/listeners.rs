@@ -19,7 +19,7 @@ use socket2::Socket;
 use crate::ListenMode;
 use crate::budget::DescriptorBudget;
 use crate::context::Ctx;
-use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, is_wildcard};
+use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, fewest_sockets, is_wildcard};
 use crate::ring::{OpKind, UserData};
 use crate::stats;
 use crate::warnings::{Warning, warn_limited};
@@ -67,7 +67,10 @@ impl Listeners {
     /// and then closes what it no longer wants. `bind_unbound` pops from the end: wildcards, pushed
     /// last, are bound first, as they serve the most keys.
     pub fn reconcile(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot) {
-        let other_sockets = snapshot.keys().filter(|key| key.protocol != Protocol::Tcp).count();
+        // SCTP keys take a socket each; UDP ones at least what its own plan would give them.
+        let sctp = snapshot.keys().filter(|key| key.protocol == Protocol::Sctp).count();
+        let udp = snapshot.keys().filter(|key| key.protocol == Protocol::Udp);
+        let other_sockets = sctp + fewest_sockets(udp, self.mode);
         let tcp = snapshot.keys().filter(|key| key.protocol == Protocol::Tcp);
         let room = ctx.room.max_listeners().saturating_sub(other_sockets);
         self.plan = ListenPlan::new(tcp, self.mode, room, &mut self.exact_only);
