@@ -127,6 +127,11 @@ impl Room {
         self.budget.per_worker
     }
 
+    /// Listening sockets the rest of the worker held when the component was called.
+    pub fn listening_elsewhere(&self) -> usize {
+        self.listening_elsewhere
+    }
+
     /// Listening sockets a worker binds at most (see [`DescriptorBudget::max_listeners`]).
     pub fn max_listeners(&self) -> usize {
         self.budget.max_listeners()

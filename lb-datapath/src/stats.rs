@@ -47,6 +47,7 @@ pub(crate) struct WorkerCounters {
     pub udp_drops_no_backend: AtomicU64,
     pub udp_drops_send: AtomicU64,
     pub udp_drops_source_range: AtomicU64,
+    pub udp_drops_not_a_vip: AtomicU64,
     pub udp_recv_rearms: AtomicU64,
     pub tcp_refused_source_range: AtomicU64,
     pub tcp_refused_not_a_vip: AtomicU64,
@@ -122,6 +123,7 @@ impl WorkerCounters {
             udp_drops_no_backend: get(&self.udp_drops_no_backend),
             udp_drops_send: get(&self.udp_drops_send),
             udp_drops_source_range: get(&self.udp_drops_source_range),
+            udp_drops_not_a_vip: get(&self.udp_drops_not_a_vip),
             udp_recv_rearms: get(&self.udp_recv_rearms),
             tcp_refused_source_range: get(&self.tcp_refused_source_range),
             tcp_refused_not_a_vip: get(&self.tcp_refused_not_a_vip),
@@ -232,6 +234,9 @@ pub struct WorkerStats {
     pub udp_drops_send: u64,
     /// Client datagrams dropped because the client is outside the Service's `loadBalancerSourceRanges`.
     pub udp_drops_source_range: u64,
+    /// Client datagrams dropped on a wildcard UDP socket because the address they were sent to is no
+    /// VIP of that port.
+    pub udp_drops_not_a_vip: u64,
     /// UDP receives re-armed after the kernel ended them (no free buffer, single-shot mode, errors).
     pub udp_recv_rearms: u64,
     /// TCP clients reset at accept because they are outside the Service's `loadBalancerSourceRanges`
@@ -338,6 +343,7 @@ impl EngineStats {
             udp_drops_no_backend: a.udp_drops_no_backend + w.udp_drops_no_backend,
             udp_drops_send: a.udp_drops_send + w.udp_drops_send,
             udp_drops_source_range: a.udp_drops_source_range + w.udp_drops_source_range,
+            udp_drops_not_a_vip: a.udp_drops_not_a_vip + w.udp_drops_not_a_vip,
             udp_recv_rearms: a.udp_recv_rearms + w.udp_recv_rearms,
             tcp_refused_source_range: a.tcp_refused_source_range + w.tcp_refused_source_range,
             tcp_refused_not_a_vip: a.tcp_refused_not_a_vip + w.tcp_refused_not_a_vip,

@@ -60,7 +60,7 @@ pub(crate) struct WorkerSettings {
     pub housekeeping_interval: Duration,
     /// Multishot accept allowed by configuration (the kernel must support it too).
     pub multishot_accept: bool,
-    /// Where TCP VIPs listen (see [`crate::listener`]).
+    /// Where TCP and UDP VIPs listen (see [`crate::listener`]).
     pub listen_mode: crate::ListenMode,
     pub udp: crate::udp::UdpConfig,
     /// How backend TCP connects get their source ports, and from which range.
@@ -136,7 +136,7 @@ impl Worker {
         let interval = settings.housekeeping_interval.max(Duration::from_millis(10));
         let multishot_accept = ring.features.multishot_accept && settings.multishot_accept;
         let listeners = Listeners::new(settings.listen_mode, multishot_accept, settings.workers);
-        let udp = Flows::new(&ring, settings.udp.clone(), settings.index);
+        let udp = Flows::new(&ring, settings.udp.clone(), settings.listen_mode, settings.index);
         let sctp = Associations::new(settings.max_connections);
         let selection = Selection::new(
             settings.index,

@@ -1,8 +1,9 @@
 //! The UDP datapath over real loopback sockets: many clients echo through a VIP with replies from
 //! the VIP address, flows stick to their backend, idle flows expire, not-ready backends get no new
 //! flows (and existing ones move), an ICMP error ends only its own flow, the largest and empty
-//! datagrams pass intact, removed VIPs stop receiving, source ranges are enforced, and every fd and
-//! buffer comes back.
+//! datagrams pass intact, removed VIPs stop receiving, source ranges are enforced, VIPs sharing a
+//! port share a wildcard socket (each reaches its own backend, replies come from the VIP sent to, a
+//! non-VIP address is dropped), and every fd and buffer comes back.
 //!
 //! The fd accounting is process-wide, so the leak test takes the write side of `FDS` while every
 //! other test here holds its read side.
@@ -506,4 +507,93 @@ fn each_services_flows_expire_by_its_own_timeouts() {
     });
     let total = engine.stats().total();
     assert_eq!(total.flows_active, 3, "the other Service's flows live on: {total:?}");
+}
+
+/// Two UDP VIPs on one port behind one wildcard socket per worker (`ListenMode::Wildcard`), with
+/// multishot or single-shot receives: each client, `connect`ed to its VIP (so a reply from any
+/// other source is never received), reaches its VIP's backend and gets replies from that VIP; a
+/// datagram to an address of the host that is no VIP of the port is dropped and counted.
+fn wildcard_serves_each_vip_from_its_own_address(multishot_recv: bool) {
+    let _fds = shared();
+    let port = free_udp_port_everywhere();
+    let names = ["a", "b"];
+    let backends: Vec<_> = names.iter().map(|n| udp_named_server(n).expect("named backend")).collect();
+    let octet = if multishot_recv { 160 } else { 163 };
+    let keys =
+        [VipKey::new(vip(octet), port, Protocol::Udp), VipKey::new(vip(octet + 1), port, Protocol::Udp)];
+    let entries =
+        keys.iter().zip(&backends).map(|(key, b)| entry(*key, &[(b.addr(), true)], test_policy())).collect();
+    let config = lb_datapath::EngineConfig {
+        listen_mode: lb_datapath::ListenMode::Wildcard,
+        udp: lb_datapath::UdpConfig { multishot_recv, ..lb_datapath::UdpConfig::default() },
+        ..test_config(2, RelayMode::Copy)
+    };
+    let engine = start_engine_with(config, snapshot(1, entries));
+    assert_eq!(engine.stats().total().udp_listeners, 2, "one wildcard socket per worker for two VIPs");
+    for round in 0..3 {
+        for (key, name) in keys.iter().zip(names) {
+            let client = udp_client();
+            client.connect(key.socket_addr()).expect("connect to the VIP");
+            let message = format!("{name} round {round}");
+            client.send(message.as_bytes()).expect("send");
+            let mut buffer = [0u8; 256];
+            let n = client.recv(&mut buffer).unwrap_or_else(|e| panic!("no reply from {key}: {e}"));
+            let (from, echoed) = named(&buffer[..n]);
+            assert_eq!((from.as_str(), echoed.as_slice()), (name, message.as_bytes()), "{key}");
+        }
+    }
+    let total = engine.stats().total();
+    assert_eq!((total.flows_created, total.udp_drops_not_a_vip), (6, 0), "{total:?}");
+
+    let stranger = udp_client();
+    stranger.connect(SocketAddr::new(vip(octet + 2), port)).expect("connect");
+    stranger.send(b"who is there").expect("send");
+    wait_until("the stranger's datagram was dropped", Duration::from_secs(5), || {
+        engine.stats().total().udp_drops_not_a_vip == 1
+    });
+    let mut buffer = [0u8; 64];
+    stranger.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    assert!(stranger.recv(&mut buffer).is_err(), "no reply to an address that is no VIP");
+    let total = engine.stats().total();
+    assert_eq!(total.flows_created, 6, "no flow for the stranger: {total:?}");
+}
+
+#[test]
+fn udp_vips_sharing_a_port_share_a_wildcard_and_replies_come_from_the_vip_sent_to() {
+    wildcard_serves_each_vip_from_its_own_address(true);
+}
+
+#[test]
+fn udp_wildcard_dispatch_works_with_single_shot_receives() {
+    wildcard_serves_each_vip_from_its_own_address(false);
+}
+
+/// With the default (`ListenMode::Auto`): 10,000 UDP sockets per worker do not fit the descriptor
+/// budget of a 20,000 limit, so the UDP VIPs of the port share a wildcard, and each still answers
+/// from its own address.
+#[test]
+fn ten_thousand_udp_vips_on_one_port_take_one_socket_per_worker() {
+    let _fds = shared();
+    let port = free_udp_port_everywhere();
+    let backend = udp_echo_server().expect("echo");
+    let vips: Vec<VipKey> = (0..10_000u32)
+        .map(|i| {
+            VipKey::new(IpAddr::from([127, 2, (i / 250) as u8, (i % 250) as u8 + 1]), port, Protocol::Udp)
+        })
+        .collect();
+    let entries = vips.iter().map(|key| entry(*key, &[(backend.addr(), true)], test_policy())).collect();
+    let config =
+        lb_datapath::EngineConfig { descriptor_limit: Some(20_000), ..test_config(2, RelayMode::Copy) };
+    let engine = start_engine_with(config, snapshot(1, entries));
+    let total = engine.stats().total();
+    assert_eq!(total.udp_listeners, 2, "{total:?}");
+    assert!(total.descriptors < 64, "two workers hold {} descriptors for 10,000 VIPs", total.descriptors);
+    for key in vips.iter().step_by(499) {
+        let client = udp_client();
+        client.connect(key.socket_addr()).expect("connect to the VIP");
+        client.send(b"one of many").expect("send");
+        let mut buffer = [0u8; 64];
+        let n = client.recv(&mut buffer).unwrap_or_else(|e| panic!("no reply from {key}: {e}"));
+        assert_eq!(&buffer[..n], b"one of many", "{key}");
+    }
 }

@@ -1,31 +1,35 @@
 //! The per-datagram path of the UDP datapath: a client datagram finds (or creates, or moves) its
 //! flow and goes to the flow's backend; a backend datagram goes back to its client from the VIP socket.
+//! On a wildcard VIP socket the datagram's destination address picks the VIP (and its entry); one to
+//! an address that is no VIP of the port is dropped and counted.
 //!
 //! Runs once per completion; never allocates (payloads stay in the provided buffer they arrived in and
 //! are sent from there, see `send`), never blocks. Invariant: every completion's buffer is recycled —
 //! at once, or by the completion of the send that took it — whatever happens to its flow or VIP.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::cqueue;
 use io_uring::types::RecvMsgOut;
-use lb_core::{Established, LocalResource, ServiceEntry};
+use lb_core::{Established, LocalResource, ServiceEntry, VipKey};
 use socket2::SockAddr;
 
 use super::Flows;
 use super::flow_table::{FlowHandle, FlowKey, FlowTable, FlowTimeouts};
 use super::socket::{self, BUFFER_SIZE};
-use super::{FlowEnd, UdpFlow, count_end};
+use super::{FlowEnd, SingleShotHeader, UdpFlow, count_end};
 use crate::bufring::BufRing;
 use crate::context::Ctx;
 use crate::ring::UserData;
 use crate::stats;
 
-/// A datagram as received: its source (VIP sockets) and payload, or why it cannot be used.
+/// A datagram as received: its source (VIP sockets), destination (wildcard VIP sockets) and
+/// payload, or why it cannot be used.
 struct Received<'a> {
     source: Option<SocketAddr>,
+    destination: Option<IpAddr>,
     payload: &'a [u8],
     truncated: bool,
 }
@@ -33,7 +37,7 @@ struct Received<'a> {
 fn received<'a>(
     buffers: &'a BufRing,
     multishot_header: &libc::msghdr,
-    single_shot_name: Option<&libc::sockaddr_storage>,
+    single_shot: Option<&SingleShotHeader>,
     multishot: bool,
     bid: Option<u16>,
     result: usize,
@@ -43,17 +47,18 @@ fn received<'a>(
         let filled = buffers.filled(bid, result);
         let out = RecvMsgOut::parse(filled, multishot_header).ok()?;
         // `RecvMsgOut` lends its parts for its own lifetime; slice the payload from the buffer
-        // itself (it follows the header and the fixed-size name field; no control data is asked for).
+        // itself (it follows the header and the fixed-size name and control fields).
         let start = socket::MULTISHOT_HEADER;
         let payload = filled.get(start..start + out.payload_data().len())?;
         Some(Received {
             source: socket::parse_sockaddr(out.name_data()),
+            destination: socket::parse_destination(out.control_data()),
             payload,
             truncated: out.is_payload_truncated(),
         })
     } else {
         // MSG_TRUNC makes the result the datagram's real length, larger than the buffer if cut.
-        let source = single_shot_name.and_then(|name| {
+        let source = single_shot.map(|header| &header.name).and_then(|name| {
             // SAFETY: a sockaddr_storage is `size_of` initialised bytes.
             let bytes = unsafe {
                 std::slice::from_raw_parts(
@@ -69,7 +74,8 @@ fn received<'a>(
             None if result == 0 => &[],
             None => return None,
         };
-        Some(Received { source, payload, truncated: result > BUFFER_SIZE })
+        let destination = single_shot.and_then(|header| socket::parse_destination(header.control()));
+        Some(Received { source, destination, payload, truncated: result > BUFFER_SIZE })
     }
 }
 
@@ -151,8 +157,8 @@ impl Flows {
                 return false;
             };
             let multishot_header = self.multishot_header;
-            let name = Some(&vip.header.name);
-            let Some(datagram) = received(buffers, multishot_header, name, self.multishot, bid, len) else {
+            let header = Some(&*vip.header);
+            let Some(datagram) = received(buffers, multishot_header, header, self.multishot, bid, len) else {
                 return false;
             };
             if datagram.truncated {
@@ -160,12 +166,23 @@ impl Flows {
                 return false;
             }
             let Some(client) = datagram.source else { return false };
-            let key = FlowKey { vip: vip.key, client };
+            let vip_key = if crate::listener::is_wildcard(&vip.key) {
+                let destination = datagram.destination.filter(|addr| vip.served.entry(*addr).is_some());
+                let Some(destination) = destination else {
+                    // An address of this host that is no VIP of the port.
+                    stats::add(&ctx.counters.udp_drops_not_a_vip, 1);
+                    return false;
+                };
+                VipKey::new(destination, vip.key.port, vip.key.protocol)
+            } else {
+                vip.key
+            };
+            let key = FlowKey { vip: vip_key, client };
             let handle = self.flows.find(&key);
             (key, handle, (datagram.payload.as_ptr(), datagram.payload.len()))
         };
         if let Some(existing) = handle {
-            let entry = self.vips.at(vip_slot).map(|vip| Arc::clone(&vip.entry));
+            let entry = self.vips.at(vip_slot).and_then(|vip| vip.served.entry(key.vip.addr)).map(Arc::clone);
             if entry.is_some_and(|entry| flow_must_move(&mut self.flows, ctx.now, existing, &entry)) {
                 self.end_flow(ctx, existing, FlowEnd::Moved);
                 handle = None;
@@ -195,7 +212,7 @@ impl Flows {
     /// used flow if the table is full).
     fn create_flow(&mut self, ctx: &mut Ctx<'_>, vip_slot: u32, key: FlowKey) -> Option<FlowHandle> {
         let vip = self.vips.at(vip_slot)?;
-        let entry = &vip.entry;
+        let entry = vip.served.entry(key.vip.addr)?;
         if !entry.allows(key.client.ip()) {
             stats::add(&ctx.counters.udp_drops_source_range, 1);
             return None;
@@ -211,7 +228,8 @@ impl Flows {
             return None;
         }
         let vip = self.vips.at(vip_slot)?;
-        let entry = &vip.entry;
+        let source = crate::listener::is_wildcard(&vip.key).then_some(key.vip.addr);
+        let entry = vip.served.entry(key.vip.addr)?;
         let backend = ctx.selection.pick(ctx.now, entry, key.client, &[]).and_then(|idx| entry.backend(idx));
         let Some(backend) = backend else {
             stats::add(&ctx.counters.udp_drops_no_backend, 1);
@@ -236,6 +254,7 @@ impl Flows {
             load,
             vip_slot,
             client: SockAddr::from(key.client),
+            source,
             armed: false,
             rearm_at_tick: false,
             stale_since: None,
@@ -343,13 +362,18 @@ impl Flows {
         if let Some(bid) = bid {
             return self.send_to_client(ctx, handle, bid, payload.0, payload.1);
         }
-        // A zero-length datagram of a single-shot receive has no buffer to send from.
+        // A zero-length datagram of a single-shot receive has no buffer to send from. From a
+        // wildcard socket it would need a control message naming the VIP: dropped (counted) instead.
         let sent = {
             let Some(flow) = self.flows.get(handle) else { return false };
             let Some(vip) = self.vips.at(flow.vip_slot) else {
                 return false;
             };
-            vip.socket.send_to(&[], &flow.client)
+            if flow.source.is_some() {
+                Err(std::io::ErrorKind::Unsupported.into())
+            } else {
+                vip.socket.send_to(&[], &flow.client)
+            }
         };
         match sent {
             Ok(_) => {

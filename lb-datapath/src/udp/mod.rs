@@ -1,5 +1,7 @@
-//! The UDP datapath of a worker: one `SO_REUSEPORT` socket per UDP VIP key, a flow table keyed by
-//! client address, one connected upstream socket per flow, replies sent back from the VIP socket.
+//! The UDP datapath of a worker: `SO_REUSEPORT` VIP sockets where the [`ListenPlan`] shared with TCP
+//! says (one per UDP VIP key while they fit the descriptor budget, else one per port and family on
+//! the wildcard address for the VIPs sharing it), a flow table keyed by VIP and client address, one
+//! connected upstream socket per flow, replies sent back from the VIP socket.
 //!
 //! Receives go through io_uring: a multishot `recvmsg` per socket drawing from the worker's provided
 //! buffer ring (6.0+), or single-shot `recvmsg` re-armed after each datagram (5.19, or
@@ -10,8 +12,12 @@
 //! splits back into the same datagrams. A failed send (full socket buffer, error) drops its datagrams
 //! as a router would (counted in `udp_drops_send`).
 //! With `SO_REUSEPORT` the kernel hashes each client 4-tuple to one worker, so a flow lives in one
-//! worker's table only. The VIP socket is bound to the exact VIP, so replies leave with the VIP as
-//! source address (no `IP_PKTINFO` needed).
+//! worker's table only. An exact VIP socket is bound to the VIP, so replies leave with the VIP as
+//! source address. A wildcard socket learns each datagram's destination (`IP_PKTINFO` /
+//! `IPV6_PKTINFO`), serves the entry of that VIP, drops (and counts, `udp_drops_not_a_vip`) a
+//! datagram to an address that is no VIP of the port, and names the VIP as source of every reply in
+//! a control message (see `send`). Moving a group between exact sockets and a wildcard ends the
+//! flows of the sockets that close (the next datagram makes a new flow on the new socket).
 //! Never allocates per datagram in steady state; never tears down a VIP socket because of one flow's
 //! error. Invariants: every received buffer is recycled on every path (flow gone or not); a flow's
 //! socket is closed when the flow leaves the table (its cancelled receive holds the file until done);
@@ -28,6 +34,8 @@ pub(crate) mod socket;
 
 pub use config::UdpConfig;
 
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,20 +48,27 @@ use socket2::{SockAddr, Socket};
 
 use self::flow_table::{FlowHandle, FlowTable};
 use self::socket::{BUFFER_GROUP, BUFFER_SIZE};
+use crate::ListenMode;
 use crate::bufring::BufRing;
 use crate::context::Ctx;
+use crate::listener::{ListenPlan, is_wildcard};
 use crate::ring::{OpKind, Ring, UserData};
 use crate::selection::Selection;
 use crate::slots::KeyedSlots;
 use crate::stats::{self, WorkerCounters};
 use crate::warnings::{Warning, warn_limited};
 
-/// The `msghdr` (with its name storage and iovec) a single-shot receive of one VIP socket uses;
-/// boxed so its address stays put while the receive is in flight.
+/// Control data of a single-shot receive, aligned for a `cmsghdr`.
+#[repr(C, align(8))]
+struct ControlBuffer([u8; socket::CONTROL_SPACE]);
+
+/// The `msghdr` (with its name storage, control buffer and iovec) a single-shot receive of one VIP
+/// socket uses; boxed so its address stays put while the receive is in flight.
 struct SingleShotHeader {
     header: libc::msghdr,
     iov: libc::iovec,
     name: libc::sockaddr_storage,
+    control: ControlBuffer,
 }
 
 impl SingleShotHeader {
@@ -64,22 +79,56 @@ impl SingleShotHeader {
         boxed.header.msg_iov = &mut boxed.iov;
         boxed.header.msg_iovlen = 1;
         boxed.header.msg_name = (&mut boxed.name as *mut libc::sockaddr_storage).cast();
+        boxed.header.msg_control = boxed.control.0.as_mut_ptr().cast();
         boxed
     }
 
     /// Resets what the kernel may have rewritten before the next receive.
     fn prepare(&mut self) -> *const libc::msghdr {
         self.header.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        self.header.msg_controllen = socket::CONTROL_SPACE;
         &self.header
+    }
+
+    /// The control data the last receive wrote.
+    fn control(&self) -> &[u8] {
+        &self.control.0[..self.header.msg_controllen.min(socket::CONTROL_SPACE)]
     }
 }
 
-/// One worker's socket for one UDP key.
+/// The entries a VIP socket serves, from the snapshot last reconciled; new flows pick from them.
+enum Served {
+    /// An exact socket: its VIP's entry.
+    One(Arc<ServiceEntry>),
+    /// A wildcard socket: the entry of each VIP of its port and family, by address.
+    Many(HashMap<IpAddr, Arc<ServiceEntry>>),
+}
+
+impl Served {
+    /// What the socket of `listen` serves under `plan` in `snapshot` (`None`: not in the plan).
+    fn of(plan: &ListenPlan, snapshot: &Snapshot, listen: &VipKey) -> Option<Served> {
+        if plan.exact.contains(listen) {
+            return snapshot.get(listen).map(|entry| Served::One(Arc::clone(entry)));
+        }
+        let keys = plan.wildcards.get(listen)?;
+        let entries = keys.iter().filter_map(|key| Some((key.addr, Arc::clone(snapshot.get(key)?))));
+        Some(Served::Many(entries.collect()))
+    }
+
+    /// The entry of the VIP at `addr` (an exact socket serves only its own).
+    fn entry(&self, addr: IpAddr) -> Option<&Arc<ServiceEntry>> {
+        match self {
+            Served::One(entry) => Some(entry),
+            Served::Many(entries) => entries.get(&addr),
+        }
+    }
+}
+
+/// One worker's socket for one UDP listen key (a VIP key, or a wildcard of the plan).
 struct UdpVip {
     key: VipKey,
     socket: Socket,
-    /// The entry of the snapshot last reconciled; new flows pick from it.
-    entry: Arc<ServiceEntry>,
+    served: Served,
     header: Box<SingleShotHeader>,
     armed: bool,
     closing: bool,
@@ -94,6 +143,8 @@ pub(crate) struct UdpFlow {
     load: lb_core::BackendLoad,
     vip_slot: u32,
     client: SockAddr,
+    /// The VIP replies name as source address: set when the VIP socket is a wildcard.
+    source: Option<IpAddr>,
     armed: bool,
     rearm_at_tick: bool,
     /// When a datagram first found the backend no longer eligible (see `lb_core::ServiceEntry::flow`).
@@ -126,6 +177,12 @@ pub(crate) struct Flows {
     upstream_header: *mut libc::msghdr,
     multishot: bool,
     vips: KeyedSlots<UdpVip>,
+    mode: ListenMode,
+    /// Where the UDP keys of the snapshot last reconciled are received (shared rules with TCP).
+    plan: ListenPlan,
+    /// Wildcards whose bind collided with another socket on the host: their groups bind exactly.
+    exact_only: HashSet<VipKey>,
+    /// Listen keys of the plan whose bind failed; retried every tick.
     unbound: Vec<VipKey>,
     flows: FlowTable<UdpFlow>,
     /// Armed receives and submitted sends whose final completion has not been reaped (freed flows'
@@ -136,7 +193,7 @@ pub(crate) struct Flows {
 }
 
 impl Flows {
-    pub fn new(ring: &Ring, config: UdpConfig, worker: usize) -> Flows {
+    pub fn new(ring: &Ring, config: UdpConfig, mode: ListenMode, worker: usize) -> Flows {
         let buffers = match BufRing::register(ring, config.recv_buffers, BUFFER_SIZE, BUFFER_GROUP) {
             Ok(buffers) => Some(buffers),
             Err(err) => {
@@ -162,6 +219,9 @@ impl Flows {
             multishot_header: Box::leak(Box::new(socket::recvmsg_template())),
             upstream_header: upstream,
             vips: KeyedSlots::default(),
+            mode,
+            plan: ListenPlan::default(),
+            exact_only: HashSet::new(),
             unbound: Vec::new(),
             in_flight: 0,
             sends: send::SendSlots::new(buffer_count),
@@ -286,46 +346,77 @@ fn release_flow(
 }
 
 impl Flows {
-    /// Points the VIP socket of `entry`'s key (if bound) at `entry`.
+    /// Points the VIP socket serving `entry`'s key (its own, or its port's wildcard) at `entry`.
     pub(crate) fn refresh_entry(&mut self, entry: &Arc<ServiceEntry>) {
-        let Some(index) = self.vips.find(&entry.key) else { return };
+        let listen = crate::listener::wildcard_of(&entry.key);
+        let Some(index) = self.vips.find(&entry.key).or_else(|| self.vips.find(&listen)) else { return };
         let generation = self.vips.generation(index);
-        if let Some(vip) = self.vips.get_mut(index, generation) {
-            vip.entry = Arc::clone(entry);
+        let Some(vip) = self.vips.get_mut(index, generation) else { return };
+        match &mut vip.served {
+            Served::One(served) => *served = Arc::clone(entry),
+            Served::Many(entries) => {
+                if let Some(served) = entries.get_mut(&entry.key.addr) {
+                    *served = Arc::clone(entry);
+                }
+            }
         }
     }
 
-    /// Opens sockets for new UDP keys, closes those (and their flows) of removed keys, and hands
-    /// every open VIP the entry of `snapshot`.
+    /// Plans where the UDP keys of `snapshot` are received, binds what the plan lacks, then closes
+    /// the sockets (and their flows) it no longer wants and ends the flows of removed VIPs; every
+    /// open VIP socket gets the entries of `snapshot`.
     pub(crate) fn reconcile(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot) {
-        let mut removed = Vec::new();
+        // TCP planned first: what the rest of the worker listens on is what TCP and SCTP hold.
+        let udp = snapshot.keys().filter(|key| key.protocol == Protocol::Udp);
+        let room = ctx.room.max_listeners().saturating_sub(ctx.room.listening_elsewhere());
+        self.plan = ListenPlan::new(udp, self.mode, room, &mut self.exact_only);
+        let mut unwanted = Vec::new();
         for (index, vip) in self.vips.iter_mut().filter(|(_, v)| !v.closing) {
-            match snapshot.get(&vip.key) {
-                Some(entry) => vip.entry = entry.clone(),
-                None => removed.push(index),
+            match Served::of(&self.plan, snapshot, &vip.key) {
+                Some(served) => vip.served = served,
+                None => unwanted.push(index),
             }
-        }
-        for index in removed {
-            self.close_vip(ctx, index);
         }
         self.unbound.clear();
-        for key in snapshot.keys().filter(|k| k.protocol == Protocol::Udp) {
-            if self.vips.find(key).is_none() {
-                self.unbound.push(*key);
+        for listen in self.plan.exact.iter().chain(self.plan.wildcards.keys()) {
+            if self.vips.find(listen).is_none() {
+                self.unbound.push(*listen);
             }
         }
+        // New sockets open before unwanted ones close, as for TCP.
         self.bind_unbound(ctx, snapshot, true);
+        for index in unwanted {
+            self.close_vip(ctx, index);
+        }
+        // A VIP removed from a wildcard that stays: its flows end here.
+        let mut gone = std::mem::take(&mut self.scratch);
+        gone.clear();
+        self.flows.select(&mut gone, |flow_key, _| snapshot.get(&flow_key.vip).is_none());
+        for &handle in &gone {
+            self.end_flow(ctx, handle, FlowEnd::Closed);
+        }
+        self.scratch = gone;
+        self.update_gauges(ctx);
     }
 
+    /// Binds the listen keys in `unbound`; `unbound` pops from the end, so wildcards (pushed last)
+    /// are bound first. A wildcard that collides with another socket on the host (`EADDRINUSE`)
+    /// falls back to exact sockets for its group, as for TCP.
     fn bind_unbound(&mut self, ctx: &mut Ctx<'_>, snapshot: &Snapshot, first_try: bool) {
         if self.buffers.is_none() || ctx.draining {
             self.unbound.clear();
             return;
         }
-        let keys = std::mem::take(&mut self.unbound);
-        for key in keys {
-            let Some(entry) = snapshot.get(&key) else { continue };
-            match socket::bind_vip(key.socket_addr()) {
+        let mut keys = std::mem::take(&mut self.unbound);
+        while let Some(key) = keys.pop() {
+            let Some(served) = Served::of(&self.plan, snapshot, &key) else { continue };
+            let wildcard = is_wildcard(&key);
+            let bound = if wildcard {
+                socket::bind_wildcard(key.socket_addr())
+            } else {
+                socket::bind_vip(key.socket_addr())
+            };
+            match bound {
                 Ok(socket) => {
                     if let Err(err) = socket::set_receive_buffer(&socket, self.config.vip_receive_buffer) {
                         tracing::debug!(worker = ctx.worker, %key, error = %err, "VIP receive buffer not enlarged");
@@ -333,7 +424,7 @@ impl Flows {
                     let vip = UdpVip {
                         key,
                         socket,
-                        entry: entry.clone(),
+                        served,
                         header: SingleShotHeader::new(),
                         armed: false,
                         closing: false,
@@ -341,6 +432,14 @@ impl Flows {
                     };
                     let (index, _) = self.vips.insert(key, vip);
                     self.arm_vip(ctx, index);
+                }
+                Err(error) if wildcard && error.raw_os_error() == Some(libc::EADDRINUSE) => {
+                    self.exact_only.insert(key);
+                    let group = self.plan.fall_back(&key);
+                    if ctx.worker == 0 {
+                        tracing::info!(%key, vips = group.len(), "the UDP port is taken on some address of this host; receiving on each VIP of it instead of the wildcard");
+                    }
+                    keys.extend(group.into_iter().filter(|vip| self.vips.find(vip).is_none()));
                 }
                 Err(error) => {
                     stats::add(&ctx.counters.bind_failures, 1);
@@ -405,7 +504,6 @@ impl Flows {
         self.vips.retire(index);
         let Some(vip) = self.vips.get_mut(index, generation) else { return };
         vip.closing = true;
-        let key = vip.key;
         if vip.armed {
             let _ = ctx.ring.push_cancel(UserData::new(OpKind::UdpVip, index, generation));
         } else {
@@ -413,7 +511,7 @@ impl Flows {
         }
         let mut doomed = std::mem::take(&mut self.scratch);
         doomed.clear();
-        self.flows.select(&mut doomed, |flow_key, _| flow_key.vip == key);
+        self.flows.select(&mut doomed, |_, flow| flow.vip_slot == index);
         for &handle in &doomed {
             self.end_flow(ctx, handle, FlowEnd::Closed);
         }

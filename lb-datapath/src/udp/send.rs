@@ -15,11 +15,15 @@
 //! A buffer is in at most one send, so there is one [`SendSlot`] per buffer id, allocated once; a send
 //! lives in the slot of its first buffer (its head), which lists every buffer it carries. The `msghdr`,
 //! iovecs, control message and client address live there, at a fixed address, until the send completes.
+//! A reply from a wildcard VIP socket (see [`crate::listener`]) names its source, the VIP the client
+//! sent to, in an `IP_PKTINFO`/`IPV6_PKTINFO` control message beside the segment size; a reply from
+//! an exact VIP socket needs none (the socket is bound to the VIP).
 //! Never allocates; never blocks. Invariant: each buffer of a send is recycled exactly once, by the
 //! send's completion (or at once if the send could not be submitted).
 //!
 //! [`Ring::submissions`]: crate::ring::Ring::submissions
 
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
 use io_uring::opcode;
@@ -40,9 +44,10 @@ pub(crate) const MAX_SEGMENTS: usize = 64;
 /// until it is split).
 pub(crate) const MAX_SEND_BYTES: usize = 65_507;
 
-/// Room for one `cmsghdr` carrying a `u16` (`CMSG_SPACE(2)` is 24 on 64-bit Linux), aligned for it.
+/// Room for a source address (`CMSG_SPACE(sizeof(in6_pktinfo))` is 40 on 64-bit Linux) and a
+/// segment size (`CMSG_SPACE(2)`, 24), aligned for a `cmsghdr`.
 #[repr(C, align(8))]
-struct Control([u8; 32]);
+struct Control([u8; 64]);
 
 /// What one in-flight send headed by buffer `bid` needs to stay put, and what it carries.
 struct SendSlot {
@@ -52,6 +57,8 @@ struct SendSlot {
     bids: [u16; MAX_SEGMENTS],
     control: Control,
     address: libc::sockaddr_storage,
+    /// The source address the send names (a reply from a wildcard VIP socket), if any.
+    source: Option<IpAddr>,
     flow: FlowHandle,
     direction: Dir,
     /// Datagrams carried (iovecs and buffers in use).
@@ -90,11 +97,16 @@ impl SendSlot {
         self.header.msg_iovlen = 1;
         self.header.msg_control = std::ptr::null_mut();
         self.header.msg_controllen = 0;
+        self.source = None;
     }
 
     /// Addresses the send to `client` (from an unconnected VIP socket), or to nobody (a connected
-    /// upstream socket).
-    fn address(&mut self, client: Option<&SockAddr>) {
+    /// upstream socket), from `source` if given (a wildcard VIP socket).
+    fn address(&mut self, client: Option<&SockAddr>, source: Option<IpAddr>) {
+        self.source = source;
+        if source.is_some() {
+            self.write_control();
+        }
         let Some(client) = client else {
             self.header.msg_name = std::ptr::null_mut();
             self.header.msg_namelen = 0;
@@ -130,43 +142,81 @@ impl SendSlot {
     /// Adds a datagram at `payload` (in buffer `bid`) to this queued send: one more iovec, and the
     /// segment size once there are two.
     fn join(&mut self, bid: u16, payload: *const u8, len: usize) {
-        if self.count == 1 {
-            self.attach_segment_size();
-        }
         self.iov[self.count] = libc::iovec { iov_base: payload.cast_mut().cast(), iov_len: len };
         self.bids[self.count] = bid;
         self.count += 1;
+        if self.count == 2 {
+            self.write_control();
+        }
         self.bytes += len;
         self.header.msg_iovlen = self.count;
         // A shorter datagram can only be the last segment.
         self.open = len == self.segment;
     }
 
-    /// Writes the `UDP_SEGMENT` control message (the first datagram's size) and points the header at it.
-    fn attach_segment_size(&mut self) {
-        let space = cmsg_space();
+    /// Writes the control messages the send needs, the source address (if any) and the
+    /// `UDP_SEGMENT` size (the first datagram's, once there are two), and points the header at them.
+    fn write_control(&mut self) {
+        let pktinfo = match self.source {
+            Some(IpAddr::V4(_)) => std::mem::size_of::<libc::in_pktinfo>(),
+            Some(IpAddr::V6(_)) => std::mem::size_of::<libc::in6_pktinfo>(),
+            None => 0,
+        };
+        let segmented = self.count > 1;
+        // SAFETY: CMSG_SPACE is arithmetic on its argument.
+        let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+        let total = if pktinfo > 0 { space(pktinfo) } else { 0 }
+            + if segmented { space(std::mem::size_of::<u16>()) } else { 0 };
+        debug_assert!(total <= std::mem::size_of::<Control>());
+        self.control.0 = [0; std::mem::size_of::<Control>()];
+        if total == 0 {
+            self.header.msg_control = std::ptr::null_mut();
+            self.header.msg_controllen = 0;
+            return;
+        }
         self.header.msg_control = self.control.0.as_mut_ptr().cast();
-        self.header.msg_controllen = space;
-        // SAFETY: the header's control buffer is `self.control`, at least `CMSG_SPACE(2)` bytes and
-        // aligned for a cmsghdr, so CMSG_FIRSTHDR returns a pointer inside it with room for the header
-        // and its two data bytes.
+        self.header.msg_controllen = total;
+        // SAFETY: the header's control buffer is `self.control`, zeroed, aligned for a cmsghdr and
+        // `total` (at most its size) bytes long, the sum of the CMSG_SPACE of each message written:
+        // CMSG_FIRSTHDR/CMSG_NXTHDR return pointers inside it with room for each header and its data
+        // (or null, checked).
         unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&self.header);
-            (*cmsg).cmsg_level = libc::SOL_UDP;
-            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
-            // `segment` <= MAX_SEND_BYTES < 65 536.
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), self.segment as u16);
+            let mut cmsg = libc::CMSG_FIRSTHDR(&self.header);
+            if let (Some(source), false) = (self.source, cmsg.is_null()) {
+                match source {
+                    IpAddr::V4(addr) => {
+                        (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                        (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                        (*cmsg).cmsg_len = libc::CMSG_LEN(pktinfo as u32) as usize;
+                        let info = libc::in_pktinfo {
+                            ipi_ifindex: 0,
+                            ipi_spec_dst: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+                            ipi_addr: libc::in_addr { s_addr: 0 },
+                        };
+                        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>(), info);
+                    }
+                    IpAddr::V6(addr) => {
+                        (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                        (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                        (*cmsg).cmsg_len = libc::CMSG_LEN(pktinfo as u32) as usize;
+                        let info = libc::in6_pktinfo {
+                            ipi6_addr: libc::in6_addr { s6_addr: addr.octets() },
+                            ipi6_ifindex: 0,
+                        };
+                        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in6_pktinfo>(), info);
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&self.header, cmsg);
+            }
+            if segmented && !cmsg.is_null() {
+                (*cmsg).cmsg_level = libc::SOL_UDP;
+                (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+                // `segment` <= MAX_SEND_BYTES < 65 536.
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), self.segment as u16);
+            }
         }
     }
-}
-
-/// `CMSG_SPACE(sizeof(u16))`, checked against the control buffer once.
-fn cmsg_space() -> usize {
-    // SAFETY: CMSG_SPACE is arithmetic on its argument.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-    debug_assert!(space <= std::mem::size_of::<Control>());
-    space
 }
 
 /// One [`SendSlot`] per receive buffer; boxed once, never resized, so the kernel's pointers hold.
@@ -182,9 +232,10 @@ impl SendSlots {
                 header: unsafe { std::mem::zeroed() },
                 iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGMENTS],
                 bids: [0; MAX_SEGMENTS],
-                control: Control([0; 32]),
+                control: Control([0; 64]),
                 // SAFETY: as above.
                 address: unsafe { std::mem::zeroed() },
+                source: None,
                 flow: FlowHandle { index: 0, generation: 0 },
                 direction: Dir::ToBackend,
                 count: 0,
@@ -252,18 +303,18 @@ impl Flows {
         }
         *open = None;
         let max_segment = usize::from(flow.max_segment[direction.index()]);
-        let (fd, client) = match direction {
-            Dir::ToBackend => (flow.upstream.as_raw_fd(), None),
+        let (fd, client, source) = match direction {
+            Dir::ToBackend => (flow.upstream.as_raw_fd(), None, None),
             Dir::ToClient => {
                 let Some(vip) = self.vips.at(flow.vip_slot) else {
                     return false;
                 };
-                (vip.socket.as_raw_fd(), Some(&flow.client))
+                (vip.socket.as_raw_fd(), Some(&flow.client), flow.source)
             }
         };
         let Some(slot) = self.sends.slots.get_mut(usize::from(bid)) else { return false };
         slot.start(handle, direction, bid, payload, len, now);
-        slot.address(client);
+        slot.address(client, source);
         let entry = opcode::SendMsg::new(Fd(fd), &slot.header)
             .build()
             .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), direction.index() as u32).encode());

@@ -1,5 +1,6 @@
-//! UDP sockets and receive memory: the per-worker VIP sockets (`SO_REUSEPORT`, `IP_FREEBIND`), the
-//! connected upstream socket of each flow, and the size of the provided buffers
+//! UDP sockets and receive memory: the per-worker VIP sockets (`SO_REUSEPORT`, `IP_FREEBIND`; on
+//! the wildcard address also `IP_PKTINFO`/`IPV6_RECVPKTINFO`, so each datagram tells the VIP it
+//! was sent to), the connected upstream socket of each flow, and the size of the provided buffers
 //! ([`crate::bufring`]) every UDP receive of a worker draws from.
 //!
 //! The kernel picks a free buffer per datagram, so memory does not grow with the number of flows
@@ -14,9 +15,12 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
 /// Largest UDP payload (IPv6 without jumbograms: 65 535 − 8; IPv4 allows 65 507).
 pub(crate) const MAX_DATAGRAM: usize = 65_527;
-/// Bytes the kernel puts before the payload of a multishot `recvmsg`: `io_uring_recvmsg_out` and a
-/// name field sized like the template's `msg_namelen` (no control data is asked for).
-pub(crate) const MULTISHOT_HEADER: usize = 16 + std::mem::size_of::<libc::sockaddr_storage>();
+/// Control data room of every VIP receive: one `IP_PKTINFO` or `IPV6_PKTINFO` message (the
+/// destination address on a wildcard socket; exact sockets do not ask for it, the room stays empty).
+pub(crate) const CONTROL_SPACE: usize = 64;
+/// Bytes the kernel puts before the payload of a multishot `recvmsg`: `io_uring_recvmsg_out`, a
+/// name field sized like the template's `msg_namelen` and a control field of its `msg_controllen`.
+pub(crate) const MULTISHOT_HEADER: usize = 16 + std::mem::size_of::<libc::sockaddr_storage>() + CONTROL_SPACE;
 /// One receive buffer: header plus the largest datagram, rounded up to whole pages.
 pub(crate) const BUFFER_SIZE: usize = (MULTISHOT_HEADER + MAX_DATAGRAM).next_multiple_of(4096);
 /// Buffer group id of the worker's UDP buffer ring (one group per ring).
@@ -33,6 +37,64 @@ pub(crate) fn bind_vip(addr: SocketAddr) -> io::Result<Socket> {
     crate::listener::share_vip_port(&socket, addr)?;
     socket.bind(&addr.into())?;
     Ok(socket)
+}
+
+/// Opens a VIP socket like [`bind_vip`] on a wildcard address (`0.0.0.0:port`, `[::]:port`) that
+/// reports each datagram's destination address (the VIP) in an `IP_PKTINFO`/`IPV6_PKTINFO` control
+/// message; replies from it name their source address in one too (see `send`).
+pub(crate) fn bind_wildcard(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = bind_vip(addr)?;
+    let (level, name) = match addr {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: passes a valid c_int option value and its size for an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// The destination address in the control data of a received datagram (its `IP_PKTINFO` or
+/// `IPV6_PKTINFO` message), read without trusting the kernel's layout beyond the bytes given.
+pub(crate) fn parse_destination(control: &[u8]) -> Option<IpAddr> {
+    const HEADER: usize = std::mem::size_of::<libc::cmsghdr>();
+    const ALIGN: usize = std::mem::size_of::<usize>();
+    let mut offset = 0;
+    while let Some(header) = control.get(offset..offset + HEADER) {
+        let len = usize::from_ne_bytes(header[..ALIGN].try_into().ok()?);
+        let level = i32::from_ne_bytes(header[ALIGN..ALIGN + 4].try_into().ok()?);
+        let kind = i32::from_ne_bytes(header[ALIGN + 4..ALIGN + 8].try_into().ok()?);
+        let data = control.get(offset + HEADER..offset + len)?;
+        match (level, kind) {
+            // in_pktinfo: interface index, local address, then the header's destination address.
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                let octets: [u8; 4] = data.get(8..12)?.try_into().ok()?;
+                return Some(IpAddr::V4(Ipv4Addr::from(octets)));
+            }
+            // in6_pktinfo: the destination address, then the interface index.
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                let octets: [u8; 16] = data.get(0..16)?.try_into().ok()?;
+                return Some(IpAddr::V6(Ipv6Addr::from(octets)));
+            }
+            _ => {}
+        }
+        if len < HEADER {
+            return None;
+        }
+        offset += len.next_multiple_of(ALIGN);
+    }
+    None
 }
 
 /// Sets a VIP socket's receive buffer to `bytes` (0: leave the kernel default): `SO_RCVBUFFORCE`,
@@ -120,11 +182,13 @@ pub(crate) fn parse_sockaddr(name: &[u8]) -> Option<SocketAddr> {
 }
 
 /// The `msghdr` every multishot `recvmsg` of a worker points to: only its name and control lengths
-/// are read (they fix the layout of each buffer), so one template serves every socket.
+/// are read (they fix the layout of each buffer), so one template serves every socket (the control
+/// field stays empty on sockets that do not ask for the destination address).
 pub(crate) fn recvmsg_template() -> libc::msghdr {
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
     header.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    header.msg_controllen = CONTROL_SPACE;
     header
 }
 
@@ -164,6 +228,36 @@ mod tests {
         }
         set_receive_buffer(&socket, 0).expect("0 leaves it");
         assert_eq!(socket.recv_buffer_size().expect("SO_RCVBUF"), after);
+    }
+
+    #[test]
+    fn a_wildcard_socket_reports_the_destination_address_of_each_datagram() {
+        for (any, to) in [("0.0.0.0:0", "127.0.0.53"), ("[::]:0", "::1")] {
+            let socket = bind_wildcard(any.parse().expect("literal")).expect("bind");
+            let port = socket.local_addr().expect("bound").as_socket().expect("inet").port();
+            let destination: IpAddr = to.parse().expect("literal");
+            let client = std::net::UdpSocket::bind(SocketAddr::new(destination, 0)).expect("client");
+            client.send_to(b"x", SocketAddr::new(destination, port)).expect("send");
+            let mut payload = [0u8; 16];
+            let mut control = [0u64; CONTROL_SPACE / 8];
+            let mut iov = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = &mut iov;
+            header.msg_iovlen = 1;
+            header.msg_control = control.as_mut_ptr().cast();
+            header.msg_controllen = CONTROL_SPACE;
+            socket.set_nonblocking(false).expect("blocking");
+            // SAFETY: the header points at live buffers of the lengths it gives.
+            let received = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut header, 0) };
+            assert_eq!(received, 1);
+            // SAFETY: the kernel wrote `msg_controllen` bytes of control data into `control`.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), header.msg_controllen) };
+            assert_eq!(parse_destination(bytes), Some(destination), "{any}");
+        }
+        assert_eq!(parse_destination(&[]), None);
+        assert_eq!(parse_destination(&[0u8; 40]), None, "a zero-length message ends the walk");
     }
 
     #[test]

@@ -234,6 +234,12 @@ pub fn udp_key(last_octet: u8) -> VipKey {
     VipKey::new(ip, socket.local_addr().expect("bound").port(), Protocol::Udp)
 }
 
+/// A UDP port free on every address (the VIPs of a wildcard group share it).
+pub fn free_udp_port_everywhere() -> u16 {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind an ephemeral UDP port");
+    socket.local_addr().expect("bound").port()
+}
+
 /// How long a UDP client waits for one reply before the test fails (or, where no reply is the
 /// expected outcome, concludes that none came).
 pub const UDP_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
