@@ -266,11 +266,11 @@ pub struct EngineArgs {
     /// How TCP bytes are relayed.
     #[arg(long, value_enum, default_value_t = RelayArg::Auto)]
     pub relay: RelayArg,
-    /// Where TCP VIPs listen. auto: a socket per VIP:port and worker while they fit the
+    /// Where TCP and UDP VIPs listen. auto: a socket per VIP:port and worker while they fit the
     /// descriptor budget, beyond that VIPs sharing a port share one wildcard socket per worker
-    /// (0.0.0.0:port, [::]:port), which refuses connections to addresses of the host that are no
-    /// VIP of that port; exact: never a wildcard; wildcard: always for VIPs sharing a port. A port
-    /// some other socket of the host holds keeps a socket per VIP anyway.
+    /// (0.0.0.0:port, [::]:port), which refuses connections (drops datagrams) to addresses of the
+    /// host that are no VIP of that port; exact: never a wildcard; wildcard: always for VIPs
+    /// sharing a port. A port some other socket of the host holds keeps a socket per VIP anyway.
     #[arg(long, value_enum, default_value_t = ListenersArg::Auto)]
     pub listeners: ListenersArg,
     /// On SIGTERM or SIGINT, how long established connections and UDP flows may go on after the
