@@ -2,11 +2,12 @@
 """Many VIPs: how long ringlb takes from start to serving N Services with one VIP:port each.
 
 Writes a manifest of N Services (external IPs 127.4.x.y, all on one port) with one EndpointSlice
-each whose endpoint is a `ringlb-bench serve tcp-echo` backend, starts `ringlb run --manifests`
-on it, and reports the seconds to `/readyz` 200 and until the first and the last VIP echo a byte,
-with the listening sockets and descriptors `/status` shows. Every step is bounded by --timeout.
+each whose endpoint is a `ringlb-bench serve tcp-echo` (or `udp-echo`) backend, starts `ringlb
+run --manifests` on it, and reports the seconds to `/readyz` 200 and until the first and the last
+VIP echo a byte, with the listening sockets and descriptors `/status` shows. Every step is bounded
+by --timeout.
 
-    bench/many-vips.py --services 10000 [--ringlb target/release/ringlb] [--rounds 3] [-- ARGS]
+    bench/many-vips.py --services 10000 [--protocol udp] [--ringlb target/release/ringlb] [--rounds 3] [-- ARGS]
 
 ARGS go to `ringlb run` (e.g. `--listeners exact`, `--workers 1`).
 """
@@ -30,7 +31,7 @@ def vip(i: int) -> str:
     return f"127.4.{i // 250}.{i % 250 + 1}"
 
 
-def manifest(services: int, port: int) -> str:
+def manifest(services: int, port: int, protocol: str) -> str:
     docs = []
     for i in range(services):
         docs.append(
@@ -41,7 +42,7 @@ spec:
   clusterIP: 10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}
   externalIPs: ["{vip(i)}"]
   ports:
-  - {{name: http, port: {port}, protocol: TCP}}
+  - {{name: http, port: {port}, protocol: {protocol}}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -51,7 +52,7 @@ metadata:
   labels: {{kubernetes.io/service-name: s{i}}}
 addressType: IPv4
 ports:
-- {{name: http, port: {BACKEND[1]}, protocol: TCP}}
+- {{name: http, port: {BACKEND[1]}, protocol: {protocol}}}
 endpoints:
 - addresses: ["{BACKEND[0]}"]
   conditions: {{ready: true}}
@@ -60,7 +61,17 @@ endpoints:
     return "---\n".join(docs)
 
 
-def echoes(address: str, port: int) -> bool:
+def echoes(address: str, port: int, protocol: str) -> bool:
+    if protocol == "UDP":
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                # Connected: a reply from any other source than the VIP is not received.
+                s.connect((address, port))
+                s.settimeout(0.2)
+                s.send(b"x")
+                return s.recv(16) == b"x"
+        except OSError:
+            return False
     try:
         with socket.create_connection((address, port), timeout=1) as s:
             s.sendall(b"x")
@@ -69,7 +80,9 @@ def echoes(address: str, port: int) -> bool:
         return False
 
 
-def one_round(ringlb: str, path: Path, services: int, port: int, extra: list[str], timeout: float) -> dict:
+def one_round(
+    ringlb: str, path: Path, services: int, port: int, protocol: str, extra: list[str], timeout: float
+) -> dict:
     t0 = time.monotonic()
     log = open(path.parent / "ringlb.log", "w")
     cmd = [ringlb, "run", "--manifests", str(path), "--admin", ADMIN, "--log-level", "warn", *extra]
@@ -84,7 +97,7 @@ def one_round(ringlb: str, path: Path, services: int, port: int, extra: list[str
                 time.sleep(0.01)
         for name, address in (("first_served_s", vip(0)), ("last_served_s", vip(services - 1))):
             while time.monotonic() - t0 < timeout:
-                if echoes(address, port):
+                if echoes(address, port, protocol):
                     result[name] = time.monotonic() - t0
                     break
                 time.sleep(0.01)
@@ -103,6 +116,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=10_000)
     ap.add_argument("--port", type=int, default=80)
+    ap.add_argument("--protocol", choices=["tcp", "udp"], default="tcp")
     ap.add_argument("--ringlb", default=str(REPO / "target/release/ringlb"))
     ap.add_argument("--bench", default=str(REPO / "target/release/ringlb-bench"))
     ap.add_argument("--rounds", type=int, default=3)
@@ -111,18 +125,21 @@ def main() -> int:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "services.yaml"
-        path.write_text(manifest(a.services, a.port))
+        protocol = a.protocol.upper()
+        path.write_text(manifest(a.services, a.port, protocol))
         backend = subprocess.Popen(
-            [a.bench, "serve", "tcp-echo", "--listen", f"{BACKEND[0]}:{BACKEND[1]}", "--threads", "1"],
+            [a.bench, "serve", f"{a.protocol}-echo", "--listen", f"{BACKEND[0]}:{BACKEND[1]}", "--threads", "1"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
-            rounds = [one_round(a.ringlb, path, a.services, a.port, a.args, a.timeout) for _ in range(a.rounds)]
+            rounds = [
+                one_round(a.ringlb, path, a.services, a.port, protocol, a.args, a.timeout) for _ in range(a.rounds)
+            ]
         finally:
             backend.terminate()
             backend.wait(10)
-    print(json.dumps({"services": a.services, "ringlb_args": a.args, "rounds": rounds}, indent=1))
+    print(json.dumps({"services": a.services, "protocol": protocol, "ringlb_args": a.args, "rounds": rounds}, indent=1))
     return 0
 
 
