@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::ObjectRef;
 use k8s_openapi::api::core::v1::{ObjectReference, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -97,6 +98,14 @@ impl CompactService {
     /// `spec.loadBalancerClass`, `None` when unset or empty.
     pub fn class(&self) -> Option<&str> {
         self.spec.load_balancer_class.as_deref().filter(|c| !c.is_empty())
+    }
+
+    /// Its name as ringlb keys it (namespace `default` when unset or empty); `None` without a name.
+    pub fn object(&self) -> Option<ObjectRef> {
+        let meta = &self.metadata;
+        let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
+        let namespace = meta.namespace.as_deref().filter(|ns| !ns.is_empty()).unwrap_or("default");
+        Some(ObjectRef::service(namespace, name))
     }
 
     /// A reference to it, as an Event's `regarding` (and kube's `Resource::object_ref`) names it.
@@ -265,6 +274,7 @@ mod tests {
             compact.ingress.iter().map(|i| (i.ip.as_deref(), i.ip_mode.as_deref())).collect();
         assert_eq!(ingress, [(Some("192.0.2.3"), Some("Proxy")), (None, None)]);
 
+        assert_eq!(compact.object(), Some(ObjectRef::service("shop", "web")));
         let reference = compact.object_reference();
         assert_eq!(reference, kube_like_reference(&service));
 
@@ -296,6 +306,10 @@ mod tests {
         assert_eq!(CompactService::from(Service::default()), CompactService::default());
         assert_eq!(CompactService::default().service_type(), "ClusterIP");
         assert_eq!(CompactService::default().class(), None);
+        assert_eq!(CompactService::default().object(), None, "no name, no object");
+        let unspaced =
+            CompactService::from(decoded(serde_json::json!({"metadata": {"name": "a", "namespace": ""}})));
+        assert_eq!(unspaced.object(), Some(ObjectRef::service("default", "a")));
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl Allocator {
             if old.revision == new.revision {
                 continue;
             }
-            let Some(object) = reference(new) else { return false };
+            let Some(object) = new.object() else { return false };
             let comes_back = self.pending.get(&object).is_some_and(|p| p.ips == status_ips(new));
             if !comes_back || !old.same_but_status(new) {
                 return false;
@@ -157,7 +157,7 @@ impl Allocator {
             self.complain(&format!("IPAddressPool {:?} is unusable: {}", error.pool, error.reason));
         }
         let services: BTreeMap<ObjectRef, &CompactService> =
-            all.iter().filter_map(|&s| Some((reference(s)?, s))).collect();
+            all.iter().filter_map(|&s| Some((s.object()?, s))).collect();
         // A Service deleted before its write came back leaves nothing pending behind.
         self.pending.retain(|object, _| services.contains_key(object));
         self.write_statuses(&plan, &services).await;
@@ -313,11 +313,6 @@ const STATUS_WRITES_IN_FLIGHT: usize = 16;
 /// Whether two lists of stored objects hold the same revisions in the same order.
 fn same<T>(a: &[crate::store::Stored<T>], b: &[crate::store::Stored<T>]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.revision == b.revision)
-}
-
-fn reference(service: &CompactService) -> Option<ObjectRef> {
-    let name = service.metadata.name.as_deref()?;
-    Some(ObjectRef::service(service.metadata.namespace.as_deref().unwrap_or("default"), name))
 }
 
 /// The addresses a Service's status holds with ringlb's `ipMode` (another mode is rewritten).

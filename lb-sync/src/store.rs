@@ -210,12 +210,7 @@ impl Object {
         let Some(meta) = self.metadata() else {
             return match self {
                 Object::EndpointSlice(slice) => Some(slice.object().clone()),
-                Object::Service(service) => {
-                    let meta = &service.metadata;
-                    let name = meta.name.as_deref().filter(|name| !name.is_empty())?;
-                    let namespace = meta.namespace.as_deref().filter(|ns| !ns.is_empty());
-                    Some(ObjectRef::service(namespace.unwrap_or(DEFAULT_NAMESPACE), name))
-                }
+                Object::Service(service) => service.object(),
                 _ => None,
             };
         };

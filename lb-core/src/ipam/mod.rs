@@ -180,7 +180,7 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
     pools.sort_by(|a, b| a.rank().cmp(&b.rank()));
     let mut claimants = Vec::new();
     for svc in inputs.services {
-        let Some(object) = object_of(svc) else { continue };
+        let Some(object) = svc.object() else { continue };
         if svc.metadata.deleting {
             continue;
         }
@@ -276,12 +276,6 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
         .sort_by(|a, b| a.service().cmp(b.service()).then_with(|| a.to_string().cmp(&b.to_string())));
     result.releases.sort();
     result
-}
-
-fn object_of(svc: &CompactService) -> Option<ObjectRef> {
-    let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty())?;
-    let namespace = svc.metadata.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or("default");
-    Some(ObjectRef::service(namespace, name))
 }
 
 fn claimant(object: ObjectRef, svc: &CompactService) -> Result<Claimant, Problem> {
