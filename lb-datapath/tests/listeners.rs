@@ -289,11 +289,7 @@ fn vips_sharing_a_port_get_sockets_of_their_own_while_those_fit() {
 fn ten_thousand_vips_on_one_port_take_one_socket_per_worker() {
     let port = port_free_everywhere();
     let backend = echo_server().expect("backend");
-    let vips: Vec<VipKey> = (0..10_000u32)
-        .map(|i| {
-            VipKey::new(IpAddr::from([127, 1, (i / 250) as u8, (i % 250) as u8 + 1]), port, Protocol::Tcp)
-        })
-        .collect();
+    let vips = many_vips(10_000, 1, port, Protocol::Tcp);
     let entries = vips.iter().map(|key| entry(*key, &[(backend.addr(), true)], test_policy())).collect();
     // The limit of the machine this is about (the micro-VM's is larger, and 20,000 sockets fit it).
     let config =

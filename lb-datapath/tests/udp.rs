@@ -576,11 +576,7 @@ fn ten_thousand_udp_vips_on_one_port_take_one_socket_per_worker() {
     let _fds = shared();
     let port = free_udp_port_everywhere();
     let backend = udp_echo_server().expect("echo");
-    let vips: Vec<VipKey> = (0..10_000u32)
-        .map(|i| {
-            VipKey::new(IpAddr::from([127, 2, (i / 250) as u8, (i % 250) as u8 + 1]), port, Protocol::Udp)
-        })
-        .collect();
+    let vips = many_vips(10_000, 2, port, Protocol::Udp);
     let entries = vips.iter().map(|key| entry(*key, &[(backend.addr(), true)], test_policy())).collect();
     let config =
         lb_datapath::EngineConfig { descriptor_limit: Some(20_000), ..test_config(2, RelayMode::Copy) };

@@ -36,6 +36,12 @@ pub fn tcp_key(last_octet: u8) -> VipKey {
 }
 
 /// Policy with short timeouts so failure paths finish quickly in tests.
+/// `count` VIP keys on `port`, one address each in 127.`second`.0.0/16 (250 per third octet).
+pub fn many_vips(count: u32, second: u8, port: u16, protocol: Protocol) -> Vec<VipKey> {
+    let addr = |i: u32| IpAddr::from([127, second, (i / 250) as u8, (i % 250) as u8 + 1]);
+    (0..count).map(|i| VipKey::new(addr(i), port, protocol)).collect()
+}
+
 pub fn test_policy() -> EntryPolicy {
     EntryPolicy {
         connect_timeout: Duration::from_secs(2),
