@@ -23,6 +23,7 @@ pub mod duration;
 pub mod error;
 pub mod hash;
 pub mod health;
+pub mod histogram;
 pub mod ipam;
 pub mod l2;
 pub mod labels;
@@ -39,8 +40,8 @@ pub mod throttle;
 pub use advertise::advertised_vips;
 pub use affinity::AffinityTable;
 pub use builder::{
-    BuildCache, BuildOptions, BuildReport, ParsedEndpointSlice, Revised, Skipped, SliceNames, apply_health,
-    build, build_incremental,
+    BackendState, BuildCache, BuildOptions, BuildReport, ParsedEndpointSlice, Revised, Skipped, SliceNames,
+    apply_health, build, build_incremental,
 };
 pub use cidr::Cidr;
 pub use compact::CompactService;

@@ -27,7 +27,8 @@ use std::sync::Arc;
 use super::BuildOptions;
 use super::service::{ParsedService, PortSpec, TargetSpec};
 use super::slices::ParsedSlice;
-use crate::model::{Backend, BackendId, BackendIdx, EndpointConditions};
+use crate::health::HealthOverlay;
+use crate::model::{Backend, BackendId, BackendIdx, EndpointConditions, ServiceEntry};
 use crate::scheduler::Scheduler;
 
 /// Everything the entries of one (service, port) share, whatever their VIP.
@@ -115,6 +116,68 @@ pub(super) fn eligible_of(
     tiers.into_iter().find(|tier| !tier.is_empty()).unwrap_or_default()
 }
 
+/// Where a backend of an entry stands for new connections, and if left out, why (`/backends`,
+/// `/metrics`). Follows [`eligible_of`]'s rules; the health verdicts are told apart by why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Gets new connections.
+    Eligible,
+    /// `externalTrafficPolicy: Local` and it runs on another node.
+    OtherNode,
+    /// Terminating (and ready or serving backends are preferred to it).
+    Terminating,
+    /// Not ready (and, if serving, not terminating: only terminating ones may serve).
+    NotReady,
+    /// Failing its Service's active health checks.
+    FailingChecks,
+    /// Ejected by passive outlier detection.
+    Ejected,
+}
+
+impl BackendState {
+    /// Of backend `idx` of `entry` (an unknown index is not ready), with `node` this node when
+    /// ringlb knows it, and the verdicts that keep backends out: failing checks, ejections.
+    pub fn of(
+        entry: &ServiceEntry,
+        idx: BackendIdx,
+        node: Option<&str>,
+        failing_checks: &HealthOverlay,
+        ejected: &HealthOverlay,
+    ) -> BackendState {
+        let Some(backend) = entry.backend(idx) else { return BackendState::NotReady };
+        if entry.is_eligible(idx) {
+            return BackendState::Eligible;
+        }
+        let node = node.filter(|_| entry.traffic.node_local);
+        if node.is_some_and(|node| backend.node_name() != Some(node)) {
+            return BackendState::OtherNode;
+        }
+        let conditions = &backend.conditions;
+        if failing_checks.is_unhealthy(&entry.service, backend.id) {
+            return BackendState::FailingChecks;
+        }
+        if ejected.is_unhealthy(&entry.service, backend.id) {
+            return BackendState::Ejected;
+        }
+        if conditions.terminating {
+            return BackendState::Terminating;
+        }
+        BackendState::NotReady
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendState::Eligible => "eligible",
+            BackendState::OtherNode => "other_node",
+            BackendState::Terminating => "terminating",
+            BackendState::NotReady => "not_ready",
+            BackendState::FailingChecks => "failing_checks",
+            BackendState::Ejected => "ejected",
+        }
+    }
+}
+
 /// First choice for new connections: ready and not terminating.
 pub(crate) fn is_ready(conditions: &EndpointConditions) -> bool {
     conditions.ready && !conditions.terminating
@@ -143,4 +206,60 @@ fn target_port(port: &PortSpec, slice: &ParsedSlice) -> Option<u16> {
         return named(target_name).and_then(|p| p.port);
     }
     if slice.declares_ports { None } else { number }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::model::{ObjectRef, Placement, Protocol, TrafficPolicy, VipKey};
+    use crate::scheduler::SchedulerKind;
+
+    fn backend(port: u16, conditions: EndpointConditions, node: &str) -> Backend {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), port);
+        let placement = Placement { node_name: Some(node.into()), ..Placement::default() };
+        Backend { placement: Arc::new(placement), ..Backend::ready(addr).with_conditions(conditions) }
+    }
+
+    #[test]
+    fn each_left_out_backend_is_told_why() {
+        let ready = EndpointConditions::default();
+        let not_ready = EndpointConditions { ready: false, serving: false, terminating: false };
+        let terminating = EndpointConditions { ready: false, serving: true, terminating: true };
+        let backends = vec![
+            backend(1, ready, "here"),
+            backend(2, not_ready, "here"),
+            backend(3, terminating, "here"),
+            backend(4, ready, "there"),
+            backend(5, ready, "here"),
+            backend(6, ready, "here"),
+        ];
+        let service = ObjectRef::service("default", "web");
+        let (mut failing, mut ejected) = (HealthOverlay::new(), HealthOverlay::new());
+        failing.mark(&service, backends[4].id);
+        ejected.mark(&service, backends[5].id);
+        let unhealthy =
+            |b: &Backend| failing.is_unhealthy(&service, b.id) || ejected.is_unhealthy(&service, b.id);
+        let eligible = eligible_of(&backends, Some("here"), unhealthy);
+        let scheduler = Scheduler::build(SchedulerKind::RoundRobin, &backends, &eligible);
+        let entry = ServiceEntry {
+            key: VipKey::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 80, Protocol::Tcp),
+            service: service.clone(),
+            port_name: None,
+            backends: backends.into(),
+            eligible,
+            scheduler,
+            policy: Default::default(),
+            traffic: TrafficPolicy { node_local: true, ..TrafficPolicy::default() },
+        };
+        let states: Vec<_> = (0..6)
+            .map(|idx| BackendState::of(&entry, idx, Some("here"), &failing, &ejected).name())
+            .collect();
+        assert_eq!(
+            states,
+            ["eligible", "not_ready", "terminating", "other_node", "failing_checks", "ejected"]
+        );
+        assert_eq!(BackendState::of(&entry, 99, None, &failing, &ejected), BackendState::NotReady);
+    }
 }

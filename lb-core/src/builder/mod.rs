@@ -53,6 +53,7 @@ use crate::scheduler::{LoadRegistry, Scheduler, SchedulerKind};
 use service::ParsedService;
 
 pub use cache::{BuildCache, Revised};
+pub use endpoints::BackendState;
 pub use health_overlay::apply_health;
 pub use slices::{ParsedEndpointSlice, SliceNames};
 

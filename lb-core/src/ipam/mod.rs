@@ -140,6 +140,18 @@ pub struct Plan {
     pub problems: Vec<Problem>,
     /// Pools that cannot be used, and why.
     pub pool_errors: Vec<PoolError>,
+    /// Of every usable pool, by name: its size and how many of its addresses are assigned.
+    pub usage: Vec<PoolUsage>,
+}
+
+/// How full one pool is, as the plan leaves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolUsage {
+    pub pool: String,
+    /// Addresses in its ranges (an IPv6 range can hold more than `u64`: saturates).
+    pub total: u64,
+    /// Distinct addresses assigned from it (a shared address counts once).
+    pub in_use: u64,
 }
 
 /// One Service's claim on an address.
@@ -275,7 +287,30 @@ pub fn plan(inputs: Inputs<'_>) -> Plan {
         .problems
         .sort_by(|a, b| a.service().cmp(b.service()).then_with(|| a.to_string().cmp(&b.to_string())));
     result.releases.sort();
+    result.usage = pool_usage(&pools, &result.assignments);
     result
+}
+
+fn pool_usage(pools: &[Pool], assignments: &BTreeMap<ObjectRef, Assignment>) -> Vec<PoolUsage> {
+    let mut used: BTreeMap<&str, BTreeSet<IpAddr>> = BTreeMap::new();
+    for assignment in assignments.values() {
+        for (ip, pool) in assignment.ips.iter().zip(&assignment.pools) {
+            used.entry(pool.as_str()).or_default().insert(*ip);
+        }
+    }
+    let mut usage: Vec<PoolUsage> = pools
+        .iter()
+        .map(|pool| {
+            let total = pool.ranges.iter().fold(0u64, |sum, range| {
+                let size = (to_u128(range.last) - to_u128(range.first)).saturating_add(1);
+                sum.saturating_add(u64::try_from(size).unwrap_or(u64::MAX))
+            });
+            let in_use = used.get(pool.name.as_str()).map_or(0, |ips| ips.len() as u64);
+            PoolUsage { pool: pool.name.clone(), total, in_use }
+        })
+        .collect();
+    usage.sort_by(|a, b| a.pool.cmp(&b.pool));
+    usage
 }
 
 fn claimant(object: ObjectRef, svc: &CompactService) -> Result<Claimant, Problem> {
