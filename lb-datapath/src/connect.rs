@@ -13,6 +13,7 @@ use lb_core::{Backend, BackendIdx, LocalResource, ServiceEntry, Snapshot, VipKey
 use crate::context::Ctx;
 use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
+use crate::traffic::Refusal;
 use crate::warnings::{Warning, warn_limited};
 
 /// Backends one connection may try at most, whatever `policy.connect_attempts` says.
@@ -53,6 +54,7 @@ impl Attempt<'_> {
         let Some(picked) = selection.pick(now, entry, self.client, exclude) else {
             if *self.tried_len == 0 {
                 stats::add(&counters.no_backend, 1);
+                selection.refuse(entry.key, Refusal::NoBackend);
             }
             return Err(Failure::Exhausted);
         };

@@ -21,6 +21,7 @@ use crate::ring::{Ring, RingFeatures, completion_entries};
 use crate::shared::Shared;
 use crate::stats::{EngineStats, WorkerCounters};
 use crate::tcp::relay::Path;
+use crate::traffic::{TrafficKey, TrafficRegistry, TrafficStats};
 use crate::worker::{Worker, WorkerSettings};
 use crate::{DatapathError, EngineConfig, RelayMode};
 
@@ -56,6 +57,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             backend_events_wanted: AtomicBool::new(false),
             affinity: Arc::new(SharedAffinity::new(AFFINITY_CAPACITY)),
+            traffic: Arc::new(TrafficRegistry::new(config.workers.max(1), config.traffic_detail)),
         });
         let (events_tx, events_rx) = mpsc::sync_channel(CHANNEL_BATCHES);
         let workers = config.workers.max(1);
@@ -242,6 +244,11 @@ impl Engine {
     }
 
     /// Per-worker counters.
+    /// Traffic per VIP key (and backend), every worker's added up, in key order.
+    pub fn traffic(&self) -> Vec<(TrafficKey, TrafficStats)> {
+        self.shared.traffic.read()
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats { workers: self.workers.iter().map(|w| w.counters.read()).collect() }
     }

@@ -39,6 +39,7 @@ mod slots;
 mod source_ports;
 mod stats;
 mod tcp;
+mod traffic;
 mod udp;
 mod warnings;
 mod worker;
@@ -53,6 +54,7 @@ pub use listener::ListenMode;
 pub use ring::RingFeatures;
 pub use source_ports::SourcePortMode;
 pub use stats::{EngineStats, WorkerStats};
+pub use traffic::{ConnectError, Refusal, TrafficDetail, TrafficKey, TrafficRegistry, TrafficStats};
 pub use udp::UdpConfig;
 
 /// How a worker moves bytes between client and backend.
@@ -118,6 +120,8 @@ pub struct EngineConfig {
     /// The source ports the workers share out for backend TCP connects; `None`: the kernel's
     /// `ip_local_port_range`, re-read now and then.
     pub source_port_range: Option<std::ops::RangeInclusive<u16>>,
+    /// How finely `/metrics` counts traffic: per VIP key and backend, or per VIP key.
+    pub traffic_detail: TrafficDetail,
 }
 
 impl Default for EngineConfig {
@@ -139,6 +143,7 @@ impl Default for EngineConfig {
             udp: UdpConfig::default(),
             source_ports: SourcePortMode::default(),
             source_port_range: None,
+            traffic_detail: TrafficDetail::default(),
         }
     }
 }

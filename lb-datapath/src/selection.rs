@@ -17,10 +17,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use lb_core::hash::SplitMix64;
-use lb_core::{Backend, BackendIdx, BackendLoad, PickContext, PickState, ServiceEntry, VipKey};
+use lb_core::{Backend, BackendIdx, PickContext, PickState, ServiceEntry, Snapshot, VipKey};
 
 use crate::affinity::SharedAffinity;
 use crate::stats::{self, WorkerCounters};
+use crate::traffic::{Counted, Refusal, WorkerTraffic};
 
 pub(crate) struct Selection {
     worker: usize,
@@ -30,11 +31,20 @@ pub(crate) struct Selection {
     counted: u64,
     affinity: Arc<SharedAffinity>,
     random: SplitMix64,
+    /// This worker's traffic counters per VIP key and backend (`/metrics`).
+    traffic: WorkerTraffic,
 }
 
 impl Selection {
-    pub fn new(worker: usize, workers: usize, affinity: Arc<SharedAffinity>, seed: u64) -> Selection {
+    pub fn new(
+        worker: usize,
+        workers: usize,
+        affinity: Arc<SharedAffinity>,
+        traffic: WorkerTraffic,
+        seed: u64,
+    ) -> Selection {
         Selection {
+            traffic,
             worker,
             workers,
             states: HashMap::new(),
@@ -68,25 +78,46 @@ impl Selection {
         }
     }
 
-    /// Counts a connection or flow to `backend` on its shared load; the returned handle is what
-    /// [`Selection::close`] takes back (it stays valid across snapshot swaps).
-    pub fn open(&mut self, backend: &Backend, counters: &WorkerCounters) -> BackendLoad {
+    /// Counts a connection or flow of `key` to `backend` on its shared load and in this worker's
+    /// traffic cell, from its connect submission at `now` (`retry`: not the client's first
+    /// attempt); the returned handle is what [`Selection::close`] takes back (it stays valid across
+    /// snapshot swaps).
+    pub fn open(
+        &mut self,
+        key: VipKey,
+        backend: &Backend,
+        retry: bool,
+        now: Instant,
+        counters: &WorkerCounters,
+    ) -> Counted {
         backend.load.open();
         self.counted += 1;
         stats::set(&counters.backend_load, self.counted);
-        backend.load.clone()
+        self.traffic.open(key, backend, retry, now)
     }
 
-    /// Ends what one [`Selection::open`] counted.
-    pub fn close(&mut self, load: BackendLoad, counters: &WorkerCounters) {
-        load.close();
+    /// Ends what one [`Selection::open`] counted, at `now`.
+    pub fn close(&mut self, counted: Counted, now: Instant, counters: &WorkerCounters) {
+        counted.end(now).close();
         self.counted = self.counted.saturating_sub(1);
         stats::set(&counters.backend_load, self.counted);
     }
 
-    /// Housekeeping: drops expired affinity bindings of the shards this worker looks after.
-    pub fn expire(&mut self, now: Instant) {
+    /// Counts a client of `key` refused before any backend was tried.
+    pub fn refuse(&mut self, key: VipKey, why: Refusal) {
+        self.traffic.refuse(key, why);
+    }
+
+    /// This worker's traffic cells (housekeeping sets their draining gauges).
+    pub fn traffic(&mut self) -> &mut WorkerTraffic {
+        &mut self.traffic
+    }
+
+    /// Housekeeping: drops expired affinity bindings of the shards this worker looks after, and
+    /// traffic cells `snapshot` no longer serves that nothing holds.
+    pub fn expire(&mut self, now: Instant, snapshot: &Snapshot) {
         self.affinity.expire(now, self.worker, self.workers);
+        self.traffic.prune(now, snapshot);
     }
 
     /// Forgets the cursors of keys `served` rejects (a key that comes back starts afresh).
@@ -104,6 +135,7 @@ mod tests {
 
     use super::*;
     use crate::affinity::AFFINITY_CAPACITY;
+    use crate::traffic::{TrafficDetail, TrafficRegistry};
 
     fn entry(kind: SchedulerKind, backends: u16) -> ServiceEntry {
         let backends: Vec<Backend> = (0..backends)
@@ -129,7 +161,13 @@ mod tests {
 
     fn workers(count: usize) -> Vec<Selection> {
         let affinity = Arc::new(SharedAffinity::new(AFFINITY_CAPACITY));
-        (0..count).map(|worker| Selection::new(worker, count, Arc::clone(&affinity), 1)).collect()
+        let traffic = Arc::new(TrafficRegistry::new(count, TrafficDetail::Backend));
+        (0..count)
+            .map(|worker| {
+                let cells = WorkerTraffic::new(Arc::clone(&traffic), worker);
+                Selection::new(worker, count, Arc::clone(&affinity), cells, 1)
+            })
+            .collect()
     }
 
     #[test]
@@ -150,16 +188,17 @@ mod tests {
         let mut workers = workers(2);
         let now = Instant::now();
         let first = workers[0].pick(now, &entry, client(1), &[]).expect("a backend");
-        let held = workers[0].open(&entry.backends[first as usize], &counters);
+        let key = entry.key;
+        let held = workers[0].open(key, &entry.backends[first as usize], false, now, &counters);
         // The other worker sees worker 0's connection: it picks the other backend.
         let second = workers[1].pick(now, &entry, client(2), &[]).expect("a backend");
         assert_ne!(first, second);
-        let other = workers[1].open(&entry.backends[second as usize], &counters);
-        let extra = workers[1].open(&entry.backends[second as usize], &counters);
+        let other = workers[1].open(key, &entry.backends[second as usize], false, now, &counters);
+        let extra = workers[1].open(key, &entry.backends[second as usize], false, now, &counters);
         assert_eq!(workers[0].pick(now, &entry, client(3), &[]), Some(first));
-        for load in [held, other, extra] {
-            assert!(load.active() > 0);
-            workers[0].close(load, &counters);
+        for counted in [held, other, extra] {
+            assert!(counted.load.active() > 0);
+            workers[0].close(counted, now, &counters);
         }
         assert!(entry.backends.iter().all(|b| b.load.active() == 0));
     }
@@ -184,7 +223,7 @@ mod tests {
         let _ = workers[1].pick(now, &plain, client(5), &[]);
         assert_eq!(workers[0].affinity.len(), 1, "a Service without affinity records nothing");
         for worker in &mut workers {
-            worker.expire(now + Duration::from_secs(61));
+            worker.expire(now + Duration::from_secs(61), &Snapshot::empty());
         }
         assert_eq!(workers[0].affinity.len(), 0, "every shard is expired by some worker");
     }

@@ -1,5 +1,5 @@
 //! The state the engine handle and its workers share: the snapshot store, the publish generation,
-//! the stop and drain requests, and the session-affinity table.
+//! the stop and drain requests, the session-affinity table and the traffic counters.
 //!
 //! Its own module so that the workers and their components read it without importing the engine
 //! that spawns them. Everything here is lock-free: atomics and one `ArcSwap`.
@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use lb_core::Snapshot;
 
 use crate::affinity::SharedAffinity;
+use crate::traffic::TrafficRegistry;
 
 /// State shared between the engine handle and its workers.
 pub(crate) struct Shared {
@@ -24,4 +25,6 @@ pub(crate) struct Shared {
     pub backend_events_wanted: AtomicBool,
     /// `sessionAffinity: ClientIP` bindings, shared by every worker (see [`crate::affinity`]).
     pub affinity: Arc<SharedAffinity>,
+    /// Every worker's traffic cells (see [`crate::traffic`]).
+    pub traffic: Arc<TrafficRegistry>,
 }

@@ -37,6 +37,7 @@ use crate::source_ports::SourcePorts;
 use crate::stats::{self, WorkerCounters};
 use crate::tcp::relay::Path;
 use crate::tcp::{Connections, Listeners};
+use crate::traffic::WorkerTraffic;
 use crate::udp::Flows;
 use crate::warnings::Warnings;
 
@@ -142,6 +143,7 @@ impl Worker {
             settings.index,
             settings.workers,
             Arc::clone(&shared.affinity),
+            WorkerTraffic::new(Arc::clone(&shared.traffic), settings.index),
             worker_seed(settings.index),
         );
         let relay_ring = match BufRing::register(
@@ -385,7 +387,7 @@ impl Worker {
         self.listeners.housekeeping(&mut self.core.ctx(room));
         let room = self.tcp_room();
         self.tcp.housekeeping(&mut self.core.ctx(room));
-        self.core.selection.expire(self.core.now);
+        self.core.selection.expire(self.core.now, &self.applied);
         self.core.events.flush(&self.core.counters);
         self.core.warnings.flush(self.core.now);
         self.update_descriptor_gauges();

@@ -20,6 +20,7 @@ use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::ring::{ConnectTarget, OpKind, UserData};
 use crate::stats;
+use crate::traffic::ConnectError;
 use crate::warnings::{Warning, warn_limited};
 
 impl Associations {
@@ -110,7 +111,8 @@ impl Associations {
         .map_err(Failure::Submit)?;
         assoc.in_flight += 2;
         assoc.connect_pending = true;
-        assoc.counted = Some(ctx.selection.open(backend, ctx.counters));
+        let retry = assoc.tried_len > 1;
+        assoc.counted = Some(ctx.selection.open(assoc.key, backend, retry, ctx.now, ctx.counters));
         Ok(())
     }
 
@@ -133,11 +135,15 @@ impl Associations {
             if let Some(backend) = assoc.backend.take() {
                 abort_socket(&backend);
             }
-            if let Some(load) = assoc.counted.take() {
-                ctx.selection.close(load, ctx.counters);
+            if let Some(counted) = assoc.counted.take() {
+                counted.failed(ConnectError::of_errno(-result));
+                ctx.selection.close(counted, ctx.now, ctx.counters);
             }
             self.try_connect(ctx, data.slot, data.generation);
             return;
+        }
+        if let Some(counted) = assoc.counted.as_mut() {
+            counted.established(ctx.now);
         }
         assoc.relaying = true;
         assoc.entry = None;
@@ -230,6 +236,10 @@ impl Associations {
                     &ctx.counters.sctp_messages_backend_to_client
                 };
                 stats::add(counter, 1);
+                if let Some(counted) = &assoc.counted {
+                    counted.cell().moved(dir == Dir::ToBackend, result as u64, 1);
+                }
+                let direction = &mut assoc.dirs[dir.index()];
                 direction.buf.filled = 0;
                 self.arm_recv(ctx, index, generation, dir);
             }
@@ -309,8 +319,8 @@ impl Associations {
                 abort_socket(backend);
             }
         }
-        if let Some(load) = assoc.counted.take() {
-            ctx.selection.close(load, ctx.counters);
+        if let Some(counted) = assoc.counted.take() {
+            ctx.selection.close(counted, ctx.now, ctx.counters);
         }
         stats::set(&ctx.counters.sctp_active, self.assocs.len() as u64);
         drop(assoc);

@@ -66,7 +66,7 @@ struct Assoc {
     backend: Option<Socket>,
     backend_id: Option<BackendId>,
     /// The backend counted in the worker's load (between connect submission and release).
-    counted: Option<lb_core::BackendLoad>,
+    counted: Option<crate::traffic::Counted>,
     entry: Option<Arc<ServiceEntry>>,
     tried: [BackendIdx; MAX_ATTEMPTS],
     tried_len: usize,

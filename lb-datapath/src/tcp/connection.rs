@@ -11,12 +11,13 @@ use std::time::Instant;
 
 use crate::connect::MAX_ATTEMPTS;
 use crate::ring::ConnectTarget;
-use lb_core::{BackendId, BackendIdx, BackendLoad, EntryPolicy, ServiceEntry, VipKey};
+use lb_core::{BackendId, BackendIdx, EntryPolicy, ServiceEntry, VipKey};
 use socket2::Socket;
 
 use crate::dir::Dir;
 use crate::pool::{Held, Pipe};
 use crate::slots::{Pinned, Slots};
+use crate::traffic::Counted;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +97,7 @@ pub(crate) struct Conn {
     pub source_port_collisions: u8,
     /// The load counter of the backend this connection is counted against, from its connect
     /// submission until the connect fails or the connection is released (closed exactly once).
-    pub counted: Option<BackendLoad>,
+    pub counted: Option<Counted>,
     pub tried: [BackendIdx; MAX_ATTEMPTS],
     pub tried_len: usize,
     /// Read by the kernel when the connect is submitted.

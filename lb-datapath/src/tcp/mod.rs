@@ -36,6 +36,7 @@ use crate::pool::{Pipe, PipePool, RelayBuffers};
 use crate::ring::{OpKind, UserData};
 use crate::source_ports::{COLLISION_RETRIES, SourcePorts};
 use crate::stats::{self, WorkerCounters};
+use crate::traffic::{ConnectError, Refusal};
 use crate::warnings::{Warning, warn_limited};
 
 /// How often the kernel's ephemeral and reserved ports are read again (an operator may change
@@ -145,7 +146,8 @@ fn start_connect(
     conn.connect_pending = true;
     // Counted from the submission (not the completion) so that a burst of accepts handled in
     // one batch already sees each other's load.
-    conn.counted = Some(ctx.selection.open(backend, ctx.counters));
+    let retry = conn.tried_len > 1 && conn.source_port_collisions == 0;
+    conn.counted = Some(ctx.selection.open(conn.key, backend, retry, ctx.now, ctx.counters));
     Ok(())
 }
 
@@ -221,6 +223,7 @@ impl Connections {
         // `loadBalancerSourceRanges` comes before anything else: no slot, no pick, no backend connect.
         // (A client whose address cannot be read is refused when ranges are set: it is gone anyway.)
         if !entry.allows(client_addr.ip()) {
+            ctx.selection.refuse(key, Refusal::SourceRange);
             stats::add(&ctx.counters.tcp_refused_source_range, 1);
             stats::add(&ctx.counters.resets, 1);
             reset_socket(client);
@@ -300,8 +303,14 @@ impl Connections {
         {
             let (key, backend) = (conn.key, conn.backend_id);
             conn.backend = None;
-            if let Some(load) = conn.counted.take() {
-                ctx.selection.close(load, ctx.counters);
+            if let Some(counted) = conn.counted.take() {
+                let collision = local == Some(LocalResource::SourcePorts) && conn.source_port.is_some();
+                // A self-connect reached a port nobody listens on.
+                let cause = if result < 0 { ConnectError::of_errno(-result) } else { ConnectError::Refused };
+                if !collision {
+                    counted.failed(cause);
+                }
+                ctx.selection.close(counted, ctx.now, ctx.counters);
             }
             match local {
                 // The port the worker chose makes a 4-tuple in use: the same backend again, on
@@ -329,6 +338,9 @@ impl Connections {
                 }
             }
             return;
+        }
+        if let Some(counted) = conn.counted.as_mut() {
+            counted.established(ctx.now);
         }
         let (key, backend) = (conn.key, conn.backend_id);
         report(ctx, key, backend, BackendOutcome::Connected);
@@ -503,6 +515,9 @@ impl Connections {
                 Dir::ToClient => &ctx.counters.bytes_backend_to_client,
             };
             stats::add(counter, completed.written);
+            if let Some(counted) = &conn.counted {
+                counted.cell().moved(dir == Dir::ToBackend, completed.written, 0);
+            }
         }
         if conn.phase == Phase::Closing {
             self.release_if_idle(ctx, data.slot, data.generation);
@@ -544,8 +559,8 @@ impl Connections {
             return;
         }
         let Some(mut conn) = self.conns.remove(index) else { return };
-        if let Some(load) = conn.counted.take() {
-            ctx.selection.close(load, ctx.counters);
+        if let Some(counted) = conn.counted.take() {
+            ctx.selection.close(counted, ctx.now, ctx.counters);
         }
         for dir in Dir::BOTH {
             let direction = conn.direction(dir);
@@ -624,7 +639,7 @@ impl Connections {
             }
         }
         self.scratch = live;
-        self.count_draining(ctx.counters);
+        self.count_draining(ctx);
     }
 
     /// Gives connections whose VIP or backend left the snapshot, or whose backend turned not ready
@@ -644,11 +659,12 @@ impl Connections {
             );
         }
         self.scratch = live;
-        self.count_draining(ctx.counters);
+        self.count_draining(ctx);
     }
 
-    /// Sets the `draining` gauge: connections with a drain deadline that are not closing yet.
-    fn count_draining(&mut self, counters: &WorkerCounters) {
+    /// Sets the `draining` gauges (the worker's, and each traffic cell's): connections with a
+    /// drain deadline that are not closing yet.
+    fn count_draining(&mut self, ctx: &mut Ctx<'_>) {
         let mut live = std::mem::take(&mut self.scratch);
         self.conns.live(&mut live);
         let mut draining = 0u64;
@@ -656,9 +672,13 @@ impl Connections {
             let Some(conn) = self.conns.get_mut(index, generation) else { continue };
             if conn.phase != Phase::Closing && conn.drain_deadline.is_some() {
                 draining += 1;
+                if let Some(counted) = &conn.counted {
+                    counted.cell().count_draining();
+                }
             }
         }
-        stats::set(&counters.draining, draining);
+        stats::set(&ctx.counters.draining, draining);
+        ctx.selection.traffic().publish_draining(draining > 0);
         self.scratch = live;
     }
 

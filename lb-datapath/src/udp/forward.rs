@@ -24,6 +24,7 @@ use crate::bufring::BufRing;
 use crate::context::Ctx;
 use crate::ring::UserData;
 use crate::stats;
+use crate::traffic::Refusal;
 
 /// A datagram as received: its source (VIP sockets), destination (wildcard VIP sockets) and
 /// payload, or why it cannot be used.
@@ -233,6 +234,7 @@ impl Flows {
         let backend = ctx.selection.pick(ctx.now, entry, key.client, &[]).and_then(|idx| entry.backend(idx));
         let Some(backend) = backend else {
             stats::add(&ctx.counters.udp_drops_no_backend, 1);
+            ctx.selection.refuse(entry.key, Refusal::NoBackend);
             return None;
         };
         let upstream = match socket::connect_upstream(backend.addr()) {
@@ -247,7 +249,8 @@ impl Flows {
             }
         };
         let to_backend = socket::segment_limit(&upstream);
-        let load = ctx.selection.open(backend, ctx.counters);
+        let mut load = ctx.selection.open(entry.key, backend, false, ctx.now, ctx.counters);
+        load.created(ctx.now);
         let flow = UdpFlow {
             upstream,
             backend: backend.id,
@@ -279,6 +282,9 @@ impl Flows {
             Ok(bytes) => {
                 stats::add(&ctx.counters.udp_datagrams_client_to_backend, 1);
                 stats::add(&ctx.counters.udp_bytes_client_to_backend, bytes as u64);
+                if let Some(flow) = self.flows.get_mut(handle) {
+                    flow.load.cell().moved(true, bytes as u64, 1);
+                }
                 self.flows.touch(handle, ctx.now, false);
             }
             Err(err) => {

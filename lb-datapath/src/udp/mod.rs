@@ -139,8 +139,9 @@ struct UdpVip {
 pub(crate) struct UdpFlow {
     upstream: Socket,
     backend: BackendId,
-    /// The backend's load counter this flow is counted on (closed when the flow leaves the table).
-    load: lb_core::BackendLoad,
+    /// The backend's load counter and traffic cell this flow is counted on (closed when the flow
+    /// leaves the table).
+    load: crate::traffic::Counted,
     vip_slot: u32,
     client: SockAddr,
     /// The VIP replies name as source address: set when the VIP socket is a wildcard.
@@ -328,10 +329,11 @@ fn release_flow(
     ring: &mut Ring,
     selection: &mut Selection,
     counters: &WorkerCounters,
+    now: Instant,
     handle: FlowHandle,
     flow: UdpFlow,
 ) -> std::io::Result<()> {
-    selection.close(flow.load, counters);
+    selection.close(flow.load, now, counters);
     let mut outcome = Ok(());
     if flow.fd_queued_at == Some(ring.submissions()) {
         outcome = ring.submit().map(drop);
@@ -528,7 +530,7 @@ impl Flows {
 
     /// [`release_flow`], warning (throttled) when the ring refused what the flow queued.
     pub(super) fn release_flow(&mut self, ctx: &mut Ctx<'_>, handle: FlowHandle, flow: UdpFlow) {
-        if let Err(error) = release_flow(ctx.ring, ctx.selection, ctx.counters, handle, flow) {
+        if let Err(error) = release_flow(ctx.ring, ctx.selection, ctx.counters, ctx.now, handle, flow) {
             warn_limited!(ctx, Warning::Submit, %error, "cannot submit a UDP flow's last operations");
         }
     }

@@ -376,6 +376,9 @@ impl Flows {
             };
             stats::add(datagrams, count as u64);
             stats::add(bytes, result as u64);
+            if let Some(UdpFlow { load, .. }) = self.flows.get_mut(flow) {
+                load.cell().moved(to_backend, result as u64, count as u64);
+            }
             stats::add(&ctx.counters.udp_sends, 1);
             return;
         }
