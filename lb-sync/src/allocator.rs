@@ -46,7 +46,12 @@ pub struct Allocator {
     /// A write or an Event of the last round failed: the next round comes at this time too.
     retry_at: Option<tokio::time::Instant>,
     failures: LogThrottle,
+    /// How full each pool is after the last plan (`/metrics`).
+    usage: PoolUsageHandle,
 }
+
+/// The pools' usage as the leader's last plan left it; empty on a follower (it plans nothing).
+pub type PoolUsageHandle = Arc<std::sync::Mutex<Vec<ipam::PoolUsage>>>;
 
 /// A status written over a given version of the Service.
 #[derive(Debug)]
@@ -66,7 +71,13 @@ impl Allocator {
             pending: HashMap::new(),
             retry_at: None,
             failures: LogThrottle::new(Duration::from_secs(30)),
+            usage: PoolUsageHandle::default(),
         }
+    }
+
+    /// Where the usage of the pools is kept after every plan.
+    pub fn usage(&self) -> PoolUsageHandle {
+        Arc::clone(&self.usage)
     }
 
     /// Plans and writes whenever the objects change while this replica leads, until `shutdown`.
@@ -97,8 +108,9 @@ impl Allocator {
                 () = sleep_until_retry(self.retry_at), if self.retry_at.is_some() => false,
             };
             if !*leading.borrow() {
-                // A follower writes nothing, so it has nothing to retry.
+                // A follower writes nothing, so it has nothing to retry, and tells no usage.
                 self.retry_at = None;
+                self.usage.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 continue;
             }
             let current = Arc::clone(&objects.borrow_and_update());
@@ -153,6 +165,7 @@ impl Allocator {
             namespace_labels: &labels,
             selection: &self.selection,
         });
+        *self.usage.lock().unwrap_or_else(|e| e.into_inner()) = plan.usage.clone();
         for error in &plan.pool_errors {
             self.complain(&format!("IPAddressPool {:?} is unusable: {}", error.pool, error.reason));
         }

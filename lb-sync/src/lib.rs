@@ -34,7 +34,7 @@ pub mod store;
 pub mod vip_link;
 
 pub use control::{ControlLoop, SourceHandle};
-pub use health::{BackendEventReceiver, EVENT_POLL, HealthStatus};
+pub use health::{BackendEventReceiver, EVENT_POLL, HealthStatus, Verdicts};
 pub use manifest::{Location, ManifestError, ManifestSet, ReadError, parse_manifest_str};
 pub use readiness::Readiness;
 pub use sink::SnapshotSink;

@@ -115,6 +115,11 @@ impl ControlLoop {
         self
     }
 
+    /// The node the builds narrow `externalTrafficPolicy: Local` to, if known.
+    pub fn node_name(&self) -> Option<String> {
+        self.options.node_name.clone()
+    }
+
     /// A handle that tells whether the first snapshot was published (for `/readyz`).
     pub fn readiness(&self) -> Readiness {
         self.readiness.clone()
@@ -168,6 +173,7 @@ impl ControlLoop {
                     biased;
                     _ = &mut shutdown => return,
                     Some(batch) = batches.recv() => {
+                        let received = std::time::Instant::now();
                         let mut count = objects_in(&batch);
                         let mut changed = out.apply(batch);
                         while let Ok(more) = batches.try_recv() {
@@ -178,7 +184,9 @@ impl ControlLoop {
                         if changed || out.publisher.current().is_none() {
                             // One view of the store serves the build and the allocator's feed.
                             let objects = Arc::new(out.store.objects());
-                            out.rebuild(Arc::clone(&objects)).await;
+                            if out.rebuild(Arc::clone(&objects)).await {
+                                out.readiness.record_lag(received.elapsed());
+                            }
                             if let Some(feed) = &out.objects {
                                 feed.send_replace(objects);
                             }
@@ -248,8 +256,8 @@ impl<S: SnapshotSink> Outlet<S> {
 
     /// Builds from the store on the blocking pool and publishes the result if it differs. The
     /// build cache goes with the build and comes back with its result; a build that was lost
-    /// (panicked) loses the cache too, and the next build starts from scratch.
-    async fn rebuild(&mut self, objects: Arc<Objects>) {
+    /// (panicked) loses the cache too, and the next build starts from scratch. Whether it published.
+    async fn rebuild(&mut self, objects: Arc<Objects>) -> bool {
         let previous = self.publisher.current().cloned();
         let options = BuildOptions { health: self.health.clone(), ..self.options.clone() };
         let version = self.publisher.next_version();
@@ -260,6 +268,7 @@ impl<S: SnapshotSink> Outlet<S> {
             (revisions, reused)
         });
         let built = blocking(move || {
+            let started = std::time::Instant::now();
             let services: Vec<_> = objects.services.iter().map(|o| o.revised()).collect();
             let slices: Vec<_> = objects.slices.iter().map(|o| o.revised()).collect();
             let endpoints: Vec<&_> = objects.endpoints.iter().map(|o| &**o).collect();
@@ -280,23 +289,32 @@ impl<S: SnapshotSink> Outlet<S> {
                 }
                 None => (report, None),
             };
-            (report, cache, announced)
+            (report, cache, announced, started.elapsed())
         })
         .await;
         match built {
-            Ok((report, cache, announced)) => {
+            Ok((report, cache, announced, took)) => {
+                self.readiness.record_build(took);
                 self.cache = cache;
                 self.announced = announced;
-                self.publish_report(report);
+                self.publish_report(report)
             }
-            Err(reason) => tracing::warn!(reason, "a build did not complete; the table stays as it is"),
+            Err(reason) => {
+                tracing::warn!(reason, "a build did not complete; the table stays as it is");
+                false
+            }
         }
     }
 
-    fn publish_report(&mut self, report: BuildReport) {
+    /// Whether it published.
+    fn publish_report(&mut self, report: BuildReport) -> bool {
         self.readiness.set_rejected_objects(report.errors.len());
-        if let Some(snapshot) = self.publisher.accept(report) {
-            self.publish(snapshot);
+        match self.publisher.accept(report) {
+            Some(snapshot) => {
+                self.publish(snapshot);
+                true
+            }
+            None => false,
         }
     }
 

@@ -53,6 +53,16 @@ struct Counters {
     backend_events: AtomicU64,
     ejections: AtomicU64,
     ejected_backends: AtomicU64,
+    /// Why each backend the overlay keeps out is kept out (`/backends`, `/metrics`).
+    verdicts: std::sync::Mutex<Arc<Verdicts>>,
+}
+
+/// The backends the monitor keeps out of new connections now, by why: failing their Service's
+/// active checks, or ejected by its outlier detection (a backend may be both).
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    pub failing_checks: HealthOverlay,
+    pub ejected: HealthOverlay,
 }
 
 impl HealthStatus {
@@ -99,6 +109,11 @@ impl HealthStatus {
     /// (Service, backend) pairs ejected by outlier detection now (panic mode may still serve them).
     pub fn ejected_backends(&self) -> u64 {
         self.0.ejected_backends.load(Ordering::Relaxed)
+    }
+
+    /// The verdicts of the overlay sent last.
+    pub fn verdicts(&self) -> Arc<Verdicts> {
+        Arc::clone(&self.0.verdicts.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -370,10 +385,12 @@ impl HealthMonitor {
     /// Sends the overlay when it changed; false when nobody listens any more.
     fn publish_overlay(&mut self, verdicts: &watch::Sender<HealthOverlay>) -> bool {
         let mut overlay = HealthOverlay::new();
+        let mut why = Verdicts::default();
         let mut unhealthy = 0;
         for (service, checker) in &self.checkers {
             let backends: Vec<_> = checker.unhealthy().collect();
             unhealthy += backends.len() as u64;
+            why.failing_checks.extend(service, backends.iter().copied());
             overlay.extend(service, backends);
         }
         self.status.0.unhealthy_backends.store(unhealthy, Ordering::Relaxed);
@@ -382,12 +399,14 @@ impl HealthMonitor {
             let Some(detector) = self.outliers.get(service) else { continue };
             let backends: Vec<_> = detector.ejected().collect();
             ejected += backends.len() as u64;
+            why.ejected.extend(service, backends.iter().copied());
             overlay.extend(service, backends);
         }
         self.status.0.ejected_backends.store(ejected, Ordering::Relaxed);
         if overlay == self.overlay {
             return !verdicts.is_closed();
         }
+        *self.status.0.verdicts.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(why);
         self.overlay = overlay.clone();
         verdicts.send(overlay).is_ok()
     }
