@@ -1,9 +1,11 @@
-//! The admin HTTP listener: `/healthz` (the process runs), `/readyz` (the datapath serves the first
-//! snapshot) and `/status` (JSON: snapshot version, source state, per-worker counters). Runs on the
-//! control thread's tokio runtime; never on a datapath worker.
+//! The admin HTTP listener, read-only: `/healthz` (the process runs), `/readyz` (the datapath serves
+//! the first snapshot), `/metrics` (Prometheus, see [`crate::metrics`]), `/snapshot` (the served
+//! table as JSON), `/backends` (every backend's state and why) and `/status` (JSON: snapshot
+//! version, source state, per-worker counters). Runs on the control thread's tokio runtime; never
+//! on a datapath worker.
 //!
-//! It listens on loopback unless the operator explicitly allows another address, because it will
-//! expose internals (metrics, tables) that should not be reachable from the VIP side.
+//! It listens on loopback unless the operator explicitly allows another address, because it
+//! exposes internals (metrics, tables) that should not be reachable from the VIP side.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +17,13 @@ use tokio::net::TcpListener;
 
 use crate::cli::{AdminAddr, AdminArgs};
 use crate::http_server::{self, Answer, respond, text};
+use crate::metrics;
+
+fn json(document: &serde_json::Value) -> Answer {
+    let mut body = serde_json::to_vec_pretty(document).unwrap_or_default();
+    body.push(b'\n');
+    respond(StatusCode::OK, "application/json", Bytes::from(body))
+}
 
 /// What the admin endpoints report; implemented by the serving wiring.
 pub trait AdminState: Send + Sync + 'static {
@@ -22,6 +31,12 @@ pub trait AdminState: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
     /// The `/status` document.
     fn status(&self) -> serde_json::Value;
+    /// The `/metrics` exposition.
+    fn metrics(&self) -> String;
+    /// The `/snapshot` document: the served table.
+    fn snapshot(&self) -> serde_json::Value;
+    /// The `/backends` document.
+    fn backends(&self) -> serde_json::Value;
 }
 
 /// The address to listen on, if any, refusing a non-loopback one unless explicitly allowed.
@@ -53,11 +68,22 @@ fn route(request: &Request<Incoming>, state: &dyn AdminState) -> Answer {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/status" => {
-            let mut body = serde_json::to_vec_pretty(&state.status()).unwrap_or_default();
-            body.push(b'\n');
-            respond(StatusCode::OK, "application/json", Bytes::from(body))
+        "/status" => json(&state.status()),
+        "/snapshot" => json(&state.snapshot()),
+        "/backends" => json(&state.backends()),
+        "/metrics" => {
+            let accept = request.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+            let exposition = state.metrics();
+            if metrics::wants_openmetrics(accept) {
+                respond(StatusCode::OK, metrics::CONTENT_TYPE, Bytes::from(exposition))
+            } else {
+                let text = metrics::to_prometheus_text(&exposition);
+                respond(StatusCode::OK, metrics::TEXT_CONTENT_TYPE, Bytes::from(text))
+            }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz or /status\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz, /readyz, /metrics, /snapshot, /backends or /status\n",
+        ),
     }
 }

@@ -297,6 +297,10 @@ pub struct EngineArgs {
     /// kernel's net.ipv4.ip_local_port_range; required by --source-ports worker].
     #[arg(long, value_parser = parse_port_range, required_if_eq("source_ports", "worker"))]
     pub source_port_range: Option<std::ops::RangeInclusive<u16>>,
+    /// How finely /metrics counts traffic: `backend` (per VIP key and backend) or `vip` (per VIP
+    /// key only: fewer series for tables of many backends).
+    #[arg(long, value_enum, default_value_t = MetricsDetailArg::Backend)]
+    pub metrics_detail: MetricsDetailArg,
 }
 
 /// `LOW-HIGH`, both ports, LOW at most HIGH.
@@ -315,6 +319,12 @@ pub enum SourcePortsArg {
     Worker,
     KernelPerWorker,
     Kernel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsDetailArg {
+    Backend,
+    Vip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

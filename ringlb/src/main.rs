@@ -8,6 +8,7 @@ mod cli;
 mod demo;
 mod http_server;
 mod logging;
+mod metrics;
 mod node_health;
 mod serve;
 mod service_health;

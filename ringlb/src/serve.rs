@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lb_core::{
-    BuildOptions, EntryPolicy, NotReadyConnections, ServiceSelection, Snapshot, StaleFlowPolicy, VipSource,
+    BuildOptions, EntryPolicy, NotReadyConnections, ServiceEntry, ServiceSelection, Snapshot,
+    StaleFlowPolicy, VipSource,
 };
-use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, SourcePortMode, UdpConfig};
-use lb_sync::allocator::Allocator;
+use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, SourcePortMode, TrafficDetail, UdpConfig};
+use lb_sync::allocator::{Allocator, PoolUsageHandle};
 use lb_sync::announce::Announcer;
 use lb_sync::announce::responder::Responder;
 use lb_sync::bird::{self, Advertised, Bird, BirdConfig, BirdStatus, Peering};
@@ -33,9 +34,10 @@ use serde_json::json;
 
 use crate::admin::{self, AdminState};
 use crate::cli::{
-    AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, ListenersArg, NotReadyArg, RelayArg, RunArgs,
-    SourcePortsArg, StaleFlowsArg, VipLinkKindArg,
+    AdminArgs, ClusterArgs, DefaultsArgs, EngineArgs, ListenersArg, MetricsDetailArg, NotReadyArg, RelayArg,
+    RunArgs, SourcePortsArg, StaleFlowsArg, VipLinkKindArg,
 };
+use crate::metrics;
 use crate::node_health::{self, NodeHealth};
 use crate::service_health::{self, ServiceHealthStatus};
 
@@ -260,6 +262,10 @@ pub fn engine_config(args: &EngineArgs) -> EngineConfig {
             SourcePortsArg::Kernel => SourcePortMode::Kernel,
         },
         source_port_range: args.source_port_range.clone(),
+        traffic_detail: match args.metrics_detail {
+            MetricsDetailArg::Backend => TrafficDetail::Backend,
+            MetricsDetailArg::Vip => TrafficDetail::Vip,
+        },
         udp: UdpConfig {
             max_flows_per_worker: args.udp_max_flows.unwrap_or(defaults.udp.max_flows_per_worker).max(1),
             vip_receive_buffer: args.udp_receive_buffer.unwrap_or(defaults.udp.vip_receive_buffer),
@@ -304,6 +310,16 @@ struct ServeState {
     bgp: Option<BirdStatus>,
     /// The L2 agreement; `None` without `--l2-listen`.
     l2: Option<(Arc<std::sync::Mutex<L2State>>, Arc<L2Counters>)>,
+    /// This node, when ringlb knows it (`externalTrafficPolicy: Local`).
+    node_name: Option<String>,
+    /// The pools' usage by the leader's last plan; `None` outside a cluster.
+    pools: Option<PoolUsageHandle>,
+}
+
+impl ServeState {
+    fn verdicts(&self) -> Option<Arc<lb_sync::Verdicts>> {
+        self.health.as_ref().map(HealthStatus::verdicts)
+    }
 }
 
 impl AdminState for ServeState {
@@ -356,6 +372,38 @@ impl AdminState for ServeState {
             "l2": self.l2.as_ref().map(|(state, counters)| l2_status(state, counters)),
             "workers": workers,
         })
+    }
+
+    fn metrics(&self) -> String {
+        let l2 = self.l2.as_ref().map(|(state, _)| {
+            state.lock().map(|state| (state.owned as u64, state.may_claim)).unwrap_or_default()
+        });
+        let pools = self.pools.as_ref().map(|pools| pools.lock().map(|p| p.clone()).unwrap_or_default());
+        metrics::render(metrics::Scrape {
+            ready: self.is_ready(),
+            reconciled: self.engine.is_reconciled(),
+            snapshot: self.engine.current(),
+            node: self.node_name.clone(),
+            traffic: self.engine.traffic(),
+            per_backend: self.engine.config().traffic_detail == TrafficDetail::Backend,
+            workers: self.engine.stats().workers,
+            source: self.source.clone(),
+            health: self.health.clone(),
+            leading: self.leading.as_ref().map(|leading| *leading.borrow()),
+            pools: pools.unwrap_or_default(),
+            bgp: self.bgp.as_ref().map(|bgp| (bgp.routes(), bgp.failing())),
+            l2,
+        })
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        let snapshot = self.engine.current();
+        let entries: Vec<&ServiceEntry> = snapshot.entries().map(|entry| entry.as_ref()).collect();
+        json!({ "version": snapshot.version, "entries": entries })
+    }
+
+    fn backends(&self) -> serde_json::Value {
+        metrics::backends(&self.engine.current(), self.node_name.as_deref(), self.verdicts().as_deref())
     }
 }
 
@@ -439,6 +487,7 @@ pub fn serve(
         // In a cluster: the API client, leader election and the allocator, beside the control loop.
         let mut duties = Vec::new();
         let mut leading = None;
+        let mut pools = None;
         // For L2 cluster mode: the API and where the member Lease goes.
         let mut arbitration = None;
         let source = match source {
@@ -450,6 +499,7 @@ pub fn serve(
                 let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
                 tracing::info!(identity = %cluster.lease.identity, lease = %cluster.lease.name, namespace = %cluster.lease.namespace, "leader election");
                 let allocator = Allocator::new(client.clone(), cluster.selection.clone(), &cluster.lease.identity);
+                pools = Some(allocator.usage());
                 let member_lease = MemberLease::beside(&cluster.lease.namespace, &cluster.lease.name);
                 duties.push(tokio::spawn(leader::run(client.clone(), cluster.lease, leader_tx, until_stopped())));
                 duties.push(tokio::spawn(allocator.run(objects, leader_rx.clone(), until_stopped())));
@@ -486,8 +536,10 @@ pub fn serve(
                 service_health: service_health.clone(),
                 bgp: bgp_status.clone(),
                 l2: l2.as_ref().map(|l2| (l2.state(), l2.counters())),
+                node_name: control.and_then(ControlLoop::node_name),
+                pools: pools.clone(),
             };
-            tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
+            tracing::info!(%addr, "admin listening (/healthz, /readyz, /metrics, /snapshot, /backends, /status)");
             tokio::spawn(admin::serve(listener, Arc::new(state)));
         }
         if let Some(addr) = health.node {

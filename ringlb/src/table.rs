@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use lb_core::{Backend, BuildReport, ServiceEntry};
+use lb_core::{Backend, BackendState, BuildReport, HealthOverlay, ServiceEntry};
 
 /// One line per VIP entry, one indented line per backend, the health-check node ports this node
 /// would answer, then rejections and skipped Services.
@@ -59,21 +59,16 @@ fn render_entry(out: &mut String, entry: &ServiceEntry) {
         entry.scheduler.kind().name(),
         format!("{}/{}", entry.eligible.len(), entry.backends.len()),
     );
+    // `check` runs no health checks: only readiness and the node leave a backend out.
+    let none = HealthOverlay::new();
     for (idx, backend) in entry.backends.iter().enumerate() {
-        let eligible = entry.eligible.contains(&(idx as u32));
-        let _ = writeln!(out, "    {}", backend_line(backend, eligible));
+        let state = BackendState::of(entry, idx as u32, None, &none, &none);
+        let _ = writeln!(out, "    {}", backend_line(backend, state));
     }
 }
 
-fn backend_line(backend: &Backend, eligible: bool) -> String {
-    let conditions = backend.conditions;
-    let state = if eligible {
-        "eligible"
-    } else if conditions.terminating {
-        "terminating"
-    } else {
-        "not-ready"
-    };
+fn backend_line(backend: &Backend, state: BackendState) -> String {
+    let state = state.name().replace('_', "-");
     let mut line = format!("{:<45} {:<11} weight={}", backend.addr().to_string(), state, backend.weight);
     if let Some(node) = backend.node_name() {
         let _ = write!(line, " node={node}");
