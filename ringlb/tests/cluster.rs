@@ -102,6 +102,10 @@ fn an_exhausted_pool_and_a_taken_or_foreign_request_give_events_and_no_status() 
     cluster.apply_json(&second);
     let (note, _) = cluster.wait_event("second", "AddressPoolExhausted");
     assert!(note.contains("single"), "the Event names the pool: {note}");
+    // What RingLBPoolExhausted alerts on, from the leader.
+    ringlb.wait_metric("ringlb_leader{} 1");
+    ringlb.wait_metric("ringlb_pool_addresses{pool=\"single\"} 1");
+    ringlb.wait_metric("ringlb_pool_addresses_in_use{pool=\"single\"} 1");
 
     let taken: Service = load_balancer("taken", Some(CLASS), &[("http", 80)])
         .annotation("metallb.io/loadBalancerIPs", "127.0.112.7")
@@ -122,6 +126,8 @@ fn an_exhausted_pool_and_a_taken_or_foreign_request_give_events_and_no_status() 
     // A pool that grows: the waiting Service gets the new address (pools are watched).
     cluster.pool("single", &["127.0.112.7/32", "127.0.112.8/32"]);
     assert_eq!(cluster.wait_ingress("second").to_string(), "127.0.112.8");
+    ringlb.wait_metric("ringlb_pool_addresses{pool=\"single\"} 2");
+    ringlb.wait_metric("ringlb_pool_addresses_in_use{pool=\"single\"} 2");
     cluster.endpoints("second", &[(0, true)]);
     wait_reached("127.0.112.8:80".parse().expect("literal"), &["pod-0"]);
     assert!(cluster.ingress("taken").is_empty(), "a taken request stays unallocated");

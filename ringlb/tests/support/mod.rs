@@ -101,6 +101,14 @@ impl Ringlb {
         serde_json::from_str(&body).expect("/status is JSON")
     }
 
+    /// Waits until the admin `/metrics` (the Prometheus text format) holds the sample `line`.
+    pub fn wait_metric(&self, line: &str) {
+        poll_until(&format!("{line} in /metrics"), || {
+            let (code, body) = http_get(self.admin, "/metrics").ok()?;
+            (code == 200 && body.lines().any(|l| l == line)).then_some(())
+        });
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(self) -> ExitStatus {
         self.signal(libc::SIGTERM);
