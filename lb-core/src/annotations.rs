@@ -129,6 +129,26 @@ pub const UDP_STALE_FLOWS: &str = "ringlb.io/udp-stale-flows";
 /// On a Service: how many backends one client connection may try in all, first try included; 1..=16.
 pub const CONNECT_ATTEMPTS: &str = "ringlb.io/connect-attempts";
 
+/// On a Service: TCP connections (and SCTP associations) one VIP key may have open at once, over
+/// every worker, 1..=10000000; one beyond is refused with a reset. Default: `--max-connections`
+/// (no limit).
+pub const MAX_CONNECTIONS: &str = "ringlb.io/max-connections";
+
+/// On a Service: connections a backend may have open at once (counting every Service's), same
+/// range; a full backend gets no new connection of this Service. Default:
+/// `--max-backend-connections` (no limit).
+pub const MAX_BACKEND_CONNECTIONS: &str = "ringlb.io/max-backend-connections";
+
+/// On a Service: new TCP connections (and SCTP associations) per second one client IP may open to
+/// each of its VIP keys, 1..=1000000; beyond it they are refused with a reset. Default:
+/// `--client-connection-rate` (no limit).
+pub const CLIENT_CONNECTION_RATE: &str = "ringlb.io/client-connection-rate";
+
+/// On a Service: how many connections a client may open at once after a pause under
+/// [`CLIENT_CONNECTION_RATE`], 1..=1000000. Default: the rate; with the command line's rate, its
+/// `--client-connection-burst`.
+pub const CLIENT_CONNECTION_BURST: &str = "ringlb.io/client-connection-burst";
+
 /// On an EndpointSlice: the weight of all its endpoints for `wrr`, 1..=10000. Default 1.
 pub const WEIGHT: &str = "ringlb.io/weight";
 

@@ -31,6 +31,7 @@ pub mod lifecycle;
 pub mod local;
 pub mod metallb;
 pub mod model;
+pub mod rate;
 pub mod scheduler;
 pub mod selection;
 #[cfg(test)]
@@ -55,6 +56,7 @@ pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryChanges, EntryPolicy, HealthCheckNodePort,
     ObjectRef, Placement, Protocol, ServiceEntry, Snapshot, TrafficPolicy, VipKey,
 };
+pub use rate::{ClientRate, RateTable};
 pub use scheduler::{
     BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,
     SchedulerKind,

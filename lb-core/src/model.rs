@@ -27,6 +27,7 @@ use crate::builder::service::ParsedService;
 use crate::cidr::Cidr;
 use crate::health::{HealthCheckConfig, OutlierConfig};
 use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
+use crate::rate::ClientRate;
 use crate::scheduler::{BackendLoad, Scheduler};
 
 /// Transport protocol of a service port, as in `Service.spec.ports[].protocol`.
@@ -220,6 +221,16 @@ pub struct EntryPolicy {
     pub udp_replied_timeout: Duration,
     /// What happens to a UDP flow whose backend is no longer eligible.
     pub udp_stale_flows: StaleFlowPolicy,
+    /// TCP connections and SCTP associations of this VIP key open at once, over every worker; one
+    /// beyond is refused (reset). 0: no limit.
+    pub max_connections: u32,
+    /// Connections (and UDP flows) a backend may have open at once, from every Service; a full
+    /// backend is passed over for new TCP connections and SCTP associations, and a client finding
+    /// every eligible backend full is refused. 0: no limit.
+    pub max_backend_connections: u32,
+    /// New TCP connections and SCTP associations one client IP may open to this VIP key;
+    /// beyond it they are refused. `None`: no limit.
+    pub client_rate: Option<ClientRate>,
 }
 
 impl Default for EntryPolicy {
@@ -233,6 +244,9 @@ impl Default for EntryPolicy {
             udp_unreplied_timeout: Duration::from_secs(30),
             udp_replied_timeout: Duration::from_secs(120),
             udp_stale_flows: StaleFlowPolicy::Move,
+            max_connections: 0,
+            max_backend_connections: 0,
+            client_rate: None,
         }
     }
 }
@@ -317,6 +331,7 @@ impl ServiceEntry {
     pub fn needs_client_address(&self) -> bool {
         !self.traffic.source_ranges.is_empty()
             || self.traffic.session_affinity.is_some()
+            || self.policy.client_rate.is_some()
             || self.scheduler.kind().uses_client()
     }
 

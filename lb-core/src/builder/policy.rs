@@ -10,19 +10,24 @@ use std::time::Duration;
 
 use super::{BuildOptions, parse_ip};
 use crate::annotations::{
-    BACKEND_WEIGHTS, CONNECT_ATTEMPTS, CONNECT_TIMEOUT, DRAIN_TIMEOUT, HASH_KEY, IDLE_TIMEOUT,
-    MAGLEV_TABLE_SIZE, NOT_READY_CONNECTIONS, SCHEDULER, UDP_REPLIED_TIMEOUT, UDP_STALE_FLOWS,
-    UDP_UNREPLIED_TIMEOUT, WEIGHT,
+    BACKEND_WEIGHTS, CLIENT_CONNECTION_BURST, CLIENT_CONNECTION_RATE, CONNECT_ATTEMPTS, CONNECT_TIMEOUT,
+    DRAIN_TIMEOUT, HASH_KEY, IDLE_TIMEOUT, MAGLEV_TABLE_SIZE, MAX_BACKEND_CONNECTIONS, MAX_CONNECTIONS,
+    NOT_READY_CONNECTIONS, SCHEDULER, UDP_REPLIED_TIMEOUT, UDP_STALE_FLOWS, UDP_UNREPLIED_TIMEOUT, WEIGHT,
 };
 pub(crate) use crate::duration::parse_duration;
 use crate::error::BuildError;
 use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
 use crate::model::{EntryPolicy, ObjectRef, TrafficPolicy};
+use crate::rate::ClientRate;
 use crate::scheduler::{SchedulerConfig, TABLE_SIZES};
 
 /// Backend weights accepted by [`WEIGHT`] and [`BACKEND_WEIGHTS`].
 pub(crate) const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
 const ATTEMPTS_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
+/// Connection limits accepted by [`MAX_CONNECTIONS`] and [`MAX_BACKEND_CONNECTIONS`].
+pub(crate) const CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000_000;
+/// Rates and bursts accepted by [`CLIENT_CONNECTION_RATE`] and [`CLIENT_CONNECTION_BURST`].
+pub(crate) const RATE_RANGE: std::ops::RangeInclusive<u32> = 1..=1_000_000;
 
 /// Everything the annotations of one Service decide.
 #[derive(Debug, Clone)]
@@ -105,6 +110,29 @@ pub(super) fn parse_service_policy(
         policy.backend_weights = parse_backend_weights(v, object)?;
         Ok(())
     });
+    field(MAX_CONNECTIONS, &mut |v| {
+        policy.entry.max_connections = parse_in_range(v, CONNECTIONS_RANGE)?;
+        Ok(())
+    });
+    field(MAX_BACKEND_CONNECTIONS, &mut |v| {
+        policy.entry.max_backend_connections = parse_in_range(v, CONNECTIONS_RANGE)?;
+        Ok(())
+    });
+    let mut burst = None;
+    field(CLIENT_CONNECTION_BURST, &mut |v| {
+        burst = Some(parse_in_range(v, RATE_RANGE)?);
+        Ok(())
+    });
+    field(CLIENT_CONNECTION_RATE, &mut |v| {
+        let per_second = parse_in_range(v, RATE_RANGE)?;
+        policy.entry.client_rate = Some(ClientRate { per_second, burst: per_second });
+        Ok(())
+    });
+    // A burst alone tunes the default rate; with neither a rate annotation nor a default there is
+    // nothing to burst.
+    if let (Some(burst), Some(rate)) = (burst, policy.entry.client_rate.as_mut()) {
+        rate.burst = burst;
+    }
     policy
 }
 
@@ -233,5 +261,42 @@ mod tests {
         assert!(named.iter().any(|f| f.contains(SCHEDULER)));
         assert!(named.iter().any(|f| f.contains(IDLE_TIMEOUT)));
         assert_eq!(policy.entry.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn limit_annotations_reach_the_entry_policy_and_a_burst_alone_tunes_the_default_rate() {
+        let object = ObjectRef::service("default", "web");
+        let annotations = Annotations::from([
+            (MAX_CONNECTIONS.to_owned(), "100".to_owned()),
+            (MAX_BACKEND_CONNECTIONS.to_owned(), " 7 ".to_owned()),
+            (CLIENT_CONNECTION_RATE.to_owned(), "5".to_owned()),
+            (CLIENT_CONNECTION_BURST.to_owned(), "20".to_owned()),
+        ]);
+        let mut errors = Vec::new();
+        let policy = parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((policy.entry.max_connections, policy.entry.max_backend_connections), (100, 7));
+        assert_eq!(policy.entry.client_rate, Some(ClientRate { per_second: 5, burst: 20 }));
+
+        let defaults = BuildOptions {
+            default_policy: EntryPolicy {
+                client_rate: Some(ClientRate { per_second: 50, burst: 50 }),
+                ..EntryPolicy::default()
+            },
+            ..BuildOptions::default()
+        };
+        let burst = Annotations::from([(CLIENT_CONNECTION_BURST.to_owned(), "80".to_owned())]);
+        let policy = parse_service_policy(Some(&burst), &object, &defaults, &mut errors);
+        assert_eq!(policy.entry.client_rate, Some(ClientRate { per_second: 50, burst: 80 }));
+        let none = parse_service_policy(Some(&burst), &object, &BuildOptions::default(), &mut errors);
+        assert_eq!(none.entry.client_rate, None, "no rate to burst");
+
+        let bad = Annotations::from([
+            (MAX_CONNECTIONS.to_owned(), "0".to_owned()),
+            (CLIENT_CONNECTION_RATE.to_owned(), "fast".to_owned()),
+        ]);
+        parse_service_policy(Some(&bad), &object, &BuildOptions::default(), &mut errors);
+        let named: Vec<_> = errors.iter().map(|e| e.field()).collect();
+        assert_eq!(named.len(), 2, "{named:?}");
     }
 }

@@ -73,31 +73,43 @@ impl PartialEq for BackendLoad {
 
 impl Eq for BackendLoad {}
 
-/// Hands out one [`BackendLoad`] per [`BackendId`], the same for as long as a snapshot or a
-/// connection holds it. Clones share the registry. The lock is taken per backend per build, never
-/// by the datapath.
-#[derive(Clone, Default)]
-pub struct LoadRegistry(Arc<Mutex<HashMap<BackendId, Weak<AtomicU32>>>>);
+/// Hands out one [`BackendLoad`] per key (a [`BackendId`]; the datapath counts per VIP key too),
+/// the same for as long as a snapshot or a connection holds it. Clones share the registry. The
+/// lock is taken per backend per build; the datapath takes it only for a VIP key's first
+/// connection of a worker (it keeps the counter).
+pub struct LoadRegistry<K = BackendId>(Arc<Mutex<HashMap<K, Weak<AtomicU32>>>>);
 
-impl LoadRegistry {
+impl<K> Clone for LoadRegistry<K> {
+    fn clone(&self) -> Self {
+        LoadRegistry(Arc::clone(&self.0))
+    }
+}
+
+impl<K> Default for LoadRegistry<K> {
+    fn default() -> Self {
+        LoadRegistry(Arc::default())
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Copy> LoadRegistry<K> {
     pub fn new() -> Self {
         LoadRegistry::default()
     }
 
     /// Whether `other` is this registry (a clone of it), not merely an equal one.
-    pub fn same(&self, other: &LoadRegistry) -> bool {
+    pub fn same(&self, other: &LoadRegistry<K>) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// The counter of `backend`: the one already handed out if anything still holds it, else a new
     /// one at 0 (a counter nobody holds counts no connection).
-    pub fn counter(&self, backend: BackendId) -> BackendLoad {
+    pub fn counter(&self, backend: K) -> BackendLoad {
         self.counters([backend]).pop().unwrap_or_default()
     }
 
     /// The counters of `backends`, in order, as [`LoadRegistry::counter`] gives each, under one
     /// lock (a build asks for a port's backends at once).
-    pub fn counters(&self, backends: impl IntoIterator<Item = BackendId>) -> Vec<BackendLoad> {
+    pub fn counters(&self, backends: impl IntoIterator<Item = K>) -> Vec<BackendLoad> {
         let mut counters = self.0.lock().unwrap_or_else(|e| e.into_inner());
         backends
             .into_iter()
@@ -129,9 +141,10 @@ impl LoadRegistry {
     }
 }
 
-impl fmt::Debug for LoadRegistry {
+impl<K> fmt::Debug for LoadRegistry<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LoadRegistry({} backends)", self.len())
+        let len = self.0.lock().map_or(0, |counters| counters.len());
+        write!(f, "LoadRegistry({len} counters)")
     }
 }
 
