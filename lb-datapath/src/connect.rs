@@ -5,7 +5,7 @@
 //! A local shortage (no descriptor, no memory, no source port) is never the backend's fault: it is
 //! counted apart and never reported as a backend event.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use lb_core::{Backend, BackendIdx, LocalResource, ServiceEntry, Snapshot, VipKey};
@@ -29,16 +29,43 @@ pub(crate) enum Failure {
     Submit(std::io::Error),
 }
 
-/// The backends one client connection (or SCTP association) has tried so far.
+/// The backends one client connection (or SCTP association) was sent to, or passed over because
+/// they were full (`max-backend-connections`), so far; none of them is picked again.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Tried {
+    backends: [BackendIdx; MAX_ATTEMPTS],
+    len: usize,
+    /// Of those, passed over as full (no connect was made to them).
+    full: usize,
+}
+
+impl Tried {
+    /// Connects made so far.
+    pub fn connects(&self) -> usize {
+        self.len - self.full
+    }
+
+    /// The backend connected to last.
+    pub fn last(&self) -> Option<BackendIdx> {
+        self.len.checked_sub(1).map(|i| self.backends[i])
+    }
+
+    fn push(&mut self, idx: BackendIdx) {
+        self.backends[self.len] = idx;
+        self.len += 1;
+    }
+}
+
+/// One client's next backend.
 pub(crate) struct Attempt<'a> {
     pub client: SocketAddr,
-    pub tried: &'a mut [BackendIdx; MAX_ATTEMPTS],
-    pub tried_len: &'a mut usize,
+    pub tried: &'a mut Tried,
 }
 
 impl Attempt<'_> {
-    /// The next backend to try: the entry's pick among those not tried yet, within its
-    /// `connect-attempts`; recorded as tried. Counts retries, and clients no backend was left for.
+    /// The next backend to try: the entry's pick among those not tried yet and not full, within
+    /// its `connect-attempts`; recorded as tried. Counts retries, and clients no backend was left
+    /// for (or only full ones).
     pub fn next<'e>(
         self,
         selection: &mut Selection,
@@ -47,24 +74,63 @@ impl Attempt<'_> {
         entry: &'e ServiceEntry,
     ) -> Result<&'e Backend, Failure> {
         let attempts = (entry.policy.connect_attempts.max(1) as usize).min(MAX_ATTEMPTS);
-        if *self.tried_len >= attempts {
-            return Err(Failure::Exhausted);
-        }
-        let exclude = &self.tried[..*self.tried_len];
-        let Some(picked) = selection.pick(now, entry, self.client, exclude) else {
-            if *self.tried_len == 0 {
-                stats::add(&counters.no_backend, 1);
-                selection.refuse(entry.key, Refusal::NoBackend);
+        let limit = entry.policy.max_backend_connections;
+        let tried = self.tried;
+        while tried.connects() < attempts && tried.len < MAX_ATTEMPTS {
+            let exclude = &tried.backends[..tried.len];
+            let Some(picked) = selection.pick(now, entry, self.client, exclude) else { break };
+            let backend = entry.backend(picked).ok_or(Failure::Exhausted)?;
+            tried.push(picked);
+            if limit > 0 && backend.load.active() >= limit {
+                tried.full += 1;
+                continue;
             }
-            return Err(Failure::Exhausted);
-        };
-        let backend = entry.backend(picked).ok_or(Failure::Exhausted)?;
-        self.tried[*self.tried_len] = picked;
-        *self.tried_len += 1;
-        if *self.tried_len > 1 {
-            stats::add(&counters.retries, 1);
+            if tried.connects() > 1 {
+                stats::add(&counters.retries, 1);
+            }
+            return Ok(backend);
         }
-        Ok(backend)
+        if tried.connects() == 0 {
+            let why = if tried.full > 0 { Refusal::BackendLimit } else { Refusal::NoBackend };
+            if why == Refusal::NoBackend {
+                stats::add(&counters.no_backend, 1);
+            }
+            selection.refuse(entry.key, why);
+        }
+        Err(Failure::Exhausted)
+    }
+}
+
+/// Whether a new client of `entry` from `client` may be served at all under the entry's limits: its
+/// per-client rate, then its VIP key's `max-connections`. `Ok` carries the client's count on the
+/// key's open connections when the key has a limit (closed when the connection is released);
+/// `Err` the refusal, counted. Entries without limits take no lock and touch no shared counter.
+pub(crate) fn admit(
+    ctx: &mut Ctx<'_>,
+    entry: &ServiceEntry,
+    client: IpAddr,
+) -> Result<Option<lb_core::BackendLoad>, Refusal> {
+    let policy = &entry.policy;
+    let refused = if let Some(rate) = policy.client_rate
+        && !ctx.shared.rates.admit(ctx.now, entry.key, client, rate)
+    {
+        Some(Refusal::ClientRate)
+    } else if policy.max_connections > 0 {
+        let load = ctx.selection.vip_load(entry.key, &ctx.shared.vip_loads);
+        if load.active() < policy.max_connections {
+            load.open();
+            return Ok(Some(load));
+        }
+        Some(Refusal::VipLimit)
+    } else {
+        None
+    };
+    match refused {
+        Some(why) => {
+            ctx.selection.refuse(entry.key, why);
+            Err(why)
+        }
+        None => Ok(None),
     }
 }
 

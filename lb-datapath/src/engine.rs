@@ -12,11 +12,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use lb_core::Snapshot;
+use lb_core::{LoadRegistry, Snapshot};
 
 use crate::affinity::{AFFINITY_CAPACITY, SharedAffinity};
 use crate::budget::{DescriptorBudget, descriptor_limit};
 use crate::events::{BackendEvents, CHANNEL_BATCHES};
+use crate::rates::{RATE_CAPACITY, SharedRates};
 use crate::ring::{Ring, RingFeatures, completion_entries};
 use crate::shared::Shared;
 use crate::stats::{EngineStats, WorkerCounters};
@@ -58,6 +59,8 @@ impl Engine {
             backend_events_wanted: AtomicBool::new(false),
             affinity: Arc::new(SharedAffinity::new(AFFINITY_CAPACITY)),
             traffic: Arc::new(TrafficRegistry::new(config.workers.max(1), config.traffic_detail)),
+            rates: SharedRates::new(RATE_CAPACITY),
+            vip_loads: LoadRegistry::new(),
         });
         let (events_tx, events_rx) = mpsc::sync_channel(CHANNEL_BATCHES);
         let workers = config.workers.max(1);

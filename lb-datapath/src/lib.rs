@@ -31,6 +31,7 @@ mod engine;
 mod events;
 mod listener;
 mod pool;
+mod rates;
 mod ring;
 mod sctp;
 mod selection;

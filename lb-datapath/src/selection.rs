@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use lb_core::hash::SplitMix64;
-use lb_core::{Backend, BackendIdx, PickContext, PickState, ServiceEntry, Snapshot, VipKey};
+use lb_core::{
+    Backend, BackendIdx, BackendLoad, LoadRegistry, PickContext, PickState, ServiceEntry, Snapshot, VipKey,
+};
 
 use crate::affinity::SharedAffinity;
 use crate::stats::{self, WorkerCounters};
@@ -33,6 +35,9 @@ pub(crate) struct Selection {
     random: SplitMix64,
     /// This worker's traffic counters per VIP key and backend (`/metrics`).
     traffic: WorkerTraffic,
+    /// The shared open-connection counters of the VIP keys with `max-connections` this worker
+    /// served, so the registry's lock is taken once per key, not per connection.
+    vip_loads: HashMap<VipKey, BackendLoad>,
 }
 
 impl Selection {
@@ -45,6 +50,7 @@ impl Selection {
     ) -> Selection {
         Selection {
             traffic,
+            vip_loads: HashMap::new(),
             worker,
             workers,
             states: HashMap::new(),
@@ -123,6 +129,12 @@ impl Selection {
     /// Forgets the cursors of keys `served` rejects (a key that comes back starts afresh).
     pub fn retain_keys(&mut self, mut served: impl FnMut(&VipKey) -> bool) {
         self.states.retain(|key, _| served(key));
+        self.vip_loads.retain(|key, _| served(key));
+    }
+
+    /// The shared count of `key`'s open connections, from `registry` the first time.
+    pub fn vip_load(&mut self, key: VipKey, registry: &LoadRegistry<VipKey>) -> BackendLoad {
+        self.vip_loads.entry(key).or_insert_with(|| registry.counter(key)).clone()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The state the engine handle and its workers share: the snapshot store, the publish generation,
-//! the stop and drain requests, the session-affinity table and the traffic counters.
+//! the stop and drain requests, the session-affinity table, the traffic counters and the per-client rates and per-VIP counts of
+//! the connection limits.
 //!
 //! Its own module so that the workers and their components read it without importing the engine
 //! that spawns them. Everything here is lock-free: atomics and one `ArcSwap`.
@@ -8,9 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use arc_swap::ArcSwap;
-use lb_core::Snapshot;
+use lb_core::{LoadRegistry, Snapshot, VipKey};
 
 use crate::affinity::SharedAffinity;
+use crate::rates::SharedRates;
 use crate::traffic::TrafficRegistry;
 
 /// State shared between the engine handle and its workers.
@@ -27,4 +29,8 @@ pub(crate) struct Shared {
     pub affinity: Arc<SharedAffinity>,
     /// Every worker's traffic cells (see [`crate::traffic`]).
     pub traffic: Arc<TrafficRegistry>,
+    /// Per-client connection rates (see [`crate::rates`]).
+    pub rates: SharedRates,
+    /// Each VIP key's open connections, for `max-connections` (workers keep the counters they use).
+    pub vip_loads: LoadRegistry<VipKey>,
 }

@@ -99,15 +99,30 @@ pub enum Refusal {
     NoBackend,
     /// Outside `loadBalancerSourceRanges`.
     SourceRange,
+    /// The VIP key has `max-connections` open.
+    VipLimit,
+    /// Every eligible backend not tried yet has `max-backend-connections` open.
+    BackendLimit,
+    /// The client is over its `client-connection-rate`.
+    ClientRate,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 2] = [Refusal::NoBackend, Refusal::SourceRange];
+    pub const ALL: [Refusal; 5] = [
+        Refusal::NoBackend,
+        Refusal::SourceRange,
+        Refusal::VipLimit,
+        Refusal::BackendLimit,
+        Refusal::ClientRate,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Refusal::NoBackend => "no_backend",
             Refusal::SourceRange => "source_range",
+            Refusal::VipLimit => "vip_limit",
+            Refusal::BackendLimit => "backend_limit",
+            Refusal::ClientRate => "client_rate",
         }
     }
 }

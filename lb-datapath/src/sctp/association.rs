@@ -14,8 +14,7 @@ use socket2::{Domain, Socket};
 
 use super::socket::{MSG_NOTIFICATION, enable_rcvinfo, sctp_socket};
 use super::{Assoc, Associations, Direction, Pending, abort_socket};
-use crate::connect::MAX_ATTEMPTS;
-use crate::connect::{Attempt, Failure};
+use crate::connect::{self, Attempt, Failure};
 use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::ring::{ConnectTarget, OpKind, UserData};
@@ -47,6 +46,11 @@ impl Associations {
             abort_socket(&client);
             return;
         };
+        let Ok(vip_load) = connect::admit(ctx, &entry, client_addr.ip()) else {
+            stats::add(&ctx.counters.sctp_aborts, 1);
+            abort_socket(&client);
+            return;
+        };
         let assoc = Assoc {
             key,
             drain_timeout: entry.policy.drain_timeout,
@@ -58,8 +62,8 @@ impl Associations {
             counted: None,
             idle_timeout: entry.policy.idle_timeout,
             entry: Some(entry),
-            tried: [0; MAX_ATTEMPTS],
-            tried_len: 0,
+            tried: Default::default(),
+            vip_load,
             connect_target: ConnectTarget::unset(),
             connect_pending: false,
             relaying: false,
@@ -88,8 +92,7 @@ impl Associations {
     fn connect_next(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) -> Result<(), Failure> {
         let Some(assoc) = self.get(index, generation) else { return Ok(()) };
         let Some(entry) = assoc.entry.clone() else { return Ok(()) };
-        let attempt =
-            Attempt { client: assoc.client_addr, tried: &mut assoc.tried, tried_len: &mut assoc.tried_len };
+        let attempt = Attempt { client: assoc.client_addr, tried: &mut assoc.tried };
         let backend = attempt.next(ctx.selection, ctx.counters, ctx.now, &entry)?;
         let addr = backend.addr();
         let socket = sctp_socket(Domain::for_address(addr)).map_err(Failure::local)?;
@@ -111,7 +114,7 @@ impl Associations {
         .map_err(Failure::Submit)?;
         assoc.in_flight += 2;
         assoc.connect_pending = true;
-        let retry = assoc.tried_len > 1;
+        let retry = assoc.tried.connects() > 1;
         assoc.counted = Some(ctx.selection.open(assoc.key, backend, retry, ctx.now, ctx.counters));
         Ok(())
     }
@@ -321,6 +324,9 @@ impl Associations {
         }
         if let Some(counted) = assoc.counted.take() {
             ctx.selection.close(counted, ctx.now, ctx.counters);
+        }
+        if let Some(vip_load) = assoc.vip_load.take() {
+            vip_load.close();
         }
         stats::set(&ctx.counters.sctp_active, self.assocs.len() as u64);
         drop(assoc);

@@ -27,11 +27,10 @@ use std::time::{Duration, Instant};
 
 use io_uring::opcode;
 use io_uring::types::Fd;
-use lb_core::{BackendId, BackendIdx, LocalResource, Protocol, ServiceEntry, Snapshot, VipKey};
+use lb_core::{BackendId, LocalResource, Protocol, ServiceEntry, Snapshot, VipKey};
 use socket2::Socket;
 
 use self::socket::{MsgBuf, bind_sctp_listener};
-use crate::connect::MAX_ATTEMPTS;
 use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::listener::{Listener, ListenerTable};
@@ -68,8 +67,9 @@ struct Assoc {
     /// The backend counted in the worker's load (between connect submission and release).
     counted: Option<crate::traffic::Counted>,
     entry: Option<Arc<ServiceEntry>>,
-    tried: [BackendIdx; MAX_ATTEMPTS],
-    tried_len: usize,
+    tried: crate::connect::Tried,
+    /// Its count on its VIP key's open associations (`max-connections`); `None` without a limit.
+    vip_load: Option<lb_core::BackendLoad>,
     /// Read by the kernel when the connect is submitted.
     connect_target: ConnectTarget,
     connect_pending: bool,

@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::connect::MAX_ATTEMPTS;
+use crate::connect::Tried;
 use crate::ring::ConnectTarget;
-use lb_core::{BackendId, BackendIdx, EntryPolicy, ServiceEntry, VipKey};
+use lb_core::{BackendId, BackendLoad, EntryPolicy, ServiceEntry, VipKey};
 use socket2::Socket;
 
 use crate::dir::Dir;
@@ -98,8 +98,10 @@ pub(crate) struct Conn {
     /// The load counter of the backend this connection is counted against, from its connect
     /// submission until the connect fails or the connection is released (closed exactly once).
     pub counted: Option<Counted>,
-    pub tried: [BackendIdx; MAX_ATTEMPTS],
-    pub tried_len: usize,
+    pub tried: Tried,
+    /// This connection's count on its VIP key's open connections (`max-connections`), from the
+    /// accept to the release; `None` when the entry sets no limit.
+    pub vip_load: Option<BackendLoad>,
     /// Read by the kernel when the connect is submitted.
     pub connect_target: ConnectTarget,
     pub policy: EntryPolicy,
@@ -135,8 +137,8 @@ impl Conn {
             source_port: None,
             source_port_collisions: 0,
             counted: None,
-            tried: [0; MAX_ATTEMPTS],
-            tried_len: 0,
+            tried: Tried::default(),
+            vip_load: None,
             connect_target: ConnectTarget::unset(),
             policy,
             phase: Phase::Connecting,

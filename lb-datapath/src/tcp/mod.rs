@@ -29,7 +29,7 @@ use socket2::{Domain, Socket, Type};
 
 use self::connection::{Conn, ConnTable, Pending, Phase};
 use self::relay::{Advanced, Next, Path};
-use crate::connect::{Attempt, Failure, drain_deadline};
+use crate::connect::{self, Attempt, Failure, drain_deadline};
 use crate::context::Ctx;
 use crate::dir::Dir;
 use crate::pool::{Pipe, PipePool, RelayBuffers};
@@ -146,7 +146,7 @@ fn start_connect(
     conn.connect_pending = true;
     // Counted from the submission (not the completion) so that a burst of accepts handled in
     // one batch already sees each other's load.
-    let retry = conn.tried_len > 1 && conn.source_port_collisions == 0;
+    let retry = conn.tried.connects() > 1 && conn.source_port_collisions == 0;
     conn.counted = Some(ctx.selection.open(conn.key, backend, retry, ctx.now, ctx.counters));
     Ok(())
 }
@@ -237,7 +237,14 @@ impl Connections {
             ctx.refuse_for_budget("a client connection was reset at accept");
             return;
         }
-        let conn = Conn::new(key, client, client_addr, entry, ctx.now);
+        // The entry's limits (client rate, max-connections) last: still no slot, no backend connect.
+        let Ok(vip_load) = connect::admit(ctx, &entry, client_addr.ip()) else {
+            stats::add(&ctx.counters.resets, 1);
+            reset_socket(client);
+            return;
+        };
+        let mut conn = Conn::new(key, client, client_addr, entry, ctx.now);
+        conn.vip_load = vip_load;
         let (index, generation) = self.conns.insert(conn);
         stats::set(&ctx.counters.active, self.conns.len() as u64);
         self.try_connect(ctx, index, generation);
@@ -258,8 +265,7 @@ impl Connections {
     fn connect_next(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) -> Result<(), Failure> {
         let Some(conn) = self.conns.get_mut(index, generation) else { return Ok(()) };
         let Some(entry) = conn.entry.clone() else { return Ok(()) };
-        let attempt =
-            Attempt { client: conn.client_addr, tried: &mut conn.tried, tried_len: &mut conn.tried_len };
+        let attempt = Attempt { client: conn.client_addr, tried: &mut conn.tried };
         let backend = attempt.next(ctx.selection, ctx.counters, ctx.now, &entry)?;
         conn.source_port_collisions = 0;
         start_connect(conn, &mut self.source_ports, ctx, index, generation, &entry, backend)
@@ -270,7 +276,7 @@ impl Connections {
     fn reconnect_same(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) {
         let Some(conn) = self.conns.get_mut(index, generation) else { return };
         let Some(entry) = conn.entry.clone() else { return };
-        let last = conn.tried_len.checked_sub(1).map(|i| conn.tried[i]);
+        let last = conn.tried.last();
         let Some(backend) = last.and_then(|idx| entry.backend(idx)) else {
             self.try_connect(ctx, index, generation);
             return;
@@ -561,6 +567,9 @@ impl Connections {
         let Some(mut conn) = self.conns.remove(index) else { return };
         if let Some(counted) = conn.counted.take() {
             ctx.selection.close(counted, ctx.now, ctx.counters);
+        }
+        if let Some(vip_load) = conn.vip_load.take() {
+            vip_load.close();
         }
         for dir in Dir::BOTH {
             let direction = conn.direction(dir);
