@@ -408,6 +408,22 @@ pub struct DefaultsArgs {
     /// (`ringlb.io/udp-stale-flows`).
     #[arg(long, value_enum, default_value_t = StaleFlowsArg::Move)]
     pub udp_stale_flows: StaleFlowsArg,
+    /// Default `ringlb.io/max-connections`: TCP connections (and SCTP associations) one VIP key
+    /// may have open at once; beyond, clients are reset (counted in /metrics). Default: no limit.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: Option<u32>,
+    /// Default `ringlb.io/max-backend-connections`: connections a backend may have open at once;
+    /// a full backend is passed over. Default: no limit.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_backend_connections: Option<u32>,
+    /// Default `ringlb.io/client-connection-rate`: new connections per second one client IP may
+    /// open to a VIP key; beyond, they are reset. Default: no limit.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub client_connection_rate: Option<u32>,
+    /// Default `ringlb.io/client-connection-burst` (connections at once after a pause) for
+    /// --client-connection-rate. Default: the rate.
+    #[arg(long, requires = "client_connection_rate", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub client_connection_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lb_core::{
-    BuildOptions, EntryPolicy, NotReadyConnections, ServiceEntry, ServiceSelection, Snapshot,
+    BuildOptions, ClientRate, EntryPolicy, NotReadyConnections, ServiceEntry, ServiceSelection, Snapshot,
     StaleFlowPolicy, VipSource,
 };
 use lb_datapath::{Engine, EngineConfig, ListenMode, RelayMode, SourcePortMode, TrafficDetail, UdpConfig};
@@ -233,6 +233,12 @@ pub fn build_options(defaults: &DefaultsArgs, cluster: &ClusterArgs, in_cluster:
                 StaleFlowsArg::Move => StaleFlowPolicy::Move,
                 StaleFlowsArg::Drain => StaleFlowPolicy::Drain,
             },
+            max_connections: defaults.max_connections.unwrap_or(0),
+            max_backend_connections: defaults.max_backend_connections.unwrap_or(0),
+            client_rate: defaults.client_connection_rate.map(|per_second| ClientRate {
+                per_second,
+                burst: defaults.client_connection_burst.unwrap_or(per_second),
+            }),
             ..fallback
         },
         node_name: defaults.node_name.clone(),
