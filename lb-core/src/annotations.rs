@@ -126,6 +126,14 @@ pub const UDP_REPLIED_TIMEOUT: &str = "ringlb.io/udp-replied-timeout";
 /// [`crate::StaleFlowPolicy`]. Default: `--udp-stale-flows` (`move`).
 pub const UDP_STALE_FLOWS: &str = "ringlb.io/udp-stale-flows";
 
+/// On a Service: the PROXY protocol header its backends receive before any client byte, carrying
+/// the client's address and the VIP:port it addressed: `v1` (text, TCP only), `v2` (binary; TCP,
+/// and UDP with a header in every datagram) or `none`. `v1` on a Service with a UDP or SCTP port,
+/// or `v2` on one with an SCTP port, is refused (the Service keeps its last good policy): a backend
+/// that expects the header must never silently go without it. See [`crate::ProxyProtocol`].
+/// Default: `--proxy-protocol` (`none`), applied to the ports whose protocol it has a header for.
+pub const PROXY_PROTOCOL: &str = "ringlb.io/proxy-protocol";
+
 /// On a Service: how many backends one client connection may try in all, first try included; 1..=16.
 pub const CONNECT_ATTEMPTS: &str = "ringlb.io/connect-attempts";
 

@@ -32,6 +32,7 @@ pub mod local;
 pub mod metallb;
 pub mod model;
 pub mod rate;
+pub mod proxy_protocol;
 pub mod scheduler;
 pub mod selection;
 #[cfg(test)]
@@ -57,6 +58,7 @@ pub use model::{
     ObjectRef, Placement, Protocol, ServiceEntry, Snapshot, TrafficPolicy, VipKey,
 };
 pub use rate::{ClientRate, RateTable};
+pub use proxy_protocol::{ProxyHeader, ProxyProtocol};
 pub use scheduler::{
     BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,
     SchedulerKind,

@@ -28,6 +28,7 @@ use crate::cidr::Cidr;
 use crate::health::{HealthCheckConfig, OutlierConfig};
 use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
 use crate::rate::ClientRate;
+use crate::proxy_protocol::ProxyProtocol;
 use crate::scheduler::{BackendLoad, Scheduler};
 
 /// Transport protocol of a service port, as in `Service.spec.ports[].protocol`.
@@ -231,6 +232,9 @@ pub struct EntryPolicy {
     /// New TCP connections and SCTP associations one client IP may open to this VIP key;
     /// beyond it they are refused. `None`: no limit.
     pub client_rate: Option<ClientRate>,
+    /// The PROXY protocol header the backends receive first (per datagram on UDP). In a built
+    /// entry it is one the entry's protocol supports ([`ProxyProtocol::for_protocol`]).
+    pub proxy_protocol: ProxyProtocol,
 }
 
 impl Default for EntryPolicy {
@@ -247,6 +251,7 @@ impl Default for EntryPolicy {
             max_connections: 0,
             max_backend_connections: 0,
             client_rate: None,
+            proxy_protocol: ProxyProtocol::None,
         }
     }
 }
@@ -325,11 +330,12 @@ impl ServiceEntry {
         self.eligible.binary_search(&idx).is_ok()
     }
 
-    /// Whether serving this entry reads the client's address: source ranges, session affinity or a
-    /// scheduler hashing it. The datapath skips looking the address up (a `getpeername` per
-    /// connection) when it does not.
+    /// Whether serving this entry reads the client's address: source ranges, session affinity, a
+    /// scheduler hashing it or a PROXY protocol header carrying it. The datapath skips looking the
+    /// address up (a `getpeername` per connection) when it does not.
     pub fn needs_client_address(&self) -> bool {
-        !self.traffic.source_ranges.is_empty()
+        self.policy.proxy_protocol != ProxyProtocol::None
+            || !self.traffic.source_ranges.is_empty()
             || self.traffic.session_affinity.is_some()
             || self.policy.client_rate.is_some()
             || self.scheduler.kind().uses_client()
@@ -527,6 +533,9 @@ mod tests {
         let sticky =
             TrafficPolicy { session_affinity: Some(Duration::from_secs(60)), ..TrafficPolicy::default() };
         assert!(entry(&[true], sticky).needs_client_address());
+        let mut proxied = entry(&[true], TrafficPolicy::default());
+        proxied.policy.proxy_protocol = ProxyProtocol::V1;
+        assert!(proxied.needs_client_address());
     }
 
     #[test]

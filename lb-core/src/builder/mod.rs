@@ -534,7 +534,10 @@ impl endpoints::ResolvedPort {
             backends: self.backends.clone(),
             eligible: self.eligible.clone(),
             scheduler: Scheduler::clone(&self.scheduler),
-            policy: svc.policy.entry,
+            policy: EntryPolicy {
+                proxy_protocol: svc.policy.entry.proxy_protocol.for_protocol(key.protocol),
+                ..svc.policy.entry
+            },
             traffic,
         }
     }

@@ -12,12 +12,14 @@ use super::{BuildOptions, parse_ip};
 use crate::annotations::{
     BACKEND_WEIGHTS, CLIENT_CONNECTION_BURST, CLIENT_CONNECTION_RATE, CONNECT_ATTEMPTS, CONNECT_TIMEOUT,
     DRAIN_TIMEOUT, HASH_KEY, IDLE_TIMEOUT, MAGLEV_TABLE_SIZE, MAX_BACKEND_CONNECTIONS, MAX_CONNECTIONS,
-    NOT_READY_CONNECTIONS, SCHEDULER, UDP_REPLIED_TIMEOUT, UDP_STALE_FLOWS, UDP_UNREPLIED_TIMEOUT, WEIGHT,
+    NOT_READY_CONNECTIONS, PROXY_PROTOCOL, SCHEDULER, UDP_REPLIED_TIMEOUT, UDP_STALE_FLOWS,
+    UDP_UNREPLIED_TIMEOUT, WEIGHT,
 };
 pub(crate) use crate::duration::parse_duration;
 use crate::error::BuildError;
 use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
-use crate::model::{EntryPolicy, ObjectRef, TrafficPolicy};
+use crate::model::{EntryPolicy, ObjectRef, Protocol, TrafficPolicy};
+use crate::proxy_protocol::ProxyProtocol;
 use crate::rate::ClientRate;
 use crate::scheduler::{SchedulerConfig, TABLE_SIZES};
 
@@ -102,6 +104,10 @@ pub(super) fn parse_service_policy(
         policy.entry.udp_stale_flows = StaleFlowPolicy::parse(v)?;
         Ok(())
     });
+    field(PROXY_PROTOCOL, &mut |v| {
+        policy.entry.proxy_protocol = ProxyProtocol::parse(v)?;
+        Ok(())
+    });
     field(CONNECT_ATTEMPTS, &mut |v| {
         policy.entry.connect_attempts = parse_in_range(v, ATTEMPTS_RANGE)?;
         Ok(())
@@ -134,6 +140,32 @@ pub(super) fn parse_service_policy(
         rate.burst = burst;
     }
     policy
+}
+
+/// Refuses a [`PROXY_PROTOCOL`] annotation whose version has no header for one of the Service's
+/// port protocols (v1 on UDP or SCTP, v2 on SCTP): its backends expect a header they would not get.
+/// A global default is not refused: it applies where it can (`ProxyProtocol::for_protocol`).
+pub(super) fn check_proxy_protocol(
+    annotations: &Annotations,
+    protocols: impl IntoIterator<Item = Protocol>,
+    object: &ObjectRef,
+    errors: &mut Vec<BuildError>,
+) {
+    let Some(value) = annotations.get(PROXY_PROTOCOL) else { return };
+    let Ok(version) = ProxyProtocol::parse(value.trim()) else { return };
+    let Some(unsupported) = protocols.into_iter().find(|p| !version.supports(*p)) else { return };
+    let reason = match version {
+        ProxyProtocol::V1 => format!(
+            "PROXY protocol v1 is TCP-only and the Service has a {unsupported} port (v2 also serves UDP)"
+        ),
+        _ => format!("PROXY protocol {version} has no header for the Service's {unsupported} port"),
+    };
+    errors.push(BuildError::InvalidAnnotation {
+        object: object.clone(),
+        annotation: PROXY_PROTOCOL,
+        value: value.to_owned(),
+        reason,
+    });
 }
 
 /// The [`WEIGHT`] of an EndpointSlice; 1 when unset.
@@ -227,6 +259,36 @@ mod tests {
         parse_service_policy(Some(&bad), &object, &BuildOptions::default(), &mut errors);
         let named: Vec<_> = errors.iter().map(|e| e.field()).collect();
         assert_eq!(named.len(), 3, "{named:?}");
+    }
+
+    #[test]
+    fn proxy_protocol_parses_and_v1_is_refused_beside_a_udp_port() {
+        let object = ObjectRef::service("default", "dns");
+        let mut errors = Vec::new();
+        let parse = |value: &str, errors: &mut Vec<BuildError>| {
+            let annotations = Annotations::from([(PROXY_PROTOCOL.to_owned(), value.to_owned())]);
+            let policy = parse_service_policy(Some(&annotations), &object, &BuildOptions::default(), errors);
+            (annotations, policy.entry.proxy_protocol)
+        };
+        assert_eq!(parse(" v2 ", &mut errors).1, ProxyProtocol::V2);
+        assert_eq!(parse("none", &mut errors).1, ProxyProtocol::None);
+        assert!(errors.is_empty(), "{errors:?}");
+        parse("v3", &mut errors);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("\"v3\""), "{}", errors[0]);
+
+        let mut errors = Vec::new();
+        let (v1, _) = parse("v1", &mut errors);
+        check_proxy_protocol(&v1, [Protocol::Tcp], &object, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        check_proxy_protocol(&v1, [Protocol::Tcp, Protocol::Udp], &object, &mut errors);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("TCP-only"), "{}", errors[0]);
+        let (v2, _) = parse("v2", &mut errors);
+        check_proxy_protocol(&v2, [Protocol::Udp], &object, &mut errors);
+        assert_eq!(errors.len(), 1, "v2 serves UDP");
+        check_proxy_protocol(&v2, [Protocol::Sctp], &object, &mut errors);
+        assert_eq!(errors.len(), 2, "nor version serves SCTP");
     }
 
     #[test]

@@ -132,6 +132,12 @@ fn parse_one(object: ObjectRef, svc: &CompactService, options: &BuildOptions) ->
     let ports = parse_ports(&spec.ports, &object, &mut errors);
     let mut policy =
         policy::parse_service_policy(Some(&svc.metadata.annotations), &object, options, &mut errors);
+    policy::check_proxy_protocol(
+        &svc.metadata.annotations,
+        ports.iter().map(|port| port.protocol),
+        &object,
+        &mut errors,
+    );
     let traffic = traffic::parse_traffic(svc, &object, &mut errors);
     policy.traffic.source_ranges = traffic.source_ranges;
     policy.traffic.session_affinity = traffic.session_affinity;

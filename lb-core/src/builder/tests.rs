@@ -619,3 +619,53 @@ fn successive_builds_give_a_backend_the_same_load_counter() {
     assert_eq!(new.backends[1].load.active(), 0);
     assert_eq!(options.load.len(), 2);
 }
+
+#[test]
+fn proxy_protocol_reaches_the_entries_it_has_a_header_for_and_v1_beside_udp_keeps_the_last_good() {
+    use crate::annotations::PROXY_PROTOCOL;
+    use crate::proxy_protocol::ProxyProtocol;
+    let dns = |annotation: Option<&str>| {
+        let service = ServiceBuilder::new("default", "dns")
+            .external_ips(["127.0.0.10"])
+            .port("dns-udp", 53, "UDP", TargetPort::Int(5353))
+            .port("dns-tcp", 53, "TCP", TargetPort::Int(5353));
+        match annotation {
+            Some(value) => service.annotation(PROXY_PROTOCOL, value).build(),
+            None => service.build(),
+        }
+    };
+    let slices = [SliceBuilder::new("default", "dns-1", "dns")
+        .port("dns-udp", 5353, "UDP")
+        .port("dns-tcp", 5353, "TCP")
+        .endpoint("127.0.0.1", Cond::ready())
+        .build()];
+    let (udp, tcp53) = (key("127.0.0.10", 53, Protocol::Udp), tcp("127.0.0.10", 53));
+    let versions = |report: &BuildReport| {
+        let of = |key: &VipKey| report.snapshot.get(key).map(|e| e.policy.proxy_protocol);
+        (of(&tcp53), of(&udp))
+    };
+
+    // A global v1 applies where v1 has a header: the TCP port only.
+    let global_v1 = BuildOptions {
+        default_policy: EntryPolicy { proxy_protocol: ProxyProtocol::V1, ..EntryPolicy::default() },
+        ..BuildOptions::default()
+    };
+    let report = build(&[dns(None)], &slices, &[], &global_v1, None, 1);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(versions(&report), (Some(ProxyProtocol::V1), Some(ProxyProtocol::None)));
+    // `none` on the Service overrides the global default.
+    let report = build(&[dns(Some("none"))], &slices, &[], &global_v1, None, 1);
+    assert_eq!(versions(&report), (Some(ProxyProtocol::None), Some(ProxyProtocol::None)));
+
+    let first = run(&[dns(Some("v2"))], &slices);
+    assert!(first.is_clean(), "{first}");
+    assert_eq!(versions(&first), (Some(ProxyProtocol::V2), Some(ProxyProtocol::V2)));
+
+    // v1 on a Service with a UDP port is refused: the Service keeps v2, its last good policy.
+    let options = BuildOptions::default();
+    let second = build(&[dns(Some("v1"))], &slices, &[], &options, Some(&first.snapshot), 2);
+    assert_eq!(second.errors.len(), 1, "{second}");
+    assert!(second.errors[0].to_string().contains(PROXY_PROTOCOL), "{second}");
+    assert_eq!(second.kept_previous, [ObjectRef::service("default", "dns")]);
+    assert_eq!(versions(&second), (Some(ProxyProtocol::V2), Some(ProxyProtocol::V2)));
+}
