@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use lb_core::SchedulerKind;
+use lb_core::{ProxyProtocol, SchedulerKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -424,6 +424,11 @@ pub struct DefaultsArgs {
     /// --client-connection-rate. Default: the rate.
     #[arg(long, requires = "client_connection_rate", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub client_connection_burst: Option<u32>,
+    /// PROXY protocol header (`none`, `v1`, `v2`) the backends of Services without
+    /// `ringlb.io/proxy-protocol` receive before any client byte: `v1` reaches their TCP ports
+    /// only, `v2` their TCP and UDP ports (a header in every datagram); SCTP ports never get one.
+    #[arg(long, default_value = "none", value_parser = ProxyProtocol::parse)]
+    pub proxy_protocol: ProxyProtocol,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

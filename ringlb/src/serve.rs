@@ -239,6 +239,7 @@ pub fn build_options(defaults: &DefaultsArgs, cluster: &ClusterArgs, in_cluster:
                 per_second,
                 burst: defaults.client_connection_burst.unwrap_or(per_second),
             }),
+            proxy_protocol: defaults.proxy_protocol,
             ..fallback
         },
         node_name: defaults.node_name.clone(),
@@ -851,10 +852,15 @@ mod tests {
                 "drain",
                 "--not-ready-connections",
                 "keep",
+                "--proxy-protocol",
+                "v2",
             ],
             false,
         );
         let policy = options.default_policy;
+        assert_eq!(policy.proxy_protocol, lb_core::ProxyProtocol::V2);
+        let unknown = Cli::try_parse_from(["ringlb", "run", "--manifests", "x", "--proxy-protocol", "v3"]);
+        assert!(unknown.expect_err("v3 is no version").to_string().contains("none, v1, v2"));
         assert_eq!(policy.udp_unreplied_timeout, Duration::from_secs(5));
         assert_eq!(policy.udp_replied_timeout, Duration::from_secs(60));
         assert_eq!(policy.udp_stale_flows, StaleFlowPolicy::Drain);
