@@ -164,6 +164,17 @@ impl RelayBuffers {
         std::mem::forget(self.ring.take());
     }
 
+    /// Makes a direction holding nothing hold a pool buffer that starts with `bytes` (cut to a
+    /// buffer's size), as if they had been received; returns how many it holds.
+    pub fn preload(&mut self, held: &mut Held, bytes: &[u8]) -> usize {
+        self.release(held);
+        let mut buffer = self.take();
+        let len = bytes.len().min(buffer.len());
+        buffer[..len].copy_from_slice(&bytes[..len]);
+        *held = Held::Own(buffer);
+        len
+    }
+
     fn take(&mut self) -> Box<[u8]> {
         self.in_use += 1;
         self.free.pop().unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())

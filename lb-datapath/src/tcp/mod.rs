@@ -1,5 +1,6 @@
 //! The TCP connections of a worker, one component: accept → pick → connect (with timeout and
-//! bounded retries on other backends) → relay both directions → half-close / reset / idle → release.
+//! bounded retries on other backends) → the entry's PROXY protocol header, if any, as the first
+//! bytes to the backend → relay both directions → half-close / reset / idle → release.
 //!
 //! [`Listeners`] (`listeners`) are the worker's listening sockets for TCP keys, which hand each
 //! accepted client on; [`Connections`] owns the connection table, the copy relay's buffers and the splice relay's pipes
@@ -24,7 +25,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use lb_core::health::{BackendEvent, BackendOutcome};
-use lb_core::{LocalResource, Snapshot, VipKey};
+use lb_core::{LocalResource, ProxyHeader, Snapshot, VipKey};
 use socket2::{Domain, Socket, Type};
 
 use self::connection::{Conn, ConnTable, Pending, Phase};
@@ -378,12 +379,37 @@ impl Connections {
                 direction.spliced = true;
             }
         }
+        if !self.preload_proxy_header(ctx, index, generation) {
+            return;
+        }
         self.update_pool_gauges(ctx.counters);
         for dir in Dir::BOTH {
             if !self.step(ctx, index, generation, dir, Next::Advance) {
                 return;
             }
         }
+    }
+
+    /// Puts the entry's PROXY protocol header, if it has one, in front of the client→backend
+    /// direction (see [`relay::preload`]): the backend connected, nothing of the client was read
+    /// yet, so the header is the first byte the backend gets, and each backend that connects (a
+    /// retry's included) gets its own. Returns false if the connection was reset instead.
+    fn preload_proxy_header(&mut self, ctx: &mut Ctx<'_>, index: u32, generation: u32) -> bool {
+        let Some(conn) = self.conns.get_mut(index, generation) else { return false };
+        let (source, destination) = (conn.client_addr, conn.key.socket_addr());
+        let version = conn.policy.proxy_protocol;
+        let Some(header) = ProxyHeader::encode(version, conn.key.protocol, source, destination) else {
+            return true;
+        };
+        // Port 0: the client's address could not be read (it left before the accept was served);
+        // a made-up source must never reach a backend that trusts the header.
+        if source.port() == 0
+            || relay::preload(conn.direction(Dir::ToBackend), &mut self.buffers, header.as_bytes()).is_err()
+        {
+            self.begin_close(ctx, index, generation, true);
+            return false;
+        }
+        true
     }
 
     /// Moves an adaptive direction that proved bulk from copy to splice: its (empty) buffer goes back

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use io_uring::cqueue;
 use io_uring::types::RecvMsgOut;
-use lb_core::{Established, LocalResource, ServiceEntry, VipKey};
+use lb_core::{Established, LocalResource, Protocol, ProxyHeader, ServiceEntry, VipKey};
 use socket2::SockAddr;
 
 use super::Flows;
@@ -200,7 +200,9 @@ impl Flows {
             Some(bid) => self.send_to_backend(ctx, handle, bid, payload.0, payload.1),
             None => {
                 // A zero-length datagram of a single-shot receive has no buffer to send from.
-                let sent = self.flows.get(handle).map(|flow| flow.upstream.send(&[]));
+                let sent = self.flows.get(handle).map(|flow| {
+                    flow.upstream.send(flow.proxy_header.as_ref().map_or(&[][..], ProxyHeader::as_bytes))
+                });
                 if let Some(sent) = sent {
                     self.sent_to_backend(ctx, handle, sent);
                 }
@@ -248,7 +250,14 @@ impl Flows {
                 return None;
             }
         };
-        let to_backend = socket::segment_limit(&upstream);
+        let proxy_header = ProxyHeader::encode(
+            entry.policy.proxy_protocol,
+            Protocol::Udp,
+            key.client,
+            key.vip.socket_addr(),
+        );
+        // Datagrams that each carry a header are not grouped (see `send`).
+        let to_backend = if proxy_header.is_some() { 0 } else { socket::segment_limit(&upstream) };
         let mut load = ctx.selection.open(entry.key, backend, false, ctx.now, ctx.counters);
         load.created(ctx.now);
         let flow = UdpFlow {
@@ -262,6 +271,7 @@ impl Flows {
             rearm_at_tick: false,
             stale_since: None,
             fd_queued_at: None,
+            proxy_header,
             open_sends: [None; 2],
             max_segment: [to_backend, socket::CLIENT_SEGMENT_LIMIT],
         };

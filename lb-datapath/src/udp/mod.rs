@@ -157,6 +157,9 @@ pub(crate) struct UdpFlow {
     fd_queued_at: Option<u64>,
     /// By [`crate::dir::Dir::index`]: the head buffer of the queued send later datagrams may join, if any.
     open_sends: [Option<u16>; 2],
+    /// The PROXY protocol v2 header every datagram to the backend starts with, if the entry sends
+    /// one (built once per flow: client and VIP are the flow's key).
+    proxy_header: Option<lb_core::ProxyHeader>,
     /// By [`crate::dir::Dir::index`]: largest datagram that may be a GSO segment (0: never group), so that
     /// every segment fits the path MTU unfragmented.
     max_segment: [u16; 2],

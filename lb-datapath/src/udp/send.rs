@@ -18,6 +18,9 @@
 //! A reply from a wildcard VIP socket (see [`crate::listener`]) names its source, the VIP the client
 //! sent to, in an `IP_PKTINFO`/`IPV6_PKTINFO` control message beside the segment size; a reply from
 //! an exact VIP socket needs none (the socket is bound to the VIP).
+//! A flow whose entry sends a PROXY protocol v2 header (see `lb_core::proxy_protocol`) sends each
+//! datagram to its backend as two iovecs, the header (copied into the send's slot) then the payload,
+//! and never groups them: a GSO segment after the first would reach the backend without a header.
 //! Never allocates; never blocks. Invariant: each buffer of a send is recycled exactly once, by the
 //! send's completion (or at once if the send could not be submitted).
 //!
@@ -28,6 +31,7 @@ use std::os::fd::AsRawFd;
 
 use io_uring::opcode;
 use io_uring::types::Fd;
+use lb_core::ProxyHeader;
 use socket2::SockAddr;
 
 use super::Flows;
@@ -59,6 +63,9 @@ struct SendSlot {
     address: libc::sockaddr_storage,
     /// The source address the send names (a reply from a wildcard VIP socket), if any.
     source: Option<IpAddr>,
+    /// The PROXY protocol header `iov[0]` points at, if the datagram carries one (then `iov[1]` is
+    /// the datagram).
+    proxy: Option<ProxyHeader>,
     flow: FlowHandle,
     direction: Dir,
     /// Datagrams carried (iovecs and buffers in use).
@@ -98,6 +105,19 @@ impl SendSlot {
         self.header.msg_control = std::ptr::null_mut();
         self.header.msg_controllen = 0;
         self.source = None;
+        self.proxy = None;
+    }
+
+    /// Puts `proxy` before the single datagram of this (just started) send, from the slot's own
+    /// copy of it; nothing may join the send afterwards (see the module doc).
+    fn prefix(&mut self, proxy: ProxyHeader) {
+        let payload = self.iov[0];
+        let proxy = self.proxy.insert(proxy).as_bytes();
+        self.iov[0] = libc::iovec { iov_base: proxy.as_ptr().cast_mut().cast(), iov_len: proxy.len() };
+        self.iov[1] = payload;
+        self.header.msg_iovlen = 2;
+        self.bytes += proxy.len();
+        self.open = false;
     }
 
     /// Addresses the send to `client` (from an unconnected VIP socket), or to nobody (a connected
@@ -130,6 +150,7 @@ impl SendSlot {
     /// `now`.
     fn admits(&self, flow: FlowHandle, direction: Dir, now: u64, len: usize) -> bool {
         self.open
+            && self.proxy.is_none()
             && self.queued_at == now
             && self.flow == flow
             && self.direction == direction
@@ -236,6 +257,7 @@ impl SendSlots {
                 // SAFETY: as above.
                 address: unsafe { std::mem::zeroed() },
                 source: None,
+                proxy: None,
                 flow: FlowHandle { index: 0, generation: 0 },
                 direction: Dir::ToBackend,
                 count: 0,
@@ -303,6 +325,7 @@ impl Flows {
         }
         *open = None;
         let max_segment = usize::from(flow.max_segment[direction.index()]);
+        let proxy = if direction == Dir::ToBackend { flow.proxy_header } else { None };
         let (fd, client, source) = match direction {
             Dir::ToBackend => (flow.upstream.as_raw_fd(), None, None),
             Dir::ToClient => {
@@ -315,6 +338,9 @@ impl Flows {
         let Some(slot) = self.sends.slots.get_mut(usize::from(bid)) else { return false };
         slot.start(handle, direction, bid, payload, len, now);
         slot.address(client, source);
+        if let Some(proxy) = proxy {
+            slot.prefix(proxy);
+        }
         let entry = opcode::SendMsg::new(Fd(fd), &slot.header)
             .build()
             .user_data(UserData::new(OpKind::UdpSend, u32::from(bid), direction.index() as u32).encode());
@@ -325,7 +351,8 @@ impl Flows {
         let pushed = unsafe { ctx.ring.push(&entry) };
         let queued = self.submitted(ctx, pushed);
         // Only a send still waiting in the queue may grow (`push` submits when the queue is full).
-        let joinable = queued && len > 0 && len <= max_segment && ctx.ring.submissions() == now;
+        let joinable =
+            queued && proxy.is_none() && len > 0 && len <= max_segment && ctx.ring.submissions() == now;
         if let Some(slot) = self.sends.slots.get_mut(usize::from(bid)) {
             slot.open = joinable;
         }
@@ -430,6 +457,26 @@ mod tests {
         slot.join(2, std::ptr::null(), 40);
         assert!(!slot.admits(FLOW, Direction::ToBackend, 7, 40), "a shorter datagram was the last");
         assert_eq!((slot.count, slot.bytes, &slot.bids[..3]), (3, 240, &[0, 1, 2][..]));
+    }
+
+    #[test]
+    fn a_prefixed_datagram_is_header_then_payload_and_nothing_joins_it() {
+        let payload = [7u8; 100];
+        let mut slot = queued(100, 1400);
+        slot.iov[0].iov_base = payload.as_ptr().cast_mut().cast();
+        let (client, vip) = ("10.0.0.1:5000".parse().unwrap(), "10.0.0.2:53".parse().unwrap());
+        let proxy = ProxyHeader::encode(lb_core::ProxyProtocol::V2, lb_core::Protocol::Udp, client, vip)
+            .expect("v2 has a UDP header");
+        slot.prefix(proxy);
+        assert_eq!((slot.header.msg_iovlen, slot.count, slot.bytes), (2, 1, 128));
+        assert_eq!(
+            slot.iov[0].iov_base.cast_const(),
+            slot.proxy.as_ref().unwrap().as_bytes().as_ptr().cast()
+        );
+        assert_eq!(slot.iov[0].iov_len, 28);
+        assert_eq!((slot.iov[1].iov_base.cast_const(), slot.iov[1].iov_len), (payload.as_ptr().cast(), 100));
+        slot.open = true;
+        assert!(!slot.admits(FLOW, Direction::ToBackend, 7, 100), "a segment would go without a header");
     }
 
     #[test]

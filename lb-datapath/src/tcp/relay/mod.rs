@@ -149,6 +149,21 @@ pub(crate) fn advance(
     Ok(Advanced::Issued)
 }
 
+/// Puts `bytes` in a direction that has nothing in flight or buffered, as if received from its
+/// source: its next [`advance`] sends them (resuming short sends, by copy or splice alike) before
+/// it reads the source at all. How a PROXY protocol header goes first to a backend.
+pub(crate) fn preload(direction: &mut Direction, buffers: &mut RelayBuffers, bytes: &[u8]) -> io::Result<()> {
+    if direction.pending != Pending::None || direction.end > direction.start {
+        return Err(io::Error::other("preload into a busy direction"));
+    }
+    if direction.spliced {
+        return splice::preload(direction, bytes);
+    }
+    direction.start = 0;
+    direction.end = buffers.preload(&mut direction.held, bytes);
+    Ok(())
+}
+
 /// Reads from a copy direction's source known to be readable (a splice direction pumps instead and
 /// only waits here).
 pub(crate) fn read_now(

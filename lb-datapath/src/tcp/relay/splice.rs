@@ -79,6 +79,26 @@ pub(crate) fn pump(direction: &mut Direction, source: RawFd, destination: RawFd,
     }
 }
 
+/// Writes `bytes` into the empty pipe of a splice direction, as if spliced from its source: the
+/// next [`pump`] sends them first. Writes of at most `PIPE_BUF` bytes to a pipe are atomic, so with
+/// an empty pipe this is all or nothing, never a short write; longer ones are refused.
+pub(crate) fn preload(direction: &mut Direction, bytes: &[u8]) -> io::Result<()> {
+    let pipe = direction.pipe.as_mut().ok_or_else(|| io::Error::other("splice direction without a pipe"))?;
+    if pipe.buffered > 0 || bytes.len() > libc::PIPE_BUF {
+        return Err(io::Error::other("preload needs an empty pipe and at most PIPE_BUF bytes"));
+    }
+    // SAFETY: writes `bytes.len()` initialised bytes from a live slice to a pipe the direction owns.
+    let n = unsafe { libc::write(pipe.write.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != bytes.len() {
+        return Err(io::Error::other("short write into an empty pipe"));
+    }
+    pipe.buffered = bytes.len();
+    Ok(())
+}
+
 /// One non-blocking `splice(2)` of up to `len` bytes; `Err(errno)` on failure (`EINTR` retried).
 fn splice(from: RawFd, to: RawFd, len: usize) -> Result<usize, i32> {
     loop {
