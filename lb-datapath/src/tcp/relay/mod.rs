@@ -301,6 +301,26 @@ mod tests {
     }
 
     #[test]
+    fn a_preloaded_header_waits_as_received_bytes_and_a_short_send_resumes_after_its_part() {
+        let header = b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 443\r\n";
+        let mut buffers = RelayBuffers::new(None, 4096);
+        let mut direction = Direction::new();
+        preload(&mut direction, &mut buffers, header).expect("an idle direction takes a preload");
+        assert_eq!(buffers.bytes(&direction.held, direction.end), &header[..]);
+        assert!(!wants_splice(Path::Adaptive, &direction), "never with bytes unsent");
+        direction.pending = Pending::Send;
+        let short = complete(&mut direction, &mut buffers, 5, 0);
+        assert_eq!((short.next, short.written), (Next::Advance, 5));
+        assert_eq!(&buffers.bytes(&direction.held, direction.end)[direction.start..], &header[5..]);
+        assert!(preload(&mut direction, &mut buffers, b"again").is_err(), "bytes still wait");
+        direction.pending = Pending::Send;
+        let rest = (header.len() - 5) as i32;
+        assert_eq!(complete(&mut direction, &mut buffers, rest, 0).written, rest as u64);
+        buffers.release(&mut direction.held);
+        assert_eq!(buffers.in_use, 0, "the preload's buffer went back");
+    }
+
+    #[test]
     fn a_direction_wants_splice_after_full_reads_in_a_row_and_only_when_adaptive() {
         let mut direction = copy_direction(1024);
         receive(&mut direction, 1024);

@@ -182,6 +182,36 @@ mod tests {
     }
 
     #[test]
+    fn a_preloaded_pipe_sends_its_bytes_before_any_of_the_source() {
+        let mut pipes = PipePool::new(64 * 1024);
+        let (mut writer, source) = pair();
+        let (mut reader, destination) = pair();
+        let mut direction = spliced(&mut pipes);
+        writer.write_all(b"client bytes").expect("the source has bytes already");
+        preload(&mut direction, b"HEADER").expect("an empty pipe takes a preload");
+        assert_eq!(direction.pipe.as_ref().map(|p| p.buffered), Some(6));
+        assert!(preload(&mut direction, b"again").is_err(), "only into an empty pipe");
+        let (mut received, mut written) = (Vec::new(), 0u64);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while received.len() < 18 {
+            assert!(std::time::Instant::now() < deadline, "the bytes never arrived: {received:?}");
+            let pumped = pump(&mut direction, source.as_raw_fd(), destination.as_raw_fd(), 1 << 20);
+            assert_eq!(pumped.failure, None);
+            written += pumped.completed.written;
+            // Reads only what was written, so the blocking read never waits for bytes not sent.
+            while (received.len() as u64) < written {
+                let mut chunk = [0u8; 64];
+                let n = reader.read(&mut chunk).expect("read the destination");
+                received.extend_from_slice(&chunk[..n]);
+            }
+        }
+        assert_eq!(received, b"HEADERclient bytes");
+        if let Some(pipe) = direction.pipe.take() {
+            pipes.give(pipe);
+        }
+    }
+
+    #[test]
     fn pump_waits_for_a_full_destination_and_reports_a_reset_source() {
         let mut pipes = PipePool::new(1024 * 1024);
         let (mut writer, source) = pair();
