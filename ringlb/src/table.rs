@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use lb_core::{Backend, BackendState, BuildReport, HealthOverlay, ServiceEntry};
+use lb_core::{Backend, BackendState, BuildReport, HealthOverlay, ProxyProtocol, ServiceEntry};
 
 /// One line per VIP entry, one indented line per backend, the health-check node ports this node
 /// would answer, then rejections and skipped Services.
@@ -49,7 +49,7 @@ pub fn render(report: &BuildReport) -> String {
 
 fn render_entry(out: &mut String, entry: &ServiceEntry) {
     let service = format!("{}/{}", entry.service.namespace, entry.service.name);
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{:<28} {:<5} {:<32} {:<10} {:<5} {:>9}",
         entry.key.socket_addr().to_string(),
@@ -59,6 +59,11 @@ fn render_entry(out: &mut String, entry: &ServiceEntry) {
         entry.scheduler.kind().name(),
         format!("{}/{}", entry.eligible.len(), entry.backends.len()),
     );
+    // Only where set, so the common line keeps its columns.
+    if entry.policy.proxy_protocol != ProxyProtocol::None {
+        let _ = write!(out, " proxy-protocol={}", entry.policy.proxy_protocol);
+    }
+    out.push('\n');
     // `check` runs no health checks: only readiness and the node leave a backend out.
     let none = HealthOverlay::new();
     for (idx, backend) in entry.backends.iter().enumerate() {

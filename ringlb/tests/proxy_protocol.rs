@@ -136,22 +136,31 @@ fn haproxy_behind_ringlb_sees_the_real_client_address_through_v1_and_v2_headers(
     assert!(status.success(), "ringlb exits cleanly on SIGTERM: {status}");
 }
 
-#[test]
-fn check_refuses_v1_on_a_service_with_a_udp_port() {
+/// `ringlb check` on a UDP Service `shop/dns` annotated with `version`: (success, its output).
+fn check_udp_service(version: &str) -> (bool, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("dns.yaml");
-    save(
-        &file,
+    let manifest = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: shop\n  annotations:\n    \
-         ringlb.io/proxy-protocol: v1\nspec:\n  externalIPs: [\"127.0.0.135\"]\n  ports:\n  - name: dns\n    \
-         port: 53\n    protocol: UDP\n",
+         ringlb.io/proxy-protocol: {version}\nspec:\n  externalIPs: [\"127.0.0.135\"]\n  ports:\n  - \
+         name: dns\n    port: 53\n    protocol: UDP\n"
     );
+    save(&file, &manifest);
     let output = Command::new(env!("CARGO_BIN_EXE_ringlb"))
         .args(["check", "--manifests", file.to_str().expect("utf-8 path")])
         .output()
         .expect("run ringlb check");
     let text =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(!output.status.success(), "check must fail: {text}");
+    (output.status.success(), text)
+}
+
+#[test]
+fn check_refuses_v1_on_a_service_with_a_udp_port_and_shows_v2_on_it() {
+    let (ok, text) = check_udp_service("v1");
+    assert!(!ok, "check must fail: {text}");
     assert!(text.contains("ringlb.io/proxy-protocol") && text.contains("TCP-only"), "{text}");
+    let (ok, text) = check_udp_service("v2");
+    assert!(ok, "v2 serves UDP: {text}");
+    assert!(text.contains("127.0.0.135:53") && text.contains("proxy-protocol=v2"), "{text}");
 }
