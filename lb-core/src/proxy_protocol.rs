@@ -54,7 +54,8 @@ impl ProxyProtocol {
         }
     }
 
-    /// Whether this version has a header for `protocol`: v1 for TCP, v2 for TCP and UDP.
+    /// Whether a `protocol` port can be served as asked: v1 has a header for TCP, v2 for TCP and
+    /// UDP, and `none` asks for nothing.
     pub fn supports(self, protocol: Protocol) -> bool {
         match (self, protocol) {
             (ProxyProtocol::None, _) => true,
@@ -314,14 +315,8 @@ mod tests {
         let header = ppp::v1::Header::try_from(bytes).expect("ppp parses our v1 header");
         assert_eq!(header.header.len(), bytes.len(), "the header is the whole encoding");
         match header.addresses {
-            ppp::v1::Addresses::Tcp4(a) => (
-                SocketAddr::from((a.source_address, a.source_port)),
-                SocketAddr::from((a.destination_address, a.destination_port)),
-            ),
-            ppp::v1::Addresses::Tcp6(a) => (
-                SocketAddr::from((a.source_address, a.source_port)),
-                SocketAddr::from((a.destination_address, a.destination_port)),
-            ),
+            ppp::v1::Addresses::Tcp4(a) => v4_pair(a),
+            ppp::v1::Addresses::Tcp6(a) => v6_pair(a),
             other => panic!("unexpected v1 addresses {other:?}"),
         }
     }
@@ -333,16 +328,19 @@ mod tests {
         assert_eq!(header.protocol, protocol);
         assert_eq!(header.tlvs().count(), 0);
         match header.addresses {
-            ppp::v2::Addresses::IPv4(a) => (
-                SocketAddr::from((a.source_address, a.source_port)),
-                SocketAddr::from((a.destination_address, a.destination_port)),
-            ),
-            ppp::v2::Addresses::IPv6(a) => (
-                SocketAddr::from((a.source_address, a.source_port)),
-                SocketAddr::from((a.destination_address, a.destination_port)),
-            ),
+            ppp::v2::Addresses::IPv4(a) => v4_pair(a),
+            ppp::v2::Addresses::IPv6(a) => v6_pair(a),
             other => panic!("unexpected v2 addresses {other:?}"),
         }
+    }
+
+    // ppp's v1 and v2 share these address types.
+    fn v4_pair(a: ppp::v2::IPv4) -> (SocketAddr, SocketAddr) {
+        ((a.source_address, a.source_port).into(), (a.destination_address, a.destination_port).into())
+    }
+
+    fn v6_pair(a: ppp::v2::IPv6) -> (SocketAddr, SocketAddr) {
+        ((a.source_address, a.source_port).into(), (a.destination_address, a.destination_port).into())
     }
 
     proptest! {
