@@ -188,6 +188,23 @@ impl ProxyHeader {
         Some(ProxyHeader { bytes: out.bytes, len: out.len as u8 })
     }
 
+    /// The header a connection of the proxy's own (a health check) sends under `version`: v1's
+    /// `PROXY UNKNOWN\r\n`, v2's `LOCAL` command with no addresses. Either tells the receiver to
+    /// take the connection's real endpoints. `None` for [`ProxyProtocol::None`].
+    pub fn local(version: ProxyProtocol) -> Option<ProxyHeader> {
+        let mut out = Writer { bytes: [0; MAX_HEADER_LEN], len: 0 };
+        match version {
+            ProxyProtocol::None => return None,
+            ProxyProtocol::V1 => out.put(b"PROXY UNKNOWN\r\n"),
+            ProxyProtocol::V2 => {
+                out.put(&V2_SIGNATURE);
+                // Version 2, command LOCAL; family and transport unspecified; no address block.
+                out.put(&[0x20, 0x00, 0, 0]);
+            }
+        }
+        Some(ProxyHeader { bytes: out.bytes, len: out.len as u8 })
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
@@ -291,6 +308,19 @@ mod tests {
             .expect("v1 has a TCP header");
         assert!(header.as_bytes().ends_with(b" 65535 65535\r\n"), "{header:?}");
         assert_eq!(header.len(), 104);
+    }
+
+    #[test]
+    fn local_headers_decode_as_unknown_and_local() {
+        assert_eq!(ProxyHeader::local(ProxyProtocol::None), None);
+        let v1 = ProxyHeader::local(ProxyProtocol::V1).expect("v1");
+        assert_eq!(v1.as_bytes(), b"PROXY UNKNOWN\r\n");
+        let parsed = ppp::v1::Header::try_from(v1.as_bytes()).expect("ppp parses it");
+        assert_eq!(parsed.addresses, ppp::v1::Addresses::Unknown);
+        let v2 = ProxyHeader::local(ProxyProtocol::V2).expect("v2");
+        let parsed = ppp::v2::Header::try_from(v2.as_bytes()).expect("ppp parses it");
+        assert_eq!((parsed.command, parsed.len()), (ppp::v2::Command::Local, 16));
+        assert_eq!(parsed.addresses, ppp::v2::Addresses::Unspecified);
     }
 
     #[test]

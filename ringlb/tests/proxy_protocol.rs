@@ -15,6 +15,10 @@ use std::process::{Child, Command, Stdio};
 
 use support::{IO_TIMEOUT, Ringlb, loopback, poll_until, port_free_on, save};
 
+const PROXY: &str = "ringlb.io/proxy-protocol";
+const CHECK: &str = "ringlb.io/health-check";
+const INTERVAL: &str = "ringlb.io/health-interval";
+
 /// An `haproxy -db` child process; killed and reaped on drop.
 struct Haproxy {
     child: Child,
@@ -64,11 +68,14 @@ impl Drop for Haproxy {
     }
 }
 
-/// A Service `shop/<name>` on `vip` with `annotation` (if any) and one ready endpoint at `backend`.
-fn service(name: &str, vip: SocketAddr, annotation: Option<&str>, backend: SocketAddr) -> String {
-    let annotations = annotation
-        .map(|version| format!("  annotations:\n    ringlb.io/proxy-protocol: \"{version}\"\n"))
-        .unwrap_or_default();
+/// A Service `shop/<name>` on `vip` with `annotations` and one ready endpoint at `backend`.
+fn service(name: &str, vip: SocketAddr, annotations: &[(&str, &str)], backend: SocketAddr) -> String {
+    let annotations = match annotations {
+        [] => String::new(),
+        list => list.iter().fold("  annotations:\n".to_owned(), |text, (key, value)| {
+            format!("{text}    {key}: \"{value}\"\n")
+        }),
+    };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n{annotations}\
          spec:\n  externalIPs: [\"{}\"]\n  ports:\n  - name: http\n    port: {}\n    targetPort: http\n\
@@ -109,9 +116,10 @@ fn haproxy_behind_ringlb_sees_the_real_client_address_through_v1_and_v2_headers(
         [130, 132, 134].map(|octet| SocketAddr::new(loopback(octet), port_free_on(&[loopback(octet)])));
     let dir = tempfile::tempdir().expect("temp dir");
     let manifest = [
-        service("v1", vips[0], Some("v1"), peer),
-        service("v2", vips[1], Some("v2"), peer),
-        service("plain", vips[2], None, peer),
+        service("v1", vips[0], &[(PROXY, "v1")], peer),
+        // Its health checks reach HAProxy too, which accepts them only after a (LOCAL) header.
+        service("v2", vips[1], &[(PROXY, "v2"), (CHECK, "http:/"), (INTERVAL, "200ms")], peer),
+        service("plain", vips[2], &[], peer),
     ]
     .concat();
     save(&dir.path().join("services.yaml"), &manifest);
@@ -131,6 +139,12 @@ fn haproxy_behind_ringlb_sees_the_real_client_address_through_v1_and_v2_headers(
     // the header above is what made it see the client.
     let (_, plain) = request_from(client_ip, vips[2]);
     assert!(!plain.as_deref().unwrap_or_default().contains("200"), "answered without a header: {plain:?}");
+
+    let health = poll_until("three health probes of the v2 Service", || {
+        let status = ringlb.status();
+        (status["health"]["probes_sent"].as_u64() >= Some(3)).then_some(status)
+    });
+    assert_eq!(health["health"]["probes_failed"], 0, "probes pass HAProxy's accept-proxy: {health}");
 
     let status = ringlb.terminate();
     assert!(status.success(), "ringlb exits cleanly on SIGTERM: {status}");

@@ -145,6 +145,7 @@ mod tests {
             timeout: Duration::from_millis(500),
             rise: 1,
             fall: 4,
+            proxy_protocol: crate::ProxyProtocol::None,
         };
         assert_eq!(check, Some(expected));
         let expected = OutlierConfig {

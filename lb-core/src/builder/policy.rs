@@ -139,6 +139,10 @@ pub(super) fn parse_service_policy(
     if let (Some(burst), Some(rate)) = (burst, policy.entry.client_rate.as_mut()) {
         rate.burst = burst;
     }
+    // Probes are TCP connections: they greet the backends as the Service's TCP ports do.
+    if let Some(check) = policy.traffic.health_check.as_mut() {
+        check.proxy_protocol = policy.entry.proxy_protocol.for_protocol(Protocol::Tcp);
+    }
     policy
 }
 
@@ -289,6 +293,14 @@ mod tests {
         assert_eq!(errors.len(), 1, "v2 serves UDP");
         check_proxy_protocol(&v2, [Protocol::Sctp], &object, &mut errors);
         assert_eq!(errors.len(), 2, "nor version serves SCTP");
+
+        let checked = Annotations::from([
+            (PROXY_PROTOCOL.to_owned(), "v2".to_owned()),
+            (crate::annotations::HEALTH_CHECK.to_owned(), "http:/ready".to_owned()),
+        ]);
+        let policy = parse_service_policy(Some(&checked), &object, &BuildOptions::default(), &mut errors);
+        let check = policy.traffic.health_check.expect("a health check");
+        assert_eq!(check.proxy_protocol, ProxyProtocol::V2, "probes greet the backends as connections do");
     }
 
     #[test]

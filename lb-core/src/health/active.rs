@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::Health;
 use crate::hash::SplitMix64;
 use crate::model::BackendId;
+use crate::proxy_protocol::ProxyProtocol;
 
 /// How far an interval may be stretched or shrunk, in percent of it.
 pub const JITTER_PERCENT: u32 = 10;
@@ -41,6 +42,10 @@ pub struct HealthCheckConfig {
     pub rise: u32,
     /// Consecutive failures that make a healthy backend unhealthy.
     pub fall: u32,
+    /// The PROXY protocol version the backends expect first (the Service's, for TCP): a probe
+    /// sends them that version's LOCAL header, which says "a check of the proxy's own, take the
+    /// connection's addresses" (see `ProxyHeader::local`).
+    pub proxy_protocol: ProxyProtocol,
 }
 
 impl HealthCheckConfig {
@@ -58,6 +63,7 @@ impl HealthCheckConfig {
             timeout: Self::DEFAULT_TIMEOUT,
             rise: Self::DEFAULT_RISE,
             fall: Self::DEFAULT_FALL,
+            proxy_protocol: ProxyProtocol::None,
         }
     }
 }
@@ -67,6 +73,8 @@ impl HealthCheckConfig {
 pub struct ProbeRequest {
     pub backend: BackendId,
     pub kind: ProbeKind,
+    /// The header the probe sends first (see [`HealthCheckConfig::proxy_protocol`]).
+    pub proxy_protocol: ProxyProtocol,
     /// Give up (and report nothing: `handle_timeout` counts it as a failure) at this instant.
     pub deadline: Instant,
 }
@@ -147,7 +155,8 @@ impl ActiveChecker {
         let deadline = now + self.config.timeout;
         target.in_flight = Some(deadline);
         target.next_probe = now + jittered(self.config.interval, self.random.next_u64());
-        Some(ProbeRequest { backend, kind: self.config.probe.clone(), deadline })
+        let (kind, proxy_protocol) = (self.config.probe.clone(), self.config.proxy_protocol);
+        Some(ProbeRequest { backend, kind, proxy_protocol, deadline })
     }
 
     /// Feeds a probe's outcome; returns the new verdict when it changed. A success reported after

@@ -12,6 +12,7 @@ fn tcp_config(rise: u32, fall: u32) -> HealthCheckConfig {
         timeout: Duration::from_secs(2),
         rise,
         fall,
+        proxy_protocol: crate::ProxyProtocol::None,
     }
 }
 

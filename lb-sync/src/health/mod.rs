@@ -194,9 +194,12 @@ impl HealthMonitor {
                 while let Some(request) = checker.poll_probe(now) {
                     self.status.0.probes_sent.fetch_add(1, Ordering::Relaxed);
                     let (service, backend, kind) = (service.clone(), request.backend, request.kind);
+                    let proxy_protocol = request.proxy_protocol;
                     let deadline = tokio::time::Instant::from_std(request.deadline);
                     self.probes.spawn(async move {
-                        let outcome = tokio::time::timeout_at(deadline, probe::probe(backend.0, &kind)).await;
+                        let outcome =
+                            tokio::time::timeout_at(deadline, probe::probe(backend.0, &kind, proxy_protocol))
+                                .await;
                         let timed_out = || Err(ProbeFailure::Backend("probe timed out".to_owned()));
                         (service, backend, outcome.unwrap_or_else(|_| timed_out()))
                     });

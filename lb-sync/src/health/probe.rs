@@ -3,6 +3,8 @@
 //!
 //! A probe never outlives its deadline (the caller bounds it with a timeout) and never touches a
 //! datapath connection: it opens its own socket from the control thread and closes it when done.
+//! A backend that expects a PROXY protocol header gets the LOCAL one first (see
+//! `lb_core::ProxyHeader::local`), so a backend that refuses connections without one is still checked.
 //! Only the status line is read; bodies and headers are ignored, so a probe reads at most a few KiB.
 //! A probe that fails for the load balancer's own lack of resources (no descriptor, no source port,
 //! no memory) is [`ProbeFailure::Local`]: it says nothing about the backend.
@@ -10,8 +12,8 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use lb_core::LocalResource;
 use lb_core::health::ProbeKind;
+use lb_core::{LocalResource, ProxyHeader, ProxyProtocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -46,9 +48,20 @@ impl fmt::Display for ProbeFailure {
     }
 }
 
-/// Runs `kind` against `addr`; `Err` says why the probe did not pass (for the log).
-pub(crate) async fn probe(addr: SocketAddr, kind: &ProbeKind) -> Result<(), ProbeFailure> {
+/// Runs `kind` against `addr`, after the LOCAL header of `proxy_protocol` if any; `Err` says why
+/// the probe did not pass (for the log).
+pub(crate) async fn probe(
+    addr: SocketAddr,
+    kind: &ProbeKind,
+    proxy_protocol: ProxyProtocol,
+) -> Result<(), ProbeFailure> {
     let mut stream = TcpStream::connect(addr).await.map_err(|error| ProbeFailure::io("connect", error))?;
+    if let Some(header) = ProxyHeader::local(proxy_protocol) {
+        stream
+            .write_all(header.as_bytes())
+            .await
+            .map_err(|error| ProbeFailure::io("send PROXY header", error))?;
+    }
     match kind {
         ProbeKind::Tcp => Ok(()),
         ProbeKind::Http { path, expected_status } => {
@@ -113,6 +126,24 @@ mod tests {
         // ECONNREFUSED
         let refused = ProbeFailure::io("connect", std::io::Error::from_raw_os_error(111));
         assert!(matches!(refused, ProbeFailure::Backend(_)), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn a_probe_sends_the_local_header_before_its_request() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound");
+        let backend = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut header = [0u8; 16];
+            stream.read_exact(&mut header).await.expect("the header");
+            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("answer");
+            header
+        });
+        let kind = ProbeKind::Http { path: "/".to_owned(), expected_status: 200 };
+        probe(addr, &kind, ProxyProtocol::V2).await.expect("the probe passes");
+        let header = backend.await.expect("backend");
+        assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(&header[12..], &[0x20, 0x00, 0, 0], "v2 LOCAL, no addresses");
     }
 
     #[test]
