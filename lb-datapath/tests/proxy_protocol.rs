@@ -1,8 +1,8 @@
 //! PROXY protocol headers over real loopback sockets: a TCP backend reads the header the entry asks
 //! for (v1 or v2, IPv4 and IPv6) before any client byte, with every relay mode, and a retry after a
-//! refused connect sends the backend that connects its own header; a UDP backend finds the v2
-//! header at the start of every datagram of a burst (which would otherwise leave as one GSO send),
-//! and the replies reach the client without one.
+//! refused connect sends the backend that connects its own header; a UDP backend (IPv4 and IPv6)
+//! finds the v2 header at the start of every datagram of a burst (which would otherwise leave as
+//! one GSO send), and the replies reach the client without one.
 //!
 //! The expected headers are written out here from the specification, not with lb-core's encoder,
 //! so the test checks the encoder as well as the datapath. Every wait is bounded; nothing sleeps.
@@ -189,9 +189,22 @@ fn without_proxy_protocol_the_backend_gets_the_client_bytes_only() {
 
 #[test]
 fn every_udp_datagram_to_the_backend_starts_with_the_v2_header_and_replies_have_none() {
-    let backend = UdpSocket::bind("127.0.0.1:0").expect("UDP backend");
+    udp_datagrams_carry_the_header(udp_key(165));
+}
+
+#[test]
+fn ipv6_udp_datagrams_carry_the_v2_ipv6_header() {
+    let ip = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let free = UdpSocket::bind(SocketAddr::new(ip, 0)).and_then(|s| s.local_addr()).expect("a free UDP port");
+    udp_datagrams_carry_the_header(VipKey::new(ip, free.port(), Protocol::Udp));
+}
+
+/// A burst through UDP `key` (its backend and client on the key's loopback family): every datagram
+/// reaches the backend behind the client's v2 header, and a reply reaches the client bare.
+fn udp_datagrams_carry_the_header(key: VipKey) {
+    let loopback = SocketAddr::new(if key.addr.is_ipv4() { [127, 0, 0, 1].into() } else { key.addr }, 0);
+    let backend = UdpSocket::bind(loopback).expect("UDP backend");
     backend.set_read_timeout(Some(UDP_REPLY_TIMEOUT)).expect("timeout");
-    let key = udp_key(165);
     let engine = start_engine(
         1,
         RelayMode::Copy,
@@ -200,7 +213,8 @@ fn every_udp_datagram_to_the_backend_starts_with_the_v2_header_and_replies_have_
             vec![entry(key, &[(backend.local_addr().expect("bound"), true)], policy(ProxyProtocol::V2))],
         ),
     );
-    let client = udp_client();
+    let client = UdpSocket::bind(loopback).expect("UDP client");
+    client.set_read_timeout(Some(UDP_REPLY_TIMEOUT)).expect("timeout");
     let expected = expected_header(
         ProxyProtocol::V2,
         Protocol::Udp,
