@@ -31,8 +31,8 @@ pub mod lifecycle;
 pub mod local;
 pub mod metallb;
 pub mod model;
-pub mod rate;
 pub mod proxy_protocol;
+pub mod rate;
 pub mod scheduler;
 pub mod selection;
 #[cfg(test)]
@@ -57,8 +57,8 @@ pub use model::{
     Backend, BackendId, BackendIdx, EndpointConditions, EntryChanges, EntryPolicy, HealthCheckNodePort,
     ObjectRef, Placement, Protocol, ServiceEntry, Snapshot, TrafficPolicy, VipKey,
 };
-pub use rate::{ClientRate, RateTable};
 pub use proxy_protocol::{ProxyHeader, ProxyProtocol};
+pub use rate::{ClientRate, RateTable};
 pub use scheduler::{
     BackendLoad, HashKey, LoadRegistry, PickContext, PickRequest, PickState, Scheduler, SchedulerConfig,
     SchedulerKind,

@@ -27,8 +27,8 @@ use crate::builder::service::ParsedService;
 use crate::cidr::Cidr;
 use crate::health::{HealthCheckConfig, OutlierConfig};
 use crate::lifecycle::{NotReadyConnections, StaleFlowPolicy};
-use crate::rate::ClientRate;
 use crate::proxy_protocol::ProxyProtocol;
+use crate::rate::ClientRate;
 use crate::scheduler::{BackendLoad, Scheduler};
 
 /// Transport protocol of a service port, as in `Service.spec.ports[].protocol`.
