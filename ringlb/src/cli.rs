@@ -14,6 +14,11 @@ use lb_core::{ProxyProtocol, SchedulerKind};
     about = "A thread-per-core io_uring L4 load balancer for Kubernetes Services"
 )]
 pub struct Cli {
+    /// A TOML file of flags: top-level keys for the global flags, a table per subcommand (`[run]`)
+    /// keyed by long flag name (`workers = 2`). Flags on the command line, then their environment
+    /// variables, win over the file. See README, "The appliance package".
+    #[arg(long, env = "RINGLB_CONFIG", value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
     /// Log format: `human` for terminals, `json` for log collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
