@@ -397,4 +397,28 @@ mod tests {
         let arguments = arguments(&Cli::command(), argv.clone()).expect("no file");
         assert_eq!((arguments.all, arguments.from_file.is_none()), (argv, true));
     }
+
+    #[test]
+    fn every_example_in_the_packaged_config_is_a_valid_flag() {
+        let shipped = include_str!("../../deploy/debian/config.toml");
+        parse(shipped, &["run"]).expect("the file as shipped");
+        // Uncommented, the examples (`# key = value  # note`) must all be flags with good values.
+        let examples = shipped.lines().filter(|line| is_example(line)).count();
+        assert!(examples >= 25, "the examples are found: {examples}");
+        let uncommented: String = shipped
+            .lines()
+            .map(|line| if is_example(line) { &line[2..] } else { line })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let args = run(parse(&uncommented, &["run"]).expect("the file with every example uncommented"));
+        assert_eq!((args.engine.workers, args.vips.l2_peers.len()), (Some(4), 2));
+    }
+
+    /// A line `# key = value` of the packaged config.
+    fn is_example(line: &str) -> bool {
+        let key = line.strip_prefix("# ").and_then(|rest| rest.split_once(" = ")).map(|(key, _)| key);
+        key.is_some_and(|key| {
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+    }
 }
