@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 
-use support::{IO_TIMEOUT, Ringlb, http_get, loopback, poll_until, port_free_on, save, web_manifest};
+use support::{
+    IO_TIMEOUT, Ringlb, http_get, io_uring_descriptors, loopback, poll_until, port_free_on, proc_status,
+    save, web_manifest,
+};
 use testkit::backends::{Server, StreamReport, read_pattern, stream_header, stream_server, write_pattern};
 
 const PROFILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/base/seccomp/ringlb.json");
@@ -117,23 +120,6 @@ fn ready_or_exited(ringlb: &mut Ringlb) -> bool {
         }
         http_get(admin, "/readyz").ok().filter(|(status, _)| *status == 200).map(|_| true)
     })
-}
-
-/// The value of the `field:` line of `/proc/PID/status`.
-fn proc_status(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let prefix = format!("{field}:");
-    let line = status.lines().find(|line| line.starts_with(&prefix)).expect("the field is listed");
-    line[prefix.len()..].trim().to_owned()
-}
-
-/// How many of the process's descriptors are io_uring instances.
-fn io_uring_descriptors(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("list /proc/PID/fd")
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| target.as_os_str() == "anon_inode:[io_uring]")
-        .count()
 }
 
 /// The sum of one TCP counter over the workers in `/status`.

@@ -248,3 +248,20 @@ pub fn web_manifest(vip: SocketAddr, backend_port: u16, endpoints: &[(IpAddr, bo
     }
     text
 }
+
+/// The value of the `field:` line of `/proc/PID/status`.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let prefix = format!("{field}:");
+    let line = status.lines().find(|line| line.starts_with(&prefix)).expect("the field is listed");
+    line[prefix.len()..].trim().to_owned()
+}
+
+/// How many of the process's descriptors are io_uring instances.
+pub fn io_uring_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list /proc/PID/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.as_os_str() == "anon_inode:[io_uring]")
+        .count()
+}
