@@ -17,6 +17,7 @@ use lb_core::{LoadRegistry, Snapshot};
 use crate::affinity::{AFFINITY_CAPACITY, SharedAffinity};
 use crate::budget::{DescriptorBudget, descriptor_limit};
 use crate::events::{BackendEvents, CHANNEL_BATCHES};
+use crate::handover::SocketRegistry;
 use crate::rates::{RATE_CAPACITY, SharedRates};
 use crate::ring::{Ring, RingFeatures, completion_entries};
 use crate::shared::Shared;
@@ -61,6 +62,9 @@ impl Engine {
             traffic: Arc::new(TrafficRegistry::new(config.workers.max(1), config.traffic_detail)),
             rates: SharedRates::new(RATE_CAPACITY),
             vip_loads: LoadRegistry::new(),
+            sockets: Arc::default(),
+            inherited: config.inherited.clone(),
+            handed_over: AtomicBool::new(false),
         });
         let (events_tx, events_rx) = mpsc::sync_channel(CHANNEL_BATCHES);
         let workers = config.workers.max(1);
@@ -247,6 +251,28 @@ impl Engine {
     }
 
     /// Per-worker counters.
+    /// The open VIP sockets, for handing them to a new process (see [`SocketRegistry::with_open`]).
+    pub fn sockets(&self) -> &SocketRegistry {
+        &self.shared.sockets
+    }
+
+    /// From now on the VIP sockets are shared with another process: none is shut down when it
+    /// closes (the other process listens on it too). Called before the sockets are sent, and
+    /// taken back ([`Engine::take_sockets_back`]) if the other process never took over.
+    pub fn share_sockets(&self) {
+        self.shared.handed_over.store(true, Ordering::Release);
+    }
+
+    /// The other process did not take over: this one owns its sockets alone again.
+    pub fn take_sockets_back(&self) {
+        self.shared.handed_over.store(false, Ordering::Release);
+    }
+
+    /// Closes the inherited sockets no worker took; how many (call once serving).
+    pub fn close_unclaimed_inherited(&self) -> usize {
+        self.shared.inherited.as_ref().map_or(0, |inherited| inherited.close_unclaimed())
+    }
+
     /// Traffic per VIP key (and backend), every worker's added up, in key order.
     pub fn traffic(&self) -> Vec<(TrafficKey, TrafficStats)> {
         self.shared.traffic.read()

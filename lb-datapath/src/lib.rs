@@ -29,6 +29,7 @@ mod context;
 mod dir;
 mod engine;
 mod events;
+mod handover;
 mod listener;
 mod pool;
 mod rates;
@@ -50,6 +51,7 @@ use std::time::Duration;
 pub use budget::{DescriptorBudget, descriptor_limit, raise_descriptor_limit};
 pub use engine::Engine;
 pub use events::BackendEvents;
+pub use handover::{Inherited, SocketRegistry, owned as owned_fds};
 pub use lb_core::Snapshot;
 pub use listener::ListenMode;
 pub use ring::RingFeatures;
@@ -123,6 +125,9 @@ pub struct EngineConfig {
     pub source_port_range: Option<std::ops::RangeInclusive<u16>>,
     /// How finely `/metrics` counts traffic: per VIP key and backend, or per VIP key.
     pub traffic_detail: TrafficDetail,
+    /// VIP sockets received from the process this one upgrades: workers take them instead of
+    /// binding (see the `handover` module).
+    pub inherited: Option<std::sync::Arc<Inherited>>,
 }
 
 impl Default for EngineConfig {
@@ -145,6 +150,7 @@ impl Default for EngineConfig {
             source_ports: SourcePortMode::default(),
             source_port_range: None,
             traffic_detail: TrafficDetail::default(),
+            inherited: None,
         }
     }
 }

@@ -31,6 +31,7 @@ use io_uring::squeue::Entry;
 use lb_core::VipKey;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
+use crate::handover::VipSocket;
 use crate::ring::Ring;
 
 /// Pending-connection queue length asked for (the kernel caps it at `net.core.somaxconn`).
@@ -176,7 +177,7 @@ impl ListenPlan {
 /// One worker's listening socket for one key.
 pub(crate) struct Listener {
     pub key: VipKey,
-    pub socket: Socket,
+    pub socket: VipSocket,
     /// An accept operation is in the kernel for this listener.
     pub armed: bool,
     /// The armed accept is multishot (keeps producing completions).
@@ -189,7 +190,7 @@ pub(crate) struct Listener {
 
 impl Listener {
     /// A listener for `key` on a freshly bound `socket`, not armed yet.
-    pub fn new(key: VipKey, socket: Socket) -> Listener {
+    pub fn new(key: VipKey, socket: VipSocket) -> Listener {
         Listener { key, socket, armed: false, multishot: false, closing: false, rearm_at_tick: false }
     }
 

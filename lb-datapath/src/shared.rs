@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use lb_core::{LoadRegistry, Snapshot, VipKey};
 
 use crate::affinity::SharedAffinity;
+use crate::handover::{Inherited, SocketRegistry};
 use crate::rates::SharedRates;
 use crate::traffic::TrafficRegistry;
 
@@ -33,4 +34,11 @@ pub(crate) struct Shared {
     pub rates: SharedRates,
     /// Each VIP key's open connections, for `max-connections` (workers keep the counters they use).
     pub vip_loads: LoadRegistry<VipKey>,
+    /// Every open VIP socket, for a hot upgrade (see [`crate::handover`]).
+    pub sockets: Arc<SocketRegistry>,
+    /// Sockets of the process this one upgrades, taken instead of binding.
+    pub inherited: Option<Arc<Inherited>>,
+    /// The VIP sockets are shared with a new process (they were sent to it): closing one must only
+    /// drop this process's descriptor, never `shutdown(2)` it, and UDP VIP sockets stop receiving.
+    pub handed_over: AtomicBool,
 }

@@ -413,6 +413,10 @@ impl Worker {
         let room = self.sctp_room();
         self.sctp.close_listeners(&mut self.core.ctx(room));
         self.udp.stop_binding();
+        if self.core.shared.handed_over.load(Ordering::Acquire) {
+            let room = self.udp_room();
+            self.udp.stop_receiving(&mut self.core.ctx(room));
+        }
     }
 
     fn begin_stop(&mut self) {

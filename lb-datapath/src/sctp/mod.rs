@@ -216,7 +216,12 @@ impl Associations {
                 self.unbound.push(key);
                 continue;
             }
-            match bind_sctp_listener(key.socket_addr()) {
+            match crate::handover::open_vip_socket(
+                ctx.shared,
+                key.socket_addr(),
+                Protocol::Sctp,
+                bind_sctp_listener,
+            ) {
                 Ok(socket) => {
                     let listener = Listener::new(key, socket);
                     let (index, _) = self.listeners.insert(key, listener);

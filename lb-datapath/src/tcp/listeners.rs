@@ -19,6 +19,7 @@ use socket2::Socket;
 use crate::ListenMode;
 use crate::budget::DescriptorBudget;
 use crate::context::Ctx;
+use crate::handover::open_vip_socket;
 use crate::listener::{ListenPlan, Listener, ListenerTable, bind_listener, fewest_sockets, is_wildcard};
 use crate::ring::{OpKind, UserData};
 use crate::stats;
@@ -107,7 +108,7 @@ impl Listeners {
                 self.unbound.push(key);
                 continue;
             }
-            match bind_listener(key.socket_addr()) {
+            match open_vip_socket(ctx.shared, key.socket_addr(), Protocol::Tcp, bind_listener) {
                 Ok(socket) => {
                     let listener = Listener::new(key, socket);
                     let (index, _) = self.table.insert(key, listener);
@@ -181,7 +182,11 @@ impl Listeners {
     fn close(&mut self, ctx: &mut Ctx<'_>, index: u32) {
         let generation = self.table.generation(index);
         let Some(listener) = self.table.close(index) else { return };
-        let _ = listener.socket.shutdown(std::net::Shutdown::Read);
+        // A socket shared with a new process (hot upgrade) listens on there: only this process's
+        // descriptor goes.
+        if !ctx.shared.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = listener.socket.shutdown(std::net::Shutdown::Read);
+        }
         if listener.armed {
             let _ = ctx.ring.push_cancel(UserData::new(OpKind::Accept, index, generation));
         } else {
@@ -214,7 +219,11 @@ impl Listeners {
         if result >= 0 {
             // SAFETY: a non-negative accept result is a new fd that nothing else owns.
             let socket = unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(result) };
-            if closing || ctx.stopping {
+            // A client accepted while the listener closes is dropped, unless the socket went to a
+            // new process (hot upgrade): that close is no refusal, so the accept race's client is
+            // served here.
+            let handed_over = ctx.shared.handed_over.load(std::sync::atomic::Ordering::Acquire);
+            if ctx.stopping || (closing && !handed_over) {
                 drop(socket);
             } else {
                 connect(ctx, key, socket);

@@ -122,6 +122,9 @@ impl Flows {
             self.update_gauges(ctx);
             return;
         }
+        if !vip.receiving {
+            return;
+        }
         match rearm {
             Rearm::Now => {
                 stats::add(&ctx.counters.udp_recv_rearms, 1);

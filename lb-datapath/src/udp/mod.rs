@@ -127,12 +127,15 @@ impl Served {
 /// One worker's socket for one UDP listen key (a VIP key, or a wildcard of the plan).
 struct UdpVip {
     key: VipKey,
-    socket: Socket,
+    socket: crate::handover::VipSocket,
     served: Served,
     header: Box<SingleShotHeader>,
     armed: bool,
     closing: bool,
     rearm_at_tick: bool,
+    /// False once the socket is shared with a new process (hot upgrade): that one receives its
+    /// datagrams; this one only sends its flows' replies from it.
+    receiving: bool,
 }
 
 /// One client flow.
@@ -260,6 +263,23 @@ impl Flows {
     /// Graceful shutdown: VIP sockets stay (their flows go on) but none is bound again.
     pub fn stop_binding(&mut self) {
         self.unbound.clear();
+    }
+
+    /// The VIP sockets are shared with a new process (hot upgrade): this worker stops receiving
+    /// on them (the new process receives every datagram) and keeps them open, unshut, for the
+    /// replies of its flows.
+    pub fn stop_receiving(&mut self, ctx: &mut Ctx<'_>) {
+        let mut armed = Vec::new();
+        for (index, vip) in self.vips.iter_mut() {
+            vip.receiving = false;
+            if vip.armed {
+                armed.push(index);
+            }
+        }
+        for index in armed {
+            let generation = self.vips.generation(index);
+            let _ = ctx.ring.push_cancel(UserData::new(OpKind::UdpVip, index, generation));
+        }
     }
 
     /// Shuts every VIP and upstream socket down (the ring failed; see `Worker::abandon`).
@@ -416,11 +436,8 @@ impl Flows {
         while let Some(key) = keys.pop() {
             let Some(served) = Served::of(&self.plan, snapshot, &key) else { continue };
             let wildcard = is_wildcard(&key);
-            let bound = if wildcard {
-                socket::bind_wildcard(key.socket_addr())
-            } else {
-                socket::bind_vip(key.socket_addr())
-            };
+            let bind = if wildcard { socket::bind_wildcard } else { socket::bind_vip };
+            let bound = crate::handover::open_vip_socket(ctx.shared, key.socket_addr(), Protocol::Udp, bind);
             match bound {
                 Ok(socket) => {
                     if let Err(err) = socket::set_receive_buffer(&socket, self.config.vip_receive_buffer) {
@@ -434,6 +451,7 @@ impl Flows {
                         armed: false,
                         closing: false,
                         rearm_at_tick: false,
+                        receiving: true,
                     };
                     let (index, _) = self.vips.insert(key, vip);
                     self.arm_vip(ctx, index);
@@ -552,7 +570,7 @@ impl Flows {
         let rearm: Vec<u32> = self
             .vips
             .iter_mut()
-            .filter(|(_, v)| v.rearm_at_tick && !v.armed && !v.closing)
+            .filter(|(_, v)| v.rearm_at_tick && !v.armed && !v.closing && v.receiving)
             .map(|(index, _)| index)
             .collect();
         for index in rearm {
