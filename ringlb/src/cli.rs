@@ -302,6 +302,11 @@ pub struct EngineArgs {
     /// kernel's net.ipv4.ip_local_port_range; required by --source-ports worker].
     #[arg(long, value_parser = parse_port_range, required_if_eq("source_ports", "worker"))]
     pub source_port_range: Option<std::ops::RangeInclusive<u16>>,
+    /// Hot upgrade: listen on this unix socket for a new ringlb; started with the same path while
+    /// one runs, a ringlb takes the VIP sockets of the running one over it (no client is refused)
+    /// and the old one drains and exits. Its directory must exist and be private to ringlb.
+    #[arg(long)]
+    pub upgrade_socket: Option<PathBuf>,
     /// How finely /metrics counts traffic: `backend` (per VIP key and backend) or `vip` (per VIP
     /// key only: fewer series for tables of many backends).
     #[arg(long, value_enum, default_value_t = MetricsDetailArg::Backend)]

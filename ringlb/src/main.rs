@@ -14,6 +14,7 @@ mod node_health;
 mod serve;
 mod service_health;
 mod table;
+mod upgrade;
 
 use clap::{CommandFactory, FromArgMatches};
 

@@ -40,6 +40,7 @@ use crate::cli::{
 use crate::metrics;
 use crate::node_health::{self, NodeHealth};
 use crate::service_health::{self, ServiceHealthStatus};
+use crate::upgrade;
 
 /// Where the served snapshots come from.
 #[allow(clippy::large_enum_variant, reason = "one value per process, moved once")]
@@ -358,6 +359,7 @@ impl AdminState for ServeState {
         });
         let workers = self.engine.stats().workers;
         json!({
+            "pid": std::process::id(),
             "ready": self.is_ready(),
             // `reconciled`: every worker serves the snapshot published last.
             "snapshot": {
@@ -451,10 +453,21 @@ pub fn serve(
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "cannot raise the descriptor limit"),
     }
-    let engine = Arc::new(
-        Engine::start(engine_config(engine_args), Arc::new(Snapshot::empty()))
-            .context("starting the datapath")?,
-    );
+    // Hot upgrade: a ringlb already serving on the upgrade socket hands its VIP sockets over.
+    let mut config = engine_config(engine_args);
+    let takeover = match &engine_args.upgrade_socket {
+        Some(path) => upgrade::take_over(path)?,
+        None => None,
+    };
+    let takeover = takeover.map(|(takeover, fds)| {
+        let received = fds.len();
+        let (inherited, rejected) = lb_datapath::Inherited::new(fds);
+        tracing::info!(received, rejected, "upgrade: took the running ringlb's VIP sockets");
+        config.inherited = Some(Arc::new(inherited));
+        takeover
+    });
+    let engine =
+        Arc::new(Engine::start(config, Arc::new(Snapshot::empty())).context("starting the datapath")?);
     let (config, budget) = (engine.config(), engine.budget());
     tracing::info!(workers = config.workers, relay = ?engine.relay_mode(), "datapath started");
     tracing::info!(
@@ -532,9 +545,7 @@ pub fn serve(
             }
             other => (other, None),
         };
-        if let Some(addr) = admin_addr {
-            let listener = admin::bind(addr).await?;
-            let state = ServeState {
+        let admin_state = ServeState {
                 engine: Arc::clone(&engine),
                 node: Arc::clone(&node),
                 source: control.map(ControlLoop::readiness),
@@ -545,16 +556,47 @@ pub fn serve(
                 l2: l2.as_ref().map(|l2| (l2.state(), l2.counters())),
                 node_name: control.and_then(ControlLoop::node_name),
                 pools: pools.clone(),
-            };
-            tracing::info!(%addr, "admin listening (/healthz, /readyz, /metrics, /snapshot, /backends, /status)");
-            tokio::spawn(admin::serve(listener, Arc::new(state)));
-        }
-        if let Some(addr) = health.node {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the node health server on {addr}"))?;
-            tracing::info!(%addr, "node health listening (/healthz, /livez)");
-            tokio::spawn(node_health::serve(listener, Arc::clone(&node)));
+        };
+        // The admin and node health listeners; after an upgrade only once the old process let
+        // go of their ports. Aborted when this process hands over in turn.
+        let open_listeners = {
+            let node = Arc::clone(&node);
+            let health_node = health.node;
+            async move {
+                let mut tasks = Vec::new();
+                if let Some(addr) = admin_addr {
+                    let listener = admin::bind(addr).await?;
+                    tracing::info!(%addr, "admin listening (/healthz, /readyz, /metrics, /snapshot, /backends, /status)");
+                    tasks.push(tokio::spawn(admin::serve(listener, Arc::new(admin_state))));
+                }
+                if let Some(addr) = health_node {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the node health server on {addr}"))?;
+                    tracing::info!(%addr, "node health listening (/healthz, /livez)");
+                    tasks.push(tokio::spawn(node_health::serve(listener, node)));
+                }
+                anyhow::Ok(tasks)
+            }
+        };
+        let (handed_tx, mut handed_rx) = tokio::sync::oneshot::channel::<upgrade::Handed>();
+        let listener_tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upgrade_path = engine_args.upgrade_socket.clone();
+        match takeover {
+            None => {
+                *listener_tasks.lock().unwrap_or_else(|e| e.into_inner()) = open_listeners.await?;
+                if let Some(path) = &upgrade_path {
+                    offer_upgrades(upgrade::Offer::bind(path)?, Arc::clone(&engine), handed_tx);
+                }
+            }
+            Some(takeover) => {
+                let (engine, node, tasks) = (Arc::clone(&engine), Arc::clone(&node), Arc::clone(&listener_tasks));
+                tokio::spawn(async move {
+                    if let Err(error) = finish_takeover(takeover, &engine, &node, open_listeners, &tasks, handed_tx).await {
+                        tracing::error!(error = format!("{error:#}"), "upgrade: taking over did not complete");
+                    }
+                });
+            }
         }
         if let Some(status) = service_health {
             tokio::spawn(service_health::run(ports_wanted, Arc::clone(&node), status));
@@ -636,19 +678,40 @@ pub fn serve(
             }
             None => None,
         };
+        // Serving ends at a signal, or when a new process took the sockets over (hot upgrade).
+        let handed = std::cell::RefCell::new(None);
+        let until_shutdown = async {
+            tokio::select! {
+                () = signals.next() => {}
+                Ok(taken) = &mut handed_rx => *handed.borrow_mut() = Some(taken),
+            }
+        };
         let served = match source {
             Running::Manifests(source, control) => {
-                control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)
+                control.run(source, sink, until_shutdown).await.map_err(anyhow::Error::from)
             }
             Running::Cluster(source, control) => {
-                control.run(source, sink, signals.next()).await.map_err(anyhow::Error::from)
+                control.run(source, sink, until_shutdown).await.map_err(anyhow::Error::from)
             }
             Running::Fixed(snapshot) => {
                 sink.publish(Arc::new(snapshot));
-                signals.next().await;
+                until_shutdown.await;
                 Ok(())
             }
         };
+        let upgraded = handed.borrow().is_some();
+        if let Some(handed) = handed.take() {
+            // The new process serves on the VIP sockets: free the admin and node health ports for
+            // it, then let it go on; this one drains what it holds.
+            let tasks: Vec<_> = listener_tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+            for task in tasks {
+                task.abort();
+                // Done once the task is dropped, with its listener.
+                let _ = task.await;
+            }
+            let _ = tokio::task::spawn_blocking(move || handed.bye()).await;
+            tracing::info!("upgrade: the new ringlb serves; draining what this one holds");
+        }
         // External balancers are told at once (before the Lease and the listeners go), so they
         // move new traffic elsewhere while established connections drain.
         node.begin_drain();
@@ -669,7 +732,8 @@ pub fn serve(
         if served.is_ok() {
             drain(&engine, grace, &mut signals).await;
         }
-        if let Some(task) = vip_task {
+        // After an upgrade the new process holds the VIPs on the link: they stay.
+        if let Some(task) = vip_task.filter(|_| !upgraded) {
             let _ = release_vips.send(());
             if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
                 tracing::warn!("the VIP link was not released within 5 s");
@@ -681,6 +745,51 @@ pub fn serve(
     engine.shutdown();
     tracing::info!("stopped");
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+/// Hands the VIP sockets to the next ringlb that connects to `offer` (on a thread of its own: the
+/// exchange blocks), then tells the serving loop through `handed`.
+fn offer_upgrades(
+    offer: upgrade::Offer,
+    engine: Arc<Engine>,
+    handed: tokio::sync::oneshot::Sender<upgrade::Handed>,
+) {
+    let spawned = std::thread::Builder::new().name("ringlb-upgrade".into()).spawn(move || {
+        let taken = offer.hand_over(&engine);
+        let _ = handed.send(taken);
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot offer upgrades");
+    }
+}
+
+/// The new process's side of an upgrade, once its workers run on the inherited sockets: waits
+/// until it serves, tells the old process, opens its own admin and node health listeners once the
+/// old one let go of them, and offers the next upgrade.
+async fn finish_takeover(
+    takeover: upgrade::Takeover,
+    engine: &Arc<Engine>,
+    node: &NodeHealth,
+    open_listeners: impl std::future::Future<Output = anyhow::Result<Vec<tokio::task::JoinHandle<()>>>>,
+    tasks: &std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    handed: tokio::sync::oneshot::Sender<upgrade::Handed>,
+) -> anyhow::Result<()> {
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    while !(node.has_published() && engine.is_ready()) {
+        poll.tick().await;
+    }
+    let path = tokio::task::spawn_blocking(move || takeover.finish()).await??;
+    let unclaimed = engine.close_unclaimed_inherited();
+    if unclaimed > 0 {
+        tracing::warn!(
+            unclaimed,
+            "upgrade: closed inherited VIP sockets no worker took (more workers before, or other VIPs)"
+        );
+    }
+    *tasks.lock().unwrap_or_else(|e| e.into_inner()) = open_listeners.await?;
+    offer_upgrades(upgrade::Offer::bind(&path)?, Arc::clone(engine), handed);
+    tracing::info!("upgrade: serving; the old ringlb drains");
+    Ok(())
 }
 
 /// A source being served (the cluster's client made).
