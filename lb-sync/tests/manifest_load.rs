@@ -273,6 +273,32 @@ fn an_empty_file_is_taken_for_a_write_in_progress() {
 }
 
 #[test]
+fn a_set_of_only_other_kinds_is_refused_unless_a_file_says_nothing_on_purpose() {
+    // The wrong file saved over the manifest: served, it would empty the table.
+    let config_map =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web, namespace: shop}\ndata: {a: b}\n";
+    let error = only_error(parse_manifest_str(config_map, "web.yaml").expect_err("refused"));
+    assert!(matches!(&error, ManifestError::OnlyOtherKinds { kind, .. } if kind == "ConfigMap"), "{error:?}");
+    assert!(error.to_string().starts_with("web.yaml: document 1: a ConfigMap"), "{error}");
+    // `kubectl get configmaps -o yaml`: a List of them is no different.
+    let listed = format!("apiVersion: v1\nkind: List\nitems:\n- {}", config_map.replace('\n', "\n  "));
+    let error = only_error(parse_manifest_str(&listed, "web.yaml").expect_err("refused"));
+    assert!(matches!(error, ManifestError::OnlyOtherKinds { .. }), "{error:?}");
+
+    // Beside a file ringlb reads, or one saying "nothing" on purpose, other kinds are ignored.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| fs::write(dir.path().join(name), text).expect("write fixture");
+    write("kustomization.yaml", "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n");
+    assert!(matches!(only_error(load_err(dir.path())), ManifestError::OnlyOtherKinds { .. }));
+    write("web.yaml", "# nothing served for now\n");
+    assert!(ManifestSet::load(dir.path()).expect("a comment says nothing on purpose").is_empty());
+    write("web.yaml", "apiVersion: v1\nkind: List\nitems: []\n");
+    assert!(ManifestSet::load(dir.path()).expect("so does an empty List").is_empty());
+    write("web.yaml", &service_yaml("shop", "web", "127.0.0.64"));
+    assert_eq!(names(&ManifestSet::load(dir.path()).expect("loads")).0, vec!["shop/web"]);
+}
+
+#[test]
 fn a_bad_object_is_the_builders_to_reject_not_the_loaders() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad_vip = service_yaml("shop", "bad", "not-an-ip");

@@ -52,6 +52,13 @@ pub enum ManifestError {
     #[error("{}: file is empty (a write in progress?); to serve nothing, put a comment or `kind: List` with `items: []` in it", path.display())]
     EmptyFile { path: PathBuf },
 
+    /// Objects, but not one of a kind ringlb reads (`at` is the first): most likely the wrong file
+    /// was saved, and loading it would serve nothing. Saying "nothing" explicitly is fine.
+    #[error(
+        "{at}: a {kind}, and no file holds a Service, EndpointSlice or Endpoints; to serve nothing, put a comment or `kind: List` with `items: []` in a file"
+    )]
+    OnlyOtherKinds { at: Location, kind: String },
+
     /// The text is not valid YAML (or JSON for `*.json` files).
     #[error("{at}: invalid {format}: {reason}")]
     Syntax {
@@ -88,6 +95,7 @@ impl ManifestError {
             ManifestError::EmptyFile { path } => path,
             ManifestError::Syntax { at, .. }
             | ManifestError::NotAnObject { at, .. }
+            | ManifestError::OnlyOtherKinds { at, .. }
             | ManifestError::UnsupportedApiVersion { at, .. }
             | ManifestError::InvalidObject { at, .. } => &at.file,
             ManifestError::Duplicate { second, .. } => &second.file,
@@ -103,7 +111,8 @@ impl ManifestError {
             ManifestError::Io(_)
             | ManifestError::EmptyFile { .. }
             | ManifestError::Syntax { .. }
-            | ManifestError::NotAnObject { .. } => None,
+            | ManifestError::NotAnObject { .. }
+            | ManifestError::OnlyOtherKinds { .. } => None,
         }
     }
 }

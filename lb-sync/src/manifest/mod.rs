@@ -6,7 +6,9 @@
 //! files (`.x.swp`, `.#x`, a ConfigMap mount's `..data`) and backups (`x~`) are skipped, so editors'
 //! temporary files never get loaded half-written. A load is all or nothing: any error (in any file)
 //! rejects the whole set, so a half-parsed edit is never applied; an empty file counts as a write in
-//! progress (an error), not as "no objects". Objects without a namespace get
+//! progress (an error), not as "no objects"; so is a set in which every object is of a kind ringlb
+//! does not read (a file replaced by the wrong one would otherwise empty the table), unless a file
+//! says "nothing" on purpose (only comments, or an empty list). Objects without a namespace get
 //! `default`; the same kind/namespace/name defined twice is an error.
 
 mod error;
@@ -51,12 +53,19 @@ impl ManifestSet {
     pub fn from_files(files: &[ManifestFile]) -> Result<ManifestSet, Vec<ManifestError>> {
         let mut parsed = parse::Parsed::default();
         let mut errors = Vec::new();
+        // Whether some file holds objects ringlb reads, or says "nothing" on purpose.
+        let mut meant_for_ringlb = false;
         for file in files {
             if file.text.trim().is_empty() {
                 errors.push(ManifestError::EmptyFile { path: file.path.clone() });
                 continue;
             }
+            let (read, ignored) = (parsed.read(), parsed.ignored.len());
             parse::parse_file(&file.path, &file.text, &mut parsed, &mut errors);
+            meant_for_ringlb |= parsed.read() > read || parsed.ignored.len() == ignored;
+        }
+        if !meant_for_ringlb && let Some((at, kind)) = parsed.ignored.first() {
+            errors.push(ManifestError::OnlyOtherKinds { at: at.clone(), kind: kind.clone() });
         }
         let mut seen: HashMap<ObjectRef, Location> = HashMap::new();
         let all = parsed.services.iter().map(|(at, object, _)| (at, object));

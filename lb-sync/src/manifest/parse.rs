@@ -4,7 +4,8 @@
 //! Each document is first read as a generic value so it can be dispatched on `apiVersion`/`kind`
 //! (and `kind: List` / `ServiceList` / `EndpointSliceList` / `EndpointsList` unpacked), then converted to the
 //! `k8s-openapi` type with the path of any offending field recorded. Other kinds are ignored (debug
-//! log); unknown API versions of the kinds ringlb reads are errors, never silently skipped.
+//! log, and listed in [`Parsed::ignored`] so a load of nothing else can be refused); unknown API
+//! versions of the kinds ringlb reads are errors, never silently skipped.
 //! Never panics on any input; every problem becomes a [`ManifestError`] naming file, document, object.
 
 use std::path::Path;
@@ -58,6 +59,17 @@ pub(crate) struct Parsed {
     pub(crate) services: Vec<(Location, ObjectRef, Service)>,
     pub(crate) slices: Vec<(Location, ObjectRef, EndpointSlice)>,
     pub(crate) endpoints: Vec<(Location, ObjectRef, Endpoints)>,
+    /// Lists without items (`kubectl get` finding nothing): "nothing" said on purpose.
+    pub(crate) empty_lists: usize,
+    /// Objects of kinds ringlb does not read, with their kind.
+    pub(crate) ignored: Vec<(Location, String)>,
+}
+
+impl Parsed {
+    /// Objects of the kinds ringlb reads, and empty lists, found so far.
+    pub(crate) fn read(&self) -> usize {
+        self.services.len() + self.slices.len() + self.endpoints.len() + self.empty_lists
+    }
 }
 
 /// Parses `text` (the content of `file`) into `out`, reporting problems into `errors`.
@@ -173,13 +185,16 @@ fn collect(
                 out.endpoints.push((at, object, endpoints));
             }
         }
-        _ => tracing::debug!(
-            file = %at.file.display(),
-            document = at.document,
-            kind,
-            name = object_name(&map),
-            "ignoring an object of a kind ringlb does not read"
-        ),
+        _ => {
+            tracing::debug!(
+                file = %at.file.display(),
+                document = at.document,
+                kind,
+                name = object_name(&map),
+                "ignoring an object of a kind ringlb does not read"
+            );
+            out.ignored.push((at, kind));
+        }
     }
 }
 
@@ -206,9 +221,12 @@ fn collect_list(
     errors: &mut Vec<ManifestError>,
 ) {
     let items = match map.remove("items") {
-        Some(Value::Array(items)) => items,
+        Some(Value::Array(items)) if !items.is_empty() => items,
         // `kubectl get` prints `items: []` for nothing found; a missing list is the same.
-        None | Some(Value::Null) => return,
+        None | Some(Value::Null) | Some(Value::Array(_)) => {
+            out.empty_lists += 1;
+            return;
+        }
         Some(other) => {
             let reason = format!("field items of a List must be a sequence, found {}", type_name(&other));
             errors.push(ManifestError::NotAnObject { at, reason });
