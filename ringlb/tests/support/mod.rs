@@ -1,12 +1,15 @@
 //! Shared helpers of the binary's end-to-end tests: a `ringlb` child process that is stopped on drop,
-//! bounded polling of its admin endpoint, and loopback ports and clients.
+//! bounded polling of its admin endpoint, and loopback ports and clients; [`load`] and
+//! [`backend_process`] for the chaos tests.
 //!
 //! Every wait is bounded by a deadline and polls a real condition; nothing sleeps as synchronisation.
 #![allow(dead_code)]
 
+pub mod backend_process;
 pub mod bgp;
 pub mod cluster;
 pub mod l2;
+pub mod load;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -227,8 +230,13 @@ pub fn greeting(vip: SocketAddr) -> std::io::Result<(String, TcpStream)> {
 
 /// Writes `text` to `path` the way editors save: a temporary file renamed over the target.
 pub fn save(path: &Path, text: &str) {
+    save_bytes(path, text.as_bytes());
+}
+
+/// [`save`] of bytes that need not be text.
+pub fn save_bytes(path: &Path, bytes: &[u8]) {
     let temporary = path.with_extension("tmp~");
-    std::fs::write(&temporary, text).expect("write manifest");
+    std::fs::write(&temporary, bytes).expect("write manifest");
     std::fs::rename(&temporary, path).expect("rename manifest into place");
 }
 
