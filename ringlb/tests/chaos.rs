@@ -206,7 +206,11 @@ fn kill_9_of_a_backend_mid_stream_resets_its_clients_at_once_and_ejects_it_from_
          before; load {:?}; in flight and failed: {:?}",
         dead.duration_since(killed),
         tally.served,
-        tally.failures.iter().map(|f| (f.started.saturating_duration_since(killed), f.why.as_str())).collect::<Vec<_>>()
+        tally
+            .failures
+            .iter()
+            .map(|f| (f.started.saturating_duration_since(killed), f.why.as_str()))
+            .collect::<Vec<_>>()
     );
     // A ping in flight on the doomed backend while it died fails as its streams did; every ping
     // that started once it was dead is served.
