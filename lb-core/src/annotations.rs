@@ -134,6 +134,15 @@ pub const UDP_STALE_FLOWS: &str = "ringlb.io/udp-stale-flows";
 /// Default: `--proxy-protocol` (`none`), applied to the ports whose protocol it has a header for.
 pub const PROXY_PROTOCOL: &str = "ringlb.io/proxy-protocol";
 
+/// On a Service: `true` makes its backend TCP connects and UDP upstream sockets leave from the
+/// client's own IP address (`IP_TRANSPARENT`; the kernel picks the port), so its backends see the
+/// client as the source, as without a proxy; `false` keeps the load balancer's address. Needs
+/// `CAP_NET_ADMIN` (or `CAP_NET_RAW`) and the policy routing of the README's "Transparent mode":
+/// without them connections fail (counted), never fall back to the load balancer's address.
+/// `true` on a Service with an SCTP port is refused (the Service keeps its last good policy).
+/// Default: `--transparent` (off), applied to TCP and UDP ports.
+pub const TRANSPARENT: &str = "ringlb.io/transparent";
+
 /// On a Service: how many backends one client connection may try in all, first try included; 1..=16.
 pub const CONNECT_ATTEMPTS: &str = "ringlb.io/connect-attempts";
 

@@ -235,6 +235,9 @@ pub struct EntryPolicy {
     /// The PROXY protocol header the backends receive first (per datagram on UDP). In a built
     /// entry it is one the entry's protocol supports ([`ProxyProtocol::for_protocol`]).
     pub proxy_protocol: ProxyProtocol,
+    /// Backend connects (TCP) and UDP upstream sockets leave from the client's own IP address, so
+    /// backends see the client as the source (`ringlb.io/transparent`). Never set on an SCTP entry.
+    pub transparent: bool,
 }
 
 impl Default for EntryPolicy {
@@ -252,6 +255,7 @@ impl Default for EntryPolicy {
             max_backend_connections: 0,
             client_rate: None,
             proxy_protocol: ProxyProtocol::None,
+            transparent: false,
         }
     }
 }
@@ -331,10 +335,12 @@ impl ServiceEntry {
     }
 
     /// Whether serving this entry reads the client's address: source ranges, session affinity, a
-    /// scheduler hashing it or a PROXY protocol header carrying it. The datapath skips looking the
-    /// address up (a `getpeername` per connection) when it does not.
+    /// scheduler hashing it, a PROXY protocol header carrying it or a transparent backend socket
+    /// bound to it. The datapath skips looking the address up (a `getpeername` per connection) when
+    /// it does not.
     pub fn needs_client_address(&self) -> bool {
         self.policy.proxy_protocol != ProxyProtocol::None
+            || self.policy.transparent
             || !self.traffic.source_ranges.is_empty()
             || self.traffic.session_affinity.is_some()
             || self.policy.client_rate.is_some()
@@ -536,6 +542,9 @@ mod tests {
         let mut proxied = entry(&[true], TrafficPolicy::default());
         proxied.policy.proxy_protocol = ProxyProtocol::V1;
         assert!(proxied.needs_client_address());
+        let mut transparent = entry(&[true], TrafficPolicy::default());
+        transparent.policy.transparent = true;
+        assert!(transparent.needs_client_address(), "its backend socket is bound to that address");
     }
 
     #[test]

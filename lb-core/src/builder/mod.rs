@@ -536,6 +536,7 @@ impl endpoints::ResolvedPort {
             scheduler: Scheduler::clone(&self.scheduler),
             policy: EntryPolicy {
                 proxy_protocol: svc.policy.entry.proxy_protocol.for_protocol(key.protocol),
+                transparent: svc.policy.entry.transparent && policy::transparent_serves(key.protocol),
                 ..svc.policy.entry
             },
             traffic,

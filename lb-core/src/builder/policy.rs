@@ -12,7 +12,7 @@ use super::{BuildOptions, parse_ip};
 use crate::annotations::{
     BACKEND_WEIGHTS, CLIENT_CONNECTION_BURST, CLIENT_CONNECTION_RATE, CONNECT_ATTEMPTS, CONNECT_TIMEOUT,
     DRAIN_TIMEOUT, HASH_KEY, IDLE_TIMEOUT, MAGLEV_TABLE_SIZE, MAX_BACKEND_CONNECTIONS, MAX_CONNECTIONS,
-    NOT_READY_CONNECTIONS, PROXY_PROTOCOL, SCHEDULER, UDP_REPLIED_TIMEOUT, UDP_STALE_FLOWS,
+    NOT_READY_CONNECTIONS, PROXY_PROTOCOL, SCHEDULER, TRANSPARENT, UDP_REPLIED_TIMEOUT, UDP_STALE_FLOWS,
     UDP_UNREPLIED_TIMEOUT, WEIGHT,
 };
 pub(crate) use crate::duration::parse_duration;
@@ -108,6 +108,10 @@ pub(super) fn parse_service_policy(
         policy.entry.proxy_protocol = ProxyProtocol::parse(v)?;
         Ok(())
     });
+    field(TRANSPARENT, &mut |v| {
+        policy.entry.transparent = parse_bool(v)?;
+        Ok(())
+    });
     field(CONNECT_ATTEMPTS, &mut |v| {
         policy.entry.connect_attempts = parse_in_range(v, ATTEMPTS_RANGE)?;
         Ok(())
@@ -170,6 +174,43 @@ pub(super) fn check_proxy_protocol(
         value: value.to_owned(),
         reason,
     });
+}
+
+/// Whether an entry of `protocol` can leave from the client's address: TCP and UDP can, SCTP
+/// (multi-homed, its addresses bound as a set) is not supported.
+pub(super) fn transparent_serves(protocol: Protocol) -> bool {
+    protocol != Protocol::Sctp
+}
+
+/// Refuses [`TRANSPARENT`] `true` on a Service with a port that cannot be transparent (SCTP): its
+/// backends would see the load balancer's address where the Service asked for the client's. A
+/// global default is not refused: it applies to the ports that can be.
+pub(super) fn check_transparent(
+    annotations: &Annotations,
+    protocols: impl IntoIterator<Item = Protocol>,
+    object: &ObjectRef,
+    errors: &mut Vec<BuildError>,
+) {
+    let Some(value) = annotations.get(TRANSPARENT) else { return };
+    if parse_bool(value.trim()) != Ok(true) {
+        return;
+    }
+    let Some(unsupported) = protocols.into_iter().find(|p| !transparent_serves(*p)) else { return };
+    errors.push(BuildError::InvalidAnnotation {
+        object: object.clone(),
+        annotation: TRANSPARENT,
+        value: value.to_owned(),
+        reason: format!("transparent mode serves TCP and UDP ports and the Service has a {unsupported} port"),
+    });
+}
+
+/// `true` or `false`, as Kubernetes writes booleans in annotations.
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("expected true or false".to_owned()),
+    }
 }
 
 /// The [`WEIGHT`] of an EndpointSlice; 1 when unset.
@@ -301,6 +342,39 @@ mod tests {
         let policy = parse_service_policy(Some(&checked), &object, &BuildOptions::default(), &mut errors);
         let check = policy.traffic.health_check.expect("a health check");
         assert_eq!(check.proxy_protocol, ProxyProtocol::V2, "probes greet the backends as connections do");
+    }
+
+    #[test]
+    fn transparent_parses_true_and_false_only_and_true_is_refused_beside_an_sctp_port() {
+        let object = ObjectRef::service("default", "web");
+        let parse = |value: &str, options: &BuildOptions, errors: &mut Vec<BuildError>| {
+            let annotations = Annotations::from([(TRANSPARENT.to_owned(), value.to_owned())]);
+            parse_service_policy(Some(&annotations), &object, options, errors).entry.transparent
+        };
+        let mut errors = Vec::new();
+        let defaults = BuildOptions::default();
+        assert!(parse(" true ", &defaults, &mut errors));
+        let on = BuildOptions {
+            default_policy: EntryPolicy { transparent: true, ..EntryPolicy::default() },
+            ..BuildOptions::default()
+        };
+        assert!(!parse("false", &on, &mut errors), "the annotation overrides the flag");
+        assert!(errors.is_empty(), "{errors:?}");
+        for bad in ["yes", "True", "1", ""] {
+            let mut errors = Vec::new();
+            assert!(parse(bad, &on, &mut errors), "{bad:?} leaves the default");
+            assert_eq!(errors.len(), 1, "{bad:?} must be refused");
+            assert!(errors[0].to_string().contains(TRANSPARENT), "{}", errors[0]);
+        }
+
+        let annotations = |value: &str| Annotations::from([(TRANSPARENT.to_owned(), value.to_owned())]);
+        let mut errors = Vec::new();
+        check_transparent(&annotations("true"), [Protocol::Tcp, Protocol::Udp], &object, &mut errors);
+        check_transparent(&annotations("false"), [Protocol::Sctp], &object, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        check_transparent(&annotations("true"), [Protocol::Tcp, Protocol::Sctp], &object, &mut errors);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("SCTP"), "{}", errors[0]);
     }
 
     #[test]

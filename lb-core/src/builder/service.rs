@@ -138,6 +138,12 @@ fn parse_one(object: ObjectRef, svc: &CompactService, options: &BuildOptions) ->
         &object,
         &mut errors,
     );
+    policy::check_transparent(
+        &svc.metadata.annotations,
+        ports.iter().map(|port| port.protocol),
+        &object,
+        &mut errors,
+    );
     let traffic = traffic::parse_traffic(svc, &object, &mut errors);
     policy.traffic.source_ranges = traffic.source_ranges;
     policy.traffic.session_affinity = traffic.session_affinity;

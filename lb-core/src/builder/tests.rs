@@ -669,3 +669,57 @@ fn proxy_protocol_reaches_the_entries_it_has_a_header_for_and_v1_beside_udp_keep
     assert_eq!(second.kept_previous, [ObjectRef::service("default", "dns")]);
     assert_eq!(versions(&second), (Some(ProxyProtocol::V2), Some(ProxyProtocol::V2)));
 }
+
+#[test]
+fn transparent_reaches_tcp_and_udp_entries_and_true_beside_sctp_keeps_the_last_good() {
+    use crate::annotations::TRANSPARENT;
+    let service = |annotation: Option<&str>, sctp: bool| {
+        let mut service = ServiceBuilder::new("default", "sip")
+            .external_ips(["127.0.0.10"])
+            .port("sip-udp", 5060, "UDP", TargetPort::Int(5060))
+            .port("sip-tcp", 5060, "TCP", TargetPort::Int(5060));
+        if sctp {
+            service = service.port("sip-sctp", 5060, "SCTP", TargetPort::Int(5060));
+        }
+        match annotation {
+            Some(value) => service.annotation(TRANSPARENT, value).build(),
+            None => service.build(),
+        }
+    };
+    let slices = [SliceBuilder::new("default", "sip-1", "sip")
+        .port("sip-udp", 5060, "UDP")
+        .port("sip-tcp", 5060, "TCP")
+        .port("sip-sctp", 5060, "SCTP")
+        .endpoint("127.0.0.1", Cond::ready())
+        .build()];
+    let keys = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp].map(|p| key("127.0.0.10", 5060, p));
+    let transparent =
+        |report: &BuildReport| keys.map(|k| report.snapshot.get(&k).map(|e| e.policy.transparent));
+
+    // The global flag applies to the ports that can be transparent: not to SCTP, and not refused.
+    let global = BuildOptions {
+        default_policy: EntryPolicy { transparent: true, ..EntryPolicy::default() },
+        ..BuildOptions::default()
+    };
+    let report = build(&[service(None, true)], &slices, &[], &global, None, 1);
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(transparent(&report), [Some(true), Some(true), Some(false)]);
+    let report = build(&[service(Some("false"), true)], &slices, &[], &global, None, 1);
+    assert_eq!(transparent(&report), [Some(false), Some(false), Some(false)], "the annotation wins");
+
+    let first = run(&[service(Some("true"), false)], &slices);
+    assert!(first.is_clean(), "{first}");
+    assert_eq!(transparent(&first), [Some(true), Some(true), None]);
+
+    // An SCTP port added beside `true` is refused: the Service keeps its last good spec.
+    let options = BuildOptions::default();
+    let second = build(&[service(Some("true"), true)], &slices, &[], &options, Some(&first.snapshot), 2);
+    assert_eq!(second.errors.len(), 1, "{second}");
+    assert!(second.errors[0].to_string().contains(TRANSPARENT), "{second}");
+    assert_eq!(second.kept_previous, [ObjectRef::service("default", "sip")]);
+    assert_eq!(transparent(&second), [Some(true), Some(true), None]);
+    // So does a value that is no boolean.
+    let third = build(&[service(Some("yes"), false)], &slices, &[], &options, Some(&first.snapshot), 3);
+    assert_eq!(third.errors.len(), 1, "{third}");
+    assert_eq!(transparent(&third), [Some(true), Some(true), None]);
+}
