@@ -2,8 +2,9 @@
 //! (the entry's pick among the backends not tried yet, within its `connect-attempts`), why no connect
 //! could be started, and when an established one must drain after a snapshot change.
 //!
-//! A local shortage (no descriptor, no memory, no source port) is never the backend's fault: it is
-//! counted apart and never reported as a backend event.
+//! A local shortage (no descriptor, no memory, no source port) or a transparent socket the host
+//! does not allow is never the backend's fault: it is counted apart and never reported as a
+//! backend event.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use crate::context::Ctx;
 use crate::selection::Selection;
 use crate::stats::{self, WorkerCounters};
 use crate::traffic::Refusal;
+use crate::transparent::TransparentError;
 use crate::warnings::{Warning, warn_limited};
 
 /// Backends one connection may try at most, whatever `policy.connect_attempts` says.
@@ -27,6 +29,9 @@ pub(crate) enum Failure {
     Local(LocalResource, i32),
     /// The ring refused the connect.
     Submit(std::io::Error),
+    /// The entry is transparent and the backend socket could not be bound to the client's
+    /// address: every backend would fail alike, and none must be reached from another address.
+    Transparent(VipKey, TransparentError),
 }
 
 /// The backends one client connection (or SCTP association) was sent to, or passed over because
@@ -149,6 +154,7 @@ impl Failure {
             Failure::Submit(error) => {
                 warn_limited!(ctx, Warning::Submit, %error, "cannot submit a backend connect")
             }
+            Failure::Transparent(key, error) => ctx.transparent_failure(key, error),
             Failure::Exhausted => {}
         }
     }

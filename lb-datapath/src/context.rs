@@ -10,8 +10,8 @@
 use std::io;
 use std::time::Instant;
 
-use lb_core::LocalResource;
 use lb_core::health::BackendEvent;
+use lb_core::{LocalResource, VipKey};
 
 use crate::budget::Room;
 use crate::events::EventBuffer;
@@ -19,6 +19,8 @@ use crate::ring::{Ring, UserData};
 use crate::selection::Selection;
 use crate::shared::Shared;
 use crate::stats::{self, WorkerCounters};
+use crate::traffic::Refusal;
+use crate::transparent::TransparentError;
 use crate::warnings::{Warning, Warnings, warn_limited};
 
 /// The worker's shared pieces, lent to one component for one call. See the module doc.
@@ -62,6 +64,16 @@ impl Ctx<'_> {
         stats::add(counter, 1);
         let error = io::Error::from_raw_os_error(errno);
         warn_limited!(self, Warning::Resources, %error, "{what} failed: no {} left here", resource.name());
+    }
+
+    /// Counts a client of `key` that could not be served because its backend socket could not be
+    /// bound to its address (a transparent entry; never the backend's failure) and warns,
+    /// throttled: the client is refused rather than shown to the backend as the load balancer.
+    pub fn transparent_failure(&mut self, key: VipKey, error: TransparentError) {
+        stats::add(&self.counters.local_transparent_failed, 1);
+        self.selection.refuse(key, Refusal::Transparent);
+        let (errno, why) = (io::Error::from_raw_os_error(error.errno()), error.describe());
+        warn_limited!(self, Warning::Transparent, %errno, %key, "a transparent backend socket failed: {why}");
     }
 
     /// Buffers a backend event for passive outlier detection (see [`crate::events`]).

@@ -13,7 +13,8 @@
 //! and `sctp` (listeners, associations, message relay keeping stream ids and PPIDs); what they
 //! share: `connect` (backend attempts, shared by TCP and SCTP), `dir` (the one relay direction),
 //! `slots` (the one slot table, by generation and key), `source_ports` (backend connects' source
-//! ports, chosen per worker), `listener` (socket setup), `budget`
+//! ports, chosen per worker), `transparent` (backend sockets bound to the client's address),
+//! `listener` (socket setup), `budget`
 //! (descriptors, local shortages), `warnings` (throttled), `pool` (buffers and pipes), `bufring`
 //! (provided-buffer rings), `ring` (probe, `user_data`), `selection` (per-worker pick state,
 //! counting on the backends' shared loads), `affinity` (the session-affinity table all workers
@@ -42,6 +43,7 @@ mod source_ports;
 mod stats;
 mod tcp;
 mod traffic;
+mod transparent;
 mod udp;
 mod warnings;
 mod worker;

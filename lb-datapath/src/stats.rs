@@ -62,6 +62,7 @@ pub(crate) struct WorkerCounters {
     pub local_no_source_port: AtomicU64,
     pub local_no_descriptors: AtomicU64,
     pub local_no_memory: AtomicU64,
+    pub local_transparent_failed: AtomicU64,
     pub budget_refusals: AtomicU64,
     pub descriptors: AtomicU64,
     pub descriptor_budget: AtomicU64,
@@ -138,6 +139,7 @@ impl WorkerCounters {
             local_no_source_port: get(&self.local_no_source_port),
             local_no_descriptors: get(&self.local_no_descriptors),
             local_no_memory: get(&self.local_no_memory),
+            local_transparent_failed: get(&self.local_transparent_failed),
             budget_refusals: get(&self.budget_refusals),
             descriptors: get(&self.descriptors),
             descriptor_budget: get(&self.descriptor_budget),
@@ -271,6 +273,11 @@ pub struct WorkerStats {
     /// Operations that failed for lack of kernel memory or buffers (`ENOMEM`, `ENOBUFS`); never
     /// counted against a backend.
     pub local_no_memory: u64,
+    /// Backend sockets of transparent entries that could not be bound to the client's address
+    /// (`IP_TRANSPARENT` refused for want of `CAP_NET_ADMIN`/`CAP_NET_RAW`, or the client's
+    /// address unknown): the TCP client was reset, the UDP datagram dropped. The host's
+    /// configuration, never counted against a backend.
+    pub local_transparent_failed: u64,
     /// Client connections reset, UDP datagrams of new flows dropped and listeners left unbound
     /// because this worker's descriptor budget was reached (see `descriptor_budget`).
     pub budget_refusals: u64,
@@ -360,6 +367,7 @@ impl EngineStats {
             local_no_source_port: a.local_no_source_port + w.local_no_source_port,
             local_no_descriptors: a.local_no_descriptors + w.local_no_descriptors,
             local_no_memory: a.local_no_memory + w.local_no_memory,
+            local_transparent_failed: a.local_transparent_failed + w.local_transparent_failed,
             budget_refusals: a.budget_refusals + w.budget_refusals,
             descriptors: a.descriptors + w.descriptors,
             descriptor_budget: a.descriptor_budget + w.descriptor_budget,

@@ -105,15 +105,19 @@ pub enum Refusal {
     BackendLimit,
     /// The client is over its `client-connection-rate`.
     ClientRate,
+    /// The entry is transparent and no backend socket could be bound to the client's address
+    /// (see `local_transparent_failed`).
+    Transparent,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 6] = [
         Refusal::NoBackend,
         Refusal::SourceRange,
         Refusal::VipLimit,
         Refusal::BackendLimit,
         Refusal::ClientRate,
+        Refusal::Transparent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -123,6 +127,7 @@ impl Refusal {
             Refusal::VipLimit => "vip_limit",
             Refusal::BackendLimit => "backend_limit",
             Refusal::ClientRate => "client_rate",
+            Refusal::Transparent => "transparent",
         }
     }
 }

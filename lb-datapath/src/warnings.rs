@@ -20,10 +20,13 @@ pub(crate) enum Warning {
     Bind,
     /// An operation could not be queued on the ring.
     Submit,
+    /// A backend socket of a transparent entry could not be bound to its client's address.
+    Transparent,
 }
 
 impl Warning {
-    const ALL: [Warning; 4] = [Warning::Resources, Warning::Budget, Warning::Bind, Warning::Submit];
+    const ALL: [Warning; 5] =
+        [Warning::Resources, Warning::Budget, Warning::Bind, Warning::Submit, Warning::Transparent];
 
     fn index(self) -> usize {
         self as usize
@@ -36,6 +39,7 @@ impl Warning {
             Warning::Budget => "the descriptor budget being reached (see budget_refusals in /status)",
             Warning::Bind => "VIP sockets that could not be bound (see bind_failures in /status)",
             Warning::Submit => "operations the ring refused",
+            Warning::Transparent => "transparent backend sockets (see local_transparent_failed in /status)",
         }
     }
 }

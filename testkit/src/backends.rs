@@ -1,5 +1,5 @@
 //! Loopback test backends: real TCP servers on 127.0.0.1 ephemeral ports that tests send bytes
-//! through (echo, stream/sink with verification, named, reset), UDP servers (echo, named echo) that
+//! through (echo, stream/sink with verification, named, peer-reporting, reset), UDP servers (echo, named echo) that
 //! count what they receive, and a refusing address.
 //!
 //! Std only (no lb-core, no async). Every server stops when its handle drops: the accept loop is
@@ -123,6 +123,17 @@ pub fn named_server_on(addr: SocketAddr, name: &str) -> io::Result<Server> {
     let greeting = format!("{name}\n").into_bytes();
     Server::spawn_on(addr, move |mut stream| {
         if stream.write_all(&greeting).is_ok() {
+            echo(stream);
+        }
+    })
+}
+
+/// Writes the address it sees the connection come from (`ip:port`) and a newline on connect, then
+/// echoes: what tells a test which source address a proxy in between used.
+pub fn peer_server_on(addr: SocketAddr) -> io::Result<Server> {
+    Server::spawn_on(addr, |mut stream| {
+        let Ok(peer) = stream.peer_addr() else { return };
+        if stream.write_all(format!("{peer}\n").as_bytes()).is_ok() {
             echo(stream);
         }
     })
@@ -320,6 +331,11 @@ impl UdpServer {
     /// Distinct source addresses seen so far (with a proxy in between: one per flow).
     pub fn peers(&self) -> usize {
         self.peers.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// The distinct source addresses seen so far.
+    pub fn peer_addrs(&self) -> Vec<SocketAddr> {
+        self.peers.lock().map(|p| p.iter().copied().collect()).unwrap_or_default()
     }
 }
 

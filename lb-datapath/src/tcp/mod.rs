@@ -1,6 +1,7 @@
 //! The TCP connections of a worker, one component: accept → pick → connect (with timeout and
-//! bounded retries on other backends) → the entry's PROXY protocol header, if any, as the first
-//! bytes to the backend → relay both directions → half-close / reset / idle → release.
+//! bounded retries on other backends; from the client's own address for a transparent entry, see
+//! `crate::transparent`) → the entry's PROXY protocol header, if any, as the first bytes to the
+//! backend → relay both directions → half-close / reset / idle → release.
 //!
 //! [`Listeners`] (`listeners`) are the worker's listening sockets for TCP keys, which hand each
 //! accepted client on; [`Connections`] owns the connection table, the copy relay's buffers and the splice relay's pipes
@@ -38,6 +39,7 @@ use crate::ring::{OpKind, UserData};
 use crate::source_ports::{COLLISION_RETRIES, SourcePorts};
 use crate::stats::{self, WorkerCounters};
 use crate::traffic::{ConnectError, Refusal};
+use crate::transparent;
 use crate::warnings::{Warning, warn_limited};
 
 /// How often the kernel's ephemeral and reserved ports are read again (an operator may change
@@ -111,8 +113,9 @@ fn report(ctx: &mut Ctx<'_>, key: VipKey, backend: Option<lb_core::BackendId>, o
     }
 }
 
-/// Makes the backend socket of `conn`, readies its source port and submits its connect to
-/// `backend`, counted against the backend's load from the submission on.
+/// Makes the backend socket of `conn`, readies its source port (or, for a transparent entry,
+/// binds it to the client's address) and submits its connect to `backend`, counted against the
+/// backend's load from the submission on.
 fn start_connect(
     conn: &mut Conn,
     ports: &mut SourcePorts,
@@ -126,7 +129,15 @@ fn start_connect(
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)
         .map_err(Failure::local)?;
     let _ = socket.set_tcp_nodelay(true);
-    conn.source_port = ports.prepare(&socket, addr, conn.source_port_collisions < COLLISION_RETRIES);
+    if entry.policy.transparent {
+        // The client's address, not the worker's ports (see `crate::transparent`); no fallback
+        // to the host's own address.
+        transparent::bind_to_client(&socket, conn.client_addr, addr, true)
+            .map_err(|error| Failure::Transparent(entry.key, error))?;
+        conn.source_port = None;
+    } else {
+        conn.source_port = ports.prepare(&socket, addr, conn.source_port_collisions < COLLISION_RETRIES);
+    }
     conn.backend_id = Some(backend.id);
     let fd = socket.as_raw_fd();
     conn.backend = Some(socket);

@@ -18,7 +18,7 @@ use socket2::SockAddr;
 
 use super::Flows;
 use super::flow_table::{FlowHandle, FlowKey, FlowTable, FlowTimeouts};
-use super::socket::{self, BUFFER_SIZE};
+use super::socket::{self, BUFFER_SIZE, UpstreamError};
 use super::{FlowEnd, SingleShotHeader, UdpFlow, count_end};
 use crate::bufring::BufRing;
 use crate::context::Ctx;
@@ -242,14 +242,21 @@ impl Flows {
             ctx.selection.refuse(entry.key, Refusal::NoBackend);
             return None;
         };
-        let upstream = match socket::connect_upstream(backend.addr()) {
+        let from_client = entry.policy.transparent.then_some(key.client);
+        let upstream = match socket::connect_upstream(backend.addr(), from_client) {
             Ok(upstream) => upstream,
-            Err(error) => {
+            Err(UpstreamError::Io(error)) => {
                 stats::add(&ctx.counters.udp_drops_no_backend, 1);
                 let errno = error.raw_os_error().unwrap_or(0);
                 if let Some(resource) = LocalResource::of_errno(errno) {
                     ctx.local_failure(resource, "a UDP upstream socket", errno);
                 }
+                return None;
+            }
+            // Dropped rather than sent from the host's address (see `crate::transparent`).
+            Err(UpstreamError::Transparent(error)) => {
+                stats::add(&ctx.counters.udp_drops_no_backend, 1);
+                ctx.transparent_failure(entry.key, error);
                 return None;
             }
         };

@@ -1,7 +1,8 @@
 //! The UDP datapath of a worker: `SO_REUSEPORT` VIP sockets where the [`ListenPlan`] shared with TCP
 //! says (one per UDP VIP key while they fit the descriptor budget, else one per port and family on
 //! the wildcard address for the VIPs sharing it), a flow table keyed by VIP and client address, one
-//! connected upstream socket per flow, replies sent back from the VIP socket.
+//! connected upstream socket per flow (bound to the client's address for a transparent entry, see
+//! `crate::transparent`), replies sent back from the VIP socket.
 //!
 //! Receives go through io_uring: a multishot `recvmsg` per socket drawing from the worker's provided
 //! buffer ring (6.0+), or single-shot `recvmsg` re-armed after each datagram (5.19, or

@@ -13,6 +13,8 @@ use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
+use crate::transparent::{self, TransparentError};
+
 /// Largest UDP payload (IPv6 without jumbograms: 65 535 − 8; IPv4 allows 65 507).
 pub(crate) const MAX_DATAGRAM: usize = 65_527;
 /// Control data room of every VIP receive: one `IP_PKTINFO` or `IPV6_PKTINFO` message (the
@@ -123,15 +125,37 @@ pub(crate) fn set_receive_buffer(socket: &Socket, bytes: usize) -> io::Result<()
 }
 
 /// A non-blocking UDP socket connected to `backend`: only that backend's datagrams reach it, and an
-/// ICMP error about it (port unreachable) is reported on it alone.
-pub(crate) fn connect_upstream(backend: SocketAddr) -> io::Result<Socket> {
+/// ICMP error about it (port unreachable) is reported on it alone. With `from_client` (a
+/// transparent entry) it leaves from that client's IP (see `crate::transparent`).
+pub(crate) fn connect_upstream(
+    backend: SocketAddr,
+    from_client: Option<SocketAddr>,
+) -> Result<Socket, UpstreamError> {
     let socket = Socket::new(
         Domain::for_address(backend),
         Type::DGRAM.nonblocking().cloexec(),
         Some(SockProtocol::UDP),
     )?;
+    if let Some(client) = from_client {
+        transparent::bind_to_client(&socket, client, backend, false).map_err(UpstreamError::Transparent)?;
+    }
     socket.connect(&backend.into())?;
     Ok(socket)
+}
+
+/// Why a flow's upstream socket could not be made.
+#[derive(Debug)]
+pub(crate) enum UpstreamError {
+    /// The socket or its connect failed (a local shortage, or the backend unroutable).
+    Io(io::Error),
+    /// A transparent entry's socket could not be bound to the client's address.
+    Transparent(TransparentError),
+}
+
+impl From<io::Error> for UpstreamError {
+    fn from(error: io::Error) -> Self {
+        UpstreamError::Io(error)
+    }
 }
 
 /// Largest datagram sent to a client that may be a GSO segment: fits the minimum IPv6 MTU (1280)
@@ -207,7 +231,7 @@ mod tests {
 
     #[test]
     fn segment_limit_is_the_path_mtu_less_headers() {
-        let upstream = connect_upstream("127.0.0.1:9".parse().expect("literal")).expect("connect");
+        let upstream = connect_upstream("127.0.0.1:9".parse().expect("literal"), None).expect("connect");
         // Loopback's MTU is 65 536: the limit is then the largest send.
         assert_eq!(usize::from(segment_limit(&upstream)), crate::udp::send::MAX_SEND_BYTES);
         let unconnected = bind_vip("127.0.0.1:0".parse().expect("literal")).expect("bind");
