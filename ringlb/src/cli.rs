@@ -439,6 +439,11 @@ pub struct DefaultsArgs {
     /// only, `v2` their TCP and UDP ports (a header in every datagram); SCTP ports never get one.
     #[arg(long, default_value = "none", value_parser = ProxyProtocol::parse)]
     pub proxy_protocol: ProxyProtocol,
+    /// Default `ringlb.io/transparent`: backend connects of TCP ports and UDP upstream sockets
+    /// leave from the client's own IP address, so backends see the client (SCTP ports never do).
+    /// Needs CAP_NET_ADMIN (or CAP_NET_RAW) and policy routing (README "Transparent mode").
+    #[arg(long)]
+    pub transparent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

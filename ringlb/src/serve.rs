@@ -241,6 +241,7 @@ pub fn build_options(defaults: &DefaultsArgs, cluster: &ClusterArgs, in_cluster:
                 burst: defaults.client_connection_burst.unwrap_or(per_second),
             }),
             proxy_protocol: defaults.proxy_protocol,
+            transparent: defaults.transparent,
             ..fallback
         },
         node_name: defaults.node_name.clone(),
@@ -963,11 +964,13 @@ mod tests {
                 "keep",
                 "--proxy-protocol",
                 "v2",
+                "--transparent",
             ],
             false,
         );
         let policy = options.default_policy;
         assert_eq!(policy.proxy_protocol, lb_core::ProxyProtocol::V2);
+        assert!(policy.transparent);
         let unknown = Cli::try_parse_from(["ringlb", "run", "--manifests", "x", "--proxy-protocol", "v3"]);
         assert!(unknown.expect_err("v3 is no version").to_string().contains("none, v1, v2"));
         assert_eq!(policy.udp_unreplied_timeout, Duration::from_secs(5));

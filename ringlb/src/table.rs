@@ -63,6 +63,9 @@ fn render_entry(out: &mut String, entry: &ServiceEntry) {
     if entry.policy.proxy_protocol != ProxyProtocol::None {
         let _ = write!(out, " proxy-protocol={}", entry.policy.proxy_protocol);
     }
+    if entry.policy.transparent {
+        out.push_str(" transparent");
+    }
     out.push('\n');
     // `check` runs no health checks: only readiness and the node leave a backend out.
     let none = HealthOverlay::new();
