@@ -146,6 +146,30 @@ fn wait_exit(child: &mut Child) -> ExitStatus {
     poll_until("ringlb to exit", || child.try_wait().expect("wait for ringlb"))
 }
 
+/// Spawns `command` (ringlb run inside `host`, e.g. through [`testkit::lab::Host::command`], with
+/// its admin endpoint on `admin` there) and waits until `/readyz` answers 200 inside the host.
+pub fn start_in(host: &testkit::lab::Host, command: Command, admin: SocketAddr) -> Ringlb {
+    let mut ringlb = Ringlb::spawn(command, admin);
+    poll_until("ringlb to answer /readyz with 200 inside its host", || {
+        assert!(ringlb.is_running(), "ringlb in {} exited before it was ready", host.name());
+        host.enter(|| http_get(admin, "/readyz")).ok().filter(|(status, _)| *status == 200)
+    });
+    ringlb
+}
+
+/// The admin `/status` document of a ringlb whose admin endpoint `admin` is inside `host`.
+pub fn status_in(host: &testkit::lab::Host, admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = host.enter(|| http_get(admin, "/status")).expect("GET /status");
+    assert_eq!(code, 200, "/status answers: {body}");
+    serde_json::from_str(&body).expect("/status is JSON")
+}
+
+/// The sum over the workers of counter `name` in a `/status` document.
+pub fn worker_sum(status: &serde_json::Value, name: &str) -> u64 {
+    let workers = status["workers"].as_array().expect("/status lists workers");
+    workers.iter().map(|w| w[name].as_u64().unwrap_or_else(|| panic!("{name} in {w}"))).sum()
+}
+
 /// Polls `condition` every 10 ms until it yields a value; panics naming `what` after [`DEADLINE`].
 pub fn poll_until<T>(what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + DEADLINE;
