@@ -79,7 +79,11 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
             return Err(too_long());
         }
         let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| too_long())? };
-        let mut element = whole.checked_mul(nanos_per_unit).ok_or_else(too_long)?;
+        // Over the maximum already: refused before the fraction is added, which could otherwise
+        // carry a product just below `u128::MAX` past it (a panic, or in release a wrap to a
+        // tiny duration that would be accepted).
+        let mut element =
+            whole.checked_mul(nanos_per_unit).filter(|&n| n <= max_nanos).ok_or_else(too_long)?;
         // Fraction digits beyond a nanosecond of the unit change nothing; at most 30 matter.
         let mut scale = nanos_per_unit;
         for digit in fraction.bytes().take(30) {
@@ -146,6 +150,14 @@ mod tests {
             ("720h1ns", "maximum"),
             ("99999999999999999999h", "maximum"),
             ("99999999999999999999999999999999999999999999ns", "maximum"),
+            // Whole parts whose product lies just below `u128::MAX`, in each unit, with the
+            // largest fraction: adding it used to overflow (a panic; in release a tiny duration).
+            // The `text` fuzz target checks that a duration is worth at least its whole part.
+            ("340282366920938463463374607431768211.999us", "maximum"),
+            ("340282366920938463463374607431768.999999ms", "maximum"),
+            ("340282366920938463463374607431.999999999s", "maximum"),
+            ("5671372782015641057722910123.9999999999m", "maximum"),
+            ("94522879700260684295381835.9999999999999h", "maximum"),
         ];
         for (text, reason) in cases {
             let error = parse_duration(text).expect_err(text);
