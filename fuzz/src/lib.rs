@@ -15,9 +15,12 @@ pub mod objects;
 pub mod proxy_header;
 pub mod text;
 
+/// A target: bytes in, a panic when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target by the name of its corpus folder (`corpus/<name>/`) and of its AFL++ binary
 /// (`fuzz-<name>`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("manifest", manifest::run),
     ("objects", objects::run),
     ("annotations", annotations::run),
