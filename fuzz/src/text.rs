@@ -10,20 +10,8 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use lb_core::duration::MAX_DURATION;
+use lb_core::duration::{MAX_DURATION, UNITS};
 use lb_core::{Cidr, parse_duration};
-
-/// Nanoseconds per unit, as Go's `time.ParseDuration` reads them.
-const UNITS: &[(&str, u128)] = &[
-    ("ns", 1),
-    ("us", 1_000),
-    ("\u{b5}s", 1_000),
-    ("\u{3bc}s", 1_000),
-    ("ms", 1_000_000),
-    ("s", 1_000_000_000),
-    ("m", 60_000_000_000),
-    ("h", 3_600_000_000_000),
-];
 
 pub fn run(data: &[u8]) {
     let text = String::from_utf8_lossy(data);

@@ -15,7 +15,8 @@ use crate::annotations::MAX_DURATION_SECS;
 /// The longest duration [`parse_duration`] accepts (30 days).
 pub const MAX_DURATION: Duration = Duration::from_secs(MAX_DURATION_SECS);
 
-const UNITS: &[(&str, u128)] = &[
+/// Nanoseconds per unit, as Go's `time.ParseDuration` reads them.
+pub const UNITS: &[(&str, u128)] = &[
     ("ns", 1),
     ("us", 1_000),
     ("\u{b5}s", 1_000),
